@@ -1,0 +1,212 @@
+"""Command-line arguments shared by every stage: one dataclass per concern, parsed by HfArgumentParser.
+
+Flag names follow the seed README (`--model_name_or_path --train_file_dir --use_peft ...`) plus every
+`transformers.TrainingArguments` flag. A YAML/JSON config file may come first (or via `--config`);
+flags on the command line override it. Unknown flags are an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from pipeline.errors import UserError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or hub id (required)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's own."})
+    model_type: str | None = field(
+        default=None, metadata={"help": "Optional check: must equal the checkpoint's config.model_type."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto = bfloat16 for adapters on a bf16 GPU, float32 otherwise", "choices": DTYPES},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are cached."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8-bit (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes)."})
+    qlora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 with double quantization."})
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise UserError("--model_name_or_path is required: give a model folder or hub id.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UserError("--load_in_4bit and --load_in_8bit exclude each other; choose one.")
+        if self.qlora and self.load_in_8bit:
+            raise UserError("--qlora quantizes to 4-bit NF4; drop --load_in_8bit.")
+        if self.qlora:
+            self.load_in_4bit = True
+        self.tokenizer_name_or_path = self.tokenizer_name_or_path or self.model_name_or_path
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+@dataclass
+class PeftArguments:
+    use_peft: bool = field(default=True, metadata={"help": "True: LoRA adapters; False: full training."})
+    target_modules: str = field(
+        default="all", metadata={"help": "Comma list of module names, or 'all' = every linear but the head."}
+    )
+    lora_rank: int = field(default=8)
+    lora_alpha: float = field(default=16.0)
+    lora_dropout: float = field(default=0.05)
+    modules_to_save: str | None = field(
+        default=None, metadata={"help": "Comma list trained in full beside LoRA, e.g. embed_tokens,lm_head."}
+    )
+    peft_path: str | None = field(default=None, metadata={"help": "Adapter folder to resume training from."})
+
+    def __post_init__(self):
+        if self.lora_rank <= 0:
+            raise UserError(f"--lora_rank must be positive, got {self.lora_rank}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.peft_path and not self.use_peft:
+            raise UserError("--peft_path resumes a LoRA adapter; it needs --use_peft True.")
+        if self.peft_path and not Path(self.peft_path, "adapter_config.json").is_file():
+            raise UserError(f"--peft_path {self.peft_path} has no adapter_config.json; point it at an adapter folder.")
+
+    @property
+    def target_module_list(self) -> list[str] | str:
+        return "all" if self.target_modules.strip() == "all" else split_list(self.target_modules)
+
+    @property
+    def modules_to_save_list(self) -> list[str]:
+        return split_list(self.modules_to_save) if self.modules_to_save else []
+
+
+@dataclass
+class DataArguments:
+    train_file_dir: str | None = field(default=None, metadata={"help": "Folder searched recursively for data."})
+    validation_file_dir: str | None = field(default=None, metadata={"help": "Folder of held-out data."})
+    validation_split_percentage: float = field(
+        default=1.0, metadata={"help": "Percent of training data held out when no validation dir is given."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training samples; -1 = all."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on eval samples; -1 = all."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute cached tokenization."})
+
+    def __post_init__(self):
+        if not self.train_file_dir:
+            raise UserError("--train_file_dir is required: give the folder holding your training files.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UserError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                setattr(self, name, None)  # -1 (the seed's spelling) means "all"
+
+
+@dataclass
+class PipelineTrainingArguments(TrainingArguments):
+    """TrainingArguments with defaults that fit the hardware present and the seed's output layout."""
+
+    bf16: bool | None = field(default=None, metadata={"help": "Mixed bf16; default: on when the GPU supports it."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
+    logging_steps: float = field(default=10)
+    do_train: bool = field(default=True, metadata={"help": "Train (default True)."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate on held-out data after training, if any."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."}
+    )
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise UserError("--output_dir is required.")
+        if self.do_predict:
+            raise UserError("--do_predict is not supported by the training stages; use the inference command.")
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        if self.fp16 and not torch.cuda.is_available():
+            raise UserError("--fp16 needs a CUDA GPU; drop it on a CPU-only machine.")
+        # Tensorboard events go to output_dir/logs, the layout the seed README documents.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(self.output_dir) / "logs"))
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise UserError(str(e).strip().splitlines()[0]) from None
+
+
+def split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _config_to_argv(config: dict[str, Any], path: str) -> list[str]:
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            raise UserError(f"{path}: key '{key}' holds a mapping; flags take scalars or lists.")
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}"] + [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
+    return argv
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"config file {path} does not exist.")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values.")
+    return config
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse `[config.yaml] [--config FILE] --flag value ...` into the given dataclasses."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
+        config_path = argv.pop(0)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file path.")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    file_argv = _config_to_argv(_load_config(config_path), config_path) if config_path else []
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        return parser.parse_args_into_dataclasses(args=file_argv + argv, look_for_args_file=False)
+    except ValueError as e:
+        raise UserError(f"{e}. Run with --help to list the flags.") from None
+
+
+def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "no", "false", "none"):
+        return None
+    last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+    if str(value).lower() == "auto":
+        return last
+    if str(value).lower() in ("yes", "true", "last"):
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {training_args.output_dir}.")
+        return last
+    path = Path(training_args.output_dir, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
+    return str(path)

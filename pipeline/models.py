@@ -1,0 +1,176 @@
+"""Loading tokenizers and models: dtype, 4/8-bit quantization, LoRA/QLoRA, vocab resize, heads.
+
+`load_model(head="lm")` gives a causal LM, `head="reward"` a one-logit sequence classifier (reward
+model). The same function serves every stage, so a flag means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.args import ModelArguments, PeftArguments
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+HEADS = {"lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM), "reward": (AutoModelForSequenceClassification, TaskType.SEQ_CLS)}
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load a tokenizer from {model_args.tokenizer_name_or_path} ({str(e).splitlines()[0]}); "
+            "check --tokenizer_name_or_path / --model_name_or_path."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token; using eos %r for padding (pads never enter the loss)", tokenizer.eos_token)
+    return tokenizer
+
+
+def resolve_dtype(model_args: ModelArguments, peft_args: PeftArguments) -> torch.dtype:
+    """auto: bf16 weights for adapter training on a bf16 GPU; float32 master weights otherwise."""
+    if model_args.torch_dtype != "auto":
+        return getattr(torch, model_args.torch_dtype)
+    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if (bf16_gpu and (peft_args.use_peft or model_args.quantized)) else torch.float32
+
+
+def quantization_config(model_args: ModelArguments, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4" if model_args.qlora else "fp4",
+            bnb_4bit_use_double_quant=model_args.qlora,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return None
+
+
+def _device_map() -> dict[str, int | str] | None:
+    # Quantized weights must be placed at load time: each torchrun rank on its own GPU.
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """Leaf names of every linear layer except the output head(s): what --target_modules all means."""
+    heads = {id(model.get_output_embeddings())} | {id(m) for n, m in model.named_modules() if n.split(".")[-1] in ("score", "classifier")}
+    names = set()
+    for name, module in model.named_modules():
+        if id(module) in heads:
+            continue
+        if isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit/Linear8bitLt subclass it
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def embedding_module_names(model: PreTrainedModel) -> list[str]:
+    """Leaf names of the input and output embeddings (embed_tokens / lm_head for Llama-style models)."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return sorted({name.split(".")[-1] for name, m in model.named_modules() if id(m) in wanted})
+
+
+def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Grow the embeddings when the tokenizer knows more tokens than the model; return whether it did."""
+    current = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= current:
+        return False
+    model.resize_token_embeddings(len(tokenizer))
+    logger.warning("tokenizer has %d tokens but the model %d: embeddings resized to %d", len(tokenizer), current, len(tokenizer))
+    return True
+
+
+def load_model(
+    model_args: ModelArguments,
+    peft_args: PeftArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    head: str = "lm",
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    auto_class, task_type = HEADS[head]
+    try:
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config from {model_args.model_name_or_path} ({str(e).splitlines()[0]}).") from None
+    if model_args.model_type and model_args.model_type != config.model_type:
+        raise UserError(
+            f"--model_type {model_args.model_type} but {model_args.model_name_or_path} is a '{config.model_type}' model; "
+            "drop --model_type (it is detected) or fix it."
+        )
+    if model_args.quantized and not peft_args.use_peft:
+        raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
+    if head == "reward":
+        config.num_labels = 1
+        config.pad_token_id = tokenizer.pad_token_id
+    dtype = resolve_dtype(model_args, peft_args)
+    quant = quantization_config(model_args, dtype)
+    model = auto_class.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        dtype=dtype,
+        quantization_config=quant,
+        device_map=_device_map() if quant else None,
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+    )
+    resized = resize_embeddings(model, tokenizer)
+    model.config.use_cache = False  # training: and packed position_ids only separate documents without a cache
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if not peft_args.use_peft:
+        return model
+    return attach_lora(model, peft_args, task_type, resized)
+
+
+def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: TaskType, resized: bool) -> PeftModel:
+    if peft_args.peft_path:
+        logger.info("resuming adapter from %s", peft_args.peft_path)
+        model = PeftModel.from_pretrained(model, peft_args.peft_path, is_trainable=True)
+    else:
+        targets = peft_args.target_module_list
+        targets = linear_module_names(model) if targets == "all" else targets
+        modules_to_save = peft_args.modules_to_save_list
+        if resized and not set(embedding_module_names(model)) <= set(modules_to_save):
+            # New token rows are random; without training the embeddings LoRA can never learn them.
+            modules_to_save = sorted(set(modules_to_save) | set(embedding_module_names(model)))
+            logger.warning("vocabulary was resized: also training %s in full (--modules_to_save)", modules_to_save)
+        config = LoraConfig(
+            task_type=task_type,
+            r=peft_args.lora_rank,
+            lora_alpha=peft_args.lora_alpha,
+            lora_dropout=peft_args.lora_dropout,
+            target_modules=targets,
+            modules_to_save=modules_to_save or None,
+        )
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:
+            raise UserError(f"LoRA setup failed: {str(e).splitlines()[0]}; check --target_modules / --modules_to_save.") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model

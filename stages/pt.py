@@ -1,0 +1,114 @@
+"""Stage 1, PT: continued pretraining on raw text, packed into blocks.
+
+Reads .txt (one document per line), .json and .jsonl ({"text": ...}) files found recursively under
+--train_file_dir; each document ends with EOS; documents are packed into --block_size blocks whose
+position_ids restart at every document, so documents do not attend to each other.
+
+    python stages/pt.py --model_name_or_path M --train_file_dir data/pt --output_dir outputs/pt
+    torchrun --nproc_per_node 8 stages/pt.py --model_name_or_path M ... --deepspeed deepspeed_configs/zero2.json
+    bash run_pt.sh --model_name_or_path M ...         # the same, with NNODES/NODE_RANK/... from the environment
+
+Vocabulary expansion: give --tokenizer_name_or_path a tokenizer larger than the model; embeddings are
+resized and, with LoRA, trained in full (--modules_to_save embed_tokens,lm_head).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import pyarrow.compute as pc
+from datasets import Dataset
+from transformers import Trainer, set_seed
+
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
+from pipeline.collators import PackedBlockCollator, tokenize_and_pack
+from pipeline.data import load_text_dataset
+from pipeline.errors import UserError, run_cli
+from pipeline.models import load_model, load_tokenizer
+from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
+
+logger = logging.getLogger("pipeline.pt")
+
+
+@dataclass
+class PTArguments:
+    block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise UserError(f"--block_size must be at least 2, got {self.block_size}.")
+
+
+def pack(dataset: Dataset, tokenizer, block_size: int, data_args: DataArguments, name: str) -> Dataset:
+    packed = dataset.map(
+        functools.partial(tokenize_and_pack, tokenizer=tokenizer, block_size=block_size),
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=data_args.preprocessing_num_workers,
+        load_from_cache_file=not data_args.overwrite_cache,
+        desc=f"packing {name}",
+    )
+    lengths = pc.list_value_length(packed.data.column("input_ids"))
+    short = len(packed) - pc.sum(pc.equal(lengths, block_size)).as_py()
+    logger.info(
+        "%s: %d documents -> %d tokens in %d blocks of %d (%d shorter final blocks, padded with ignored labels)",
+        name, len(dataset), pc.sum(lengths).as_py(), len(packed), block_size, short,
+    )
+    return packed
+
+
+def build_datasets(data_args: DataArguments, block_size: int, tokenizer, training_args) -> tuple[Dataset, Dataset | None]:
+    with training_args.main_process_first(desc="reading and packing data"):
+        train_raw, report = load_text_dataset(data_args.train_file_dir, "--train_file_dir")
+        logger.info(report.summary("train data"))
+        eval_raw = None
+        if data_args.validation_file_dir:
+            eval_raw, eval_report = load_text_dataset(data_args.validation_file_dir, "--validation_file_dir")
+            logger.info(eval_report.summary("validation data"))
+        elif data_args.validation_split_percentage > 0 and len(train_raw) >= 2:
+            n_eval = max(1, int(len(train_raw) * data_args.validation_split_percentage / 100))
+            split = train_raw.train_test_split(test_size=n_eval, seed=training_args.seed)
+            train_raw, eval_raw = split["train"], split["test"]
+            logger.info("held out %d of the training documents for evaluation", n_eval)
+        train = pack(train_raw, tokenizer, block_size, data_args, "train")
+        evaluation = pack(eval_raw, tokenizer, block_size, data_args, "eval") if eval_raw is not None else None
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
+    return train, evaluation
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, peft_args, pt_args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, PTArguments, PipelineTrainingArguments), argv
+    )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args)
+    block_size = pt_args.block_size
+    if 0 < tokenizer.model_max_length < block_size:
+        logger.warning("--block_size %d exceeds the tokenizer's model_max_length %d; using %d",
+                       block_size, tokenizer.model_max_length, tokenizer.model_max_length)
+        block_size = tokenizer.model_max_length
+    train_dataset, eval_dataset = build_datasets(data_args, block_size, tokenizer, training_args)
+    model = load_model(model_args, peft_args, tokenizer, head="lm",
+                       gradient_checkpointing=training_args.gradient_checkpointing)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        data_collator=PackedBlockCollator(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        train_and_save(trainer, training_args)
+    if training_args.do_eval and eval_dataset is not None:
+        evaluate_and_save(trainer, with_perplexity=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
