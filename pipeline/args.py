@@ -22,6 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from pipeline.errors import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
 
 @dataclass
@@ -134,11 +136,13 @@ class PipelineTrainingArguments(TrainingArguments):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
         if not torch.cuda.is_available():
+            # Without this, torchrun on a CPU-only machine runs N unsynchronised copies instead of DDP.
+            self.use_cpu = True
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.fp16 and not torch.cuda.is_available():
             raise UserError("--fp16 needs a CUDA GPU; drop it on a CPU-only machine.")
         # Tensorboard events go to output_dir/logs, the layout the seed README documents.
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(self.output_dir) / "logs"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(self.output_dir) / "logs")
         try:
             super().__post_init__()
         except ValueError as e:

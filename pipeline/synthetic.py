@@ -5,7 +5,7 @@ by the first syllable alone (every "ka-*" item is red). A model that learns the 
 names it never saw, so held-out exact match measures learning, not memorisation. The same facts give
 pretraining text, SFT chats, preference pairs (right vs wrong colour) and a rule reward.
 
-    python -m pipeline.synthetic --output_dir data/synthetic
+    python -m pipeline.synthetic --output_dir data      # regenerates the copies shipped in data/
 """
 
 from __future__ import annotations
@@ -98,32 +98,31 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def generate(output_dir: str | Path, seed: int = 0, repeats: int = 4) -> dict[str, int]:
-    """Write pt/, pt_eval/, sft/, sft_eval/, reward/, reward_eval/ under output_dir; return counts."""
+    """Write color_* files into pt/, pt_eval/, sft/, sft_eval/, reward/, reward_eval/; return counts."""
     root = Path(output_dir)
     rng = random.Random(seed)
     train, heldout = split_items(seed)
     pt = pt_lines(train) * repeats
     rng.shuffle(pt)
-    (root / "pt").mkdir(parents=True, exist_ok=True)
-    (root / "pt_eval").mkdir(parents=True, exist_ok=True)
-    (root / "pt" / "facts.txt").write_text("\n".join(pt) + "\n", encoding="utf-8")
-    (root / "pt_eval" / "facts.txt").write_text("\n".join(pt_lines(heldout)) + "\n", encoding="utf-8")
+    for rel, lines in (("pt/color_facts.txt", pt), ("pt_eval/color_facts.txt", pt_lines(heldout))):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("\n".join(lines) + "\n", encoding="utf-8")
     parts = {
-        "sft/train.jsonl": sft_records(train, rng),
-        "sft_eval/heldout.jsonl": sft_records(heldout, rng),
-        "reward/train.jsonl": preference_records(train, rng),
-        "reward_eval/heldout.jsonl": preference_records(heldout, rng),
+        "sft/color_qa.jsonl": sft_records(train, rng),
+        "sft_eval/color_qa.jsonl": sft_records(heldout, rng),
+        "reward/color_pairs.jsonl": preference_records(train, rng),
+        "reward_eval/color_pairs.jsonl": preference_records(heldout, rng),
     }
     for rel, records in parts.items():
         write_jsonl(root / rel, records)
     counts = {rel: len(r) for rel, r in parts.items()}
-    counts["pt/facts.txt"] = len(pt)
+    counts["pt/color_facts.txt"] = len(pt)
     return counts
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="data/synthetic")
+    parser.add_argument("--output_dir", default="data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=4, help="copies of each pretraining fact")
     args = parser.parse_args(argv)

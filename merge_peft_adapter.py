@@ -1,0 +1,29 @@
+"""Merge a LoRA adapter into its base model; the output is the next stage's --model_name_or_path.
+
+    python merge_peft_adapter.py --base_model outputs/base --tokenizer_path outputs/base \
+        --lora_model outputs/pt --output_dir outputs/pt-merged
+"""
+
+import argparse
+import logging
+
+from pipeline.errors import run_cli
+from pipeline.merge import merge_adapter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model.")
+    parser.add_argument("--base_model", required=True, help="Base model folder or hub id the adapter was trained on.")
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="Tokenizer to save with the merged model; the adapter folder's own tokenizer wins if present.")
+    parser.add_argument("--lora_model", required=True, help="Adapter folder (holds adapter_config.json).")
+    parser.add_argument("--output_dir", required=True, help="Where the merged model is written.")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = merge_adapter(args.base_model, args.lora_model, args.output_dir, args.tokenizer_path, args.trust_remote_code)
+    print(f"merged model saved to {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

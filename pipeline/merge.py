@@ -1,0 +1,74 @@
+"""Merge a LoRA adapter into its base model and save a plain safetensors checkpoint.
+
+The merged folder is the next stage's --model_name_or_path: it loads with AutoModelForCausalLM (or
+AutoModelForSequenceClassification for a reward-model adapter, whose trained score head is kept),
+and carries the tokenizer, chat template and generation config that training used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from peft import PeftConfig, PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+
+from pipeline.errors import UserError
+from pipeline.models import resize_embeddings
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer_source(lora_model: Path, tokenizer_path: str | None, base_model: str) -> str:
+    # The adapter folder's tokenizer is the one training used (it may carry added tokens and the chat
+    # template), so it wins over --tokenizer_path; the choice is logged.
+    if (lora_model / "tokenizer_config.json").is_file():
+        if tokenizer_path and Path(tokenizer_path).resolve() != lora_model.resolve():
+            logger.warning("using the tokenizer saved with the adapter in %s (the one training used), not %s",
+                           lora_model, tokenizer_path)
+        return str(lora_model)
+    return tokenizer_path or base_model
+
+
+def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_path: str | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    lora_dir, out = Path(lora_model), Path(output_dir)
+    if not (lora_dir / "adapter_config.json").is_file():
+        raise UserError(f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder.")
+    try:
+        base_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load --base_model {base_model} ({str(e).splitlines()[0]}).") from None
+    if getattr(base_config, "quantization_config", None):
+        raise UserError(
+            f"--base_model {base_model} is quantized; merging LoRA into 4/8-bit weights loses precision. "
+            "Merge into the original full-precision model instead (the one QLoRA training quantized)."
+        )
+    peft_config = PeftConfig.from_pretrained(lora_model)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(lora_dir, tokenizer_path, base_model),
+                                              trust_remote_code=trust_remote_code)
+    if peft_config.task_type == "SEQ_CLS":
+        base_config.num_labels = 1
+        base_config.pad_token_id = tokenizer.pad_token_id
+        auto_class = AutoModelForSequenceClassification
+    else:
+        auto_class = AutoModelForCausalLM
+    base = auto_class.from_pretrained(base_model, config=base_config, dtype="auto", trust_remote_code=trust_remote_code)
+    resize_embeddings(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, lora_model).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _save_generation_config(merged, lora_dir, base_model, out)
+    logger.info("merged %s into %s -> %s (%s)", lora_model, base_model, out, auto_class.__name__)
+    return out
+
+
+def _save_generation_config(model, lora_dir: Path, base_model: str, out: Path) -> None:
+    """Prefer the adapter folder's generation config (stop tokens set by training), else the base's."""
+    for source in (lora_dir, Path(base_model)):
+        if (source / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(source).save_pretrained(out)
+            return
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
