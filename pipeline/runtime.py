@@ -46,8 +46,9 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     result = trainer.train(resume_from_checkpoint=checkpoint)
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.use_cache = True  # training turned the cache off; inference wants it back
+    base.config.use_cache = True  # the saved config is for inference, which wants the cache back
     trainer.save_model()
+    base.config.use_cache = False  # evaluation of packed blocks still needs it off
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

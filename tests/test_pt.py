@@ -33,12 +33,15 @@ def sample_ids(tokenizer) -> torch.Tensor:
 
 
 def test_full_pt_halves_loss_and_logs_tensorboard(tiny_model, tmp_path):
-    out = run_pt(tiny_model, tmp_path / "pt", "--use_peft", "False", "--max_steps", "60", "--learning_rate", "3e-3")
+    out = run_pt(tiny_model, tmp_path / "pt", "--use_peft", "False", "--max_steps", "60", "--learning_rate", "3e-3",
+                 "--eval_strategy", "steps", "--eval_steps", "60")
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] <= losses[0] / 2, losses
     assert read_scalars(out / "logs", "train/loss"), "no train/loss scalar in output_dir/logs"
     eval_results = json.loads((out / "eval_results.json").read_text())
+    # the final evaluation sees the same model as the last in-training one (same masking, no cache)
+    assert eval_results["eval_loss"] == pytest.approx([h for h in history if "eval_loss" in h][-1]["eval_loss"])
     assert eval_results["perplexity"] == pytest.approx(torch.tensor(eval_results["eval_loss"]).exp().item(), rel=1e-4)
     for name in ("model.safetensors", "tokenizer.json", "train_results.json", "config.json"):
         assert (out / name).is_file(), name

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole chain on the embedded default: build the tiny model, PT (LoRA) on the shipped text, merge.
+# Later stages (SFT -> RM -> PPO, DPO) join this chain as they land.
+#   bash run_pipeline.sh                       # outputs under outputs/demo
+#   OUTPUT_ROOT=/tmp/run bash run_pipeline.sh
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+OUTPUT_ROOT="${OUTPUT_ROOT:-outputs/demo}"
+base="$OUTPUT_ROOT/tiny-llama"
+
+echo "== building the embedded tiny model -> $base"
+[ -f "$base/config.json" ] || python -m pipeline.tiny_model --output_dir "$base"
+
+echo "== PT (LoRA; embeddings and head trained in full) -> $OUTPUT_ROOT/pt"
+bash run_pt.sh \
+  --model_name_or_path "$base" \
+  --train_file_dir data/pt --validation_file_dir data/pt_eval \
+  --output_dir "$OUTPUT_ROOT/pt" \
+  --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --modules_to_save embed_tokens,lm_head \
+  --block_size 128 --per_device_train_batch_size 8 --learning_rate 5e-3 --max_steps 80 \
+  --logging_steps 10 --eval_strategy steps --eval_steps 20 --eval_on_start True --save_steps 40 --seed 42 "$@"
+
+echo "== merging the PT adapter -> $OUTPUT_ROOT/pt-merged"
+python merge_peft_adapter.py --base_model "$base" --tokenizer_path "$base" \
+  --lora_model "$OUTPUT_ROOT/pt" --output_dir "$OUTPUT_ROOT/pt-merged"
+
+python - "$OUTPUT_ROOT" <<'PY'
+import json, sys
+root = sys.argv[1]
+state = json.load(open(f"{root}/pt/trainer_state.json"))
+evals = [h for h in state["log_history"] if "eval_loss" in h]
+final = json.load(open(f"{root}/pt/eval_results.json"))
+print(f"PT eval perplexity: {__import__('math').exp(evals[0]['eval_loss']):.1f} before training"
+      f" -> {final['perplexity']:.1f} at the end; merged model in {root}/pt-merged")
+PY

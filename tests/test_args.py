@@ -1,0 +1,67 @@
+"""Argument parsing: seed flag names, config file + CLI overrides, unknown flags, CPU defaults, resume."""
+
+import pytest
+
+from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args,
+                           resolve_resume_checkpoint)
+from pipeline.errors import UserError
+
+TYPES = (ModelArguments, DataArguments, PeftArguments, PipelineTrainingArguments)
+BASE = ["--model_name_or_path", "m", "--train_file_dir", "d", "--output_dir"]
+
+
+def test_seed_flags_parse(tmp_path):
+    model, data, peft, train = parse_args(TYPES, BASE + [str(tmp_path), "--target_modules", "q_proj,v_proj",
+                                          "--lora_rank", "4", "--modules_to_save", "embed_tokens,lm_head",
+                                          "--max_train_samples", "-1", "--max_eval_samples", "50",
+                                          "--qlora", "True", "--torch_dtype", "float32"])
+    assert peft.target_module_list == ["q_proj", "v_proj"] and peft.lora_rank == 4
+    assert peft.modules_to_save_list == ["embed_tokens", "lm_head"]
+    assert data.max_train_samples is None and data.max_eval_samples == 50
+    assert model.load_in_4bit and model.tokenizer_name_or_path == "m"
+    assert PeftArguments().target_module_list == "all"
+
+
+def test_cpu_defaults_need_no_flags(tmp_path):
+    *_, train = parse_args(TYPES, BASE + [str(tmp_path)])
+    assert train.bf16 is False and train.use_cpu is True
+    assert train.report_to == ["tensorboard"] and train.do_train and train.do_eval
+
+
+def test_yaml_config_with_cli_override(tmp_path):
+    config = tmp_path / "pt.yaml"
+    config.write_text(f"model_name_or_path: m\ntrain_file_dir: d\noutput_dir: {tmp_path}\nlora_rank: 16\n"
+                      "use_peft: false\nlearning_rate: 0.001\n")
+    _, _, peft, train = parse_args(TYPES, [str(config), "--lora_rank", "32"])
+    assert peft.lora_rank == 32 and peft.use_peft is False and train.learning_rate == 0.001
+    _, _, peft, _ = parse_args(TYPES, ["--config", str(config)])
+    assert peft.lora_rank == 16
+
+
+def test_unknown_flag_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="--no_such_flag"):
+        parse_args(TYPES, BASE + [str(tmp_path), "--no_such_flag", "1"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load_in_4bit", "True", "--load_in_8bit", "True"], "exclude each other"),
+    (["--peft_path", "nowhere"], "no adapter_config.json"),
+    (["--use_peft", "False", "--peft_path", "x"], "needs --use_peft True"),
+    (["--fp16", "True"], "needs a CUDA GPU"),
+    (["--validation_split_percentage", "120"], "validation_split_percentage"),
+])
+def test_invalid_combinations_are_rejected(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(TYPES, BASE + [str(tmp_path)] + flags)
+
+
+def test_resume_values(tmp_path):
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-12").mkdir()
+    def resolve(value):
+        *_, train = parse_args(TYPES, BASE + [str(tmp_path), "--resume_from_checkpoint", value])
+        return resolve_resume_checkpoint(train)
+    assert resolve("yes").endswith("checkpoint-12") and resolve("auto").endswith("checkpoint-12")
+    assert resolve("5").endswith("checkpoint-5")
+    with pytest.raises(UserError, match="does not exist"):
+        resolve("7")

@@ -1,0 +1,81 @@
+"""Project furniture: launchers parse, DeepSpeed configs parse, shipped synthetic data is reproducible,
+the tiny model is deterministic and loads like a hub checkpoint, and torchrun really runs DDP."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import synthetic
+from pipeline.tiny_model import CHAT_SPECIAL_TOKENS, build
+from tests.conftest import DATA, REPO
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in REPO.glob("*.sh")) + ["scripts/torchrun.sh"])
+def test_launchers_pass_bash_n(script):
+    subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "deepspeed_configs").glob("*.json")))
+def test_deepspeed_configs_parse(config):
+    data = json.loads((REPO / "deepspeed_configs" / config).read_text())
+    assert data["zero_optimization"]["stage"] in (2, 3)
+    assert data["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_shipped_synthetic_data_is_what_the_generator_writes(tmp_path):
+    synthetic.generate(tmp_path)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert path.read_bytes() == (DATA / path.relative_to(tmp_path)).read_bytes(), path
+
+
+def test_synthetic_rule_and_split():
+    train, heldout = synthetic.split_items()
+    assert not set(train) & set(heldout)
+    assert {i.split("-")[0] for i in heldout} <= {i.split("-")[0] for i in train}
+    assert synthetic.answer("ka-xe") == "red" and synthetic.answer("lo-bo", "zh") == "蓝色"
+
+
+def test_tiny_model_is_deterministic_and_loads(tiny_model, tmp_path):
+    again = build(tmp_path / "again")
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (tiny_model / name).read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert model.config.model_type == "llama" and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert 100_000 < model.num_parameters() < 1_000_000
+    for token in CHAT_SPECIAL_TOKENS:
+        assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1, token
+    text = "The color of ka-bo is red. 训练语言模型"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_torchrun_two_processes_train_in_sync(tiny_model, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, NPROC_PER_NODE="2")
+    proc = subprocess.run(
+        ["bash", "run_pt.sh", "--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "pt"),
+         "--output_dir", str(out), "--block_size", "64", "--max_steps", "4", "--use_peft", "False",
+         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    # 2 processes x 4 blocks per step: an epoch takes half the steps it takes on one process
+    n_blocks = int(re.search(r"train: .* in (\d+) blocks", proc.stdout).group(1))
+    assert state["log_history"][-1]["epoch"] == pytest.approx(4 / math.ceil(n_blocks / 8), rel=1e-3)
+    assert proc.stdout.count("train data:") == 1, "only rank 0 should log"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = 'pip install -e ".[dev]" && python -m pytest'
+    assert f"```bash\n{command}\n```" in readme and command in ci
