@@ -147,6 +147,11 @@ class PipelineTrainingArguments(TrainingArguments):
             super().__post_init__()
         except ValueError as e:
             raise UserError(str(e).strip().splitlines()[0]) from None
+        if self.deepspeed and not torch.cuda.is_available():
+            # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one process.
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
 
 
 def split_list(text: str) -> list[str]:
