@@ -64,3 +64,24 @@ class PackedBlockCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(position_ids, dtype=torch.long),
         }
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads chat samples: pads get IGNORE_INDEX labels and a zero attention mask."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids, labels, mask = [], [], []
+        for f in features:
+            ids, pad = list(f["input_ids"]), longest - len(f["input_ids"])
+            input_ids.append(ids + [self.pad_token_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(ids) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }

@@ -1,0 +1,30 @@
+"""Held-out evaluation shared by tests and reports: greedy answers through the saved chat template."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@torch.no_grad()
+def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[start : start + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def exact_match(model_dir: str, conversations: list[dict]) -> float:
+    """Share of conversations whose last assistant answer the model reproduces exactly."""
+    prompts = [c["messages"][:-1] for c in conversations]
+    wanted = [c["messages"][-1]["content"].strip() for c in conversations]
+    got = greedy_answers(model_dir, prompts)
+    return sum(g == w for g, w in zip(got, wanted)) / len(wanted)

@@ -1,0 +1,110 @@
+"""The one place SFT labels are made: render a conversation with its template, tokenize the whole text
+once, and keep labels only on trained characters.
+
+Trained by default: each assistant turn's text after the generation prompt plus the text that ends the
+turn (e.g. "<|im_end|>"); for templates whose turns are ended by the next role tag (GLM, Baichuan2) the
+first token of the next turn, or the template's final_turn_end after the last turn. A message's own
+"loss" flag overrides its role's default; train_on_inputs trains every token.
+
+Because the full text is tokenized in one pass, training ids equal what tokenizing the chat template's
+output gives at inference: no double BOS, no different splits at turn boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.collators import IGNORE_INDEX
+from pipeline.templates import Template, render_segments
+
+MULTI_TURN_MODES = ("all", "last", "split")
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _trained(kind: str, role: str, loss: bool | None, is_target: bool, train_on_inputs: bool) -> bool:
+    if train_on_inputs:
+        return True
+    if loss is not None and role != "assistant":
+        return loss
+    return kind == "answer" and is_target and (loss is None or loss)
+
+
+def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None = None,
+           targets: set[int] | None = None, train_on_inputs: bool = False, max_length: int | None = None) -> Encoded | None:
+    """ids + labels for one conversation; `targets` = indices of assistant messages to train (None = all).
+
+    Returns None when no supervised token survives (the caller counts it as dropped).
+    """
+    segments = render_segments(template, messages, tools, add_generation_prompt=False)
+    text, spans, ends = "", [], []  # spans: trained char ranges; ends: char offsets where a message ends
+    next_token_at = []  # char offsets whose token is trained (turns ended by the next role tag)
+    for seg in segments:
+        start = len(text)
+        text += seg.text
+        m = messages[seg.message] if seg.message >= 0 else {"role": "template"}
+        is_target = targets is None or seg.message in targets
+        if _trained(seg.kind, m["role"], m.get("loss"), is_target, train_on_inputs):
+            spans.append((start, len(text)))
+            if seg.kind == "answer" and not template.turn_end:
+                next_token_at.append(len(text))
+        if m["role"] == "assistant" and seg.kind != "prompt":
+            ends.append(len(text))  # after the last segment of an assistant message: a whole-turn boundary
+    if next_token_at and next_token_at[-1] == len(text):
+        text += template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
+    if tokenizer.is_fast:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    else:
+        ids, offsets = _tokenize_by_piece(tokenizer, text, sorted({0, len(text), *ends, *next_token_at, *(x for sp in spans for x in sp)}))
+    labels = []
+    for tok, (s, e) in zip(ids, offsets):
+        trained = any(s < b and e > a for a, b in spans) or any(s <= p < max(e, s + 1) for p in next_token_at)
+        labels.append(tok if trained else IGNORE_INDEX)
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = _truncate(ids, labels, offsets, ends, next_token_at, max_length)
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Encoded(ids, labels)
+
+
+def _tokenize_by_piece(tokenizer, text: str, cuts: list[int]):
+    """Slow (Python) tokenizers have no offsets: tokenize between label boundaries and give each
+    token its piece's span. Boundaries sit at template tags, where tokenizers split anyway."""
+    ids, offsets = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+        ids += piece
+        offsets += [(a, b)] * len(piece)
+    return ids, offsets
+
+
+def _truncate(ids, labels, offsets, turn_ends, next_token_at, max_length):
+    """Cut after the last whole assistant turn that fits (with its closing token); else cut mid-turn."""
+    cut = max_length
+    for end in reversed(turn_ends):
+        n = sum(1 for s, _ in offsets if s < end) + (1 if end in next_token_at else 0)
+        if n <= max_length and any(label != IGNORE_INDEX for label in labels[:n]):
+            cut = n
+            break
+    return ids[:cut], labels[:cut]
+
+
+def assistant_indices(messages: list[dict]) -> list[int]:
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all", train_on_inputs: bool = False,
+                   max_length: int | None = None) -> list[Encoded | None]:
+    """One conversation -> samples for the multi-turn mode: all turns, the last turn, or one per turn."""
+    messages, tools = conv["messages"], conv.get("tools")
+    turns = assistant_indices(messages)
+    if mode == "all":
+        return [encode(template, tokenizer, messages, tools, None, train_on_inputs, max_length)]
+    if mode == "last":
+        return [encode(template, tokenizer, messages, tools, {turns[-1]}, train_on_inputs, max_length)]
+    return [encode(template, tokenizer, messages[: i + 1], tools, {i}, train_on_inputs, max_length) for i in turns]

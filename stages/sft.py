@@ -1,0 +1,108 @@
+"""Stage 2, SFT: supervised fine-tuning on multi-turn chats and tool calls with assistant-only loss.
+
+Data: .json/.jsonl under --train_file_dir in ShareGPT, OpenAI/GLM-4 messages, ChatGLM3 or Alpaca form
+(detected per record). Each conversation is rendered with --template_name and only the assistant
+answers plus the token that ends each answer are trained. The saved tokenizer carries the template as
+its chat_template and the generation config stops on the template's end-of-turn tokens.
+
+    python stages/sft.py --model_name_or_path outputs/pt-merged --template_name qwen \
+        --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/sft
+    torchrun --nproc_per_node 8 stages/sft.py ...      # or: bash run_sft.sh ...
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, set_seed
+
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
+from pipeline.chat_data import apply_template_to_tokenizer, build_chat_dataset, resolve_template, sanity_table
+from pipeline.collators import PaddingCollator
+from pipeline.conversations import FORMATS
+from pipeline.errors import UserError, run_cli
+from pipeline.masking import MULTI_TURN_MODES
+from pipeline.models import load_model, load_tokenizer
+from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
+
+logger = logging.getLogger("pipeline.sft")
+
+
+@dataclass
+class SFTArguments:
+    template_name: str = field(default="auto", metadata={"help": "Chat template, or auto = the tokenizer's own."})
+    model_max_length: int = field(default=2048, metadata={"help": "Longest sample in tokens; whole turns kept where possible."})
+    multi_turn_mode: str = field(default="all", metadata={"help": "all turns / last turn / split into one sample per turn",
+                                                          "choices": MULTI_TURN_MODES})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Supervise every token, prompts included."})
+    data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
+    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
+    neft_alpha: float = field(default=0.0, metadata={"help": "NEFTune noise alpha on embeddings (0 = off)."})
+
+    def __post_init__(self):
+        if self.model_max_length < 8:
+            raise UserError(f"--model_max_length must be at least 8, got {self.model_max_length}.")
+        if self.neft_alpha < 0:
+            raise UserError(f"--neft_alpha must be >= 0, got {self.neft_alpha}.")
+
+
+def build_datasets(data_args, sft_args, template, tokenizer, training_args):
+    with training_args.main_process_first(desc="encoding chats"):
+        train, report = build_chat_dataset(data_args.train_file_dir, "--train_file_dir", template, tokenizer, sft_args, data_args)
+        logger.info(report.summary("train samples"))
+        evaluation = None
+        if data_args.validation_file_dir:
+            evaluation, eval_report = build_chat_dataset(data_args.validation_file_dir, "--validation_file_dir",
+                                                         template, tokenizer, sft_args, data_args)
+            logger.info(eval_report.summary("validation samples"))
+        elif data_args.validation_split_percentage > 0 and len(train) >= 2:
+            n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
+            split = train.train_test_split(test_size=n_eval, seed=training_args.seed)
+            train, evaluation = split["train"], split["test"]
+            logger.info("held out %d training samples for evaluation", n_eval)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
+    return train, evaluation
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, peft_args, sft_args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, SFTArguments, PipelineTrainingArguments), argv
+    )
+    training_args.neftune_noise_alpha = sft_args.neft_alpha or None
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args)
+    template = resolve_template(sft_args.template_name, tokenizer)
+    stop_ids = apply_template_to_tokenizer(tokenizer, template)
+    train_dataset, eval_dataset = build_datasets(data_args, sft_args, template, tokenizer, training_args)
+    if training_args.should_log:
+        first = train_dataset[0]
+        logger.info("Sanity check: first training sample (template '%s')\n%s", template.name,
+                    sanity_table(tokenizer, first["input_ids"], first["labels"]))
+    model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.generation_config.eos_token_id = stop_ids
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        train_and_save(trainer, training_args)
+        if training_args.should_save:  # adapters are saved without it; inference needs the stop tokens
+            base.generation_config.save_pretrained(Path(training_args.output_dir))
+    if training_args.do_eval and eval_dataset is not None:
+        evaluate_and_save(trainer)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,104 @@
+"""Data formats: every seed format normalizes (tool calls included); invalid records are errors with
+file:line, or skipped and counted with --skip_invalid_samples."""
+
+import json
+
+import pytest
+
+from pipeline.conversations import normalize, read_conversations
+from pipeline.errors import UserError
+from tests.conftest import DATA
+
+
+def by_first_user(convs):
+    return {next(m["content"] for m in c["messages"] if m["role"] == "user"): c for c in convs}
+
+
+@pytest.fixture(scope="module")
+def examples():
+    convs, report = read_conversations(str(DATA / "examples" / "sft"), "--train_file_dir")
+    assert report.read == report.kept == len(convs) == 14
+    return by_first_user(convs)
+
+
+def test_sharegpt_function_call_and_observation(examples):
+    c = examples["Is it raining in Hangzhou?"]
+    roles = [m["role"] for m in c["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    assert c["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Hangzhou"}}
+    assert c["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_glm4_tools_on_system_and_json_call_before_observation(examples):
+    c = examples["I want a book about lighthouses."]
+    assert c["tools"][0]["function"]["name"] == "search_books"
+    assert c["messages"][2]["tool_calls"][0]["function"]["name"] == "search_books" and c["messages"][2]["content"] == ""
+    assert c["messages"][3]["role"] == "tool"
+
+
+def test_openai_tool_calls(examples):
+    c = examples["Weather in Oslo?"]
+    assert c["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+
+
+def test_chatglm3_tool_message_becomes_call_plus_observation(examples):
+    c = examples["100 欧元是多少人民币？"]
+    roles = [m["role"] for m in c["messages"]]
+    assert roles == ["system", "user", "assistant", "assistant", "tool", "assistant"]
+    assert c["messages"][3]["tool_calls"][0]["function"]["arguments"] == {"amount": 100, "from": "EUR", "to": "CNY"}
+    assert json.loads(c["messages"][4]["content"]) == {"result": 782.5}
+
+
+def test_alpaca_with_history_and_per_message_loss(examples):
+    c = examples["What is crop rotation?"]
+    assert [m["role"] for m in c["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    joke = examples["给我讲个冷笑话。"]
+    assert joke["messages"][0]["loss"] is False and joke["messages"][1]["loss"] is True
+    translate = examples["把下面的句子翻译成英文。\n雨后的空气格外清新。"]
+    assert translate["messages"][1]["content"] == "The air is especially fresh after the rain."
+
+
+BAD = {
+    "unknown role": ({"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}, "unknown role 'narrator'"),
+    "system not first": ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                                       {"role": "assistant", "content": "a"}]}, "system message must come first"),
+    "two systems": ({"messages": [{"role": "system", "content": "s"}, {"role": "system", "content": "t"},
+                                  {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "more than one system"),
+    "empty assistant": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]}, "assistant message is empty"),
+    "two users": ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"},
+                                {"role": "assistant", "content": "a"}]}, "a user message cannot follow a user message"),
+    "starts with assistant": ({"messages": [{"role": "assistant", "content": "a"}]}, "cannot follow a system"),
+    "observation without call": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                               {"role": "tool", "content": "r"}, {"role": "assistant", "content": "b"}]}, "tool message cannot follow"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_invalid_record_names_file_and_line(tmp_path, case):
+    record, reason = BAD[case]
+    path = tmp_path / "d" / "chats.jsonl"
+    path.parent.mkdir()
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError) as info:
+        read_conversations(str(path.parent), "--train_file_dir")
+    assert f"{path}:2:" in str(info.value) and reason in str(info.value)
+
+
+def test_skip_invalid_counts_each_reason(tmp_path):
+    path = tmp_path / "d" / "chats.jsonl"
+    path.parent.mkdir()
+    records = [BAD["unknown role"][0], BAD["two systems"][0], BAD["two systems"][0],
+               {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    convs, report = read_conversations(str(path.parent), "--train_file_dir", skip_invalid=True)
+    assert len(convs) == 1 and report.read == 4 and report.kept == 1
+    assert report.dropped == {"unknown role 'narrator' in conversations": 1, "more than one system message": 2}
+    assert "3 dropped" not in report.summary("x") and "2 dropped (more than one system message)" in report.summary("x")
+
+
+def test_forced_format_and_unknown_shape():
+    with pytest.raises(Exception, match="unknown record shape"):
+        normalize({"text": "plain"})
+    conv = normalize({"instruction": "i", "output": "o"}, "alpaca")
+    assert conv["messages"][-1] == {"role": "assistant", "content": "o"}
