@@ -42,8 +42,16 @@ class ModelArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8-bit (bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes)."})
     qlora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 with double quantization."})
+    rope_scaling: str | None = field(
+        default=None, metadata={"help": "Stretch RoPE to --model_max_length: linear, dynamic or yarn.",
+                                "choices": ["linear", "dynamic", "yarn"]})
+    flash_attn: bool = field(default=False, metadata={"help": "Use FlashAttention-2 (needs the flash-attn package)."})
+    shift_attn: bool = field(default=False, metadata={"help": "LongLoRA S^2-Attn (not supported: rejected)."})
 
     def __post_init__(self):
+        if self.shift_attn:
+            raise UserError("--shift_attn (LongLoRA S^2-Attn) is not supported: it needs a patched attention forward, "
+                            "which this project does not do; use --rope_scaling linear for long-context training.")
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required: give a model folder or hub id.")
         if self.load_in_4bit and self.load_in_8bit:
@@ -72,8 +80,14 @@ class PeftArguments:
         default=None, metadata={"help": "Comma list trained in full beside LoRA, e.g. embed_tokens,lm_head."}
     )
     peft_path: str | None = field(default=None, metadata={"help": "Adapter folder to resume training from."})
+    peft_type: str = field(default="lora", metadata={"help": "lora, or prefix_tuning (P-Tuning v2)",
+                                                     "choices": ["lora", "prefix_tuning"]})
+    num_virtual_tokens: int = field(default=16, metadata={"help": "Prefix length for P-Tuning v2."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
 
     def __post_init__(self):
+        if self.use_dora and self.peft_type != "lora":
+            raise UserError("--use_dora applies to LoRA; drop it or use --peft_type lora.")
         if self.lora_rank <= 0:
             raise UserError(f"--lora_rank must be positive, got {self.lora_rank}.")
         if not 0 <= self.lora_dropout < 1:

@@ -45,6 +45,9 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
             "Merge into the original full-precision model instead (the one QLoRA training quantized)."
         )
     peft_config = PeftConfig.from_pretrained(lora_model)
+    if peft_config.peft_type != "LORA":
+        raise UserError(f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be merged into "
+                        "weights; load it with peft's AutoPeftModelForCausalLM instead.")
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(lora_dir, tokenizer_path, base_model),
                                               trust_remote_code=trust_remote_code)
     if peft_config.task_type == "SEQ_CLS":

@@ -10,7 +10,10 @@ import logging
 import os
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+import importlib.util
+import math
+
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -103,12 +106,37 @@ def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return True
 
 
+def apply_rope_scaling(config, kind: str, max_length: int | None) -> None:
+    """Scale RoPE so positions up to max_length fit: factor = max_length / max_position_embeddings."""
+    limit = config.max_position_embeddings
+    if not max_length or max_length <= limit:
+        raise UserError(f"--rope_scaling {kind} stretches the context beyond the model's {limit} positions; "
+                        f"set --model_max_length above {limit} (got {max_length}).")
+    params = dict(config.rope_parameters or {})
+    params.update(rope_type=kind, factor=math.ceil(max_length / limit * 100) / 100)
+    if kind == "yarn":
+        params["original_max_position_embeddings"] = limit
+    config.rope_parameters = params
+    config.max_position_embeddings = max_length
+    logger.info("RoPE scaling %s with factor %.2f: %d -> %d positions", kind, params["factor"], limit, max_length)
+
+
+def attention_implementation(model_args: ModelArguments) -> str | None:
+    if not model_args.flash_attn:
+        return None
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("--flash_attn needs the flash-attn package, which is not installed "
+                        "(pip install flash-attn on a CUDA machine), or drop the flag to use PyTorch SDPA.")
+    return "flash_attention_2"
+
+
 def load_model(
     model_args: ModelArguments,
     peft_args: PeftArguments,
     tokenizer: PreTrainedTokenizerBase,
     head: str = "lm",
     gradient_checkpointing: bool = False,
+    max_length: int | None = None,
 ) -> PreTrainedModel:
     auto_class, task_type = HEADS[head]
     try:
@@ -124,6 +152,8 @@ def load_model(
         )
     if model_args.quantized and not peft_args.use_peft:
         raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
+    if model_args.rope_scaling:
+        apply_rope_scaling(config, model_args.rope_scaling, max_length)
     if head == "reward":
         config.num_labels = 1
         config.pad_token_id = tokenizer.pad_token_id
@@ -135,6 +165,7 @@ def load_model(
         dtype=dtype,
         quantization_config=quant,
         device_map=_device_map() if quant else None,
+        attn_implementation=attention_implementation(model_args),
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
     )
@@ -151,6 +182,8 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
     if peft_args.peft_path:
         logger.info("resuming adapter from %s", peft_args.peft_path)
         model = PeftModel.from_pretrained(model, peft_args.peft_path, is_trainable=True)
+    elif peft_args.peft_type == "prefix_tuning":
+        model = get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_args.num_virtual_tokens))
     else:
         targets = peft_args.target_module_list
         targets = linear_module_names(model) if targets == "all" else targets
@@ -166,11 +199,12 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
             lora_dropout=peft_args.lora_dropout,
             target_modules=targets,
             modules_to_save=modules_to_save or None,
+            use_dora=peft_args.use_dora,
         )
         try:
             model = get_peft_model(model, config)
         except ValueError as e:
             raise UserError(f"LoRA setup failed: {str(e).splitlines()[0]}; check --target_modules / --modules_to_save.") from None
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    logger.info("%s: %d trainable of %d parameters (%.2f%%)", peft_args.peft_type, trainable, total, 100 * trainable / total)
     return model

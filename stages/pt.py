@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size
-    if 0 < tokenizer.model_max_length < block_size:
+    if 0 < tokenizer.model_max_length < block_size and not model_args.rope_scaling:
         logger.warning("--block_size %d exceeds the tokenizer's model_max_length %d; using %d",
                        block_size, tokenizer.model_max_length, tokenizer.model_max_length)
         block_size = tokenizer.model_max_length
     train_dataset, eval_dataset = build_datasets(data_args, block_size, tokenizer, training_args)
     model = load_model(model_args, peft_args, tokenizer, head="lm",
-                       gradient_checkpointing=training_args.gradient_checkpointing)
+                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=block_size)
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         first = train_dataset[0]
         logger.info("Sanity check: first training sample (template '%s')\n%s", template.name,
                     sanity_table(tokenizer, first["input_ids"], first["labels"]))
-    model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing)
+    model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
+                       max_length=sft_args.model_max_length)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.generation_config.eos_token_id = stop_ids
     base.generation_config.pad_token_id = tokenizer.pad_token_id

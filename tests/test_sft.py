@@ -1,0 +1,131 @@
+"""SFT stage: learns the synthetic task (held-out exact match through the saved chat template), trains
+every seed format with its family's template, and saves a tokenizer that carries the template."""
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer, GenerationConfig
+
+from pipeline.conversations import read_conversations
+from pipeline.evaluate import exact_match
+from pipeline.masking import encode
+from pipeline.templates import get_template
+from stages import sft
+from tests.conftest import DATA, REPO
+
+COMMON = ["--per_device_train_batch_size", "16", "--logging_steps", "10", "--save_steps", "1000",
+          "--report_to", "none", "--seed", "0", "--model_max_length", "256"]
+
+
+def run_sft(model, out, *extra):
+    logging.getLogger("pipeline").propagate = True  # let caplog see the stage's log
+    sft.main(["--model_name_or_path", str(model), "--output_dir", str(out), *COMMON, *extra])
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    convs, _ = read_conversations(str(DATA / "sft_eval"), "--validation_file_dir")
+    return [c for c in convs if len(c["messages"]) == 2]
+
+
+def test_sft_learns_the_task_and_saves_the_template(tiny_model, tmp_path, heldout, caplog):
+    before = exact_match(str(tiny_model), heldout) if AutoTokenizer.from_pretrained(tiny_model).chat_template else 0.0
+    out = run_sft(tiny_model, tmp_path / "sft", "--template_name", "qwen", "--train_file_dir", str(DATA / "sft"),
+                  "--validation_file_dir", str(DATA / "sft_eval"), "--use_peft", "False", "--learning_rate", "3e-3",
+                  "--max_steps", "150")
+    assert "Sanity check" in caplog.text
+    after = exact_match(str(out), heldout)
+    assert before == 0.0 and after >= 0.6, after
+    # the saved tokenizer renders exactly what training used, and generation stops on <|im_end|>
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    conv = heldout[0]["messages"]
+    text = tokenizer.apply_chat_template(conv, tokenize=False)
+    assert tokenizer(text, add_special_tokens=False).input_ids == encode(get_template("qwen"), tokenizer, conv).input_ids
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] < 1.0
+
+
+FAMILY_FILES = {"sharegpt_chat.jsonl": "vicuna", "messages_tools.jsonl": "glm4", "chatglm3_tools.json": "chatglm3",
+                "alpaca_instructions.json": "alpaca"}
+
+
+@pytest.mark.parametrize("filename", sorted(FAMILY_FILES))
+def test_each_seed_format_trains_with_its_family_template(tiny_model, tmp_path, filename):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / filename).write_bytes((DATA / "examples" / "sft" / filename).read_bytes())
+    out = run_sft(tiny_model, tmp_path / "out", "--template_name", FAMILY_FILES[filename], "--train_file_dir", str(data),
+                  "--validation_split_percentage", "0", "--max_steps", "3", "--learning_rate", "1e-3")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_lora_sft_merge_keeps_the_template(tiny_model, tmp_path):
+    out = run_sft(tiny_model, tmp_path / "lora", "--template_name", "llama3", "--train_file_dir", str(DATA / "sft"),
+                  "--validation_split_percentage", "0", "--max_steps", "2")
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(tiny_model), "--tokenizer_path",
+                    str(tiny_model), "--lora_model", str(out), "--output_dir", str(merged)], cwd=REPO, check=True)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tokenizer.apply_chat_template(conv, tokenize=False).startswith("<|begin_of_text|><|start_header_id|>user")
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in GenerationConfig.from_pretrained(merged).eos_token_id
+
+
+def test_split_mode_and_dropped_samples_are_counted(tiny_model, tmp_path, caplog):
+    run_sft(tiny_model, tmp_path / "split", "--template_name", "chatml", "--train_file_dir", str(DATA / "examples" / "sft"),
+            "--validation_split_percentage", "0", "--max_steps", "1", "--multi_turn_mode", "split",
+            "--model_max_length", "40")
+    log = caplog.text
+    assert "dropped (no supervised token within --model_max_length 40)" in log
+
+
+def quick(tiny_model, out, *extra):
+    return run_sft(tiny_model, out, "--template_name", "chatml", "--train_file_dir", str(DATA / "sft"),
+                   "--validation_split_percentage", "0", "--max_steps", "2", "--logging_steps", "1", *extra)
+
+
+def first_loss(out):
+    return next(h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h)
+
+
+def test_dora_and_prefix_tuning_train(tiny_model, tmp_path):
+    dora = quick(tiny_model, tmp_path / "dora", "--use_dora", "True")
+    assert json.loads((dora / "adapter_config.json").read_text())["use_dora"] is True
+    prefix = quick(tiny_model, tmp_path / "prefix", "--peft_type", "prefix_tuning", "--num_virtual_tokens", "4")
+    config = json.loads((prefix / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
+    proc = subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(tiny_model), "--lora_model",
+                           str(prefix), "--output_dir", str(tmp_path / "m")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "cannot be merged" in proc.stderr
+
+
+def test_neftune_changes_the_training_forward(tiny_model, tmp_path):
+    plain = quick(tiny_model, tmp_path / "plain", "--use_peft", "False")
+    noisy = quick(tiny_model, tmp_path / "noisy", "--use_peft", "False", "--neft_alpha", "50")
+    assert first_loss(noisy) != pytest.approx(first_loss(plain), abs=1e-6)
+
+
+def test_rope_scaling_extends_the_context(tiny_model, tmp_path):
+    out = quick(tiny_model, tmp_path / "rope", "--use_peft", "False", "--rope_scaling", "linear", "--model_max_length", "2048")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2.0
+    assert config["max_position_embeddings"] == 2048
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rope_scaling", "linear"], "set --model_max_length above 1024"),
+    pytest.param(["--flash_attn", "True"], "needs the flash-attn package", marks=pytest.mark.skipif(
+        importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")),
+    (["--shift_attn", "True"], "not supported"),
+])
+def test_unavailable_features_are_rejected_clearly(tiny_model, tmp_path, flags, message):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        quick(tiny_model, tmp_path / "x", *flags)
