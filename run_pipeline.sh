@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole chain on the embedded default: build the tiny model, PT (LoRA) on the shipped text, merge.
-# Later stages (SFT -> RM -> PPO, DPO) join this chain as they land.
+# The chain on the embedded default: build the tiny model, PT (LoRA) on the shipped text, merge,
+# SFT (LoRA) on the learnable task, merge. Later stages (RM -> PPO, DPO) join as they land.
 #   bash run_pipeline.sh                       # outputs under outputs/demo
 #   OUTPUT_ROOT=/tmp/run bash run_pipeline.sh
 set -euo pipefail
@@ -19,11 +19,28 @@ bash run_pt.sh \
   --output_dir "$OUTPUT_ROOT/pt" \
   --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --modules_to_save embed_tokens,lm_head \
   --block_size 128 --per_device_train_batch_size 8 --learning_rate 5e-3 --max_steps 80 \
-  --logging_steps 10 --eval_strategy steps --eval_steps 20 --eval_on_start True --save_steps 40 --seed 42 "$@"
+  --logging_steps 10 --eval_strategy steps --eval_steps 20 --eval_on_start True --save_steps 40 --seed 42
 
 echo "== merging the PT adapter -> $OUTPUT_ROOT/pt-merged"
 python merge_peft_adapter.py --base_model "$base" --tokenizer_path "$base" \
   --lora_model "$OUTPUT_ROOT/pt" --output_dir "$OUTPUT_ROOT/pt-merged"
+
+echo "== SFT (LoRA, qwen template) -> $OUTPUT_ROOT/sft"
+bash run_sft.sh \
+  --model_name_or_path "$OUTPUT_ROOT/pt-merged" --template_name qwen \
+  --train_file_dir data/sft --validation_file_dir data/sft_eval \
+  --output_dir "$OUTPUT_ROOT/sft" --model_max_length 128 \
+  --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --modules_to_save embed_tokens,lm_head \
+  --per_device_train_batch_size 16 --learning_rate 5e-3 --max_steps 120 --logging_steps 20 --save_steps 60 --seed 42
+
+echo "== merging the SFT adapter -> $OUTPUT_ROOT/sft-merged"
+python merge_peft_adapter.py --base_model "$OUTPUT_ROOT/pt-merged" \
+  --lora_model "$OUTPUT_ROOT/sft" --output_dir "$OUTPUT_ROOT/sft-merged"
+
+echo "== held-out exact match on the learnable task (greedy, through the chat template)"
+em_before=$(python -m pipeline.evaluate "$OUTPUT_ROOT/pt-merged" data/sft_eval qwen)
+em_after=$(python -m pipeline.evaluate "$OUTPUT_ROOT/sft-merged" data/sft_eval)
+echo "SFT exact match: $em_before before -> $em_after after (saved tokenizer's own chat template)"
 
 python - "$OUTPUT_ROOT" <<'PY'
 import json, sys

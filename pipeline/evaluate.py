@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.templates import render
+
 
 @torch.no_grad()
-def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
-    """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop tokens."""
+def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 16,
+                   template_name: str | None = None) -> list[str]:
+    """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop tokens
+    (or with `template_name`, for a model whose tokenizer has no chat template yet)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        texts = [render(template_name, p, add_generation_prompt=True) if template_name else
+                 tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[start : start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
@@ -22,9 +27,25 @@ def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: in
     return [a.strip() for a in answers]
 
 
-def exact_match(model_dir: str, conversations: list[dict]) -> float:
+def exact_match(model_dir: str, conversations: list[dict], template_name: str | None = None) -> float:
     """Share of conversations whose last assistant answer the model reproduces exactly."""
     prompts = [c["messages"][:-1] for c in conversations]
     wanted = [c["messages"][-1]["content"].strip() for c in conversations]
-    got = greedy_answers(model_dir, prompts)
+    got = greedy_answers(model_dir, prompts, template_name=template_name)
     return sum(g == w for g, w in zip(got, wanted)) / len(wanted)
+
+
+def main() -> None:
+    """python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]: held-out exact match of single-turn chats."""
+    import sys
+
+    from pipeline.conversations import read_conversations
+
+    model_dir, data_dir = sys.argv[1], sys.argv[2]
+    convs, _ = read_conversations(data_dir, "DATA_DIR")
+    single = [c for c in convs if len(c["messages"]) == 2]
+    print(f"{exact_match(model_dir, single, sys.argv[3] if len(sys.argv) > 3 else None):.3f}")
+
+
+if __name__ == "__main__":
+    main()
