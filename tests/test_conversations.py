@@ -102,3 +102,35 @@ def test_forced_format_and_unknown_shape():
         normalize({"text": "plain"})
     conv = normalize({"instruction": "i", "output": "o"}, "alpaca")
     assert conv["messages"][-1] == {"role": "assistant", "content": "o"}
+
+
+def test_converter_alpaca_qa_csv_to_sharegpt(tmp_path):
+    from pipeline.convert import convert
+
+    out = tmp_path / "alpaca.jsonl"
+    assert convert(str(DATA / "examples" / "sft" / "alpaca_instructions.json"), str(out), "alpaca") == 3
+    first = json.loads(out.read_text().splitlines()[2])
+    assert first["system"] == "Answer briefly." and [t["from"] for t in first["conversations"]] == ["human", "gpt"] * 2
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "q1", "answer": "a1"}\n')
+    convert(str(qa), str(tmp_path / "qa_out.jsonl"), "qa")
+    assert json.loads((tmp_path / "qa_out.jsonl").read_text()) == {"conversations": [
+        {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]}
+    table = tmp_path / "t.csv"
+    table.write_text("instruction,input,output\nTranslate,你好,Hello\n", encoding="utf-8")
+    convert(str(table), str(tmp_path / "csv_out.jsonl"), "csv")
+    record = json.loads((tmp_path / "csv_out.jsonl").read_text())
+    assert record["conversations"][0]["value"] == "Translate\n你好"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "x"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: cannot convert"):
+        convert(str(bad), str(tmp_path / "never.jsonl"), "qa")
+
+
+def test_preview_prints_the_table(tiny_model, capsys):
+    from pipeline.preview import main
+
+    main(["--file", str(DATA / "examples" / "sft" / "messages_tools.jsonl"), "--template_name", "glm4",
+          "--tokenizer_name_or_path", str(tiny_model), "--index", "1"])
+    out = capsys.readouterr().out
+    assert "[gMASK]<sop><|system|>" in out and "<|assistant|>search_books" in out and "'<|observation|>'" in out

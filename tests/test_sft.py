@@ -129,3 +129,10 @@ def test_unavailable_features_are_rejected_clearly(tiny_model, tmp_path, flags, 
 
     with pytest.raises(UserError, match=message):
         quick(tiny_model, tmp_path / "x", *flags)
+
+
+@pytest.mark.parametrize("flag", ["--load_in_8bit", "--qlora"])
+def test_quantized_sft_trains(tiny_model, tmp_path, flag):
+    out = quick(tiny_model, tmp_path / "q", flag, "True")
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
