@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from datasets import Dataset
 
@@ -136,3 +136,23 @@ def load_text_dataset(directory: str, flag: str, cache_dir: str | None = None) -
         _text_generator, gen_kwargs={"files": [str(p) for p in files], "stamps": stamps}, cache_dir=cache_dir
     )
     return dataset, report
+
+
+def load_train_eval(load: Callable[[str, str], Dataset], data_args, seed: int, unit: str) -> tuple[Dataset, Dataset | None]:
+    """Training data, and evaluation data from --validation_file_dir or a --validation_split_percentage split."""
+    train = load(data_args.train_file_dir, "--train_file_dir")
+    if data_args.validation_file_dir:
+        return train, load(data_args.validation_file_dir, "--validation_file_dir")
+    if data_args.validation_split_percentage > 0 and len(train) >= 2:
+        n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
+        split = train.train_test_split(test_size=n_eval, seed=seed)
+        logger.info("held out %d training %s for evaluation", n_eval, unit)
+        return split["train"], split["test"]
+    return train, None
+
+
+def cap(dataset: Dataset | None, limit: int | None) -> Dataset | None:
+    """--max_train_samples / --max_eval_samples (None = all)."""
+    if dataset is None or limit is None:
+        return dataset
+    return dataset.select(range(min(len(dataset), limit)))

@@ -24,7 +24,7 @@ from transformers import Trainer, set_seed
 
 from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
 from pipeline.collators import PackedBlockCollator, tokenize_and_pack
-from pipeline.data import load_text_dataset
+from pipeline.data import cap, load_text_dataset, load_train_eval
 from pipeline.errors import UserError, run_cli
 from pipeline.models import load_model, load_tokenizer
 from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
@@ -60,25 +60,16 @@ def pack(dataset: Dataset, tokenizer, block_size: int, data_args: DataArguments,
 
 
 def build_datasets(data_args: DataArguments, block_size: int, tokenizer, training_args) -> tuple[Dataset, Dataset | None]:
+    def load(directory: str, flag: str) -> Dataset:
+        dataset, report = load_text_dataset(directory, flag)
+        logger.info(report.summary(f"{flag} documents"))
+        return dataset
+
     with training_args.main_process_first(desc="reading and packing data"):
-        train_raw, report = load_text_dataset(data_args.train_file_dir, "--train_file_dir")
-        logger.info(report.summary("train data"))
-        eval_raw = None
-        if data_args.validation_file_dir:
-            eval_raw, eval_report = load_text_dataset(data_args.validation_file_dir, "--validation_file_dir")
-            logger.info(eval_report.summary("validation data"))
-        elif data_args.validation_split_percentage > 0 and len(train_raw) >= 2:
-            n_eval = max(1, int(len(train_raw) * data_args.validation_split_percentage / 100))
-            split = train_raw.train_test_split(test_size=n_eval, seed=training_args.seed)
-            train_raw, eval_raw = split["train"], split["test"]
-            logger.info("held out %d of the training documents for evaluation", n_eval)
+        train_raw, eval_raw = load_train_eval(load, data_args, training_args.seed, "documents")
         train = pack(train_raw, tokenizer, block_size, data_args, "train")
         evaluation = pack(eval_raw, tokenizer, block_size, data_args, "eval") if eval_raw is not None else None
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(len(train), data_args.max_train_samples)))
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
-    return train, evaluation
+    return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
 def main(argv: list[str] | None = None) -> None:

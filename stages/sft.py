@@ -22,6 +22,7 @@ from pipeline.args import DataArguments, ModelArguments, PeftArguments, Pipeline
 from pipeline.chat_data import apply_template_to_tokenizer, build_chat_dataset, resolve_template, sanity_table
 from pipeline.collators import PaddingCollator
 from pipeline.conversations import FORMATS
+from pipeline.data import cap, load_train_eval
 from pipeline.errors import UserError, run_cli
 from pipeline.masking import MULTI_TURN_MODES
 from pipeline.models import load_model, load_tokenizer
@@ -49,24 +50,14 @@ class SFTArguments:
 
 
 def build_datasets(data_args, sft_args, template, tokenizer, training_args):
+    def load(directory: str, flag: str):
+        dataset, report = build_chat_dataset(directory, flag, template, tokenizer, sft_args, data_args)
+        logger.info(report.summary(f"{flag} samples"))
+        return dataset
+
     with training_args.main_process_first(desc="encoding chats"):
-        train, report = build_chat_dataset(data_args.train_file_dir, "--train_file_dir", template, tokenizer, sft_args, data_args)
-        logger.info(report.summary("train samples"))
-        evaluation = None
-        if data_args.validation_file_dir:
-            evaluation, eval_report = build_chat_dataset(data_args.validation_file_dir, "--validation_file_dir",
-                                                         template, tokenizer, sft_args, data_args)
-            logger.info(eval_report.summary("validation samples"))
-        elif data_args.validation_split_percentage > 0 and len(train) >= 2:
-            n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
-            split = train.train_test_split(test_size=n_eval, seed=training_args.seed)
-            train, evaluation = split["train"], split["test"]
-            logger.info("held out %d training samples for evaluation", n_eval)
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(len(train), data_args.max_train_samples)))
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
-    return train, evaluation
+        train, evaluation = load_train_eval(load, data_args, training_args.seed, "samples")
+    return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
 def main(argv: list[str] | None = None) -> None:

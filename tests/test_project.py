@@ -71,7 +71,7 @@ def test_torchrun_two_processes_train_in_sync(tiny_model, tmp_path):
     # 2 processes x 4 blocks per step: an epoch takes half the steps it takes on one process
     n_blocks = int(re.search(r"train: .* in (\d+) blocks", proc.stdout).group(1))
     assert state["log_history"][-1]["epoch"] == pytest.approx(4 / math.ceil(n_blocks / 8), rel=1e-3)
-    assert proc.stdout.count("train data:") == 1, "only rank 0 should log"
+    assert proc.stdout.count("--train_file_dir documents:") == 1, "only rank 0 should log"
 
 
 def test_ci_runs_the_readme_test_command():
