@@ -98,7 +98,8 @@ def embedding_module_names(model: PreTrainedModel) -> list[str]:
 
 def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
     """Grow the embeddings when the tokenizer knows more tokens than the model; return whether it did."""
-    current = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    current = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shape is 0
     if len(tokenizer) <= current:
         return False
     model.resize_token_embeddings(len(tokenizer))
@@ -205,6 +206,11 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
             model = get_peft_model(model, config)
         except ValueError as e:
             raise UserError(f"LoRA setup failed: {str(e).splitlines()[0]}; check --target_modules / --modules_to_save.") from None
+    # One dtype for everything trained: float32 master weights, also for modules_to_save copies of bf16
+    # embeddings (ZeRO-3 refuses mixed dtypes in a parameter group; bf16 updates lose precision).
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("%s: %d trainable of %d parameters (%.2f%%)", peft_args.peft_type, trainable, total, 100 * trainable / total)
     return model

@@ -81,21 +81,38 @@ def test_ci_runs_the_readme_test_command():
     assert f"```bash\n{command}\n```" in readme and command in ci
 
 
-@pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
-def test_deepspeed_zero_trains_under_torchrun(tiny_model, tmp_path, config):
-    """Real DeepSpeed on CPU (gloo), two processes; the first run compiles its comm op (~40 s)."""
+@pytest.fixture(scope="module")
+def padded_vocab_model(tiny_model, tmp_path_factory):
+    """The tiny model with 64 spare embedding rows, as real checkpoints often have (Qwen2.5: 151936 > 151665)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.resize_token_embeddings(model.config.vocab_size + 64)
+    out = tmp_path_factory.mktemp("padded") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("config, method", [("zero2.json", "full"), ("zero3.json", "full"), ("zero3.json", "lora-bf16")])
+def test_deepspeed_zero_trains_under_torchrun(padded_vocab_model, tmp_path, config, method):
+    """Real DeepSpeed on CPU (gloo), two processes; the first run compiles its comm op (~40 s).
+    The spare vocabulary rows must survive ZeRO-3 (its local weight shape is 0), and LoRA with bf16
+    weights plus full embeddings must give DeepSpeed one trainable dtype."""
     out = tmp_path / config.split(".")[0]
     env = dict(os.environ, NPROC_PER_NODE="2")
+    extra = (["--use_peft", "False"] if method == "full" else
+             ["--use_peft", "True", "--torch_dtype", "bfloat16", "--modules_to_save", "embed_tokens,lm_head"])
     proc = subprocess.run(
-        ["bash", "run_pt.sh", "--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "pt"),
-         "--output_dir", str(out), "--block_size", "64", "--max_steps", "6", "--use_peft", "False",
+        ["bash", "run_pt.sh", "--model_name_or_path", str(padded_vocab_model), "--train_file_dir", str(DATA / "pt"),
+         "--output_dir", str(out), "--block_size", "64", "--max_steps", "6", *extra,
          "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "3e-3",
          "--report_to", "none", "--deepspeed", f"deepspeed_configs/{config}"],
         cwd=REPO, env=env, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embeddings resized" not in proc.stdout + proc.stderr
     assert (out / "checkpoint-6" / "global_step6").is_dir(), "not a DeepSpeed checkpoint"
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert losses[-1] < losses[0]
-    model = AutoModelForCausalLM.from_pretrained(out)  # ZeRO-3 gathers the full weights on save
-    assert model.get_input_embeddings().weight.shape[0] == len(AutoTokenizer.from_pretrained(out))
+    if method == "full":  # ZeRO-3 gathers the full weights on save
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model.get_input_embeddings().weight.shape[0] == len(AutoTokenizer.from_pretrained(out)) + 64
