@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.templates import render
 
@@ -33,6 +33,26 @@ def exact_match(model_dir: str, conversations: list[dict], template_name: str | 
     wanted = [c["messages"][-1]["content"].strip() for c in conversations]
     got = greedy_answers(model_dir, prompts, template_name=template_name)
     return sum(g == w for g, w in zip(got, wanted)) / len(wanted)
+
+
+@torch.no_grad()
+def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
+    """(n, 2) rewards of chosen and rejected, each scored on the chat template's rendering of the conversation."""
+    tokenizer.padding_side = "right"
+    out = []
+    for pair in pairs:
+        texts = [tokenizer.apply_chat_template(pair["prompt"] + [{"role": "assistant", "content": pair[k]}], tokenize=False)
+                 for k in ("chosen", "rejected")]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out.append(model(**batch).logits.squeeze(-1).float())
+    return torch.stack(out)
+
+
+def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
+    """Share of pairs a saved reward model (plain AutoModelForSequenceClassification) ranks correctly."""
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    scores = rewards(model, AutoTokenizer.from_pretrained(rm_dir), pairs)
+    return (scores[:, 0] > scores[:, 1]).float().mean().item()
 
 
 def main() -> None:

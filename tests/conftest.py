@@ -26,3 +26,16 @@ def read_scalars(logdir: Path, tag: str) -> list[float]:
         if tag in acc.Tags()["scalars"]:
             values += [e.value for e in acc.Scalars(tag)]
     return values
+
+
+@pytest.fixture(scope="session")
+def sft_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model after full SFT on the learnable task (qwen template): the start point of RM and DPO."""
+    from stages import sft
+
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    sft.main(["--model_name_or_path", str(tiny_model), "--template_name", "qwen", "--train_file_dir", str(DATA / "sft"),
+              "--validation_split_percentage", "0", "--output_dir", str(out), "--use_peft", "False",
+              "--learning_rate", "3e-3", "--max_steps", "150", "--per_device_train_batch_size", "16",
+              "--model_max_length", "128", "--report_to", "none", "--save_strategy", "no", "--seed", "0"])
+    return out

@@ -1,0 +1,121 @@
+"""Preference data for RM and DPO: every accepted format normalized to one pair form, validated per record.
+
+Pair form: {"prompt": [messages ending with a user/tool turn], "chosen": str, "rejected": str,
+"tools"?: [...], "margin"?: float}. Unpaired (KTO) form: {"prompt", "completion", "label": bool}.
+
+  seed       {"system"?, "history"?: [[q, a], ...], "question", "response_chosen", "response_rejected"}
+  prompt     {"prompt", "chosen", "rejected"}: strings, or message lists (explicit prompt, or an implicit
+             one: chosen and rejected are whole conversations that share everything but the last answer)
+  ranking    ShareGPT {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}
+  unpaired   {"messages" | "prompt", "completion", "label": true|false}   (KTO)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.conversations import InvalidSample, from_sharegpt, validate
+from pipeline.data import ReadReport, find_files, iter_json_records
+from pipeline.errors import UserError
+
+
+def _answer(value: Any, what: str) -> str:
+    if isinstance(value, dict):  # {"from": "gpt", "value"} or {"role": "assistant", "content"}
+        value = value.get("value", value.get("content"))
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidSample(f'"{what}" must be a non-empty answer string')
+    return value
+
+
+def _check_prompt(messages: list[dict], tools=None) -> list[dict]:
+    validate({"messages": messages + [{"role": "assistant", "content": "x"}], "tools": tools})
+    return messages
+
+
+def _from_seed(r: dict) -> dict:
+    msgs = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+    for pair in r.get("history") or []:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise InvalidSample('"history" must be a list of [question, answer] pairs')
+        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    msgs.append({"role": "user", "content": r["question"]})
+    return {"prompt": _check_prompt(msgs), "chosen": _answer(r["response_chosen"], "response_chosen"),
+            "rejected": _answer(r["response_rejected"], "response_rejected")}
+
+
+def _from_prompt(r: dict) -> dict:
+    prompt, chosen, rejected = r["prompt"], r["chosen"], r["rejected"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not prompt and isinstance(chosen, list) and isinstance(rejected, list):  # implicit prompt
+        if chosen[:-1] != rejected[:-1]:
+            raise InvalidSample("implicit prompt: chosen and rejected must share all but the last message")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    if not isinstance(prompt, list):
+        raise InvalidSample('"prompt" must be a string or a list of messages')
+    msgs = [{"role": m["role"], "content": m.get("content") or ""} for m in prompt]
+    return {"prompt": _check_prompt(msgs), "chosen": _answer(chosen, "chosen"), "rejected": _answer(rejected, "rejected")}
+
+
+def _from_ranking(r: dict) -> dict:
+    conv = from_sharegpt({"conversations": r["conversations"], "system": r.get("system"), "tools": r.get("tools")})
+    return {"prompt": _check_prompt(conv["messages"], conv["tools"]), "tools": conv["tools"],
+            "chosen": _answer(r["chosen"], "chosen"), "rejected": _answer(r["rejected"], "rejected")}
+
+
+def _from_unpaired(r: dict) -> dict:
+    prompt = r.get("messages", r.get("prompt"))
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(r.get("label"), bool):
+        raise InvalidSample('"label" must be true or false')
+    return {"prompt": _check_prompt(msgs), "completion": _answer(r["completion"], "completion"), "label": r["label"]}
+
+
+def normalize_preference(record: Any, unpaired: bool = False) -> dict:
+    if not isinstance(record, dict):
+        raise InvalidSample("a record must be a JSON object")
+    try:
+        if unpaired or "completion" in record:
+            if not unpaired:
+                raise InvalidSample('an unpaired "completion"/"label" record: use it with --loss_type kto')
+            return _from_unpaired(record)
+        if "question" in record:
+            out = _from_seed(record)
+        elif "conversations" in record:
+            out = _from_ranking(record)
+        elif "chosen" in record and "rejected" in record:
+            out = _from_prompt({"prompt": record.get("prompt", []), **record})
+        else:
+            raise InvalidSample('unknown record shape: expected "question"+"response_chosen", "prompt"/"chosen"/"rejected" '
+                                'or "conversations"+"chosen"')
+    except (KeyError, TypeError, AttributeError) as e:
+        raise InvalidSample(f"not a valid preference record ({type(e).__name__}: {e})") from None
+    if "margin" in record:
+        out["margin"] = float(record["margin"])
+    return out
+
+
+def read_preferences(directory: str, flag: str, unpaired: bool = False, skip_invalid: bool = False) -> tuple[list[dict], ReadReport]:
+    """All pairs (or unpaired KTO records) under a folder; identical chosen/rejected pairs are dropped and counted."""
+    files = find_files(directory, flag, (".json", ".jsonl"))
+    report, out = ReadReport(files=len(files)), []
+    for path in files:
+        before = report.read
+        for line, record in iter_json_records(path):
+            report.read += 1
+            try:
+                pair = normalize_preference(record, unpaired)
+            except InvalidSample as e:
+                if not skip_invalid:
+                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True to skip such records.") from None
+                report.drop(str(e))
+                continue
+            if not unpaired and pair["chosen"].strip() == pair["rejected"].strip():
+                report.drop("chosen equals rejected")
+                continue
+            out.append(pair)
+        if report.read == before:
+            raise UserError(f"{path} is empty (no records); remove it or fill it.")
+    return out, report

@@ -1,0 +1,70 @@
+"""Pairwise reward-model training: collator and Trainer.
+
+trl's RewardTrainer would fit, but its config class repeats flags the shared ModelArguments own
+(--trust_remote_code, --max_length), so the loss (a few lines) lives here on the plain Trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+
+@dataclass
+class PairCollator:
+    """Stacks chosen then rejected sequences (right-padded) into one batch of 2B rows."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        longest = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        margin = torch.tensor([float(f.get("margin", 0.0)) for f in features])
+        return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
+    """-log sigmoid(r_c - r_r - margin), plus center_coef * mean((r_c + r_r)^2) to keep rewards near zero."""
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+class RewardModelTrainer(Trainer):
+    def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
+        super().__init__(*args, compute_metrics=pair_metrics, **kwargs)
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.can_return_loss = True
+
+    def _rewards(self, model, inputs):
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        return torch.chunk(rewards.squeeze(-1).float(), 2)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self._rewards(model, inputs)
+        loss = pairwise_loss(chosen, rejected, inputs["margin"].to(chosen.device), self.center_rewards_coefficient)
+        return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, pairs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), (None if prediction_loss_only else pairs), (None if prediction_loss_only else pairs[:, 0])
+
+
+def pair_metrics(eval_pred) -> dict[str, float]:
+    pairs = np.asarray(eval_pred.predictions)
+    diff = pairs[:, 0] - pairs[:, 1]
+    return {"accuracy": float((diff > 0).mean()), "margin": float(diff.mean()),
+            "reward_chosen": float(pairs[:, 0].mean()), "reward_rejected": float(pairs[:, 1].mean())}

@@ -1,0 +1,84 @@
+"""Stage 3, RM: a pairwise reward model on top of a causal-LM checkpoint (usually the merged SFT output).
+
+AutoModelForSequenceClassification(num_labels=1) reads the reward at the last token of prompt+answer,
+rendered with the SFT template. Loss: -log sigmoid(r_chosen - r_rejected - margin), plus optional
+reward centering. Evaluation reports pairwise accuracy and mean margin on the validation set.
+
+    python stages/rm.py --model_name_or_path outputs/sft-merged --template_name qwen \
+        --train_file_dir data/reward --validation_file_dir data/reward_eval --output_dir outputs/rm
+    torchrun --nproc_per_node 8 stages/rm.py ...      # or: bash run_rm.sh ...
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import set_seed
+
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
+from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
+from pipeline.data import cap, load_train_eval
+from pipeline.errors import UserError, run_cli
+from pipeline.models import load_model, load_tokenizer
+from pipeline.preference_data import build_preference_dataset
+from pipeline.reward import PairCollator, RewardModelTrainer
+from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
+
+logger = logging.getLogger("pipeline.rm")
+
+
+@dataclass
+class PreferenceArguments:
+    template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
+    model_max_length: int = field(default=2048, metadata={"help": "Longest prompt+answer; longer pairs are dropped and counted."})
+    max_source_length: int | None = field(default=None, metadata={"help": "Seed spelling: prompt budget (adds to the answer's)."})
+    max_target_length: int | None = field(default=None, metadata={"help": "Seed spelling: answer budget."})
+    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
+
+    def __post_init__(self):
+        if (self.max_source_length is None) != (self.max_target_length is None):
+            raise UserError("give both --max_source_length and --max_target_length, or neither (or --model_max_length).")
+        if self.max_source_length is not None:
+            self.model_max_length = self.max_source_length + self.max_target_length
+
+
+@dataclass
+class RMTrainingArguments(PipelineTrainingArguments):
+    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the pair collator needs the columns."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, peft_args, pref_args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, RMTrainingArguments), argv
+    )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args)
+    template = resolve_template(pref_args.template_name, tokenizer)
+    apply_template_to_tokenizer(tokenizer, template)
+
+    def load(directory: str, flag: str):
+        dataset, report = build_preference_dataset(directory, flag, template, tokenizer, pref_args.model_max_length,
+                                                   skip_invalid=pref_args.skip_invalid_samples,
+                                                   num_proc=data_args.preprocessing_num_workers, whole_conversations=True)
+        logger.info(report.summary(f"{flag} pairs"))
+        return dataset.remove_columns(["prompt_ids"])
+
+    with training_args.main_process_first(desc="encoding pairs"):
+        train_dataset, eval_dataset = load_train_eval(load, data_args, training_args.seed, "pairs")
+    train_dataset, eval_dataset = cap(train_dataset, data_args.max_train_samples), cap(eval_dataset, data_args.max_eval_samples)
+    model = load_model(model_args, peft_args, tokenizer, head="reward",
+                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length)
+    trainer = RewardModelTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
+                                 center_rewards_coefficient=training_args.center_rewards_coefficient)
+    if training_args.do_train:
+        train_and_save(trainer, training_args)
+    if training_args.do_eval and eval_dataset is not None:
+        evaluate_and_save(trainer)
+
+
+if __name__ == "__main__":
+    run_cli(main)
