@@ -130,6 +130,23 @@ class DataArguments:
 
 
 @dataclass
+class PreferenceArguments:
+    """Shared by the RM, DPO and PPO stages: how pairs are rendered and how long they may be."""
+
+    template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
+    model_max_length: int = field(default=2048, metadata={"help": "Longest prompt+answer; longer pairs are dropped and counted."})
+    max_source_length: int | None = field(default=None, metadata={"help": "Seed spelling: prompt budget (adds to the answer's)."})
+    max_target_length: int | None = field(default=None, metadata={"help": "Seed spelling: answer budget."})
+    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
+
+    def __post_init__(self):
+        if (self.max_source_length is None) != (self.max_target_length is None):
+            raise UserError("give both --max_source_length and --max_target_length, or neither (or --model_max_length).")
+        if self.max_source_length is not None:
+            self.model_max_length = self.max_source_length + self.max_target_length
+
+
+@dataclass
 class PipelineTrainingArguments(TrainingArguments):
     """TrainingArguments with defaults that fit the hardware present and the seed's output layout."""
 

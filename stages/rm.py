@@ -16,31 +16,17 @@ from dataclasses import dataclass, field
 
 from transformers import set_seed
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
+from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, PreferenceArguments,
+                           parse_args)
 from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
 from pipeline.data import cap, load_train_eval
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import run_cli
 from pipeline.models import load_model, load_tokenizer
 from pipeline.preference_data import build_preference_dataset
 from pipeline.reward import PairCollator, RewardModelTrainer
 from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
 
 logger = logging.getLogger("pipeline.rm")
-
-
-@dataclass
-class PreferenceArguments:
-    template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
-    model_max_length: int = field(default=2048, metadata={"help": "Longest prompt+answer; longer pairs are dropped and counted."})
-    max_source_length: int | None = field(default=None, metadata={"help": "Seed spelling: prompt budget (adds to the answer's)."})
-    max_target_length: int | None = field(default=None, metadata={"help": "Seed spelling: answer budget."})
-    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
-
-    def __post_init__(self):
-        if (self.max_source_length is None) != (self.max_target_length is None):
-            raise UserError("give both --max_source_length and --max_target_length, or neither (or --model_max_length).")
-        if self.max_source_length is not None:
-            self.model_max_length = self.max_source_length + self.max_target_length
 
 
 @dataclass
