@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The chain on the embedded default: build the tiny model, PT (LoRA) on the shipped text, merge,
-# SFT (LoRA) on the learnable task, merge. Later stages (RM -> PPO, DPO) join as they land.
+# SFT (LoRA) on the learnable task, merge, then RM (LoRA, merged) and the DPO branch from the SFT model.
+# PPO joins after RM when it lands.
 #   bash run_pipeline.sh                       # outputs under outputs/demo
 #   OUTPUT_ROOT=/tmp/run bash run_pipeline.sh
 set -euo pipefail
@@ -42,6 +43,23 @@ em_before=$(python -m pipeline.evaluate "$OUTPUT_ROOT/pt-merged" data/sft_eval q
 em_after=$(python -m pipeline.evaluate "$OUTPUT_ROOT/sft-merged" data/sft_eval)
 echo "SFT exact match: $em_before before -> $em_after after (saved tokenizer's own chat template)"
 
+echo "== RM (LoRA; score head trained) -> $OUTPUT_ROOT/rm, merged -> $OUTPUT_ROOT/rm-merged"
+bash run_rm.sh \
+  --model_name_or_path "$OUTPUT_ROOT/sft-merged" --template_name qwen \
+  --train_file_dir data/reward --validation_file_dir data/reward_eval \
+  --output_dir "$OUTPUT_ROOT/rm" --model_max_length 128 \
+  --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 \
+  --per_device_train_batch_size 16 --learning_rate 2e-3 --max_steps 200 --logging_steps 50 --save_steps 100 --seed 42
+python merge_peft_adapter.py --base_model "$OUTPUT_ROOT/sft-merged" \
+  --lora_model "$OUTPUT_ROOT/rm" --output_dir "$OUTPUT_ROOT/rm-merged"
+
+echo "== DPO (full, from the SFT model) -> $OUTPUT_ROOT/dpo"
+bash run_dpo.sh \
+  --model_name_or_path "$OUTPUT_ROOT/sft-merged" --template_name qwen \
+  --train_file_dir data/reward --validation_file_dir data/reward_eval \
+  --output_dir "$OUTPUT_ROOT/dpo" --model_max_length 128 --use_peft False --beta 0.1 \
+  --per_device_train_batch_size 16 --learning_rate 1e-4 --max_steps 40 --logging_steps 10 --save_steps 40 --seed 42
+
 python - "$OUTPUT_ROOT" <<'PY'
 import json, sys
 root = sys.argv[1]
@@ -50,4 +68,9 @@ evals = [h for h in state["log_history"] if "eval_loss" in h]
 final = json.load(open(f"{root}/pt/eval_results.json"))
 print(f"PT eval perplexity: {__import__('math').exp(evals[0]['eval_loss']):.1f} before training"
       f" -> {final['perplexity']:.1f} at the end; merged model in {root}/pt-merged")
+rm = json.load(open(f"{root}/rm/eval_results.json"))
+print(f"RM held-out pairwise accuracy {rm['eval_accuracy']:.3f}, mean margin {rm['eval_margin']:.2f}")
+dpo = json.load(open(f"{root}/dpo/eval_results.json"))
+print(f"DPO held-out: chosen beats rejected vs the reference on {dpo['eval_rewards/accuracies']:.3f} of pairs,"
+      f" mean reward margin {dpo['eval_rewards/margins']:.3f}")
 PY

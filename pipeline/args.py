@@ -185,6 +185,16 @@ class PipelineTrainingArguments(TrainingArguments):
             deepspeed.init_distributed(dist_backend="gloo")
 
 
+def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:
+    """dtype for trainable weights. Without DeepSpeed: float32 masters under autocast. DeepSpeed runs the
+    model in its own precision and keeps float32 masters in the optimizer, so trainables take that dtype."""
+    if training_args.deepspeed and training_args.bf16:
+        return torch.bfloat16
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
 def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 

@@ -138,6 +138,7 @@ def load_model(
     head: str = "lm",
     gradient_checkpointing: bool = False,
     max_length: int | None = None,
+    trainable_dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     auto_class, task_type = HEADS[head]
     try:
@@ -176,10 +177,11 @@ def load_model(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if not peft_args.use_peft:
         return model
-    return attach_lora(model, peft_args, task_type, resized)
+    return attach_lora(model, peft_args, task_type, resized, trainable_dtype)
 
 
-def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: TaskType, resized: bool) -> PeftModel:
+def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: TaskType, resized: bool,
+                trainable_dtype: torch.dtype = torch.float32) -> PeftModel:
     if peft_args.peft_path:
         logger.info("resuming adapter from %s", peft_args.peft_path)
         model = PeftModel.from_pretrained(model, peft_args.peft_path, is_trainable=True)
@@ -206,11 +208,11 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
             model = get_peft_model(model, config)
         except ValueError as e:
             raise UserError(f"LoRA setup failed: {str(e).splitlines()[0]}; check --target_modules / --modules_to_save.") from None
-    # One dtype for everything trained: float32 master weights, also for modules_to_save copies of bf16
-    # embeddings (ZeRO-3 refuses mixed dtypes in a parameter group; bf16 updates lose precision).
+    # One dtype for everything trained (ZeRO-3 refuses mixed dtypes in a parameter group): float32 masters
+    # under autocast, also for modules_to_save copies of bf16 embeddings; under DeepSpeed its compute dtype.
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != trainable_dtype:
+            param.data = param.data.to(trainable_dtype)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("%s: %d trainable of %d parameters (%.2f%%)", peft_args.peft_type, trainable, total, 100 * trainable / total)
     return model

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments, set_seed
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, PreferenceArguments,
-                           parse_args)
+from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments,
+                           PreferenceArguments, parse_args, trainable_dtype)
 from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
 from pipeline.data import cap, load_train_eval
 from pipeline.errors import UserError, run_cli
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         train_dataset, eval_dataset = load_train_eval(load, data_args, training_args.seed, "pairs")
     train_dataset, eval_dataset = cap(train_dataset, data_args.max_train_samples), cap(eval_dataset, data_args.max_eval_samples)
     model = load_model(model_args, peft_args, tokenizer, head="lm",
-                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length)
+                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
+                       trainable_dtype=trainable_dtype(training_args))
     trainer = PretokenizedDPOTrainer(model=model, args=dpo_config(training_args, dpo_args), train_dataset=train_dataset,
                                      eval_dataset=eval_dataset, processing_class=tokenizer)
     if training_args.do_train:

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from transformers import Trainer, set_seed
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
+from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args,
+                           trainable_dtype)
 from pipeline.collators import PackedBlockCollator, tokenize_and_pack
 from pipeline.data import cap, load_text_dataset, load_train_eval
 from pipeline.errors import UserError, run_cli
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         block_size = tokenizer.model_max_length
     train_dataset, eval_dataset = build_datasets(data_args, block_size, tokenizer, training_args)
     model = load_model(model_args, peft_args, tokenizer, head="lm",
-                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=block_size)
+                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=block_size,
+                       trainable_dtype=trainable_dtype(training_args))
     trainer = Trainer(
         model=model,
         args=training_args,

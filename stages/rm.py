@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from transformers import set_seed
 
-from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, PreferenceArguments,
-                           parse_args)
+from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments,
+                           PreferenceArguments, parse_args, trainable_dtype)
 from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
 from pipeline.data import cap, load_train_eval
 from pipeline.errors import run_cli
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         train_dataset, eval_dataset = load_train_eval(load, data_args, training_args.seed, "pairs")
     train_dataset, eval_dataset = cap(train_dataset, data_args.max_train_samples), cap(eval_dataset, data_args.max_eval_samples)
     model = load_model(model_args, peft_args, tokenizer, head="reward",
-                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length)
+                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
+                       trainable_dtype=trainable_dtype(training_args))
     trainer = RewardModelTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
                                  center_rewards_coefficient=training_args.center_rewards_coefficient)

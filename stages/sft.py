@@ -18,7 +18,8 @@ from pathlib import Path
 
 from transformers import Trainer, set_seed
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args
+from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args,
+                           trainable_dtype)
 from pipeline.chat_data import apply_template_to_tokenizer, build_chat_dataset, resolve_template, sanity_table
 from pipeline.collators import PaddingCollator
 from pipeline.conversations import FORMATS
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("Sanity check: first training sample (template '%s')\n%s", template.name,
                     sanity_table(tokenizer, first["input_ids"], first["labels"]))
     model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
-                       max_length=sft_args.model_max_length)
+                       max_length=sft_args.model_max_length,
+                       trainable_dtype=trainable_dtype(training_args))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.generation_config.eos_token_id = stop_ids
     base.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -100,7 +100,7 @@ def test_deepspeed_zero_trains_under_torchrun(padded_vocab_model, tmp_path, conf
     out = tmp_path / config.split(".")[0]
     env = dict(os.environ, NPROC_PER_NODE="2")
     extra = (["--use_peft", "False"] if method == "full" else
-             ["--use_peft", "True", "--torch_dtype", "bfloat16", "--modules_to_save", "embed_tokens,lm_head"])
+             ["--use_peft", "True", "--torch_dtype", "bfloat16", "--bf16", "True", "--modules_to_save", "embed_tokens,lm_head"])
     proc = subprocess.run(
         ["bash", "run_pt.sh", "--model_name_or_path", str(padded_vocab_model), "--train_file_dir", str(DATA / "pt"),
          "--output_dir", str(out), "--block_size", "64", "--max_steps", "6", *extra,
