@@ -74,10 +74,11 @@ def _from_unpaired(r: dict) -> dict:
 
 
 def normalize_preference(record: Any, unpaired: bool = False) -> dict:
+    """One pair; or, with unpaired=True, one unpaired record (a pair is split by read_preferences)."""
     if not isinstance(record, dict):
         raise InvalidSample("a record must be a JSON object")
     try:
-        if unpaired or "completion" in record:
+        if "completion" in record:
             if not unpaired:
                 raise InvalidSample('an unpaired "completion"/"label" record: use it with --loss_type kto')
             return _from_unpaired(record)
@@ -112,10 +113,18 @@ def read_preferences(directory: str, flag: str, unpaired: bool = False, skip_inv
                     raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True to skip such records.") from None
                 report.drop(str(e))
                 continue
-            if not unpaired and pair["chosen"].strip() == pair["rejected"].strip():
+            if "completion" in pair:
+                out.append(pair)
+                continue
+            if pair["chosen"].strip() == pair["rejected"].strip():
                 report.drop("chosen equals rejected")
                 continue
-            out.append(pair)
+            if unpaired:  # KTO on pairs: the chosen answer is desirable, the rejected one is not
+                base = {k: v for k, v in pair.items() if k not in ("chosen", "rejected", "margin")}
+                out += [{**base, "completion": pair["chosen"], "label": True},
+                        {**base, "completion": pair["rejected"], "label": False}]
+            else:
+                out.append(pair)
         if report.read == before:
             raise UserError(f"{path} is empty (no records); remove it or fill it.")
     return out, report

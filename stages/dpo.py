@@ -1,11 +1,13 @@
-"""Stage 4b, DPO: direct preference optimization straight after SFT (and its variants).
+"""Stage 4b, DPO: direct preference optimization straight after SFT, and its relatives.
 
---loss_type sigmoid (DPO), ipo, hinge, robust (with --label_smoothing) run on trl's DPOTrainer with the
-project's data layer in front: pairs are rendered with the SFT template and tokenized exactly as SFT
-trains (prompt up to the generation prompt; answer + the token ending the turn). With LoRA the
-reference is the starting adapter state (trl keeps a frozen copy of the small adapter; the base
-weights exist once); full training keeps an explicit frozen reference, or none with
---precompute_ref_log_probs. Chosen/rejected rewards, accuracy and margin are logged to tensorboard.
+--loss_type sigmoid (DPO), ipo, hinge, robust (with --label_smoothing) run on trl's DPOTrainer; kto
+(unpaired answers; pairs are split into a desirable and an undesirable one) on trl's KTOTrainer;
+simpo and orpo (reference-free) on the project's own small trainer. All take the project's data
+layer: pairs are rendered with the SFT template and tokenized exactly as SFT trains (prompt up to the
+generation prompt; answer + the token ending the turn). With LoRA the reference is the starting
+adapter state (trl keeps a frozen copy of the small adapter; the base weights exist once); full
+training keeps an explicit frozen reference, or none with --precompute_ref_log_probs. Chosen/rejected
+rewards, accuracy and margin are logged to tensorboard.
 
     python stages/dpo.py --model_name_or_path outputs/sft-merged --template_name qwen \
         --train_file_dir data/reward --validation_file_dir data/reward_eval --output_dir outputs/dpo
@@ -18,7 +20,7 @@ import logging
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments, set_seed
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, KTOConfig
 
 from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments,
                            PreferenceArguments, parse_args, trainable_dtype)
@@ -27,45 +29,56 @@ from pipeline.data import cap, load_train_eval
 from pipeline.errors import UserError, run_cli
 from pipeline.models import load_model, load_tokenizer
 from pipeline.preference_data import build_preference_dataset
+from pipeline.preference_trainers import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
 from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
 
 logger = logging.getLogger("pipeline.dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
-NOT_YET = ("orpo", "simpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass
 class DPOArguments:
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge, robust.",
-                                                         "choices": DPO_LOSSES + NOT_YET})
-    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge, robust, kto, simpo, orpo.",
+                                                         "choices": DPO_LOSSES + REFERENCE_FREE + ("kto",)})
+    beta: float = field(default=0.1, metadata={"help": "DPO/KTO: pull towards the reference; SimPO: reward scale; "
+                                                       "ORPO: weight of the odds-ratio term."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Assumed share of flipped labels (robust / cDPO)."})
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Score the reference once up front."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable answers."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of undesirable answers."})
 
     def __post_init__(self):
-        if self.loss_type in NOT_YET:
-            raise UserError(f"--loss_type {self.loss_type} is not available in this version; use one of {', '.join(DPO_LOSSES)}.")
+        if self.precompute_ref_log_probs and self.loss_type in REFERENCE_FREE:
+            raise UserError(f"--loss_type {self.loss_type} uses no reference model; drop --precompute_ref_log_probs.")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             raise UserError(f"--label_smoothing applies to the sigmoid and robust losses, not {self.loss_type}.")
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer that takes prompt_ids/chosen_ids/rejected_ids as they are (no re-tokenization, no EOS added)."""
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
-
-
-def dpo_config(training_args: PipelineTrainingArguments, dpo_args: DPOArguments) -> DPOConfig:
-    """The shared TrainingArguments values plus the DPO settings, as trl's config object."""
+def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval_dataset):
+    """trl's config classes repeat flags the shared dataclasses own, so they are built from the parsed values."""
     shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
-    return DPOConfig(**shared, loss_type=[dpo_args.loss_type], beta=dpo_args.beta, label_smoothing=dpo_args.label_smoothing,
-                     precompute_ref_log_probs=dpo_args.precompute_ref_log_probs, max_length=None)
+    data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
+    if dpo_args.loss_type in REFERENCE_FREE:
+        return ReferenceFreeTrainer(model=model, args=training_args, loss_type=dpo_args.loss_type, beta=dpo_args.beta,
+                                    gamma=dpo_args.simpo_gamma, pad_token_id=tokenizer.pad_token_id, **data)
+    if dpo_args.loss_type == "kto":
+        # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; the
+        # data was shuffled once when it was read.
+        shared["train_sampling_strategy"] = "sequential"
+        config = KTOConfig(**shared, beta=dpo_args.beta, desirable_weight=dpo_args.desirable_weight,
+                           undesirable_weight=dpo_args.undesirable_weight, max_length=None,
+                           precompute_ref_log_probs=dpo_args.precompute_ref_log_probs)
+        return PretokenizedKTOTrainer(model=model, args=config, **data)
+    config = DPOConfig(**shared, loss_type=[dpo_args.loss_type], beta=dpo_args.beta, label_smoothing=dpo_args.label_smoothing,
+                       precompute_ref_log_probs=dpo_args.precompute_ref_log_probs, max_length=None)
+    return PretokenizedDPOTrainer(model=model, args=config, **data)
 
 
-def main(argv: list[str] | None = None) -> DPOTrainer:
+def main(argv: list[str] | None = None):
     model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments), argv
     )
@@ -76,11 +89,12 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     apply_template_to_tokenizer(tokenizer, template)
 
     def load(directory: str, flag: str):
+        unpaired = dpo_args.loss_type == "kto"
         dataset, report = build_preference_dataset(directory, flag, template, tokenizer, pref_args.model_max_length,
-                                                   skip_invalid=pref_args.skip_invalid_samples,
+                                                   unpaired=unpaired, skip_invalid=pref_args.skip_invalid_samples,
                                                    num_proc=data_args.preprocessing_num_workers)
-        logger.info(report.summary(f"{flag} pairs"))
-        return dataset.remove_columns(["margin"])
+        logger.info(report.summary(f"{flag} {'answers' if unpaired else 'pairs'}"))
+        return dataset.shuffle(seed=training_args.seed) if unpaired else dataset.remove_columns(["margin"])
 
     with training_args.main_process_first(desc="encoding pairs"):
         train_dataset, eval_dataset = load_train_eval(load, data_args, training_args.seed, "pairs")
@@ -88,8 +102,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     model = load_model(model_args, peft_args, tokenizer, head="lm",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
                        trainable_dtype=trainable_dtype(training_args))
-    trainer = PretokenizedDPOTrainer(model=model, args=dpo_config(training_args, dpo_args), train_dataset=train_dataset,
-                                     eval_dataset=eval_dataset, processing_class=tokenizer)
+    trainer = build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval_dataset)
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

@@ -12,6 +12,7 @@ from pipeline.conversations import read_conversations
 from pipeline.errors import UserError
 from pipeline.evaluate import exact_match
 from pipeline.preference_data import split_texts, tokenize_answer
+from pipeline.preference_trainers import orpo_loss, simpo_loss
 from pipeline.preferences import read_preferences
 from pipeline.templates import get_template
 from stages import dpo
@@ -59,7 +60,8 @@ def test_dpo_raises_the_margin_over_the_reference(sft_model, tmp_path):
 @pytest.mark.parametrize("flags", [["--loss_type", "ipo"], ["--loss_type", "hinge"],
                                    ["--loss_type", "robust", "--label_smoothing", "0.1"],
                                    ["--loss_type", "sigmoid", "--label_smoothing", "0.1"],
-                                   ["--precompute_ref_log_probs", "True"]])
+                                   ["--precompute_ref_log_probs", "True"], ["--loss_type", "kto"],
+                                   ["--loss_type", "simpo", "--beta", "2.0"], ["--loss_type", "orpo"]])
 def test_loss_variants_train(sft_model, tmp_path, flags):
     trainer = dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path / "v"), "--use_peft", "False",
                         "--validation_split_percentage", "0", "--learning_rate", "1e-4", "--max_steps", "3", *COMMON, *flags,
@@ -79,6 +81,23 @@ def test_lora_dpo_holds_one_copy_of_the_base_weights(sft_model, tmp_path):
     assert sum(storages.values()) == base_numel  # every base weight once; only small adapter tensors besides
 
 
-def test_unavailable_loss_is_rejected(sft_model, tmp_path):
-    with pytest.raises(UserError, match="not available"):
-        dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path / "x"), "--loss_type", "kto", *COMMON])
+def test_kto_reads_unpaired_feedback(sft_model, tmp_path):
+    trainer = dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path / "kto"), *COMMON,
+                        "--train_file_dir", str(DATA / "examples" / "kto"), "--validation_split_percentage", "0",
+                        "--loss_type", "kto", "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-4"])
+    assert sorted(trainer.train_dataset["label"]) == [False, False, True, True]
+    with pytest.raises(UserError, match="use it with --loss_type kto"):
+        dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path / "x"), *COMMON,
+                  "--train_file_dir", str(DATA / "examples" / "kto")])
+
+
+def test_reference_free_losses_by_hand():
+    chosen, rejected = torch.tensor([-0.5, -1.0]), torch.tensor([-1.5, -0.8])
+    # SimPO: -log sigmoid(beta * (c - r) - gamma); beta 2, gamma 0.5 -> margins 1.5 and -0.9
+    want = -(torch.log(torch.sigmoid(torch.tensor(1.5))) + torch.log(torch.sigmoid(torch.tensor(-0.9)))) / 2
+    assert simpo_loss(chosen, rejected, beta=2.0, gamma=0.5).item() == pytest.approx(want.item(), rel=1e-5)
+    # ORPO on one pair: log odds(p) = log p - log(1 - p) with p = exp(avg logp)
+    c, r = torch.tensor([-0.5]), torch.tensor([-1.5])
+    lo = lambda x: x - torch.log(1 - torch.exp(x))  # noqa: E731
+    want = 0.5 - 0.1 * torch.log(torch.sigmoid(lo(c) - lo(r)))
+    assert orpo_loss(c, r, beta=0.1).item() == pytest.approx(want.item(), rel=1e-5)

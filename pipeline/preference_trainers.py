@@ -1,0 +1,88 @@
+"""Trainers for the DPO stage's loss families, all fed the project's pre-tokenized preference data.
+
+- DPO and relatives (sigmoid, ipo, hinge, robust): trl's DPOTrainer, told not to re-tokenize.
+- KTO (unpaired desirable/undesirable answers): trl's KTOTrainer, likewise.
+- SimPO and ORPO (reference-free): trl has them only in its experimental package with its own text
+  tokenization, so their losses (a few lines each) run here on the plain Trainer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+from trl import DPOTrainer, KTOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer that takes prompt_ids/chosen_ids/rejected_ids as they are (no re-tokenization, no EOS added)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+class PretokenizedKTOTrainer(KTOTrainer):
+    """KTOTrainer on prompt_ids/completion_ids/label; only adds the mismatched pairs its KL estimate needs."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self.calculate_KL:  # rotate completions by one within each batch, as trl does
+            def add_kl(examples):
+                examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]
+                return examples
+
+            dataset = dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size)
+        return dataset
+
+
+def average_logps(model, batch) -> torch.Tensor:
+    """Mean log-probability of the completion tokens of each row."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+    labels, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].float()
+    token_logps = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO: -log sigmoid(beta * (avg logp_c - avg logp_r) - gamma), no reference model."""
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma).mean()
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """ORPO: NLL of the chosen answer + beta * -log sigmoid(log odds(chosen) - log odds(rejected))."""
+    log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp().clamp(max=1 - 1e-6)) - torch.log1p(-rejected.exp().clamp(max=1 - 1e-6)))
+    return (-chosen).mean() - beta * F.logsigmoid(log_odds).mean()
+
+
+class ReferenceFreeTrainer(Trainer):
+    def __init__(self, *args, loss_type: str, beta: float, gamma: float = 0.0, pad_token_id: int, **kwargs):
+        super().__init__(*args, data_collator=DataCollatorForPreference(pad_token_id=pad_token_id), **kwargs)
+        self.args.remove_unused_columns = False  # the preference collator needs the id columns
+        self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.can_return_loss = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = average_logps(model, inputs).chunk(2)
+        loss = simpo_loss(chosen, rejected, self.beta, self.gamma) if self.loss_type == "simpo" else \
+            orpo_loss(chosen, rejected, self.beta)
+        metrics = self._metrics["train" if model.training else "eval"]
+        metrics["logps/chosen"].append(chosen.mean().item())
+        metrics["logps/rejected"].append(rejected.mean().item())
+        metrics["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        metrics["rewards/margins"].append((chosen - rejected).mean().item())
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
