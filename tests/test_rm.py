@@ -77,3 +77,15 @@ def test_identical_pairs_are_reported_and_bad_records_named(tmp_path):
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n')
     with pytest.raises(UserError, match=r"pairs.jsonl:2: \"chosen\" must be a non-empty answer"):
         read_preferences(str(path.parent), "--train_file_dir")
+
+
+def test_qlora_rm_trains_and_saves_the_score_head(sft_model, tmp_path):
+    out = tmp_path / "rm-qlora"
+    rm.main(["--model_name_or_path", str(sft_model), "--output_dir", str(out), "--validation_split_percentage", "0",
+             "--qlora", "True", "--learning_rate", "2e-3", "--max_steps", "3", *COMMON])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert any("score" in k for k in f.keys())
