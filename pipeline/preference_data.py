@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 from datasets import Dataset
 
-from pipeline.data import ReadReport
+from pipeline.data import ReadReport, cap, load_train_eval
 from pipeline.errors import UserError
 from pipeline.preferences import read_preferences
 from pipeline.templates import Template, render_segments
+
+logger = logging.getLogger(__name__)
 
 
 def split_texts(template: Template, prompt: list[dict], answer: str, tools=None) -> tuple[str, str]:
@@ -83,3 +86,20 @@ def build_preference_dataset(directory: str, flag: str, template: Template, toke
     if len(kept) == 0:
         raise UserError(f"{flag} {directory}: every record is longer than --model_max_length {max_length}.")
     return kept, report
+
+
+def preference_datasets(template: Template, tokenizer, pref_args, data_args, training_args, unpaired: bool = False,
+                        whole_conversations: bool = False) -> tuple[Dataset, Dataset | None]:
+    """Train and eval preference datasets for a stage, with the read/kept/dropped summary and sample caps."""
+    unit = "answers" if unpaired else "pairs"
+
+    def load(directory: str, flag: str) -> Dataset:
+        dataset, report = build_preference_dataset(directory, flag, template, tokenizer, pref_args.model_max_length,
+                                                   unpaired, pref_args.skip_invalid_samples,
+                                                   data_args.preprocessing_num_workers, whole_conversations)
+        logger.info(report.summary(f"{flag} {unit}"))
+        return dataset
+
+    with training_args.main_process_first(desc=f"encoding {unit}"):
+        train, evaluation = load_train_eval(load, data_args, training_args.seed, unit)
+    return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)

@@ -25,10 +25,9 @@ from trl import DPOConfig, KTOConfig
 from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments,
                            PreferenceArguments, parse_args, trainable_dtype)
 from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
-from pipeline.data import cap, load_train_eval
 from pipeline.errors import UserError, run_cli
 from pipeline.models import load_model, load_tokenizer
-from pipeline.preference_data import build_preference_dataset
+from pipeline.preference_data import preference_datasets
 from pipeline.preference_trainers import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
 from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
 
@@ -66,8 +65,8 @@ def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval
         return ReferenceFreeTrainer(model=model, args=training_args, loss_type=dpo_args.loss_type, beta=dpo_args.beta,
                                     gamma=dpo_args.simpo_gamma, pad_token_id=tokenizer.pad_token_id, **data)
     if dpo_args.loss_type == "kto":
-        # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; the
-        # data was shuffled once when it was read.
+        # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; main()
+        # shuffled the answers once.
         shared["train_sampling_strategy"] = "sequential"
         config = KTOConfig(**shared, beta=dpo_args.beta, desirable_weight=dpo_args.desirable_weight,
                            undesirable_weight=dpo_args.undesirable_weight, max_length=None,
@@ -88,17 +87,10 @@ def main(argv: list[str] | None = None):
     template = resolve_template(pref_args.template_name, tokenizer)
     apply_template_to_tokenizer(tokenizer, template)
 
-    def load(directory: str, flag: str):
-        unpaired = dpo_args.loss_type == "kto"
-        dataset, report = build_preference_dataset(directory, flag, template, tokenizer, pref_args.model_max_length,
-                                                   unpaired=unpaired, skip_invalid=pref_args.skip_invalid_samples,
-                                                   num_proc=data_args.preprocessing_num_workers)
-        logger.info(report.summary(f"{flag} {'answers' if unpaired else 'pairs'}"))
-        return dataset.shuffle(seed=training_args.seed) if unpaired else dataset.remove_columns(["margin"])
-
-    with training_args.main_process_first(desc="encoding pairs"):
-        train_dataset, eval_dataset = load_train_eval(load, data_args, training_args.seed, "pairs")
-    train_dataset, eval_dataset = cap(train_dataset, data_args.max_train_samples), cap(eval_dataset, data_args.max_eval_samples)
+    unpaired = dpo_args.loss_type == "kto"
+    train_dataset, eval_dataset = preference_datasets(template, tokenizer, pref_args, data_args, training_args, unpaired)
+    if unpaired:  # KTO batches keep their order (see build_trainer), so shuffle the answers once here
+        train_dataset = train_dataset.shuffle(seed=training_args.seed)
     model = load_model(model_args, peft_args, tokenizer, head="lm",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
                        trainable_dtype=trainable_dtype(training_args))

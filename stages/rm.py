@@ -19,10 +19,9 @@ from transformers import set_seed
 from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments,
                            PreferenceArguments, parse_args, trainable_dtype)
 from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
-from pipeline.data import cap, load_train_eval
 from pipeline.errors import run_cli
 from pipeline.models import load_model, load_tokenizer
-from pipeline.preference_data import build_preference_dataset
+from pipeline.preference_data import preference_datasets
 from pipeline.reward import PairCollator, RewardModelTrainer
 from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
 
@@ -45,16 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     template = resolve_template(pref_args.template_name, tokenizer)
     apply_template_to_tokenizer(tokenizer, template)
 
-    def load(directory: str, flag: str):
-        dataset, report = build_preference_dataset(directory, flag, template, tokenizer, pref_args.model_max_length,
-                                                   skip_invalid=pref_args.skip_invalid_samples,
-                                                   num_proc=data_args.preprocessing_num_workers, whole_conversations=True)
-        logger.info(report.summary(f"{flag} pairs"))
-        return dataset.remove_columns(["prompt_ids"])
-
-    with training_args.main_process_first(desc="encoding pairs"):
-        train_dataset, eval_dataset = load_train_eval(load, data_args, training_args.seed, "pairs")
-    train_dataset, eval_dataset = cap(train_dataset, data_args.max_train_samples), cap(eval_dataset, data_args.max_eval_samples)
+    train_dataset, eval_dataset = preference_datasets(template, tokenizer, pref_args, data_args, training_args,
+                                                      whole_conversations=True)
     model = load_model(model_args, peft_args, tokenizer, head="reward",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
                        trainable_dtype=trainable_dtype(training_args))
