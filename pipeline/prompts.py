@@ -1,0 +1,68 @@
+"""Prompts for the RL stages (PPO, GRPO, RLOO), taken from SFT-format data, and rule rewards.
+
+Each conversation gives one prompt: every message up to its last user turn (history kept), plus the
+reference answer that followed it (used by the exact-match rule reward and the held-out report).
+Prompts are rendered with the same template as SFT and tokenized the way inference tokenizes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pipeline.conversations import read_conversations
+from pipeline.data import ReadReport
+from pipeline.templates import Template, render_segments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    messages: list[dict]  # OpenAI-style, ending with a user (or tool) message
+    reference: str  # the answer the data gives after it ("" when the conversation ends with the user)
+    tools: list[dict] | None
+    ids: list[int]  # rendered with the generation prompt, tokenized without extra special tokens
+
+
+def render_text(template: Template, messages: list[dict], tools=None, add_generation_prompt: bool = False) -> str:
+    return "".join(s.text for s in render_segments(template, messages, tools, add_generation_prompt))
+
+
+def to_prompt(conversation: dict) -> tuple[list[dict], str] | None:
+    """(messages up to the last user/tool turn, reference answer after it), or None without a user turn."""
+    messages = conversation["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] in ("user", "tool")), default=None)
+    if last is None:
+        return None
+    after = messages[last + 1] if last + 1 < len(messages) else None
+    reference = after["content"] if after and after["role"] == "assistant" and after.get("content") else ""
+    return messages[: last + 1], reference
+
+
+def load_prompts(directory: str, flag: str, template: Template, tokenizer, max_prompt_length: int,
+                 data_format: str = "auto", skip_invalid: bool = False) -> tuple[list[Prompt], ReadReport]:
+    conversations, report = read_conversations(directory, flag, data_format, skip_invalid)
+    prompts = []
+    for conv in conversations:
+        found = to_prompt(conv)
+        if found is None:
+            report.drop("no user turn to answer")
+            continue
+        messages, reference = found
+        text = render_text(template, messages, conv.get("tools"), add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            report.drop(f"prompt longer than {max_prompt_length} tokens (--model_max_length - --max_new_tokens)")
+            continue
+        prompts.append(Prompt(messages, reference, conv.get("tools"), ids))
+    logger.info(report.summary(f"{flag} prompts"))
+    return prompts, report
+
+
+def exact_match_reward(answers: list[str], references: list[str]) -> list[float]:
+    """1.0 where the answer equals the reference (surrounding whitespace ignored), else 0.0."""
+    return [float(a.strip() == r.strip()) for a, r in zip(answers, references)]
+
+
+RULE_REWARDS = {"exact_match": exact_match_reward}
