@@ -323,6 +323,17 @@ class PPOLoop(Rollouts):
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
+    def check_in_sync(self) -> None:
+        """Every process must end with the same weights; compare a checksum of the trained parameters."""
+        if self.world == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        if len({round(g.item(), 6) for g in gathered}) != 1:
+            raise RuntimeError(f"PPO processes diverged: parameter checksums {[g.item() for g in gathered]}")
+        logger.info("trained weights identical on all %d processes (checksum %.6f)", self.world, checksum.item())
+
     def sync_gradients(self) -> None:
         """Average the gradients over processes (every rank trains on its own rollouts)."""
         if self.world == 1:
@@ -476,6 +487,7 @@ class PPOLoop(Rollouts):
                 self.log(metrics)
             if self.targs.save_strategy == "steps" and self.step % int(self.targs.save_steps) == 0 and self.step < self.targs.max_steps:
                 self.save(out / f"checkpoint-{self.step}")
+        self.check_in_sync()
         self.save(out, final=True)
         results = {}
         if self.eval_prompts:
@@ -523,6 +535,7 @@ def train_group_relative(policy, tokenizer, template, prompts, ppo_args, trainin
     processors = [rm_tokenizer if f == "model" else None for f in ppo_args.reward_func_list]
     dataset = Dataset.from_list([{"prompt": p.messages, "reference": p.reference} for p in prompts])
     shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
+    shared["remove_unused_columns"] = False  # the rule rewards read the "reference" column
     common = dict(num_generations=ppo_args.num_generations, max_completion_length=ppo_args.max_new_tokens,
                   temperature=ppo_args.temperature, top_p=ppo_args.top_p, beta=ppo_args.kl_coef)
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if ppo_args.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)

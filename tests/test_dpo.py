@@ -1,5 +1,5 @@
-"""DPO stage: raises the chosen-over-rejected margin against the reference on held-out pairs, greedy
-answers do not get worse, every loss variant trains, and LoRA keeps one copy of the base weights."""
+"""DPO stage: from a partly trained SFT policy, raises the chosen-over-rejected margin against the reference
+on held-out pairs and improves greedy answers; every loss variant trains; LoRA keeps one copy of the base."""
 
 import json
 
@@ -41,18 +41,19 @@ def answer_logps(model_dir, pairs) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_dpo_raises_the_margin_over_the_reference(sft_model, tmp_path):
+def test_dpo_raises_the_margin_and_improves_greedy_answers(weak_sft_model, tmp_path):
     pairs, _ = read_preferences(str(DATA / "reward_eval"), "--validation_file_dir")
     out = tmp_path / "dpo"
-    dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(out), "--validation_file_dir",
+    dpo.main(["--model_name_or_path", str(weak_sft_model), "--output_dir", str(out), "--validation_file_dir",
               str(DATA / "reward_eval"), "--use_peft", "False", "--learning_rate", "1e-4", "--max_steps", "40",
               "--beta", "0.1", *COMMON])
-    before, after = answer_logps(sft_model, pairs), answer_logps(out, pairs)
+    before, after = answer_logps(weak_sft_model, pairs), answer_logps(out, pairs)
     improved = ((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1])).float().mean().item()
     assert improved >= 0.9, improved
     convs, _ = read_conversations(str(DATA / "sft_eval"), "--validation_file_dir")
     single = [c for c in convs if len(c["messages"]) == 2]
-    assert exact_match(str(out), single) >= exact_match(str(sft_model), single)
+    em_before, em_after = exact_match(str(weak_sft_model), single), exact_match(str(out), single)
+    assert em_after > em_before + 0.05, (em_before, em_after)  # measured 0.34 -> 0.50
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_rewards/accuracies"] >= 0.9 and metrics["eval_rewards/margins"] > 0
 
