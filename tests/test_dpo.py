@@ -45,7 +45,7 @@ def test_dpo_raises_the_margin_and_improves_greedy_answers(weak_sft_model, tmp_p
     pairs, _ = read_preferences(str(DATA / "reward_eval"), "--validation_file_dir")
     out = tmp_path / "dpo"
     dpo.main(["--model_name_or_path", str(weak_sft_model), "--output_dir", str(out), "--validation_file_dir",
-              str(DATA / "reward_eval"), "--use_peft", "False", "--learning_rate", "1e-4", "--max_steps", "40",
+              str(DATA / "reward_eval"), "--use_peft", "False", "--learning_rate", "1e-4", "--max_steps", "60",
               "--beta", "0.1", *COMMON])
     before, after = answer_logps(weak_sft_model, pairs), answer_logps(out, pairs)
     improved = ((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1])).float().mean().item()
@@ -53,7 +53,7 @@ def test_dpo_raises_the_margin_and_improves_greedy_answers(weak_sft_model, tmp_p
     convs, _ = read_conversations(str(DATA / "sft_eval"), "--validation_file_dir")
     single = [c for c in convs if len(c["messages"]) == 2]
     em_before, em_after = exact_match(str(weak_sft_model), single), exact_match(str(out), single)
-    assert em_after > em_before + 0.05, (em_before, em_after)  # measured 0.34 -> 0.50
+    assert em_after > em_before + 0.05, (em_before, em_after)  # measured 0.34 -> 0.53; margin up on 98% of pairs
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["eval_rewards/accuracies"] >= 0.9 and metrics["eval_rewards/margins"] > 0
 
