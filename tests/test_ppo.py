@@ -107,6 +107,13 @@ def test_same_seed_same_losses_and_exact_resume_with_lora(weak_sft_model, reward
     assert loop.log_history[-1]["step"] == 3 and loop.log_history[0]["loss"] != loop.log_history[-1]["loss"]
 
 
+def test_qlora_policy_trains_and_saves_an_adapter(weak_sft_model, reward_model, tmp_path):
+    loop = ppo.main(common(weak_sft_model, reward_model, tmp_path / "q", "--qlora", "True", "--load_in_4bit", "True",
+                           "--learning_rate", "1e-3", "--max_steps", "1", "--per_device_train_batch_size", "8"))
+    assert loop.policy.is_loaded_in_4bit and loop.reference is None and loop.log_history[0]["loss"] == loop.log_history[0]["loss"]
+    assert (tmp_path / "q" / "adapter_model.safetensors").is_file()
+
+
 def test_grpo_with_a_rule_reward_raises_heldout_accuracy(weak_sft_model, tmp_path):
     out = tmp_path / "grpo"
     ppo.main(common(weak_sft_model, None, out, "--algorithm", "grpo", "--reward_funcs", "exact_match",
