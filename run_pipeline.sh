@@ -1,76 +1,113 @@
 #!/usr/bin/env bash
-# The chain on the embedded default: build the tiny model, PT (LoRA) on the shipped text, merge,
-# SFT (LoRA) on the learnable task, merge, then RM (LoRA, merged) and the DPO branch from the SFT model.
-# PPO joins after RM when it lands.
-#   bash run_pipeline.sh                       # outputs under outputs/demo
-#   OUTPUT_ROOT=/tmp/run bash run_pipeline.sh
+# The whole chain: PT -> SFT -> RM -> PPO, and DPO from the SFT model; each LoRA output is merged into the
+# model its stage started from, and that is the next stage's start. Ends with a before -> after report
+# (OUTPUT_ROOT/report.md, report.json, losses.png).
+#   bash run_pipeline.sh                                  # embedded default: configs/pipeline_default.yaml
+#   bash run_pipeline.sh configs/pipeline_example.yaml    # or CONFIG=... bash run_pipeline.sh
+#   OUTPUT_ROOT=/tmp/run NPROC_PER_NODE=8 bash run_pipeline.sh my_run.yaml
+# Re-running skips the stages that finished and resumes an interrupted one from its last checkpoint.
+# NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT / NPROC_PER_NODE reach every launcher (see run_pt.sh).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+config="$(realpath "${1:-${CONFIG:-$here/configs/pipeline_default.yaml}}")"
 cd "$here"
-OUTPUT_ROOT="${OUTPUT_ROOT:-outputs/demo}"
-base="$OUTPUT_ROOT/tiny-llama"
 
-echo "== building the embedded tiny model -> $base"
-[ -f "$base/config.json" ] || python -m pipeline.tiny_model --output_dir "$base"
+# The config as shell variables: output_root base_model template exact_match_data stages method_flags, and
+# per stage <stage>_data (its data folders) and <stage>_flags (its extra flags, which come last and win).
+settings="$(python -m pipeline.pipeline_config "$config")"
+eval "$settings"
+OUTPUT_ROOT="${OUTPUT_ROOT:-$output_root}"
+DONE=pipeline_stage_done   # written into a stage's folder once its launcher (and merge) succeeded
+echo "== config $config -> $OUTPUT_ROOT"
 
-echo "== PT (LoRA; embeddings and head trained in full) -> $OUTPUT_ROOT/pt"
-bash run_pt.sh \
-  --model_name_or_path "$base" \
-  --train_file_dir data/pt --validation_file_dir data/pt_eval \
-  --output_dir "$OUTPUT_ROOT/pt" \
-  --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --modules_to_save embed_tokens,lm_head \
-  --block_size 128 --per_device_train_batch_size 8 --learning_rate 5e-3 --max_steps 80 \
-  --logging_steps 10 --eval_strategy steps --eval_steps 20 --eval_on_start True --save_steps 40 --seed 42
+wants() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 
-echo "== merging the PT adapter -> $OUTPUT_ROOT/pt-merged"
-python merge_peft_adapter.py --base_model "$base" --tokenizer_path "$base" \
-  --lora_model "$OUTPUT_ROOT/pt" --output_dir "$OUTPUT_ROOT/pt-merged"
+# run_stage NAME LAUNCHER START [FLAGS...]: stage NAME trains from model START into $OUTPUT_ROOT/NAME; an
+# adapter is then merged into START (-> NAME-merged). Sets $result to the model the next stage starts from.
+run_stage() {
+  local name="$1" launcher="$2" start="$3"; shift 3
+  local out="$OUTPUT_ROOT/$name"
+  if [ -f "$out/$DONE" ]; then
+    echo "== $name: finished earlier, skipped ($out)"
+  else
+    echo "== $name from $start -> $out"
+    # auto: resume from the last checkpoint-* in $out if there is one (an interrupted run), else start
+    bash "$launcher" --model_name_or_path "$start" --output_dir "$out" --resume_from_checkpoint auto "$@"
+    echo "$start" > "$out/$DONE"
+  fi
+  result="$out"
+  if [ -f "$out/adapter_config.json" ]; then
+    result="$out-merged"
+    # a merge appears whole (merge.py renames it into place); one older than the training is redone
+    if [ "$result/config.json" -nt "$out/$DONE" ]; then
+      echo "== $name-merged: merged earlier, skipped"
+    else
+      echo "== merging the $name adapter into $start -> $result"
+      python merge_peft_adapter.py --base_model "$start" --lora_model "$out" --output_dir "$result"
+    fi
+  fi
+}
 
-echo "== SFT (LoRA, qwen template) -> $OUTPUT_ROOT/sft"
-bash run_sft.sh \
-  --model_name_or_path "$OUTPUT_ROOT/pt-merged" --template_name qwen \
-  --train_file_dir data/sft --validation_file_dir data/sft_eval \
-  --output_dir "$OUTPUT_ROOT/sft" --model_max_length 128 \
-  --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 --modules_to_save embed_tokens,lm_head \
-  --per_device_train_batch_size 16 --learning_rate 5e-3 --max_steps 120 --logging_steps 20 --save_steps 60 --seed 42
+# exact_match STAGE BEFORE AFTER: greedy held-out exact match of the models a stage started from and made
+# (-> STAGE/exact_match_results.json, which the report reads); measured once per finished stage.
+exact_match() {
+  local stage="$1" before_model="$2" after_model="$3"
+  local em="$OUTPUT_ROOT/$stage/exact_match_results.json"
+  if [ -z "$exact_match_data" ] || [ "$em" -nt "$OUTPUT_ROOT/$stage/$DONE" ]; then
+    echo "== $stage exact match: ${exact_match_data:+measured earlier, }skipped"
+    return
+  fi
+  echo "== held-out exact match (greedy) of the $stage start and result on $exact_match_data -> $em"
+  # the start may have no chat template yet: render with the pipeline's template (auto: the model's own)
+  local template_arg=()
+  if [ "$template" != auto ]; then template_arg=("$template"); fi
+  local before after
+  before="$(python -m pipeline.evaluate "$before_model" "$exact_match_data" "${template_arg[@]}")"
+  after="$(python -m pipeline.evaluate "$after_model" "$exact_match_data")"
+  printf '{"eval_exact_match_before": %s, "eval_exact_match": %s}\n' "$before" "$after" > "$em.partial"
+  mv "$em.partial" "$em"
+}
 
-echo "== merging the SFT adapter -> $OUTPUT_ROOT/sft-merged"
-python merge_peft_adapter.py --base_model "$OUTPUT_ROOT/pt-merged" \
-  --lora_model "$OUTPUT_ROOT/sft" --output_dir "$OUTPUT_ROOT/sft-merged"
+model="$base_model"
+if [ -z "$model" ]; then
+  model="$OUTPUT_ROOT/tiny-llama"
+  if [ ! -f "$model/config.json" ]; then
+    echo "== building the embedded tiny model -> $model"
+    rm -rf "$model.partial"
+    python -m pipeline.tiny_model --output_dir "$model.partial"
+    mv -T "$model.partial" "$model"   # renamed when complete, so an interrupted build is redone
+  fi
+fi
 
-echo "== held-out exact match on the learnable task (greedy, through the chat template)"
-em_before=$(python -m pipeline.evaluate "$OUTPUT_ROOT/pt-merged" data/sft_eval qwen)
-em_after=$(python -m pipeline.evaluate "$OUTPUT_ROOT/sft-merged" data/sft_eval)
-echo "SFT exact match: $em_before before -> $em_after after (saved tokenizer's own chat template)"
+# --eval_on_start True: the evaluation at step 0 is the report's "before" column.
+if wants pt; then
+  run_stage pt run_pt.sh "$model" "${pt_data[@]}" "${method_flags[@]}" --eval_on_start True "${pt_flags[@]}"
+  model="$result"
+fi
 
-echo "== RM (LoRA; score head trained) -> $OUTPUT_ROOT/rm, merged -> $OUTPUT_ROOT/rm-merged"
-bash run_rm.sh \
-  --model_name_or_path "$OUTPUT_ROOT/sft-merged" --template_name qwen \
-  --train_file_dir data/reward --validation_file_dir data/reward_eval \
-  --output_dir "$OUTPUT_ROOT/rm" --model_max_length 128 \
-  --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0 \
-  --per_device_train_batch_size 16 --learning_rate 2e-3 --max_steps 200 --logging_steps 50 --save_steps 100 --seed 42
-python merge_peft_adapter.py --base_model "$OUTPUT_ROOT/sft-merged" \
-  --lora_model "$OUTPUT_ROOT/rm" --output_dir "$OUTPUT_ROOT/rm-merged"
+if wants sft; then
+  run_stage sft run_sft.sh "$model" --template_name "$template" "${sft_data[@]}" "${method_flags[@]}" \
+    --eval_on_start True "${sft_flags[@]}"
+  exact_match sft "$model" "$result"
+  model="$result"
+fi
+sft_model="$model"
 
-echo "== DPO (full, from the SFT model) -> $OUTPUT_ROOT/dpo"
-bash run_dpo.sh \
-  --model_name_or_path "$OUTPUT_ROOT/sft-merged" --template_name qwen \
-  --train_file_dir data/reward --validation_file_dir data/reward_eval \
-  --output_dir "$OUTPUT_ROOT/dpo" --model_max_length 128 --use_peft False --beta 0.1 \
-  --per_device_train_batch_size 16 --learning_rate 1e-4 --max_steps 40 --logging_steps 10 --save_steps 40 --seed 42
+if wants rm; then
+  run_stage rm run_rm.sh "$sft_model" --template_name "$template" "${rm_data[@]}" "${method_flags[@]}" \
+    --eval_on_start True "${rm_flags[@]}"
+  rm_model="$result"
+fi
 
-python - "$OUTPUT_ROOT" <<'PY'
-import json, sys
-root = sys.argv[1]
-state = json.load(open(f"{root}/pt/trainer_state.json"))
-evals = [h for h in state["log_history"] if "eval_loss" in h]
-final = json.load(open(f"{root}/pt/eval_results.json"))
-print(f"PT eval perplexity: {__import__('math').exp(evals[0]['eval_loss']):.1f} before training"
-      f" -> {final['perplexity']:.1f} at the end; merged model in {root}/pt-merged")
-rm = json.load(open(f"{root}/rm/eval_results.json"))
-print(f"RM held-out pairwise accuracy {rm['eval_accuracy']:.3f}, mean margin {rm['eval_margin']:.2f}")
-dpo = json.load(open(f"{root}/dpo/eval_results.json"))
-print(f"DPO held-out: chosen beats rejected vs the reference on {dpo['eval_rewards/accuracies']:.3f} of pairs,"
-      f" mean reward margin {dpo['eval_rewards/margins']:.3f}")
-PY
+if wants ppo; then  # from the SFT model, scored by the reward model (its value model starts from it too)
+  run_stage ppo run_ppo.sh "$sft_model" --reward_model_name_or_path "$rm_model" --template_name "$template" \
+    "${ppo_data[@]}" "${method_flags[@]}" "${ppo_flags[@]}"
+fi
+
+if wants dpo; then
+  run_stage dpo run_dpo.sh "$sft_model" --template_name "$template" "${dpo_data[@]}" "${method_flags[@]}" \
+    --eval_on_start True "${dpo_flags[@]}"
+  exact_match dpo "$sft_model" "$result"
+fi
+
+python -m pipeline.report "$OUTPUT_ROOT"

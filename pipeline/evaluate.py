@@ -56,15 +56,16 @@ def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
 
 
 def main() -> None:
-    """python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]: held-out exact match of single-turn chats."""
+    """python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]: held-out exact match of the last answer of
+    every chat (earlier turns are the prompt, as the PPO stage's evaluation reads them)."""
     import sys
 
     from pipeline.conversations import read_conversations
 
     model_dir, data_dir = sys.argv[1], sys.argv[2]
     convs, _ = read_conversations(data_dir, "DATA_DIR")
-    single = [c for c in convs if len(c["messages"]) == 2]
-    print(f"{exact_match(model_dir, single, sys.argv[3] if len(sys.argv) > 3 else None):.3f}")
+    answered = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
+    print(exact_match(model_dir, answered, sys.argv[3] if len(sys.argv) > 3 else None))
 
 
 if __name__ == "__main__":

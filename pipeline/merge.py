@@ -2,12 +2,16 @@
 
 The merged folder is the next stage's --model_name_or_path: it loads with AutoModelForCausalLM (or
 AutoModelForSequenceClassification for a reward-model adapter, whose trained score head is kept),
-and carries the tokenizer, chat template and generation config that training used.
+and carries the tokenizer, chat template and generation config that training used. It is written
+beside the output folder and renamed into place, so an interrupted merge never looks like a finished one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 from pathlib import Path
 
 from peft import PeftConfig, PeftModel
@@ -35,6 +39,7 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
     lora_dir, out = Path(lora_model), Path(output_dir)
     if not (lora_dir / "adapter_config.json").is_file():
         raise UserError(f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder.")
+    _check_output_dir(out, base_model, lora_dir)
     try:
         base_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -60,11 +65,46 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
     resize_embeddings(base, tokenizer)
     merged = PeftModel.from_pretrained(base, lora_model).merge_and_unload()
     merged.config.use_cache = True
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _save_generation_config(merged, lora_dir, base_model, out)
+    partial = _sibling(out, "merging")
+    try:
+        merged.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        _save_generation_config(merged, lora_dir, base_model, partial)
+        _publish(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     logger.info("merged %s into %s -> %s (%s)", lora_model, base_model, out, auto_class.__name__)
     return out
+
+
+def _check_output_dir(out: Path, base_model: str, lora_dir: Path) -> None:
+    if out.resolve() in (Path(base_model).resolve(), lora_dir.resolve()):
+        raise UserError(f"--output_dir {out} is the base model or adapter folder; merge into a new folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"--output_dir {out} already holds files but no model (no config.json); "
+                        "give a new or empty folder, so nothing in it is overwritten.")
+
+
+def _sibling(out: Path, what: str) -> Path:
+    """A hidden folder beside `out`, unique to this process (also across nodes sharing the disk)."""
+    return out.parent / f".{out.name}.{what}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _publish(partial: Path, out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        # a previous merge: swap it out whole, so none of its files (e.g. shards of another size) remain
+        old = _sibling(out, "replaced")
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+        return
+    try:
+        os.replace(partial, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        # another process (the same pipeline on another node) published the same merge meanwhile
+        logger.info("%s appeared while merging; keeping it", out)
 
 
 def _save_generation_config(model, lora_dir: Path, base_model: str, out: Path) -> None:

@@ -42,6 +42,13 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact per-position KL(policy || reference) = sum_v p(v) (log p(v) - log q(v)), over the whole vocabulary:
+    never negative, and it needs no sampled tokens (held-out evaluation scores greedy answers)."""
+    logp, ref_logp = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) on tokens sampled from the policy.
     k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, never negative)."""

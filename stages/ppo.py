@@ -168,10 +168,15 @@ def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.T
     return (positions[None] <= first[:, None]).long(), ended
 
 
-def forward_tokens(model, query_len: int, ids, mask, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, entropies) of the response tokens (positions after query_len) under `model`."""
+def response_logits(model, query_len: int, ids, mask) -> torch.Tensor:
+    """Logits that predict the response tokens (positions after query_len)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, query_len - 1 : -1]
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, query_len - 1 : -1]
+
+
+def forward_tokens(model, query_len: int, ids, mask, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies) of the response tokens under `model`."""
+    logits = response_logits(model, query_len, ids, mask)
     responses = ids[:, query_len:]
     return rl.token_logprobs(logits, responses, temperature), rl.entropy(logits, temperature)
 
@@ -224,10 +229,13 @@ class Rollouts:
         return self.reference is not None or isinstance(self.policy, PeftModel)
 
     def reference_logprobs(self, query_len, ids, mask, temperature):
+        return rl.token_logprobs(self.reference_logits(query_len, ids, mask), ids[:, query_len:], temperature)
+
+    def reference_logits(self, query_len, ids, mask):
         if self.reference is not None:
-            return forward_tokens(self.reference, query_len, ids, mask, temperature)[0]
+            return response_logits(self.reference, query_len, ids, mask)
         with self.policy.disable_adapter():
-            return forward_tokens(self.policy, query_len, ids, mask, temperature)[0]
+            return response_logits(self.policy, query_len, ids, mask)
 
     def scores(self, prompts, answers):
         with self.reward_context():
@@ -260,10 +268,11 @@ class Rollouts:
             answers = answer_texts(self.tokenizer, responses, rmask)
             with self.autocast:
                 scores = self.scores(prompts, answers)
-                log_ratio = (forward_tokens(self.policy, qlen, ids, mask, 1.0)[0] - self.reference_logprobs(qlen, ids, mask, 1.0)
-                             if self.has_reference else torch.full_like(rmask, float("nan"), dtype=torch.float))
+                # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)
+                kl = (rl.full_kl(response_logits(self.policy, qlen, ids, mask), self.reference_logits(qlen, ids, mask))
+                      if self.has_reference else torch.full_like(rmask, float("nan"), dtype=torch.float))
             matches = RULE_REWARDS["exact_match"](answers, [p.reference for p in prompts])
-            sums += torch.tensor([scores.sum().item(), sum(matches), (log_ratio * rmask).sum().item(),
+            sums += torch.tensor([scores.sum().item(), sum(matches), (kl * rmask).sum().item(),
                                   rmask.sum().item(), len(prompts)], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(sums)

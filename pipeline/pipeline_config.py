@@ -1,0 +1,130 @@
+"""The run_pipeline.sh config: read a YAML file naming the base model, data, template, method and
+per-stage flags, check it, and print it as shell assignments for run_pipeline.sh to `eval`.
+
+    python -m pipeline.pipeline_config configs/pipeline_default.yaml
+
+Keys (all optional): output_root, base_model (null: build the embedded tiny model), template, method
+(full | lora | qlora), stages (a subset of pt sft rm ppo dpo; run in that order, a stage left out hands
+its input on), exact_match (held-out exact match of the SFT start and result on data.sft_eval), data
+(train / eval folders per stage), flags (per stage: a mapping of extra stage flags, which win over the
+pipeline's own).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError, run_cli
+
+STAGES = ("pt", "sft", "rm", "ppo", "dpo")
+METHODS = {"full": ["--use_peft", "False"], "lora": ["--use_peft", "True"],
+           "qlora": ["--use_peft", "True", "--qlora", "True"]}
+# Folders of the shipped sample data; PPO's prompts are the SFT chats.
+DEFAULT_DATA = {"pt": "data/pt", "pt_eval": "data/pt_eval", "sft": "data/sft", "sft_eval": "data/sft_eval",
+                "rm": "data/reward", "rm_eval": "data/reward_eval", "ppo": "data/sft", "ppo_eval": "data/sft_eval",
+                "dpo": "data/reward", "dpo_eval": "data/reward_eval"}
+DEFAULTS = {"output_root": "outputs/demo", "base_model": None, "template": "auto", "method": "lora",
+            "stages": list(STAGES), "exact_match": True, "data": {}, "flags": {}}
+# Set from the config's own keys and the chain of stages, so a stage flag may not set them again.
+PIPELINE_FLAGS = ("model_name_or_path", "output_dir", "train_file_dir", "validation_file_dir", "template_name",
+                  "reward_model_name_or_path", "resume_from_checkpoint", "config")
+
+
+def load(path: str) -> dict[str, Any]:
+    """The config with defaults filled in; every mistake is one UserError naming the key and the fix."""
+    # Plain YAML, not pipeline.args' reader: that module imports torch, which costs seconds per run.
+    if not Path(path).is_file():
+        raise UserError(f"pipeline config {path} does not exist.")
+    try:
+        given = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"pipeline config {path} does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(given, dict):
+        raise UserError(f"pipeline config {path} must hold a mapping of keys to values.")
+    config = {**DEFAULTS, **given}
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(DEFAULTS)}.")
+    if config["method"] not in METHODS:
+        raise UserError(f"{path}: method must be one of {', '.join(METHODS)}, got {config['method']!r}.")
+    stages = config["stages"]
+    if not isinstance(stages, list) or not stages or set(stages) - set(STAGES):
+        raise UserError(f"{path}: stages must be a list of some of {', '.join(STAGES)}, got {stages!r}.")
+    if "ppo" in stages and "rm" not in stages:
+        raise UserError(f"{path}: stage ppo scores its answers with the rm stage's model; add rm to stages.")
+    config["data"] = _data_folders(config["data"], path)
+    config["flags"] = _stage_flags(config["flags"], path)
+    return config
+
+
+def _data_folders(data: Any, path: str) -> dict[str, str | None]:
+    if not isinstance(data, dict) or set(data) - set(DEFAULT_DATA):
+        raise UserError(f"{path}: data must map some of {', '.join(DEFAULT_DATA)} to folders.")
+    folders = {**DEFAULT_DATA, **data}
+    for key, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"{path}: data.{key} folder {folder} does not exist; fix the path or set it to null.")
+    for stage in STAGES:
+        if folders[stage] is None:
+            raise UserError(f"{path}: data.{stage} (the {stage} training folder) cannot be null.")
+    return folders
+
+
+def _stage_flags(flags: Any, path: str) -> dict[str, list[str]]:
+    if not isinstance(flags, dict) or set(flags) - set(STAGES):
+        raise UserError(f"{path}: flags must map some of {', '.join(STAGES)} to mappings of stage flags.")
+    argv = {}
+    for stage in STAGES:
+        given = flags.get(stage) or {}
+        if not isinstance(given, dict):
+            raise UserError(f"{path}: flags.{stage} must be a mapping of flag names to values, got {given!r}.")
+        taken = sorted(set(given) & set(PIPELINE_FLAGS))
+        if taken:
+            raise UserError(f"{path}: flags.{stage} sets {', '.join(taken)}, which the pipeline sets itself; "
+                            "use the config's base_model, data and template keys instead.")
+        argv[stage] = [word for name, value in given.items() for word in _flag(name, value, f"{path}: flags.{stage}")]
+    return argv
+
+
+def _flag(name: str, value: Any, where: str) -> list[str]:
+    """`--name value` (a list gives several values; null leaves the flag out), as the stage parser reads it."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        raise UserError(f"{where}.{name} holds a mapping; a flag takes a value or a list of values.")
+    return [f"--{name}"] + [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def shell_lines(config: dict[str, Any]) -> list[str]:
+    """Bash assignments: scalars, and arrays of ready-to-pass flags (`"${pt_flags[@]}"`)."""
+    def array(name: str, words: list[str]) -> str:
+        return f"{name}=({' '.join(shlex.quote(w) for w in words)})"
+
+    lines = [f"{key}={shlex.quote(str(config[key] or ''))}" for key in ("output_root", "base_model", "template")]
+    exact_match_data = config["data"]["sft_eval"] if config["exact_match"] else None
+    lines.append(f"exact_match_data={shlex.quote(exact_match_data or '')}")
+    lines.append(array("stages", config["stages"]))
+    lines.append(array("method_flags", METHODS[config["method"]]))
+    for stage in STAGES:
+        data = config["data"]
+        words = ["--train_file_dir", data[stage]]
+        if data[f"{stage}_eval"]:
+            words += ["--validation_file_dir", data[f"{stage}_eval"]]
+        lines.append(array(f"{stage}_data", words))
+        lines.append(array(f"{stage}_flags", config["flags"][stage]))
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise UserError("usage: python -m pipeline.pipeline_config CONFIG.yaml")
+    print("\n".join(shell_lines(load(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    run_cli(main)
