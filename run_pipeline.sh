@@ -12,8 +12,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 config="$(realpath "${1:-${CONFIG:-$here/configs/pipeline_default.yaml}}")"
 cd "$here"
 
-# The config as shell variables: output_root base_model template exact_match_data stages method_flags, and
-# per stage <stage>_data (its data folders) and <stage>_flags (its extra flags, which come last and win).
+# The config as shell variables: output_root base_model template exact_match_data stages, and per stage
+# <stage>_data (its data folders), <stage>_method (--use_peft/--qlora) and <stage>_flags (its extra flags,
+# which come last and win).
 settings="$(python -m pipeline.pipeline_config "$config")"
 eval "$settings"
 OUTPUT_ROOT="${OUTPUT_ROOT:-$output_root}"
@@ -81,12 +82,12 @@ fi
 
 # --eval_on_start True: the evaluation at step 0 is the report's "before" column.
 if wants pt; then
-  run_stage pt run_pt.sh "$model" "${pt_data[@]}" "${method_flags[@]}" --eval_on_start True "${pt_flags[@]}"
+  run_stage pt run_pt.sh "$model" "${pt_data[@]}" "${pt_method[@]}" --eval_on_start True "${pt_flags[@]}"
   model="$result"
 fi
 
 if wants sft; then
-  run_stage sft run_sft.sh "$model" --template_name "$template" "${sft_data[@]}" "${method_flags[@]}" \
+  run_stage sft run_sft.sh "$model" --template_name "$template" "${sft_data[@]}" "${sft_method[@]}" \
     --eval_on_start True "${sft_flags[@]}"
   exact_match sft "$model" "$result"
   model="$result"
@@ -94,18 +95,18 @@ fi
 sft_model="$model"
 
 if wants rm; then
-  run_stage rm run_rm.sh "$sft_model" --template_name "$template" "${rm_data[@]}" "${method_flags[@]}" \
+  run_stage rm run_rm.sh "$sft_model" --template_name "$template" "${rm_data[@]}" "${rm_method[@]}" \
     --eval_on_start True "${rm_flags[@]}"
   rm_model="$result"
 fi
 
 if wants ppo; then  # from the SFT model, scored by the reward model (its value model starts from it too)
   run_stage ppo run_ppo.sh "$sft_model" --reward_model_name_or_path "$rm_model" --template_name "$template" \
-    "${ppo_data[@]}" "${method_flags[@]}" "${ppo_flags[@]}"
+    "${ppo_data[@]}" "${ppo_method[@]}" "${ppo_flags[@]}"
 fi
 
 if wants dpo; then
-  run_stage dpo run_dpo.sh "$sft_model" --template_name "$template" "${dpo_data[@]}" "${method_flags[@]}" \
+  run_stage dpo run_dpo.sh "$sft_model" --template_name "$template" "${dpo_data[@]}" "${dpo_method[@]}" \
     --eval_on_start True "${dpo_flags[@]}"
   exact_match dpo "$sft_model" "$result"
 fi

@@ -20,3 +20,11 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    _close_process_group()  # only after success: a failed rank exits at once, its peers may be mid-collective
+
+
+def _close_process_group() -> None:
+    """Tear down the torchrun process group a stage opened, so NCCL shuts down cleanly before exit."""
+    dist = sys.modules.get("torch.distributed")  # never imported here: tools without torch use run_cli too
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,6 +8,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from pipeline.templates import render
 
 
+def _device() -> str:
+    """The GPU when there is one: a CPU evaluation on a many-core GPU host is the slow part of a pipeline run."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @torch.no_grad()
 def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 16,
                    template_name: str | None = None) -> list[str]:
@@ -15,13 +20,13 @@ def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: in
     (or with `template_name`, for a model whose tokenizer has no chat template yet)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(_device()).eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
         texts = [render(template_name, p, add_generation_prompt=True) if template_name else
                  tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]
@@ -43,14 +48,14 @@ def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
     for pair in pairs:
         texts = [tokenizer.apply_chat_template(pair["prompt"] + [{"role": "assistant", "content": pair[k]}], tokenize=False)
                  for k in ("chosen", "rejected")]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out.append(model(**batch).logits.squeeze(-1).float())
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out.append(model(**batch).logits.squeeze(-1).float().cpu())
     return torch.stack(out)
 
 
 def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
     """Share of pairs a saved reward model (plain AutoModelForSequenceClassification) ranks correctly."""
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).to(_device()).eval()
     scores = rewards(model, AutoTokenizer.from_pretrained(rm_dir), pairs)
     return (scores[:, 0] > scores[:, 1]).float().mean().item()
 

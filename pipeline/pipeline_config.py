@@ -7,7 +7,7 @@ Keys (all optional): output_root, base_model (null: build the embedded tiny mode
 (full | lora | qlora), stages (a subset of pt sft rm ppo dpo; run in that order, a stage left out hands
 its input on), exact_match (held-out exact match of the SFT start and result on data.sft_eval), data
 (train / eval folders per stage), flags (per stage: a mapping of extra stage flags, which win over the
-pipeline's own).
+pipeline's own; the key `method` there sets that stage's method instead of the top-level one).
 """
 
 from __future__ import annotations
@@ -58,8 +58,21 @@ def load(path: str) -> dict[str, Any]:
     if "ppo" in stages and "rm" not in stages:
         raise UserError(f"{path}: stage ppo scores its answers with the rm stage's model; add rm to stages.")
     config["data"] = _data_folders(config["data"], path)
+    config["stage_methods"] = _stage_methods(config["flags"], config["method"], path)
     config["flags"] = _stage_flags(config["flags"], path)
     return config
+
+
+def _stage_methods(flags: Any, method: str, path: str) -> dict[str, str]:
+    """Each stage's method: flags.<stage>.method where given (e.g. full PPO after a QLoRA SFT), else `method`."""
+    methods = {}
+    for stage in STAGES:
+        given = flags.get(stage) if isinstance(flags, dict) else None
+        own = given.get("method") if isinstance(given, dict) else None
+        if own is not None and own not in METHODS:
+            raise UserError(f"{path}: flags.{stage}.method must be one of {', '.join(METHODS)}, got {own!r}.")
+        methods[stage] = own or method
+    return methods
 
 
 def _data_folders(data: Any, path: str) -> dict[str, str | None]:
@@ -87,7 +100,8 @@ def _stage_flags(flags: Any, path: str) -> dict[str, list[str]]:
         if taken:
             raise UserError(f"{path}: flags.{stage} sets {', '.join(taken)}, which the pipeline sets itself; "
                             "use the config's base_model, data and template keys instead.")
-        argv[stage] = [word for name, value in given.items() for word in _flag(name, value, f"{path}: flags.{stage}")]
+        argv[stage] = [word for name, value in given.items() if name != "method"
+                       for word in _flag(name, value, f"{path}: flags.{stage}")]
     return argv
 
 
@@ -109,13 +123,13 @@ def shell_lines(config: dict[str, Any]) -> list[str]:
     exact_match_data = config["data"]["sft_eval"] if config["exact_match"] else None
     lines.append(f"exact_match_data={shlex.quote(exact_match_data or '')}")
     lines.append(array("stages", config["stages"]))
-    lines.append(array("method_flags", METHODS[config["method"]]))
     for stage in STAGES:
         data = config["data"]
         words = ["--train_file_dir", data[stage]]
         if data[f"{stage}_eval"]:
             words += ["--validation_file_dir", data[f"{stage}_eval"]]
         lines.append(array(f"{stage}_data", words))
+        lines.append(array(f"{stage}_method", METHODS[config["stage_methods"][stage]]))
         lines.append(array(f"{stage}_flags", config["flags"][stage]))
     return lines
 

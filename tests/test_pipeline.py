@@ -129,6 +129,7 @@ flags:
     ("flags: {sft: {output_dir: x}}", "flags.sft sets output_dir, which the pipeline sets itself"),
     ("flags: {sft: {lora_rank: {a: 1}}}", "flags.sft.lora_rank holds a mapping"),
     ("stages: [pt\n", "does not parse"),
+    ("flags: {ppo: {method: dora}}", "flags.ppo.method must be one of full, lora, qlora, got 'dora'"),
 ])
 def test_config_mistakes_are_one_sentence(tmp_path, monkeypatch, text, message):
     monkeypatch.chdir(REPO)  # data folders are relative to the repository, where run_pipeline.sh runs
@@ -154,6 +155,17 @@ def test_shipped_configs_load_and_quote_for_bash(monkeypatch):
         script = "\n".join(lines) + '\nprintf "%s\\n" "${sft_flags[@]}"'
         proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
         assert proc.stdout.split("\n")[:-1] == pipeline_config.load(str(path))["flags"]["sft"], path
+
+
+def test_a_stage_method_overrides_the_top_level_one(tmp_path, monkeypatch):
+    """method: qlora everywhere except flags.ppo.method: full -> PPO gets --use_peft False and no --qlora."""
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "mixed.yaml"
+    path.write_text("method: qlora\nflags: {ppo: {method: full, kl_coef: 0.1}}\n")
+    script = "\n".join(pipeline_config.shell_lines(pipeline_config.load(str(path)))) + \
+        '\necho "${sft_method[*]}|${ppo_method[*]}|${ppo_flags[*]}"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "--use_peft True --qlora True|--use_peft False|--kl_coef 0.1"
 
 
 def write(path: Path, data: dict) -> None:
