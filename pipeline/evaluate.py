@@ -70,6 +70,11 @@ def main() -> None:
     model_dir, data_dir = sys.argv[1], sys.argv[2]
     convs, _ = read_conversations(data_dir, "DATA_DIR")
     answered = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
+    if len(answered) < len(convs):  # said on stderr: stdout carries the figure alone
+        print(f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an assistant answer "
+              "and are not scored", file=sys.stderr)
+    if not answered:
+        raise SystemExit(f"error: no chat in {data_dir} ends with an assistant answer to compare against.")
     print(exact_match(model_dir, answered, sys.argv[3] if len(sys.argv) > 3 else None))
 
 

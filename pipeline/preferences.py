@@ -12,6 +12,8 @@ Pair form: {"prompt": [messages ending with a user/tool turn], "chosen": str, "r
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from pipeline.conversations import InvalidSample, from_sharegpt, validate
@@ -94,7 +96,10 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
     except (KeyError, TypeError, AttributeError) as e:
         raise InvalidSample(f"not a valid preference record ({type(e).__name__}: {e})") from None
     if "margin" in record:
-        out["margin"] = float(record["margin"])
+        margin = record["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise InvalidSample(f'"margin" must be a finite number, got {margin!r}')
+        out["margin"] = float(margin)
     return out
 
 

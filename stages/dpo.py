@@ -42,7 +42,7 @@ class DPOArguments:
                                                          "choices": DPO_LOSSES + REFERENCE_FREE + ("kto",)})
     beta: float = field(default=0.1, metadata={"help": "DPO/KTO: pull towards the reference; SimPO: reward scale; "
                                                        "ORPO: weight of the odds-ratio term."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Assumed share of flipped labels (robust / cDPO)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "robust: assumed share of flipped labels."})
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Score the reference once up front."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable answers."})
@@ -53,8 +53,9 @@ class DPOArguments:
             raise UserError(f"--loss_type {self.loss_type} uses no reference model; drop --precompute_ref_log_probs.")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise UserError(f"--label_smoothing applies to the sigmoid and robust losses, not {self.loss_type}.")
+        # trl's sigmoid loss never reads label_smoothing (no cDPO): refuse rather than train plain DPO silently
+        if self.label_smoothing and self.loss_type != "robust":
+            raise UserError(f"--label_smoothing applies to --loss_type robust (noise-robust DPO), not {self.loss_type}.")
 
 
 def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval_dataset):

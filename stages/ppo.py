@@ -58,7 +58,8 @@ class PPOArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (> 0)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    ppo_epochs: int | None = field(default=None, metadata={
+        "help": "Passes over each rollout batch (default 4; GRPO/RLOO: their num_iterations, default 1)."})
     mini_batch_size: int | None = field(default=None, metadata={
         "help": "Rollouts per optimizer step (default: --per_device_train_batch_size, one update per epoch)."})
     kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty against the reference (GRPO/RLOO: beta)."})
@@ -89,6 +90,10 @@ class PPOArguments:
         if self.algorithm == "ppo" and not self.reward_model_name_or_path:
             raise UserError("--algorithm ppo initializes its value model from the reward model: pass --reward_model_name_or_path.")
         self.reward_func_list = funcs
+        if self.ppo_epochs is None:
+            self.ppo_epochs = 4 if self.algorithm == "ppo" else 1
+        if self.ppo_epochs < 1:
+            raise UserError(f"--ppo_epochs must be at least 1, got {self.ppo_epochs}.")
 
 
 # ---------------------------------------------------------------- models
@@ -300,6 +305,12 @@ class PPOLoop(Rollouts):
         if len(prompts) < self.batch_size * self.world:
             raise UserError(f"{len(prompts)} training prompts cannot fill one step of {self.batch_size} x {self.world} "
                             "processes; lower --per_device_train_batch_size.")
+        for model in (policy, value_model):
+            for module in model.modules():  # the sampled and the trained distributions must agree
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            if training_args.gradient_checkpointing:  # the Trainer does this in the other stages; this loop has none
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
                                            betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
@@ -357,7 +368,7 @@ class PPOLoop(Rollouts):
     def train_step(self) -> dict[str, float]:
         args = self.args
         torch.manual_seed(self.targs.seed + 1000 * self.rank + self.step)  # each rank samples its own; resumable
-        self.policy.eval(), self.value_model.eval()  # no dropout: the sampled and trained distributions must agree
+        self.policy.eval(), self.value_model.eval()  # generation with its cache; dropout is off in both modes
         # 1. Sample this rank's prompts and generate answers (sampling: temperature, top_p).
         prompts = self.batch_prompts(self.step)
         query, qmask, responses, rmask, ended = self.generate(prompts, sample=True)
@@ -385,6 +396,7 @@ class PPOLoop(Rollouts):
         stats = {k: [] for k in ("loss", "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")}
         micro = self.mini_batch_size // self.targs.gradient_accumulation_steps
         generator = torch.Generator().manual_seed(self.targs.seed * 1000 + self.step)
+        self.policy.train(), self.value_model.train()  # training mode: gradient checkpointing acts only there
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(prompts), generator=generator)
             for start in range(0, len(prompts), self.mini_batch_size):
@@ -426,6 +438,10 @@ class PPOLoop(Rollouts):
         """The policy (adapter or full) with tokenizer, template and stop tokens; checkpoints also hold the value
         model and the optimizer, scheduler and KL state. Rollout sampling is seeded by step, so no RNG state."""
         if self.targs.should_save:
+            final_folder = folder
+            if not final:  # written beside, renamed when whole: an interrupted save never looks resumable
+                folder = folder.with_name(f"tmp-{folder.name}")
+                shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True, exist_ok=True)
             base = self.policy.get_base_model() if isinstance(self.policy, PeftModel) else self.policy
             base.config.use_cache = True  # the saved config is for inference
@@ -438,6 +454,8 @@ class PPOLoop(Rollouts):
                 self.value_model.save_pretrained(folder / "value_model")
                 torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "kl_coef": self.kl.value, "step": self.step}, folder / "ppo_state.pt")
+                shutil.rmtree(final_folder, ignore_errors=True)
+                folder.rename(final_folder)
                 self.rotate_checkpoints()
         if dist.is_initialized():
             dist.barrier()
@@ -494,6 +512,9 @@ class PPOLoop(Rollouts):
             self.step += 1
             if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1:
                 self.log(metrics)
+            if (self.eval_prompts and self.targs.eval_strategy == "steps" and self.step < self.targs.max_steps
+                    and self.step % int(self.targs.eval_steps or self.targs.logging_steps) == 0):
+                self.log(self.evaluate(self.eval_prompts))
             if self.targs.save_strategy == "steps" and self.step % int(self.targs.save_steps) == 0 and self.step < self.targs.max_steps:
                 self.save(out / f"checkpoint-{self.step}")
         self.check_in_sync()
@@ -515,19 +536,58 @@ class PPOLoop(Rollouts):
 
 
 def load_trainable(model, folder: Path) -> None:
-    """Put a checkpoint's trained weights (adapter or full model) back into a live model."""
+    """Put a checkpoint's trained weights (adapter or full model) back into a live model; every weight of a full
+    model must come back (tied weights, saved once, count as loaded)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"checkpoint {folder} holds no safetensors weights; it cannot be resumed.")
+    loaded, unexpected = set(), []
     for path in files:
         weights = load_file(str(path))
         if isinstance(model, PeftModel):
-            set_peft_model_state_dict(model, weights)
+            result = set_peft_model_state_dict(model, weights)
+            unexpected += result.unexpected_keys
         else:
-            model.load_state_dict(weights, strict=False)
+            unexpected += model.load_state_dict(weights, strict=False).unexpected_keys
+            loaded |= set(weights)
+    if not isinstance(model, PeftModel):
+        tensors = model.state_dict()
+        loaded_ptrs = {tensors[k].data_ptr() for k in loaded if k in tensors}
+        missing = [k for k, t in tensors.items() if k not in loaded and t.data_ptr() not in loaded_ptrs]
+        if missing:
+            raise UserError(f"checkpoint {folder} lacks {len(missing)} weights of this model (e.g. {missing[0]}); "
+                            "it was saved from another model.")
+    if unexpected:
+        raise UserError(f"checkpoint {folder} holds {len(unexpected)} weights this model has not (e.g. {unexpected[0]}); "
+                        "it was saved from another model.")
+
+
+def check_loop_flags(training_args) -> None:
+    """Trainer flags the own PPO loop does not implement are refused, not ignored."""
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if not str(optim).startswith("adamw_torch"):
+        raise UserError(f"--optim {optim}: the PPO loop trains with torch AdamW (--optim adamw_torch); "
+                        "other optimizers are for the Trainer-based stages and --algorithm grpo/rloo.")
+    if training_args.fp16:
+        raise UserError("--fp16 needs loss scaling, which the PPO loop does not do: use --bf16 True, float32, or "
+                        "--algorithm grpo/rloo.")
 
 
 # ---------------------------------------------------------------- GRPO / RLOO (trl)
+
+# PPO flags trl's GRPO/RLOO take under their own names; the other PPO-only flags have no counterpart there.
+GROUP_RELATIVE_FLAGS = {"ppo_epochs": "num_iterations", "cliprange": "epsilon"}
+PPO_ONLY_FLAGS = ("mini_batch_size", "target_kl", "kl_horizon", "kl_estimator", "gamma", "lam", "cliprange_value",
+                  "vf_coef", "whiten_rewards", "missing_eos_penalty")
+
+
+def check_group_relative_flags(ppo_args: PPOArguments) -> None:
+    defaults = {f.name: f.default for f in fields(PPOArguments)}
+    given = [f"--{name}" for name in PPO_ONLY_FLAGS if getattr(ppo_args, name) != defaults[name]]
+    if given:
+        raise UserError(f"{', '.join(given)} belong to --algorithm ppo (value model, GAE, adaptive KL); "
+                        f"--algorithm {ppo_args.algorithm} has no such setting: drop them.")
+
 
 def train_group_relative(policy, tokenizer, template, prompts, ppo_args, training_args, reward_model, rm_tokenizer):
     from datasets import Dataset
@@ -546,7 +606,8 @@ def train_group_relative(policy, tokenizer, template, prompts, ppo_args, trainin
     shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
     shared["remove_unused_columns"] = False  # the rule rewards read the "reference" column
     common = dict(num_generations=ppo_args.num_generations, max_completion_length=ppo_args.max_new_tokens,
-                  temperature=ppo_args.temperature, top_p=ppo_args.top_p, beta=ppo_args.kl_coef)
+                  temperature=ppo_args.temperature, top_p=ppo_args.top_p, beta=ppo_args.kl_coef,
+                  **{trl_name: getattr(ppo_args, name) for name, trl_name in GROUP_RELATIVE_FLAGS.items()})
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if ppo_args.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     try:
         config = config_class(**shared, **common)
@@ -567,6 +628,10 @@ def main(argv: list[str] | None = None):
     if training_args.deepspeed:
         raise UserError("the PPO stage runs its own loop with plain data parallelism; drop --deepspeed (use LoRA/QLoRA "
                         "for large models).")
+    if ppo_args.algorithm == "ppo":
+        check_loop_flags(training_args)
+    else:
+        check_group_relative_flags(ppo_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args)

@@ -22,6 +22,14 @@ def test_seed_flags_parse(tmp_path):
     assert PeftArguments().target_module_list == "all"
 
 
+def test_seed_length_flags_set_the_pair_budget():
+    from pipeline.args import PreferenceArguments
+    assert PreferenceArguments(max_source_length=256, max_target_length=256).model_max_length == 512
+    assert PreferenceArguments(model_max_length=300).model_max_length == 300
+    with pytest.raises(UserError, match="give both --max_source_length and --max_target_length"):
+        PreferenceArguments(max_source_length=256)
+
+
 def test_cpu_defaults_need_no_flags(tmp_path):
     *_, train = parse_args(TYPES, BASE + [str(tmp_path)])
     assert train.bf16 is False and train.use_cpu is True

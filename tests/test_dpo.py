@@ -60,7 +60,6 @@ def test_dpo_raises_the_margin_and_improves_greedy_answers(weak_sft_model, tmp_p
 
 @pytest.mark.parametrize("flags", [["--loss_type", "ipo"], ["--loss_type", "hinge"],
                                    ["--loss_type", "robust", "--label_smoothing", "0.1"],
-                                   ["--loss_type", "sigmoid", "--label_smoothing", "0.1"],
                                    ["--precompute_ref_log_probs", "True"], ["--loss_type", "kto"],
                                    ["--loss_type", "simpo", "--beta", "2.0"], ["--loss_type", "orpo"]])
 def test_loss_variants_train(sft_model, tmp_path, flags):
@@ -71,6 +70,12 @@ def test_loss_variants_train(sft_model, tmp_path, flags):
     assert trainer.state.global_step == 3 and losses and all(l == l for l in losses)  # trained, no NaN
     if "--precompute_ref_log_probs" in flags:
         assert trainer.ref_model is None
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "kto", "simpo"])
+def test_label_smoothing_only_where_the_loss_uses_it(loss):
+    with pytest.raises(UserError, match=f"--label_smoothing applies to --loss_type robust .*not {loss}"):
+        dpo.DPOArguments(loss_type=loss, label_smoothing=0.1)
 
 
 def test_lora_dpo_holds_one_copy_of_the_base_weights(sft_model, tmp_path):

@@ -93,7 +93,7 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
 
     assert AutoTokenizer.from_pretrained(out).chat_template
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
-    assert (out / "checkpoint-20" / "value_model").is_dir()
+    assert (out / "checkpoint-20" / "value_model").is_dir() and not list(out.glob("tmp-*"))  # saved whole, renamed
 
 
 def test_same_seed_same_losses_and_exact_resume_with_lora(weak_sft_model, reward_model, tmp_path):
@@ -109,6 +109,61 @@ def test_same_seed_same_losses_and_exact_resume_with_lora(weak_sft_model, reward
                               "--resume_from_checkpoint", "auto"))
     assert resumed.log_history[-1] == loop.log_history[-1]  # step 3 after resuming at 2 equals the uninterrupted run
     assert loop.log_history[-1]["step"] == 3 and loop.log_history[0]["loss"] != loop.log_history[-1]["loss"]
+
+
+def test_missing_eos_penalty_and_adaptive_kl_act_in_the_loop(weak_sft_model, reward_model, tmp_path):
+    short = ["--use_peft", "True", "--learning_rate", "1e-3", "--max_steps", "2", "--max_new_tokens", "2", "--save_strategy", "no"]
+    plain = ppo.main(common(weak_sft_model, reward_model, tmp_path / "a", *short))
+    tuned = ppo.main(common(weak_sft_model, reward_model, tmp_path / "b", *short, "--missing_eos_penalty", "3.0",
+                            "--target_kl", "0.01", "--kl_horizon", "100"))
+    first_plain, first, second = plain.log_history[0], tuned.log_history[0], tuned.log_history[1]
+    # same seed, same samples at step 1: the penalty lowers the mean score by 3 x the share cut off without a stop token
+    assert first["eos_fraction"] < 1
+    assert first["objective/scores"] == pytest.approx(first_plain["objective/scores"] - 3.0 * (1 - first["eos_fraction"]), abs=1e-4)
+    # the coefficient used at step 2 is the controller's update from step 1's KL (32 rollouts, horizon 100)
+    error = min(max(first["objective/kl"] / 0.01 - 1, -0.2), 0.2)
+    assert first["kl_coef"] == 0.05 and second["kl_coef"] == pytest.approx(0.05 * (1 + error * 32 / 100), abs=1e-5)
+    assert plain.log_history[1]["kl_coef"] == 0.05  # no target: fixed
+
+
+def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_losses(weak_sft_model, reward_model, tmp_path):
+    def one_step(out, *flags):
+        loop = ppo.main(common(weak_sft_model, reward_model, out, "--use_peft", "True", "--learning_rate", "1e-3",
+                               "--max_steps", "1", "--ppo_epochs", "1", "--save_strategy", "no", "--do_train", "False", *flags))
+        saved = []  # every tensor autograd keeps for the backward pass during the step
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loop.train(None)
+        return loop.log_history[0], sum(saved)
+
+    plain, plain_saved = one_step(tmp_path / "a")
+    checkpointed, checkpointed_saved = one_step(tmp_path / "b", "--gradient_checkpointing", "True")
+    assert checkpointed_saved < plain_saved / 2, (checkpointed_saved, plain_saved)  # layers keep only their inputs
+    assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+
+
+def test_resume_refuses_weights_of_another_model(weak_sft_model, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(weak_sft_model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / "whole").mkdir()
+    save_file(weights, str(tmp_path / "whole" / "model.safetensors"))
+    ppo.load_trainable(model, tmp_path / "whole")  # every weight back: fine
+    dropped = next(k for k in weights if "layers.0.mlp" in k)
+    (tmp_path / "partial").mkdir()
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(tmp_path / "partial" / "model.safetensors"))
+    with pytest.raises(UserError, match=f"lacks 1 weights of this model \\(e.g. {dropped}\\)"):
+        ppo.load_trainable(model, tmp_path / "partial")
+    (tmp_path / "extra").mkdir()
+    save_file({**weights, "score.weight": torch.zeros(1, 4)}, str(tmp_path / "extra" / "model.safetensors"))
+    with pytest.raises(UserError, match="holds 1 weights this model has not"):
+        ppo.load_trainable(model, tmp_path / "extra")
 
 
 def test_qlora_policy_trains_and_saves_an_adapter(weak_sft_model, reward_model, tmp_path):
@@ -131,7 +186,8 @@ def test_grpo_with_a_rule_reward_raises_heldout_accuracy(weak_sft_model, tmp_pat
 def test_rloo_trains_with_the_reward_model(weak_sft_model, reward_model, tmp_path):
     trainer = ppo.main(common(weak_sft_model, reward_model, tmp_path / "rloo", "--algorithm", "rloo", "--num_generations", "4",
                               "--per_device_train_batch_size", "8", "--learning_rate", "1e-4", "--max_steps", "2",
-                              "--save_strategy", "no"))
+                              "--save_strategy", "no", "--ppo_epochs", "2", "--cliprange", "0.1"))
+    assert trainer.args.num_iterations == 2 and trainer.args.epsilon == 0.1  # the PPO flags under trl's names
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert trainer.state.global_step == 2 and rewards and all(r == r for r in rewards)
 
@@ -161,5 +217,14 @@ def test_clear_errors(weak_sft_model, tmp_path):
         ppo.main(common(weak_sft_model, None, tmp_path / "x", "--max_steps", "1"))
     with pytest.raises(UserError, match="unknown"):
         ppo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "bleu"))
+    with pytest.raises(UserError, match="--whiten_rewards, --missing_eos_penalty belong to --algorithm ppo"):
+        ppo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "exact_match",
+                        "--whiten_rewards", "True", "--missing_eos_penalty", "1"))
+    with pytest.raises(UserError, match="--optim adafactor: the PPO loop trains with torch AdamW"):
+        ppo.main(common(weak_sft_model, tmp_path, tmp_path / "x", "--optim", "adafactor"))
+    from types import SimpleNamespace  # --fp16 itself needs a GPU; the loop's own check, on its own
+
+    with pytest.raises(UserError, match="--fp16 needs loss scaling"):
+        ppo.check_loop_flags(SimpleNamespace(optim="adamw_torch", fp16=True))
     with pytest.raises(UserError, match="P-Tuning|peft_type prefix_tuning is for SFT"):
         ppo.main(common(weak_sft_model, tmp_path, tmp_path / "x", "--peft_type", "prefix_tuning"))

@@ -2,6 +2,7 @@
 template), LoRA RM merges to a folder giving the same rewards, preference formats and their errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline.errors import UserError
 from pipeline.evaluate import pairwise_accuracy, rewards
 from pipeline.preferences import read_preferences
+from pipeline.reward import pairwise_loss
 from stages import rm
 from tests.conftest import DATA, REPO
 
@@ -75,6 +77,28 @@ def test_identical_pairs_are_reported_and_bad_records_named(tmp_path):
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n')
     with pytest.raises(UserError, match=r"pairs.jsonl:2: \"chosen\" must be a non-empty answer"):
         read_preferences(str(path.parent), "--train_file_dir")
+
+
+def test_a_bad_margin_is_named_with_file_and_line(tmp_path):
+    path = tmp_path / "d" / "pairs.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5}\n'
+                    '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": null}\n')
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: \"margin\" must be a finite number, got None"):
+        read_preferences(str(path.parent), "--train_file_dir")
+    pairs, report = read_preferences(str(path.parent), "--train_file_dir", skip_invalid=True)
+    assert [p["margin"] for p in pairs] == [1.5] and sum(report.dropped.values()) == 1
+
+
+def test_pairwise_loss_by_hand():
+    chosen, rejected = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5])
+    # plain: mean of -log sigmoid(1) and -log sigmoid(-1)
+    plain = (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2
+    assert pairwise_loss(chosen, rejected, torch.zeros(2), 0.0).item() == pytest.approx(plain, rel=1e-6)
+    # margins 0.5 and 1: -log sigmoid(0.5) and -log sigmoid(-2); centering 0.1 * mean((1)^2, (0)^2) = 0.05
+    with_margin = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(2)))) / 2
+    got = pairwise_loss(chosen, rejected, torch.tensor([0.5, 1.0]), 0.1).item()
+    assert got == pytest.approx(with_margin + 0.05, rel=1e-6)
 
 
 def test_qlora_rm_trains_and_saves_the_score_head(sft_model, tmp_path):
