@@ -2,6 +2,8 @@
 on held-out pairs and improves greedy answers; every loss variant trains; LoRA keeps one copy of the base."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from pipeline.preference_trainers import orpo_loss, simpo_loss
 from pipeline.preferences import read_preferences
 from pipeline.templates import get_template
 from stages import dpo
-from tests.conftest import DATA
+from tests.conftest import DATA, REPO
 
 COMMON = ["--template_name", "qwen", "--train_file_dir", str(DATA / "reward"), "--per_device_train_batch_size", "16",
           "--model_max_length", "128", "--report_to", "none", "--logging_steps", "5", "--save_strategy", "no", "--seed", "0"]
@@ -107,3 +109,17 @@ def test_reference_free_losses_by_hand():
     lo = lambda x: x - torch.log(1 - torch.exp(x))  # noqa: E731
     want = 0.5 - 0.1 * torch.log(torch.sigmoid(lo(c) - lo(r)))
     assert orpo_loss(c, r, beta=0.1).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("launcher", ["run_rm.sh", "run_dpo.sh"])
+def test_rm_and_dpo_train_under_torchrun_with_two_processes(sft_model, tmp_path, launcher):
+    out = tmp_path / launcher.removesuffix(".sh")
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", launcher, "--model_name_or_path", str(sft_model), "--output_dir", str(out), *COMMON,
+                           "--per_device_train_batch_size", "8", "--max_steps", "2", "--use_peft", "False",
+                           "--validation_split_percentage", "0", "--learning_rate", "1e-5"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    # 144 pairs, 2 processes x 8 pairs per step: 2 steps are 32/144 of an epoch (one process: half that)
+    assert state["global_step"] == 2 and state["log_history"][-1]["epoch"] == pytest.approx(32 / 144, rel=1e-3)

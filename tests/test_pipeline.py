@@ -29,8 +29,11 @@ def pipeline(output_root: Path, *args: str, **popen) -> subprocess.CompletedProc
 def demo(tmp_path_factory):
     """The README's main command on the embedded default, run once for the tests below."""
     root = tmp_path_factory.mktemp("pipeline") / "demo"
+    start = time.monotonic()
     proc = pipeline(root)
+    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < 480, f"the demo took {elapsed:.0f} s; it should take a few minutes (about 2 on 2 CPU cores)"
     return root, proc.stdout
 
 
