@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from pipeline.errors import UserError, run_cli
 from pipeline.templates import render
 
 
@@ -74,9 +75,9 @@ def main() -> None:
         print(f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an assistant answer "
               "and are not scored", file=sys.stderr)
     if not answered:
-        raise SystemExit(f"error: no chat in {data_dir} ends with an assistant answer to compare against.")
+        raise UserError(f"no chat in {data_dir} ends with an assistant answer to compare against.")
     print(exact_match(model_dir, answered, sys.argv[3] if len(sys.argv) > 3 else None))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

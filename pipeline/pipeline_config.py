@@ -58,8 +58,9 @@ def load(path: str) -> dict[str, Any]:
     if "ppo" in stages and "rm" not in stages:
         raise UserError(f"{path}: stage ppo scores its answers with the rm stage's model; add rm to stages.")
     config["data"] = _data_folders(config["data"], path)
-    config["stage_methods"] = _stage_methods(config["flags"], config["method"], path)
-    config["flags"] = _stage_flags(config["flags"], path)
+    flags = config["flags"]
+    config["flags"] = _stage_flags(flags, path)  # checks the shape of `flags` first
+    config["stage_methods"] = _stage_methods(flags, config["method"], path)
     return config
 
 
@@ -67,8 +68,7 @@ def _stage_methods(flags: Any, method: str, path: str) -> dict[str, str]:
     """Each stage's method: flags.<stage>.method where given (e.g. full PPO after a QLoRA SFT), else `method`."""
     methods = {}
     for stage in STAGES:
-        given = flags.get(stage) if isinstance(flags, dict) else None
-        own = given.get("method") if isinstance(given, dict) else None
+        own = (flags.get(stage) or {}).get("method")
         if own is not None and own not in METHODS:
             raise UserError(f"{path}: flags.{stage}.method must be one of {', '.join(METHODS)}, got {own!r}.")
         methods[stage] = own or method

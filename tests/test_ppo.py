@@ -80,13 +80,15 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
     out = tmp_path / "ppo"
     ppo.main(common(weak_sft_model, reward_model, out, "--validation_file_dir", str(DATA / "sft_eval"), "--use_peft", "False",
                     "--learning_rate", "1e-5", "--max_steps", "40", "--logging_steps", "5", "--save_steps", "20",
-                    "--report_to", "tensorboard"))
+                    "--eval_strategy", "steps", "--eval_steps", "20", "--report_to", "tensorboard"))
     results = json.loads((out / "eval_results.json").read_text())
     # measured: reward -1.05 -> 0.16, exact match 0.375 -> 0.50, KL to the reference ~0.05 nats per answer
     assert results["eval_score"] > results["eval_score_before"] + 0.5, results
     assert results["eval_exact_match"] > results["eval_exact_match_before"], results
     kls = [h["objective/kl"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "objective/kl" in h]
     assert kls and max(kls) < 1.0 and 0 <= results["eval_kl"] < 1.0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_score" in h] == [0, 20, 40]  # before, every --eval_steps, after
     assert read_scalars(out / "logs", "train/objective/scores") and read_scalars(out / "logs", "eval_score")
     # the saved policy carries the template and stops on its end-of-turn token, ready to be the next stage's input
     from transformers import AutoTokenizer, GenerationConfig
