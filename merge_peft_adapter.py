@@ -8,7 +8,7 @@ import argparse
 import logging
 
 from pipeline.errors import run_cli
-from pipeline.merge import merge_adapter
+from pipeline.model.merge import merge_adapter
 
 
 def main() -> None:

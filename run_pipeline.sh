@@ -15,7 +15,7 @@ cd "$here"
 # The config as shell variables: output_root base_model template exact_match_data stages, and per stage
 # <stage>_data (its data folders), <stage>_method (--use_peft/--qlora) and <stage>_flags (its extra flags,
 # which come last and win).
-settings="$(python -m pipeline.pipeline_config "$config")"
+settings="$(python -m pipeline.tools.pipeline_config "$config")"
 eval "$settings"
 OUTPUT_ROOT="${OUTPUT_ROOT:-$output_root}"
 DONE=pipeline_stage_done   # written into a stage's folder once its launcher (and merge) succeeded

@@ -8,7 +8,6 @@ flags on the command line override it. Unknown flags are an error.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
-_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
 
 @dataclass
@@ -172,17 +169,10 @@ class PipelineTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.fp16 and not torch.cuda.is_available():
             raise UserError("--fp16 needs a CUDA GPU; drop it on a CPU-only machine.")
-        # Tensorboard events go to output_dir/logs, the layout the seed README documents.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(self.output_dir) / "logs")
         try:
             super().__post_init__()
         except ValueError as e:
-            raise UserError(str(e).strip().splitlines()[0]) from None
-        if self.deepspeed and not torch.cuda.is_available():
-            # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one process.
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend="gloo")
+            raise UserError(first_line(e)) from e
 
 
 def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:
@@ -218,7 +208,7 @@ def _load_config(path: str) -> dict[str, Any]:
     try:
         config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {path} does not parse: {first_line(e)}") from e
     if not isinstance(config, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values.")
     return config
@@ -241,7 +231,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     try:
         return parser.parse_args_into_dataclasses(args=file_argv + argv, look_for_args_file=False)
     except ValueError as e:
-        raise UserError(f"{e}. Run with --help to list the flags.") from None
+        raise UserError(f"{e}. Run with --help to list the flags.") from e
 
 
 def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:

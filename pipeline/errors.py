@@ -1,23 +1,39 @@
-"""User-facing errors: one clear sentence, no traceback.
+"""User-facing errors: one clear sentence, no traceback (unless asked for).
 
-Stages raise `UserError` for anything a user can cause (bad data, bad flag, missing file) and wrap
-`main` with `run_cli`, which prints the sentence and exits with status 2.
+Stages raise `UserError` for anything a user can cause (bad data, bad flag, missing file), chained to
+the exception that revealed it (`raise UserError(...) from e`), and wrap `main` with `run_cli`, which
+prints the sentence and exits with status 2. With PIPELINE_DEBUG=1 it prints the full traceback,
+causes included, instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+import traceback
+from collections.abc import Callable
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message says where and how."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for quoting a library's error inside one sentence."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("PIPELINE_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
 def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
+        if debug_enabled():
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     _close_process_group()  # only after success: a failed rank exits at once, its peers may be mid-collective

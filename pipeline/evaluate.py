@@ -1,83 +1,8 @@
-"""Held-out evaluation shared by tests and reports: greedy answers through the saved chat template."""
+"""Command alias: `python -m pipeline.evaluate` runs pipeline.eval.generation (see that module for the flags)."""
 
-from __future__ import annotations
-
-import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-from pipeline.errors import UserError, run_cli
-from pipeline.templates import render
-
-
-def _device() -> str:
-    """The GPU when there is one: a CPU evaluation on a many-core GPU host is the slow part of a pipeline run."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@torch.no_grad()
-def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 16,
-                   template_name: str | None = None) -> list[str]:
-    """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop tokens
-    (or with `template_name`, for a model whose tokenizer has no chat template yet)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(_device()).eval()
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [render(template_name, p, add_generation_prompt=True) if template_name else
-                 tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
-
-
-def exact_match(model_dir: str, conversations: list[dict], template_name: str | None = None) -> float:
-    """Share of conversations whose last assistant answer the model reproduces exactly."""
-    prompts = [c["messages"][:-1] for c in conversations]
-    wanted = [c["messages"][-1]["content"].strip() for c in conversations]
-    got = greedy_answers(model_dir, prompts, template_name=template_name)
-    return sum(g == w for g, w in zip(got, wanted)) / len(wanted)
-
-
-@torch.no_grad()
-def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
-    """(n, 2) rewards of chosen and rejected, each scored on the chat template's rendering of the conversation."""
-    tokenizer.padding_side = "right"
-    out = []
-    for pair in pairs:
-        texts = [tokenizer.apply_chat_template(pair["prompt"] + [{"role": "assistant", "content": pair[k]}], tokenize=False)
-                 for k in ("chosen", "rejected")]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out.append(model(**batch).logits.squeeze(-1).float().cpu())
-    return torch.stack(out)
-
-
-def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
-    """Share of pairs a saved reward model (plain AutoModelForSequenceClassification) ranks correctly."""
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).to(_device()).eval()
-    scores = rewards(model, AutoTokenizer.from_pretrained(rm_dir), pairs)
-    return (scores[:, 0] > scores[:, 1]).float().mean().item()
-
-
-def main() -> None:
-    """python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]: held-out exact match of the last answer of
-    every chat (earlier turns are the prompt, as the PPO stage's evaluation reads them)."""
-    import sys
-
-    from pipeline.conversations import read_conversations
-
-    model_dir, data_dir = sys.argv[1], sys.argv[2]
-    convs, _ = read_conversations(data_dir, "DATA_DIR")
-    answered = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
-    if len(answered) < len(convs):  # said on stderr: stdout carries the figure alone
-        print(f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an assistant answer "
-              "and are not scored", file=sys.stderr)
-    if not answered:
-        raise UserError(f"no chat in {data_dir} ends with an assistant answer to compare against.")
-    print(exact_match(model_dir, answered, sys.argv[3] if len(sys.argv) > 3 else None))
-
+from pipeline.eval.generation import main
 
 if __name__ == "__main__":
+    from pipeline.errors import run_cli
+
     run_cli(main)

@@ -1,56 +1,8 @@
-"""Preview how a data file will be trained, without training: the rendered text and the token/label table.
+"""Command alias: `python -m pipeline.preview` runs pipeline.tools.preview (see that module for the flags)."""
 
-    python -m pipeline.preview --file data/sft/color_qa.jsonl --template_name qwen \
-        --tokenizer_name_or_path outputs/tiny-llama [--index 0] [--multi_turn_mode all|last|split]
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from transformers import AutoTokenizer
-
-from pipeline.chat_data import apply_template_to_tokenizer, resolve_template, sanity_table
-from pipeline.conversations import FORMATS, InvalidSample, normalize
-from pipeline.data import iter_json_records
-from pipeline.errors import UserError, run_cli
-from pipeline.masking import MULTI_TURN_MODES, encode_samples
-from pipeline.templates import render_segments
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Show the rendered text and token/label table of one record.")
-    parser.add_argument("--file", required=True)
-    parser.add_argument("--template_name", default="auto")
-    parser.add_argument("--tokenizer_name_or_path", required=True)
-    parser.add_argument("--index", type=int, default=0, help="which record (0-based)")
-    parser.add_argument("--data_format", default="auto", choices=FORMATS)
-    parser.add_argument("--multi_turn_mode", default="all", choices=MULTI_TURN_MODES)
-    parser.add_argument("--model_max_length", type=int, default=None)
-    parser.add_argument("--trust_remote_code", action="store_true")
-    args = parser.parse_args(argv)
-    path = Path(args.file)
-    if not path.is_file():
-        raise UserError(f"--file {args.file} does not exist.")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code)
-    template = resolve_template(args.template_name, tokenizer)
-    apply_template_to_tokenizer(tokenizer, template)
-    records = list(iter_json_records(path))
-    if not 0 <= args.index < len(records):
-        raise UserError(f"--index {args.index} is out of range: {path} has {len(records)} records.")
-    line, record = records[args.index]
-    try:
-        conv = normalize(record, args.data_format)
-    except InvalidSample as e:
-        raise UserError(f"{path}:{line}: {e}") from None
-    text = "".join(s.text for s in render_segments(template, conv["messages"], conv.get("tools")))
-    print(f"== {path}:{line} with template '{template.name}'\n{text}")
-    for k, sample in enumerate(encode_samples(template, tokenizer, conv, args.multi_turn_mode, False, args.model_max_length)):
-        print(f"\n== sample {k}: " + ("dropped (no supervised token)" if sample is None else f"{len(sample.input_ids)} tokens"))
-        if sample is not None:
-            print(sanity_table(tokenizer, sample.input_ids, sample.labels))
-
+from pipeline.tools.preview import main
 
 if __name__ == "__main__":
+    from pipeline.errors import run_cli
+
     run_cli(main)

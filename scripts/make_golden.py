@@ -13,10 +13,13 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.chat_data import apply_template_to_tokenizer  # noqa: E402
-from pipeline.masking import encode  # noqa: E402
-from pipeline.templates import get_template, template_names  # noqa: E402
-from pipeline.tiny_model import REPO_DATA, corpus, train_tokenizer  # noqa: E402
+from pipeline.data.masking import encode  # noqa: E402
+from pipeline.data.templates import (  # noqa: E402
+    apply_template_to_tokenizer,  # noqa: E402
+    get_template,
+    template_names,
+)
+from pipeline.model.tiny_model import REPO_DATA, corpus, train_tokenizer  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden"
 CONVERSATION = [

@@ -19,17 +19,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, fields
 
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments
 from trl import DPOConfig, KTOConfig
 
-from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments,
-                           PreferenceArguments, parse_args, trainable_dtype)
-from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
+from pipeline.args import (
+    DataArguments,
+    ModelArguments,
+    PeftArguments,
+    PipelineTrainingArguments,
+    PreferenceArguments,
+    parse_args,
+    trainable_dtype,
+)
+from pipeline.data.preference_dataset import preference_datasets
+from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
-from pipeline.models import load_model, load_tokenizer
-from pipeline.preference_data import preference_datasets
-from pipeline.preference_trainers import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
-from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
+from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
+from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
+from pipeline.validation import check_common
 
 logger = logging.getLogger("pipeline.dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -78,12 +86,18 @@ def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval
     return PretokenizedDPOTrainer(model=model, args=config, **data)
 
 
-def main(argv: list[str] | None = None):
+def parse(argv: list[str] | None = None):
+    """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments), argv
     )
-    setup_logging(training_args)
-    set_seed(training_args.seed)
+    check_common(model_args, peft_args, max_length=pref_args.model_max_length)
+    return model_args, data_args, peft_args, pref_args, dpo_args, training_args
+
+
+def main(argv: list[str] | None = None):
+    model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse(argv)
+    setup_run(training_args)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(pref_args.template_name, tokenizer)
     apply_template_to_tokenizer(tokenizer, template)

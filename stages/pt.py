@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from datasets import Dataset
-from transformers import Trainer, set_seed
+from transformers import Trainer
 
-from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args,
-                           trainable_dtype)
-from pipeline.collators import PackedBlockCollator, tokenize_and_pack
-from pipeline.data import cap, load_text_dataset, load_train_eval
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
+from pipeline.data.collators import PackedBlockCollator
+from pipeline.data.files import cap, load_text_dataset, load_train_eval
+from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError, run_cli
-from pipeline.models import load_model, load_tokenizer
-from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
+from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
+from pipeline.validation import check_common
 
 logger = logging.getLogger("pipeline.pt")
 
@@ -73,12 +74,18 @@ def build_datasets(data_args: DataArguments, block_size: int, tokenizer, trainin
     return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None):
+    """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, pt_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, PTArguments, PipelineTrainingArguments), argv
     )
-    setup_logging(training_args)
-    set_seed(training_args.seed)
+    check_common(model_args, peft_args, max_length=pt_args.block_size)
+    return model_args, data_args, peft_args, pt_args, training_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, peft_args, pt_args, training_args = parse(argv)
+    setup_run(training_args)
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size
     if 0 < tokenizer.model_max_length < block_size and not model_args.rope_scaling:

@@ -16,18 +16,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer, set_seed
+from transformers import Trainer
 
-from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args,
-                           trainable_dtype)
-from pipeline.chat_data import apply_template_to_tokenizer, build_chat_dataset, resolve_template, sanity_table
-from pipeline.collators import PaddingCollator
-from pipeline.conversations import FORMATS
-from pipeline.data import cap, load_train_eval
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
+from pipeline.data.chat_dataset import build_chat_dataset, sanity_table
+from pipeline.data.collators import PaddingCollator
+from pipeline.data.conversations import FORMATS
+from pipeline.data.files import cap, load_train_eval
+from pipeline.data.masking import MULTI_TURN_MODES
+from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
-from pipeline.masking import MULTI_TURN_MODES
-from pipeline.models import load_model, load_tokenizer
-from pipeline.runtime import evaluate_and_save, setup_logging, train_and_save
+from pipeline.model.adapters import unwrap
+from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
+from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
+from pipeline.validation import check_common
 
 logger = logging.getLogger("pipeline.sft")
 
@@ -61,13 +63,19 @@ def build_datasets(data_args, sft_args, template, tokenizer, training_args):
     return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None):
+    """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, sft_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, SFTArguments, PipelineTrainingArguments), argv
     )
-    training_args.neftune_noise_alpha = sft_args.neft_alpha or None
-    setup_logging(training_args)
-    set_seed(training_args.seed)
+    check_common(model_args, peft_args, max_length=sft_args.model_max_length)
+    training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
+    return model_args, data_args, peft_args, sft_args, training_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, peft_args, sft_args, training_args = parse(argv)
+    setup_run(training_args)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(sft_args.template_name, tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
@@ -79,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
                        max_length=sft_args.model_max_length,
                        trainable_dtype=trainable_dtype(training_args))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.generation_config.eos_token_id = stop_ids
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_generation_stops(model, stop_ids, tokenizer.pad_token_id)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.do_train:
         train_and_save(trainer, training_args)
         if training_args.should_save:  # adapters are saved without it; inference needs the stop tokens
-            base.generation_config.save_pretrained(Path(training_args.output_dir))
+            unwrap(model).generation_config.save_pretrained(Path(training_args.output_dir))
     if training_args.do_eval and eval_dataset is not None:
         evaluate_and_save(trainer)
 

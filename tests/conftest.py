@@ -1,13 +1,12 @@
-"""Shared fixtures: the tiny model is built once per test session, in a temporary folder."""
+"""Shared fixtures: the tiny model is built once per test session, in a temporary folder, and the SFT
+and reward models the later stages start from are trained once from it."""
 
 from pathlib import Path
 
 import pytest
 
-from pipeline.tiny_model import build
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
+from pipeline.model.tiny_model import build
+from tests.helpers import DATA, train_sft
 
 
 @pytest.fixture(scope="session")
@@ -15,40 +14,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
-def read_scalars(logdir: Path, tag: str) -> list[float]:
-    """Values of one scalar tag from the tensorboard event files under logdir."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for events in sorted(logdir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values += [e.value for e in acc.Scalars(tag)]
-    return values
-
-
 @pytest.fixture(scope="session")
 def sft_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny model after full SFT on the learnable task (qwen template): the start point of RM and DPO."""
-    return _sft(tiny_model, tmp_path_factory.mktemp("sft") / "sft", 150)
-
-
-def _sft(tiny_model: Path, out: Path, steps: int) -> Path:
-    from stages import sft
-
-    sft.main(["--model_name_or_path", str(tiny_model), "--template_name", "qwen", "--train_file_dir", str(DATA / "sft"),
-              "--validation_split_percentage", "0", "--output_dir", str(out), "--use_peft", "False",
-              "--learning_rate", "3e-3", "--max_steps", str(steps), "--per_device_train_batch_size", "16",
-              "--model_max_length", "128", "--report_to", "none", "--save_strategy", "no", "--seed", "0"])
-    return out
+    return train_sft(tiny_model, tmp_path_factory.mktemp("sft") / "sft", 150)
 
 
 @pytest.fixture(scope="session")
 def weak_sft_model(tiny_model, tmp_path_factory) -> Path:
     """A partly trained SFT policy (80 steps: right format, about a third of the held-out colours right),
     the start point where DPO and the RL stages have room to improve greedy answers."""
-    return _sft(tiny_model, tmp_path_factory.mktemp("weak-sft") / "sft", 80)
+    return train_sft(tiny_model, tmp_path_factory.mktemp("weak-sft") / "sft", 80)
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +39,15 @@ def reward_model(sft_model, tmp_path_factory) -> Path:
              "--model_max_length", "128", "--report_to", "none", "--logging_steps", "50", "--save_strategy", "no",
              "--seed", "0"])
     return out
+
+
+# Fixtures that train a model first: a test that uses one (directly or through another fixture) is slow.
+TRAINED_FIXTURES = {"sft_model", "weak_sft_model", "reward_model", "demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that needs a trained model, besides those marked by hand, so that
+    `python -m pytest -m "not slow"` is the fast inner loop."""
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -1,10 +1,22 @@
 """Argument parsing: seed flag names, config file + CLI overrides, unknown flags, CPU defaults, resume."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from pipeline.args import (DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args,
-                           resolve_resume_checkpoint)
+from pipeline.args import (
+    DataArguments,
+    ModelArguments,
+    PeftArguments,
+    PipelineTrainingArguments,
+    parse_args,
+    resolve_resume_checkpoint,
+)
 from pipeline.errors import UserError
+from pipeline.train.run import setup_run
+from tests.helpers import REPO
 
 TYPES = (ModelArguments, DataArguments, PeftArguments, PipelineTrainingArguments)
 BASE = ["--model_name_or_path", "m", "--train_file_dir", "d", "--output_dir"]
@@ -73,3 +85,41 @@ def test_resume_values(tmp_path):
     assert resolve("5").endswith("checkpoint-5")
     with pytest.raises(UserError, match="does not exist"):
         resolve("7")
+
+
+def test_parsing_has_no_side_effects(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    *_, train = parse_args(TYPES, BASE + [str(tmp_path / "out")])
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # parsing sets nothing; setup_run does, once
+    setup_run(train)
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "out" / "logs")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load_in_4bit", "True", "--use_peft", "False"], "cannot be trained in full"),
+    (["--rope_scaling", "linear", "--model_max_length", "512"], "set --model_max_length above"),
+    (["--model_type", "qwen2"], "is a 'llama' model"),
+])
+def test_cross_flag_checks_run_at_parse_time(tiny_model, tmp_path, flags, message):
+    """The validation pass stops a wrong combination before any tokenizer, data or weights are loaded."""
+    from stages import sft
+
+    argv = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(tmp_path / "no-data-needed"),
+            "--output_dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(UserError, match=message):
+        sft.parse(argv)
+
+
+def test_a_user_error_keeps_its_cause(tmp_path):
+    script = ("from pipeline.errors import run_cli\nfrom pipeline.data.files import iter_json_records\n"
+              "from pathlib import Path\nrun_cli(lambda: list(iter_json_records(Path(r'%s'))))\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    (tmp_path / "run.py").write_text(script % bad)
+    plain = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, cwd=REPO)
+    assert plain.returncode == 2 and plain.stderr.strip().startswith(f"error: {bad}:2: not a valid JSON line")
+    assert "Traceback" not in plain.stderr  # one sentence by default
+    debug = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "PIPELINE_DEBUG": "1"})
+    assert debug.returncode == 2 and "JSONDecodeError" in debug.stderr  # the cause, chained
+    assert "The above exception was the direct cause" in debug.stderr and f"error: {bad}:2" in debug.stderr

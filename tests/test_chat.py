@@ -11,12 +11,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from pipeline import chat, synthetic
+from pipeline.data.templates import render
 from pipeline.errors import UserError, run_cli
-from pipeline.evaluate import greedy_answers
-from pipeline.templates import render
+from pipeline.eval.generation import greedy_answers
+from pipeline.infer import chat_model as chat
+from pipeline.infer import cli
+from pipeline.tools import synthetic
 from stages import sft
-from tests.conftest import DATA, REPO
+from tests.helpers import DATA, REPO
 
 HELDOUT = synthetic.split_items()[1]  # item names training never saw
 
@@ -49,13 +51,13 @@ def test_batch_file_in_and_out(sft_model, tmp_path):
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     (tmp_path / "in.jsonl").write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n", encoding="utf-8")
     out = tmp_path / "out" / "answers.jsonl"
-    chat.main(["--model", str(sft_model), "--input_file", str(tmp_path / "in.jsonl"), "--output_file", str(out),
+    cli.main(["--model", str(sft_model), "--input_file", str(tmp_path / "in.jsonl"), "--output_file", str(out),
                "--batch_size", "4", "--max_new_tokens", "16"])
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [{k: v for k, v in g.items() if k != "answer"} for g in got] == records
     answers = [g["answer"] for g in got]
     assert answers == [synthetic.answer(i) for i in items[:4]] + [synthetic.answer(items[4], "zh"), synthetic.answer(items[5])]
-    prompts = [chat.record_messages(r, None) for r in records]
+    prompts = [cli.record_messages(r, None) for r in records]
     assert prompts[4][0] == {"role": "system", "content": "Answer with one word."}
     assert answers == greedy_answers(str(sft_model), prompts)
 
@@ -66,7 +68,8 @@ def test_batch_file_in_and_out(sft_model, tmp_path):
     ('{"prompt": "a", "messages": []}', 'exactly one of "prompt"'),
     ('{"prompt": ["a"]}', "must be strings"),
     ('{"messages": [{"role": "bot", "content": "a"}]}', "needs a role"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "last message must be from the user"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+     "last message must be from the user"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]}',
      "only the first message"),
 ])
@@ -75,7 +78,7 @@ def test_a_broken_input_line_names_file_and_line(sft_model, tmp_path, capsys, ba
     path.write_text('{"prompt": "What color is ka-bo?"}\n\n' + bad + "\n", encoding="utf-8")
     argv = ["--model", str(sft_model), "--input_file", str(path), "--output_file", str(tmp_path / "out.jsonl")]
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: chat.main(argv))
+        run_cli(lambda: cli.main(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}:3: ") and reason in err and err.count("\n") == 1, err
@@ -90,7 +93,14 @@ def test_base_model_with_template_name(tiny_model):
     assert model.render(messages) == render("qwen", messages, add_generation_prompt=True)
     assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
     completion = model.generate([messages], chat.Sampling(max_new_tokens=3))[0]
-    assert completion.completion_tokens <= 3 and completion.finish_reason in ("stop", "length")
+    stops = model.generation_config.eos_token_id
+    batch = model.tokenizer([model.render(messages)], return_tensors="pt", add_special_tokens=False)
+    plain = model.model.generate(**batch, max_new_tokens=3, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=model.tokenizer.pad_token_id)[0, batch["input_ids"].shape[1]:].tolist()
+    end = next((i for i, t in enumerate(plain) if t in stops), None)  # the random model: whatever greedy gives
+    assert completion.finish_reason == ("length" if end is None else "stop")
+    assert completion.completion_tokens == (3 if end is None else end + 1)
+    assert completion.text == model.tokenizer.decode(plain[:end], skip_special_tokens=True)
 
 
 def plain_peft_answers(base_dir, adapter_dir, prompts: list[list[dict]]) -> list[str]:

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pipeline.conversations import normalize, read_conversations
+from pipeline.data.conversations import normalize, read_conversations
 from pipeline.errors import UserError
-from tests.conftest import DATA
+from tests.helpers import DATA
 
 
 def by_first_user(convs):
@@ -59,17 +59,21 @@ def test_alpaca_with_history_and_per_message_loss(examples):
 
 
 BAD = {
-    "unknown role": ({"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}, "unknown role 'narrator'"),
+    "unknown role": ({"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]},
+                     "unknown role 'narrator'"),
     "system not first": ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                                        {"role": "assistant", "content": "a"}]}, "system message must come first"),
     "two systems": ({"messages": [{"role": "system", "content": "s"}, {"role": "system", "content": "t"},
-                                  {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "more than one system"),
-    "empty assistant": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]}, "assistant message is empty"),
+                                  {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                    "more than one system"),
+    "empty assistant": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+                        "assistant message is empty"),
     "two users": ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"},
                                 {"role": "assistant", "content": "a"}]}, "a user message cannot follow a user message"),
     "starts with assistant": ({"messages": [{"role": "assistant", "content": "a"}]}, "cannot follow a system"),
     "observation without call": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                                               {"role": "tool", "content": "r"}, {"role": "assistant", "content": "b"}]}, "tool message cannot follow"),
+                                               {"role": "tool", "content": "r"}, {"role": "assistant", "content": "b"}]},
+                                 "tool message cannot follow"),
 }
 
 
@@ -105,7 +109,7 @@ def test_forced_format_and_unknown_shape():
 
 
 def test_converter_alpaca_qa_csv_to_sharegpt(tmp_path):
-    from pipeline.convert import convert
+    from pipeline.tools.convert import convert
 
     out = tmp_path / "alpaca.jsonl"
     assert convert(str(DATA / "examples" / "sft" / "alpaca_instructions.json"), str(out), "alpaca") == 3
@@ -128,7 +132,7 @@ def test_converter_alpaca_qa_csv_to_sharegpt(tmp_path):
 
 
 def test_preview_prints_the_table(tiny_model, capsys):
-    from pipeline.preview import main
+    from pipeline.tools.preview import main
 
     main(["--file", str(DATA / "examples" / "sft" / "messages_tools.jsonl"), "--template_name", "glm4",
           "--tokenizer_name_or_path", str(tiny_model), "--index", "1"])

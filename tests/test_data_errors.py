@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import load_text_dataset
+from pipeline.data.files import load_text_dataset
 from pipeline.errors import UserError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -42,7 +42,7 @@ def test_wrong_extension(tmp_path):
 
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
-    bad = write(tmp_path / "d" / "gbk.txt", "first line\n第二行\n".encode("utf-8") + "第三行\n".encode("gbk"))
+    bad = write(tmp_path / "d" / "gbk.txt", "first line\n第二行\n".encode() + "第三行\n".encode("gbk"))
     msg = error_for(tmp_path / "d")
     assert f"{bad}:3:" in msg and "UTF-8" in msg and "iconv" in msg
 
@@ -65,6 +65,7 @@ def test_json_array_file_is_read(tmp_path):
     assert dataset["text"] == ["甲", "b"] and report.read == 2
 
 
+@pytest.mark.slow
 def test_stage_prints_one_sentence_and_exits_2(tiny_model, tmp_path):
     write(tmp_path / "d" / "docs.jsonl", b'{"text": "ok"}\nnot json\n')
     proc = subprocess.run(

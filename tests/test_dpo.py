@@ -2,6 +2,7 @@
 on held-out pairs and improves greedy answers; every loss variant trains; LoRA keeps one copy of the base."""
 
 import json
+import math
 import os
 import subprocess
 
@@ -9,16 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.chat_data import apply_template_to_tokenizer
-from pipeline.conversations import read_conversations
+from pipeline.data.conversations import read_conversations
+from pipeline.data.preference_dataset import split_texts, tokenize_answer
+from pipeline.data.preferences import read_preferences
+from pipeline.data.templates import apply_template_to_tokenizer, get_template
 from pipeline.errors import UserError
-from pipeline.evaluate import exact_match
-from pipeline.preference_data import split_texts, tokenize_answer
-from pipeline.preference_trainers import orpo_loss, simpo_loss
-from pipeline.preferences import read_preferences
-from pipeline.templates import get_template
+from pipeline.eval.generation import exact_match
+from pipeline.train.losses import orpo_loss, simpo_loss
 from stages import dpo
-from tests.conftest import DATA, REPO
+from tests.helpers import DATA, REPO, changed_parameters
 
 COMMON = ["--template_name", "qwen", "--train_file_dir", str(DATA / "reward"), "--per_device_train_batch_size", "16",
           "--model_max_length", "128", "--report_to", "none", "--logging_steps", "5", "--save_strategy", "no", "--seed", "0"]
@@ -69,7 +69,9 @@ def test_loss_variants_train(sft_model, tmp_path, flags):
                         "--validation_split_percentage", "0", "--learning_rate", "1e-4", "--max_steps", "3", *COMMON, *flags,
                         "--logging_steps", "1"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert trainer.state.global_step == 3 and losses and all(l == l for l in losses)  # trained, no NaN
+    assert trainer.state.global_step == 3 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    start = AutoModelForCausalLM.from_pretrained(sft_model).state_dict()
+    assert len(changed_parameters(trainer.model, start)) > len(start) // 2  # the update reached most weights
     if "--precompute_ref_log_probs" in flags:
         assert trainer.ref_model is None
 
@@ -92,7 +94,8 @@ def test_lora_dpo_holds_one_copy_of_the_base_weights(sft_model, tmp_path):
 def test_kto_reads_unpaired_feedback(sft_model, tmp_path):
     trainer = dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path / "kto"), *COMMON,
                         "--train_file_dir", str(DATA / "examples" / "kto"), "--validation_split_percentage", "0",
-                        "--loss_type", "kto", "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-4"])
+                        "--loss_type", "kto", "--per_device_train_batch_size", "2", "--max_steps", "2",
+                        "--learning_rate", "1e-4"])
     assert sorted(trainer.train_dataset["label"]) == [False, False, True, True]
     with pytest.raises(UserError, match="use it with --loss_type kto"):
         dpo.main(["--model_name_or_path", str(sft_model), "--output_dir", str(tmp_path / "x"), *COMMON,

@@ -3,10 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.chat_data import apply_template_to_tokenizer
-from pipeline.collators import IGNORE_INDEX
-from pipeline.masking import encode, encode_samples
-from pipeline.templates import get_template, template_names
+from pipeline.data.masking import IGNORE_INDEX, encode, encode_samples
+from pipeline.data.templates import apply_template_to_tokenizer, get_template, template_names
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is ka-bo?"},
         {"role": "assistant", "content": "red"}, {"role": "user", "content": "lo-ri 是什么颜色?"},
@@ -24,7 +22,7 @@ def tokenizers(tiny_model):
 
 
 def trained_text(tok, enc) -> str:
-    return tok.decode([i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+    return tok.decode([i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX])
 
 
 def expected_trained(template, answers) -> str:
@@ -81,7 +79,7 @@ def test_per_message_loss_and_train_on_inputs(tokenizers):
     text = trained_text(tok, encode(template, tok, conv))
     assert "red" not in text and "What color is ka-bo?" in text and text.endswith("蓝色<|im_end|>")
     all_enc = encode(template, tok, CONV, train_on_inputs=True)
-    assert all(l != IGNORE_INDEX for l in all_enc.labels)
+    assert all(label != IGNORE_INDEX for label in all_enc.labels)
 
 
 def test_truncation_keeps_whole_turns_and_drops_unsupervised(tokenizers):
@@ -92,5 +90,6 @@ def test_truncation_keeps_whole_turns_and_drops_unsupervised(tokenizers):
     assert cut.input_ids == first_turn.input_ids[: len(cut.input_ids)]
     assert trained_text(tok, cut) == "red<|im_end|>"
     prompt_len = encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels.index(
-        next(l for l in encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels if l != IGNORE_INDEX))
+        next(label for label in encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels
+             if label != IGNORE_INDEX))
     assert encode(template, tok, CONV, max_length=prompt_len) is None

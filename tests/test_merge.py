@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline.merge import merge_adapter
+from pipeline.model.merge import merge_adapter
 
 
 def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
@@ -13,7 +13,7 @@ def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
     peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(1)
     with torch.no_grad():  # stand-in for training: move LoRA B and the score head away from their init
-        for name, p in peft_model.named_parameters():
+        for _name, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
     adapter_dir = tmp_path / "rm-adapter"
@@ -25,7 +25,8 @@ def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
     reload = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     adapter = PeftModel.from_pretrained(reload, adapter_dir).eval()
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
-    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id).eval()
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1,
+                                                               pad_token_id=tokenizer.pad_token_id).eval()
     with torch.no_grad():
         want, got = adapter(**batch).logits, merged(**batch).logits
         assert torch.allclose(got, want, atol=1e-4)

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.args import ModelArguments, PeftArguments
 from pipeline.errors import UserError
-from pipeline.models import linear_module_names, load_model, load_tokenizer, resolve_dtype
+from pipeline.model.adapters import linear_module_names
+from pipeline.model.loading import load_model, load_tokenizer, resolve_dtype
 
 
 def test_all_means_every_linear_but_the_head(tiny_model):

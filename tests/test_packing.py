@@ -3,9 +3,11 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.collators import IGNORE_INDEX, PackedBlockCollator, pack_documents, tokenize_and_pack
-from pipeline.data import load_text_dataset
-from tests.conftest import DATA
+from pipeline.data.collators import PackedBlockCollator
+from pipeline.data.files import load_text_dataset
+from pipeline.data.masking import IGNORE_INDEX
+from pipeline.data.packing import pack_documents, tokenize_and_pack
+from tests.helpers import DATA
 
 EOS = 99
 

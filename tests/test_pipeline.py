@@ -12,10 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import pipeline_config
 from pipeline.errors import UserError
-from pipeline.report import write_report
-from tests.conftest import REPO
+from pipeline.eval.report import write_report
+from pipeline.tools import pipeline_config
+from tests.helpers import REPO
 
 STAGES = ("pt", "sft", "rm", "ppo", "dpo")
 
@@ -91,6 +91,7 @@ def kill_everything(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes_from_its_checkpoint(tiny_model, tmp_path):
     config = tmp_path / "short.yaml"
     config.write_text(f"""

@@ -9,11 +9,13 @@ import subprocess
 import pytest
 import torch
 
-from pipeline import rl
 from pipeline.errors import UserError
-from stages import ppo
-from stages.ppo import response_mask
-from tests.conftest import DATA, REPO, read_scalars
+from pipeline.infer.generation import response_mask
+from pipeline.rl import ppo_math as rl
+from pipeline.rl.checkpoint import load_trainable
+from pipeline.rl.config import check_loop_flags
+from stages import grpo, ppo
+from tests.helpers import DATA, REPO, lora_b_norms, read_scalars
 
 
 def common(policy, reward, out, *extra):
@@ -94,7 +96,8 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
     from transformers import AutoTokenizer, GenerationConfig
 
     assert AutoTokenizer.from_pretrained(out).chat_template
-    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+    end_of_turn = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in GenerationConfig.from_pretrained(out).eos_token_id
     assert (out / "checkpoint-20" / "value_model").is_dir() and not list(out.glob("tmp-*"))  # saved whole, renamed
 
 
@@ -114,14 +117,16 @@ def test_same_seed_same_losses_and_exact_resume_with_lora(weak_sft_model, reward
 
 
 def test_missing_eos_penalty_and_adaptive_kl_act_in_the_loop(weak_sft_model, reward_model, tmp_path):
-    short = ["--use_peft", "True", "--learning_rate", "1e-3", "--max_steps", "2", "--max_new_tokens", "2", "--save_strategy", "no"]
+    short = ["--use_peft", "True", "--learning_rate", "1e-3", "--max_steps", "2", "--max_new_tokens", "2",
+             "--save_strategy", "no"]
     plain = ppo.main(common(weak_sft_model, reward_model, tmp_path / "a", *short))
     tuned = ppo.main(common(weak_sft_model, reward_model, tmp_path / "b", *short, "--missing_eos_penalty", "3.0",
                             "--target_kl", "0.01", "--kl_horizon", "100"))
     first_plain, first, second = plain.log_history[0], tuned.log_history[0], tuned.log_history[1]
     # same seed, same samples at step 1: the penalty lowers the mean score by 3 x the share cut off without a stop token
     assert first["eos_fraction"] < 1
-    assert first["objective/scores"] == pytest.approx(first_plain["objective/scores"] - 3.0 * (1 - first["eos_fraction"]), abs=1e-4)
+    penalized = first_plain["objective/scores"] - 3.0 * (1 - first["eos_fraction"])
+    assert first["objective/scores"] == pytest.approx(penalized, abs=1e-4)
     # the coefficient used at step 2 is the controller's update from step 1's KL (32 rollouts, horizon 100)
     error = min(max(first["objective/kl"] / 0.01 - 1, -0.2), 0.2)
     assert first["kl_coef"] == 0.05 and second["kl_coef"] == pytest.approx(0.05 * (1 + error * 32 / 100), abs=1e-5)
@@ -156,28 +161,29 @@ def test_resume_refuses_weights_of_another_model(weak_sft_model, tmp_path):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     (tmp_path / "whole").mkdir()
     save_file(weights, str(tmp_path / "whole" / "model.safetensors"))
-    ppo.load_trainable(model, tmp_path / "whole")  # every weight back: fine
+    load_trainable(model, tmp_path / "whole")  # every weight back: fine
     dropped = next(k for k in weights if "layers.0.mlp" in k)
     (tmp_path / "partial").mkdir()
     save_file({k: v for k, v in weights.items() if k != dropped}, str(tmp_path / "partial" / "model.safetensors"))
     with pytest.raises(UserError, match=f"lacks 1 weights of this model \\(e.g. {dropped}\\)"):
-        ppo.load_trainable(model, tmp_path / "partial")
+        load_trainable(model, tmp_path / "partial")
     (tmp_path / "extra").mkdir()
     save_file({**weights, "score.weight": torch.zeros(1, 4)}, str(tmp_path / "extra" / "model.safetensors"))
     with pytest.raises(UserError, match="holds 1 weights this model has not"):
-        ppo.load_trainable(model, tmp_path / "extra")
+        load_trainable(model, tmp_path / "extra")
 
 
 def test_qlora_policy_trains_and_saves_an_adapter(weak_sft_model, reward_model, tmp_path):
     loop = ppo.main(common(weak_sft_model, reward_model, tmp_path / "q", "--qlora", "True", "--load_in_4bit", "True",
                            "--learning_rate", "1e-3", "--max_steps", "1", "--per_device_train_batch_size", "8"))
-    assert loop.policy.is_loaded_in_4bit and loop.reference is None and loop.log_history[0]["loss"] == loop.log_history[0]["loss"]
-    assert (tmp_path / "q" / "adapter_model.safetensors").is_file()
+    assert loop.policy.is_loaded_in_4bit and loop.reference is None and math.isfinite(loop.log_history[0]["loss"])
+    norms = lora_b_norms(tmp_path / "q" / "adapter_model.safetensors")
+    assert norms and min(norms) > 0  # the PPO update trained the adapter on the 4-bit base
 
 
 def test_grpo_with_a_rule_reward_raises_heldout_accuracy(weak_sft_model, tmp_path):
     out = tmp_path / "grpo"
-    ppo.main(common(weak_sft_model, None, out, "--algorithm", "grpo", "--reward_funcs", "exact_match",
+    grpo.main(common(weak_sft_model, None, out, "--algorithm", "grpo", "--reward_funcs", "exact_match",
                     "--validation_file_dir", str(DATA / "sft_eval"), "--use_peft", "False", "--num_generations", "16",
                     "--per_device_train_batch_size", "64", "--temperature", "0.5", "--learning_rate", "3e-5",
                     "--max_steps", "30", "--logging_steps", "5", "--save_strategy", "no"))
@@ -186,14 +192,17 @@ def test_grpo_with_a_rule_reward_raises_heldout_accuracy(weak_sft_model, tmp_pat
 
 
 def test_rloo_trains_with_the_reward_model(weak_sft_model, reward_model, tmp_path):
-    trainer = ppo.main(common(weak_sft_model, reward_model, tmp_path / "rloo", "--algorithm", "rloo", "--num_generations", "4",
+    trainer = grpo.main(common(weak_sft_model, reward_model, tmp_path / "rloo", "--algorithm", "rloo", "--num_generations", "4",
                               "--per_device_train_batch_size", "8", "--learning_rate", "1e-4", "--max_steps", "2",
                               "--save_strategy", "no", "--ppo_epochs", "2", "--cliprange", "0.1"))
     assert trainer.args.num_iterations == 2 and trainer.args.epsilon == 0.1  # the PPO flags under trl's names
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    assert trainer.state.global_step == 2 and rewards and all(r == r for r in rewards)
+    assert trainer.state.global_step == 2 and rewards and all(math.isfinite(r) for r in rewards)
+    norms = [p.norm().item() for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert norms and max(norms) > 0  # the RLOO update moved the adapter off its zero init
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_stay_in_sync_with_an_rm_adapter(sft_model, weak_sft_model, tmp_path):
     from stages import rm
 
@@ -218,15 +227,15 @@ def test_clear_errors(weak_sft_model, tmp_path):
     with pytest.raises(UserError, match="needs --reward_model_name_or_path"):
         ppo.main(common(weak_sft_model, None, tmp_path / "x", "--max_steps", "1"))
     with pytest.raises(UserError, match="unknown"):
-        ppo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "bleu"))
+        grpo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "bleu"))
     with pytest.raises(UserError, match="--whiten_rewards, --missing_eos_penalty belong to --algorithm ppo"):
-        ppo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "exact_match",
-                        "--whiten_rewards", "True", "--missing_eos_penalty", "1"))
+        grpo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "exact_match",
+                         "--whiten_rewards", "True", "--missing_eos_penalty", "1"))
     with pytest.raises(UserError, match="--optim adafactor: the PPO loop trains with torch AdamW"):
         ppo.main(common(weak_sft_model, tmp_path, tmp_path / "x", "--optim", "adafactor"))
     from types import SimpleNamespace  # --fp16 itself needs a GPU; the loop's own check, on its own
 
     with pytest.raises(UserError, match="--fp16 needs loss scaling"):
-        ppo.check_loop_flags(SimpleNamespace(optim="adamw_torch", fp16=True))
+        check_loop_flags(SimpleNamespace(optim="adamw_torch", fp16=True))
     with pytest.raises(UserError, match="P-Tuning|peft_type prefix_tuning is for SFT"):
         ppo.main(common(weak_sft_model, tmp_path, tmp_path / "x", "--peft_type", "prefix_tuning"))

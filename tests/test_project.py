@@ -11,9 +11,9 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import synthetic
-from pipeline.tiny_model import CHAT_SPECIAL_TOKENS, build
-from tests.conftest import DATA, REPO
+from pipeline.model.tiny_model import CHAT_SPECIAL_TOKENS, build
+from pipeline.tools import synthetic
+from tests.helpers import DATA, REPO
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in REPO.glob("*.sh")) + ["scripts/torchrun.sh"])
@@ -56,6 +56,7 @@ def test_tiny_model_is_deterministic_and_loads(tiny_model, tmp_path):
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_in_sync(tiny_model, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, NPROC_PER_NODE="2")
@@ -92,6 +93,7 @@ def padded_vocab_model(tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, method", [("zero2.json", "full"), ("zero3.json", "full"), ("zero3.json", "lora-bf16")])
 def test_deepspeed_zero_trains_under_torchrun(padded_vocab_model, tmp_path, config, method):
     """Real DeepSpeed on CPU (gloo), two processes; the first run compiles its comm op (~40 s).
@@ -116,3 +118,32 @@ def test_deepspeed_zero_trains_under_torchrun(padded_vocab_model, tmp_path, conf
     if method == "full":  # ZeRO-3 gathers the full weights on save
         model = AutoModelForCausalLM.from_pretrained(out)
         assert model.get_input_embeddings().weight.shape[0] == len(AutoTokenizer.from_pretrained(out)) + 64
+
+
+def _python_files(*folders: str) -> list:
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def test_layout_limits_and_package_docstrings():
+    """The architecture rules newcomers rely on: modules <= 400 lines, stage scripts <= 300, functions <= 60,
+    every sub-package says in its __init__ what lives there."""
+    import ast
+
+    too_long = [f"{p.relative_to(REPO)}: {n} lines" for p in _python_files("pipeline")
+                if (n := len(p.read_text().splitlines())) > 400]
+    too_long += [f"{p.relative_to(REPO)}: {n} lines" for p in _python_files("stages")
+                 if (n := len(p.read_text().splitlines())) > 300]
+    long_functions = [f"{p.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+                      for p in _python_files("pipeline", "stages", "scripts") for node in ast.walk(ast.parse(p.read_text()))
+                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60]
+    assert not too_long and not long_functions, too_long + long_functions
+    packages = [p for p in (REPO / "pipeline").iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    assert {p.name for p in packages} >= {"data", "model", "train", "rl", "infer", "eval", "tools"}
+    for package in packages:
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
+        assert doc and len(doc.split()) > 25, f"{package.name}/__init__.py needs a paragraph on what lives there"
+
+
+def test_ruff_is_clean():
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert ruff.returncode == 0, ruff.stdout[-3000:]

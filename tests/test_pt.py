@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import pt
-from tests.conftest import DATA, REPO, read_scalars
+from tests.helpers import DATA, REPO, read_scalars
 
 COMMON = ["--block_size", "64", "--per_device_train_batch_size", "8", "--logging_steps", "5",
           "--save_steps", "1000", "--report_to", "tensorboard", "--seed", "0"]
@@ -32,6 +32,7 @@ def sample_ids(tokenizer) -> torch.Tensor:
     return tokenizer("The color of ka-bo is red. 蜜蜂通过跳舞来告诉同伴", return_tensors="pt").input_ids
 
 
+@pytest.mark.slow
 def test_full_pt_halves_loss_and_logs_tensorboard(tiny_model, tmp_path):
     out = run_pt(tiny_model, tmp_path / "pt", "--use_peft", "False", "--max_steps", "60", "--learning_rate", "3e-3",
                  "--eval_strategy", "steps", "--eval_steps", "60")
@@ -48,6 +49,7 @@ def test_full_pt_halves_loss_and_logs_tensorboard(tiny_model, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.use_cache is True
 
 
+@pytest.mark.slow
 def test_lora_pt_then_merge_matches_adapter(tiny_model, tmp_path):
     out = run_pt(tiny_model, tmp_path / "lora", "--max_steps", "20", "--learning_rate", "1e-2", "--lora_rank", "8")
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
@@ -64,6 +66,7 @@ def test_lora_pt_then_merge_matches_adapter(tiny_model, tmp_path):
     assert not torch.allclose(logits(merged, ids), base_logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_vocab_expansion_trains_and_merges(tiny_model, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     new_words = ["跳舞", "蜜蜂", "lighthouse", "checksum"]
@@ -90,6 +93,7 @@ def test_vocab_expansion_trains_and_merges(tiny_model, tmp_path):
     assert not torch.allclose(merged.get_input_embeddings().weight[new_id], untrained_row, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qlora_trains_and_quantized_base_is_refused(tiny_model, tmp_path):
     out = run_pt(tiny_model, tmp_path / "qlora", "--qlora", "True", "--max_steps", "3")
     config = json.loads((out / "adapter_config.json").read_text())

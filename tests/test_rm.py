@@ -11,12 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from pipeline.data.preferences import read_preferences
 from pipeline.errors import UserError
-from pipeline.evaluate import pairwise_accuracy, rewards
-from pipeline.preferences import read_preferences
-from pipeline.reward import pairwise_loss
+from pipeline.eval.generation import pairwise_accuracy, rewards
+from pipeline.train.losses import pairwise_loss
 from stages import rm
-from tests.conftest import DATA, REPO
+from tests.helpers import DATA, REPO
 
 COMMON = ["--template_name", "qwen", "--train_file_dir", str(DATA / "reward"), "--per_device_train_batch_size", "16",
           "--model_max_length", "128", "--report_to", "none", "--logging_steps", "50", "--save_strategy", "no", "--seed", "0"]
@@ -39,6 +39,7 @@ def test_rm_reaches_95_percent_heldout_accuracy(sft_model, reward_model, heldout
     assert metrics["eval_accuracy"] >= 0.95 and metrics["eval_margin"] > 0
 
 
+@pytest.mark.slow
 def test_lora_rm_merge_gives_the_same_rewards(sft_model, tmp_path, heldout_pairs):
     out = tmp_path / "rm-lora"
     rm.main(["--model_name_or_path", str(sft_model), "--output_dir", str(out), "--validation_split_percentage", "0",

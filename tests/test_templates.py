@@ -5,8 +5,16 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.chat_data import apply_template_to_tokenizer, resolve_template
-from pipeline.templates import chat_template_jinja, get_template, render, template_names
+from pipeline.data.templates import (
+    apply_template_to_tokenizer,
+    chat_template_jinja,
+    get_template,
+    load_template_file,
+    render,
+    resolve_template,
+    template_names,
+)
+from pipeline.errors import UserError
 from scripts.make_golden import GOLDEN, table
 from tests.published_formats import EXPECTED, GLM4_TOOLS, QWEN_TOOLS
 
@@ -18,7 +26,8 @@ CASES = {"conv_sys": ([SYSTEM] + TURNS, False), "conv_nosys": (TURNS, False),
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather for a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 TOOL_CHAT = [{"role": "user", "content": "What's the weather in Paris?"},
-             {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
              {"role": "tool", "content": "{\"temp\": 18}"}, {"role": "assistant", "content": "It is 18 degrees in Paris."}]
 
 
@@ -85,3 +94,18 @@ def test_template_json_literal_survives_unicode():
     jinja = chat_template_jinja("deepseek")
     assert "<｜end▁of▁sentence｜>" not in jinja  # written as escapes, decoded by Jinja
     assert json.loads('"' + jinja.split('"assistant": "')[1].split('"')[0] + '"').endswith("<｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nsource: y\nuser: '{content}'\nassistant: 'A: {content}'\nobservation: '{content}'\nsytem: S\n",
+     "unknown field\\(s\\) sytem"),
+    ("name: x\nsource: y\nuser: '{content}'\nobservation: '{content}'\nsystem: S\n", "required field\\(s\\) assistant"),
+    ("name: x\nsource: y\nuser: '{content}'\nassistant: 'no slot'\nobservation: '{content}'\nsystem: S\n",
+     "field assistant must contain \\{content\\}"),
+    ("name: [unclosed\n", "is not valid YAML"),
+])
+def test_a_broken_template_file_names_the_file_and_field(tmp_path, text, message):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"template file {path}.*{message}"):
+        load_template_file(path)

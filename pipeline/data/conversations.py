@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.data import ReadReport, find_files, iter_json_records
+from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.errors import UserError
 
 FORMATS = ("auto", "sharegpt", "messages", "chatglm3", "alpaca")
@@ -51,8 +51,8 @@ def _tools(value: Any) -> list[dict] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
-            raise InvalidSample('"tools" is a string that is not JSON') from None
+        except json.JSONDecodeError as e:
+            raise InvalidSample('"tools" is a string that is not JSON') from e
     if not isinstance(value, list):
         raise InvalidSample('"tools" must be a list of tool definitions')
     return [t if "function" in t or "type" in t else {"type": "function", "function": t} for t in value]
@@ -88,7 +88,8 @@ def from_sharegpt(record: dict) -> dict:
     for turn in record["conversations"]:
         role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
         if role is None:
-            raise InvalidSample(f"unknown role {turn.get('from')!r} in conversations" if isinstance(turn, dict) else "a turn is not an object")
+            raise InvalidSample(f"unknown role {turn.get('from')!r} in conversations" if isinstance(turn, dict)
+                                else "a turn is not an object")
         if role == "tool_call":
             call = _parse_call(turn.get("value"))
             if call is None:
@@ -135,7 +136,8 @@ def from_chatglm3(record: dict) -> dict:
             if "name" not in turn or "observation" not in turn:
                 raise InvalidSample('a "tool" message needs "name", "parameters" and "observation"')
             obs = turn["observation"]
-            messages.append({"role": "assistant", "content": "", "tool_calls": [_call(turn["name"], turn.get("parameters", {}))], **_loss(turn)})
+            call = _call(turn["name"], turn.get("parameters", {}))
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)})
             messages.append(_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)))
         elif role in ("system", "user", "assistant", "observation"):
             messages.append(_message(MESSAGE_ROLES[role], turn.get("content"), turn.get("loss")))
@@ -192,7 +194,7 @@ def normalize(record: Any, data_format: str = "auto") -> dict:
     try:
         return validate(CONVERTERS[fmt](record))
     except (KeyError, TypeError, AttributeError) as e:
-        raise InvalidSample(f"not a valid {fmt} record ({type(e).__name__}: {e})") from None
+        raise InvalidSample(f"not a valid {fmt} record ({type(e).__name__}: {e})") from e
 
 
 def read_conversations(directory: str, flag: str, data_format: str = "auto",
@@ -209,7 +211,8 @@ def read_conversations(directory: str, flag: str, data_format: str = "auto",
                 out.append(normalize(record, data_format))
             except InvalidSample as e:
                 if not skip_invalid:
-                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True to skip such records.") from None
+                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True "
+                                    "to skip such records.") from e
                 report.drop(str(e))
         if report.read == n_before:
             raise UserError(f"{path} is empty (no records); remove it or fill it.")

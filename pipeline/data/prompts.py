@@ -1,4 +1,4 @@
-"""Prompts for the RL stages (PPO, GRPO, RLOO), taken from SFT-format data, and rule rewards.
+"""Prompts for the RL stages (PPO, GRPO, RLOO), taken from SFT-format data (rule rewards: pipeline/rl/rewards.py).
 
 Each conversation gives one prompt: every message up to its last user turn (history kept), plus the
 reference answer that followed it (used by the exact-match rule reward and the held-out report).
@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pipeline.conversations import read_conversations
-from pipeline.data import ReadReport
-from pipeline.templates import Template, render_segments
+from pipeline.data.conversations import read_conversations
+from pipeline.data.files import ReadReport
+from pipeline.data.templates import Template, render_segments
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,14 @@ def load_prompts(directory: str, flag: str, template: Template, tokenizer, max_p
     return prompts, report
 
 
-def exact_match_reward(answers: list[str], references: list[str]) -> list[float]:
-    """1.0 where the answer equals the reference (surrounding whitespace ignored), else 0.0."""
-    return [float(a.strip() == r.strip()) for a, r in zip(answers, references)]
+def load_rl_prompts(data_args, ppo_args, template: Template, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir), capped by
+    --max_train_samples / --max_eval_samples."""
+    def load(directory: str, flag: str) -> list[Prompt]:
+        prompts, _ = load_prompts(directory, flag, template, tokenizer, ppo_args.prompt_budget, ppo_args.data_format,
+                                  ppo_args.skip_invalid_samples)
+        return prompts
 
-
-RULE_REWARDS = {"exact_match": exact_match_reward}
+    prompts = load(data_args.train_file_dir, "--train_file_dir")
+    eval_prompts = load(data_args.validation_file_dir, "--validation_file_dir") if data_args.validation_file_dir else []
+    return prompts[: data_args.max_train_samples], eval_prompts[: data_args.max_eval_samples]

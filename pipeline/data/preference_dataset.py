@@ -14,10 +14,10 @@ import logging
 
 from datasets import Dataset
 
-from pipeline.data import ReadReport, cap, load_train_eval
+from pipeline.data.files import ReadReport, cap, load_train_eval
+from pipeline.data.preferences import read_preferences
+from pipeline.data.templates import Template, render_segments
 from pipeline.errors import UserError
-from pipeline.preferences import read_preferences
-from pipeline.templates import Template, render_segments
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The run_pipeline.sh config: read a YAML file naming the base model, data, template, method and
 per-stage flags, check it, and print it as shell assignments for run_pipeline.sh to `eval`.
 
-    python -m pipeline.pipeline_config configs/pipeline_default.yaml
+    python -m pipeline.tools.pipeline_config configs/pipeline_default.yaml
 
 Keys (all optional): output_root, base_model (null: build the embedded tiny model), template, method
 (full | lora | qlora), stages (a subset of pt sft rm ppo dpo; run in that order, a stage left out hands
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, first_line, run_cli
 
 STAGES = ("pt", "sft", "rm", "ppo", "dpo")
 METHODS = {"full": ["--use_peft", "False"], "lora": ["--use_peft", "True"],
@@ -43,7 +43,7 @@ def load(path: str) -> dict[str, Any]:
     try:
         given = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"pipeline config {path} does not parse: {str(e).splitlines()[0]}") from None
+        raise UserError(f"pipeline config {path} does not parse: {first_line(e)}") from e
     if not isinstance(given, dict):
         raise UserError(f"pipeline config {path} must hold a mapping of keys to values.")
     config = {**DEFAULTS, **given}
@@ -136,7 +136,7 @@ def shell_lines(config: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        raise UserError("usage: python -m pipeline.pipeline_config CONFIG.yaml")
+        raise UserError("usage: python -m pipeline.tools.pipeline_config CONFIG.yaml")
     print("\n".join(shell_lines(load(sys.argv[1]))))
 
 

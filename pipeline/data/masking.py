@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.collators import IGNORE_INDEX
-from pipeline.templates import Template, render_segments
+from pipeline.data.templates import Template, render_segments
 
+IGNORE_INDEX = -100  # the label value the loss ignores; defined once for the whole project
 MULTI_TURN_MODES = ("all", "last", "split")
 
 
@@ -60,7 +60,8 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
     else:
-        ids, offsets = _tokenize_by_piece(tokenizer, text, sorted({0, len(text), *ends, *next_token_at, *(x for sp in spans for x in sp)}))
+        cuts = sorted({0, len(text), *ends, *next_token_at, *(x for sp in spans for x in sp)})
+        ids, offsets = _tokenize_by_piece(tokenizer, text, cuts)
     labels = []
     for tok, (s, e) in zip(ids, offsets):
         trained = any(s < b and e > a for a, b in spans) or any(s <= p < max(e, s + 1) for p in next_token_at)

@@ -1,10 +1,13 @@
-"""The arithmetic of PPO for language models, kept apart from the loop so each piece is unit-tested.
+"""The arithmetic of PPO for language models (KL, GAE, whitening, the clipped losses), kept apart from the
+loop in stages/ppo.py so each piece is unit-tested against hand-computed values.
 
 Shapes: (batch, response_length) tensors over the generated tokens, with a 0/1 `mask` marking real
 response tokens (1 up to and including the stop token, 0 on padding after it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -118,3 +121,22 @@ class AdaptiveKLController:
             return
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
+
+
+@dataclass
+class PPOStats:
+    """The losses and diagnostics of one PPO minibatch update (means over its answer tokens)."""
+
+    loss: float
+    policy_loss: float
+    value_loss: float
+    policy_clipfrac: float
+    approx_kl: float
+    value_clipfrac: float
+
+    @staticmethod
+    def mean(stats: list[PPOStats]) -> dict[str, float]:
+        """The metrics of an iteration, under the names logged to tensorboard."""
+        names = {"loss": "loss", "policy_loss": "loss/policy", "value_loss": "loss/value",
+                 "policy_clipfrac": "policy/clipfrac", "approx_kl": "policy/approx_kl", "value_clipfrac": "value/clipfrac"}
+        return {logged: sum(getattr(s, name) for s in stats) / len(stats) for name, logged in names.items()}

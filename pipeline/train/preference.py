@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from trl import DPOTrainer, KTOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
@@ -35,25 +36,6 @@ class PretokenizedKTOTrainer(KTOTrainer):
 
             dataset = dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size)
         return dataset
-
-
-def average_logps(model, batch) -> torch.Tensor:
-    """Mean log-probability of the completion tokens of each row."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
-    labels, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].float()
-    token_logps = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """SimPO: -log sigmoid(beta * (avg logp_c - avg logp_r) - gamma), no reference model."""
-    return -F.logsigmoid(beta * (chosen - rejected) - gamma).mean()
-
-
-def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """ORPO: NLL of the chosen answer + beta * -log sigmoid(log odds(chosen) - log odds(rejected))."""
-    log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp().clamp(max=1 - 1e-6)) - torch.log1p(-rejected.exp().clamp(max=1 - 1e-6)))
-    return (-chosen).mean() - beta * F.logsigmoid(log_odds).mean()
 
 
 class ReferenceFreeTrainer(Trainer):

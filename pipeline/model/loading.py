@@ -1,4 +1,5 @@
-"""Loading tokenizers and models: dtype, 4/8-bit quantization, LoRA/QLoRA, vocab resize, heads.
+"""Loading tokenizers and models: dtype, 4/8-bit quantization, vocab resize, RoPE scaling, attention,
+heads; adapters are attached by adapters.py.
 
 `load_model(head="lm")` gives a causal LM, `head="reward"` a one-logit sequence classifier (reward
 model). The same function serves every stage, so a flag means the same thing everywhere.
@@ -6,14 +7,13 @@ model). The same function serves every stage, so a flag means the same thing eve
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
 import os
 
 import torch
-import importlib.util
-import math
-
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import TaskType, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,7 +25,8 @@ from transformers import (
 )
 
 from pipeline.args import ModelArguments, PeftArguments
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
+from pipeline.model.adapters import attach_lora, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load a tokenizer from {model_args.tokenizer_name_or_path} ({str(e).splitlines()[0]}); "
+            f"cannot load a tokenizer from {model_args.tokenizer_name_or_path} ({first_line(e)}); "
             "check --tokenizer_name_or_path / --model_name_or_path."
-        ) from None
+        ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token; using eos %r for padding (pads never enter the loss)", tokenizer.eos_token)
@@ -76,24 +77,6 @@ def _device_map() -> dict[str, int | str] | None:
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}
-
-
-def linear_module_names(model: PreTrainedModel) -> list[str]:
-    """Leaf names of every linear layer except the output head(s): what --target_modules all means."""
-    heads = {id(model.get_output_embeddings())} | {id(m) for n, m in model.named_modules() if n.split(".")[-1] in ("score", "classifier")}
-    names = set()
-    for name, module in model.named_modules():
-        if id(module) in heads:
-            continue
-        if isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit/Linear8bitLt subclass it
-            names.add(name.split(".")[-1])
-    return sorted(names)
-
-
-def embedding_module_names(model: PreTrainedModel) -> list[str]:
-    """Leaf names of the input and output embeddings (embed_tokens / lm_head for Llama-style models)."""
-    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    return sorted({name.split(".")[-1] for name, m in model.named_modules() if id(m) in wanted})
 
 
 def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -131,6 +114,24 @@ def attention_implementation(model_args: ModelArguments) -> str | None:
     return "flash_attention_2"
 
 
+def load_config(model_args: ModelArguments, max_length: int | None = None):
+    """The checkpoint's config, checked against --model_type and stretched by --rope_scaling (cheap: no weights)."""
+    try:
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config from {model_args.model_name_or_path} ({first_line(e)}).") from e
+    if model_args.model_type and model_args.model_type != config.model_type:
+        raise UserError(
+            f"--model_type {model_args.model_type} but {model_args.model_name_or_path} is a '{config.model_type}' model; "
+            "drop --model_type (it is detected) or fix it."
+        )
+    if model_args.rope_scaling:
+        apply_rope_scaling(config, model_args.rope_scaling, max_length)
+    return config
+
+
 def load_model(
     model_args: ModelArguments,
     peft_args: PeftArguments,
@@ -141,21 +142,7 @@ def load_model(
     trainable_dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     auto_class, task_type = HEADS[head]
-    try:
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {model_args.model_name_or_path} ({str(e).splitlines()[0]}).") from None
-    if model_args.model_type and model_args.model_type != config.model_type:
-        raise UserError(
-            f"--model_type {model_args.model_type} but {model_args.model_name_or_path} is a '{config.model_type}' model; "
-            "drop --model_type (it is detected) or fix it."
-        )
-    if model_args.quantized and not peft_args.use_peft:
-        raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
-    if model_args.rope_scaling:
-        apply_rope_scaling(config, model_args.rope_scaling, max_length)
+    config = load_config(model_args, max_length)
     if head == "reward":
         config.num_labels = 1
         config.pad_token_id = tokenizer.pad_token_id
@@ -180,39 +167,8 @@ def load_model(
     return attach_lora(model, peft_args, task_type, resized, trainable_dtype)
 
 
-def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: TaskType, resized: bool,
-                trainable_dtype: torch.dtype = torch.float32) -> PeftModel:
-    if peft_args.peft_path:
-        logger.info("resuming adapter from %s", peft_args.peft_path)
-        model = PeftModel.from_pretrained(model, peft_args.peft_path, is_trainable=True)
-    elif peft_args.peft_type == "prefix_tuning":
-        model = get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_args.num_virtual_tokens))
-    else:
-        targets = peft_args.target_module_list
-        targets = linear_module_names(model) if targets == "all" else targets
-        modules_to_save = peft_args.modules_to_save_list
-        if resized and not set(embedding_module_names(model)) <= set(modules_to_save):
-            # New token rows are random; without training the embeddings LoRA can never learn them.
-            modules_to_save = sorted(set(modules_to_save) | set(embedding_module_names(model)))
-            logger.warning("vocabulary was resized: also training %s in full (--modules_to_save)", modules_to_save)
-        config = LoraConfig(
-            task_type=task_type,
-            r=peft_args.lora_rank,
-            lora_alpha=peft_args.lora_alpha,
-            lora_dropout=peft_args.lora_dropout,
-            target_modules=targets,
-            modules_to_save=modules_to_save or None,
-            use_dora=peft_args.use_dora,
-        )
-        try:
-            model = get_peft_model(model, config)
-        except ValueError as e:
-            raise UserError(f"LoRA setup failed: {str(e).splitlines()[0]}; check --target_modules / --modules_to_save.") from None
-    # One dtype for everything trained (ZeRO-3 refuses mixed dtypes in a parameter group): float32 masters
-    # under autocast, also for modules_to_save copies of bf16 embeddings; under DeepSpeed its compute dtype.
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != trainable_dtype:
-            param.data = param.data.to(trainable_dtype)
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("%s: %d trainable of %d parameters (%.2f%%)", peft_args.peft_type, trainable, total, 100 * trainable / total)
-    return model
+def set_generation_stops(model, stop_ids: list[int], pad_token_id: int) -> None:
+    """Make generation stop on the template's end-of-turn tokens (saved in generation_config.json)."""
+    config = unwrap(model).generation_config
+    config.eos_token_id = stop_ids
+    config.pad_token_id = pad_token_id

@@ -13,11 +13,10 @@ Pair form: {"prompt": [messages ending with a user/tool turn], "chosen": str, "r
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
-from pipeline.conversations import InvalidSample, from_sharegpt, validate
-from pipeline.data import ReadReport, find_files, iter_json_records
+from pipeline.data.conversations import InvalidSample, from_sharegpt, validate
+from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.errors import UserError
 
 
@@ -94,7 +93,7 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
             raise InvalidSample('unknown record shape: expected "question"+"response_chosen", "prompt"/"chosen"/"rejected" '
                                 'or "conversations"+"chosen"')
     except (KeyError, TypeError, AttributeError) as e:
-        raise InvalidSample(f"not a valid preference record ({type(e).__name__}: {e})") from None
+        raise InvalidSample(f"not a valid preference record ({type(e).__name__}: {e})") from e
     if "margin" in record:
         margin = record["margin"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
@@ -103,7 +102,8 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
     return out
 
 
-def read_preferences(directory: str, flag: str, unpaired: bool = False, skip_invalid: bool = False) -> tuple[list[dict], ReadReport]:
+def read_preferences(directory: str, flag: str, unpaired: bool = False,
+                     skip_invalid: bool = False) -> tuple[list[dict], ReadReport]:
     """All pairs (or unpaired KTO records) under a folder; identical chosen/rejected pairs are dropped and counted."""
     files = find_files(directory, flag, (".json", ".jsonl"))
     report, out = ReadReport(files=len(files)), []
@@ -115,7 +115,8 @@ def read_preferences(directory: str, flag: str, unpaired: bool = False, skip_inv
                 pair = normalize_preference(record, unpaired)
             except InvalidSample as e:
                 if not skip_invalid:
-                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True to skip such records.") from None
+                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True "
+                                    "to skip such records.") from e
                 report.drop(str(e))
                 continue
             if "completion" in pair:

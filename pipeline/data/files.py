@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from datasets import Dataset
 
@@ -51,7 +52,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise UserError(
                     f"{path}:{line_no}: byte {e.start} is not valid UTF-8; re-encode the file as UTF-8 "
                     f"(for example: iconv -f GBK -t UTF-8 {path.name})."
-                ) from None
+                ) from e
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -64,7 +65,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the array syntax.") from None
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the array syntax.") from e
             yield from enumerate(items, start=1)
             return
     for line_no, line in _decoded_lines(path):
@@ -76,7 +77,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             raise UserError(
                 f"{path}:{line_no}: not a valid JSON line ({e.msg} at column {e.colno}); "
                 "each line must hold one complete JSON object."
-            ) from None
+            ) from e
 
 
 def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:

@@ -1,4 +1,5 @@
-"""Pairwise reward-model training: collator and Trainer.
+"""Pairwise reward-model training: the Trainer and its evaluation metrics (the loss is in losses.py,
+the pair collator in pipeline/data/collators.py).
 
 trl's RewardTrainer would fit, but its config class repeats flags the shared ModelArguments own
 (--trust_remote_code, --max_length), so the loss (a few lines) lives here on the plain Trainer.
@@ -6,39 +7,11 @@ trl's RewardTrainer would fit, but its config class repeats flags the shared Mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
-
-@dataclass
-class PairCollator:
-    """Stacks chosen then rejected sequences (right-padded) into one batch of 2B rows."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        longest = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        margin = torch.tensor([float(f.get("margin", 0.0)) for f in features])
-        return {"input_ids": ids, "attention_mask": mask, "margin": margin}
-
-
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
-    """-log sigmoid(r_c - r_r - margin), plus center_coef * mean((r_c + r_r)^2) to keep rewards near zero."""
-    loss = -F.logsigmoid(chosen - rejected - margin).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
-    return loss
+from pipeline.train.losses import pairwise_loss
 
 
 class RewardModelTrainer(Trainer):

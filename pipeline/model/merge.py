@@ -17,8 +17,8 @@ from pathlib import Path
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from pipeline.errors import UserError
-from pipeline.models import resize_embeddings
+from pipeline.errors import UserError, first_line
+from pipeline.model.loading import resize_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
     try:
         base_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load --base_model {base_model} ({str(e).splitlines()[0]}).") from None
+        raise UserError(f"cannot load --base_model {base_model} ({first_line(e)}).") from e
     if getattr(base_config, "quantization_config", None):
         raise UserError(
             f"--base_model {base_model} is quantized; merging LoRA into 4/8-bit weights loses precision. "

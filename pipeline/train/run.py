@@ -1,4 +1,4 @@
-"""The steps every stage script shares around its Trainer: logging, train, evaluate, save.
+"""The steps every stage script shares around its Trainer: run setup, train, evaluate, save.
 
 Output layout (seed README): model or adapter (safetensors), tokenizer, trainer_state.json,
 train_results.json, eval_results.json, checkpoint-*/, and tensorboard events under logs/.
@@ -8,15 +8,37 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+from pathlib import Path
 
 import datasets
+import torch
 import transformers
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
+from pipeline.model.adapters import unwrap
 
 logger = logging.getLogger("pipeline")
+# A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
+
+
+def setup_run(training_args: PipelineTrainingArguments) -> None:
+    """The one place a stage touches the process: logging, seed, tensorboard folder, process group.
+
+    Called right after the arguments are parsed and validated; parsing itself has no side effects.
+    """
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    # Tensorboard events go to output_dir/logs (the seed README's layout); transformers reads this variable.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(training_args.output_dir) / "logs")
+    if training_args.deepspeed and not torch.cuda.is_available():
+        # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one process.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def setup_logging(training_args: PipelineTrainingArguments) -> None:
@@ -33,19 +55,13 @@ def setup_logging(training_args: PipelineTrainingArguments) -> None:
     datasets.utils.logging.disable_progress_bar()
 
 
-def log_dataset_summary(lines: list[str]) -> None:
-    for line in lines:
-        logger.info(line)
-
-
 def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -> dict[str, float]:
     """Train (resuming when asked), save model + tokenizer + state + metrics; return train metrics."""
     checkpoint = resolve_resume_checkpoint(training_args)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    model = trainer.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(trainer.model)
     base.config.use_cache = True  # the saved config is for inference, which wants the cache back
     trainer.save_model()
     base.config.use_cache = False  # evaluation of packed blocks still needs it off
@@ -66,3 +82,13 @@ def evaluate_and_save(trainer: Trainer, with_perplexity: bool = False) -> dict[s
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics
+
+
+def tensorboard_writer(training_args: PipelineTrainingArguments):
+    """A SummaryWriter on output_dir/logs for loops without a Trainer (PPO), on the main process, when
+    --report_to includes tensorboard; else None."""
+    if not (training_args.should_log and "tensorboard" in (training_args.report_to or [])):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.environ.get("TENSORBOARD_LOGGING_DIR") or str(Path(training_args.output_dir) / "logs"))

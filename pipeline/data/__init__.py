@@ -1,0 +1,6 @@
+"""Everything between a user's files and token ids: reading and validating data files (files.py), the
+record formats of SFT (conversations.py) and of preferences (preferences.py), chat templates and how a
+run picks one (templates.py, with their Jinja form in jinja_template.py), masking (masking.py: the only
+place labels are made), packing pretraining text (packing.py), collators, the tokenized SFT and
+preference datasets, and the prompts of the RL stages. No model code and no training loops live here.
+"""

@@ -1,0 +1,253 @@
+"""Chat templates: load the data files in templates/, render conversations, build a Jinja chat_template.
+
+A template file declares strings; `{content}` marks where a message's text goes:
+
+  bos                 text written once at the very start
+  default_system      system prompt used when the conversation has none
+  system              format of the system turn; null = no system turn (see system_in_user)
+  system_in_user      with system: null, the first user message becomes this ({system}, {content})
+  user, assistant     formats of the user and assistant turns
+  generation_prompt   what add_generation_prompt appends; every rendered assistant turn starts with it
+  turn_end            the text right after assistant content that ends the turn (trained). "" means
+                      the next turn's first token ends it, or final_turn_end after the last turn
+  final_turn_end      training-only end of the last assistant turn for templates with turn_end ""
+  complete_suffix     appended after the last message when no generation prompt is asked for
+  strip               trim message contents (as the official template does)
+  observation         format of a tool result (role "tool")
+  tools_system        system text when tools are given ({system}, {tools}); tool_json says how each
+                      tool is written: compact (one JSON line each) or glm4 (a titled, indented block)
+  tool_call           how one tool call is written inside an assistant turn ({name}, {arguments})
+  tool_call_turn      or: a whole assistant turn per tool call ({name}, {arguments})
+  stop                end-of-turn strings inference stops on (generation_config.eos_token_id)
+  special_tokens      strings that must be single tokens; missing ones are added to the tokenizer
+
+`render` is the Python renderer; `jinja_template.chat_template_jinja` writes the same logic as Jinja so
+the saved tokenizer's apply_chat_template gives the same text (a test checks both on every template).
+`resolve_template` picks the template for a run (--template_name, or auto: the tokenizer's own) and
+`apply_template_to_tokenizer` gives the tokenizer its special tokens, chat_template and stop tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from pipeline.data.jinja_template import jinja_for
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    source: str
+    user: str
+    assistant: str
+    observation: str
+    bos: str = ""
+    default_system: str | None = None
+    system: str | None = None
+    system_in_user: str | None = None
+    generation_prompt: str = ""
+    turn_end: str = ""
+    final_turn_end: str = ""
+    complete_suffix: str = ""
+    strip: bool = False
+    tools_system: str | None = None
+    tool_json: str = "compact"
+    tool_call: str | None = None
+    tool_call_turn: str | None = None
+    stop: tuple[str, ...] = ()
+    special_tokens: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def assistant_tail(self) -> str:
+        """Untrained text after the turn end, e.g. the newline after <|im_end|>."""
+        after = self.assistant.split("{content}", 1)[1]
+        return after[len(self.turn_end):]
+
+
+def template_names() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
+
+
+@cache
+def get_template(name: str) -> Template:
+    path = TEMPLATE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"--template_name {name} is unknown; choose one of: auto, {', '.join(template_names())}.")
+    return load_template_file(path)
+
+
+def load_template_file(path: Path) -> Template:
+    """A template from its YAML file; any mistake in the file is a UserError naming the file and field."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"template file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"template file {path} must hold a mapping of field names to strings.")
+    known = {f.name for f in fields(Template)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"template file {path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}.")
+    missing = [name for name in ("name", "source", "user", "assistant", "observation") if name not in data]
+    if missing:
+        raise UserError(f"template file {path}: required field(s) {', '.join(missing)} missing.")
+    data["stop"] = tuple(data.get("stop") or ())
+    data["special_tokens"] = tuple(data.get("special_tokens") or ())
+    template = Template(**data)
+    _check(template, path)
+    return template
+
+
+def _check(t: Template, path: Path) -> None:
+    for name in ("user", "assistant", "observation", "generation_prompt", "turn_end"):
+        if not isinstance(getattr(t, name), str):
+            raise UserError(f"template file {path}: field {name} must be a string.")
+    before, found, after = t.assistant.partition("{content}")
+    if not found or not before.startswith(t.generation_prompt):
+        raise UserError(f"template file {path}: field assistant must contain {{content}} and start with generation_prompt.")
+    if not after.startswith(t.turn_end):
+        raise UserError(f"template file {path}: field turn_end must directly follow {{content}} in assistant.")
+    if t.system is None and t.system_in_user is None:
+        raise UserError(f"template file {path}: give the field system or system_in_user.")
+
+
+# ---------------------------------------------------------------- rendering (Python)
+
+def _tools_text(t: Template, tools: list[dict]) -> str:
+    if t.tool_json == "glm4":
+        return "".join(
+            f"\n## {f['name']}\n\n{json.dumps(f, ensure_ascii=False, indent=4)}\n"
+            "在调用上述函数时，请使用 Json 格式表示调用的参数。"
+            for f in (tool.get("function", tool) for tool in tools))
+    return "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+
+
+def _arguments(call: dict) -> str:
+    args = call["function"]["arguments"]
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def _fill(fmt: str, **values: str) -> str:
+    for key, value in values.items():
+        fmt = fmt.replace("{" + key + "}", value)
+    return fmt
+
+
+@dataclass
+class Segment:
+    """A piece of rendered text: which message it belongs to (-1 = template text) and its kind."""
+
+    text: str
+    message: int
+    kind: str  # "prompt" (never trained by default), "answer" (assistant text + turn end), "tail"
+
+
+def render_segments(t: Template, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = False) -> list[Segment]:
+    segments = [Segment(t.bos, -1, "prompt")] if t.bos else []
+    system, start = t.default_system, 0
+    if messages and messages[0]["role"] == "system":
+        system, start = messages[0].get("content") or "", 1
+    if system is not None and t.strip:
+        system = system.strip()
+    if tools:
+        system = _fill(t.tools_system, system=system or "", tools=_tools_text(t, tools))
+    first_user = True
+    if system is not None and t.system is not None:
+        segments.append(Segment(_fill(t.system, content=system), 0 if start else -1, "prompt"))
+    for i in range(start, len(messages)):
+        m = messages[i]
+        content = m.get("content") or ""
+        content = content.strip() if t.strip else content
+        if m["role"] == "user":
+            if first_user and system is not None and t.system is None:
+                content = _fill(t.system_in_user, system=system, content=content)
+            first_user = False
+            segments.append(Segment(_fill(t.user, content=content), i, "prompt"))
+        elif m["role"] == "tool":
+            segments.append(Segment(_fill(t.observation, content=content), i, "prompt"))
+        elif m["role"] == "assistant":
+            segments += _assistant_segments(t, m, content, i)
+    if add_generation_prompt:
+        segments.append(Segment(t.generation_prompt, -1, "prompt"))
+    elif t.complete_suffix:
+        segments.append(Segment(t.complete_suffix, -1, "tail"))
+    return [s for s in segments if s.text]
+
+
+def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segment]:
+    calls = m.get("tool_calls") or []
+    if calls and t.tool_call_turn:
+        turns = [_fill(t.tool_call_turn, name=c["function"]["name"], arguments=_arguments(c)) for c in calls]
+        tail = ""
+    else:
+        parts = [content] if content else []
+        parts += [_fill(t.tool_call, name=c["function"]["name"], arguments=_arguments(c)) for c in calls]
+        turns, tail = [_fill(t.assistant, content="\n".join(parts))], t.assistant_tail
+    out = []
+    for text in turns:
+        gp = t.generation_prompt
+        out += [Segment(gp, i, "prompt"), Segment(text[len(gp): len(text) - len(tail)], i, "answer"), Segment(tail, i, "tail")]
+    return out
+
+
+def render(template_name: str, messages: list[dict], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:
+    """The exact text the model sees for OpenAI-style messages (BOS included where the template writes it)."""
+    return "".join(s.text for s in render_segments(get_template(template_name), messages, tools, add_generation_prompt))
+
+
+def chat_template_jinja(template_name: str) -> str:
+    """The Jinja chat_template equivalent to `render` for this template (what the saved tokenizer holds)."""
+    return jinja_for(get_template(template_name))
+
+
+# ---------------------------------------------------------------- choosing a template for a run
+
+_PROBES = [
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}],
+    [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"}],
+]
+
+
+def resolve_template(name: str, tokenizer) -> Template:
+    """--template_name auto: the project template whose output equals the tokenizer's own chat template."""
+    if name != "auto":
+        return get_template(name)
+    if not tokenizer.chat_template:
+        raise UserError("--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
+                        f"--template_name (one of {', '.join(template_names())}).")
+    for candidate in template_names():
+        try:
+            same = all(tokenizer.apply_chat_template(p, tokenize=False) == render(candidate, p) for p in _PROBES)
+        except Exception:  # a template that rejects a probe (e.g. no system role) is not a match
+            same = False
+        if same:
+            logger.info("--template_name auto: the tokenizer's chat template renders like '%s'", candidate)
+            return get_template(candidate)
+    raise UserError("--template_name auto: the tokenizer's chat template matches none of the project templates; "
+                    f"pass --template_name (one of {', '.join(template_names())}).")
+
+
+def apply_template_to_tokenizer(tokenizer, template: Template) -> list[int]:
+    """Add the template's missing special tokens, set chat_template; return the stop token ids."""
+    missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        logger.warning("template '%s' needs tokens the tokenizer lacks; added %s (embeddings will be resized)",
+                       template.name, missing)
+    tokenizer.chat_template = chat_template_jinja(template.name)
+    stops = [tokenizer.convert_tokens_to_ids(s) for s in template.stop if s in tokenizer.get_vocab()]
+    return stops or [tokenizer.eos_token_id]

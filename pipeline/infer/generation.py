@@ -1,0 +1,57 @@
+"""The one generation path: chat, batch answers, held-out evaluation and the RL rollouts all call
+`generate`, so a model answers the same way wherever it is asked.
+
+Answers end at the first stop token (the template's end-of-turn ids in the generation config), which
+is kept; everything after it is padding with a zero mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Generated:
+    """Generated tokens of a batch: (batch, new tokens) tensors, padded after each answer's stop token."""
+
+    responses: torch.Tensor
+    mask: torch.Tensor  # 1 up to and including the first stop token, 0 after it
+    ended: torch.Tensor  # (batch,) bool: a stop token came before the token budget ran out
+
+
+def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask: 1 up to and including the first stop token, ended: whether a stop token came)."""
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
+    ended = is_stop.any(1)
+    first = torch.where(ended, is_stop.float().argmax(1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    return (positions[None] <= first[:, None]).long(), ended
+
+
+def sampling_config(base: GenerationConfig, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int | None = None) -> GenerationConfig:
+    """`base` (stop and pad ids) with a token budget; temperature 0 is greedy decoding."""
+    config = GenerationConfig.from_dict(base.to_dict())
+    sample = temperature > 0
+    config.update(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+                  top_p=top_p if sample else None, top_k=(config.top_k if top_k is None else top_k) if sample else None)
+    return config
+
+
+def stop_ids_of(config: GenerationConfig) -> list[int]:
+    ids = config.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+             **kwargs) -> Generated:
+    """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping criteria)."""
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, use_cache=True,
+                         **kwargs)
+    responses = out[:, input_ids.shape[1]:]
+    mask, ended = response_mask(responses, stop_ids_of(config))
+    return Generated(torch.where(mask.bool(), responses, config.pad_token_id), mask, ended)

@@ -1,0 +1,86 @@
+"""Saving and resuming the PPO loop.
+
+A checkpoint holds the policy (adapter or full), the value model, and the optimizer, scheduler and KL
+state; it is written beside its final name and renamed when whole, so an interrupted save never looks
+resumable. Rollout sampling is seeded by step, so no RNG state is needed for an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from pipeline.errors import UserError
+from pipeline.model.adapters import unwrap
+
+
+def save_policy(policy, tokenizer, folder: Path) -> None:
+    """The policy with tokenizer, template and stop tokens: loadable by from_pretrained, mergeable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = unwrap(policy)
+    base.config.use_cache = True  # the saved config is for inference
+    policy.save_pretrained(folder)
+    base.config.use_cache = False
+    base.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_state(folder: Path, step: int, max_steps: int, log_history: list[dict]) -> None:
+    state = {"global_step": step, "max_steps": max_steps, "log_history": log_history}
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: dict, log_history: list[dict],
+                    max_steps: int, save_total_limit: int | None) -> None:
+    """checkpoint-N: written as tmp-checkpoint-N, then renamed; older ones beyond save_total_limit removed."""
+    partial = folder.with_name(f"tmp-{folder.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_policy(policy, tokenizer, partial)
+    write_state(partial, loop_state["step"], max_steps, log_history)
+    value_model.save_pretrained(partial / "value_model")
+    torch.save(loop_state, partial / "ppo_state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    if save_total_limit:
+        folders = sorted(folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in folders[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, policy, value_model, device) -> tuple[dict, list[dict]]:
+    """Put the trained weights back; return (loop state: optimizer, scheduler, kl_coef, step; log history)."""
+    load_trainable(policy, folder)
+    load_trainable(value_model, folder / "value_model")
+    state = torch.load(folder / "ppo_state.pt", map_location=device, weights_only=False)
+    return state, json.loads((folder / "trainer_state.json").read_text())["log_history"]
+
+
+def load_trainable(model, folder: Path) -> None:
+    """Put a checkpoint's trained weights (adapter or full model) back into a live model; every weight of a full
+    model must come back (tied weights, saved once, count as loaded)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint {folder} holds no safetensors weights; it cannot be resumed.")
+    loaded, unexpected = set(), []
+    for path in files:
+        weights = load_file(str(path))
+        if isinstance(model, PeftModel):
+            unexpected += set_peft_model_state_dict(model, weights).unexpected_keys
+        else:
+            unexpected += model.load_state_dict(weights, strict=False).unexpected_keys
+            loaded |= set(weights)
+    if not isinstance(model, PeftModel):
+        tensors = model.state_dict()
+        loaded_ptrs = {tensors[k].data_ptr() for k in loaded if k in tensors}
+        missing = [k for k, t in tensors.items() if k not in loaded and t.data_ptr() not in loaded_ptrs]
+        if missing:
+            raise UserError(f"checkpoint {folder} lacks {len(missing)} weights of this model (e.g. {missing[0]}); "
+                            "it was saved from another model.")
+    if unexpected:
+        raise UserError(f"checkpoint {folder} holds {len(unexpected)} weights this model has not (e.g. {unexpected[0]}); "
+                        "it was saved from another model.")

@@ -1,0 +1,131 @@
+"""Flags of the RL stages (stages/ppo.py and stages/grpo.py) and their validation pass.
+
+`PPOArguments` holds the flags both scripts read; `validate_ppo` / `validate_group_relative` gather
+every cross-flag check of each script, run right after parsing, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from pipeline.args import ModelArguments, PeftArguments, PipelineTrainingArguments, split_list
+from pipeline.data.conversations import FORMATS
+from pipeline.errors import UserError
+from pipeline.rl.rewards import RULE_REWARDS
+from pipeline.validation import check_common
+
+
+@dataclass
+class PPOArguments:
+    algorithm: str = field(default="ppo", metadata={"help": "ppo (stages/ppo.py), grpo or rloo (stages/grpo.py).",
+                                                    "choices": ("ppo", "grpo", "rloo")})
+    reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Merged RM folder or RM adapter folder."})
+    reward_funcs: str | None = field(default=None, metadata={
+        "help": "Comma list of rewards, summed: model (the reward model), exact_match (answer equals the data's). "
+                "Default: model."})
+    template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
+    model_max_length: int = field(default=2048, metadata={
+        "help": "Prompt + answer budget; longer prompts are dropped and counted."})
+    data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
+    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
+    ppo_epochs: int | None = field(default=None, metadata={
+        "help": "Passes over each rollout batch (default 4; GRPO/RLOO: their num_iterations, default 1)."})
+    mini_batch_size: int | None = field(default=None, metadata={
+        "help": "Rollouts per optimizer step (default: --per_device_train_batch_size, one update per epoch)."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty against the reference (GRPO/RLOO: beta)."})
+    target_kl: float | None = field(default=None, metadata={"help": "Adaptive KL: steer kl_coef so the KL tracks this."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (in rollouts)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (never negative).", "choices": ("k1", "k3")})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards."})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "Subtracted from the score of answers cut off without a stop token."})
+    num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: answers sampled per prompt."})
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0 for sampled rollouts, got {self.temperature}.")
+        if self.max_new_tokens < 1 or self.model_max_length <= self.max_new_tokens:
+            raise UserError(f"--model_max_length ({self.model_max_length}) must exceed --max_new_tokens ({self.max_new_tokens}).")
+        funcs = split_list(self.reward_funcs or "model")
+        unknown = [f for f in funcs if f != "model" and f not in RULE_REWARDS]
+        if unknown:
+            raise UserError(f"--reward_funcs: unknown {unknown}; use model and/or {', '.join(RULE_REWARDS)}.")
+        if "model" in funcs and not self.reward_model_name_or_path:
+            raise UserError("--reward_funcs model needs --reward_model_name_or_path (the RM stage's output), "
+                            "or pass a rule reward such as --reward_funcs exact_match.")
+        if self.algorithm == "ppo" and not self.reward_model_name_or_path:
+            raise UserError("--algorithm ppo initializes its value model from the reward model: "
+                            "pass --reward_model_name_or_path.")
+        self.reward_func_list = funcs
+        if self.ppo_epochs is None:
+            self.ppo_epochs = 4 if self.algorithm == "ppo" else 1
+        if self.ppo_epochs < 1:
+            raise UserError(f"--ppo_epochs must be at least 1, got {self.ppo_epochs}.")
+
+    @property
+    def prompt_budget(self) -> int:
+        """Longest prompt in tokens: what is left of --model_max_length after the answer."""
+        return self.model_max_length - self.max_new_tokens
+
+
+def _check_rl_common(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments) -> None:
+    if peft_args.use_peft and peft_args.peft_type != "lora":
+        raise UserError(f"--peft_type {peft_args.peft_type} is for SFT; the RL stages train LoRA/QLoRA adapters "
+                        "or the full model.")
+    check_common(model_args, peft_args, max_length=ppo_args.model_max_length)
+
+
+def validate_ppo(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments,
+                 training_args: PipelineTrainingArguments) -> None:
+    """Every check of stages/ppo.py that does not need the data: algorithm, adapter, loop flags, batch shape."""
+    if ppo_args.algorithm != "ppo":
+        raise UserError(f"--algorithm {ppo_args.algorithm} runs in its own script with the same flags: "
+                        f"bash run_grpo.sh --algorithm {ppo_args.algorithm} ... (stages/grpo.py).")
+    _check_rl_common(model_args, peft_args, ppo_args)
+    if training_args.deepspeed:
+        raise UserError("the PPO stage runs its own loop with plain data parallelism; drop --deepspeed (use LoRA/QLoRA "
+                        "for large models).")
+    check_loop_flags(training_args)
+    batch, mini = training_args.per_device_train_batch_size, ppo_args.mini_batch_size or training_args.per_device_train_batch_size
+    if batch % mini or mini % training_args.gradient_accumulation_steps:
+        raise UserError(f"--per_device_train_batch_size ({batch}) must be a multiple of --mini_batch_size "
+                        f"({mini}), itself a multiple of --gradient_accumulation_steps.")
+    if training_args.max_steps <= 0:
+        raise UserError("--max_steps (PPO iterations) must be set for the PPO stage.")
+
+
+def check_loop_flags(training_args) -> None:
+    """Trainer flags the own PPO loop does not implement are refused, not ignored."""
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if not str(optim).startswith("adamw_torch"):
+        raise UserError(f"--optim {optim}: the PPO loop trains with torch AdamW (--optim adamw_torch); "
+                        "other optimizers are for the Trainer-based stages and --algorithm grpo/rloo.")
+    if training_args.fp16:
+        raise UserError("--fp16 needs loss scaling, which the PPO loop does not do: use --bf16 True, float32, or "
+                        "--algorithm grpo/rloo.")
+
+
+# PPO flags trl's GRPO/RLOO take under their own names; the other PPO-only flags have no counterpart there.
+GROUP_RELATIVE_FLAGS = {"ppo_epochs": "num_iterations", "cliprange": "epsilon"}
+PPO_ONLY_FLAGS = ("mini_batch_size", "target_kl", "kl_horizon", "kl_estimator", "gamma", "lam", "cliprange_value",
+                  "vf_coef", "whiten_rewards", "missing_eos_penalty")
+
+
+def validate_group_relative(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments) -> None:
+    """Every check of stages/grpo.py: the algorithm, the adapter, and no PPO-only flag (it would be ignored)."""
+    if ppo_args.algorithm == "ppo":
+        raise UserError("stages/grpo.py runs --algorithm grpo or rloo; PPO runs in stages/ppo.py (bash run_ppo.sh).")
+    _check_rl_common(model_args, peft_args, ppo_args)
+    defaults = {f.name: f.default for f in fields(PPOArguments)}
+    given = [f"--{name}" for name in PPO_ONLY_FLAGS if getattr(ppo_args, name) != defaults[name]]
+    if given:
+        raise UserError(f"{', '.join(given)} belong to --algorithm ppo (value model, GAE, adaptive KL); "
+                        f"--algorithm {ppo_args.algorithm} has no such setting: drop them.")

@@ -1,0 +1,77 @@
+"""The four models of PPO: policy, reference, value model and reward model, with as few copies as possible.
+
+Policy: --model_name_or_path, full / LoRA / QLoRA. Reference: with LoRA the same weights with the adapter
+disabled, otherwise a frozen copy. Value model: initialized from the reward model (LoRA on it when
+--use_peft, whose disabled-adapter form is then also the reward model: one copy of its weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pipeline.args import trainable_dtype
+from pipeline.model.adapters import unwrap
+from pipeline.model.loading import load_model
+from pipeline.rl.rewards import check_same_vocab, reward_model_folder
+
+
+class ValueModel(torch.nn.Module):
+    """Per-token values from a sequence classifier: its backbone's hidden states through its score head."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        base = unwrap(classifier)
+        self.backbone, self.score = getattr(base, base.base_model_prefix), base.score
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.score(hidden).squeeze(-1).float()
+
+
+@dataclass
+class PPOModels:
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # None: the policy with its adapter disabled
+    value_model: torch.nn.Module  # the sequence classifier the values are read from
+    reward_model: torch.nn.Module | None  # None: the value model with its adapter disabled
+    reward_tokenizer: object
+
+
+def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
+    dtype = trainable_dtype(training_args)
+    policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
+                        max_length=ppo_args.model_max_length, trainable_dtype=dtype)
+    reference = None
+    if not peft_args.use_peft:
+        reference = load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
+    rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
+    rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
+    check_same_vocab(tokenizer, rm_tokenizer)
+    rm_args = replace(model_args, model_name_or_path=rm_path, tokenizer_name_or_path=rm_path)
+    value = load_model(rm_args, replace(peft_args, peft_path=None, modules_to_save=None), rm_tokenizer, head="reward",
+                       gradient_checkpointing=training_args.gradient_checkpointing, trainable_dtype=dtype)
+    reward = None
+    if not peft_args.use_peft:
+        reward = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=value.dtype).eval().requires_grad_(False)
+    models = PPOModels(policy, reference, value, reward, rm_tokenizer)
+    for model in (policy, reference, value, reward):
+        if model is not None and not is_quantized(model):  # quantized weights were placed at load time
+            model.to(training_args.device)
+    return models
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_for_rl(model, gradient_checkpointing: bool) -> None:
+    """Dropout off (the sampled and the trained distributions must agree); checkpointing as the Trainer would."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,135 @@
+"""Rollouts for the RL stages: a batch of prompts becomes a `Trajectory` (prompt + sampled answer tokens,
+masks, decoded answers), which is scored and read by the policy, the reference and the value model.
+
+`Rollouts.evaluate` is the held-out evaluation of PPO, GRPO and RLOO: greedy answers, mean reward,
+exact match with the data, and the exact KL to the reference.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+
+from pipeline.data.collators import pad
+from pipeline.data.prompts import Prompt
+from pipeline.infer.generation import generate, sampling_config
+from pipeline.model.adapters import unwrap
+from pipeline.rl import ppo_math
+from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, total_rewards
+
+
+@dataclass
+class Trajectory:
+    """One rollout batch: ids = left-padded prompt + answer (query_len prompt columns), and its masks."""
+
+    prompts: list[Prompt]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    query_len: int
+    response_mask: torch.Tensor  # over the answer columns: 1 up to and including the stop token
+    ended: torch.Tensor  # (batch,) whether a stop token came
+    answers: list[str]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.ids[:, self.query_len:]
+
+    def select(self, idx: torch.Tensor) -> Trajectory:
+        """The rows `idx` (a minibatch); prompts and answers are left out, the loss does not read them."""
+        return Trajectory([], self.ids[idx], self.mask[idx], self.query_len, self.response_mask[idx], self.ended[idx], [])
+
+
+def response_logits(model, traj: Trajectory) -> torch.Tensor:
+    """Logits that predict the answer tokens (the positions after the prompt)."""
+    positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False)
+    return out.logits[:, traj.query_len - 1 : -1]
+
+
+def token_logprobs_and_entropy(model, traj: Trajectory, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies) of the answer tokens under `model`."""
+    logits = response_logits(model, traj)
+    return ppo_math.token_logprobs(logits, traj.responses, temperature), ppo_math.entropy(logits, temperature)
+
+
+def values(value_model, traj: Trajectory) -> torch.Tensor:
+    positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
+    return value_model(traj.ids, traj.mask, positions)[:, traj.query_len - 1 : -1]
+
+
+def autocast_for(training_args):
+    device = training_args.device.type
+    if training_args.bf16:
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return torch.autocast(device, dtype=torch.float16) if training_args.fp16 else nullcontext()
+
+
+class Rollouts:
+    """Generation from the policy, reference log-probs, reward scores, and the held-out evaluation."""
+
+    def __init__(self, policy, reference, scorer: RewardScorer | None, reward_context, tokenizer, template, ppo_args,
+                 training_args):
+        self.policy, self.reference = policy, reference
+        self.scorer, self.reward_context = scorer, reward_context
+        self.tokenizer, self.template, self.args = tokenizer, template, ppo_args
+        self.device, self.autocast = training_args.device, autocast_for(training_args)
+        self.rank, self.world = training_args.process_index, training_args.world_size
+        self.batch_size = training_args.per_device_train_batch_size
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or isinstance(self.policy, PeftModel)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], sample: bool) -> Trajectory:
+        query, qmask = pad([p.ids for p in prompts], self.tokenizer.pad_token_id, side="left")
+        query, qmask = query.to(self.device), qmask.to(self.device)
+        base = unwrap(self.policy).generation_config
+        # sampling reads the full distribution (top_k 0), as the log-probs of the update do
+        config = (sampling_config(base, self.args.max_new_tokens, self.args.temperature, self.args.top_p, top_k=0)
+                  if sample else sampling_config(base, self.args.max_new_tokens))
+        with self.autocast:
+            out = generate(self.policy, query, qmask, config)
+        answers = [self.tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
+                   for r, m in zip(out.responses, out.mask)]
+        return Trajectory(prompts, torch.cat([query, out.responses], 1), torch.cat([qmask, out.mask], 1), query.shape[1],
+                          out.mask, out.ended, answers)
+
+    def reference_logits(self, traj: Trajectory) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logits(self.reference, traj)
+        with self.policy.disable_adapter():
+            return response_logits(self.policy, traj)
+
+    def reference_logprobs(self, traj: Trajectory, temperature: float) -> torch.Tensor:
+        return ppo_math.token_logprobs(self.reference_logits(traj), traj.responses, temperature)
+
+    def scores(self, traj: Trajectory) -> torch.Tensor:
+        with self.reward_context():
+            return total_rewards(traj.prompts, traj.answers, self.args.reward_func_list, self.template, self.scorer,
+                                 self.device)
+
+    @torch.no_grad()
+    def evaluate(self, eval_prompts: list[Prompt]) -> dict[str, float]:
+        self.policy.eval()
+        mine = eval_prompts[self.rank :: self.world]
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # score, exact match, kl, length, count
+        for start in range(0, len(mine), self.batch_size):
+            traj = self.generate(mine[start : start + self.batch_size], sample=False)
+            with self.autocast:
+                scores = self.scores(traj)
+                # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)
+                kl = (ppo_math.full_kl(response_logits(self.policy, traj), self.reference_logits(traj))
+                      if self.has_reference else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float))
+            matches = RULE_REWARDS["exact_match"](traj.answers, [p.reference for p in traj.prompts])
+            sums += torch.tensor([scores.sum().item(), sum(matches), (kl * traj.response_mask).sum().item(),
+                                  traj.response_mask.sum().item(), len(traj.prompts)], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        n = max(sums[4].item(), 1)
+        return {"eval_score": sums[0].item() / n, "eval_exact_match": sums[1].item() / n, "eval_kl": sums[2].item() / n,
+                "eval_response_length": sums[3].item() / n, "eval_samples": int(sums[4].item())}

@@ -1,0 +1,39 @@
+"""The losses the project computes itself (the rest come from trl's trainers): the reward model's
+pairwise loss, and the reference-free preference losses SimPO and ORPO with the log-probabilities they read."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
+    """-log sigmoid(r_c - r_r - margin), plus center_coef * mean((r_c + r_r)^2) to keep rewards near zero."""
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def average_logps(model, batch) -> torch.Tensor:
+    """Mean log-probability of the completion tokens of each row."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+    labels, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].float()
+    token_logps = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO: -log sigmoid(beta * (avg logp_c - avg logp_r) - gamma), no reference model."""
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma).mean()
+
+
+def _log1m(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) from log p, kept finite where p rounds to 1."""
+    return torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """ORPO: NLL of the chosen answer + beta * -log sigmoid(log odds(chosen) - log odds(rejected))."""
+    log_odds = (chosen - rejected) - (_log1m(chosen) - _log1m(rejected))
+    return (-chosen).mean() - beta * F.logsigmoid(log_odds).mean()

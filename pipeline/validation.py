@@ -1,0 +1,22 @@
+"""The validation pass every stage runs right after parsing: checks that span several argument classes.
+
+A check on one flag lives in the `__post_init__` of the dataclass that owns it (pipeline/args.py);
+a check that needs two concerns (model + adapter, model + length, trainer + hardware) lives here, so a
+wrong combination stops in one sentence before any tokenization or model loading. The RL stages add
+their own checks in pipeline/rl/config.py.
+"""
+
+from __future__ import annotations
+
+from pipeline.args import ModelArguments, PeftArguments
+from pipeline.errors import UserError
+from pipeline.model.loading import attention_implementation, load_config
+
+
+def check_common(model_args: ModelArguments, peft_args: PeftArguments, max_length: int | None = None) -> None:
+    """Checks every stage shares: quantized weights need an adapter; the model config exists, has the
+    --model_type given and stretches to max_length under --rope_scaling; --flash_attn is installed."""
+    if model_args.quantized and not peft_args.use_peft:
+        raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
+    load_config(model_args, max_length)
+    attention_implementation(model_args)
