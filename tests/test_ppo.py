@@ -226,6 +226,8 @@ def test_torchrun_two_processes_stay_in_sync_with_an_rm_adapter(sft_model, weak_
 def test_clear_errors(weak_sft_model, tmp_path):
     with pytest.raises(UserError, match="needs --reward_model_name_or_path"):
         ppo.main(common(weak_sft_model, None, tmp_path / "x", "--max_steps", "1"))
+    with pytest.raises(UserError, match="--algorithm grpo runs in its own script .*run_grpo.sh"):
+        ppo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "exact_match"))
     with pytest.raises(UserError, match="unknown"):
         grpo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "bleu"))
     with pytest.raises(UserError, match="--whiten_rewards, --missing_eos_penalty belong to --algorithm ppo"):
