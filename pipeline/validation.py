@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pipeline.args import ModelArguments, PeftArguments
 from pipeline.errors import UserError
-from pipeline.model.loading import attention_implementation, load_config
+from pipeline.model.attention import choose_attention
+from pipeline.model.loading import load_config
 
 
 def check_common(model_args: ModelArguments, peft_args: PeftArguments, max_length: int | None = None) -> None:
@@ -19,4 +20,4 @@ def check_common(model_args: ModelArguments, peft_args: PeftArguments, max_lengt
     if model_args.quantized and not peft_args.use_peft:
         raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
     load_config(model_args, max_length)
-    attention_implementation(model_args)
+    choose_attention(model_args.flash_attn, packing=False)  # --flash_attn without the package stops here

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from datasets import Dataset
-from transformers import Trainer
 
 from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
 from pipeline.data.collators import PackedBlockCollator
@@ -28,6 +27,7 @@ from pipeline.data.files import cap, load_text_dataset, load_train_eval
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
 from pipeline.validation import check_common
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_args, peft_args, tokenizer, head="lm",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=block_size,
                        trainable_dtype=trainable_dtype(training_args))
-    trainer = Trainer(
+    trainer = CausalLMTrainer(
         model=model,
         args=training_args,
         data_collator=PackedBlockCollator(pad_token_id=tokenizer.pad_token_id),

@@ -3,7 +3,9 @@
 Data: .json/.jsonl under --train_file_dir in ShareGPT, OpenAI/GLM-4 messages, ChatGLM3 or Alpaca form
 (detected per record). Each conversation is rendered with --template_name and only the assistant
 answers plus the token that ends each answer are trained. The saved tokenizer carries the template as
-its chat_template and the generation config stops on the template's end-of-turn tokens.
+its chat_template and the generation config stops on the template's end-of-turn tokens. Samples are
+packed whole into rows (--packing, default on) and a step's rows are flattened into one padding-free
+sequence; the loss is computed without full-vocabulary logits (pipeline/train/causal_lm.py).
 
     python stages/sft.py --model_name_or_path outputs/pt-merged --template_name qwen \
         --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/sft
@@ -16,18 +18,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer
-
 from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
 from pipeline.data.chat_dataset import build_chat_dataset, sanity_table
-from pipeline.data.collators import PaddingCollator
+from pipeline.data.collators import FlatteningCollator, PaddingCollator
 from pipeline.data.conversations import FORMATS
 from pipeline.data.files import cap, load_train_eval
 from pipeline.data.masking import MULTI_TURN_MODES
+from pipeline.data.packing import pack_dataset
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
+from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
 from pipeline.validation import check_common
 
@@ -44,12 +46,23 @@ class SFTArguments:
     data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
     skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
     neft_alpha: float = field(default=0.0, metadata={"help": "NEFTune noise alpha on embeddings (0 = off)."})
+    packing: bool | None = field(default=None, metadata={
+        "help": "Pack whole samples into rows, padding-free (default: on; off for prefix tuning and NEFTune)."})
+    packing_length: int | None = field(default=None, metadata={
+        "help": "Tokens per packed row (default --model_max_length); a step holds --per_device_train_batch_size rows."})
+    loss_chunk_size: int = field(default=2048, metadata={"help": "Supervised tokens per output-head chunk of the loss."})
 
     def __post_init__(self):
         if self.model_max_length < 8:
             raise UserError(f"--model_max_length must be at least 8, got {self.model_max_length}.")
         if self.neft_alpha < 0:
             raise UserError(f"--neft_alpha must be >= 0, got {self.neft_alpha}.")
+        self.packing_length = self.packing_length or self.model_max_length
+        if self.packing_length < self.model_max_length:
+            raise UserError(f"--packing_length ({self.packing_length}) must hold the longest sample, "
+                            f"--model_max_length ({self.model_max_length}).")
+        if self.loss_chunk_size < 1:
+            raise UserError(f"--loss_chunk_size must be positive, got {self.loss_chunk_size}.")
 
 
 def build_datasets(data_args, sft_args, template, tokenizer, training_args):
@@ -63,6 +76,12 @@ def build_datasets(data_args, sft_args, template, tokenizer, training_args):
     return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
+def pack(dataset, length: int, name: str):
+    packed, summary = pack_dataset(dataset, length, name)
+    logger.info(summary)
+    return packed
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, sft_args, training_args = parse_args(
@@ -70,6 +89,14 @@ def parse(argv: list[str] | None = None):
     )
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
     training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
+    # prefix tuning prepends virtual tokens to every sequence, and NEFTune scales its noise by the sequence
+    # length: packed rows would change what a sample computes, so both train unpacked
+    unpackable = "--peft_type prefix_tuning" if peft_args.use_peft and peft_args.peft_type == "prefix_tuning" else \
+        "--neft_alpha" if sft_args.neft_alpha else None
+    if sft_args.packing and unpackable:
+        raise UserError(f"--packing True cannot be combined with {unpackable}; drop one of them.")
+    if sft_args.packing is None:
+        sft_args.packing = unpackable is None
     return model_args, data_args, peft_args, sft_args, training_args
 
 
@@ -84,17 +111,22 @@ def main(argv: list[str] | None = None) -> None:
         first = train_dataset[0]
         logger.info("Sanity check: first training sample (template '%s')\n%s", template.name,
                     sanity_table(tokenizer, first["input_ids"], first["labels"]))
+    if sft_args.packing:
+        train_dataset, eval_dataset = (pack(d, sft_args.packing_length, name) if d is not None else None
+                                       for d, name in ((train_dataset, "train"), (eval_dataset, "eval")))
     model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
                        max_length=sft_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args))
+                       trainable_dtype=trainable_dtype(training_args), packing=sft_args.packing,
+                       half_precision=bool(training_args.bf16 or training_args.fp16))
     set_generation_stops(model, stop_ids, tokenizer.pad_token_id)
-    trainer = Trainer(
+    trainer = CausalLMTrainer(
         model=model,
         args=training_args,
-        data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=FlatteningCollator() if sft_args.packing else PaddingCollator(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        loss_chunk_size=sft_args.loss_chunk_size,
     )
     if training_args.do_train:
         train_and_save(trainer, training_args)

@@ -16,15 +16,19 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sft_model(tiny_model, tmp_path_factory) -> Path:
-    """The tiny model after full SFT on the learnable task (qwen template): the start point of RM and DPO."""
-    return train_sft(tiny_model, tmp_path_factory.mktemp("sft") / "sft", 150)
+    """The tiny model after full SFT on the learnable task (qwen template): the start point of RM and DPO.
+    Unpacked like weak_sft_model, so the reward model the RL tests score with stays the one they were
+    measured with; packed SFT is tested in test_sft.py and by the demo pipeline."""
+    return train_sft(tiny_model, tmp_path_factory.mktemp("sft") / "sft", 150, "--packing", "False")
 
 
 @pytest.fixture(scope="session")
 def weak_sft_model(tiny_model, tmp_path_factory) -> Path:
-    """A partly trained SFT policy (80 steps: right format, about a third of the held-out colours right),
-    the start point where DPO and the RL stages have room to improve greedy answers."""
-    return train_sft(tiny_model, tmp_path_factory.mktemp("weak-sft") / "sft", 80)
+    """A partly trained SFT policy (80 unpacked steps: right format, about a third of the held-out colours
+    right), the start point where DPO and the RL stages have room to improve greedy answers. Unpacked, so
+    the start point stays the one their thresholds were measured from (packing puts ~2 samples in a step
+    row and trains faster per step)."""
+    return train_sft(tiny_model, tmp_path_factory.mktemp("weak-sft") / "sft", 80, "--packing", "False")
 
 
 @pytest.fixture(scope="session")

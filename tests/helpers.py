@@ -21,14 +21,14 @@ def read_scalars(logdir: Path, tag: str) -> list[float]:
     return values
 
 
-def train_sft(model: Path, out: Path, steps: int) -> Path:
+def train_sft(model: Path, out: Path, steps: int, *extra: str) -> Path:
     """Full SFT of `model` on the learnable task (qwen template) for `steps` steps; returns `out`."""
     from stages import sft
 
     sft.main(["--model_name_or_path", str(model), "--template_name", "qwen", "--train_file_dir", str(DATA / "sft"),
               "--validation_split_percentage", "0", "--output_dir", str(out), "--use_peft", "False",
               "--learning_rate", "3e-3", "--max_steps", str(steps), "--per_device_train_batch_size", "16",
-              "--model_max_length", "128", "--report_to", "none", "--save_strategy", "no", "--seed", "0"])
+              "--model_max_length", "128", "--report_to", "none", "--save_strategy", "no", "--seed", "0", *extra])
     return out
 
 

@@ -62,3 +62,18 @@ class PairCollator:
         ids, mask = pad([f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features], self.pad_token_id)
         margin = torch.tensor([float(f.get("margin", 0.0)) for f in features])
         return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+
+
+@dataclass
+class FlatteningCollator:
+    """Packed rows (pipeline/data/packing.py) of a step flattened into one sequence: no padding at all.
+
+    `position_ids` restart at every sample and no attention mask is sent, so a varlen kernel (or
+    transformers' block-diagonal mask built from the position ids) keeps the samples apart.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        def flat(key: str) -> torch.Tensor:
+            return torch.tensor([[x for f in features for x in f[key]]], dtype=torch.long)
+
+        return {"input_ids": flat("input_ids"), "labels": flat("labels"), "position_ids": flat("position_ids")}

@@ -36,7 +36,8 @@ def sampling_config(base: GenerationConfig, max_new_tokens: int, temperature: fl
     """`base` (stop and pad ids) with a token budget; temperature 0 is greedy decoding."""
     config = GenerationConfig.from_dict(base.to_dict())
     sample = temperature > 0
-    config.update(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+    config.update(max_new_tokens=max_new_tokens, do_sample=sample, use_cache=True,
+                  temperature=temperature if sample else None,
                   top_p=top_p if sample else None, top_k=(config.top_k if top_k is None else top_k) if sample else None)
     return config
 
@@ -50,8 +51,7 @@ def stop_ids_of(config: GenerationConfig) -> list[int]:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
              **kwargs) -> Generated:
     """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping criteria)."""
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, use_cache=True,
-                         **kwargs)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
     responses = out[:, input_ids.shape[1]:]
     mask, ended = response_mask(responses, stop_ids_of(config))
     return Generated(torch.where(mask.bool(), responses, config.pad_token_id), mask, ended)

@@ -7,7 +7,6 @@ model). The same function serves every stage, so a flag means the same thing eve
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from transformers import (
 from pipeline.args import ModelArguments, PeftArguments
 from pipeline.errors import UserError, first_line
 from pipeline.model.adapters import attach_lora, unwrap
+from pipeline.model.attention import choose_attention
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +105,6 @@ def apply_rope_scaling(config, kind: str, max_length: int | None) -> None:
     logger.info("RoPE scaling %s with factor %.2f: %d -> %d positions", kind, params["factor"], limit, max_length)
 
 
-def attention_implementation(model_args: ModelArguments) -> str | None:
-    if not model_args.flash_attn:
-        return None
-    if importlib.util.find_spec("flash_attn") is None:
-        raise UserError("--flash_attn needs the flash-attn package, which is not installed "
-                        "(pip install flash-attn on a CUDA machine), or drop the flag to use PyTorch SDPA.")
-    return "flash_attention_2"
-
-
 def load_config(model_args: ModelArguments, max_length: int | None = None):
     """The checkpoint's config, checked against --model_type and stretched by --rope_scaling (cheap: no weights)."""
     try:
@@ -140,7 +131,11 @@ def load_model(
     gradient_checkpointing: bool = False,
     max_length: int | None = None,
     trainable_dtype: torch.dtype = torch.float32,
+    packing: bool = False,
+    half_precision: bool = False,
 ) -> PreTrainedModel:
+    """`packing`: batches are flattened packed rows, so a varlen attention kernel may be used (model/attention.py);
+    `half_precision`: the run computes in bf16/fp16 (what that kernel needs)."""
     auto_class, task_type = HEADS[head]
     config = load_config(model_args, max_length)
     if head == "reward":
@@ -154,7 +149,7 @@ def load_model(
         dtype=dtype,
         quantization_config=quant,
         device_map=_device_map() if quant else None,
-        attn_implementation=attention_implementation(model_args),
+        attn_implementation=choose_attention(model_args.flash_attn, packing, half_precision),
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
     )

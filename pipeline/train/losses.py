@@ -1,10 +1,14 @@
-"""The losses the project computes itself (the rest come from trl's trainers): the reward model's
-pairwise loss, and the reference-free preference losses SimPO and ORPO with the log-probabilities they read."""
+"""The losses the project computes itself (the rest come from trl's trainers): the causal-LM loss from
+hidden states without full-vocabulary logits (PT, SFT), the reward model's pairwise loss, and the
+reference-free preference losses SimPO and ORPO with the log-probabilities they read."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.data.masking import IGNORE_INDEX
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
@@ -37,3 +41,33 @@ def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torc
     """ORPO: NLL of the chosen answer + beta * -log sigmoid(log odds(chosen) - log odds(rejected))."""
     log_odds = (chosen - rejected) - (_log1m(chosen) - _log1m(rejected))
     return (-chosen).mean() - beta * F.logsigmoid(log_odds).mean()
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048,
+                       fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy, number of supervised tokens) from the final hidden states.
+
+    Only positions whose next label is supervised go through the output head, `chunk_size` at a time, and
+    each chunk's logits are recomputed in the backward pass instead of kept: the full [tokens, vocabulary]
+    logits never exist. Equal in value and gradient to cross-entropy on the model's logits. `fused`:
+    liger-kernel's fused linear cross-entropy instead (CUDA, a plain Linear head).
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    if fused:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias), keep.sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_size):
+        part = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hidden[part], targets[part], head)
+    return total, keep.sum()

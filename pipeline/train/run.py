@@ -66,6 +66,8 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     trainer.save_model()
     base.config.use_cache = False  # evaluation of packed blocks still needs it off
     metrics = dict(result.metrics)
+    if torch.cuda.is_available():  # this process's peak, for comparing memory across runs and tools
+        metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

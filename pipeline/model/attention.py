@@ -1,0 +1,93 @@
+"""Attention over packed rows without a dense mask.
+
+A packed step is one sequence of several samples whose `position_ids` restart at 0 at each sample (see
+pipeline/data/packing.py). Kernels that take cumulative sequence lengths ("varlen") attend within each
+sample only and never build a [tokens x tokens] mask. Choice, in order:
+
+  --flash_attn True       transformers' flash_attention_2 (the flash-attn package; it reads the position ids)
+  packing on a CUDA GPU   "packed_varlen" below: PyTorch's own varlen kernel (torch.nn.attention.varlen),
+                          registered through transformers' AttentionInterface
+  otherwise               SDPA, with transformers' block-diagonal mask built from the position ids:
+                          the same numbers, slower and memory-hungry on long rows (said once in the log)
+
+"packed_varlen" needs flattened packed batches (no padding, no attention mask); the stages use it only
+with the flattening collator, and it never reaches a saved config (transformers does not save the choice).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from transformers import AttentionInterface
+
+logger = logging.getLogger(__name__)
+PACKED_VARLEN = "packed_varlen"
+
+
+def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cumulative sample starts as int32, longest sample) of a flattened packed row (1, tokens)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    bounds = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)])
+    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
+
+
+def _torch_varlen(q, k, v, cu, max_len, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: torch 2.11's kernel wants one kv head per query head
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
+
+
+def reference_varlen(q, k, v, cu, max_len, scale):
+    """The same computation one sample at a time with SDPA: the CPU stand-in the tests compare against."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]).transpose(0, 1)
+    return out
+
+
+KERNEL = {"fn": _torch_varlen}
+
+
+def packed_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: (batch 1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
+    if query.shape[0] != 1 or kwargs.get("position_ids") is None:
+        raise ValueError("packed_varlen attention takes one flattened packed row with its position_ids")
+    cu, max_len = cu_seqlens(kwargs["position_ids"])
+    # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the autocast dtype
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+    out = KERNEL["fn"](q, k, v, cu.to(q.device), max_len, scaling)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(PACKED_VARLEN, packed_varlen_attention)
+
+
+def torch_varlen_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = True) -> str | None:
+    """The attn_implementation for a run (None: transformers' default, SDPA). The varlen kernel computes
+    in bf16/fp16 only, so a float32 run keeps SDPA."""
+    if flash_attn:
+        if importlib.util.find_spec("flash_attn") is None:
+            from pipeline.errors import UserError
+
+            raise UserError("--flash_attn needs the flash-attn package, which is not installed "
+                            "(pip install flash-attn on a CUDA machine), or drop the flag to use PyTorch SDPA.")
+        return "flash_attention_2"
+    if packing and half_precision and torch_varlen_available():
+        return PACKED_VARLEN
+    if packing:
+        logger.info("packed rows attend through SDPA with a block-diagonal mask from the position ids (no varlen "
+                    "kernel on this device): correct, slower on long rows")
+    return None

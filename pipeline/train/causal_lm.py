@@ -1,0 +1,55 @@
+"""The Trainer of the causal-LM stages (PT, SFT): its loss never holds full-vocabulary logits.
+
+The model runs with `logits_to_keep=1` (one position's logits, not the sequence's) and hands back its
+final hidden states; `losses.causal_lm_loss_sum` sends only the supervised positions through the output
+head, in chunks (or liger-kernel's fused linear cross-entropy on a CUDA GPU). The loss is the mean over
+the supervised tokens of the whole global batch, gradient accumulation and data-parallel ranks included,
+as transformers computes it with `num_items_in_batch`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from pipeline.train.losses import causal_lm_loss_sum
+
+
+def fused_loss_available(head: torch.nn.Module) -> bool:
+    """liger-kernel's fused kernel reads the head's weight directly: a plain Linear on a CUDA device, not
+    sharded by ZeRO-3 (wrapped heads, e.g. LoRA or modules_to_save copies, take the chunked path)."""
+    return (type(head) is torch.nn.Linear and head.weight.is_cuda and not is_deepspeed_zero3_enabled()
+            and importlib.util.find_spec("liger_kernel") is not None)
+
+
+class CausalLMTrainer(Trainer):
+    def __init__(self, *args, loss_chunk_size: int = 2048, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_size = loss_chunk_size
+        self.model_accepts_loss_kwargs = True  # the loss below divides by the global token count itself
+        self.can_return_loss = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        loss_sum, count = causal_lm_loss_sum(outputs.hidden_states[-1], labels, head, self.loss_chunk_size,
+                                             fused=fused_loss_available(head))
+        if num_items_in_batch is None:  # evaluation: the mean over this batch's supervised tokens
+            loss = loss_sum / count.clamp(min=1)
+        else:
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients of the ranks
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation needs the loss only; returning no logits keeps them from being gathered."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None

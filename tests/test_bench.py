@@ -1,0 +1,21 @@
+"""bench/: the SFT benchmark runs end to end in its CPU smoke mode (the GPU figures come from device runs)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.slow
+def test_sft_bench_smoke_runs_both_tools_on_the_same_tokens(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.sft", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["run"].split(" ")[0] for r in rows] == ["this", "this", "TRL"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), rows
+    assert len({r["tokens"] for r in rows}) == 1  # every tool trains on the same tokens
+    assert "| TRL SFTTrainer (defaults) |" in (tmp_path / "results.md").read_text()
