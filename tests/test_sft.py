@@ -141,3 +141,25 @@ def test_quantized_sft_trains(tiny_model, tmp_path, flag):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     norms = lora_b_norms(out / "adapter_model.safetensors")
     assert norms and min(norms) > 0  # the adapter on the quantized base was trained
+
+
+def test_packing_flags(tiny_model, tmp_path, caplog):
+    """--packing is on by default and --packing_length sets the row size; combinations that would change
+    what a sample computes are refused, and the automatic default turns packing off for them."""
+    quick(tiny_model, tmp_path / "packed", "--packing_length", "300", "--loss_chunk_size", "7")
+    assert "packed whole into" in caplog.text and "rows of <= 300 tokens" in caplog.text
+    caplog.clear()
+    quick(tiny_model, tmp_path / "plain", "--packing", "False")
+    assert "packed whole into" not in caplog.text
+    from pipeline.errors import UserError
+
+    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--output_dir",
+            str(tmp_path / "x"), "--model_max_length", "256"]
+    for flags, message in [(["--packing", "True", "--peft_type", "prefix_tuning"], "cannot be combined with --peft_type"),
+                           (["--packing", "True", "--neft_alpha", "5"], "cannot be combined with --neft_alpha"),
+                           (["--packing_length", "100"], "must hold the longest sample"),
+                           (["--loss_chunk_size", "0"], "must be positive")]:
+        with pytest.raises(UserError, match=message):
+            sft.parse(base + flags)
+    assert sft.parse(base + ["--neft_alpha", "5"])[3].packing is False  # the default follows the combination
+    assert sft.parse(base)[3].packing is True

@@ -1,9 +1,10 @@
-"""Packing: pretraining text into fixed-size blocks, and whole chat / preference samples into rows.
+"""Packing: pretraining text into fixed-size blocks, and whole chat samples into rows.
 
-Pretraining: documents are joined (each followed by EOS) and cut into `block_size` blocks. Samples (SFT,
-RM, DPO): placed whole into rows by best-fit decreasing, never cut. Either way `position_ids` restart at
-every document or sample start, and no attention mask is sent, so attention (varlen kernels, or
-transformers' block-diagonal mask from the position ids) never crosses from one into another.
+Pretraining: documents are joined (each followed by EOS) and cut into `block_size` blocks. SFT samples:
+placed whole into rows by best-fit decreasing, never cut (RM and DPO pairs are not packed yet). Either
+way `position_ids` restart at every document or sample start, and no attention mask is sent, so
+attention (varlen kernels, or transformers' block-diagonal mask from the position ids) never crosses
+from one into another.
 """
 
 from __future__ import annotations
