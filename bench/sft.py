@@ -1,12 +1,15 @@
 """SFT throughput and memory: this project's stage against TRL's SFTTrainer, same model shape, data and
 global batch, one process each, in one run.
 
-    python -m bench.sft --model_shape 1b --against trl --out bench/results     # on a GPU
-    python -m bench.sft --smoke                                                # tiny shape on the CPU
+    python -m bench.sft --model_shape 1b --suite full --out bench/results      # on a GPU: full SFT rows
+    python -m bench.sft --model_shape 8b --suite lora --batch_size 4 --max_length 2048   # LoRA, QLoRA
+    python -m bench.sft --model_shape 1b --suite dpo --batch_size 4 --max_length 2048    # DPO with LoRA
+    python -m bench.sft --smoke [--suite ...]                                  # tiny shape on the CPU
 
 The model is built from a config with random weights (no download) with the real vocabulary size (the
 logits dominate memory); the tokenizer is the tiny BPE one (ids only). The data is a chat mix with a
-long-tailed length distribution (median ~530 tokens, up to ~3.6k). Writes results.json and results.md.
+long-tailed length distribution (median ~530 tokens, up to ~3.6k), and preference pairs drawn the same way.
+Writes results-SUITE.json and results-SUITE.md, and each run's log.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -51,46 +55,90 @@ def build_model(shape: str, out: Path) -> Path:
     return out
 
 
+def _text(rng: random.Random, words: list[str], tokens: int) -> str:  # about two tokens a word
+    return " ".join(rng.choice(words) for _ in range(max(tokens // 2, 1)))
+
+
 def make_chats(n: int, median: int, cap: int, out: Path, seed: int = 0) -> list[int]:
     """ShareGPT chats whose token lengths follow a log-normal mix; returns the approximate lengths."""
     from pipeline.model.tiny_model import REPO_DATA, corpus
 
     words = " ".join(corpus(REPO_DATA)).split()
     rng = random.Random(seed)
-
-    def text(tokens: int) -> str:  # about two tokens a word
-        return " ".join(rng.choice(words) for _ in range(max(tokens // 2, 1)))
-
     lengths = []
     out.mkdir(parents=True, exist_ok=True)
     with (out / "chats.jsonl").open("w", encoding="utf-8") as f:
         for _ in range(n):
             total = min(cap, max(16, int(rng.lognormvariate(math.log(median), 0.7))))
             q = max(4, int(total * rng.uniform(0.2, 0.6)))
-            f.write(json.dumps({"conversations": [{"from": "human", "value": text(q)},
-                                                  {"from": "gpt", "value": text(total - q)}]}) + "\n")
+            f.write(json.dumps({"conversations": [{"from": "human", "value": _text(rng, words, q)},
+                                                  {"from": "gpt", "value": _text(rng, words, total - q)}]}) + "\n")
             lengths.append(total)
     return lengths
 
 
-def run(name: str, command: list[str], results: Path) -> dict:
+def make_pairs(n: int, median: int, cap: int, out: Path, seed: int = 0) -> None:
+    """Preference pairs (question, chosen, rejected) with long-tailed lengths; each sequence <= cap tokens."""
+    from pipeline.model.tiny_model import REPO_DATA, corpus
+
+    words = " ".join(corpus(REPO_DATA)).split()
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "pairs.jsonl").open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            q = min(cap // 2, max(8, int(rng.lognormvariate(math.log(median * 0.4), 0.7))))
+            answers = [min(cap - q - 32, max(4, int(rng.lognormvariate(math.log(median * 0.6), 0.7)))) for _ in "cr"]
+            f.write(json.dumps({"question": _text(rng, words, q), "response_chosen": _text(rng, words, answers[0]),
+                                "response_rejected": _text(rng, words, answers[1])}) + "\n")
+
+
+# (row name, tool, extra flags); rows of a suite run in this order, one process each
+LIGER = ["--use_liger_kernel", "True"]
+FULL = ["--use_peft", "False"]
+LORA = ["--use_peft", "True", "--lora_rank", "8"]
+LEAN = ["--gradient_checkpointing", "True", *LIGER]
+SUITES = {
+    "full": [("this project, no gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "False"]),
+             ("this project, gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "True"]),
+             ("this project, liger kernels, no checkpointing", "project-sft",
+              [*FULL, "--gradient_checkpointing", "False", *LIGER]),
+             ("this project, liger kernels + checkpointing", "project-sft",
+              [*FULL, "--gradient_checkpointing", "True", *LIGER]),
+             ("this project, bf16 weights (TRL's precision), liger + checkpointing", "project-sft",
+              [*FULL, "--torch_dtype", "bfloat16", "--gradient_checkpointing", "True", *LIGER]),
+             ("TRL SFTTrainer (defaults)", "trl-sft", [])],
+    "lora": [("this project, LoRA r=8 all linear", "project-sft", [*LORA, *LEAN]),
+             ("this project, QLoRA r=8 all linear", "project-sft", [*LORA, *LEAN, "--load_in_4bit", "True", "--qlora", "True"]),
+             ("TRL SFTTrainer (defaults), LoRA r=8 all linear", "trl-sft", ["lora_r=8"])],
+    "dpo": [("this project, DPO LoRA r=8 all linear", "project-dpo", ["--use_peft", "True", "--lora_rank", "8"]),
+            ("TRL DPOTrainer (defaults), LoRA r=8 all linear", "trl-dpo", ["lora_r=8"])],
+}
+
+
+def run(name: str, tool: str, args: list[str], extra: list[str], results: Path, index: int, profile: bool) -> dict:
     start = time.monotonic()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    (results / f"{command[3]}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+    env = {**os.environ, **({"BENCH_PROFILE": "1"} if profile else {})}
+    proc = subprocess.run([sys.executable, "-m", "bench.run_one", tool, *args, *extra], cwd=REPO, capture_output=True,
+                          text=True, env=env)
+    (results / f"run{index}-{tool}.log").write_text(" ".join(extra) + "\n" + proc.stdout[-20000:] + proc.stderr[-60000:])
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or line.startswith("error")]
-        return {"run": name, "error": (errors or ["failed"])[-1][:300]}
+        return {"run": name, "flags": extra, "error": (errors or ["failed"])[-1][:300]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"run": name, "wall_s": round(time.monotonic() - start, 1), **out}
+    return {"run": name, "flags": extra, "wall_s": round(time.monotonic() - start, 1), **out}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--suite", default="full", choices=sorted(SUITES),
+                        help="full: full-parameter SFT; lora: LoRA and QLoRA SFT; dpo: DPO with LoRA")
     parser.add_argument("--against", default="trl", choices=["trl", "none"])
+    parser.add_argument("--rows", default=None, help="comma-separated row numbers of the suite to run (default all)")
     parser.add_argument("--samples", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=4096)
+    parser.add_argument("--profile", action="store_true", help="also profile the suite's first row (steps 4-6)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, few short samples, on the CPU")
     args = parser.parse_args(argv)
@@ -101,27 +149,35 @@ def main(argv: list[str] | None = None) -> None:
     work = results / "work"
     model = build_model(args.model_shape, work / f"model-{args.model_shape}")
     median = 60 if args.smoke else 534
-    lengths = make_chats(args.samples, median, min(3600, args.max_length - 64), work / "data")
-    common = [str(model), str(work / "data"), str(args.batch_size), str(args.max_length)]
-    # packed rows of max_length tokens: this many per step hold about as many tokens as batch_size samples
-    same_rows = max(1, round(args.batch_size * sum(lengths) / len(lengths) / args.max_length))
-    same = [str(model), str(work / "data"), str(same_rows), str(args.max_length)]
-    rows = [run("this project (defaults)", [sys.executable, "-m", "bench.run_one", "project", *common, str(work / "p")],
-                results),
-            run(f"this project, {same_rows} packed rows a step (about {args.batch_size} samples' tokens)",
-                [sys.executable, "-m", "bench.run_one", "project-same", *same, str(work / "q")], results)]
-    if args.against == "trl":
-        rows.append(run("TRL SFTTrainer (defaults)", [sys.executable, "-m", "bench.run_one", "trl", *common,
-                                                       str(work / "t")], results))
+    data = work / "data"
+    make_chats(args.samples, median, min(3600, args.max_length - 64), data / "sft")
+    make_pairs(args.samples, median, args.max_length, data / "dpo")
+    suite = SUITES[args.suite]
+    if args.against == "none":
+        suite = [r for r in suite if not r[1].startswith("trl")]
+    if args.smoke:  # liger-kernel's Triton kernels need a GPU
+        suite = [r for r in suite if "--use_liger_kernel" not in r[2]]
+    chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(suite))
+    rows = []
+    for i in chosen:
+        name, tool, extra = suite[i]
+        common = [str(model), str(data / tool.split("-")[1]), str(args.batch_size), str(args.max_length),
+                  str(work / f"out{i}")]
+        rows.append(run(name, tool, common, extra, results, i, profile=False))
+    if args.profile:
+        name, tool, extra = suite[chosen[0]]
+        common = [str(model), str(data / tool.split("-")[1]), str(args.batch_size), str(args.max_length),
+                  str(work / "profile")]
+        run(name + " (profiled)", tool, common, [*extra, "--max_steps", "8"], results, 99, profile=True)
     table = ["| run | tokens/s | peak GPU memory (GiB) | optimizer steps | final loss | train s |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         table.append(f"| {r['run']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '—')} | "
                      f"{r.get('steps', '—')} | {r.get('final_loss', '—')} | {r.get('train_s', '—')} |")
-    summary = {"shape": args.model_shape, "samples": args.samples, "median_tokens": median, "max_length": args.max_length,
-               "approx_tokens": sum(lengths), "batch_size": args.batch_size, "rows": rows}
-    (results / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (results / "results.md").write_text("\n".join(table) + "\n")
+    summary = {"shape": args.model_shape, "suite": args.suite, "samples": args.samples, "median_tokens": median,
+               "max_length": args.max_length, "batch_size": args.batch_size, "rows": rows}
+    (results / f"results-{args.suite}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (results / f"results-{args.suite}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 

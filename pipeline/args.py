@@ -7,11 +7,12 @@ flags on the command line override it. Unknown flags are an error.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -148,6 +149,11 @@ class PipelineTrainingArguments(TrainingArguments):
     """TrainingArguments with defaults that fit the hardware present and the seed's output layout."""
 
     bf16: bool | None = field(default=None, metadata={"help": "Mixed bf16; default: on when the GPU supports it."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Recompute activations in the backward pass instead of keeping them (default: on, except PPO)."})
+    use_liger_kernel: bool | None = field(default=None, metadata={
+        "help": "liger-kernel's fused RMSNorm, RoPE and SwiGLU (default: on for PT and SFT on a CUDA GPU where "
+                "liger-kernel is installed)."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
     logging_steps: float = field(default=10)
     do_train: bool = field(default=True, metadata={"help": "Train (default True)."})
@@ -156,9 +162,18 @@ class PipelineTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."}
     )
 
+    # defaults chosen from measurements (README "Speed and memory"); the stages' subclasses may differ
+    default_checkpointing: ClassVar[bool] = True
+    default_liger: ClassVar[bool] = False
+
     def __post_init__(self):
         if not self.output_dir:
             raise UserError("--output_dir is required.")
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.default_checkpointing
+        if self.use_liger_kernel is None:
+            self.use_liger_kernel = bool(self.default_liger and torch.cuda.is_available()
+                                         and importlib.util.find_spec("liger_kernel") is not None)
         if self.do_predict:
             raise UserError("--do_predict is not supported by the training stages; use the inference command.")
         if self.bf16 is None:
@@ -169,10 +184,24 @@ class PipelineTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.fp16 and not torch.cuda.is_available():
             raise UserError("--fp16 needs a CUDA GPU; drop it on a CPU-only machine.")
+        if self.use_liger_kernel:
+            if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+                raise UserError("--use_liger_kernel needs a CUDA GPU and the liger-kernel package (pip install -e '.[gpu]').")
+            # the stages compute the loss from hidden states themselves (pipeline/train/causal_lm.py, trl's fused
+            # head); liger replaces RMSNorm, RoPE and SwiGLU
+            self.liger_kernel_config = self.liger_kernel_config or {"fused_linear_cross_entropy": False,
+                                                                    "cross_entropy": False}
         try:
             super().__post_init__()
         except ValueError as e:
             raise UserError(first_line(e)) from e
+
+
+@dataclass
+class CausalLMTrainingArguments(PipelineTrainingArguments):
+    """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and leaner)."""
+
+    default_liger: ClassVar[bool] = True
 
 
 def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:

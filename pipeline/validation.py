@@ -21,3 +21,14 @@ def check_common(model_args: ModelArguments, peft_args: PeftArguments, max_lengt
         raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
     load_config(model_args, max_length)
     choose_attention(model_args.flash_attn, packing=False)  # --flash_attn without the package stops here
+
+
+def resolve_packing(packing: bool | None, peft_args: PeftArguments, neft_alpha: float = 0.0) -> bool:
+    """--packing: on unless something would change what a packed sample computes. Prefix tuning prepends
+    virtual tokens to every sequence and NEFTune scales its noise by the sequence length, so both train
+    unpacked; asking for packing with either stops here."""
+    unpackable = "--peft_type prefix_tuning" if peft_args.use_peft and peft_args.peft_type == "prefix_tuning" else \
+        "--neft_alpha" if neft_alpha else None
+    if packing and unpackable:
+        raise UserError(f"--packing True cannot be combined with {unpackable}; drop one of them.")
+    return unpackable is None if packing is None else packing

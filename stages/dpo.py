@@ -37,7 +37,7 @@ from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common
+from pipeline.validation import check_common, resolve_packing
 
 logger = logging.getLogger("pipeline.dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -53,6 +53,8 @@ class DPOArguments:
     label_smoothing: float = field(default=0.0, metadata={"help": "robust: assumed share of flipped labels."})
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Score the reference once up front."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    packing: bool | None = field(default=None, metadata={
+        "help": "Run each step's chosen and rejected sequences end to end, padding-free (default: on; off for prefix tuning)."})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable answers."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of undesirable answers."})
 
@@ -72,7 +74,8 @@ def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval
     data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     if dpo_args.loss_type in REFERENCE_FREE:
         return ReferenceFreeTrainer(model=model, args=training_args, loss_type=dpo_args.loss_type, beta=dpo_args.beta,
-                                    gamma=dpo_args.simpo_gamma, pad_token_id=tokenizer.pad_token_id, **data)
+                                    gamma=dpo_args.simpo_gamma, pad_token_id=tokenizer.pad_token_id,
+                                    packing=dpo_args.packing, **data)
     if dpo_args.loss_type == "kto":
         # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; main()
         # shuffled the answers once.
@@ -80,10 +83,10 @@ def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval
         config = KTOConfig(**shared, beta=dpo_args.beta, desirable_weight=dpo_args.desirable_weight,
                            undesirable_weight=dpo_args.undesirable_weight, max_length=None,
                            precompute_ref_log_probs=dpo_args.precompute_ref_log_probs)
-        return PretokenizedKTOTrainer(model=model, args=config, **data)
+        return PretokenizedKTOTrainer(model=model, args=config, packing=dpo_args.packing, **data)
     config = DPOConfig(**shared, loss_type=[dpo_args.loss_type], beta=dpo_args.beta, label_smoothing=dpo_args.label_smoothing,
                        precompute_ref_log_probs=dpo_args.precompute_ref_log_probs, max_length=None)
-    return PretokenizedDPOTrainer(model=model, args=config, **data)
+    return PretokenizedDPOTrainer(model=model, args=config, packing=dpo_args.packing, **data)
 
 
 def parse(argv: list[str] | None = None):
@@ -92,6 +95,7 @@ def parse(argv: list[str] | None = None):
         (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
+    dpo_args.packing = resolve_packing(dpo_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, dpo_args, training_args
 
 
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None):
         train_dataset = train_dataset.shuffle(seed=training_args.seed)
     model = load_model(model_args, peft_args, tokenizer, head="lm",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args))
+                       trainable_dtype=trainable_dtype(training_args), packing=dpo_args.packing,
+                       half_precision=bool(training_args.bf16 or training_args.fp16))
     trainer = build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval_dataset)
     if training_args.do_train:
         train_and_save(trainer, training_args)

@@ -20,13 +20,13 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
-from pipeline.rl.config import GROUP_RELATIVE_FLAGS, PPOArguments, validate_group_relative
+from pipeline.rl.config import GROUP_RELATIVE_FLAGS, PPOArguments, RLTrainingArguments, validate_group_relative
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, reward_model_folder
 from pipeline.rl.rollout import Rollouts
 from pipeline.train.run import setup_run, train_and_save
@@ -68,7 +68,7 @@ def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_mo
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, GroupRelativeArguments, PipelineTrainingArguments), argv
+        (ModelArguments, DataArguments, PeftArguments, GroupRelativeArguments, RLTrainingArguments), argv
     )
     validate_group_relative(model_args, peft_args, ppo_args)
     return model_args, data_args, peft_args, ppo_args, training_args

@@ -25,7 +25,6 @@ from pipeline.args import (
     DataArguments,
     ModelArguments,
     PeftArguments,
-    PipelineTrainingArguments,
     parse_args,
     resolve_resume_checkpoint,
 )
@@ -34,7 +33,7 @@ from pipeline.data.templates import apply_template_to_tokenizer, resolve_templat
 from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_tokenizer, set_generation_stops
 from pipeline.rl import checkpoint, distributed, ppo_math
-from pipeline.rl.config import PPOArguments, validate_ppo
+from pipeline.rl.config import PPOArguments, RLTrainingArguments, validate_ppo
 from pipeline.rl.models import PPOModels, ValueModel, build_models, prepare_for_rl
 from pipeline.rl.rewards import RewardScorer
 from pipeline.rl.rollout import Rollouts, token_logprobs_and_entropy, values
@@ -223,7 +222,7 @@ class PPORecipe(Rollouts):
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PPOArguments, PipelineTrainingArguments), argv
+        (ModelArguments, DataArguments, PeftArguments, PPOArguments, RLTrainingArguments), argv
     )
     validate_ppo(model_args, peft_args, ppo_args, training_args)
     return model_args, data_args, peft_args, ppo_args, training_args

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 from datasets import Dataset
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
+from pipeline.args import CausalLMTrainingArguments, DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
 from pipeline.data.collators import PackedBlockCollator
 from pipeline.data.files import cap, load_text_dataset, load_train_eval
 from pipeline.data.packing import tokenize_and_pack
@@ -77,7 +77,7 @@ def build_datasets(data_args: DataArguments, block_size: int, tokenizer, trainin
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, pt_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PTArguments, PipelineTrainingArguments), argv
+        (ModelArguments, DataArguments, PeftArguments, PTArguments, CausalLMTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=pt_args.block_size)
     return model_args, data_args, peft_args, pt_args, training_args

@@ -30,7 +30,7 @@ from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.reward import RewardModelTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common
+from pipeline.validation import check_common, resolve_packing
 
 logger = logging.getLogger("pipeline.rm")
 
@@ -39,6 +39,8 @@ logger = logging.getLogger("pipeline.rm")
 class RMTrainingArguments(PipelineTrainingArguments):
     center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the pair collator needs the columns."})
+    packing: bool | None = field(default=None, metadata={
+        "help": "Run each step's sequences end to end, padding-free (default: on; off for prefix tuning)."})
 
 
 def parse(argv: list[str] | None = None):
@@ -47,6 +49,7 @@ def parse(argv: list[str] | None = None):
         (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, RMTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
+    training_args.packing = resolve_packing(training_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, training_args
 
 
@@ -61,10 +64,12 @@ def main(argv: list[str] | None = None) -> None:
                                                       whole_conversations=True)
     model = load_model(model_args, peft_args, tokenizer, head="reward",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args))
+                       trainable_dtype=trainable_dtype(training_args), packing=training_args.packing,
+                       half_precision=bool(training_args.bf16 or training_args.fp16))
     trainer = RewardModelTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
-                                 center_rewards_coefficient=training_args.center_rewards_coefficient)
+                                 center_rewards_coefficient=training_args.center_rewards_coefficient,
+                                 packing=training_args.packing)
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

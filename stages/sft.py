@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, PipelineTrainingArguments, parse_args, trainable_dtype
+from pipeline.args import CausalLMTrainingArguments, DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
 from pipeline.data.chat_dataset import build_chat_dataset, sanity_table
 from pipeline.data.collators import FlatteningCollator, PaddingCollator
 from pipeline.data.conversations import FORMATS
@@ -31,7 +31,7 @@ from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common
+from pipeline.validation import check_common, resolve_packing
 
 logger = logging.getLogger("pipeline.sft")
 
@@ -85,18 +85,11 @@ def pack(dataset, length: int, name: str):
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, sft_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, SFTArguments, PipelineTrainingArguments), argv
+        (ModelArguments, DataArguments, PeftArguments, SFTArguments, CausalLMTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
     training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
-    # prefix tuning prepends virtual tokens to every sequence, and NEFTune scales its noise by the sequence
-    # length: packed rows would change what a sample computes, so both train unpacked
-    unpackable = "--peft_type prefix_tuning" if peft_args.use_peft and peft_args.peft_type == "prefix_tuning" else \
-        "--neft_alpha" if sft_args.neft_alpha else None
-    if sft_args.packing and unpackable:
-        raise UserError(f"--packing True cannot be combined with {unpackable}; drop one of them.")
-    if sft_args.packing is None:
-        sft_args.packing = unpackable is None
+    sft_args.packing = resolve_packing(sft_args.packing, peft_args, sft_args.neft_alpha)
     return model_args, data_args, peft_args, sft_args, training_args
 
 

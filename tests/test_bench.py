@@ -14,8 +14,19 @@ def test_sft_bench_smoke_runs_both_tools_on_the_same_tokens(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.sft", "--smoke", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "results-full.json").read_text())["rows"]
     assert [r["run"].split(" ")[0] for r in rows] == ["this", "this", "TRL"]
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), rows
     assert len({r["tokens"] for r in rows}) == 1  # every tool trains on the same tokens
-    assert "| TRL SFTTrainer (defaults) |" in (tmp_path / "results.md").read_text()
+    assert "| TRL SFTTrainer (defaults) |" in (tmp_path / "results-full.md").read_text()
+
+
+@pytest.mark.slow
+def test_dpo_bench_smoke_runs_the_project_stage_and_trl_on_the_same_pairs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.sft", "--smoke", "--suite", "dpo", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results-dpo.json").read_text())["rows"]
+    assert [r["run"].split(",")[0] for r in rows] == ["this project", "TRL DPOTrainer (defaults)"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), rows
+    assert len({r["tokens"] for r in rows}) == 1

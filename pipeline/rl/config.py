@@ -7,12 +7,20 @@ every cross-flag check of each script, run right after parsing, before any model
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from pipeline.args import ModelArguments, PeftArguments, PipelineTrainingArguments, split_list
 from pipeline.data.conversations import FORMATS
 from pipeline.errors import UserError
 from pipeline.rl.rewards import RULE_REWARDS
 from pipeline.validation import check_common
+
+
+@dataclass
+class RLTrainingArguments(PipelineTrainingArguments):
+    """PPO, GRPO, RLOO: gradient checkpointing off by default (rollouts generate with the policy's cache)."""
+
+    default_checkpointing: ClassVar[bool] = False
 
 
 @dataclass
@@ -111,6 +119,9 @@ def check_loop_flags(training_args) -> None:
     if training_args.fp16:
         raise UserError("--fp16 needs loss scaling, which the PPO loop does not do: use --bf16 True, float32, or "
                         "--algorithm grpo/rloo.")
+    if training_args.use_liger_kernel:
+        raise UserError("--use_liger_kernel is applied by the Trainer-based stages; the PPO loop does not use it "
+                        "(--algorithm grpo/rloo do): drop the flag.")
 
 
 # PPO flags trl's GRPO/RLOO take under their own names; the other PPO-only flags have no counterpart there.

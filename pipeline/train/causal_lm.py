@@ -37,8 +37,9 @@ class CausalLMTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         loss_sum, count = causal_lm_loss_sum(outputs.hidden_states[-1], labels, head, self.loss_chunk_size,
-                                             fused=fused_loss_available(head))
+                                             fused=fused_loss_available(head), compute_dtype=mixed)
         if num_items_in_batch is None:  # evaluation: the mean over this batch's supervised tokens
             loss = loss_sum / count.clamp(min=1)
         else:

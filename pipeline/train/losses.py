@@ -20,11 +20,12 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 
 def average_logps(model, batch) -> torch.Tensor:
-    """Mean log-probability of the completion tokens of each row."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
-    labels, mask = batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].float()
-    token_logps = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    """Mean log-probability of the completion tokens of each row, through trl's fused LM head (installed on
+    the model: per-token log-probabilities in chunks, never the full-vocabulary logits)."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    token_logps = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                        fused_lm_head=True, use_cache=False).log_probs
+    return token_logps.sum(-1) / batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
 
 
 def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -48,26 +49,35 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048,
-                       fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       fused: bool = False, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token cross-entropy, number of supervised tokens) from the final hidden states.
 
     Only positions whose next label is supervised go through the output head, `chunk_size` at a time, and
     each chunk's logits are recomputed in the backward pass instead of kept: the full [tokens, vocabulary]
     logits never exist. Equal in value and gradient to cross-entropy on the model's logits. `fused`:
-    liger-kernel's fused linear cross-entropy instead (CUDA, a plain Linear head).
+    liger-kernel's fused linear cross-entropy instead (CUDA, a plain Linear head). `compute_dtype`: the
+    mixed-precision dtype the head multiplies in (the hidden states reach the loss outside the model's
+    autocast, converted to float32 by accelerate); None: as the head's weight and the hidden states are.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]
+    device = hidden.device.type
     if fused:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias), keep.sum()
+        weight, bias = head.weight, head.bias
+        dtype = compute_dtype or weight.dtype  # the kernel multiplies its operands as given: make them agree
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), chunk_size):
-        part = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hidden[part], targets[part], head)
+    with torch.autocast(device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+        for start in range(0, len(targets), chunk_size):
+            part = slice(start, start + chunk_size)
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False)
+            else:
+                total = total + _chunk_loss(hidden[part], targets[part], head)
     return total, keep.sum()

@@ -4,6 +4,10 @@
 - KTO (unpaired desirable/undesirable answers): trl's KTOTrainer, likewise.
 - SimPO and ORPO (reference-free): trl has them only in its experimental package with its own text
   tokenization, so their losses (a few lines each) run here on the plain Trainer.
+
+Every one reads log-probabilities through trl's fused LM head (chunked, no full-vocabulary logits) and, with
+packing on (the default), runs each step's chosen and rejected sequences end to end without padding
+(pipeline/model/unpadding.py), policy and reference alike.
 """
 
 from __future__ import annotations
@@ -14,12 +18,27 @@ import torch
 from transformers import Trainer
 from trl import DPOTrainer, KTOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
 
+from pipeline.model.adapters import unwrap
+from pipeline.model.unpadding import unpadded_log_probs
 from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
+
+
+def unpad_models(trainer, packing: bool) -> None:
+    """With packing, the policy (under its PEFT wrapper) and any separate reference run padding-free."""
+    if packing:
+        for model in (unwrap(trainer.model), getattr(trainer, "ref_model", None)):
+            if model is not None:
+                unpadded_log_probs(model)
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
     """DPOTrainer that takes prompt_ids/chosen_ids/rejected_ids as they are (no re-tokenization, no EOS added)."""
+
+    def __init__(self, *args, packing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        unpad_models(self, packing)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -27,6 +46,10 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 class PretokenizedKTOTrainer(KTOTrainer):
     """KTOTrainer on prompt_ids/completion_ids/label; only adds the mismatched pairs its KL estimate needs."""
+
+    def __init__(self, *args, packing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        unpad_models(self, packing)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.calculate_KL:  # rotate completions by one within each batch, as trl does
@@ -39,9 +62,12 @@ class PretokenizedKTOTrainer(KTOTrainer):
 
 
 class ReferenceFreeTrainer(Trainer):
-    def __init__(self, *args, loss_type: str, beta: float, gamma: float = 0.0, pad_token_id: int, **kwargs):
+    def __init__(self, *args, loss_type: str, beta: float, gamma: float = 0.0, pad_token_id: int, packing: bool = False,
+                 **kwargs):
         super().__init__(*args, data_collator=DataCollatorForPreference(pad_token_id=pad_token_id), **kwargs)
         self.args.remove_unused_columns = False  # the preference collator needs the id columns
+        add_fused_lm_head(unwrap(self.model))
+        unpad_models(self, packing)
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.can_return_loss = True

@@ -11,17 +11,23 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from pipeline.model.adapters import unwrap
+from pipeline.model.unpadding import unpadded_scores
 from pipeline.train.losses import pairwise_loss
 
 
 class RewardModelTrainer(Trainer):
-    def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
+    def __init__(self, *args, center_rewards_coefficient: float = 0.0, packing: bool = False, **kwargs):
         super().__init__(*args, compute_metrics=pair_metrics, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
         self.can_return_loss = True
+        self.packing = packing
+        if packing:  # the pairs' rows run end to end, padding-free (pipeline/model/unpadding.py)
+            unpadded_scores(unwrap(self.model))
 
     def _rewards(self, model, inputs):
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        extra = {"unpad": True} if self.packing else {"use_cache": False}
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra).logits
         return torch.chunk(rewards.squeeze(-1).float(), 2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
