@@ -33,7 +33,9 @@ def weak_sft_model(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reward_model(sft_model, tmp_path_factory) -> Path:
-    """A full reward model trained from the SFT model on the learnable preference pairs."""
+    """A full reward model trained from the SFT model on the learnable preference pairs. Unpadded like the SFT
+    fixtures: packed pairs compute the same rewards only to float rounding (tests/test_pair_packing.py), and the
+    PPO tests' thresholds were measured against this reward model; packed RM is tested in test_rm.py."""
     from stages import rm
 
     out = tmp_path_factory.mktemp("rm") / "rm"
@@ -41,7 +43,7 @@ def reward_model(sft_model, tmp_path_factory) -> Path:
              str(DATA / "reward_eval"), "--use_peft", "False", "--learning_rate", "1e-3", "--max_steps", "400",
              "--template_name", "qwen", "--train_file_dir", str(DATA / "reward"), "--per_device_train_batch_size", "16",
              "--model_max_length", "128", "--report_to", "none", "--logging_steps", "50", "--save_strategy", "no",
-             "--seed", "0"])
+             "--seed", "0", "--packing", "False"])
     return out
 
 

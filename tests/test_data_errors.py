@@ -78,3 +78,23 @@ def test_stage_prints_one_sentence_and_exits_2(tiny_model, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "docs.jsonl:2:" in errors[0]
     assert not (tmp_path / "out").exists(), "nothing should be written before the data is valid"
+
+
+def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.chat_dataset import build_chat_dataset
+    from pipeline.data.templates import apply_template_to_tokenizer, get_template
+    from tests.helpers import DATA
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    template = get_template("qwen")
+    apply_template_to_tokenizer(tokenizer, template)
+    sft_args = SimpleNamespace(data_format="auto", skip_invalid_samples=False, multi_turn_mode="all",
+                               train_on_inputs=False, model_max_length=8)
+    with pytest.raises(UserError, match=r"\d+ samples read, none kept \(\d+ no supervised token within "
+                                        r"--model_max_length 8\)"):
+        build_chat_dataset(str(DATA / "sft"), "--train_file_dir", template, tokenizer, sft_args,
+                           SimpleNamespace(preprocessing_num_workers=None))

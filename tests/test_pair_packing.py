@@ -134,3 +134,24 @@ def test_reward_packing_refuses_a_model_without_a_score_head(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     with pytest.raises(UserError, match="--packing False"):
         unpadded_scores(model)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_pair_stages_pack_by_default_and_refuse_packing_with_prefix_tuning(tiny_model, tmp_path, stage):
+    import importlib
+
+    from pipeline.errors import UserError
+
+    parse = importlib.import_module(f"stages.{stage}").parse
+    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "reward"),
+            "--output_dir", str(tmp_path / stage), "--template_name", "qwen"]
+
+    def packing(args):
+        parsed = parse(base + args)
+        return (parsed[-1] if stage == "rm" else parsed[4]).packing
+
+    assert packing([]) is True
+    assert packing(["--packing", "False"]) is False
+    assert packing(["--peft_type", "prefix_tuning"]) is False  # virtual tokens change what a packed row computes
+    with pytest.raises(UserError, match="cannot be combined with --peft_type prefix_tuning"):
+        packing(["--peft_type", "prefix_tuning", "--packing", "True"])

@@ -11,7 +11,6 @@ from pipeline.data.templates import (
     get_template,
     load_template_file,
     render,
-    resolve_template,
     template_names,
 )
 from pipeline.errors import UserError
@@ -60,34 +59,65 @@ def tokenizer(tiny_model):
 @pytest.mark.parametrize("name", template_names())
 def test_saved_jinja_template_equals_renderer(tokenizer, name):
     tokenizer.chat_template = chat_template_jinja(name)
+    two_results = TOOL_CHAT[:3] + [dict(TOOL_CHAT[2], content="second result")] + TOOL_CHAT[3:]
     conversations = [([SYSTEM] + TURNS, None), (TURNS, None), (TOOL_CHAT, TOOLS), ([SYSTEM] + TOOL_CHAT, TOOLS),
+                     (two_results, TOOLS),
                      ([{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": " x\n"}], None)]
     for messages, tools in conversations:
         for gen in (False, True):
             prompt = messages[:-1] if gen else messages
+            if tools and get_template(name).tools_system is None:  # both renderers refuse tools
+                with pytest.raises(Exception, match="does not write tool definitions"):
+                    tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=gen)
+                with pytest.raises(UserError, match="does not write tool definitions"):
+                    render(name, prompt, add_generation_prompt=gen, tools=tools)
+                continue
             got = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=gen)
             assert got == render(name, prompt, add_generation_prompt=gen, tools=tools), (name, gen)
 
 
 @pytest.mark.parametrize("name", template_names())
 def test_render_is_prefix_preserving(name):
+    """Each answer's prompt starts its conversation, except where the format joins history differently
+    (Yuan2): there only the conversation through that answer starts with it (trained one answer a sample)."""
     messages = [SYSTEM] + TURNS
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             prompt = render(name, messages[:i], add_generation_prompt=True)
-            assert render(name, messages).startswith(prompt)
+            if get_template(name).history_join is None:
+                assert render(name, messages).startswith(prompt)
             assert render(name, messages[: i + 1]).startswith(prompt)
+
+
+def test_yuan2_trains_fastchats_texts(tiny_model):
+    """FastChat's Yuan2 prompt joins history with <n> and ends the question with <sep>; its split and
+    last-response loss modes train each answer after exactly that prompt."""
+    from pipeline.data.masking import IGNORE_INDEX, encode_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    template = get_template("yuan2")
+    apply_template_to_tokenizer(tokenizer, template)
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert render("yuan2", chat[:3], add_generation_prompt=True) == "q1<n>a1<n>q2<sep>"
+
+    def texts(mode):
+        out = []
+        for s in encode_samples(template, tokenizer, {"messages": chat}, mode):
+            trained = [t for t, label in zip(s.input_ids, s.labels) if label != IGNORE_INDEX]
+            out.append((tokenizer.decode(s.input_ids), tokenizer.decode(trained)))
+        return out
+
+    split = [("q1<sep>a1<eod>", "a1<eod>"), ("q1<n>a1<n>q2<sep>a2<eod>", "a2<eod>")]
+    assert texts("split") == split
+    assert texts("all") == split  # every answer trained, each after the prompt inference builds
+    assert texts("last") == [("q1<n>a1<n>q2<sep>a2<eod>", "a2<eod>")]
 
 
 @pytest.mark.parametrize("name", template_names())
 def test_golden_tables_are_current(tiny_model, name):
     """Regenerate with: python scripts/make_golden.py"""
     assert table(name, str(tiny_model)) == (GOLDEN / f"{name}.tsv").read_text(encoding="utf-8")
-
-
-def test_auto_recognises_a_saved_template(tokenizer):
-    apply_template_to_tokenizer(tokenizer, get_template("llama3"))
-    assert resolve_template("auto", tokenizer).name == "llama3"
 
 
 def test_template_json_literal_survives_unicode():
@@ -109,3 +139,33 @@ def test_a_broken_template_file_names_the_file_and_field(tmp_path, text, message
     path.write_text(text)
     with pytest.raises(UserError, match=f"template file {path}.*{message}"):
         load_template_file(path)
+
+
+def test_chatglm3_tools_are_native_and_parse_back_with_chatglm3s_response_parser(tokenizer):
+    """ChatGLM3's own format: tools in a first system turn as indented JSON, a call as an assistant turn whose
+    metadata is the tool name and whose content is a python fence around tool_call(...); the model's response
+    parser (split the metadata line, drop the fence lines, eval with tool_call returning its keywords) gives
+    back the name and arguments. The saved Jinja writes the same text."""
+    args = {"city": "Paris", "note": "it's \"mild\"\nok", "days": 3, "metric": True, "extra": None}
+    chat = [{"role": "system", "content": "Be brief."}, TOOL_CHAT[0],
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": args}}]}] + TOOL_CHAT[2:]
+    text = render("chatglm3", chat, tools=TOOLS)
+    assert text.startswith("[gMASK]sop<|system|>\n Answer the following questions as best as you can. You have access "
+                           "to the following tools:\n" + json.dumps(TOOLS, indent=4, ensure_ascii=False)
+                           + "<|system|>\n Be brief.<|user|>")
+    response = text.split("<|assistant|>")[1].split("<|observation|>")[0]
+    metadata, content = response.split("\n", maxsplit=1)
+    code = "\n".join(content.split("\n")[1:-1])
+    assert metadata == "get_weather" and content.startswith(" ```python\n")
+    assert eval(code, {"tool_call": lambda **kwargs: kwargs}) == args
+    tokenizer.chat_template = chat_template_jinja("chatglm3")
+    assert tokenizer.apply_chat_template(chat, tools=TOOLS, tokenize=False) == text
+
+
+def test_chatglm3_sop_is_one_token(tokenizer):
+    from pipeline.data.templates import apply_template_to_tokenizer as apply
+
+    apply(tokenizer, get_template("chatglm3"))
+    ids = tokenizer("[gMASK]sop<|user|>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3

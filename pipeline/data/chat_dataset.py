@@ -1,5 +1,6 @@
-"""The SFT dataset: read conversations, encode each with its template and labels (masking.py), count
-what is dropped and why, and print the seed's token/label "Sanity Check" table."""
+"""The SFT dataset: read conversations, check the training/inference contract on the first ones
+(contract.py), encode each with its template and labels (masking.py), count what is dropped and why, and
+print the seed's token/label "Sanity Check" table."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 
 from datasets import Dataset
 
+from pipeline.data.contract import check_chat_contract
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import ReadReport
 from pipeline.data.masking import IGNORE_INDEX, encode_samples
@@ -29,6 +31,9 @@ def _encode_batch(batch, template, tokenizer, mode, train_on_inputs, max_length)
 def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer, sft_args,
                        data_args) -> tuple[Dataset, ReadReport]:
     conversations, report = read_conversations(directory, flag, sft_args.data_format, sft_args.skip_invalid_samples)
+    checked = check_chat_contract(template, tokenizer, conversations)
+    logger.info("%s: the training ids of the first %d conversations equal the saved chat template's "
+                "apply_chat_template (prompt and answer)", flag, checked)
     raw = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations]})
     encoded = raw.map(
         functools.partial(_encode_batch, template=template, tokenizer=tokenizer, mode=sft_args.multi_turn_mode,
@@ -42,7 +47,9 @@ def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer,
     if sft_args.multi_turn_mode == "split":
         report.read += len(encoded) - len(conversations)  # counts samples, not conversations, from here on
     if len(kept) == 0:
-        raise UserError(f"{flag} {directory}: no sample has a supervised token; check --model_max_length and the data.")
+        dropped = "; ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        raise UserError(f"{flag} {directory}: {report.read} samples read, none kept ({dropped}); raise "
+                        "--model_max_length or shorten the data.")
     return kept, report
 
 

@@ -12,9 +12,13 @@ output gives at inference: no double BOS, no different splits at turn boundaries
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from pipeline.data.own_template import NotPrefixConsistent
 from pipeline.data.templates import Template, render_segments
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value the loss ignores; defined once for the whole project
 MULTI_TURN_MODES = ("all", "last", "split")
@@ -40,7 +44,9 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
 
     Returns None when no supervised token survives (the caller counts it as dropped).
     """
-    segments = render_segments(template, messages, tools, add_generation_prompt=False)
+    answers = assistant_indices(messages)
+    last_only = targets is not None and answers and targets == {answers[-1]}
+    segments = render_segments(template, messages, tools, add_generation_prompt=False, last_answer_only=last_only)
     text, spans, ends = "", [], []  # spans: trained char ranges; ends: char offsets where a message ends
     next_token_at = []  # char offsets whose token is trained (turns ended by the next role tag)
     for seg in segments:
@@ -95,6 +101,18 @@ def _truncate(ids, labels, offsets, turn_ends, next_token_at, max_length):
     return ids[:cut], labels[:cut]
 
 
+_SAID: set[str] = set()
+
+
+def _say_split_once(template) -> None:
+    if template.name not in _SAID:
+        _SAID.add(template.name)
+        logger.warning("the %s chat template renders earlier turns differently once later turns follow (it drops "
+                       "earlier thinking, or joins history as FastChat's Yuan2 does): such conversations are trained "
+                       "one answer per sample, each in the text inference builds for it (the data summary counts "
+                       "samples)", template.name)
+
+
 def assistant_indices(messages: list[dict]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
@@ -104,8 +122,15 @@ def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all",
     """One conversation -> samples for the multi-turn mode: all turns, the last turn, or one per turn."""
     messages, tools = conv["messages"], conv.get("tools")
     turns = assistant_indices(messages)
+    if mode == "all" and getattr(template, "history_join", None) is not None and len(turns) > 1:
+        _say_split_once(template)  # earlier answers are written as history, not as answers
+        mode = "split"
     if mode == "all":
-        return [encode(template, tokenizer, messages, tools, None, train_on_inputs, max_length)]
+        try:
+            return [encode(template, tokenizer, messages, tools, None, train_on_inputs, max_length)]
+        except NotPrefixConsistent:  # the template rewrites earlier turns: each answer in its own text
+            _say_split_once(template)
+            mode = "split"
     if mode == "last":
         return [encode(template, tokenizer, messages, tools, {turns[-1]}, train_on_inputs, max_length)]
     return [encode(template, tokenizer, messages[: i + 1], tools, {i}, train_on_inputs, max_length) for i in turns]

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 def split_texts(template: Template, prompt: list[dict], answer: str, tools=None) -> tuple[str, str]:
     """(prompt text ending with the generation prompt, answer text ending with the turn end)."""
-    segments = render_segments(template, prompt + [{"role": "assistant", "content": answer}], tools)
+    segments = render_segments(template, prompt + [{"role": "assistant", "content": answer}], tools,
+                               last_answer_only=True)
     k = max(i for i, s in enumerate(segments) if s.kind == "answer")
     closing = "" if template.turn_end else template.final_turn_end
     return "".join(s.text for s in segments[:k]), segments[k].text + closing
@@ -40,7 +41,7 @@ def tokenize_answer(tokenizer, prompt_text: str, answer_text: str) -> tuple[list
 
 def _conversation_ids(tokenizer, template, prompt, answer, tools) -> tuple[list[int], list[int]]:
     messages = prompt + [{"role": "assistant", "content": answer}]
-    text = "".join(s.text for s in render_segments(template, messages, tools))
+    text = "".join(s.text for s in render_segments(template, messages, tools, last_answer_only=True))
     return [], tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -13,11 +13,18 @@ A template file declares strings; `{content}` marks where a message's text goes:
   final_turn_end      training-only end of the last assistant turn for templates with turn_end ""
   complete_suffix     appended after the last message when no generation prompt is asked for
   strip               trim message contents (as the official template does)
-  observation         format of a tool result (role "tool")
+  observation         format of a tool result (role "tool"); observation_open / observation_close wrap
+                      a run of consecutive results (Qwen2.5: one user turn holds them all)
+  history_join        if set, turns before the last user turn are written as their content + this
+                      (Yuan2/FastChat: q1<n>a1<n>q2<sep>); earlier answers are then trained in
+                      their own samples (masking.encode_samples)
   tools_system        system text when tools are given ({system}, {tools}); tool_json says how each
                       tool is written: compact (one JSON line each) or glm4 (a titled, indented block)
+                      or chatglm3 (the whole list as indented JSON); system_after_tools: the turn the
+                      conversation's own system prompt takes after the tools' one ({content})
   tool_call           how one tool call is written inside an assistant turn ({name}, {arguments})
-  tool_call_turn      or: a whole assistant turn per tool call ({name}, {arguments})
+  tool_call_turn      or: a whole assistant turn per tool call ({name}, {arguments}, or {kwargs}: the
+                      arguments as Python keywords, city='Paris')
   stop                end-of-turn strings inference stops on (generation_config.eos_token_id)
   special_tokens      strings that must be single tokens; missing ones are added to the tokenizer
 
@@ -52,6 +59,10 @@ class Template:
     user: str
     assistant: str
     observation: str
+    observation_open: str = ""
+    observation_close: str = ""
+    history_join: str | None = None
+    system_after_tools: str | None = None
     bos: str = ""
     default_system: str | None = None
     system: str | None = None
@@ -125,6 +136,8 @@ def _check(t: Template, path: Path) -> None:
 # ---------------------------------------------------------------- rendering (Python)
 
 def _tools_text(t: Template, tools: list[dict]) -> str:
+    if t.tool_json == "chatglm3":
+        return json.dumps(tools, ensure_ascii=False, indent=4)
     if t.tool_json == "glm4":
         return "".join(
             f"\n## {f['name']}\n\n{json.dumps(f, ensure_ascii=False, indent=4)}\n"
@@ -136,6 +149,15 @@ def _tools_text(t: Template, tools: list[dict]) -> str:
 def _arguments(call: dict) -> str:
     args = call["function"]["arguments"]
     return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def _kwargs(call: dict) -> str:
+    """Arguments as Python keyword arguments (ChatGLM3's tool_call(...)): scalars by repr, others as JSON."""
+    args = call["function"]["arguments"]
+    if isinstance(args, str):
+        args = json.loads(args) if args.strip() else {}
+    return ", ".join(f"{k}={v!r}" if isinstance(v, (str, int, float, bool)) or v is None
+                     else f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in args.items())
 
 
 def _fill(fmt: str, **values: str) -> str:
@@ -154,7 +176,14 @@ class Segment:
 
 
 def render_segments(t: Template, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = False) -> list[Segment]:
+                    add_generation_prompt: bool = False, last_answer_only: bool = False) -> list[Segment]:
+    """The rendered text as segments. `last_answer_only`: only the last assistant message is an answer (the
+    rest is history); it matters for the tokenizer's own templates (own_template.py), whose earlier answers
+    may render differently once later turns follow."""
+    if not isinstance(t, Template):
+        from pipeline.data.own_template import render_segments as own
+
+        return own(t, messages, tools, add_generation_prompt, last_answer_only)
     segments = [Segment(t.bos, -1, "prompt")] if t.bos else []
     system, start = t.default_system, 0
     if messages and messages[0]["role"] == "system":
@@ -162,21 +191,35 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
     if system is not None and t.strip:
         system = system.strip()
     if tools:
+        if t.tools_system is None:
+            raise UserError(f"template '{t.name}' does not write tool definitions; train with the model's own chat "
+                            "template (--template_name auto) or pick a template with tools.")
+        own_system = system
         system = _fill(t.tools_system, system=system or "", tools=_tools_text(t, tools))
     first_user = True
     if system is not None and t.system is not None:
         segments.append(Segment(_fill(t.system, content=system), 0 if start else -1, "prompt"))
+        if tools and t.system_after_tools is not None and own_system:
+            segments.append(Segment(_fill(t.system_after_tools, content=own_system), 0, "prompt"))
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     for i in range(start, len(messages)):
         m = messages[i]
         content = m.get("content") or ""
         content = content.strip() if t.strip else content
-        if m["role"] == "user":
+        if t.history_join is not None and i < last_user and m["role"] in ("user", "assistant"):
+            first_user = False
+            segments.append(Segment(content + t.history_join, i, "prompt" if m["role"] == "user" else "history"))
+        elif m["role"] == "user":
             if first_user and system is not None and t.system is None:
                 content = _fill(t.system_in_user, system=system, content=content)
             first_user = False
             segments.append(Segment(_fill(t.user, content=content), i, "prompt"))
         elif m["role"] == "tool":
-            segments.append(Segment(_fill(t.observation, content=content), i, "prompt"))
+            opens = not (i > start and messages[i - 1]["role"] == "tool")
+            closes = not (i + 1 < len(messages) and messages[i + 1]["role"] == "tool")
+            text = (t.observation_open if opens else "") + _fill(t.observation, content=content) + \
+                (t.observation_close if closes else "")
+            segments.append(Segment(text, i, "prompt"))
         elif m["role"] == "assistant":
             segments += _assistant_segments(t, m, content, i)
     if add_generation_prompt:
@@ -189,7 +232,8 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
 def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segment]:
     calls = m.get("tool_calls") or []
     if calls and t.tool_call_turn:
-        turns = [_fill(t.tool_call_turn, name=c["function"]["name"], arguments=_arguments(c)) for c in calls]
+        turns = [_fill(t.tool_call_turn, name=c["function"]["name"], arguments=_arguments(c),
+                       **({"kwargs": _kwargs(c)} if "{kwargs}" in t.tool_call_turn else {})) for c in calls]
         tail = ""
     else:
         parts = [content] if content else []
@@ -215,34 +259,27 @@ def chat_template_jinja(template_name: str) -> str:
 
 # ---------------------------------------------------------------- choosing a template for a run
 
-_PROBES = [
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
-     {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}],
-    [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"}],
-]
-
-
-def resolve_template(name: str, tokenizer) -> Template:
-    """--template_name auto: the project template whose output equals the tokenizer's own chat template."""
+def resolve_template(name: str, tokenizer):
+    """--template_name NAME: that project template. auto: the tokenizer's own chat template, rendered by
+    transformers for every conversation (own_template.py), so training sees exactly what inference sees."""
     if name != "auto":
         return get_template(name)
     if not tokenizer.chat_template:
         raise UserError("--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
                         f"--template_name (one of {', '.join(template_names())}).")
-    for candidate in template_names():
-        try:
-            same = all(tokenizer.apply_chat_template(p, tokenize=False) == render(candidate, p) for p in _PROBES)
-        except Exception:  # a template that rejects a probe (e.g. no system role) is not a match
-            same = False
-        if same:
-            logger.info("--template_name auto: the tokenizer's chat template renders like '%s'", candidate)
-            return get_template(candidate)
-    raise UserError("--template_name auto: the tokenizer's chat template matches none of the project templates; "
-                    f"pass --template_name (one of {', '.join(template_names())}).")
+    from pipeline.data.own_template import own_template
+
+    template = own_template(tokenizer)
+    logger.info("--template_name auto: training with the tokenizer's own chat template (answers end with %s)",
+                template.turn_end or f"the next turn's first token, {template.final_turn_end!r} after the last")
+    return template
 
 
 def apply_template_to_tokenizer(tokenizer, template: Template) -> list[int]:
-    """Add the template's missing special tokens, set chat_template; return the stop token ids."""
+    """Add the template's missing special tokens, set chat_template; return the stop token ids. The
+    tokenizer's own template (auto) stays as it is."""
+    if not isinstance(template, Template):
+        return [tokenizer.convert_tokens_to_ids(s) for s in template.stop]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

@@ -1,0 +1,190 @@
+"""--template_name auto trains with the tokenizer's own chat template (pipeline/data/own_template.py): ids equal
+what `apply_chat_template` gives, labels cover exactly each answer and the token ending its turn, and templates
+that rewrite history (Qwen3's thinking) train each answer in the text inference builds for it. The official
+templates are stored in tests/official_templates/ (SOURCES.md names where each comes from)."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.data.masking import IGNORE_INDEX, encode_samples
+from pipeline.data.own_template import TokenizerTemplate
+from pipeline.data.preference_dataset import split_texts
+from pipeline.data.templates import apply_template_to_tokenizer, get_template, resolve_template
+
+OFFICIAL = Path(__file__).parent / "official_templates"
+FAMILIES = {
+    "llama-3.3-instruct": dict(special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                        "<|eom_id|>", "<|python_tag|>"], bos="<|begin_of_text|>", eos="<|eot_id|>",
+                               end="<|eot_id|>"),
+    "qwen3": dict(special=["<|im_start|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>", end="<|im_end|>"),
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is ka-gi?"},
+        {"role": "assistant", "content": "red"}, {"role": "user", "content": "And ka-mo?"},
+        {"role": "assistant", "content": "orange"}]
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "content": "sunny, 21 C"}, {"role": "assistant", "content": "Sunny and 21 C."}]
+
+
+def family_tokenizer(tiny_model, family: str):
+    spec = FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": spec["special"]}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = spec["eos"]
+    tokenizer.bos_token = spec["bos"]
+    tokenizer.chat_template = (OFFICIAL / f"{family}.jinja").read_text()
+    return tokenizer
+
+
+def trained_text(tokenizer, sample) -> list[str]:
+    """The trained stretches of a sample, decoded."""
+    runs, current = [], []
+    for tok, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE_INDEX:
+            current.append(tok)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def ids(tokenizer, messages, tools=None, **kw):
+    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False, **kw)
+    return list(out)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_auto_trains_the_official_template_exactly(tiny_model, family):
+    tokenizer = family_tokenizer(tiny_model, family)
+    template = resolve_template("auto", tokenizer)
+    assert isinstance(template, TokenizerTemplate)
+    end = FAMILIES[family]["end"]
+    assert apply_template_to_tokenizer(tokenizer, template)[-1] == tokenizer.convert_tokens_to_ids(end)
+    [sample] = encode_samples(template, tokenizer, {"messages": CHAT[:3]})
+    assert sample.input_ids == ids(tokenizer, CHAT[:3])
+    prompt = ids(tokenizer, CHAT[:2], add_generation_prompt=True)
+    assert sample.input_ids[: len(prompt)] == prompt
+    assert set(sample.labels[: len(prompt)]) == {IGNORE_INDEX}
+    assert "".join(trained_text(tokenizer, sample)).endswith(end)
+
+
+def test_llama3_multi_turn_and_tools_train_answers_and_calls_only(tiny_model):
+    tokenizer = family_tokenizer(tiny_model, "llama-3.3-instruct")
+    template = resolve_template("auto", tokenizer)
+    [sample] = encode_samples(template, tokenizer, {"messages": CHAT})
+    assert sample.input_ids == ids(tokenizer, CHAT)
+    text = tokenizer.decode(sample.input_ids)
+    assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024" in text
+    assert trained_text(tokenizer, sample) == ["red<|eot_id|>", "orange<|eot_id|>"]
+    [tool_sample] = encode_samples(template, tokenizer, {"messages": TOOL_CHAT, "tools": TOOLS})
+    assert tool_sample.input_ids == ids(tokenizer, TOOL_CHAT, TOOLS)
+    assert "Environment: ipython" in tokenizer.decode(tool_sample.input_ids)
+    assert trained_text(tokenizer, tool_sample) == [
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "Sunny and 21 C.<|eot_id|>"]
+
+
+def test_qwen3_thinking_history_trains_each_answer_in_its_inference_text(tiny_model):
+    tokenizer = family_tokenizer(tiny_model, "qwen3")
+    template = resolve_template("auto", tokenizer)
+    chat = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n6"}]
+    samples = encode_samples(template, tokenizer, {"messages": chat})
+    assert len(samples) == 2  # the full render drops the first answer's thinking: one sample per answer
+    for sample, i in zip(samples, (1, 3)):
+        assert sample.input_ids == ids(tokenizer, chat[: i + 1])
+        prompt = ids(tokenizer, chat[:i], add_generation_prompt=True)
+        assert sample.input_ids[: len(prompt)] == prompt  # exactly the prompt inference builds for this answer
+        [answer] = trained_text(tokenizer, sample)
+        assert answer.startswith("<think>") and answer.endswith("<|im_end|>")
+    assert "add them" not in tokenizer.decode(samples[1].input_ids)  # earlier thinking left out, as at inference
+
+
+def test_preference_pairs_use_the_own_template_prompt(tiny_model):
+    tokenizer = family_tokenizer(tiny_model, "llama-3.3-instruct")
+    template = resolve_template("auto", tokenizer)
+    prompt_text, answer_text = split_texts(template, CHAT[:2], "red")
+    assert prompt_text == tokenizer.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    assert answer_text == "red<|eot_id|>"
+
+
+def test_auto_with_a_saved_project_template_trains_what_the_project_template_does(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    project = get_template("llama3")
+    apply_template_to_tokenizer(tokenizer, project)
+    own = resolve_template("auto", tokenizer)
+    conv = {"messages": CHAT}
+    [a], [b] = encode_samples(project, tokenizer, conv), encode_samples(own, tokenizer, conv)
+    assert a.input_ids == b.input_ids and a.labels == b.labels
+
+
+def test_a_template_that_differs_from_the_saved_one_stops_the_run(tiny_model):
+    from pipeline.data.contract import check_chat_contract
+    from pipeline.errors import UserError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    template = get_template("qwen")
+    apply_template_to_tokenizer(tokenizer, template)
+    assert check_chat_contract(template, tokenizer, [{"messages": CHAT}, {"messages": TOOL_CHAT, "tools": TOOLS}]) == 2
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot")
+    with pytest.raises(UserError, match="differ from the tokenizer's apply_chat_template at token"):
+        check_chat_contract(template, tokenizer, [{"messages": CHAT}])
+
+
+def test_project_qwen_tool_prompt_equals_the_official_qwen_template(tiny_model):
+    """Qwen2.5 and Qwen3 write tools, calls and results alike (Qwen3 adds thinking only to answers after the
+    last user turn): a prompt ending in two tool results, one user turn holding both, single braces in the
+    tool instructions."""
+    from pipeline.data.templates import render
+
+    official = family_tokenizer(tiny_model, "qwen3")
+    chat = [{"role": "system", "content": "Be brief."}] + TOOL_CHAT[:3] + [{"role": "tool", "content": "windy"}]
+    want = official.apply_chat_template(standard(chat), tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert "</tool_response>\n<tool_response>\nwindy" in want and '{"name": <function-name>' in want
+    assert render("qwen", chat, tools=TOOLS, add_generation_prompt=True) == want
+
+
+def standard(messages):
+    from pipeline.data.own_template import standard_messages
+
+    return standard_messages(messages)
+
+
+@pytest.mark.parametrize("messages", [CHAT, CHAT[1:], CHAT[1:3]])
+def test_project_llama3_1_equals_the_official_template(tiny_model, messages):
+    from pipeline.data.templates import render
+
+    official = family_tokenizer(tiny_model, "llama-3.3-instruct")
+    for gen in (False, True):
+        chat = messages[:-1] if gen else messages
+        want = official.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+        assert render("llama3_1", chat, add_generation_prompt=gen) == want
+
+
+def test_sft_stage_with_auto_keeps_the_official_template_and_its_stop_token(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from stages import sft
+    from tests.helpers import DATA
+
+    model = tmp_path / "llama33"
+    shutil.copytree(tiny_model, model)
+    tokenizer = family_tokenizer(tiny_model, "llama-3.3-instruct")
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "out"
+    sft.main(["--model_name_or_path", str(model), "--train_file_dir", str(DATA / "sft"), "--output_dir", str(out),
+              "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_peft", "False",
+              "--do_eval", "False", "--save_strategy", "no", "--validation_split_percentage", "0"])
+    assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in (stops if isinstance(stops, list) else [stops])
