@@ -19,6 +19,8 @@ FAMILIES = {
                                         "<|eom_id|>", "<|python_tag|>"], bos="<|begin_of_text|>", eos="<|eot_id|>",
                                end="<|eot_id|>"),
     "qwen3": dict(special=["<|im_start|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>", end="<|im_end|>"),
+    "gemma-2-it": dict(special=["<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<end_of_turn>",
+                       end="<end_of_turn>"),
 }
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -68,9 +70,10 @@ def test_auto_trains_the_official_template_exactly(tiny_model, family):
     assert isinstance(template, TokenizerTemplate)
     end = FAMILIES[family]["end"]
     assert apply_template_to_tokenizer(tokenizer, template)[-1] == tokenizer.convert_tokens_to_ids(end)
-    [sample] = encode_samples(template, tokenizer, {"messages": CHAT[:3]})
-    assert sample.input_ids == ids(tokenizer, CHAT[:3])
-    prompt = ids(tokenizer, CHAT[:2], add_generation_prompt=True)
+    chat = CHAT[:3] if family != "gemma-2-it" else CHAT[1:3]  # Gemma 2 refuses a system role
+    [sample] = encode_samples(template, tokenizer, {"messages": chat})
+    assert sample.input_ids == ids(tokenizer, chat)
+    prompt = ids(tokenizer, chat[:-1], add_generation_prompt=True)
     assert sample.input_ids[: len(prompt)] == prompt
     assert set(sample.labels[: len(prompt)]) == {IGNORE_INDEX}
     assert "".join(trained_text(tokenizer, sample)).endswith(end)
@@ -188,3 +191,14 @@ def test_sft_stage_with_auto_keeps_the_official_template_and_its_stop_token(tiny
     assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template
     stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in (stops if isinstance(stops, list) else [stops])
+
+
+@pytest.mark.parametrize("messages", [CHAT[1:], CHAT[1:3]])
+def test_project_gemma_equals_the_official_gemma_2_template(tiny_model, messages):
+    from pipeline.data.templates import render
+
+    official = family_tokenizer(tiny_model, "gemma-2-it")
+    for gen in (False, True):
+        chat = messages[:-1] if gen else messages
+        assert render("gemma", chat, add_generation_prompt=gen) == official.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=gen)
