@@ -202,3 +202,22 @@ def test_project_gemma_equals_the_official_gemma_2_template(tiny_model, messages
         chat = messages[:-1] if gen else messages
         assert render("gemma", chat, add_generation_prompt=gen) == official.apply_chat_template(
             chat, tokenize=False, add_generation_prompt=gen)
+
+
+def test_split_conversations_are_counted_in_the_data_summary(tiny_model, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from pipeline.data.chat_dataset import build_chat_dataset
+
+    tokenizer = family_tokenizer(tiny_model, "qwen3")
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    sft_args = SimpleNamespace(data_format="auto", skip_invalid_samples=False, multi_turn_mode="all",
+                               train_on_inputs=False, model_max_length=512)
+    dataset, report = build_chat_dataset(str(tmp_path), "--train_file_dir", resolve_template("auto", tokenizer),
+                                         tokenizer, sft_args, SimpleNamespace(preprocessing_num_workers=None))
+    # Qwen3 writes an (empty) thinking block only into answers after the last user turn, so both two-answer
+    # chats render their first answer differently once a second follows: each becomes two samples
+    assert len(dataset) == 4 and report.read == 4 and report.kept == 4

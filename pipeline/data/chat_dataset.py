@@ -44,8 +44,11 @@ def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer,
     kept = encoded.filter(lambda x: len(x["input_ids"]) > 0)
     if len(kept) < len(encoded):
         report.drop(f"no supervised token within --model_max_length {sft_args.model_max_length}", len(encoded) - len(kept))
-    if sft_args.multi_turn_mode == "split":
-        report.read += len(encoded) - len(conversations)  # counts samples, not conversations, from here on
+    extra = len(encoded) - len(conversations)
+    if extra and sft_args.multi_turn_mode != "split":  # the template rewrites history (masking.encode_samples)
+        logger.info("%s: conversations split one answer per sample added %d samples (%d conversations -> %d samples)",
+                    flag, extra, len(conversations), len(encoded))
+    report.read += extra  # counts samples, not conversations, from here on
     if len(kept) == 0:
         dropped = "; ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
         raise UserError(f"{flag} {directory}: {report.read} samples read, none kept ({dropped}); raise "
