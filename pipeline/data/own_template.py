@@ -103,7 +103,7 @@ def own_template(tokenizer) -> TokenizerTemplate:
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
     try:
         answer = [s for s in render_segments(t, probe) if s.kind == "answer"][0].text
-    except (NotPrefixConsistent, IndexError):
+    except (NotPrefixConsistent, IndexError, UserError):  # a template that refuses the probe: no end token known
         answer = ""
     special = set(tokenizer.all_special_tokens) | {str(a) for a in tokenizer.get_added_vocab()}
     ending = next((tok for tok in sorted(special, key=len, reverse=True) if tok and answer.endswith(tok)), None)
