@@ -169,6 +169,8 @@ class PipelineTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if not self.output_dir:
             raise UserError("--output_dir is required.")
+        self.checkpointing_by_default = self.gradient_checkpointing is None and \
+            getattr(self, "activation_checkpointing", None) is None
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = self.default_checkpointing
         if self.use_liger_kernel is None:

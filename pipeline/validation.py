@@ -32,3 +32,15 @@ def resolve_packing(packing: bool | None, peft_args: PeftArguments, neft_alpha: 
     if packing and unpackable:
         raise UserError(f"--packing True cannot be combined with {unpackable}; drop one of them.")
     return unpackable is None if packing is None else packing
+
+
+def resolve_checkpointing(training_args, peft_args: PeftArguments) -> None:
+    """Gradient checkpointing (on by default) cannot run prefix tuning: its virtual key/value tokens do not
+    survive the recomputed forward. Off by default there; asked for explicitly, it stops here."""
+    if not (peft_args.use_peft and peft_args.peft_type == "prefix_tuning" and training_args.gradient_checkpointing):
+        return
+    if not getattr(training_args, "checkpointing_by_default", False):
+        raise UserError("--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop one of them.")
+    training_args.gradient_checkpointing = False
+    if hasattr(training_args, "activation_checkpointing"):  # transformers >= 5.2x reads this name
+        training_args.activation_checkpointing = False

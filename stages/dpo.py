@@ -37,7 +37,7 @@ from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_packing
+from pipeline.validation import check_common, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -95,6 +95,7 @@ def parse(argv: list[str] | None = None):
         (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
+    resolve_checkpointing(training_args, peft_args)
     dpo_args.packing = resolve_packing(dpo_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, dpo_args, training_args
 

@@ -29,7 +29,7 @@ from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common
+from pipeline.validation import check_common, resolve_checkpointing
 
 logger = logging.getLogger("pipeline.pt")
 
@@ -80,6 +80,7 @@ def parse(argv: list[str] | None = None):
         (ModelArguments, DataArguments, PeftArguments, PTArguments, CausalLMTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=pt_args.block_size)
+    resolve_checkpointing(training_args, peft_args)
     return model_args, data_args, peft_args, pt_args, training_args
 
 

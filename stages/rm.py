@@ -30,7 +30,7 @@ from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.reward import RewardModelTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_packing
+from pipeline.validation import check_common, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.rm")
 
@@ -49,6 +49,7 @@ def parse(argv: list[str] | None = None):
         (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, RMTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
+    resolve_checkpointing(training_args, peft_args)
     training_args.packing = resolve_packing(training_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, training_args
 

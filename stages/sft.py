@@ -31,7 +31,7 @@ from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_packing
+from pipeline.validation import check_common, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.sft")
 
@@ -88,6 +88,7 @@ def parse(argv: list[str] | None = None):
         (ModelArguments, DataArguments, PeftArguments, SFTArguments, CausalLMTrainingArguments), argv
     )
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
+    resolve_checkpointing(training_args, peft_args)
     training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
     sft_args.packing = resolve_packing(sft_args.packing, peft_args, sft_args.neft_alpha)
     return model_args, data_args, peft_args, sft_args, training_args

@@ -163,3 +163,17 @@ def test_packing_flags(tiny_model, tmp_path, caplog):
             sft.parse(base + flags)
     assert sft.parse(base + ["--neft_alpha", "5"])[3].packing is False  # the default follows the combination
     assert sft.parse(base)[3].packing is True
+
+
+def test_gradient_checkpointing_is_on_by_default_except_for_prefix_tuning(tiny_model, tmp_path):
+    from pipeline.errors import UserError
+    from stages import sft
+
+    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--output_dir",
+            str(tmp_path / "o"), "--template_name", "qwen"]
+    assert sft.parse(base)[-1].gradient_checkpointing is True
+    assert sft.parse(base + ["--gradient_checkpointing", "False"])[-1].gradient_checkpointing is False
+    prefix = base + ["--peft_type", "prefix_tuning"]
+    assert sft.parse(prefix)[-1].gradient_checkpointing is False  # virtual tokens do not survive the recompute
+    with pytest.raises(UserError, match="cannot be combined with --peft_type prefix_tuning"):
+        sft.parse(prefix + ["--gradient_checkpointing", "True"])
