@@ -177,3 +177,18 @@ def test_gradient_checkpointing_is_on_by_default_except_for_prefix_tuning(tiny_m
     assert sft.parse(prefix)[-1].gradient_checkpointing is False  # virtual tokens do not survive the recompute
     with pytest.raises(UserError, match="cannot be combined with --peft_type prefix_tuning"):
         sft.parse(prefix + ["--gradient_checkpointing", "True"])
+
+
+def test_use_liger_kernel_is_refused_without_a_gpu_or_the_package(tiny_model, tmp_path):
+    import torch
+
+    from pipeline.errors import UserError
+    from stages import sft
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the flag applies")
+    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--output_dir",
+            str(tmp_path / "o"), "--template_name", "qwen"]
+    assert sft.parse(base)[-1].use_liger_kernel is False  # the default is on only on a CUDA GPU
+    with pytest.raises(UserError, match="--use_liger_kernel needs a CUDA GPU"):
+        sft.parse(base + ["--use_liger_kernel", "True"])
