@@ -13,12 +13,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.masking import encode  # noqa: E402
-from pipeline.data.templates import (  # noqa: E402
-    apply_template_to_tokenizer,  # noqa: E402
-    get_template,
-    template_names,
-)
+from pipeline.data.masking import encode_samples  # noqa: E402
+from pipeline.data.templates import apply_template_to_tokenizer, resolve_template, template_names  # noqa: E402
 from pipeline.model.tiny_model import REPO_DATA, corpus, train_tokenizer  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden"
@@ -32,14 +28,31 @@ CONVERSATION = [
 
 
 def table(name: str, base_tokenizer_dir: str) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
-    template = get_template(name)
+    """NAME: a project template; auto-FAMILY: --template_name auto with that official template."""
+    if name.startswith("auto-"):
+        from tests.official_families import family_tokenizer
+
+        tokenizer = family_tokenizer(base_tokenizer_dir, name.removeprefix("auto-"))
+        template = resolve_template("auto", tokenizer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
+        template = resolve_template(name, tokenizer)
     apply_template_to_tokenizer(tokenizer, template)
-    enc = encode(template, tokenizer, CONVERSATION)
+    samples = encode_samples(template, tokenizer, {"messages": CONVERSATION})
     rows = ["position\ttoken_id\ttoken\tlabel"]
-    for i, (tok, label) in enumerate(zip(enc.input_ids, enc.labels)):
-        rows.append(f"{i}\t{tok}\t{tokenizer.convert_ids_to_tokens(tok)!r}\t{label}")
+    for k, enc in enumerate(samples):
+        if len(samples) > 1:  # a format that rewrites history trains each answer in its own sample
+            rows.append(f"# sample {k + 1} of {len(samples)}")
+        for i, (tok, label) in enumerate(zip(enc.input_ids, enc.labels)):
+            rows.append(f"{i}\t{tok}\t{tokenizer.convert_ids_to_tokens(tok)!r}\t{label}")
     return "\n".join(rows) + "\n"
+
+
+def official_names() -> list[str]:
+    """auto-FAMILY for each official template auto trains as it renders (see tests/official_families.py)."""
+    from tests.official_families import FAMILIES
+
+    return [f"auto-{f}" for f in sorted(FAMILIES) if FAMILIES[f].get("exact", True) and FAMILIES[f].get("system", True)]
 
 
 def tiny_tokenizer_dir(tmp: str) -> str:
@@ -51,7 +64,7 @@ def main() -> None:
     GOLDEN.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = tiny_tokenizer_dir(tmp)
-        for name in template_names():
+        for name in template_names() + official_names():
             (GOLDEN / f"{name}.tsv").write_text(table(name, tok_dir), encoding="utf-8")
             print(f"wrote tests/golden/{name}.tsv")
 

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.data.masking import IGNORE_INDEX, encode, encode_samples
-from pipeline.data.templates import apply_template_to_tokenizer, get_template, template_names
+from pipeline.data.templates import apply_template_to_tokenizer, field_template_names, get_template
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is ka-bo?"},
         {"role": "assistant", "content": "red"}, {"role": "user", "content": "lo-ri 是什么颜色?"},
@@ -14,7 +14,7 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 @pytest.fixture(scope="module")
 def tokenizers(tiny_model):
     out = {}
-    for name in template_names():
+    for name in field_template_names():
         tok = AutoTokenizer.from_pretrained(tiny_model)
         apply_template_to_tokenizer(tok, get_template(name))
         out[name] = tok
@@ -40,7 +40,7 @@ def expected_trained(template, answers) -> str:
     return text
 
 
-@pytest.mark.parametrize("name", template_names())
+@pytest.mark.parametrize("name", field_template_names())
 def test_trained_tokens_are_answers_plus_turn_end(tokenizers, name):
     tok, template = tokenizers[name], get_template(name)
     enc = encode(template, tok, CONV)

@@ -3,7 +3,6 @@ what `apply_chat_template` gives, labels cover exactly each answer and the token
 that rewrite history (Qwen3's thinking) train each answer in the text inference builds for it. The official
 templates are stored in tests/official_templates/ (SOURCES.md names where each comes from)."""
 
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -12,16 +11,9 @@ from pipeline.data.masking import IGNORE_INDEX, encode_samples
 from pipeline.data.own_template import TokenizerTemplate
 from pipeline.data.preference_dataset import split_texts
 from pipeline.data.templates import apply_template_to_tokenizer, get_template, resolve_template
+from pipeline.errors import UserError
+from tests.official_families import FAMILIES, OFFICIAL, family_tokenizer
 
-OFFICIAL = Path(__file__).parent / "official_templates"
-FAMILIES = {
-    "llama-3.3-instruct": dict(special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                        "<|eom_id|>", "<|python_tag|>"], bos="<|begin_of_text|>", eos="<|eot_id|>",
-                               end="<|eot_id|>"),
-    "qwen3": dict(special=["<|im_start|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>", end="<|im_end|>"),
-    "gemma-2-it": dict(special=["<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<end_of_turn>",
-                       end="<end_of_turn>"),
-}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]
@@ -32,16 +24,6 @@ TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
              {"role": "assistant", "content": "", "tool_calls": [
                  {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
              {"role": "tool", "content": "sunny, 21 C"}, {"role": "assistant", "content": "Sunny and 21 C."}]
-
-
-def family_tokenizer(tiny_model, family: str):
-    spec = FAMILIES[family]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.add_special_tokens({"additional_special_tokens": spec["special"]}, replace_extra_special_tokens=False)
-    tokenizer.eos_token = spec["eos"]
-    tokenizer.bos_token = spec["bos"]
-    tokenizer.chat_template = (OFFICIAL / f"{family}.jinja").read_text()
-    return tokenizer
 
 
 def trained_text(tokenizer, sample) -> list[str]:
@@ -63,20 +45,30 @@ def ids(tokenizer, messages, tools=None, **kw):
     return list(out)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if FAMILIES[f].get("exact", True)))
 def test_auto_trains_the_official_template_exactly(tiny_model, family):
+    spec = FAMILIES[family]
     tokenizer = family_tokenizer(tiny_model, family)
     template = resolve_template("auto", tokenizer)
     assert isinstance(template, TokenizerTemplate)
-    end = FAMILIES[family]["end"]
-    assert apply_template_to_tokenizer(tokenizer, template)[-1] == tokenizer.convert_tokens_to_ids(end)
-    chat = CHAT[:3] if family != "gemma-2-it" else CHAT[1:3]  # Gemma 2 refuses a system role
+    assert apply_template_to_tokenizer(tokenizer, template)[-1] == tokenizer.convert_tokens_to_ids(spec["end"])
+    chat = CHAT[:3] if spec.get("system", True) else CHAT[1:3]
     [sample] = encode_samples(template, tokenizer, {"messages": chat})
     assert sample.input_ids == ids(tokenizer, chat)
     prompt = ids(tokenizer, chat[:-1], add_generation_prompt=True)
     assert sample.input_ids[: len(prompt)] == prompt
     assert set(sample.labels[: len(prompt)]) == {IGNORE_INDEX}
-    assert "".join(trained_text(tokenizer, sample)).endswith(end)
+    assert "".join(trained_text(tokenizer, sample)).endswith(spec["end"])
+
+
+@pytest.mark.parametrize("family", ["mistral-7b-instruct-v0.3", "deepseek-r1"])
+def test_an_official_template_whose_answers_do_not_follow_their_prompt_names_the_project_template(tiny_model, family):
+    """Mistral v0.3 drops the system prompt once an answer follows it; DeepSeek-R1 pre-fills <think> and strips
+    reasoning from answers: no render holds an answer after its generation prompt, so auto stops and names
+    the project template that trains after exactly the official prompts."""
+    tokenizer = family_tokenizer(tiny_model, family)
+    with pytest.raises(UserError, match="--template_name mistral_v0_3 or deepseek_r1"):
+        encode_samples(resolve_template("auto", tokenizer), tokenizer, {"messages": CHAT[:3]})
 
 
 def test_llama3_multi_turn_and_tools_train_answers_and_calls_only(tiny_model):
@@ -221,3 +213,124 @@ def test_split_conversations_are_counted_in_the_data_summary(tiny_model, tmp_pat
     # Qwen3 writes an (empty) thinking block only into answers after the last user turn, so both two-answer
     # chats render their first answer differently once a second follows: each becomes two samples
     assert len(dataset) == 4 and report.read == 4 and report.kept == 4
+
+
+# ---------------------------------------------------------------- project templates equal the official ones
+
+def two_results():
+    """A tool conversation with two results in a row (call ids for the families that number their calls)."""
+    call = {"type": "function", "id": "abc123XYZ",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call, dict(call, id="def456UVW")]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "abc123XYZ"},
+            {"role": "tool", "content": "21 C", "tool_call_id": "def456UVW"},
+            {"role": "assistant", "content": "Sunny and 21 C."}]
+
+
+PROJECT_CASES = {
+    "multi_turn_system": (CHAT, None), "multi_turn": (CHAT[1:], None), "one_turn": (CHAT[1:3], None),
+    "tools": (TOOL_CHAT, TOOLS), "tools_two_results": (two_results(), TOOLS),
+    "thinking": ([CHAT[1], {"role": "assistant", "content": "<think>\nka-gi is red\n</think>\n\nred"}, CHAT[3],
+                  {"role": "assistant", "content": "<think>\nka-mo\n</think>\n\norange"}], None),
+}
+# project template -> the official template it equals; deepseek_r1 and mistral_v0_3 equal theirs in every prompt
+# (the official ones render a finished conversation in a text no prompt leads to; see their template files)
+PROJECT_EQUALS = [("qwen3", "qwen3"), ("llama3_1", "llama-3.3-instruct"), ("gemma", "gemma-2-it"),
+                  ("gemma", "gemma-3-it"), ("phi4", "phi-4"), ("deepseek3", "deepseek-v3"),
+                  ("deepseek_r1", "deepseek-r1"), ("mistral_v0_3", "mistral-7b-instruct-v0.3")]
+PROMPTS_ONLY = {"deepseek_r1", "mistral_v0_3"}
+
+
+def official_render(family, messages, tools, gen):
+    """The official template's text, or None where the official template refuses the conversation."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    spec = FAMILIES[family]
+    try:
+        texts, _ = render_jinja_template([standard(messages)], tools=tools, add_generation_prompt=gen,
+                                         chat_template=(OFFICIAL / f"{family}.jinja").read_text(),
+                                         bos_token=spec["bos"] or "", eos_token=spec["eos"])
+    except Exception:  # raise_exception(...) in the template: the format does not define this conversation
+        return None
+    return texts[0]
+
+
+@pytest.mark.parametrize("name, family", PROJECT_EQUALS)
+@pytest.mark.parametrize("case", sorted(PROJECT_CASES))
+def test_project_template_renders_the_official_text(name, family, case):
+    """For every conversation the official template accepts: each answer's prompt (with the generation prompt)
+    and the whole conversation render byte for byte alike."""
+    from pipeline.data.templates import render
+
+    messages, tools = PROJECT_CASES[case]
+    if tools and not FAMILIES[family].get("tools", True):
+        with pytest.raises(UserError, match="does not write tool definitions"):
+            render(name, messages, tools=tools)
+        return
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if name not in PROMPTS_ONLY:
+        ends.append(len(messages))
+    checked = 0
+    for end in ends:
+        gen = end < len(messages)
+        want = official_render(family, messages[:end], tools, gen)
+        if want is None:
+            continue
+        assert render(name, messages[:end], add_generation_prompt=gen, tools=tools) == want, (end, gen)
+        checked += 1
+    if not checked:
+        pytest.skip(f"the official {family} template refuses the {case} conversation")
+
+
+@pytest.mark.parametrize("name, family", [("mistral_v0_3", "mistral-7b-instruct-v0.3"), ("deepseek_r1", "deepseek-r1")])
+def test_prompt_exact_project_templates_train_each_answer_after_the_official_prompt(tiny_model, name, family):
+    """Each answer is trained after exactly the official generation prompt; R1's answer keeps its reasoning
+    (the model must learn to write it), Mistral's is ' answer</s>'."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    template = resolve_template(name, tokenizer)
+    official = family_tokenizer(tiny_model, family)
+    chat = PROJECT_CASES["thinking"][0]
+    chat = [CHAT[0]] + chat if name == "mistral_v0_3" else chat
+    samples = encode_samples(template, tokenizer, {"messages": chat})
+    assert len(samples) == 2
+    for sample, i in zip(samples, [i for i, m in enumerate(chat) if m["role"] == "assistant"]):
+        prompt = official.apply_chat_template(standard(chat[:i]), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.decode(sample.input_ids)
+        [answer] = trained_text(tokenizer, sample)
+        assert text == prompt + answer
+        if name == "deepseek_r1":
+            assert answer == chat[i]["content"].removeprefix("<think>\n") + "<｜end▁of▁sentence｜>"
+        else:
+            assert answer == " " + chat[i]["content"] + "</s>"
+
+
+def test_a_template_that_ignores_tools_is_refused(tiny_model):
+    """Gemma's templates drop tool definitions without a word; training calls to unseen tools is refused."""
+    tokenizer = family_tokenizer(tiny_model, "gemma-2-it")
+    template = resolve_template("auto", tokenizer)
+    chat = [TOOL_CHAT[0], {"role": "assistant", "content": '{"name": "get_weather"}'}]
+    with pytest.raises(UserError, match="ignores tool definitions"):
+        encode_samples(template, tokenizer, {"messages": chat, "tools": TOOLS})
+    assert len(encode_samples(template, tokenizer, {"messages": chat})) == 1
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mistral_v0_3", "deepseek_r1"])
+def test_sft_stage_trains_with_a_jinja_project_template_and_saves_it(tiny_model, tmp_path, name):
+    import json
+
+    from stages import sft
+
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}] + CHAT[1:]},
+             {"messages": PROJECT_CASES["thinking"][0]}]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    out = tmp_path / "out"
+    sft.main(["--model_name_or_path", str(tiny_model), "--train_file_dir", str(tmp_path / "data"), "--output_dir",
+              str(out), "--template_name", name, "--max_steps", "1", "--per_device_train_batch_size", "2",
+              "--report_to", "none", "--use_peft", "False", "--do_eval", "False", "--save_strategy", "no",
+              "--validation_split_percentage", "0"])
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == get_template(name).chat_template
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert saved.convert_tokens_to_ids(get_template(name).stop[0]) in (stops if isinstance(stops, list) else [stops])

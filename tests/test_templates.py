@@ -8,13 +8,14 @@ from transformers import AutoTokenizer
 from pipeline.data.templates import (
     apply_template_to_tokenizer,
     chat_template_jinja,
+    field_template_names,
     get_template,
     load_template_file,
     render,
     template_names,
 )
 from pipeline.errors import UserError
-from scripts.make_golden import GOLDEN, table
+from scripts.make_golden import GOLDEN, official_names, table
 from tests.published_formats import EXPECTED, GLM4_TOOLS, QWEN_TOOLS
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant."}
@@ -56,7 +57,7 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-@pytest.mark.parametrize("name", template_names())
+@pytest.mark.parametrize("name", field_template_names())
 def test_saved_jinja_template_equals_renderer(tokenizer, name):
     tokenizer.chat_template = chat_template_jinja(name)
     two_results = TOOL_CHAT[:3] + [dict(TOOL_CHAT[2], content="second result")] + TOOL_CHAT[3:]
@@ -76,7 +77,7 @@ def test_saved_jinja_template_equals_renderer(tokenizer, name):
             assert got == render(name, prompt, add_generation_prompt=gen, tools=tools), (name, gen)
 
 
-@pytest.mark.parametrize("name", template_names())
+@pytest.mark.parametrize("name", field_template_names())
 def test_render_is_prefix_preserving(name):
     """Each answer's prompt starts its conversation, except where the format joins history differently
     (Yuan2): there only the conversation through that answer starts with it (trained one answer a sample)."""
@@ -114,7 +115,7 @@ def test_yuan2_trains_fastchats_texts(tiny_model):
     assert texts("last") == [("q1<n>a1<n>q2<sep>a2<eod>", "a2<eod>")]
 
 
-@pytest.mark.parametrize("name", template_names())
+@pytest.mark.parametrize("name", template_names() + official_names())
 def test_golden_tables_are_current(tiny_model, name):
     """Regenerate with: python scripts/make_golden.py"""
     assert table(name, str(tiny_model)) == (GOLDEN / f"{name}.tsv").read_text(encoding="utf-8")

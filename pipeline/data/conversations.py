@@ -58,8 +58,9 @@ def _tools(value: Any) -> list[dict] | None:
     return [t if "function" in t or "type" in t else {"type": "function", "function": t} for t in value]
 
 
-def _call(name: str, arguments: Any) -> dict:
-    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+def _call(name: str, arguments: Any, call_id: str | None = None) -> dict:
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return call if call_id is None else {**call, "id": call_id}
 
 
 def _parse_call(text: str) -> dict | None:
@@ -116,9 +117,13 @@ def from_messages(record: dict) -> dict:
         if m.get("tools"):
             tools = _tools(m["tools"])
         msg = _message(role, m.get("content"), m.get("loss"))
+        for key in ("tool_call_id", "reasoning_content"):  # call ids (Mistral), reasoning kept apart (Qwen3)
+            if m.get(key) is not None:
+                msg[key] = m[key]
         if role == "assistant":
             if m.get("tool_calls"):
-                msg["tool_calls"] = [_call(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+                msg["tool_calls"] = [_call(c["function"]["name"], c["function"]["arguments"], c.get("id"))
+                                     for c in m["tool_calls"]]
             nxt = raw[i + 1] if i + 1 < len(raw) else {}
             if not m.get("tool_calls") and MESSAGE_ROLES.get(nxt.get("role")) == "tool":
                 call = _parse_call(msg["content"])  # GLM-4: the call is JSON content before an observation

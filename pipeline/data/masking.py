@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pipeline.data.own_template import NotPrefixConsistent
 from pipeline.data.templates import Template, render_segments
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ def _say_split_once(template) -> None:
     if template.name not in _SAID:
         _SAID.add(template.name)
         logger.warning("the %s chat template renders earlier turns differently once later turns follow (it drops "
-                       "earlier thinking, or joins history as FastChat's Yuan2 does): such conversations are trained "
-                       "one answer per sample, each in the text inference builds for it (the data summary counts "
-                       "samples)", template.name)
+                       "earlier thinking, moves the system prompt, or joins history as FastChat's Yuan2 does): such "
+                       "conversations are trained one answer per sample, each in the text inference builds for it "
+                       "(the data summary counts samples)", template.name)
 
 
 def assistant_indices(messages: list[dict]) -> list[int]:
@@ -131,6 +132,14 @@ def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all",
         except NotPrefixConsistent:  # the template rewrites earlier turns: each answer in its own text
             _say_split_once(template)
             mode = "split"
-    if mode == "last":
-        return [encode(template, tokenizer, messages, tools, {turns[-1]}, train_on_inputs, max_length)]
-    return [encode(template, tokenizer, messages[: i + 1], tools, {i}, train_on_inputs, max_length) for i in turns]
+    try:
+        if mode == "last":
+            return [encode(template, tokenizer, messages, tools, {turns[-1]}, train_on_inputs, max_length)]
+        return [encode(template, tokenizer, messages[: i + 1], tools, {i}, train_on_inputs, max_length) for i in turns]
+    except NotPrefixConsistent as e:  # even alone, the answer's text does not follow its generation prompt
+        raise UserError(
+            f"the {template.name} chat template writes answer {e.args[0]} after a prompt other than the one it builds "
+            "for generating it (Mistral v0.3 drops the system prompt once an answer follows; DeepSeek-R1 pre-fills "
+            "<think> and strips the reasoning), so no sample can be trained in the text inference sees; use the "
+            "project template for the family (--template_name mistral_v0_3 or deepseek_r1), whose prompts equal "
+            "the official ones.") from e

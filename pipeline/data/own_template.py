@@ -54,7 +54,8 @@ def standard_messages(messages: list[dict]) -> list[dict]:
                         args = json.loads(args)
                     except json.JSONDecodeError:
                         pass
-                calls.append({"type": "function", "function": {"name": call["function"]["name"], "arguments": args}})
+                calls.append({"type": "function", "function": {"name": call["function"]["name"], "arguments": args},
+                              **({"id": call["id"]} if call.get("id") is not None else {})})
             msg["tool_calls"] = calls
         for key in ("name", "reasoning_content", "tool_call_id"):
             if m.get(key) is not None:
@@ -63,10 +64,21 @@ def standard_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(standard_messages(messages), tools=tools or None, tokenize=False,
+def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False,
+           check_tools: bool = False) -> str:
+    """The template's text; `check_tools`: refuse a template that drops the tool definitions."""
+    def text(with_tools):
+        return tokenizer.apply_chat_template(standard_messages(messages), tools=with_tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
+    try:
+        out = text(tools or None)
+        if check_tools and tools and out == text(None):  # Gemma's templates, for one: the model would never see the tools
+            raise UserError("the chat template ignores tool definitions (the text is the same without them), so the "
+                            "model would learn calls to tools it is never shown; use a template that writes tools "
+                            "(--template_name, e.g. qwen3 or llama3_1) or drop the samples' tools.")
+        return out
+    except UserError:
+        raise
     except Exception as e:  # jinja's TemplateError, or the template's own raise_exception(...)
         raise UserError(f"the tokenizer's chat template rejects a conversation: {e}") from e
 
@@ -77,7 +89,7 @@ def render_segments(t: TokenizerTemplate, messages: list[dict], tools: list[dict
     it before the next prompt (the whitespace after its end-of-turn text). `last_answer_only`: earlier
     assistant messages are history, part of the prompt. Raises NotPrefixConsistent when an answer's prompt is
     not a prefix of the full render."""
-    full = render(t.tokenizer, messages, tools, add_generation_prompt)
+    full = render(t.tokenizer, messages, tools, add_generation_prompt, check_tools=True)
     if add_generation_prompt:
         return [Segment(full, -1, "prompt")]
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

@@ -30,6 +30,12 @@ A template file declares strings; `{content}` marks where a message's text goes:
 
 `render` is the Python renderer; `jinja_template.chat_template_jinja` writes the same logic as Jinja so
 the saved tokenizer's apply_chat_template gives the same text (a test checks both on every template).
+
+Formats whose turns depend on what follows them (Mistral v0.3 writes the system prompt and the tools into
+the last user turn; Qwen3 writes thinking only after the last question) are written directly as Jinja: such
+a file holds `chat_template` (the project's Jinja), `stop` and `special_tokens` instead of the fields above,
+and trains exactly like a tokenizer's own template (own_template.py: rendered by transformers, each answer
+split into its own sample where history is rewritten).
 `resolve_template` picks the template for a run (--template_name, or auto: the tokenizer's own) and
 `apply_template_to_tokenizer` gives the tokenizer its special tokens, chat_template and stop tokens.
 """
@@ -86,19 +92,35 @@ class Template:
         return after[len(self.turn_end):]
 
 
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """A project template written as Jinja (see the module docstring); trained through own_template.py."""
+
+    name: str
+    source: str
+    chat_template: str
+    stop: tuple[str, ...] = ()
+    special_tokens: tuple[str, ...] = ()
+
+
 def template_names() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
 
 
+def field_template_names() -> list[str]:
+    """The templates written as fields (rendered by `render_segments` here), not as Jinja."""
+    return [name for name in template_names() if isinstance(get_template(name), Template)]
+
+
 @cache
-def get_template(name: str) -> Template:
+def get_template(name: str) -> Template | JinjaTemplate:
     path = TEMPLATE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"--template_name {name} is unknown; choose one of: auto, {', '.join(template_names())}.")
     return load_template_file(path)
 
 
-def load_template_file(path: Path) -> Template:
+def load_template_file(path: Path) -> Template | JinjaTemplate:
     """A template from its YAML file; any mistake in the file is a UserError naming the file and field."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -106,15 +128,20 @@ def load_template_file(path: Path) -> Template:
         raise UserError(f"template file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise UserError(f"template file {path} must hold a mapping of field names to strings.")
-    known = {f.name for f in fields(Template)}
+    kind = JinjaTemplate if "chat_template" in data else Template
+    known = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"template file {path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}.")
-    missing = [name for name in ("name", "source", "user", "assistant", "observation") if name not in data]
+    required = ("name", "source", "chat_template", "stop") if kind is JinjaTemplate else \
+        ("name", "source", "user", "assistant", "observation")
+    missing = [name for name in required if name not in data]
     if missing:
         raise UserError(f"template file {path}: required field(s) {', '.join(missing)} missing.")
     data["stop"] = tuple(data.get("stop") or ())
     data["special_tokens"] = tuple(data.get("special_tokens") or ())
+    if kind is JinjaTemplate:
+        return _checked_jinja(JinjaTemplate(**data), path)
     template = Template(**data)
     _check(template, path)
     return template
@@ -131,6 +158,29 @@ def _check(t: Template, path: Path) -> None:
         raise UserError(f"template file {path}: field turn_end must directly follow {{content}} in assistant.")
     if t.system is None and t.system_in_user is None:
         raise UserError(f"template file {path}: give the field system or system_in_user.")
+
+
+def _checked_jinja(t: JinjaTemplate, path: Path) -> JinjaTemplate:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(t.chat_template)
+    except Exception as e:  # jinja2's TemplateSyntaxError
+        raise UserError(f"template file {path}: chat_template is not valid Jinja ({e}).") from e
+    return t
+
+
+def _render_jinja(t: JinjaTemplate, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from pipeline.data.own_template import standard_messages
+
+    try:
+        rendered, _ = render_jinja_template([standard_messages(messages)], tools=tools or None,
+                                            chat_template=t.chat_template, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # the template's raise_exception(...) or a jinja error
+        raise UserError(f"template '{t.name}' rejects a conversation: {e}") from e
+    return rendered[0]
 
 
 # ---------------------------------------------------------------- rendering (Python)
@@ -180,6 +230,8 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
     """The rendered text as segments. `last_answer_only`: only the last assistant message is an answer (the
     rest is history); it matters for the tokenizer's own templates (own_template.py), whose earlier answers
     may render differently once later turns follow."""
+    if isinstance(t, JinjaTemplate):
+        raise TypeError(f"template '{t.name}' renders through a tokenizer: resolve_template(name, tokenizer) first")
     if not isinstance(t, Template):
         from pipeline.data.own_template import render_segments as own
 
@@ -249,21 +301,35 @@ def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segm
 def render(template_name: str, messages: list[dict], add_generation_prompt: bool = False,
            tools: list[dict] | None = None) -> str:
     """The exact text the model sees for OpenAI-style messages (BOS included where the template writes it)."""
-    return "".join(s.text for s in render_segments(get_template(template_name), messages, tools, add_generation_prompt))
+    template = get_template(template_name)
+    if isinstance(template, JinjaTemplate):
+        return _render_jinja(template, messages, tools, add_generation_prompt)
+    return "".join(s.text for s in render_segments(template, messages, tools, add_generation_prompt))
 
 
 def chat_template_jinja(template_name: str) -> str:
     """The Jinja chat_template equivalent to `render` for this template (what the saved tokenizer holds)."""
-    return jinja_for(get_template(template_name))
+    template = get_template(template_name)
+    return template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
 
 
 # ---------------------------------------------------------------- choosing a template for a run
 
 def resolve_template(name: str, tokenizer):
     """--template_name NAME: that project template. auto: the tokenizer's own chat template, rendered by
-    transformers for every conversation (own_template.py), so training sees exactly what inference sees."""
+    transformers for every conversation (own_template.py), so training sees exactly what inference sees. A
+    project template written as Jinja is given to the tokenizer and then trained the same way."""
     if name != "auto":
-        return get_template(name)
+        template = get_template(name)
+        if isinstance(template, JinjaTemplate):
+            from pipeline.data.own_template import own_template
+
+            apply_template_to_tokenizer(tokenizer, template)
+            own = own_template(tokenizer)
+            own.name = template.name
+            own.stop = list(dict.fromkeys([*template.stop, *own.stop]))
+            return own
+        return template
     if not tokenizer.chat_template:
         raise UserError("--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
                         f"--template_name (one of {', '.join(template_names())}).")
@@ -275,16 +341,17 @@ def resolve_template(name: str, tokenizer):
     return template
 
 
-def apply_template_to_tokenizer(tokenizer, template: Template) -> list[int]:
+def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -> list[int]:
     """Add the template's missing special tokens, set chat_template; return the stop token ids. The
     tokenizer's own template (auto) stays as it is."""
-    if not isinstance(template, Template):
-        return [tokenizer.convert_tokens_to_ids(s) for s in template.stop]
+    if not isinstance(template, (Template, JinjaTemplate)):
+        vocab = tokenizer.get_vocab()
+        return [vocab[s] for s in template.stop if s in vocab] or [tokenizer.eos_token_id]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         logger.warning("template '%s' needs tokens the tokenizer lacks; added %s (embeddings will be resized)",
                        template.name, missing)
-    tokenizer.chat_template = chat_template_jinja(template.name)
+    tokenizer.chat_template = template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
     stops = [tokenizer.convert_tokens_to_ids(s) for s in template.stop if s in tokenizer.get_vocab()]
     return stops or [tokenizer.eos_token_id]
