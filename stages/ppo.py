@@ -128,7 +128,7 @@ class PPORecipe(Rollouts):
                     idx = order[m_start : m_start + micro].to(self.device)
                     part = traj.select(idx)
                     with self.autocast:
-                        logp, _ = token_logprobs_and_entropy(self.policy, part, args.temperature)
+                        logp, _ = token_logprobs_and_entropy(self.policy, part, args.temperature, with_entropy=False)
                         new_values = values(self.value, part)
                     pg_loss, clipfrac, approx_kl = ppo_math.policy_loss(logp, old_logp[idx], advantages[idx], rmask[idx],
                                                                          args.cliprange)

@@ -17,6 +17,8 @@ from pipeline.eval.report import write_report
 from pipeline.tools import pipeline_config
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.timeout(1500)  # the demo pipeline (~5 min alone on 2 cores) runs in the first test
+
 STAGES = ("pt", "sft", "rm", "ppo", "dpo")
 
 

@@ -27,9 +27,10 @@ class ValueModel(torch.nn.Module):
         base = unwrap(classifier)
         self.backbone, self.score = getattr(base, base.base_model_prefix), base.score
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, keep_from: int = 0):
+        """Values of the positions from `keep_from` on (the answer's states); the others are not scored."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.score(hidden).squeeze(-1).float()
+        return self.score(hidden[:, keep_from:]).squeeze(-1).float()
 
 
 @dataclass

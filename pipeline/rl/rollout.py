@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.data.collators import pad
 from pipeline.data.prompts import Prompt
@@ -43,22 +44,67 @@ class Trajectory:
         return Trajectory([], self.ids[idx], self.mask[idx], self.query_len, self.response_mask[idx], self.ended[idx], [])
 
 
-def response_logits(model, traj: Trajectory) -> torch.Tensor:
-    """Logits that predict the answer tokens (the positions after the prompt)."""
+LOGIT_CHUNK = 1024  # answer positions sent through the output head at a time
+
+
+def response_hidden(model, traj: Trajectory) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(final hidden states at the positions that predict the answer tokens, the output head). The model
+    computes one position's logits only (logits_to_keep=1); the head is applied by the caller, in chunks."""
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False)
-    return out.logits[:, traj.query_len - 1 : -1]
+    out = model(input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][:, traj.query_len - 1 : -1], unwrap(model).get_output_embeddings()
 
 
-def token_logprobs_and_entropy(model, traj: Trajectory, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, entropies) of the answer tokens under `model`."""
-    logits = response_logits(model, traj)
-    return ppo_math.token_logprobs(logits, traj.responses, temperature), ppo_math.entropy(logits, temperature)
+def _chunk_logprobs(hidden, tokens, head, temperature):
+    logits = head(hidden).float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _chunk_entropy(hidden, head, temperature):
+    logp = torch.log_softmax(head(hidden).float() / temperature, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def chunked_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float,
+                     with_entropy: bool = False, chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) (and, without gradient, the entropy) at every answer position, LOGIT_CHUNK positions
+    through the head at a time; under autograd each chunk's logits are recomputed in the backward pass, so
+    no [batch, answer, vocabulary] tensor is ever held. Equal to ppo_math.token_logprobs / entropy on the
+    model's logits."""
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    logps, entropies = [], []
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            logps.append(checkpoint(_chunk_logprobs, flat[part], targets[part], head, temperature, use_reentrant=False))
+        else:
+            logps.append(_chunk_logprobs(flat[part], targets[part], head, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(_chunk_entropy(flat[part], head, temperature))
+    logp = torch.cat(logps).view(tokens.shape)
+    return logp, torch.cat(entropies).view(tokens.shape) if with_entropy else None
+
+
+def chunked_full_kl(hidden, head, ref_hidden, ref_head, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """ppo_math.full_kl at every answer position, from both models' hidden states, in chunks."""
+    flat, ref_flat = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    parts = [ppo_math.full_kl(head(flat[i : i + chunk]), ref_head(ref_flat[i : i + chunk]))
+             for i in range(0, len(flat), chunk)]
+    return torch.cat(parts).view(hidden.shape[:2])
+
+
+def token_logprobs_and_entropy(model, traj: Trajectory, temperature: float,
+                               with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropies) of the answer tokens under `model`, without full-vocabulary logits."""
+    hidden, head = response_hidden(model, traj)
+    return chunked_logprobs(hidden, head, traj.responses, temperature, with_entropy)
 
 
 def values(value_model, traj: Trajectory) -> torch.Tensor:
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
-    return value_model(traj.ids, traj.mask, positions)[:, traj.query_len - 1 : -1]
+    return value_model(traj.ids, traj.mask, positions, keep_from=traj.query_len - 1)[:, :-1]
 
 
 def autocast_for(training_args):
@@ -99,19 +145,23 @@ class Rollouts:
         return Trajectory(prompts, torch.cat([query, out.responses], 1), torch.cat([qmask, out.mask], 1), query.shape[1],
                           out.mask, out.ended, answers)
 
-    def reference_logits(self, traj: Trajectory) -> torch.Tensor:
-        if self.reference is not None:
-            return response_logits(self.reference, traj)
-        with self.policy.disable_adapter():
-            return response_logits(self.policy, traj)
-
     def reference_logprobs(self, traj: Trajectory, temperature: float) -> torch.Tensor:
-        return ppo_math.token_logprobs(self.reference_logits(traj), traj.responses, temperature)
+        if self.reference is not None:
+            return token_logprobs_and_entropy(self.reference, traj, temperature, with_entropy=False)[0]
+        with self.policy.disable_adapter():  # the head too may carry an adapter (modules_to_save)
+            return token_logprobs_and_entropy(self.policy, traj, temperature, with_entropy=False)[0]
 
     def scores(self, traj: Trajectory) -> torch.Tensor:
         with self.reward_context():
             return total_rewards(traj.prompts, traj.answers, self.args.reward_func_list, self.template, self.scorer,
                                  self.device)
+
+    def held_out_kl(self, traj: Trajectory) -> torch.Tensor:
+        hidden, head = response_hidden(self.policy, traj)
+        if self.reference is not None:
+            return chunked_full_kl(hidden, head, *response_hidden(self.reference, traj))
+        with self.policy.disable_adapter():
+            return chunked_full_kl(hidden, head, *response_hidden(self.policy, traj))
 
     @torch.no_grad()
     def evaluate(self, eval_prompts: list[Prompt]) -> dict[str, float]:
@@ -123,8 +173,8 @@ class Rollouts:
             with self.autocast:
                 scores = self.scores(traj)
                 # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)
-                kl = (ppo_math.full_kl(response_logits(self.policy, traj), self.reference_logits(traj))
-                      if self.has_reference else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float))
+                kl = (self.held_out_kl(traj) if self.has_reference
+                      else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float))
             matches = RULE_REWARDS["exact_match"](traj.answers, [p.reference for p in traj.prompts])
             sums += torch.tensor([scores.sum().item(), sum(matches), (kl * traj.response_mask).sum().item(),
                                   traj.response_mask.sum().item(), len(traj.prompts)], dtype=torch.float64, device=self.device)
