@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pipeline.args import (
@@ -37,10 +38,12 @@ from pipeline.rl.config import PPOArguments, RLTrainingArguments, validate_ppo
 from pipeline.rl.models import PPOModels, ValueModel, build_models, prepare_for_rl
 from pipeline.rl.rewards import RewardScorer
 from pipeline.rl.rollout import Rollouts, token_logprobs_and_entropy, values
+from pipeline.rl.timing import PhaseTimer
 from pipeline.train.run import setup_run, tensorboard_writer
 
 logger = logging.getLogger("pipeline.ppo")
-STEP_LOG_KEYS = ("objective/scores", "objective/kl", "loss", "eval_score", "eval_exact_match")
+STEP_LOG_KEYS = ("objective/scores", "objective/kl", "loss", "eval_score", "eval_exact_match", "time/generate",
+                 "time/score", "time/logprobs", "time/update", "samples_per_second")
 
 
 class PPORecipe(Rollouts):
@@ -79,16 +82,20 @@ class PPORecipe(Rollouts):
         self.policy.eval(), self.value_model.eval()  # generation with its cache; dropout is off in both modes
         # 1. Sample this rank's prompts and generate answers (sampling: temperature, top_p).
         prompts = distributed.step_prompts(self.prompts, self.step, self.batch_size, self.rank, self.world, self.targs.seed)
-        traj = self.generate(prompts, sample=True)
+        timer = PhaseTimer(self.device)
+        with timer.phase("generate"):
+            traj = self.generate(prompts, sample=True)
         with torch.no_grad(), self.autocast:
             # 2. Score the answers with the reward model (and rule rewards); penalize answers without a stop token.
-            scores = self.scores(traj)
-            if args.missing_eos_penalty is not None:
-                scores = scores - args.missing_eos_penalty * (~traj.ended).float()
+            with timer.phase("score"):
+                scores = self.scores(traj)
+                if args.missing_eos_penalty is not None:
+                    scores = scores - args.missing_eos_penalty * (~traj.ended).float()
             # 3. Log-probs of the sampled tokens under the policy (old) and the reference; values of each state.
-            old_logp, entropy = token_logprobs_and_entropy(self.policy, traj, args.temperature)
-            ref_logp = self.reference_logprobs(traj, args.temperature)
-            old_values = values(self.value, traj)
+            with timer.phase("logprobs"):
+                old_logp, entropy = token_logprobs_and_entropy(self.policy, traj, args.temperature)
+                ref_logp = self.reference_logprobs(traj, args.temperature)
+                old_values = values(self.value, traj)
         rmask = traj.response_mask.float()
         # 4. Per-token rewards: -kl_coef * KL(policy || reference) on every token, the score on the last one.
         kl = ppo_math.kl_estimate(old_logp, ref_logp, args.kl_estimator) * rmask
@@ -99,7 +106,8 @@ class PPORecipe(Rollouts):
         advantages, returns = ppo_math.gae(rewards, old_values, rmask, args.gamma, args.lam)
         advantages = ppo_math.whiten(advantages, rmask)
         # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss.
-        stats = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
+        with timer.phase("update"):
+            stats = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
         # 7. Report this iteration and adapt the KL coefficient (if a target is set).
         seq_kl = kl.sum(1)
         metrics = {**ppo_math.PPOStats.mean(stats),
@@ -109,8 +117,9 @@ class PPORecipe(Rollouts):
                    "objective/non_score_reward": (-self.kl.value * seq_kl).mean().item(),
                    "response_length": rmask.sum(1).mean().item(), "eos_fraction": traj.ended.float().mean().item(),
                    "value/mean": ppo_math.masked_mean(old_values, rmask).item(), "kl_coef": self.kl.value,
-                   "learning_rate": self.scheduler.get_last_lr()[0]}
+                   "learning_rate": self.scheduler.get_last_lr()[0], **timer.metrics(len(prompts))}
         metrics = distributed.reduce_mean(metrics, self.world, self.device)
+        metrics["samples_per_second"] *= self.world  # every rank's rollouts, in the mean rank's time
         self.kl.update(metrics["objective/kl"], self.batch_size * self.world)
         return metrics
 
@@ -185,15 +194,21 @@ class PPORecipe(Rollouts):
             logger.info("before training: held-out reward %.3f, exact match %.3f", before["eval_score"],
                         before["eval_exact_match"])
         eval_every = (self.targs.eval_steps or self.targs.logging_steps) if self.targs.eval_strategy == "steps" else None
+        bar = tqdm(total=self.targs.max_steps, initial=self.step, desc="PPO", unit="step",
+                   disable=self.rank != 0 or self.targs.disable_tqdm)
         while self.step < self.targs.max_steps:
             metrics = self.train_step()
             self.step += 1
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}",
+                            samples_s=f"{metrics['samples_per_second']:.3g}")
             if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1:
                 self.log(metrics)
             if self.eval_prompts and self.due(eval_every):
                 self.log(self.evaluate(self.eval_prompts))
             if self.targs.save_strategy == "steps" and self.due(self.targs.save_steps):
                 self.save_checkpoint()
+        bar.close()
         distributed.check_in_sync(self.params, self.world)
         return self.finish(before)
 

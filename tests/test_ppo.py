@@ -92,6 +92,12 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "eval_score" in h] == [0, 20, 40]  # before, every --eval_steps, after
     assert read_scalars(out / "logs", "train/objective/scores") and read_scalars(out / "logs", "eval_score")
+    # per-phase times of every logged step, in the step log, trainer_state.json and tensorboard
+    timed = [h for h in history if "objective/kl" in h]
+    for h in timed:
+        phases = [h[f"time/{k}"] for k in ("generate", "score", "logprobs", "update")]
+        assert min(phases) > 0 and h["time/step"] == pytest.approx(sum(phases), rel=1e-3) and h["samples_per_second"] > 0
+    assert len(read_scalars(out / "logs", "train/time/generate")) == len(timed)
     # the saved policy carries the template and stops on its end-of-turn token, ready to be the next stage's input
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -101,18 +107,23 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
     assert (out / "checkpoint-20" / "value_model").is_dir() and not list(out.glob("tmp-*"))  # saved whole, renamed
 
 
+def untimed(history_entry: dict) -> dict:
+    """A step's statistics without its wall times (which differ run to run)."""
+    return {k: v for k, v in history_entry.items() if not k.startswith("time/") and k != "samples_per_second"}
+
+
 def test_same_seed_same_losses_and_exact_resume_with_lora(weak_sft_model, reward_model, tmp_path):
     lora = ["--use_peft", "True", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--save_steps", "2"]
     loop = ppo.main(common(weak_sft_model, reward_model, tmp_path / "a", *lora, "--max_steps", "3"))
     assert loop.reference is None and loop.reward_model is loop.value_model  # adapters disabled: one copy of each base
     first = ppo.main(common(weak_sft_model, reward_model, tmp_path / "b", *lora, "--max_steps", "1"))
-    assert first.log_history[0] == loop.log_history[0]  # same seed: identical first-step losses and statistics
+    assert untimed(first.log_history[0]) == untimed(loop.log_history[0])  # same seed: identical first-step losses and statistics
     resumed_dir = tmp_path / "c"
     resumed_dir.mkdir()
     subprocess.run(["cp", "-r", str(tmp_path / "a" / "checkpoint-2"), str(resumed_dir)], check=True)
     resumed = ppo.main(common(weak_sft_model, reward_model, resumed_dir, *lora, "--max_steps", "3",
                               "--resume_from_checkpoint", "auto"))
-    assert resumed.log_history[-1] == loop.log_history[-1]  # step 3 after resuming at 2 equals the uninterrupted run
+    assert untimed(resumed.log_history[-1]) == untimed(loop.log_history[-1])  # step 3 after resuming at 2 equals the uninterrupted run
     assert loop.log_history[-1]["step"] == 3 and loop.log_history[0]["loss"] != loop.log_history[-1]["loss"]
 
 
