@@ -3,7 +3,8 @@
 One iteration = one step: roll out answers, score them, shape rewards with the KL to the reference,
 GAE advantages, then PPO epochs of clipped policy + value updates. The models (policy, reference,
 value model from the RM, reward model) are built in pipeline/rl/models.py, rollouts in rollout.py,
-the arithmetic in ppo_math.py, checkpoints in checkpoint.py. GRPO and RLOO: stages/grpo.py.
+the arithmetic in ppo_math.py, checkpoints in checkpoint.py, the update (plain torch or a DeepSpeed
+ZeRO-2/3 engine, --deepspeed) in engine.py, phase timing in timing.py. GRPO and RLOO: stages/grpo.py.
 
     python stages/ppo.py --model_name_or_path outputs/sft-merged --reward_model_name_or_path outputs/rm-merged \
         --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/ppo \
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from pipeline.args import (
     DataArguments,
@@ -32,9 +32,11 @@ from pipeline.args import (
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
+from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_tokenizer, set_generation_stops
 from pipeline.rl import checkpoint, distributed, ppo_math
-from pipeline.rl.config import PPOArguments, RLTrainingArguments, validate_ppo
+from pipeline.rl.config import PPOArguments, PPOTrainingArguments, validate_ppo
+from pipeline.rl.engine import DeepSpeedUpdater, PPOPair, TorchUpdater, sharded_inference
 from pipeline.rl.models import PPOModels, ValueModel, build_models, prepare_for_rl
 from pipeline.rl.rewards import RewardScorer
 from pipeline.rl.rollout import Rollouts, token_logprobs_and_entropy, values
@@ -63,13 +65,18 @@ class PPORecipe(Rollouts):
                             "processes; lower --per_device_train_batch_size.")
         for model in (self.policy, self.value_model):
             prepare_for_rl(model, training_args.gradient_checkpointing)
-        self.params = [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
-        t = training_args
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model (pipeline/rl/engine.py)
+        t, pair = training_args, PPOPair(self.policy, self.value_model)
+        accumulation = t.gradient_accumulation_steps
         updates = t.max_steps * ppo_args.ppo_epochs * (self.batch_size // self.mini_batch_size)
-        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=t.get_warmup_steps(updates), num_training_steps=updates)
+        self.updater = (DeepSpeedUpdater(pair, t, updates, self.mini_batch_size // accumulation, accumulation,
+                                         unwrap(self.policy).config.hidden_size) if t.deepspeed
+                        else TorchUpdater(pair, t, updates, accumulation))
+        self.generation_context = self.updater.generation
+        if getattr(self.updater, "sharded", False) and models.reference is not None:  # frozen copies stay sharded
+            self.reference = sharded_inference(models.reference, self.updater.config)
+            self.reward_model = sharded_inference(models.reward_model, self.updater.config)
+            self.scorer.model = self.reward_model
         self.kl = ppo_math.AdaptiveKLController(ppo_args.kl_coef, ppo_args.target_kl, ppo_args.kl_horizon)
         self.step, self.log_history = 0, []
         self.writer = tensorboard_writer(training_args)
@@ -117,7 +124,7 @@ class PPORecipe(Rollouts):
                    "objective/non_score_reward": (-self.kl.value * seq_kl).mean().item(),
                    "response_length": rmask.sum(1).mean().item(), "eos_fraction": traj.ended.float().mean().item(),
                    "value/mean": ppo_math.masked_mean(old_values, rmask).item(), "kl_coef": self.kl.value,
-                   "learning_rate": self.scheduler.get_last_lr()[0], **timer.metrics(len(prompts))}
+                   "learning_rate": self.updater.lr(), **timer.metrics(len(prompts))}
         metrics = distributed.reduce_mean(metrics, self.world, self.device)
         metrics["samples_per_second"] *= self.world  # every rank's rollouts, in the mean rank's time
         self.kl.update(metrics["objective/kl"], self.batch_size * self.world)
@@ -132,7 +139,6 @@ class PPORecipe(Rollouts):
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(traj.ids), generator=generator)
             for start in range(0, len(traj.ids), self.mini_batch_size):
-                self.optimizer.zero_grad(set_to_none=True)
                 for m_start in range(start, start + self.mini_batch_size, micro):
                     idx = order[m_start : m_start + micro].to(self.device)
                     part = traj.select(idx)
@@ -144,14 +150,10 @@ class PPORecipe(Rollouts):
                     vf_loss, vf_clipfrac = ppo_math.value_loss(new_values, old_values[idx], returns[idx], rmask[idx],
                                                                args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss
-                    (loss / accumulation).backward()
+                    self.updater.backward(loss)
                     stats.append(ppo_math.PPOStats(*(v.item() for v in (loss, pg_loss, vf_loss, clipfrac, approx_kl,
                                                                         vf_clipfrac))))
-                distributed.average_gradients(self.params, self.world)
-                if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.targs.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
+                self.updater.step()
         return stats
 
     # --- the run
@@ -170,18 +172,23 @@ class PPORecipe(Rollouts):
         return bool(every) and self.step % int(every) == 0 and self.step < self.targs.max_steps
 
     def save_checkpoint(self) -> None:
-        if self.targs.should_save:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "kl_coef": self.kl.value, "step": self.step}
-            checkpoint.save_checkpoint(Path(self.targs.output_dir) / f"checkpoint-{self.step}", self.policy,
-                                       self.value_model, self.tokenizer, state, self.log_history, self.targs.max_steps,
-                                       self.targs.save_total_limit)
+        """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed every rank
+        writes its shard of the engine's state first."""
+        folder = Path(self.targs.output_dir) / f"checkpoint-{self.step}"
+        partial = checkpoint.prepare_partial(folder) if self.targs.should_save else None
+        distributed.barrier()
+        state = {**self.updater.state(checkpoint.partial_of(folder)), "kl_coef": self.kl.value, "step": self.step}
+        weights = self.updater.full_weights()
+        if partial:
+            checkpoint.save_checkpoint(folder, self.policy, self.value_model, self.tokenizer, state, self.log_history,
+                                       self.targs.max_steps, self.targs.save_total_limit, weights)
         distributed.barrier()
 
     def resume(self, folder: str) -> dict | None:
-        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        from_engine = isinstance(self.updater, DeepSpeedUpdater)  # the engine's checkpoint holds the weights
+        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model, self.device,
+                                                             weights=not from_engine)
+        self.updater.load(Path(folder), state)
         self.kl.value, self.step = state["kl_coef"], state["step"]
         logger.info("resumed from %s at step %d", folder, self.step)
         return next((h for h in self.log_history if "eval_score" in h and h["step"] == 0), None)
@@ -209,14 +216,15 @@ class PPORecipe(Rollouts):
             if self.targs.save_strategy == "steps" and self.due(self.targs.save_steps):
                 self.save_checkpoint()
         bar.close()
-        distributed.check_in_sync(self.params, self.world)
+        self.updater.check_in_sync()
         return self.finish(before)
 
     def finish(self, before: dict | None) -> dict[str, float]:
         """The final policy, held-out results (after, with the before figures), state and train results."""
         out = Path(self.targs.output_dir)
+        weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
         if self.targs.should_save:
-            checkpoint.save_policy(self.policy, self.tokenizer, out)
+            checkpoint.save_policy(self.policy, self.tokenizer, out, checkpoint.part(weights, "policy"))
         distributed.barrier()
         results = {}
         if self.eval_prompts:
@@ -237,7 +245,7 @@ class PPORecipe(Rollouts):
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PPOArguments, RLTrainingArguments), argv
+        (ModelArguments, DataArguments, PeftArguments, PPOArguments, PPOTrainingArguments), argv
     )
     validate_ppo(model_args, peft_args, ppo_args, training_args)
     return model_args, data_args, peft_args, ppo_args, training_args

@@ -82,3 +82,28 @@ def test_values_are_scored_at_the_answer_states_only(tiny_model):
     with torch.no_grad():
         everywhere = value(traj.ids, traj.mask, positions)
         assert torch.allclose(values(value, traj), everywhere[:, traj.query_len - 1 : -1], atol=1e-6)
+
+
+def test_static_rollout_cache_with_bucketed_prompts_generates_what_the_dynamic_one_does(tiny_model):
+    """--rollout_cache static pads the prompts to the prompt budget (one compiled shape on a GPU) and decodes
+    with a fixed-size cache: greedy answers equal the dynamic cache's."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.prompts import Prompt
+    from pipeline.rl.rollout import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
+    targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
+                            per_device_train_batch_size=2)
+    answers = {}
+    for cache in ("dynamic", "static"):
+        args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache=cache)
+        rollouts = Rollouts(model, None, None, None, tokenizer, None, args, targs)
+        traj = rollouts.generate(prompts, sample=False)
+        assert traj.query_len == (64 if cache == "static" else max(len(p.ids) for p in prompts))
+        answers[cache] = (traj.responses.tolist(), traj.answers)
+    assert answers["static"] == answers["dynamic"]

@@ -19,12 +19,20 @@ from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 
 
-def save_policy(policy, tokenizer, folder: Path) -> None:
-    """The policy with tokenizer, template and stop tokens: loadable by from_pretrained, mergeable."""
+def part(weights: dict | None, prefix: str) -> dict | None:
+    """The `prefix.` entries of a gathered PPOPair state dict (engine.py), without the prefix."""
+    if weights is None:
+        return None
+    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+
+def save_policy(policy, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """The policy with tokenizer, template and stop tokens: loadable by from_pretrained, mergeable.
+    `state_dict`: its full weights when the live ones are sharded (ZeRO-3)."""
     folder.mkdir(parents=True, exist_ok=True)
     base = unwrap(policy)
     base.config.use_cache = True  # the saved config is for inference
-    policy.save_pretrained(folder)
+    policy.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
     base.config.use_cache = False
     base.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -35,14 +43,27 @@ def write_state(folder: Path, step: int, max_steps: int, log_history: list[dict]
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
-def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: dict, log_history: list[dict],
-                    max_steps: int, save_total_limit: int | None) -> None:
-    """checkpoint-N: written as tmp-checkpoint-N, then renamed; older ones beyond save_total_limit removed."""
-    partial = folder.with_name(f"tmp-{folder.name}")
+def partial_of(folder: Path) -> Path:
+    return folder.with_name(f"tmp-{folder.name}")
+
+
+def prepare_partial(folder: Path) -> Path:
+    """An empty tmp-checkpoint-N beside checkpoint-N (what an interrupted save left is cleared)."""
+    partial = partial_of(folder)
     shutil.rmtree(partial, ignore_errors=True)
-    save_policy(policy, tokenizer, partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: dict, log_history: list[dict],
+                    max_steps: int, save_total_limit: int | None, weights: dict | None = None) -> None:
+    """checkpoint-N: written into tmp-checkpoint-N (prepare_partial; DeepSpeed's shards may already be there),
+    then renamed; older ones beyond save_total_limit removed. `weights`: gathered ZeRO-3 weights."""
+    partial = partial_of(folder)
+    save_policy(policy, tokenizer, partial, part(weights, "policy"))
     write_state(partial, loop_state["step"], max_steps, log_history)
-    value_model.save_pretrained(partial / "value_model")
+    value_weights = part(weights, "value_model")
+    value_model.save_pretrained(partial / "value_model", **({"state_dict": value_weights} if weights else {}))
     torch.save(loop_state, partial / "ppo_state.pt")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
@@ -52,10 +73,12 @@ def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: di
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, policy, value_model, device) -> tuple[dict, list[dict]]:
-    """Put the trained weights back; return (loop state: optimizer, scheduler, kl_coef, step; log history)."""
-    load_trainable(policy, folder)
-    load_trainable(value_model, folder / "value_model")
+def load_checkpoint(folder: Path, policy, value_model, device, weights: bool = True) -> tuple[dict, list[dict]]:
+    """Put the trained weights back (unless DeepSpeed's checkpoint does); return (loop state: optimizer,
+    scheduler, kl_coef, step; log history)."""
+    if weights:
+        load_trainable(policy, folder)
+        load_trainable(value_model, folder / "value_model")
     state = torch.load(folder / "ppo_state.pt", map_location=device, weights_only=False)
     return state, json.loads((folder / "trainer_state.json").read_text())["log_history"]
 

@@ -6,6 +6,7 @@ every cross-flag check of each script, run right after parsing, before any model
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -21,6 +22,15 @@ class RLTrainingArguments(PipelineTrainingArguments):
     """PPO, GRPO, RLOO: gradient checkpointing off by default (rollouts generate with the policy's cache)."""
 
     default_checkpointing: ClassVar[bool] = False
+
+
+@dataclass
+class PPOTrainingArguments(RLTrainingArguments):
+    """The own PPO loop: checkpointing on by default. It acts only in the update (training mode), so rollouts
+    still generate with the cache, and it keeps the policy's and value model's activations from holding
+    tens of GiB (1B shape, 16 rollouts of ~1k tokens: 67 -> see bench/results)."""
+
+    default_checkpointing: ClassVar[bool] = True
 
 
 @dataclass
@@ -56,6 +66,11 @@ class PPOArguments:
     missing_eos_penalty: float | None = field(default=None, metadata={
         "help": "Subtracted from the score of answers cut off without a stop token."})
     num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: answers sampled per prompt."})
+    rollout_cache: str = field(default="auto", metadata={
+        "help": "KV cache of rollouts: dynamic (auto), or static (a fixed-size cache and transformers' compiled "
+                "decode step, prompts padded to --model_max_length - --max_new_tokens; alone ~4x faster on the 1B "
+                "shape, but in the PPO loop measured no faster yet, bench/results/h200-2026-12-02-ppo).",
+        "choices": ("auto", "static", "dynamic")})
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -98,9 +113,8 @@ def validate_ppo(model_args: ModelArguments, peft_args: PeftArguments, ppo_args:
         raise UserError(f"--algorithm {ppo_args.algorithm} runs in its own script with the same flags: "
                         f"bash run_grpo.sh --algorithm {ppo_args.algorithm} ... (stages/grpo.py).")
     _check_rl_common(model_args, peft_args, ppo_args)
-    if training_args.deepspeed:
-        raise UserError("the PPO stage runs its own loop with plain data parallelism; drop --deepspeed (use LoRA/QLoRA "
-                        "for large models).")
+    if training_args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed.")
     check_loop_flags(training_args)
     batch, mini = training_args.per_device_train_batch_size, ppo_args.mini_batch_size or training_args.per_device_train_batch_size
     if batch % mini or mini % training_args.gradient_accumulation_steps:
@@ -117,8 +131,8 @@ def check_loop_flags(training_args) -> None:
         raise UserError(f"--optim {optim}: the PPO loop trains with torch AdamW (--optim adamw_torch); "
                         "other optimizers are for the Trainer-based stages and --algorithm grpo/rloo.")
     if training_args.fp16:
-        raise UserError("--fp16 needs loss scaling, which the PPO loop does not do: use --bf16 True, float32, or "
-                        "--algorithm grpo/rloo.")
+        raise UserError("--fp16 needs loss scaling, which the PPO loop does not do (under --deepspeed too: its fp16 "
+                        "engine casts the frozen reference as well): use --bf16 True, float32, or --algorithm grpo/rloo.")
     if training_args.use_liger_kernel:
         raise UserError("--use_liger_kernel is applied by the Trainer-based stages; the PPO loop does not use it "
                         "(--algorithm grpo/rloo do): drop the flag.")

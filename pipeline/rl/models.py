@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.args import trainable_dtype
 from pipeline.model.adapters import unwrap
@@ -60,7 +61,8 @@ def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> P
         reward = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=value.dtype).eval().requires_grad_(False)
     models = PPOModels(policy, reference, value, reward, rm_tokenizer)
     for model in (policy, reference, value, reward):
-        if model is not None and not is_quantized(model):  # quantized weights were placed at load time
+        # quantized weights were placed at load time; ZeRO-3 weights are built sharded (and placed) by DeepSpeed
+        if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
             model.to(training_args.device)
     return models
 

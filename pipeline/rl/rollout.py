@@ -125,20 +125,34 @@ class Rollouts:
         self.device, self.autocast = training_args.device, autocast_for(training_args)
         self.rank, self.world = training_args.process_index, training_args.world_size
         self.batch_size = training_args.per_device_train_batch_size
+        self.generation_context = nullcontext  # ZeRO-3: gathers the policy's weights for the rollout (engine.py)
 
     @property
     def has_reference(self) -> bool:
         return self.reference is not None or isinstance(self.policy, PeftModel)
 
+    def static_cache(self) -> bool:
+        """--rollout_cache static: a fixed-size cache and a compiled decode step (auto: the dynamic cache)."""
+        return getattr(self.args, "rollout_cache", "auto") == "static"
+
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sample: bool) -> Trajectory:
+        static = self.static_cache()
+        longest = max(len(p.ids) for p in prompts)
+        # static: every rollout has one shape (prompts padded to the prompt budget), so the decode step compiles once
+        width = max(self.args.model_max_length - self.args.max_new_tokens, longest) if static else longest
         query, qmask = pad([p.ids for p in prompts], self.tokenizer.pad_token_id, side="left")
+        extra = width - longest
+        query = torch.cat([torch.full((len(prompts), extra), self.tokenizer.pad_token_id), query], 1)
+        qmask = torch.cat([torch.zeros((len(prompts), extra), dtype=qmask.dtype), qmask], 1)
         query, qmask = query.to(self.device), qmask.to(self.device)
         base = unwrap(self.policy).generation_config
         # sampling reads the full distribution (top_k 0), as the log-probs of the update do
         config = (sampling_config(base, self.args.max_new_tokens, self.args.temperature, self.args.top_p, top_k=0)
                   if sample else sampling_config(base, self.args.max_new_tokens))
-        with self.autocast:
+        if static:
+            config.cache_implementation = "static"
+        with self.autocast, self.generation_context():
             out = generate(self.policy, query, qmask, config)
         answers = [self.tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
                    for r, m in zip(out.responses, out.mask)]

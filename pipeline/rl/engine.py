@@ -1,0 +1,181 @@
+"""How the PPO loop updates its trainable pair (policy + value model): plain torch, or DeepSpeed ZeRO-2/3.
+
+`TorchUpdater`: one AdamW over both models' trainable weights, gradients averaged over the ranks
+(distributed.py), clipped together, then the optimizer and scheduler step.
+
+`DeepSpeedUpdater` (--deepspeed deepspeed_configs/zero2.json or zero3.json, the files every stage uses): the
+pair is one DeepSpeed engine with the same AdamW as a client optimizer and the same scheduler, so the
+update is the plain one, with ZeRO's sharding and bucketed reduction. The config's optimizer/scheduler
+sections are not used (the loop's flags set them); its "auto" values are filled from the loop's batch
+shape. Under ZeRO-3, generation gathers the policy's weights once per rollout (not once per token),
+reference and reward copies are sharded inference engines, and saves gather the full 16-bit weights.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+from pipeline.errors import UserError
+from pipeline.rl import distributed
+
+
+class PPOPair(torch.nn.Module):
+    """Policy and value model under one module, so one optimizer (or one DeepSpeed engine) holds both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+
+def _adamw(params, t) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def _schedule(optimizer, t, updates: int):
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.get_warmup_steps(updates),
+                         num_training_steps=updates)
+
+
+class TorchUpdater:
+    sharded = False
+
+    def __init__(self, pair: PPOPair, training_args, updates: int, accumulation: int):
+        self.params = [p for p in pair.parameters() if p.requires_grad]
+        self.optimizer = _adamw(self.params, training_args)
+        self.scheduler = _schedule(self.optimizer, training_args, updates)
+        self.targs, self.accumulation, self.world = training_args, accumulation, training_args.world_size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        """After `accumulation` backward passes: average over ranks, clip, step, clear."""
+        distributed.average_gradients(self.params, self.world)
+        if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.targs.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def generation(self):
+        return nullcontext()
+
+    def state(self, folder: Path) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load(self, folder: Path, state: dict) -> None:
+        if "optimizer" not in state:
+            raise UserError(f"{folder} was saved under --deepspeed (its optimizer state is in {folder}/deepspeed); "
+                            "resume it with the same --deepspeed config.")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_weights(self) -> dict | None:
+        return None  # the modules hold their full weights
+
+    def check_in_sync(self) -> None:
+        distributed.check_in_sync(self.params, self.world)
+
+
+def deepspeed_config(source, training_args, micro: int, accumulation: int, hidden_size: int) -> dict:
+    """The JSON config with its "auto" values set for the PPO loop (micro-batch, accumulation, clipping,
+    bf16, bucket sizes); optimizer and scheduler sections dropped (the loop's AdamW and scheduler run)."""
+    config = json.loads(Path(source).read_text()) if isinstance(source, (str, Path)) else dict(source)
+    config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation,
+                  train_batch_size=micro * accumulation * training_args.world_size,
+                  gradient_clipping=float(training_args.max_grad_norm or 0.0),
+                  zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False)
+    config["bf16"] = {**config.get("bf16", {}), "enabled": bool(training_args.bf16)}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": False}
+    zero = dict(config.get("zero_optimization", {}))
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    config["zero_optimization"] = {k: (sizes[k] if v == "auto" and k in sizes else v) for k, v in zero.items()}
+    left = [k for k, v in {**config, **config["zero_optimization"]}.items() if v == "auto"]
+    if left:
+        raise UserError(f"--deepspeed {source}: the PPO loop cannot fill the value(s) 'auto' of {', '.join(left)}; "
+                        "give numbers there.")
+    return config
+
+
+class DeepSpeedUpdater:
+    def __init__(self, pair: PPOPair, training_args, updates: int, micro: int, accumulation: int, hidden_size: int):
+        import deepspeed
+
+        self.config = deepspeed_config(training_args.deepspeed, training_args, micro, accumulation, hidden_size)
+        self.sharded = self.config["zero_optimization"].get("stage", 0) == 3
+        self.pair = pair
+        optimizer = _adamw([p for p in pair.parameters() if p.requires_grad], training_args)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=pair, optimizer=optimizer, config=self.config,
+            lr_scheduler=lambda opt: _schedule(opt, training_args, updates))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed scales by the accumulation and steps (clipped) at the accumulation boundary."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def step(self) -> None:
+        pass  # taken by the engine at the boundary
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @contextmanager
+    def generation(self):
+        """ZeRO-3: the policy's full weights gathered once for the whole rollout, the per-layer fetch hooks off."""
+        if not self.sharded:
+            yield
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(self.pair.policy.parameters())):
+            remove_hooks(self.engine)
+            try:
+                yield
+            finally:
+                add_hooks(self.engine)
+
+    def state(self, folder: Path) -> dict:
+        """DeepSpeed's own checkpoint (weights, optimizer and scheduler, each rank its shard) in folder/deepspeed."""
+        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+        return {}
+
+    def load(self, folder: Path, state: dict) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"{folder} holds no DeepSpeed checkpoint (folder deepspeed/); it was saved without "
+                            "--deepspeed: resume it without --deepspeed, or start a new run.")
+
+    def full_weights(self) -> dict | None:
+        """ZeRO-3: the full 16-bit state dict of the pair, gathered (every rank takes part; rank 0 gets it)."""
+        if not self.sharded:
+            return None
+        return self.engine._zero3_consolidated_16bit_state_dict()
+
+    def check_in_sync(self) -> None:
+        pass  # DeepSpeed keeps one copy of the optimizer state per shard: the ranks cannot drift apart
+
+
+def sharded_inference(model, config: dict):
+    """A frozen model (reference, reward) as a ZeRO-3 inference engine: its weights stay sharded."""
+    import deepspeed
+
+    inference = {k: v for k, v in config.items() if k not in ("gradient_clipping",)}
+    inference["zero_optimization"] = {**config["zero_optimization"], "offload_optimizer": {"device": "none"}}
+    engine, *_ = deepspeed.initialize(model=model, config=inference)
+    engine.module.eval()
+    return engine.module
