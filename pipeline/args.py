@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.errors import UserError, first_line
 
@@ -270,14 +269,20 @@ def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "no", "false", "none"):
         return None
-    last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+    from pipeline.train.checkpoints import COMPLETE, is_complete, last_complete_checkpoint
+
+    out = Path(training_args.output_dir)
+    last = last_complete_checkpoint(out) if out.is_dir() else None
     if str(value).lower() == "auto":
-        return last
+        return str(last) if last else None
     if str(value).lower() in ("yes", "true", "last"):
         if last is None:
-            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {training_args.output_dir}.")
-        return last
-    path = Path(training_args.output_dir, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
+            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {out}.")
+        return str(last)
+    path = Path(out, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
     if not path.is_dir():
         raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
+    if not is_complete(path):
+        raise UserError(f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
+                        "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one.")
     return str(path)

@@ -75,16 +75,24 @@ def test_invalid_combinations_are_rejected(tmp_path, flags, message):
         parse_args(TYPES, BASE + [str(tmp_path)] + flags)
 
 
-def test_resume_values(tmp_path):
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-12").mkdir()
+def test_resume_values_and_incomplete_checkpoints(tmp_path, caplog):
+    from pipeline.train.checkpoints import mark_complete
+
+    for step in (5, 12, 15):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    mark_complete(tmp_path / "checkpoint-5", 5)
+    mark_complete(tmp_path / "checkpoint-12", 12)  # checkpoint-15: a save that was killed half way
+
     def resolve(value):
         *_, train = parse_args(TYPES, BASE + [str(tmp_path), "--resume_from_checkpoint", value])
         return resolve_resume_checkpoint(train)
     assert resolve("yes").endswith("checkpoint-12") and resolve("auto").endswith("checkpoint-12")
+    assert "skipping" in caplog.text and "checkpoint-15" in caplog.text
     assert resolve("5").endswith("checkpoint-5")
     with pytest.raises(UserError, match="does not exist"):
         resolve("7")
+    with pytest.raises(UserError, match="checkpoint-15 is incomplete"):
+        resolve("15")
 
 
 def test_parsing_has_no_side_effects(tmp_path, monkeypatch):

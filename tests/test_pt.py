@@ -118,3 +118,35 @@ def test_resume_from_checkpoint_continues(tiny_model, tmp_path):
     assert state["global_step"] == 8
     # the resumed run logged steps 5..8 only, so its first logged step comes after the checkpoint
     assert (out / "checkpoint-8").is_dir()
+
+
+def test_sigterm_saves_a_checkpoint_stops_and_the_resumed_run_reaches_the_same_weights(tiny_model, tmp_path):
+    """Preemption: SIGTERM mid-training saves a complete checkpoint of the current step and exits 143 with no
+    final model; resuming with auto ends with exactly the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    flags = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "pt"), *COMMON,
+             "--use_peft", "False", "--max_steps", "60", "--save_steps", "1000", "--lr_scheduler_type", "constant",
+             "--do_eval", "False", "--validation_split_percentage", "0"]
+    whole = tmp_path / "whole"
+    pt.main([*flags, "--output_dir", str(whole)])
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "stages/pt.py", *flags, "--output_dir", str(cut), "--logging_steps", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # wait until training has started, then preempt
+        if "{'loss'" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-2000:]
+    [checkpoint] = list(cut.glob("checkpoint-*"))
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 60 and (checkpoint / "checkpoint_complete.json").is_file()
+    assert not (cut / "model.safetensors").exists()  # no final model: the stage is not done
+    pt.main([*flags, "--output_dir", str(cut), "--resume_from_checkpoint", "auto"])
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
+from pipeline.train.checkpoints import mark_complete
 
 
 def part(weights: dict | None, prefix: str) -> dict | None:
@@ -65,6 +66,7 @@ def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: di
     value_weights = part(weights, "value_model")
     value_model.save_pretrained(partial / "value_model", **({"state_dict": value_weights} if weights else {}))
     torch.save(loop_state, partial / "ppo_state.pt")
+    mark_complete(partial, loop_state["step"])
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     if save_total_limit:

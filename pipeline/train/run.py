@@ -18,7 +18,9 @@ import transformers
 from transformers import Trainer, set_seed
 
 from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
+from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
+from pipeline.train.checkpoints import PREEMPTED_EXIT, CheckpointGuard
 
 logger = logging.getLogger("pipeline")
 # A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
@@ -60,7 +62,17 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     checkpoint = resolve_resume_checkpoint(training_args)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
+    guard = CheckpointGuard()
+    trainer.add_callback(guard)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if guard.preempted:  # a checkpoint of this step was saved; no final model, so the stage is not done
+        logger.warning("stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with --resume_from_checkpoint "
+                       "auto to continue", trainer.state.global_step, trainer.state.global_step)
+        raise SystemExit(PREEMPTED_EXIT)
+    if trainer.state.global_step == 0:
+        raise UserError("training ran 0 steps, so the output would be the untrained model; check --max_steps, "
+                        "--num_train_epochs and the data size (or whether --resume_from_checkpoint points at a "
+                        "finished run).")
     base = unwrap(trainer.model)
     base.config.use_cache = True  # the saved config is for inference, which wants the cache back
     trainer.save_model()
