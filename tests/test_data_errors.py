@@ -98,3 +98,20 @@ def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model
                                         r"--model_max_length 8\)"):
         build_chat_dataset(str(DATA / "sft"), "--train_file_dir", template, tokenizer, sft_args,
                            SimpleNamespace(preprocessing_num_workers=None))
+
+
+@pytest.mark.parametrize("record, message", [
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', "user message has no content"),
+    ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
+     "user message has no content"),
+    ('{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}', "user message has no content"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}',
+     "assistant message has neither content nor tool_calls"),
+])
+def test_null_or_missing_contents_name_the_file_and_line(tmp_path, record, message):
+    from pipeline.data.conversations import read_conversations
+
+    path = write(tmp_path / "chats.jsonl", ('{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", '
+                                           '"content": "fine"}]}\n' + record + "\n").encode())
+    with pytest.raises(UserError, match=f"{path}:2: .*{message}"):
+        read_conversations(str(tmp_path), "--train_file_dir", "auto", False)

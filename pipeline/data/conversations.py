@@ -74,6 +74,8 @@ def _parse_call(text: str) -> dict | None:
 
 
 def _message(role: str, content: Any, loss: Any = None) -> dict:
+    if content is None and role == "user":  # an empty question would be trained on silently
+        raise InvalidSample("a user message has no content (null or missing)")
     if content is not None and not isinstance(content, str):
         raise InvalidSample(f"a {role} message's content must be a string")
     m = {"role": role, "content": content or ""}
@@ -120,6 +122,8 @@ def from_messages(record: dict) -> dict:
         for key in ("tool_call_id", "reasoning_content"):  # call ids (Mistral), reasoning kept apart (Qwen3)
             if m.get(key) is not None:
                 msg[key] = m[key]
+        if role == "assistant" and m.get("content") is None and not m.get("tool_calls"):
+            raise InvalidSample("an assistant message has neither content nor tool_calls (null or missing)")
         if role == "assistant":
             if m.get("tool_calls"):
                 msg["tool_calls"] = [_call(c["function"]["name"], c["function"]["arguments"], c.get("id"))
