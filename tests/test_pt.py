@@ -150,3 +150,12 @@ def test_sigterm_saves_a_checkpoint_stops_and_the_resumed_run_reaches_the_same_w
     pt.main([*flags, "--output_dir", str(cut), "--resume_from_checkpoint", "auto"])
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+def test_sigterm_handler_is_given_back_after_training(tiny_model, tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    run_pt(tiny_model, tmp_path / "o", "--use_peft", "False", "--max_steps", "1", "--do_eval", "False",
+           "--validation_split_percentage", "0")
+    assert signal.getsignal(signal.SIGTERM) is before

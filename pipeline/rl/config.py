@@ -66,11 +66,11 @@ class PPOArguments:
     missing_eos_penalty: float | None = field(default=None, metadata={
         "help": "Subtracted from the score of answers cut off without a stop token."})
     num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: answers sampled per prompt."})
-    rollout_cache: str = field(default="auto", metadata={
-        "help": "KV cache of rollouts: dynamic (auto), or static (a fixed-size cache and transformers' compiled "
+    rollout_cache: str = field(default="dynamic", metadata={
+        "help": "KV cache of rollouts: dynamic, or static (a fixed-size cache and transformers' compiled "
                 "decode step, prompts padded to --model_max_length - --max_new_tokens; alone ~4x faster on the 1B "
                 "shape, but in the PPO loop measured no faster yet, bench/results/h200-2026-12-02-ppo).",
-        "choices": ("auto", "static", "dynamic")})
+        "choices": ("dynamic", "static")})
 
     def __post_init__(self):
         if self.temperature <= 0:

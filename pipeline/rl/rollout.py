@@ -131,20 +131,16 @@ class Rollouts:
     def has_reference(self) -> bool:
         return self.reference is not None or isinstance(self.policy, PeftModel)
 
-    def static_cache(self) -> bool:
-        """--rollout_cache static: a fixed-size cache and a compiled decode step (auto: the dynamic cache)."""
-        return getattr(self.args, "rollout_cache", "auto") == "static"
-
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sample: bool) -> Trajectory:
-        static = self.static_cache()
+        static = getattr(self.args, "rollout_cache", "dynamic") == "static"  # a fixed-size cache, compiled decode
         longest = max(len(p.ids) for p in prompts)
         # static: every rollout has one shape (prompts padded to the prompt budget), so the decode step compiles once
         width = max(self.args.model_max_length - self.args.max_new_tokens, longest) if static else longest
         query, qmask = pad([p.ids for p in prompts], self.tokenizer.pad_token_id, side="left")
-        extra = width - longest
-        query = torch.cat([torch.full((len(prompts), extra), self.tokenizer.pad_token_id), query], 1)
-        qmask = torch.cat([torch.zeros((len(prompts), extra), dtype=qmask.dtype), qmask], 1)
+        if width > longest:
+            query = torch.cat([torch.full((len(prompts), width - longest), self.tokenizer.pad_token_id), query], 1)
+            qmask = torch.cat([torch.zeros((len(prompts), width - longest), dtype=qmask.dtype), qmask], 1)
         query, qmask = query.to(self.device), qmask.to(self.device)
         base = unwrap(self.policy).generation_config
         # sampling reads the full distribution (top_k 0), as the log-probs of the update do

@@ -58,8 +58,15 @@ class CheckpointGuard(TrainerCallback):
     def __init__(self):
         self.preempted = False
         self._signalled = False
+        self._previous = None
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def restore(self) -> None:
+        """Give SIGTERM back its handler from before training (a later SIGTERM must end the process again)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _on_sigterm(self, signum, frame) -> None:
         if not self._signalled:

@@ -64,7 +64,10 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
         logger.info("resuming from %s", checkpoint)
     guard = CheckpointGuard()
     trainer.add_callback(guard)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        guard.restore()
     if guard.preempted:  # a checkpoint of this step was saved; no final model, so the stage is not done
         logger.warning("stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with --resume_from_checkpoint "
                        "auto to continue", trainer.state.global_step, trainer.state.global_step)
