@@ -122,6 +122,8 @@ class DataArguments:
             raise UserError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
+            if value == 0:
+                raise UserError(f"--{name} 0 would leave no samples; give a positive number, or -1 for all.")
             if value is not None and value < 0:
                 setattr(self, name, None)  # -1 (the seed's spelling) means "all"
 
@@ -160,6 +162,8 @@ class PipelineTrainingArguments(TrainingArguments):
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."}
     )
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in an --output_dir holding another run: its checkpoints and results are removed first."})
 
     # defaults chosen from measurements (README "Speed and memory"); the stages' subclasses may differ
     default_checkpointing: ClassVar[bool] = True
@@ -168,6 +172,11 @@ class PipelineTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if not self.output_dir:
             raise UserError("--output_dir is required.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UserError(f"--output_dir {self.output_dir} is a file, not a folder; give a folder path.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         self.checkpointing_by_default = self.gradient_checkpointing is None and \
             getattr(self, "activation_checkpointing", None) is None
         if self.gradient_checkpointing is None:
@@ -237,8 +246,12 @@ def _load_config(path: str) -> dict[str, Any]:
     text = Path(path).read_text(encoding="utf-8")
     try:
         config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"config file {path} does not parse: {first_line(e)}") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path}:{e.lineno}: not valid JSON ({e.msg}).") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"config file {where}: not valid YAML ({getattr(e, 'problem', None) or first_line(e)}).") from e
     if not isinstance(config, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values.")
     return config

@@ -35,9 +35,10 @@ from pipeline.data.preference_dataset import preference_datasets
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_checkpointing, resolve_packing
+from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -96,6 +97,7 @@ def parse(argv: list[str] | None = None):
     )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
+    check_eval_data(data_args, training_args)
     dpo_args.packing = resolve_packing(dpo_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, dpo_args, training_args
 
@@ -103,6 +105,7 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None):
     model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse(argv)
     setup_run(training_args)
+    claim_output_dir(training_args, "dpo", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(pref_args.template_name, tokenizer)
     apply_template_to_tokenizer(tokenizer, template)

@@ -29,6 +29,7 @@ from pipeline.model.loading import load_model, load_tokenizer, set_generation_st
 from pipeline.rl.config import GROUP_RELATIVE_FLAGS, PPOArguments, RLTrainingArguments, validate_group_relative
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, reward_model_folder
 from pipeline.rl.rollout import Rollouts
+from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import setup_run, train_and_save
 
 
@@ -77,6 +78,7 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None):
     model_args, data_args, peft_args, ppo_args, training_args = parse(argv)
     setup_run(training_args)
+    claim_output_dir(training_args, "grpo", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(ppo_args.template_name, tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)

@@ -28,8 +28,9 @@ from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.causal_lm import CausalLMTrainer
+from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_checkpointing
+from pipeline.validation import check_common, check_eval_data, resolve_checkpointing
 
 logger = logging.getLogger("pipeline.pt")
 
@@ -81,12 +82,14 @@ def parse(argv: list[str] | None = None):
     )
     check_common(model_args, peft_args, max_length=pt_args.block_size)
     resolve_checkpointing(training_args, peft_args)
+    check_eval_data(data_args, training_args)
     return model_args, data_args, peft_args, pt_args, training_args
 
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, peft_args, pt_args, training_args = parse(argv)
     setup_run(training_args)
+    claim_output_dir(training_args, "pt", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size
     if 0 < tokenizer.model_max_length < block_size and not model_args.rope_scaling:

@@ -28,9 +28,10 @@ from pipeline.data.preference_dataset import preference_datasets
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.reward import RewardModelTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_checkpointing, resolve_packing
+from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.rm")
 
@@ -50,6 +51,7 @@ def parse(argv: list[str] | None = None):
     )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
+    check_eval_data(data_args, training_args)
     training_args.packing = resolve_packing(training_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, training_args
 
@@ -57,6 +59,7 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, peft_args, pref_args, training_args = parse(argv)
     setup_run(training_args)
+    claim_output_dir(training_args, "rm", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(pref_args.template_name, tokenizer)
     apply_template_to_tokenizer(tokenizer, template)
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_args, peft_args, tokenizer, head="reward",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
                        trainable_dtype=trainable_dtype(training_args), packing=training_args.packing,
-                       half_precision=bool(training_args.bf16 or training_args.fp16))
+                       half_precision=bool(training_args.bf16 or training_args.fp16), new_head=True)
     trainer = RewardModelTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
                                  center_rewards_coefficient=training_args.center_rewards_coefficient,

@@ -30,8 +30,9 @@ from pipeline.errors import UserError, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.train.causal_lm import CausalLMTrainer
+from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, resolve_checkpointing, resolve_packing
+from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.sft")
 
@@ -89,6 +90,7 @@ def parse(argv: list[str] | None = None):
     )
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
+    check_eval_data(data_args, training_args)
     training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
     sft_args.packing = resolve_packing(sft_args.packing, peft_args, sft_args.neft_alpha)
     return model_args, data_args, peft_args, sft_args, training_args
@@ -97,6 +99,7 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, peft_args, sft_args, training_args = parse(argv)
     setup_run(training_args)
+    claim_output_dir(training_args, "sft", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(sft_args.template_name, tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)

@@ -1,8 +1,10 @@
-"""merge_peft_adapter: a sequence-classification (reward) adapter keeps its trained score head."""
+"""merge_peft_adapter: a sequence-classification (reward) adapter keeps its trained score head; a base other
+than the adapter's own, or of the wrong kind, is refused."""
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.model.merge import merge_adapter
 
@@ -32,3 +34,30 @@ def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
         assert torch.allclose(got, want, atol=1e-4)
         assert not torch.allclose(fresh(**batch).logits, want, atol=1e-2)
     assert merged.config.num_labels == 1 and merged.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_merge_refuses_a_base_other_than_the_adapters_own(tiny_model, tmp_path):
+    """The adapter folder records its base's fingerprint at save; another base of the same shape is refused
+    (its merge would run and give a wrong model), and a base of the wrong kind is refused by its missing head."""
+    from pipeline.errors import UserError
+    from pipeline.model.merge import FINGERPRINT
+    from pipeline.model.tiny_model import build
+    from tests.helpers import train_sft
+
+    adapter = train_sft(tiny_model, tmp_path / "lora", 2, "--use_peft", "True")
+    assert (adapter / FINGERPRINT).is_file()
+    other = build(tmp_path / "other-tiny", seed=7)  # same architecture and shapes, other weights
+    with pytest.raises(UserError, match=f"trained on {tiny_model}, but --base_model {other} holds other weights"):
+        merge_adapter(str(other), str(adapter), str(tmp_path / "wrong"))
+    assert not (tmp_path / "wrong").exists()
+    # the same base saved in another dtype is still its own base
+    same = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(same)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(same)
+    assert (merge_adapter(str(same), str(adapter), str(tmp_path / "merged")) / "config.json").is_file()
+    # a reward-model folder as the base of a language-model adapter: no lm_head to merge into
+    (adapter / FINGERPRINT).unlink()
+    rm_folder = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(rm_folder)
+    with pytest.raises(UserError, match="without the language-model output head"):
+        merge_adapter(str(rm_folder), str(adapter), str(tmp_path / "wrong-kind"))

@@ -73,7 +73,7 @@ def _parse_call(text: str) -> dict | None:
     return None
 
 
-def _message(role: str, content: Any, loss: Any = None) -> dict:
+def make_message(role: str, content: Any, loss: Any = None) -> dict:
     if content is None and role == "user":  # an empty question would be trained on silently
         raise InvalidSample("a user message has no content (null or missing)")
     if content is not None and not isinstance(content, str):
@@ -87,7 +87,7 @@ def _message(role: str, content: Any, loss: Any = None) -> dict:
 
 
 def from_sharegpt(record: dict) -> dict:
-    messages = [_message("system", record["system"])] if record.get("system") else []
+    messages = [make_message("system", record["system"])] if record.get("system") else []
     for turn in record["conversations"]:
         role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
         if role is None:
@@ -99,7 +99,7 @@ def from_sharegpt(record: dict) -> dict:
                 raise InvalidSample('a function_call turn must hold JSON {"name": ..., "arguments": ...}')
             messages.append({"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)})
         else:
-            messages.append(_message(role, turn.get("value"), turn.get("loss")))
+            messages.append(make_message(role, turn.get("value"), turn.get("loss")))
     return {"messages": messages, "tools": _tools(record.get("tools"))}
 
 
@@ -118,7 +118,7 @@ def from_messages(record: dict) -> dict:
             raise InvalidSample(f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in messages")
         if m.get("tools"):
             tools = _tools(m["tools"])
-        msg = _message(role, m.get("content"), m.get("loss"))
+        msg = make_message(role, m.get("content"), m.get("loss"))
         for key in ("tool_call_id", "reasoning_content"):  # call ids (Mistral), reasoning kept apart (Qwen3)
             if m.get(key) is not None:
                 msg[key] = m[key]
@@ -147,22 +147,25 @@ def from_chatglm3(record: dict) -> dict:
             obs = turn["observation"]
             call = _call(turn["name"], turn.get("parameters", {}))
             messages.append({"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)})
-            messages.append(_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)))
+            messages.append(make_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)))
         elif role in ("system", "user", "assistant", "observation"):
-            messages.append(_message(MESSAGE_ROLES[role], turn.get("content"), turn.get("loss")))
+            messages.append(make_message(MESSAGE_ROLES[role], turn.get("content"), turn.get("loss")))
         else:
             raise InvalidSample(f"unknown role {role!r} in conversations")
     return {"messages": messages, "tools": _tools(record.get("tools"))}
 
 
 def from_alpaca(record: dict) -> dict:
-    messages = [_message("system", record["system"])] if record.get("system") else []
+    for key in ("instruction", "input"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise InvalidSample(f'"{key}" must be a string, got {type(record[key]).__name__}')
+    messages = [make_message("system", record["system"])] if record.get("system") else []
     for pair in record.get("history") or []:
         if not (isinstance(pair, list) and len(pair) == 2):
             raise InvalidSample('"history" must be a list of [question, answer] pairs')
-        messages += [_message("user", pair[0]), _message("assistant", pair[1])]
+        messages += [make_message("user", pair[0]), make_message("assistant", pair[1])]
     prompt = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
-    messages += [_message("user", prompt), _message("assistant", record["output"])]
+    messages += [make_message("user", prompt), make_message("assistant", record["output"])]
     return {"messages": messages, "tools": None}
 
 
@@ -203,7 +206,14 @@ def normalize(record: Any, data_format: str = "auto") -> dict:
     try:
         return validate(CONVERTERS[fmt](record))
     except (KeyError, TypeError, AttributeError) as e:
-        raise InvalidSample(f"not a valid {fmt} record ({type(e).__name__}: {e})") from e
+        raise InvalidSample(f"not a valid {fmt} record: {field_problem(e)}") from e
+
+
+def field_problem(error: Exception) -> str:
+    """A converter's KeyError/TypeError/AttributeError as words (not `KeyError: 'x'`)."""
+    if isinstance(error, KeyError):
+        return f"the field {error.args[0]!r} is missing"
+    return f"a field holds the wrong kind of value ({error})"
 
 
 def read_conversations(directory: str, flag: str, data_format: str = "auto",

@@ -76,7 +76,7 @@ def build_preference_dataset(directory: str, flag: str, template: Template, toke
     """whole_conversations=True (RM): chosen_ids/rejected_ids are full rendered conversations, prompt_ids empty."""
     pairs, report = read_preferences(directory, flag, unpaired, skip_invalid)
     if not pairs:
-        raise UserError(f"{flag} {directory}: no usable preference record (see the counts above).")
+        raise UserError(f"{flag} {directory}: no usable preference record ({report.summary('records')}).")
     raw = Dataset.from_dict({"pair": [json.dumps(p, ensure_ascii=False) for p in pairs]})
     encoded = raw.map(functools.partial(_encode, template=template, tokenizer=tokenizer, max_length=max_length,
                                         unpaired=unpaired, whole=whole_conversations),

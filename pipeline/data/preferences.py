@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.data.conversations import InvalidSample, from_sharegpt, validate
+from pipeline.data.conversations import MESSAGE_ROLES, InvalidSample, field_problem, from_sharegpt, make_message, validate
 from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.errors import UserError
 
@@ -35,13 +35,25 @@ def _check_prompt(messages: list[dict], tools=None) -> list[dict]:
     return messages
 
 
+def _prompt_messages(prompt: Any) -> list[dict]:
+    if not isinstance(prompt, list):
+        raise InvalidSample('"prompt" must be a string or a list of messages')
+    msgs = []
+    for m in prompt:
+        role = MESSAGE_ROLES.get(m.get("role")) if isinstance(m, dict) else None
+        if role is None:
+            raise InvalidSample(f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in the prompt")
+        msgs.append(make_message(role, m.get("content")))
+    return msgs
+
+
 def _from_seed(r: dict) -> dict:
-    msgs = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+    msgs = [make_message("system", r["system"])] if r.get("system") else []
     for pair in r.get("history") or []:
         if not (isinstance(pair, list) and len(pair) == 2):
             raise InvalidSample('"history" must be a list of [question, answer] pairs')
-        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    msgs.append({"role": "user", "content": r["question"]})
+        msgs += [make_message("user", pair[0]), make_message("assistant", pair[1])]
+    msgs.append(make_message("user", r["question"]))
     return {"prompt": _check_prompt(msgs), "chosen": _answer(r["response_chosen"], "response_chosen"),
             "rejected": _answer(r["response_rejected"], "response_rejected")}
 
@@ -54,10 +66,8 @@ def _from_prompt(r: dict) -> dict:
         if chosen[:-1] != rejected[:-1]:
             raise InvalidSample("implicit prompt: chosen and rejected must share all but the last message")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-    if not isinstance(prompt, list):
-        raise InvalidSample('"prompt" must be a string or a list of messages')
-    msgs = [{"role": m["role"], "content": m.get("content") or ""} for m in prompt]
-    return {"prompt": _check_prompt(msgs), "chosen": _answer(chosen, "chosen"), "rejected": _answer(rejected, "rejected")}
+    return {"prompt": _check_prompt(_prompt_messages(prompt)), "chosen": _answer(chosen, "chosen"),
+            "rejected": _answer(rejected, "rejected")}
 
 
 def _from_ranking(r: dict) -> dict:
@@ -68,7 +78,7 @@ def _from_ranking(r: dict) -> dict:
 
 def _from_unpaired(r: dict) -> dict:
     prompt = r.get("messages", r.get("prompt"))
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    msgs = _prompt_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
     if not isinstance(r.get("label"), bool):
         raise InvalidSample('"label" must be true or false')
     return {"prompt": _check_prompt(msgs), "completion": _answer(r["completion"], "completion"), "label": r["label"]}
@@ -93,7 +103,7 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
             raise InvalidSample('unknown record shape: expected "question"+"response_chosen", "prompt"/"chosen"/"rejected" '
                                 'or "conversations"+"chosen"')
     except (KeyError, TypeError, AttributeError) as e:
-        raise InvalidSample(f"not a valid preference record ({type(e).__name__}: {e})") from e
+        raise InvalidSample(f"not a valid preference record: {field_problem(e)}") from e
     if "margin" in record:
         margin = record["margin"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):

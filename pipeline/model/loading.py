@@ -33,7 +33,23 @@ logger = logging.getLogger(__name__)
 HEADS = {"lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM), "reward": (AutoModelForSequenceClassification, TaskType.SEQ_CLS)}
 
 
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or more than one slash."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_model_folder(name: str, flag: str) -> None:
+    """A local model path that does not exist is named as such (the hub client calls it a malformed repo id)."""
+    path = os.path.expanduser(name)
+    if looks_local(name) and not os.path.isdir(path):
+        what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+        raise UserError(f"{flag} {name} {what}; give the folder holding config.json (or a hub id like org/name).")
+
+
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path != model_args.model_name_or_path \
+        else "--model_name_or_path"
+    check_model_folder(model_args.tokenizer_name_or_path, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_args.tokenizer_name_or_path,
@@ -107,6 +123,7 @@ def apply_rope_scaling(config, kind: str, max_length: int | None) -> None:
 
 def load_config(model_args: ModelArguments, max_length: int | None = None):
     """The checkpoint's config, checked against --model_type and stretched by --rope_scaling (cheap: no weights)."""
+    check_model_folder(model_args.model_name_or_path, "--model_name_or_path")
     try:
         config = AutoConfig.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
@@ -133,9 +150,11 @@ def load_model(
     trainable_dtype: torch.dtype = torch.float32,
     packing: bool = False,
     half_precision: bool = False,
+    new_head: bool = False,
 ) -> PreTrainedModel:
     """`packing`: batches are flattened packed rows, so a varlen attention kernel may be used (model/attention.py);
-    `half_precision`: the run computes in bf16/fp16 (what that kernel needs)."""
+    `half_precision`: the run computes in bf16/fp16 (what that kernel needs); `new_head`: the head may start
+    untrained (the RM stage puts a score head on a language model); otherwise every weight must come from the folder."""
     auto_class, task_type = HEADS[head]
     config = load_config(model_args, max_length)
     if head == "reward":
@@ -143,7 +162,7 @@ def load_model(
         config.pad_token_id = tokenizer.pad_token_id
     dtype = resolve_dtype(model_args, peft_args)
     quant = quantization_config(model_args, dtype)
-    model = auto_class.from_pretrained(
+    model, info = auto_class.from_pretrained(
         model_args.model_name_or_path,
         config=config,
         dtype=dtype,
@@ -152,7 +171,9 @@ def load_model(
         attn_implementation=choose_attention(model_args.flash_attn, packing, half_precision),
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
+        output_loading_info=True,
     )
+    check_loaded_weights(model_args.model_name_or_path, config, head, info["missing_keys"], new_head)
     resized = resize_embeddings(model, tokenizer)
     model.config.use_cache = False  # training: and packed position_ids only separate documents without a cache
     if quant:
@@ -160,6 +181,26 @@ def load_model(
     if not peft_args.use_peft:
         return model
     return attach_lora(model, peft_args, task_type, resized, trainable_dtype)
+
+
+HEAD_NAMES = {"lm": "language-model output head", "reward": "reward (score) head"}
+
+
+def check_loaded_weights(path: str, config, head: str, missing: set[str], new_head: bool) -> None:
+    """Refuse weights that would start random: a folder of the wrong kind (a reward model where a language
+    model is needed, or the reverse) or of another shape. transformers only prints a load report for them."""
+    head_prefix = "score." if head == "reward" else "lm_head."
+    head_missing = sorted(k for k in missing if k.startswith(head_prefix))
+    other = sorted(k for k in missing if not k.startswith(head_prefix))
+    kind = ", ".join(config.architectures or [config.model_type])
+    if other:
+        raise UserError(f"{path} ({kind}) lacks {len(other)} weights this model needs (e.g. {other[0]}), which would "
+                        "start random: it is incomplete or not a checkpoint of this model; check the folder.")
+    if head_missing and not new_head:
+        fix = "the RM stage's output folder (or its merged model)" if head == "reward" else \
+            "a language-model folder: the base, PT or SFT output (or a merged one), not a reward model"
+        raise UserError(f"{path} is a {kind} checkpoint without the {HEAD_NAMES[head]} this stage needs "
+                        f"({head_missing[0]} would start random); give {fix}.")
 
 
 def set_generation_stops(model, stop_ids: list[int], pad_token_id: int) -> None:

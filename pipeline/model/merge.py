@@ -8,17 +8,20 @@ beside the output folder and renamed into place, so an interrupted merge never l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import socket
 from pathlib import Path
 
+import torch
 from peft import PeftConfig, PeftModel
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 from pipeline.errors import UserError, first_line
-from pipeline.model.loading import resize_embeddings
+from pipeline.model.loading import check_loaded_weights, resize_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
             "Merge into the original full-precision model instead (the one QLoRA training quantized)."
         )
     peft_config = PeftConfig.from_pretrained(lora_model)
+    check_same_base(lora_dir, base_model)
     if peft_config.peft_type != "LORA":
         raise UserError(f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be merged into "
                         "weights; load it with peft's AutoPeftModelForCausalLM instead.")
@@ -61,7 +65,11 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
         auto_class = AutoModelForSequenceClassification
     else:
         auto_class = AutoModelForCausalLM
-    base = auto_class.from_pretrained(base_model, config=base_config, dtype="auto", trust_remote_code=trust_remote_code)
+    base, info = auto_class.from_pretrained(base_model, config=base_config, dtype="auto",
+                                            trust_remote_code=trust_remote_code, output_loading_info=True)
+    # a reward adapter brings its trained score head (modules_to_save); a language-model base must have its own
+    check_loaded_weights(base_model, base_config, "reward" if auto_class is AutoModelForSequenceClassification else "lm",
+                         info["missing_keys"], new_head=auto_class is AutoModelForSequenceClassification)
     resize_embeddings(base, tokenizer)
     merged = PeftModel.from_pretrained(base, lora_model).merge_and_unload()
     merged.config.use_cache = True
@@ -75,6 +83,60 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
         shutil.rmtree(partial, ignore_errors=True)
     logger.info("merged %s into %s -> %s (%s)", lora_model, base_model, out, auto_class.__name__)
     return out
+
+
+FINGERPRINT = "base_model_fingerprint.json"
+FINGERPRINT_TENSORS = 16  # tensors sampled, 8 leading values each: cheap to read even for a 70B folder
+
+
+def base_fingerprint(model_dir: str | Path, names: list[str] | None = None) -> dict[str, list[float]] | None:
+    """Up to 8 leading values (float32) of a spread of the folder's tensors, or of `names`; None without
+    safetensors files. Values rather than a hash of bytes, so the same base saved in another dtype matches."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            where.update({name: file for name in f.keys()})
+    if names is None:
+        ordered = sorted(where)
+        names = ordered[:: max(1, len(ordered) // FINGERPRINT_TENSORS)][:FINGERPRINT_TENSORS]
+    out = {}
+    for name in names:
+        if name not in where:
+            continue
+        with safe_open(str(where[name]), "pt") as f:
+            piece = f.get_slice(name)
+            rank = len(piece.get_shape())
+            values = piece[:1] if rank > 1 else piece[:8] if rank == 1 else f.get_tensor(name)
+        out[name] = values.reshape(-1)[:8].float().tolist()
+    return out
+
+
+def record_base(adapter_dir: str | Path, base_model: str) -> None:
+    """Write the fingerprint of the base an adapter was trained on into the adapter folder (merge checks it)."""
+    fingerprint = base_fingerprint(base_model)
+    if fingerprint is not None:
+        Path(adapter_dir, FINGERPRINT).write_text(json.dumps({"base_model": str(base_model), "tensors": fingerprint}))
+
+
+def check_same_base(lora_dir: Path, base_model: str) -> None:
+    """Merging into another base than the one trained on gives a silently wrong model: refuse it."""
+    recorded = lora_dir / FINGERPRINT
+    if not recorded.is_file():
+        return  # an adapter from elsewhere: nothing to compare with
+    trained = json.loads(recorded.read_text())
+    given = base_fingerprint(base_model, list(trained["tensors"]))
+    if given is None:
+        return
+    differs = [name for name, values in trained["tensors"].items()
+               if name not in given or not torch.allclose(torch.tensor(values), torch.tensor(given[name]),
+                                                          rtol=1e-2, atol=1e-3)]
+    if differs:
+        raise UserError(f"--lora_model {lora_dir} was trained on {trained['base_model']}, but --base_model {base_model} "
+                        f"holds other weights ({len(differs)} of {len(trained['tensors'])} sampled tensors differ, e.g. "
+                        f"{differs[0]}); merge into {trained['base_model']}.")
 
 
 def _check_output_dir(out: Path, base_model: str, lora_dir: Path) -> None:

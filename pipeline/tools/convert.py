@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline.data.conversations import InvalidSample, from_alpaca
+from pipeline.data.conversations import InvalidSample, field_problem, from_alpaca, validate
 from pipeline.data.files import iter_json_records
 from pipeline.errors import UserError, run_cli
 
@@ -35,12 +35,22 @@ def _from_qa(record: dict) -> dict:
     raise InvalidSample(f"expected one of the key pairs {', '.join('/'.join(k) for k in QA_KEYS)}")
 
 
+def _csv_records(path: Path):
+    """Rows as dicts with their line numbers; bytes that are not UTF-8 are an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, e.g. "
+                        f"iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv") from e
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for row in reader:
+        yield reader.line_num, row
+
+
 def _records(path: Path, kind: str):
-    if kind == "csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            yield from enumerate(csv.DictReader(f), start=2)
-    else:
-        yield from iter_json_records(path)
+    yield from _csv_records(path) if kind == "csv" else iter_json_records(path)
 
 
 def convert(input_path: str, output_path: str, kind: str) -> int:
@@ -54,8 +64,10 @@ def convert(input_path: str, output_path: str, kind: str) -> int:
                 conv = from_alpaca(record)
             else:
                 conv = _from_qa(record)
+            validate(conv)  # an empty answer (or question) would become a sample that teaches nothing
         except (InvalidSample, KeyError, TypeError) as e:
-            raise UserError(f"{path}:{line}: cannot convert this record ({e}).") from e
+            reason = e if isinstance(e, InvalidSample) else field_problem(e)
+            raise UserError(f"{path}:{line}: cannot convert this record ({reason}).") from e
         out.append(_sharegpt(conv))
     if not out:
         raise UserError(f"{path} holds no records.")

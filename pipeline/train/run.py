@@ -15,11 +15,12 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
 from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
+from pipeline.model.merge import record_base
 from pipeline.train.checkpoints import PREEMPTED_EXIT, CheckpointGuard
 
 logger = logging.getLogger("pipeline")
@@ -48,13 +49,41 @@ def setup_logging(training_args: PipelineTrainingArguments) -> None:
     level = logging.INFO if training_args.should_log else logging.WARNING
     root = logging.getLogger("pipeline")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(level)
     transformers.utils.logging.set_verbosity(level if level == logging.WARNING else logging.WARNING)
     datasets.utils.logging.set_verbosity(logging.WARNING)
     datasets.utils.logging.disable_progress_bar()
+
+
+class _AlreadyFinished(Exception):
+    """Raised at the start of training when the resumed checkpoint already reached the run's last step."""
+
+
+class StopIfFinished(TrainerCallback):
+    """Resuming at the last step must train nothing; the Trainer would run one more step before it checks."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise _AlreadyFinished(state.global_step, state.max_steps)
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is now (a stage run twice in one process, e.g. a notebook or a test
+    that captures output, must not log into the stream of the first run)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -> dict[str, float]:
@@ -64,8 +93,14 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
         logger.info("resuming from %s", checkpoint)
     guard = CheckpointGuard()
     trainer.add_callback(guard)
+    trainer.add_callback(StopIfFinished())
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
+    except _AlreadyFinished as finished:
+        # the checkpoint is the end of the run (a rerun of a finished or requeued job): its weights, restored
+        # by train(), become the final model again; no step is trained and the earlier metrics stay
+        logger.info("%s is already at step %d of %d: nothing more to train", checkpoint, *finished.args)
+        result = None
     finally:
         guard.restore()
     if guard.preempted:  # a checkpoint of this step was saved; no final model, so the stage is not done
@@ -74,12 +109,15 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
         raise SystemExit(PREEMPTED_EXIT)
     if trainer.state.global_step == 0:
         raise UserError("training ran 0 steps, so the output would be the untrained model; check --max_steps, "
-                        "--num_train_epochs and the data size (or whether --resume_from_checkpoint points at a "
-                        "finished run).")
+                        "--num_train_epochs and the data size.")
     base = unwrap(trainer.model)
     base.config.use_cache = True  # the saved config is for inference, which wants the cache back
     trainer.save_model()
     base.config.use_cache = False  # evaluation of packed blocks still needs it off
+    record_adapter_base(trainer.model, training_args)
+    if result is None:
+        trainer.save_state()
+        return {}
     metrics = dict(result.metrics)
     if torch.cuda.is_available():  # this process's peak, for comparing memory across runs and tools
         metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -87,6 +125,13 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics
+
+
+def record_adapter_base(model, training_args: PipelineTrainingArguments) -> None:
+    """An adapter's folder records which base it was trained on, so merging it into another is refused."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if training_args.should_save and config is not None and config.base_model_name_or_path:
+        record_base(training_args.output_dir, config.base_model_name_or_path)
 
 
 def evaluate_and_save(trainer: Trainer, with_perplexity: bool = False) -> dict[str, float]:

@@ -1,0 +1,101 @@
+"""One run per output folder: a folder holding another run's results is not silently mixed with a new one.
+
+A stage records which run owns its --output_dir (RUN_FILE: the stage, its start model and its training data).
+Starting afresh in a folder that holds checkpoints or a trained model is refused unless --overwrite_output_dir,
+which first removes what an earlier run wrote there; resuming (--resume_from_checkpoint) is refused when the
+recorded run is another one (other stage, start model or data), since its checkpoints are not this run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pipeline.errors import UserError
+from pipeline.train.checkpoints import last_complete_checkpoint
+
+logger = logging.getLogger(__name__)
+RUN_FILE = "pipeline_run.json"
+# What the stages write into an output folder: removed by --overwrite_output_dir (nothing else is touched).
+RUN_OUTPUTS = ("checkpoint-*", "logs", "*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json",
+               "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.*",
+               "merges.txt", "*_results.json", "trainer_state.json", "README.md", "base_model_fingerprint.json",
+               "exact_match_results.json", "pipeline_stage_done", RUN_FILE)
+
+
+def previous_run(out: Path) -> str | None:
+    """What of an earlier run the folder holds (checkpoints, a trained model or its results), or None."""
+    if not out.is_dir():
+        return None
+    found = []
+    n = sum(1 for p in out.glob("checkpoint-*") if p.is_dir())
+    if n:
+        found.append(f"{n} checkpoint{'s' if n > 1 else ''}")
+    if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
+        found.append("a trained model")
+    elif (out / "train_results.json").is_file() or (out / "trainer_state.json").is_file():
+        found.append("training results")
+    return " and ".join(found) or None
+
+
+def claim_output_dir(training_args, stage: str, model: str, data: str | None) -> None:
+    """Check that --output_dir is free for this run (or is this run's, when resuming) and record the run.
+
+    Every rank checks (reading only) before the main process removes or writes anything."""
+    out = Path(training_args.output_dir)
+    identity = {"stage": stage, "model_name_or_path": _normal(model), "train_file_dir": _normal(data)}
+    held = previous_run(out)
+    resuming = str(training_args.resume_from_checkpoint or "").lower() not in ("", "no", "false", "none")
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if held and not overwrite:
+        recorded = _recorded(out)
+        if not resuming:
+            raise UserError(f"--output_dir {out} holds another run ({held}); resume it with --resume_from_checkpoint "
+                            "auto, choose a new folder, or pass --overwrite_output_dir to start afresh there (its "
+                            "checkpoints and results are removed).")
+        if (out / "train_results.json").is_file() and last_complete_checkpoint(out) is None:
+            raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to resume from; its model is "
+                            "there already. To train again, pass --overwrite_output_dir or choose a new folder.")
+        if recorded is not None and recorded != identity:
+            diff = next(k for k in identity if recorded.get(k) != identity[k])
+            raise UserError(f"--output_dir {out} holds a run of another {diff.replace('_', ' ')} "
+                            f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this run's; "
+                            "choose a new folder, or pass --overwrite_output_dir to start afresh there.")
+    _barrier()
+    if training_args.should_save:
+        if held and overwrite:
+            removed = remove_run_outputs(out)
+            logger.warning("--overwrite_output_dir: removed %d entries of the earlier run in %s", removed, out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(identity, ensure_ascii=False) + "\n")
+    _barrier()
+
+
+def remove_run_outputs(out: Path) -> int:
+    removed = 0
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed += 1
+    return removed
+
+
+def _normal(path: str | None) -> str:
+    """A local path as an absolute one (the same folder spelled two ways is the same run); hub ids unchanged."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else str(path)
+
+
+def _recorded(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
