@@ -171,6 +171,10 @@ CASES = {
     "ppo-reward-model-is-a-language-model": (lambda e: (setattr(e, "reward", e.model),
                                                         ppo(e, jsonl(e.tmp / "q" / "q.jsonl", CHAT)))[1],
                                              ["ForCausalLM", "score.weight"]),
+    "ppo-every-prompt-too-long": (lambda e: ppo(e, jsonl(e.tmp / "q" / "q.jsonl", {"conversations": [
+        {"from": "human", "value": "word " * 300}, {"from": "gpt", "value": "a"}]}), "--model_max_length", "96",
+                                                "--max_new_tokens", "16"),
+                                  ["no usable prompt", "1 read", "longer than 80 tokens", "--model_max_length"]),
     # convert
     "convert-not-utf8-csv": (lambda e: convert(e, e.tmp / "gbk.csv", b"instruction,output\n" + "你好,世界\n".encode("gbk"),
                                                "csv"),

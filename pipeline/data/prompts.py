@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import ReadReport
 from pipeline.data.templates import Template, render_segments
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def load_prompts(directory: str, flag: str, template: Template, tokenizer, max_p
             continue
         prompts.append(Prompt(messages, reference, conv.get("tools"), ids))
     logger.info(report.summary(f"{flag} prompts"))
+    if not prompts:  # before any model is loaded
+        raise UserError(f"{flag} {directory}: no usable prompt ({report.summary('records')}); shorten the prompts or "
+                        "raise --model_max_length (a prompt may take --model_max_length - --max_new_tokens tokens).")
     return prompts, report
 
 

@@ -2,6 +2,10 @@
 per-stage flags, check it, and print it as shell assignments for run_pipeline.sh to `eval`.
 
     python -m pipeline.tools.pipeline_config configs/pipeline_default.yaml
+    python -m pipeline.tools.pipeline_config --check-flags configs/pipeline_default.yaml
+
+The second form parses every stage's flags with that stage's own argument parser (check_flags), so a typo
+or bad value in a late stage stops the pipeline before the first stage trains.
 
 Keys (all optional): output_root, base_model (null: build the embedded tiny model), template, method
 (full | lora | qlora), stages (a subset of pt sft rm ppo dpo; run in that order, a stage left out hands
@@ -12,6 +16,10 @@ pipeline's own; the key `method` there sets that stage's method instead of the t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -114,6 +122,67 @@ def _flag(name: str, value: Any, where: str) -> list[str]:
     return [f"--{name}"] + [str(v) for v in (value if isinstance(value, list) else [value])]
 
 
+def stage_args(config: dict[str, Any], stage: str) -> list[str]:
+    """What run_pipeline.sh passes a stage's launcher after the flags that follow from the chain
+    (--model_name_or_path, --output_dir, --resume_from_checkpoint and PPO's --reward_model_name_or_path):
+    template, data, method, --eval_on_start (the report's "before" column), then the stage's own flags."""
+    data = config["data"]
+    words = [] if stage == "pt" else ["--template_name", str(config["template"])]
+    words += ["--train_file_dir", data[stage]]
+    if data[f"{stage}_eval"]:
+        words += ["--validation_file_dir", data[f"{stage}_eval"]]
+    words += METHODS[config["stage_methods"][stage]]
+    if stage != "ppo":  # the PPO loop evaluates its start itself
+        words += ["--eval_on_start", "True"]
+    return words + config["flags"][stage]
+
+
+class _Parsed(Exception):
+    """Stops a stage's parse() right after its flags are parsed (see check_flags)."""
+
+
+def _parse_names_and_values(stage: str, argv: list[str]) -> None:
+    """Run stage `stage`'s own parse() up to its parse_args call: HfArgumentParser over the stage's dataclasses,
+    their types, choices and __post_init__ checks. What parse() does after that (check_common, validate_ppo)
+    reads the start model's config, which for a later stage an earlier stage has yet to make, so it is skipped
+    by standing in for the module's parse_args for the length of the call."""
+    module = importlib.import_module(f"stages.{stage}")
+    real_parse_args = module.parse_args
+
+    def parse_then_stop(*args, **kwargs):
+        real_parse_args(*args, **kwargs)
+        raise _Parsed
+
+    module.parse_args = parse_then_stop
+    try:
+        module.parse(argv)
+    except _Parsed:
+        pass
+    finally:
+        module.parse_args = real_parse_args
+
+
+def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:
+    """Parse each stage's arguments as run_pipeline.sh will pass them (placeholders for the models that earlier
+    stages make); the first mistake is one UserError naming the stage and the flag."""
+    for stage in config["stages"]:
+        chain = ["--model_name_or_path", f"<{stage} start model>", "--output_dir", str(Path(output_root, stage)),
+                 "--resume_from_checkpoint", "auto"]
+        if stage == "ppo":
+            chain += ["--reward_model_name_or_path", "<rm model>"]
+        argparse_errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(argparse_errors):
+                _parse_names_and_values(stage, chain + stage_args(config, stage))
+        except UserError as e:
+            reason = str(e).replace("Run with --help to list", f"bash run_{stage}.sh --help lists", 1)
+            raise UserError(f"{path}: flags.{stage}: {reason}") from e
+        except SystemExit as e:  # argparse rejected a value: its last line says which flag and why
+            lines = argparse_errors.getvalue().strip().splitlines() or ["a flag was rejected"]
+            reason = lines[-1].split(" error: ", 1)[-1]
+            raise UserError(f"{path}: flags.{stage}: {reason}.") from e
+
+
 def shell_lines(config: dict[str, Any]) -> list[str]:
     """Bash assignments: scalars, and arrays of ready-to-pass flags (`"${pt_flags[@]}"`)."""
     def array(name: str, words: list[str]) -> str:
@@ -131,13 +200,19 @@ def shell_lines(config: dict[str, Any]) -> list[str]:
         lines.append(array(f"{stage}_data", words))
         lines.append(array(f"{stage}_method", METHODS[config["stage_methods"][stage]]))
         lines.append(array(f"{stage}_flags", config["flags"][stage]))
+        lines.append(array(f"{stage}_args", stage_args(config, stage)))
     return lines
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise UserError("usage: python -m pipeline.tools.pipeline_config CONFIG.yaml")
-    print("\n".join(shell_lines(load(sys.argv[1]))))
+    args = sys.argv[1:]
+    if len(args) == 2 and args[0] == "--check-flags":
+        config = load(args[1])
+        check_flags(config, args[1], os.environ.get("OUTPUT_ROOT") or config["output_root"])
+        return
+    if len(args) != 1:
+        raise UserError("usage: python -m pipeline.tools.pipeline_config [--check-flags] CONFIG.yaml")
+    print("\n".join(shell_lines(load(args[0]))))
 
 
 if __name__ == "__main__":

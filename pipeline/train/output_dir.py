@@ -2,7 +2,7 @@
 
 A stage records which run owns its --output_dir (RUN_FILE: the stage, its start model and its training data).
 Starting afresh in a folder that holds checkpoints or a trained model is refused unless --overwrite_output_dir,
-which first removes what an earlier run wrote there; resuming (--resume_from_checkpoint) is refused when the
+which removes what an earlier run wrote there once training starts; resuming (--resume_from_checkpoint) is refused when the
 recorded run is another one (other stage, start model or data), since its checkpoints are not this run's.
 """
 
@@ -43,9 +43,10 @@ def previous_run(out: Path) -> str | None:
 
 
 def claim_output_dir(training_args, stage: str, model: str, data: str | None) -> None:
-    """Check that --output_dir is free for this run (or is this run's, when resuming) and record the run.
+    """Check, before any work, that --output_dir is free for this run (or is this run's, when resuming).
 
-    Every rank checks (reading only) before the main process removes or writes anything."""
+    Reads only: a run that then fails on its data leaves the folder as it was. `take_output_dir`, called when
+    training starts, removes an overwritten run's outputs and records this run."""
     out = Path(training_args.output_dir)
     identity = {"stage": stage, "model_name_or_path": _normal(model), "train_file_dir": _normal(data)}
     held = previous_run(out)
@@ -65,14 +66,25 @@ def claim_output_dir(training_args, stage: str, model: str, data: str | None) ->
             raise UserError(f"--output_dir {out} holds a run of another {diff.replace('_', ' ')} "
                             f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this run's; "
                             "choose a new folder, or pass --overwrite_output_dir to start afresh there.")
+    training_args.pipeline_run = {"identity": identity, "overwrite": bool(held and overwrite)}
+
+
+def take_output_dir(training_args) -> None:
+    """At the start of training: remove the overwritten run's outputs (main process, after every rank has
+    checked) and record this run in the folder. A no-op for a stage that did not claim its folder."""
+    claim = getattr(training_args, "pipeline_run", None)
+    if claim is None:
+        return
+    out = Path(training_args.output_dir)
     _barrier()
     if training_args.should_save:
-        if held and overwrite:
+        if claim["overwrite"]:
             removed = remove_run_outputs(out)
             logger.warning("--overwrite_output_dir: removed %d entries of the earlier run in %s", removed, out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(identity, ensure_ascii=False) + "\n")
+        (out / RUN_FILE).write_text(json.dumps(claim["identity"], ensure_ascii=False) + "\n")
     _barrier()
+    training_args.pipeline_run = None
 
 
 def remove_run_outputs(out: Path) -> int:

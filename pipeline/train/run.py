@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base
 from pipeline.train.checkpoints import PREEMPTED_EXIT, CheckpointGuard
+from pipeline.train.output_dir import take_output_dir
 
 logger = logging.getLogger("pipeline")
 # A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
@@ -33,7 +34,12 @@ def setup_run(training_args: PipelineTrainingArguments) -> None:
 
     Called right after the arguments are parsed and validated; parsing itself has no side effects.
     """
+    from pipeline.train.process import die_with_launcher, lock_output_dir
+
+    die_with_launcher()  # a worker must not outlive its launcher (it runs in a session of its own)
     setup_logging(training_args)
+    if training_args.process_index == 0:  # global rank 0 speaks for the run: no second trainer in output_dir
+        lock_output_dir(training_args.output_dir)
     set_seed(training_args.seed)
     # Tensorboard events go to output_dir/logs (the seed README's layout); transformers reads this variable.
     os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(training_args.output_dir) / "logs")
@@ -88,6 +94,7 @@ class _StdoutHandler(logging.StreamHandler):
 
 def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -> dict[str, float]:
     """Train (resuming when asked), save model + tokenizer + state + metrics; return train metrics."""
+    take_output_dir(training_args)  # an overwritten run's checkpoints go first, so none is resumed
     checkpoint = resolve_resume_checkpoint(training_args)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
