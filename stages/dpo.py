@@ -90,11 +90,12 @@ def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval
     return PretokenizedDPOTrainer(model=model, args=config, packing=dpo_args.packing, **data)
 
 
+ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments)
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments), argv
-    )
+    model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)

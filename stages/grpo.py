@@ -66,11 +66,12 @@ def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_mo
                          reward_processing_classes=processors)
 
 
+ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, GroupRelativeArguments, RLTrainingArguments)
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, ppo_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, GroupRelativeArguments, RLTrainingArguments), argv
-    )
+    model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
     validate_group_relative(model_args, peft_args, ppo_args)
     return model_args, data_args, peft_args, ppo_args, training_args
 

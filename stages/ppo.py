@@ -6,6 +6,9 @@ value model from the RM, reward model) are built in pipeline/rl/models.py, rollo
 the arithmetic in ppo_math.py, checkpoints in checkpoint.py, the update (plain torch or a DeepSpeed
 ZeRO-2/3 engine, --deepspeed) in engine.py, phase timing in timing.py. GRPO and RLOO: stages/grpo.py.
 
+SIGTERM (preemption): the ranks finish the step, save checkpoint-N and exit 143 without a final model; `auto`
+resume continues there. The last step is checkpointed too: resuming a finished run trains nothing more.
+
     python stages/ppo.py --model_name_or_path outputs/sft-merged --reward_model_name_or_path outputs/rm-merged \
         --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/ppo \
         --max_steps 100
@@ -14,7 +17,6 @@ ZeRO-2/3 engine, --deepspeed) in engine.py, phase timing in timing.py. GRPO and 
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,13 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.args import (
-    DataArguments,
-    ModelArguments,
-    PeftArguments,
-    parse_args,
-    resolve_resume_checkpoint,
-)
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, parse_args, resolve_resume_checkpoint
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
@@ -41,7 +37,9 @@ from pipeline.rl.models import PPOModels, ValueModel, build_models, prepare_for_
 from pipeline.rl.rewards import RewardScorer
 from pipeline.rl.rollout import Rollouts, token_logprobs_and_entropy, values
 from pipeline.rl.timing import PhaseTimer
-from pipeline.train.run import setup_run, tensorboard_writer
+from pipeline.train.checkpoints import Preemption, exit_preempted
+from pipeline.train.output_dir import claim_output_dir, take_output_dir
+from pipeline.train.run import record_adapter_base, setup_run, tensorboard_writer
 
 logger = logging.getLogger("pipeline.ppo")
 STEP_LOG_KEYS = ("objective/scores", "objective/kl", "loss", "eval_score", "eval_exact_match", "time/generate",
@@ -61,8 +59,8 @@ class PPORecipe(Rollouts):
         self.prompts, self.eval_prompts, self.targs = prompts, eval_prompts, training_args
         self.mini_batch_size = ppo_args.mini_batch_size or self.batch_size
         if len(prompts) < self.batch_size * self.world:
-            raise UserError(f"{len(prompts)} training prompts cannot fill one step of {self.batch_size} x {self.world} "
-                            "processes; lower --per_device_train_batch_size.")
+            raise UserError(f"{len(prompts)} usable training prompts cannot fill one step of {self.batch_size} per "
+                            f"process x {self.world} processes; add prompts or lower --per_device_train_batch_size.")
         for model in (self.policy, self.value_model):
             prepare_for_rl(model, training_args.gradient_checkpointing)
         # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model (pipeline/rl/engine.py)
@@ -171,6 +169,11 @@ class PPORecipe(Rollouts):
         """Whether a periodic action (evaluate, save) is due after this step; never on the last step."""
         return bool(every) and self.step % int(every) == 0 and self.step < self.targs.max_steps
 
+    def save_due(self) -> bool:
+        """checkpoint-N every --save_steps and after the last step (so a rerun of a finished run trains nothing)."""
+        t = self.targs
+        return t.save_strategy == "steps" and (self.due(t.save_steps) or self.step == t.max_steps)
+
     def save_checkpoint(self) -> None:
         """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed every rank
         writes its shard of the engine's state first."""
@@ -186,7 +189,7 @@ class PPORecipe(Rollouts):
 
     def resume(self, folder: str) -> dict | None:
         from_engine = isinstance(self.updater, DeepSpeedUpdater)  # the engine's checkpoint holds the weights
-        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model, self.device,
+        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model,
                                                              weights=not from_engine)
         self.updater.load(Path(folder), state)
         self.kl.value, self.step = state["kl_coef"], state["step"]
@@ -194,30 +197,57 @@ class PPORecipe(Rollouts):
         return next((h for h in self.log_history if "eval_score" in h and h["step"] == 0), None)
 
     def train(self, resume_from: str | None) -> dict[str, float]:
+        # SIGTERM (preemption) from here to the end of the loop: finish the step, save it, stop with exit code 143
+        with Preemption() as sigterm:
+            before = self.start(resume_from)
+            preempted = self.loop(sigterm)
+        if preempted:  # checkpoint-N of this step is saved; no final model, so the stage is not done
+            if self.writer:
+                self.writer.close()
+            exit_preempted(self.step, self.targs.should_log)
+        self.updater.check_in_sync()
+        return self.finish(before)
+
+    def start(self, resume_from: str | None) -> dict | None:
+        """Resume, or evaluate the untrained policy; return the held-out figures before training (if any)."""
         before = self.resume(resume_from) if resume_from else (self.evaluate(self.eval_prompts) if self.eval_prompts else None)
         if before:
             if not resume_from:
                 self.log(before)
             logger.info("before training: held-out reward %.3f, exact match %.3f", before["eval_score"],
                         before["eval_exact_match"])
+        if self.step >= self.targs.max_steps:
+            logger.info("the checkpoint is at step %d of --max_steps %d: nothing left to train", self.step,
+                        self.targs.max_steps)
+        return before
+
+    def loop(self, sigterm: Preemption) -> bool:
+        """The steps from the start (or the resumed step) to --max_steps; True when stopped by SIGTERM."""
         eval_every = (self.targs.eval_steps or self.targs.logging_steps) if self.targs.eval_strategy == "steps" else None
         bar = tqdm(total=self.targs.max_steps, initial=self.step, desc="PPO", unit="step",
                    disable=self.rank != 0 or self.targs.disable_tqdm)
-        while self.step < self.targs.max_steps:
-            metrics = self.train_step()
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}",
-                            samples_s=f"{metrics['samples_per_second']:.3g}")
-            if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1:
-                self.log(metrics)
-            if self.eval_prompts and self.due(eval_every):
-                self.log(self.evaluate(self.eval_prompts))
-            if self.targs.save_strategy == "steps" and self.due(self.targs.save_steps):
-                self.save_checkpoint()
-        bar.close()
-        self.updater.check_in_sync()
-        return self.finish(before)
+        try:
+            while self.step < self.targs.max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}",
+                                samples_s=f"{metrics['samples_per_second']:.3g}")
+                if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1:
+                    self.log(metrics)
+                if self.eval_prompts and self.due(eval_every):
+                    self.log(self.evaluate(self.eval_prompts))
+                saved = self.save_due()
+                if saved:
+                    self.save_checkpoint()
+                # asked after the save, so that a SIGTERM that came during it stops here, not a step later
+                if sigterm.agreed(self.device):
+                    if not saved:
+                        self.save_checkpoint()
+                    return True
+            return False
+        finally:
+            bar.close()
 
     def finish(self, before: dict | None) -> dict[str, float]:
         """The final policy, held-out results (after, with the before figures), state and train results."""
@@ -225,6 +255,7 @@ class PPORecipe(Rollouts):
         weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
         if self.targs.should_save:
             checkpoint.save_policy(self.policy, self.tokenizer, out, checkpoint.part(weights, "policy"))
+        record_adapter_base(self.policy, self.targs)  # a LoRA policy: which base merge_peft_adapter.py must use
         distributed.barrier()
         results = {}
         if self.eval_prompts:
@@ -232,21 +263,18 @@ class PPORecipe(Rollouts):
             self.log(after)
             results = {**after, **({f"{k}_before": v for k, v in before.items() if k != "eval_samples"} if before else {})}
         if self.targs.should_save:
-            if results:
-                (out / "eval_results.json").write_text(json.dumps(results, indent=2))
-            checkpoint.write_state(out, self.step, self.targs.max_steps, self.log_history)
-            train = {k: v for k, v in self.log_history[-1].items() if not k.startswith("eval")} if self.log_history else {}
-            (out / "train_results.json").write_text(json.dumps({"global_step": self.step, **train}, indent=2))
+            checkpoint.write_results(out, results, self.step, self.targs.max_steps, self.log_history)
         if self.writer:
             self.writer.close()
         return results
 
 
+ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PPOArguments, PPOTrainingArguments)
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, ppo_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PPOArguments, PPOTrainingArguments), argv
-    )
+    model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
     validate_ppo(model_args, peft_args, ppo_args, training_args)
     return model_args, data_args, peft_args, ppo_args, training_args
 
@@ -254,6 +282,7 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> PPORecipe:
     model_args, data_args, peft_args, ppo_args, training_args = parse(argv)
     setup_run(training_args)
+    claim_output_dir(training_args, "ppo", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(ppo_args.template_name, tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
@@ -262,6 +291,7 @@ def main(argv: list[str] | None = None) -> PPORecipe:
     set_generation_stops(models.policy, stop_ids, tokenizer.pad_token_id)
     recipe = PPORecipe(models, tokenizer, template, prompts, eval_prompts, ppo_args, training_args)
     if training_args.do_train:
+        take_output_dir(training_args)  # an overwritten run's checkpoints go before one is resumed
         recipe.train(resolve_resume_checkpoint(training_args))
     return recipe
 

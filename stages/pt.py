@@ -75,11 +75,12 @@ def build_datasets(data_args: DataArguments, block_size: int, tokenizer, trainin
     return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
+ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PTArguments, CausalLMTrainingArguments)
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, pt_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PTArguments, CausalLMTrainingArguments), argv
-    )
+    model_args, data_args, peft_args, pt_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=pt_args.block_size)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)

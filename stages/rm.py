@@ -44,11 +44,12 @@ class RMTrainingArguments(PipelineTrainingArguments):
         "help": "Run each step's sequences end to end, padding-free (default: on; off for prefix tuning)."})
 
 
+ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, RMTrainingArguments)
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, pref_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, RMTrainingArguments), argv
-    )
+    model_args, data_args, peft_args, pref_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)

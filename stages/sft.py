@@ -83,11 +83,12 @@ def pack(dataset, length: int, name: str):
     return packed
 
 
+ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, SFTArguments, CausalLMTrainingArguments)
+
+
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, sft_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, SFTArguments, CausalLMTrainingArguments), argv
-    )
+    model_args, data_args, peft_args, sft_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)

@@ -2,7 +2,8 @@
 
 A checkpoint holds the policy (adapter or full), the value model, and the optimizer, scheduler and KL
 state; it is written beside its final name and renamed when whole, so an interrupted save never looks
-resumable. Rollout sampling is seeded by step, so no RNG state is needed for an exact resume.
+resumable, and a checkpoint being removed loses its COMPLETE mark first. Rollout sampling is seeded by step,
+so no RNG state is needed for an exact resume.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
-from pipeline.train.checkpoints import mark_complete
+from pipeline.train.checkpoints import COMPLETE, mark_complete
 
 
 def part(weights: dict | None, prefix: str) -> dict | None:
@@ -44,6 +45,15 @@ def write_state(folder: Path, step: int, max_steps: int, log_history: list[dict]
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
+def write_results(out: Path, results: dict, step: int, max_steps: int, log_history: list[dict]) -> None:
+    """The final folder's eval_results.json (if evaluated), trainer_state.json and train_results.json."""
+    if results:
+        (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    write_state(out, step, max_steps, log_history)
+    train = {k: v for k, v in log_history[-1].items() if not k.startswith("eval")} if log_history else {}
+    (out / "train_results.json").write_text(json.dumps({"global_step": step, **train}, indent=2))
+
+
 def partial_of(folder: Path) -> Path:
     return folder.with_name(f"tmp-{folder.name}")
 
@@ -67,21 +77,29 @@ def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: di
     value_model.save_pretrained(partial / "value_model", **({"state_dict": value_weights} if weights else {}))
     torch.save(loop_state, partial / "ppo_state.pt")
     mark_complete(partial, loop_state["step"])
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_checkpoint(folder)  # one of the same step, left by an earlier run
     partial.rename(folder)
     if save_total_limit:
         folders = sorted(folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         for old in folders[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
 
 
-def load_checkpoint(folder: Path, policy, value_model, device, weights: bool = True) -> tuple[dict, list[dict]]:
+def remove_checkpoint(folder: Path) -> None:
+    """Unmark, then delete: a kill during the deletion leaves an incomplete checkpoint, never one that looks whole."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, policy, value_model, weights: bool = True) -> tuple[dict, list[dict]]:
     """Put the trained weights back (unless DeepSpeed's checkpoint does); return (loop state: optimizer,
     scheduler, kl_coef, step; log history)."""
     if weights:
         load_trainable(policy, folder)
         load_trainable(value_model, folder / "value_model")
-    state = torch.load(folder / "ppo_state.pt", map_location=device, weights_only=False)
+    # read onto the CPU: the optimizer's load_state_dict moves its state to each parameter's device (a rank's
+    # device under torchrun on CPU is "cpu:0", which torch.load cannot map to)
+    state = torch.load(folder / "ppo_state.pt", map_location="cpu", weights_only=False)
     return state, json.loads((folder / "trainer_state.json").read_text())["log_history"]
 
 

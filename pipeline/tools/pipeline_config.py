@@ -137,29 +137,13 @@ def stage_args(config: dict[str, Any], stage: str) -> list[str]:
     return words + config["flags"][stage]
 
 
-class _Parsed(Exception):
-    """Stops a stage's parse() right after its flags are parsed (see check_flags)."""
-
-
 def _parse_names_and_values(stage: str, argv: list[str]) -> None:
-    """Run stage `stage`'s own parse() up to its parse_args call: HfArgumentParser over the stage's dataclasses,
-    their types, choices and __post_init__ checks. What parse() does after that (check_common, validate_ppo)
-    reads the start model's config, which for a later stage an earlier stage has yet to make, so it is skipped
-    by standing in for the module's parse_args for the length of the call."""
-    module = importlib.import_module(f"stages.{stage}")
-    real_parse_args = module.parse_args
+    """Parse with stage `stage`'s own argument classes (its ARGUMENTS, the ones its parse() uses): names, types,
+    choices and each class's __post_init__ checks. The checks parse() adds after that (check_common,
+    validate_ppo) read the start model's config, which for a later stage an earlier stage has yet to make."""
+    from pipeline.args import parse_args  # torch and transformers: only for this check, not for the settings
 
-    def parse_then_stop(*args, **kwargs):
-        real_parse_args(*args, **kwargs)
-        raise _Parsed
-
-    module.parse_args = parse_then_stop
-    try:
-        module.parse(argv)
-    except _Parsed:
-        pass
-    finally:
-        module.parse_args = real_parse_args
+    parse_args(importlib.import_module(f"stages.{stage}").ARGUMENTS, argv)
 
 
 def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:

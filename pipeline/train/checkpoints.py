@@ -8,7 +8,8 @@ checkpoint and says which incomplete ones it skipped (a save interrupted by a ki
 SIGTERM (how schedulers preempt jobs; torchrun forwards it to every rank) is turned into "save a checkpoint
 at the end of this step, then stop": the ranks agree on it at each step end, the stage then exits with code
 143 without writing a final model, so a pipeline does not mark the stage done, and a rerun with
-`--resume_from_checkpoint auto` continues from that step.
+`--resume_from_checkpoint auto` continues from that step. `Preemption` is that signal handling and agreement,
+used by the Trainer stages through `CheckpointGuard` and by the PPO loop (stages/ppo.py) directly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import signal
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,11 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N; incomplete ones, and the PPO loop's unrenamed tmp-checkpoint-N
+    folders (a save that was killed), are named in a warning."""
+    for partial in sorted(output_dir.glob("tmp-checkpoint-*")):
+        logger.warning("ignoring %s: a checkpoint save that did not finish (the next save of that step clears it)",
+                       partial)
     for folder in checkpoints(output_dir):
         if is_complete(folder):
             return folder
@@ -52,12 +59,17 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-class CheckpointGuard(TrainerCallback):
-    """Marks complete checkpoints; on SIGTERM saves at the end of the current step and stops training."""
+class Preemption:
+    """SIGTERM as a request to stop at the end of the current step, which every rank must agree on.
+
+    While it is installed (from construction to `restore`, or as a `with` block) SIGTERM only sets a flag;
+    the loop asks `agreed()` at each step end, one all-reduce, so all ranks stop after the same step even
+    when the signal reaches them at different moments. Off the main thread (where Python cannot install
+    handlers) SIGTERM keeps its handler and `agreed()` answers for the other ranks only.
+    """
 
     def __init__(self):
-        self.preempted = False
-        self._signalled = False
+        self.signalled = False
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -68,21 +80,47 @@ class CheckpointGuard(TrainerCallback):
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if not self._signalled:
-            logger.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
-        self._signalled = True
+    def __enter__(self) -> Preemption:
+        return self
 
-    def _agreed(self, device) -> bool:
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.signalled:
+            logger.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        self.signalled = True
+
+    def agreed(self, device) -> bool:
         """Whether any rank was signalled (every rank must save and stop at the same step)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return self._signalled
-        flag = torch.tensor([float(self._signalled)], device=device)
+            return self.signalled
+        flag = torch.tensor([float(self.signalled)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+
+def exit_preempted(step: int, main_process: bool = True) -> NoReturn:
+    """End a stage stopped by SIGTERM whose checkpoint-{step} is saved, without a final model (so a pipeline
+    does not mark the stage done); the main process says how to continue."""
+    if main_process:
+        logger.warning("stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with "
+                       "--resume_from_checkpoint auto to continue", step, step)
+    raise SystemExit(PREEMPTED_EXIT)
+
+
+class CheckpointGuard(TrainerCallback):
+    """Marks complete checkpoints; on SIGTERM saves at the end of the current step and stops training."""
+
+    def __init__(self):
+        self.preempted = False
+        self.sigterm = Preemption()
+
+    def restore(self) -> None:
+        self.sigterm.restore()
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self._agreed(args.device):
+        if self.sigterm.agreed(args.device):
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True

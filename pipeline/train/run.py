@@ -21,7 +21,7 @@ from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base
-from pipeline.train.checkpoints import PREEMPTED_EXIT, CheckpointGuard
+from pipeline.train.checkpoints import CheckpointGuard, exit_preempted
 from pipeline.train.output_dir import take_output_dir
 
 logger = logging.getLogger("pipeline")
@@ -111,9 +111,7 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     finally:
         guard.restore()
     if guard.preempted:  # a checkpoint of this step was saved; no final model, so the stage is not done
-        logger.warning("stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with --resume_from_checkpoint "
-                       "auto to continue", trainer.state.global_step, trainer.state.global_step)
-        raise SystemExit(PREEMPTED_EXIT)
+        exit_preempted(trainer.state.global_step, training_args.should_log)
     if trainer.state.global_step == 0:
         raise UserError("training ran 0 steps, so the output would be the untrained model; check --max_steps, "
                         "--num_train_epochs and the data size.")
