@@ -86,12 +86,16 @@ class ChatModel:
             raise UserError(f"the model's chat template rejects these messages ({e}).") from e
 
     def encode(self, conversations: list[list[dict]]) -> BatchEncoding:
-        # The rendered text already holds BOS where the template writes one, so none is added here.
-        texts = [self.render(messages) for messages in conversations]
+        return self.tokenize([self.render(messages) for messages in conversations])
+
+    def tokenize(self, texts: list[str]) -> BatchEncoding:
+        """Rendered prompts as a left-padded batch; the text already holds BOS where the template writes one,
+        so none is added here."""
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return batch.to(self.model.device)
 
-    def _generate(self, batch: BatchEncoding, sampling: Sampling, **kwargs) -> list[Completion]:
+    def answer(self, batch: BatchEncoding, sampling: Sampling, **kwargs) -> list[Completion]:
+        """Answer an encoded batch (from `encode`); `kwargs` go to `model.generate` (a streamer, stopping criteria)."""
         config = sampling_config(self.generation_config, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
         out = generate(self.model, batch["input_ids"], batch["attention_mask"], config, **kwargs)
         completions = []
@@ -103,17 +107,20 @@ class ChatModel:
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Completion]:
         """Answer a batch of conversations at once (left-padded)."""
-        return self._generate(self.encode(conversations), sampling)
+        return self.answer(self.encode(conversations), sampling)
 
-    def stream(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None]) -> Completion:
-        """Answer one conversation, handing each new piece of text to on_text as soon as it is decoded."""
-        batch = self.encode([messages])
+    def stream(self, prompt: list[dict] | BatchEncoding, sampling: Sampling, on_text: Callable[[str], None],
+               stopping_criteria: list[StoppingCriteria] | None = None) -> Completion:
+        """Answer one conversation (its messages, or already encoded), handing each new piece of text to on_text
+        as soon as it is decoded; `stopping_criteria` can end it early (the server's timeout and disconnect check)."""
+        batch = prompt if isinstance(prompt, BatchEncoding) else self.encode([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel, result = threading.Event(), {}
 
         def work() -> None:
             try:
-                result["output"] = self._generate(batch, sampling, streamer=streamer, stopping_criteria=[_Cancelled(cancel)])[0]
+                result["output"] = self.answer(batch, sampling, streamer=streamer,
+                                             stopping_criteria=[_Cancelled(cancel), *(stopping_criteria or ())])[0]
             except BaseException as e:  # handed to the reader below; the streamer must still end
                 result["error"] = e
                 streamer.end()
