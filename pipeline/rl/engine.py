@@ -154,8 +154,14 @@ class DeepSpeedUpdater:
         return {}
 
     def load(self, folder: Path, state: dict) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        from pipeline.train.zero_resume import universal_folder
+
+        universal = universal_folder(folder / "deepspeed", self.engine.world_size, self.engine.train_batch_size(),
+                                     self.engine.global_rank == 0)
+        if universal is not None:  # saved by another number of processes: DeepSpeed's any-count form
+            self.engine._config.load_universal_checkpoint = True
+        path, _ = self.engine.load_checkpoint(str(folder), tag=universal.name if universal else "deepspeed",
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"{folder} holds no DeepSpeed checkpoint (folder deepspeed/); it was saved without "
                             "--deepspeed: resume it without --deepspeed, or start a new run.")

@@ -23,6 +23,7 @@ from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base
 from pipeline.train.checkpoints import CheckpointGuard, exit_preempted
 from pipeline.train.output_dir import take_output_dir
+from pipeline.train.zero_resume import prepare_trainer_resume
 
 logger = logging.getLogger("pipeline")
 # A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
@@ -98,6 +99,7 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     checkpoint = resolve_resume_checkpoint(training_args)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
+    prepare_trainer_resume(trainer, checkpoint)  # a ZeRO checkpoint saved by another number of processes
     guard = CheckpointGuard()
     trainer.add_callback(guard)
     trainer.add_callback(StopIfFinished())

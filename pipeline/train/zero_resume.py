@@ -1,0 +1,116 @@
+"""Resuming a DeepSpeed ZeRO checkpoint on another number of processes (e.g. saved on 2 GPUs, resumed on 1).
+
+ZeRO-2/3 split the optimizer state (and ZeRO-3 the weights) into one shard per data-parallel rank, and
+DeepSpeed refuses to load such a checkpoint on a different rank count. DeepSpeed's own answer is its
+"universal" checkpoint format, which any rank count can load. When a resumed checkpoint was saved by another
+number of processes, the main process converts it once (deepspeed.checkpoint.ds_to_universal, written beside
+the original as <tag>_universal, marked when whole) and the engine is told to load that form. The data order
+continues exactly when an optimizer step takes as many samples (per-device batch x accumulation x processes) as
+when the checkpoint was saved; otherwise a warning names both counts. Measured on CPU (tests/test_zero_resume.py):
+ZeRO-2 and ZeRO-3 runs saved by 2 processes and resumed on 1 end on the uninterrupted run's weights to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+CONVERTED = "universal_complete"
+
+
+def saved_layout(ds_folder: Path) -> tuple[int, int] | None:
+    """(data-parallel ranks, global batch) a DeepSpeed checkpoint folder (global_stepN, PPO's deepspeed) was
+    saved with; None when it holds no DeepSpeed model states."""
+    files = sorted(ds_folder.glob("*model_states.pt"))
+    if not files:
+        return None
+    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)  # mmap: the weights stay on disk
+    return int(state["dp_world_size"]), int(state["ds_config"].get("train_batch_size", 0))
+
+
+def universal_folder(ds_folder: Path, world_size: int, global_batch: int, main_process: bool) -> Path | None:
+    """None when `ds_folder` was saved by `world_size` processes (DeepSpeed loads it as it is); otherwise its
+    universal form, converted by the main process unless already there (every rank waits for it)."""
+    layout = saved_layout(ds_folder)
+    if layout is None or layout[0] == world_size:
+        return None
+    saved_world, saved_batch = layout
+    universal = ds_folder.with_name(ds_folder.name + "_universal")
+    if main_process:
+        logger.warning("%s was saved by %d processes and this run has %d: resuming through DeepSpeed's universal "
+                       "checkpoint %s", ds_folder.parent, saved_world, world_size, universal)
+        if saved_batch and global_batch != saved_batch:
+            logger.warning("one optimizer step took %d samples and now takes %d: the run continues with another "
+                           "step size and data order; keep per-device batch x gradient accumulation x processes at "
+                           "%d to continue the same run", saved_batch, global_batch, saved_batch)
+        if not (universal / CONVERTED).is_file():
+            convert(ds_folder, universal)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    separate_zero3_step_counts()
+    return universal
+
+
+def separate_zero3_step_counts() -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load hands every parameter group one shared Adam `step` tensor, which
+    each group's optimizer step then advances in place: the bias correction runs ahead and the resumed run
+    drifts (tests/test_zero_resume.py: 1.7e-4 off the uninterrupted weights, 1.2e-7 with this). After that
+    load each group gets its own copy."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    load = Stage3._load_universal_checkpoint
+    if getattr(load, "separates_steps", False):
+        return
+
+    def load_then_separate(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    load_then_separate.separates_steps = True
+    Stage3._load_universal_checkpoint = load_then_separate
+
+
+def convert(ds_folder: Path, universal: Path) -> None:
+    """ds_to_universal into `universal` (cleared first: an earlier conversion may have been cut short)."""
+    shutil.rmtree(universal, ignore_errors=True)
+    logger.info("converting %s to a universal checkpoint (once; about the size of the original)", ds_folder)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(ds_folder), "--output_folder", str(universal), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no message")
+        raise UserError(f"{ds_folder} was saved by another number of processes and could not be converted to "
+                        f"DeepSpeed's universal checkpoint ({reason[:300]}); resume it with the process count "
+                        "it was saved with.")
+    (universal / CONVERTED).write_text("")
+
+
+def ds_folder_of(checkpoint: Path) -> Path | None:
+    """The Trainer's DeepSpeed folder in checkpoint-N (global_stepN), or None."""
+    found = sorted(p for p in checkpoint.glob("global_step*") if p.is_dir() and not p.name.endswith("_universal"))
+    return found[-1] if found else None
+
+
+def prepare_trainer_resume(trainer, checkpoint: str | None) -> None:
+    """Before trainer.train(resume_from_checkpoint=...): a DeepSpeed checkpoint of another process count is
+    loaded in universal form (ds_to_universal also points checkpoint-N/latest_universal at it)."""
+    args = trainer.args
+    ds_folder = ds_folder_of(Path(checkpoint)) if checkpoint and args.deepspeed else None
+    if ds_folder is None:
+        return
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if universal_folder(ds_folder, args.world_size, global_batch, args.should_log) is not None:
+        # the dict the engine is built from at train(); HF's config object and accelerate's plugin share it
+        args.hf_deepspeed_config.config["checkpoint"] = {"load_universal": True}
