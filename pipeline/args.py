@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,13 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from pipeline.arg_checks import (
+    check_deepspeed_file,
+    check_numbers,
+    check_output_apart,
+    check_writable_folder,
+    deepspeed_without_launcher,
+)
 from pipeline.errors import UserError, first_line
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -162,6 +170,10 @@ class PipelineTrainingArguments(TrainingArguments):
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."}
     )
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "Stop (no final model) after this many optimizer steps in a row with a NaN/inf loss or gradient norm."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "Kept off: a NaN/inf loss is logged as what it is (True is refused)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh in an --output_dir holding another run: its checkpoints and results are removed first."})
 
@@ -172,11 +184,15 @@ class PipelineTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if not self.output_dir:
             raise UserError("--output_dir is required.")
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise UserError(f"--output_dir {self.output_dir} is a file, not a folder; give a folder path.")
+        check_writable_folder(self.output_dir, "--output_dir")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_nonfinite_steps < 1:
+            raise UserError(f"--max_nonfinite_steps must be at least 1 (1 = stop at the first), got {self.max_nonfinite_steps}.")
+        if self.logging_nan_inf_filter:
+            raise UserError("--logging_nan_inf_filter True would log a NaN/inf loss as a number; this project logs it as "
+                            "it is and stops a diverged run (--max_nonfinite_steps); drop the flag.")
         self.checkpointing_by_default = self.gradient_checkpointing is None and \
             getattr(self, "activation_checkpointing", None) is None
         if self.gradient_checkpointing is None:
@@ -201,6 +217,9 @@ class PipelineTrainingArguments(TrainingArguments):
             # head); liger replaces RMSNorm, RoPE and SwiGLU
             self.liger_kernel_config = self.liger_kernel_config or {"fused_linear_cross_entropy": False,
                                                                     "cross_entropy": False}
+        check_numbers((self,))  # before the Trainer's own checks, which name no flag
+        check_deepspeed_file(self)
+        deepspeed_without_launcher(self)
         try:
             super().__post_init__()
         except ValueError as e:
@@ -257,6 +276,20 @@ def _load_config(path: str) -> dict[str, Any]:
     return config
 
 
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--flag -1e-3` as `--flag=-1e-3`: argparse takes a value such as -1e-3 for an unknown option otherwise."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse `[config.yaml] [--config FILE] --flag value ...` into the given dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -271,31 +304,38 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         del argv[i : i + 2]
     file_argv = _config_to_argv(_load_config(config_path), config_path) if config_path else []
     parser = HfArgumentParser(dataclass_types)
+    argv = _attach_negative_numbers(file_argv + argv)
     try:
-        return parser.parse_args_into_dataclasses(args=file_argv + argv, look_for_args_file=False)
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
         raise UserError(f"{e}. Run with --help to list the flags.") from e
+    check_numbers(parsed)
+    check_output_apart(parsed)
+    return parsed
 
 
 def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None."""
+    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None; the folder's files
+    are checked whole (a checkpoint cut short by a full disk is named, not loaded)."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "no", "false", "none"):
         return None
+    from pipeline.model.integrity import check_folder_whole
     from pipeline.train.checkpoints import COMPLETE, is_complete, last_complete_checkpoint
 
     out = Path(training_args.output_dir)
     last = last_complete_checkpoint(out) if out.is_dir() else None
-    if str(value).lower() == "auto":
-        return str(last) if last else None
-    if str(value).lower() in ("yes", "true", "last"):
-        if last is None:
+    if str(value).lower() in ("auto", "yes", "true", "last"):
+        if last is None and str(value).lower() != "auto":
             raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {out}.")
-        return str(last)
-    path = Path(out, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
-    if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
-    if not is_complete(path):
-        raise UserError(f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
-                        "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one.")
-    return str(path)
+        path = last
+    else:
+        path = Path(out, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
+        if not is_complete(path):
+            raise UserError(f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
+                            "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one.")
+    if path is not None:
+        check_folder_whole(path, "--resume_from_checkpoint")
+    return None if path is None else str(path)

@@ -6,8 +6,8 @@ value model from the RM, reward model) are built in pipeline/rl/models.py, rollo
 the arithmetic in ppo_math.py, checkpoints in checkpoint.py, the update (plain torch or a DeepSpeed
 ZeRO-2/3 engine, --deepspeed) in engine.py, phase timing in timing.py. GRPO and RLOO: stages/grpo.py.
 
-SIGTERM (preemption): the ranks finish the step, save checkpoint-N and exit 143 without a final model; `auto`
-resume continues there. The last step is checkpointed too: resuming a finished run trains nothing more.
+SIGTERM: the ranks finish the step, save checkpoint-N, exit 143 (no final model); `auto` resume continues.
+NaN/inf logits, loss or gradient norm: the step is logged and not saved; too many in a row stop the run.
 
     python stages/ppo.py --model_name_or_path outputs/sft-merged --reward_model_name_or_path outputs/rm-merged \
         --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/ppo \
@@ -18,6 +18,7 @@ resume continues there. The last step is checkpointed too: resuming a finished r
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from pipeline.rl.models import PPOModels, ValueModel, build_models, prepare_for_
 from pipeline.rl.rewards import RewardScorer
 from pipeline.rl.rollout import Rollouts, token_logprobs_and_entropy, values
 from pipeline.rl.timing import PhaseTimer
-from pipeline.train.checkpoints import Preemption, exit_preempted
+from pipeline.train import divergence
+from pipeline.train.checkpoints import Preemption, exit_preempted, storage_errors
 from pipeline.train.output_dir import claim_output_dir, take_output_dir
 from pipeline.train.run import record_adapter_base, setup_run, tensorboard_writer
 
@@ -78,6 +80,7 @@ class PPORecipe(Rollouts):
         self.kl = ppo_math.AdaptiveKLController(ppo_args.kl_coef, ppo_args.target_kl, ppo_args.kl_horizon)
         self.step, self.log_history = 0, []
         self.writer = tensorboard_writer(training_args)
+        self.nonfinite = divergence.NonFiniteSteps(training_args.max_nonfinite_steps, "PPO")
 
     # --- one iteration
 
@@ -112,25 +115,21 @@ class PPORecipe(Rollouts):
         advantages = ppo_math.whiten(advantages, rmask)
         # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss.
         with timer.phase("update"):
-            stats = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
+            stats, norms = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
         # 7. Report this iteration and adapt the KL coefficient (if a target is set).
-        seq_kl = kl.sum(1)
+        norm = divergence.worst(norms)
         metrics = {**ppo_math.PPOStats.mean(stats),
-                   "objective/scores": scores.mean().item(),
-                   "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
-                   "objective/kl": seq_kl.mean().item(), "objective/entropy": (entropy * rmask).sum(1).mean().item(),
-                   "objective/non_score_reward": (-self.kl.value * seq_kl).mean().item(),
-                   "response_length": rmask.sum(1).mean().item(), "eos_fraction": traj.ended.float().mean().item(),
-                   "value/mean": ppo_math.masked_mean(old_values, rmask).item(), "kl_coef": self.kl.value,
-                   "learning_rate": self.updater.lr(), **timer.metrics(len(prompts))}
+                   **ppo_math.rollout_metrics(scores, kl, entropy, rmask, traj.ended, old_values, self.kl.value),
+                   "learning_rate": self.updater.lr(), "nonfinite_logits": float(traj.nonfinite),
+                   **({} if norm is None else {"grad_norm": norm}), **timer.metrics(len(prompts))}
         metrics = distributed.reduce_mean(metrics, self.world, self.device)
         metrics["samples_per_second"] *= self.world  # every rank's rollouts, in the mean rank's time
         self.kl.update(metrics["objective/kl"], self.batch_size * self.world)
         return metrics
 
-    def ppo_epochs(self, traj, old_logp, old_values, advantages, returns) -> list[ppo_math.PPOStats]:
+    def ppo_epochs(self, traj, old_logp, old_values, advantages, returns) -> tuple[list[ppo_math.PPOStats], list]:
         args, accumulation = self.args, self.targs.gradient_accumulation_steps
-        rmask, stats = traj.response_mask.float(), []
+        rmask, stats, norms = traj.response_mask.float(), [], []
         micro = self.mini_batch_size // accumulation
         generator = torch.Generator().manual_seed(self.targs.seed * 1000 + self.step)
         self.policy.train(), self.value_model.train()  # training mode: gradient checkpointing acts only there
@@ -149,12 +148,10 @@ class PPORecipe(Rollouts):
                                                                args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss
                     self.updater.backward(loss)
-                    stats.append(ppo_math.PPOStats(*(v.item() for v in (loss, pg_loss, vf_loss, clipfrac, approx_kl,
-                                                                        vf_clipfrac))))
-                self.updater.step()
-        return stats
-
-    # --- the run
+                    parts = (loss, pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac)
+                    stats.append(ppo_math.PPOStats(*(v.item() for v in parts)))
+                norms.append(self.updater.step())
+        return stats, norms
 
     def log(self, metrics: dict[str, float]) -> None:
         self.log_history.append({"step": self.step, **{k: round(v, 6) for k, v in metrics.items()}})
@@ -171,8 +168,7 @@ class PPORecipe(Rollouts):
 
     def save_due(self) -> bool:
         """checkpoint-N every --save_steps and after the last step (so a rerun of a finished run trains nothing)."""
-        t = self.targs
-        return t.save_strategy == "steps" and (self.due(t.save_steps) or self.step == t.max_steps)
+        return self.targs.save_strategy == "steps" and (self.due(self.targs.save_steps) or self.step == self.targs.max_steps)
 
     def save_checkpoint(self) -> None:
         """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed every rank
@@ -189,8 +185,7 @@ class PPORecipe(Rollouts):
 
     def resume(self, folder: str) -> dict | None:
         from_engine = isinstance(self.updater, DeepSpeedUpdater)  # the engine's checkpoint holds the weights
-        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model,
-                                                             weights=not from_engine)
+        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model, not from_engine)
         self.updater.load(Path(folder), state)
         self.kl.value, self.step = state["kl_coef"], state["step"]
         logger.info("resumed from %s at step %d", folder, self.step)
@@ -198,7 +193,7 @@ class PPORecipe(Rollouts):
 
     def train(self, resume_from: str | None) -> dict[str, float]:
         # SIGTERM (preemption) from here to the end of the loop: finish the step, save it, stop with exit code 143
-        with Preemption() as sigterm:
+        with Preemption() as sigterm, storage_errors(self.targs.output_dir):
             before = self.start(resume_from)
             preempted = self.loop(sigterm)
         if preempted:  # checkpoint-N of this step is saved; no final model, so the stage is not done
@@ -206,7 +201,8 @@ class PPORecipe(Rollouts):
                 self.writer.close()
             exit_preempted(self.step, self.targs.should_log)
         self.updater.check_in_sync()
-        return self.finish(before)
+        with storage_errors(self.targs.output_dir):
+            return self.finish(before)
 
     def start(self, resume_from: str | None) -> dict | None:
         """Resume, or evaluate the untrained policy; return the held-out figures before training (if any)."""
@@ -231,18 +227,21 @@ class PPORecipe(Rollouts):
                 metrics = self.train_step()
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}",
-                                samples_s=f"{metrics['samples_per_second']:.3g}")
-                if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1:
+                bar.set_postfix(score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}")
+                # NaN logits, loss or gradient norm (ranks' means, so all agree): logged, counted, stop after too many
+                loss, norm = math.nan if metrics["nonfinite_logits"] else metrics["loss"], metrics.get("grad_norm")
+                finite = divergence.finite(loss) and divergence.finite(norm)
+                if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1 or not finite:
                     self.log(metrics)
+                self.nonfinite.record(self.step, loss, norm)
                 if self.eval_prompts and self.due(eval_every):
                     self.log(self.evaluate(self.eval_prompts))
-                saved = self.save_due()
+                saved = finite and self.save_due()  # a non-finite step's weights are not checkpointed
                 if saved:
                     self.save_checkpoint()
                 # asked after the save, so that a SIGTERM that came during it stops here, not a step later
                 if sigterm.agreed(self.device):
-                    if not saved:
+                    if not saved and finite:
                         self.save_checkpoint()
                     return True
             return False
@@ -252,6 +251,7 @@ class PPORecipe(Rollouts):
     def finish(self, before: dict | None) -> dict[str, float]:
         """The final policy, held-out results (after, with the before figures), state and train results."""
         out = Path(self.targs.output_dir)
+        divergence.check_finite_weights(self.policy, self.device)  # never write a NaN model
         weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
         if self.targs.should_save:
             checkpoint.save_policy(self.policy, self.tokenizer, out, checkpoint.part(weights, "policy"))

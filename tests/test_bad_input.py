@@ -75,6 +75,34 @@ def recorded_run(env, model: str):
                                                        "train_file_dir": str(DATA / "sft")}))
 
 
+def damaged_copy(env, name: str, damage) -> str:
+    """A copy of the tiny model with one file damaged by `damage(path)`; returns the folder."""
+    import shutil
+
+    folder = env.tmp / "damaged"
+    shutil.copytree(env.model, folder)
+    damage(folder / name)
+    return str(folder)
+
+
+def cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def lora_adapter(env) -> str:
+    """An adapter folder with a damaged adapter_config.json (a half-written copy)."""
+    folder = env.tmp / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
+    return str(folder)
+
+
+def deepspeed_file(env, text: str) -> str:
+    (env.tmp / "ds.json").write_text(text)
+    return str(env.tmp / "ds.json")
+
+
 # id -> (build(env) -> (entry, argv), fragments the one error sentence must contain)
 CASES = {
     # flags and their values
@@ -113,6 +141,42 @@ CASES = {
     "yaml-mapping-value": (lambda e: ("sft", [str((e.tmp / "m.yaml", (e.tmp / "m.yaml").write_text("lora: {rank: 8}\n"))[0])]),
                            ["m.yaml", "'lora'", "mapping"]),
     "config-file-missing": (lambda e: ("sft", ["--config", str(e.tmp / "nope.yaml")]), ["nope.yaml does not exist"]),
+    "learning-rate-negative": (lambda e: sft(e, "--learning_rate", "-1e-3"), ["--learning_rate", "> 0", "-0.001"]),
+    "learning-rate-nan": (lambda e: sft(e, "--learning_rate", "nan"), ["--learning_rate", "finite"]),
+    "max-steps-negative": (lambda e: pt(e, "--max_steps", "-5"), ["--max_steps", ">= -1", "-5"]),
+    "warmup-steps-negative": (lambda e: rm(e, str(DATA / "reward"), "--warmup_steps", "-10"), ["--warmup_steps", ">= 0"]),
+    "dpo-beta-0": (lambda e: dpo(e, str(DATA / "reward"), "--beta", "0"), ["--beta", "> 0"]),
+    "ppo-top-p-0": (lambda e: ppo(e, jsonl(e.tmp / "q" / "q.jsonl", CHAT), "--top_p", "0"), ["--top_p", "> 0"]),
+    "max-nonfinite-steps-0": (lambda e: sft(e, "--max_nonfinite_steps", "0"), ["--max_nonfinite_steps", "at least 1"]),
+    "nan-inf-filter-on": (lambda e: sft(e, "--logging_nan_inf_filter", "True"), ["--logging_nan_inf_filter", "NaN"]),
+    # DeepSpeed files
+    "deepspeed-missing": (lambda e: sft(e, "--deepspeed", str(e.tmp / "none.json")), ["--deepspeed", "none.json does not exist"]),
+    "deepspeed-bad-json": (lambda e: sft(e, "--deepspeed", deepspeed_file(e, '{\n "zero_optimization": {"stage": 2,}\n}')),
+                           ["ds.json:2:", "not valid JSON"]),
+    "deepspeed-batch-mismatch": (lambda e: sft(e, "--deepspeed", deepspeed_file(e, '{"train_micro_batch_size_per_gpu": 4}'),
+                                               "--per_device_train_batch_size", "2"),
+                                 ["train_micro_batch_size_per_gpu 4", "--per_device_train_batch_size is 2", "auto"]),
+    # damaged model folders
+    "model-weights-cut-short": (lambda e: sft(e, "--model_name_or_path", damaged_copy(e, "model.safetensors", cut_short)),
+                                ["model.safetensors", "truncated"]),
+    "model-config-cut-short": (lambda e: pt(e, "--model_name_or_path", damaged_copy(e, "config.json", cut_short)),
+                               ["config.json:", "not valid JSON"]),
+    "peft-path-damaged-adapter-config": (lambda e: sft(e, "--peft_path", lora_adapter(e)),
+                                         ["adapter_config.json:1", "not valid JSON"]),
+    # the start model and the data are never written to
+    "output-dir-is-the-start-model": (lambda e: sft(e, "--output_dir", e.model), ["--output_dir", "--model_name_or_path"]),
+    "output-dir-inside-the-start-model": (lambda e: pt(e, "--output_dir", str(Path(e.model) / "run")),
+                                          ["inside of --model_name_or_path"]),
+    "output-dir-is-the-reward-model": (lambda e: ppo(e, jsonl(e.tmp / "q" / "q.jsonl", CHAT), "--output_dir", e.reward),
+                                       ["--reward_model_name_or_path"]),
+    "output-dir-inside-the-data": (lambda e: sft(e, "--output_dir", str(e.tmp / "d" / "out"),
+                                                 data=jsonl(e.tmp / "d" / "c.jsonl", CHAT)),
+                                   ["inside of --train_file_dir"]),
+    "start-model-in-a-checkpoint-of-the-run": (lambda e: (finished_run(e), sft(e, "--model_name_or_path",
+                                                                              str(Path(e.out) / "checkpoint-2")))[1],
+                                               ["checkpoint-2", "lies inside --output_dir"]),
+    "output-dir-under-a-file": (lambda e: ((e.tmp / "f").write_text("x"), sft(e, "--output_dir", str(e.tmp / "f" / "out")))[1],
+                                ["--output_dir", "which is a file"]),
     # output folders
     "output-dir-holds-another-run": (lambda e: (finished_run(e), sft(e))[1],
                                      ["--output_dir", "holds another run", "--overwrite_output_dir"]),

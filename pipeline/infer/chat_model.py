@@ -31,6 +31,7 @@ from transformers import (
 from pipeline.data.templates import get_template, render, template_names
 from pipeline.errors import UserError, first_line
 from pipeline.infer.generation import generate, sampling_config
+from pipeline.model.integrity import check_folder_whole
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -163,6 +164,7 @@ def load_chat_model(path: str, template_name: str | None = None, trust_remote_co
     folder = Path(path)
     if not folder.exists() and (folder.is_absolute() or path.startswith(".")):
         raise UserError(f"--model {path} does not exist; point it at a trained folder (or a hub model id).")
+    check_folder_whole(folder, "--model")
     adapter = (folder / "adapter_config.json").is_file()
     base, tokenizer_source = path, path
     if adapter:
@@ -172,6 +174,7 @@ def load_chat_model(path: str, template_name: str | None = None, trust_remote_co
         if peft_config.task_type == "SEQ_CLS":
             raise UserError(f"{path} is a reward-model adapter; chat needs a causal LM (an SFT, DPO or PPO output).")
         base = peft_config.base_model_name_or_path
+        check_folder_whole(base, f"the base model named in {folder / 'adapter_config.json'}")
         tokenizer_source = path if (folder / "tokenizer_config.json").is_file() else base
     tokenizer = _load("a tokenizer", AutoTokenizer.from_pretrained, tokenizer_source, trust_remote_code=trust_remote_code)
     if template_name:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -20,6 +20,26 @@ class Generated:
     responses: torch.Tensor
     mask: torch.Tensor  # 1 up to and including the first stop token, 0 after it
     ended: torch.Tensor  # (batch,) bool: a stop token came before the token budget ran out
+    nonfinite: bool = False  # some step's logits held NaN/inf (see FiniteLogits); the tokens are not the model's
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN/inf logits: its weights or activations are broken (a diverged run, fp16 overflow)."""
+
+
+class FiniteLogits(LogitsProcessor):
+    """Sampling from NaN/inf logits ends in a CUDA device-side assert that kills the process. This processor
+    notes such rows on the device (no sync per token) and gives them a flat distribution instead, so the
+    generation finishes and the caller decides: `generate` raises NonFiniteLogits, the RL loop counts the step."""
+
+    def __init__(self):
+        self.seen = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # -inf is a legitimate mask (suppressed tokens); NaN, +inf or a row masked entirely are not
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        self.seen = bad.any() if self.seen is None else self.seen | bad.any()
+        return torch.where(bad[:, None], torch.zeros_like(scores), scores)
 
 
 def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +69,18 @@ def stop_ids_of(config: GenerationConfig) -> list[int]:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-             **kwargs) -> Generated:
-    """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping criteria)."""
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
+             allow_nonfinite: bool = False, **kwargs) -> Generated:
+    """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping criteria).
+
+    NaN/inf logits raise NonFiniteLogits, unless `allow_nonfinite` (then `Generated.nonfinite` says so)."""
+    guard = FiniteLogits()
+    processors = LogitsProcessorList([guard, *kwargs.pop("logits_processor", [])])
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         logits_processor=processors, **kwargs)
+    nonfinite = bool(guard.seen is not None and guard.seen.item())
+    if nonfinite and not allow_nonfinite:
+        raise NonFiniteLogits("the model produced NaN/inf logits while generating: its weights or activations are not "
+                              "finite (a diverged training run, or fp16 overflow: try bfloat16 or float32)")
     responses = out[:, input_ids.shape[1]:]
     mask, ended = response_mask(responses, stop_ids_of(config))
-    return Generated(torch.where(mask.bool(), responses, config.pad_token_id), mask, ended)
+    return Generated(torch.where(mask.bool(), responses, config.pad_token_id), mask, ended, nonfinite)

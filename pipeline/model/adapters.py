@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from pipeline.args import PeftArguments
 from pipeline.errors import UserError, first_line
+from pipeline.model.integrity import check_folder_whole
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
                 trainable_dtype: torch.dtype = torch.float32) -> PeftModel:
     if peft_args.peft_path:
         logger.info("resuming adapter from %s", peft_args.peft_path)
+        check_folder_whole(peft_args.peft_path, "--peft_path")
         model = PeftModel.from_pretrained(model, peft_args.peft_path, is_trainable=True)
     elif peft_args.peft_type == "prefix_tuning":
         model = get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_args.num_virtual_tokens))

@@ -27,6 +27,7 @@ from pipeline.args import ModelArguments, PeftArguments
 from pipeline.errors import UserError, first_line
 from pipeline.model.adapters import attach_lora, unwrap
 from pipeline.model.attention import choose_attention
+from pipeline.model.integrity import check_folder_whole
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,13 @@ def looks_local(name: str) -> bool:
 
 
 def check_model_folder(name: str, flag: str) -> None:
-    """A local model path that does not exist is named as such (the hub client calls it a malformed repo id)."""
+    """A local model path that does not exist is named as such (the hub client calls it a malformed repo id); a
+    local folder must be whole (pipeline/model/integrity.py)."""
     path = os.path.expanduser(name)
     if looks_local(name) and not os.path.isdir(path):
         what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
         raise UserError(f"{flag} {name} {what}; give the folder holding config.json (or a hub id like org/name).")
+    check_folder_whole(path, flag)  # damaged or cut-short files: one sentence, not a library traceback
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:

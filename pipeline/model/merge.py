@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 from pipeline.errors import UserError, first_line
+from pipeline.model.integrity import check_folder_whole
 from pipeline.model.loading import check_loaded_weights, resize_embeddings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_p
     if not (lora_dir / "adapter_config.json").is_file():
         raise UserError(f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder.")
     _check_output_dir(out, base_model, lora_dir)
+    check_folder_whole(lora_dir, "--lora_model")
+    check_folder_whole(base_model, "--base_model")
     try:
         base_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -14,6 +14,7 @@ reference and reward copies are sharded inference engines, and saves gather the 
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -54,14 +55,17 @@ class TorchUpdater:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
 
-    def step(self) -> None:
-        """After `accumulation` backward passes: average over ranks, clip, step, clear."""
+    def step(self) -> float:
+        """After `accumulation` backward passes: average over ranks, clip, step, clear; return the gradient norm.
+        A non-finite gradient is not applied (the weights stay finite; the loop counts the step)."""
         distributed.average_gradients(self.params, self.world)
-        if self.targs.max_grad_norm and self.targs.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.targs.max_grad_norm)
-        self.optimizer.step()
+        clip = self.targs.max_grad_norm if self.targs.max_grad_norm and self.targs.max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if math.isfinite(norm):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -126,8 +130,10 @@ class DeepSpeedUpdater:
         self.engine.backward(loss)
         self.engine.step()
 
-    def step(self) -> None:
-        pass  # taken by the engine at the boundary
+    def step(self) -> float | None:
+        """The step itself was taken by the engine at the boundary; its gradient norm (None when not known)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

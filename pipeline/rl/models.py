@@ -15,6 +15,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.args import trainable_dtype
 from pipeline.model.adapters import unwrap
+from pipeline.model.integrity import check_folder_whole
 from pipeline.model.loading import load_model
 from pipeline.rl.rewards import check_same_vocab, reward_model_folder
 
@@ -51,6 +52,7 @@ def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> P
     if not peft_args.use_peft:
         reference = load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
     rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
+    check_folder_whole(rm_path, "--reward_model_name_or_path")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
     check_same_vocab(tokenizer, rm_tokenizer)
     rm_args = replace(model_args, model_name_or_path=rm_path, tokenizer_name_or_path=rm_path)

@@ -140,3 +140,14 @@ class PPOStats:
         names = {"loss": "loss", "policy_loss": "loss/policy", "value_loss": "loss/value",
                  "policy_clipfrac": "policy/clipfrac", "approx_kl": "policy/approx_kl", "value_clipfrac": "value/clipfrac"}
         return {logged: sum(getattr(s, name) for s in stats) / len(stats) for name, logged in names.items()}
+
+
+def rollout_metrics(scores, kl, entropy, rmask, ended, old_values, kl_coef: float) -> dict[str, float]:
+    """What an iteration's rollouts looked like, under the names logged to tensorboard (this rank's means)."""
+    seq_kl = kl.sum(1)
+    return {"objective/scores": scores.mean().item(),
+            "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "objective/kl": seq_kl.mean().item(), "objective/entropy": (entropy * rmask).sum(1).mean().item(),
+            "objective/non_score_reward": (-kl_coef * seq_kl).mean().item(),
+            "response_length": rmask.sum(1).mean().item(), "eos_fraction": ended.float().mean().item(),
+            "value/mean": masked_mean(old_values, rmask).item(), "kl_coef": kl_coef}

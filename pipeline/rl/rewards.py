@@ -7,7 +7,6 @@ helpers all score through it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from pipeline.data.prompts import Prompt, render_text
 from pipeline.errors import UserError
+from pipeline.model.integrity import check_folder_whole, read_json_file
 from pipeline.model.merge import merge_adapter
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def reward_model_folder(path: str, output_dir: str, is_main: bool) -> str:
         return path
     merged = Path(output_dir, "reward_model_merged")
     if is_main and not (merged / "config.json").is_file():
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        check_folder_whole(path, "--reward_model_name_or_path")
+        base = read_json_file(adapter_config, "--reward_model_name_or_path")["base_model_name_or_path"]
         logger.info("reward model %s is an adapter: merging it into %s once", path, base)
         merge_adapter(base, path, str(merged))
     if dist.is_initialized():

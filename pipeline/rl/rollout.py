@@ -34,6 +34,7 @@ class Trajectory:
     response_mask: torch.Tensor  # over the answer columns: 1 up to and including the stop token
     ended: torch.Tensor  # (batch,) whether a stop token came
     answers: list[str]
+    nonfinite: bool = False  # the policy's logits held NaN/inf during generation (pipeline/infer/generation.py)
 
     @property
     def responses(self) -> torch.Tensor:
@@ -149,11 +150,11 @@ class Rollouts:
         if static:
             config.cache_implementation = "static"
         with self.autocast, self.generation_context():
-            out = generate(self.policy, query, qmask, config)
+            out = generate(self.policy, query, qmask, config, allow_nonfinite=True)  # the loop counts such a step
         answers = [self.tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
                    for r, m in zip(out.responses, out.mask)]
         return Trajectory(prompts, torch.cat([query, out.responses], 1), torch.cat([qmask, out.mask], 1), query.shape[1],
-                          out.mask, out.ended, answers)
+                          out.mask, out.ended, answers, out.nonfinite)
 
     def reference_logprobs(self, traj: Trajectory, temperature: float) -> torch.Tensor:
         if self.reference is not None:

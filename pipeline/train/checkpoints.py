@@ -14,17 +14,22 @@ used by the Trainer stages through `CheckpointGuard` and by the PPO loop (stages
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
+import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 COMPLETE = "checkpoint_complete.json"
@@ -57,6 +62,59 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
         logger.warning("skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",
                        folder, COMPLETE)
     return None
+
+
+_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the filesystem is read-only"}
+_STORAGE_TEXT = {"no space left on device": "no space left on device", "os error 28": "no space left on device",
+                 "storagefull": "no space left on device", "disk quota exceeded": "disk quota exceeded",
+                 "read-only file system": "the filesystem is read-only"}
+
+
+# torch.save's zip writer reports a full disk only as a failed stream ("unexpected pos", "iostream error")
+_WRITER_TEXT = ("inline_container", "iostream error", "pytorchstreamwriter", "unexpected pos")
+_LOW_SPACE = 256 * 2**20
+
+
+def storage_problem(error: BaseException, folder: str | None = None) -> str | None:
+    """What ran out while writing, if `error` (or an error it was raised from) is a full or read-only disk. The
+    libraries report it differently: OSError errno, safetensors' "os error 28", torch.save's failed stream (then
+    the free space of `folder` decides)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _STORAGE:
+            return _STORAGE[error.errno]
+        text = str(error).lower()
+        found = next((what for key, what in _STORAGE_TEXT.items() if key in text), None)
+        if found:
+            return found
+        if folder and any(key in text for key in _WRITER_TEXT) and _free_bytes(folder) < _LOW_SPACE:
+            return f"no space left on device ({_free_bytes(folder) // 2**20} MiB free)"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free_bytes(folder: str) -> int:
+    path = Path(folder).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(existing).free
+
+
+@contextmanager
+def storage_errors(output_dir: str):
+    """A full (or read-only) disk while saving ends in one sentence naming the folder; the checkpoint being written
+    is not marked complete, so the last complete one stays the resume point."""
+    try:
+        yield
+    except Exception as e:
+        problem = storage_problem(e, output_dir)
+        if problem is None:
+            raise
+        last = last_complete_checkpoint(Path(output_dir)) if Path(output_dir).is_dir() else None
+        resume = f"{last.name} stays the resume point" if last else "no complete checkpoint was written yet"
+        raise UserError(f"{problem} while writing in {output_dir}; {resume}. Free space there (or pass another "
+                        "--output_dir), then rerun with --resume_from_checkpoint auto.") from e
 
 
 class Preemption:

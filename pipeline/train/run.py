@@ -21,7 +21,8 @@ from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base
-from pipeline.train.checkpoints import CheckpointGuard, exit_preempted
+from pipeline.train.checkpoints import CheckpointGuard, exit_preempted, storage_errors
+from pipeline.train.divergence import DivergenceGuard, check_finite_weights
 from pipeline.train.output_dir import take_output_dir
 from pipeline.train.zero_resume import prepare_trainer_resume
 
@@ -103,8 +104,10 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     guard = CheckpointGuard()
     trainer.add_callback(guard)
     trainer.add_callback(StopIfFinished())
+    trainer.add_callback(DivergenceGuard(trainer, training_args.max_nonfinite_steps))  # after guard: it may veto a save
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with storage_errors(training_args.output_dir):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     except _AlreadyFinished as finished:
         # the checkpoint is the end of the run (a rerun of a finished or requeued job): its weights, restored
         # by train(), become the final model again; no step is trained and the earlier metrics stay
@@ -117,9 +120,11 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     if trainer.state.global_step == 0:
         raise UserError("training ran 0 steps, so the output would be the untrained model; check --max_steps, "
                         "--num_train_epochs and the data size.")
+    check_finite_weights(trainer.model, training_args.device)  # never write a NaN model
     base = unwrap(trainer.model)
     base.config.use_cache = True  # the saved config is for inference, which wants the cache back
-    trainer.save_model()
+    with storage_errors(training_args.output_dir):
+        trainer.save_model()
     base.config.use_cache = False  # evaluation of packed blocks still needs it off
     record_adapter_base(trainer.model, training_args)
     if result is None:

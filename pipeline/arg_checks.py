@@ -1,0 +1,176 @@
+"""Checks on parsed flags that no single argument class can make alone, run by `pipeline.args.parse_args`
+before any work: every number within its range, --output_dir apart from what the run reads, and the
+--deepspeed file readable and consistent with the batch flags.
+
+The bounds live in one table (NUMBER_BOUNDS) so that every numeric flag of every stage has a stated range;
+tests/test_reliability.py fails when a stage gains a numeric flag that is in neither table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import fields
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError, first_line
+
+logger = logging.getLogger("pipeline")
+
+# name: (lowest, lowest allowed?, highest, highest allowed?); None = no bound on that side. None values pass.
+NUMBER_BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "learning_rate": (0, False, None, False), "weight_decay": (0, True, None, False),
+    "adam_beta1": (0, True, 1, False), "adam_beta2": (0, True, 1, False), "adam_epsilon": (0, False, None, False),
+    "max_grad_norm": (0, True, None, False), "num_train_epochs": (0, True, None, False),
+    "max_steps": (-1, True, None, False), "warmup_steps": (0, True, None, False),
+    "logging_steps": (0, False, None, False), "save_steps": (0, False, None, False),
+    "eval_steps": (0, False, None, False), "eval_delay": (0, True, None, False),
+    "label_smoothing_factor": (0, True, 1, False), "save_total_limit": (1, True, None, False),
+    "dataloader_num_workers": (0, True, None, False), "dataloader_prefetch_factor": (1, True, None, False),
+    "ddp_timeout": (0, False, None, False), "ddp_bucket_cap_mb": (0, False, None, False),
+    "eval_accumulation_steps": (1, True, None, False), "torch_empty_cache_steps": (1, True, None, False),
+    "seed": (0, True, 2**32 - 1, True), "data_seed": (0, True, 2**32 - 1, True),
+    "per_device_train_batch_size": (1, True, None, False), "per_device_eval_batch_size": (1, True, None, False),
+    "gradient_accumulation_steps": (1, True, None, False), "max_nonfinite_steps": (1, True, None, False),
+    "lora_rank": (1, True, None, False), "lora_alpha": (0, False, None, False), "lora_dropout": (0, True, 1, False),
+    "num_virtual_tokens": (1, True, None, False), "preprocessing_num_workers": (1, True, None, False),
+    "validation_split_percentage": (0, True, 100, False),
+    "block_size": (1, True, None, False), "model_max_length": (1, True, None, False),
+    "max_source_length": (1, True, None, False), "max_target_length": (1, True, None, False),
+    "packing_length": (1, True, None, False), "loss_chunk_size": (1, True, None, False),
+    "neft_alpha": (0, True, None, False), "neftune_noise_alpha": (0, True, None, False),
+    "max_new_tokens": (1, True, None, False), "temperature": (0, True, None, False), "top_p": (0, False, 1, True),
+    "kl_coef": (0, True, None, False), "target_kl": (0, False, None, False), "kl_horizon": (1, True, None, False),
+    "cliprange": (0, False, None, False), "cliprange_value": (0, False, None, False),
+    "gamma": (0, True, 1, True), "lam": (0, True, 1, True), "vf_coef": (0, True, None, False),
+    "num_generations": (1, True, None, False), "ppo_epochs": (1, True, None, False),
+    "mini_batch_size": (1, True, None, False), "missing_eos_penalty": (0, True, None, False),
+    "beta": (0, False, None, False), "simpo_gamma": (0, True, None, False),
+    "desirable_weight": (0, False, None, False), "undesirable_weight": (0, False, None, False),
+    "label_smoothing": (0, True, 0.5, False), "center_rewards_coefficient": (0, True, None, False),
+}
+# Numeric flags with no range to check: ids and counts the libraries interpret themselves (-1 = "all"/"unset").
+UNBOUNDED = {"local_rank", "max_train_samples", "max_eval_samples"}
+
+
+def _range(low, low_ok, high, high_ok) -> str:
+    parts = [f"{'>=' if low_ok else '>'} {low:g}" if low is not None else "",
+             f"{'<=' if high_ok else '<'} {high:g}" if high is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def check_numbers(parsed: tuple[Any, ...]) -> None:
+    """Every numeric flag finite and within its range (NUMBER_BOUNDS), in one sentence naming the flag."""
+    for args in parsed:
+        for f in fields(args):
+            value = getattr(args, f.name, None)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name} must be a finite number, got {value}.")
+            if f.name not in NUMBER_BOUNDS:
+                continue
+            low, low_ok, high, high_ok = NUMBER_BOUNDS[f.name]
+            below = low is not None and (value < low or (value == low and not low_ok))
+            above = high is not None and (value > high or (value == high and not high_ok))
+            if below or above:
+                hint = " (-1, the default, means: use --num_train_epochs)" if f.name == "max_steps" else ""
+                raise UserError(f"--{f.name} must be {_range(low, low_ok, high, high_ok)}{hint}, got {value:g}.")
+
+
+def check_writable_folder(folder: str, flag: str) -> None:
+    """The folder, or the nearest part of its path that exists, must be a folder this process can write in."""
+    path = Path(folder).absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder; give a folder path.")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder} lies under {existing}, which is a file, not a folder; give a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} cannot be written: {existing} is read-only for this user (or on a read-only "
+                        "filesystem); give a folder you can write to.")
+
+
+# Flags that name what a run reads. --output_dir may not be one of them or lie inside one (its saves, checkpoint
+# rotation and --overwrite_output_dir would destroy the start model or mix outputs into the data), and none of
+# them may lie inside what the run itself writes or removes in --output_dir (checkpoints, logs).
+INPUT_SUFFIXES = ("_name_or_path", "_file_dir", "_file", "peft_path", "ref_model")
+RUN_WRITTEN = ("checkpoint-*", "tmp-checkpoint-*", "logs")
+
+
+def check_output_apart(parsed: tuple[Any, ...]) -> None:
+    """Refuse an --output_dir that is, or lies inside, an input folder (or holds one where the run writes)."""
+    training = next((a for a in parsed if hasattr(a, "output_dir") and hasattr(a, "learning_rate")), None)
+    if training is None or not training.output_dir:
+        return
+    out = Path(training.output_dir).resolve()
+    for args in parsed:
+        for f in fields(args):
+            value = getattr(args, f.name, None)
+            if not (isinstance(value, str) and value and f.name.endswith(INPUT_SUFFIXES) and Path(value).exists()):
+                continue
+            source = Path(value).resolve()
+            if out == source or source in out.parents:
+                raise UserError(f"--output_dir {training.output_dir} is {'the folder' if out == source else 'inside'} "
+                                f"of --{f.name} {value}: saving there would overwrite or mix with what the run reads; "
+                                "choose another --output_dir (for example a sibling folder).")
+            if out in source.parents and any(fnmatch(source.relative_to(out).parts[0], p) for p in RUN_WRITTEN):
+                raise UserError(f"--{f.name} {value} lies inside --output_dir {training.output_dir}, where this run "
+                                "writes and rotates its checkpoints (and --overwrite_output_dir removes them); copy it "
+                                "elsewhere or choose another --output_dir.")
+
+
+# DeepSpeed keys that must agree with the batch flags (or be "auto", which the Trainer fills from them)
+_DS_BATCH = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+             "gradient_accumulation_steps": "gradient_accumulation_steps"}
+
+
+def deepspeed_without_launcher(training_args) -> None:
+    """`python stages/x.py --deepspeed ...` with no torchrun: DeepSpeed would look for MPI and fail with an import
+    traceback; one process is what the user meant, so its environment is set as torchrun would for one process."""
+    if not training_args.deepspeed or any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return
+    import socket
+
+    with socket.socket() as s:  # a free port for the one-process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    logger.info("--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun for more)")
+
+
+def check_deepspeed_file(training_args) -> None:
+    """--deepspeed: an existing JSON file (a mistake in it named by line) whose batch sizes match the flags."""
+    source = training_args.deepspeed
+    if not isinstance(source, str) or not source:
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"--deepspeed {source} does not exist; give a DeepSpeed JSON file such as "
+                        "deepspeed_configs/zero2.json.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"--deepspeed {source} is not UTF-8 text ({first_line(e)}).") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"--deepspeed {source}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed {source} must hold a JSON object of DeepSpeed settings.")
+    for key, flag in _DS_BATCH.items():
+        value = config.get(key, "auto")
+        if value != "auto" and value != getattr(training_args, flag):
+            raise UserError(f"--deepspeed {source} sets {key} {value} but --{flag} is {getattr(training_args, flag)}; "
+                            f"set it to \"auto\" in the file (it then follows the flag) or make the two equal.")
+    total = config.get("train_batch_size", "auto")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    if total != "auto" and total != expected:
+        raise UserError(f"--deepspeed {source} sets train_batch_size {total} but the flags give {expected} "
+                        f"(--per_device_train_batch_size x --gradient_accumulation_steps x {world} processes); set it "
+                        "to \"auto\" in the file or make them agree.")

@@ -1,0 +1,169 @@
+"""A diverged run is never saved as a model: one guard for every stage.
+
+Each optimizer step's loss and gradient norm are checked. A non-finite one is logged as what it is (never
+as 0: the Trainer's `logging_nan_inf_filter` is off), counted, and, where the optimizer allows it, the step
+is skipped so the weights stay as they were. While non-finite steps follow each other no checkpoint is
+written (those weights may hold NaN); after `--max_nonfinite_steps` of them in a row the run stops with one
+sentence naming the step, the last finite loss and what to try, exits non-zero and writes no final model;
+the checkpoints saved before stay resumable. Under fp16 loss scaling an overflowing gradient is the scaler's
+normal skipped step and is not counted (a non-finite loss still is).
+
+`NonFiniteSteps` is the bookkeeping, shared by the Trainer stages (`DivergenceGuard`, a callback) and the
+PPO loop (stages/ppo.py); `check_finite_weights` is the last check before any final model is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+ADVICE = ("try a lower --learning_rate, bf16 instead of fp16 (or float32), or gradient clipping (--max_grad_norm 1.0)")
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+class NonFiniteSteps:
+    """Counts non-finite steps in a row; `record` raises the stopping UserError when there are too many."""
+
+    def __init__(self, limit: int, what: str = "training"):
+        self.limit, self.what = limit, what
+        self.in_a_row = self.total = 0
+        self.first_bad: int | None = None
+        self.last_finite: tuple[int, float] | None = None  # (step, loss)
+
+    def record(self, step: int, loss: float | None, grad_norm: float | None = None, note: str = "") -> bool:
+        """Whether step `step` was finite. Raises UserError at the `limit`-th non-finite step in a row."""
+        if finite(loss) and finite(grad_norm):
+            self.in_a_row, self.first_bad = 0, None
+            if loss is not None:
+                self.last_finite = (step, loss)
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        self.first_bad = self.first_bad or step
+        logger.warning("step %d: %s loss %s, gradient norm %s: not finite (%d in a row; the run stops at %d)%s",
+                       step, self.what, _show(loss), _show(grad_norm), self.in_a_row, self.limit, note)
+        if self.in_a_row >= self.limit:
+            raise UserError(self.sentence(step))
+        return False
+
+    def sentence(self, step: int) -> str:
+        since = f"steps {self.first_bad}-{step} were" if self.first_bad != step else f"step {step} was"
+        last = (f"the last finite loss was {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
+                if self.last_finite else "no step had a finite loss")
+        return (f"{self.what} diverged: {since} not finite (loss or gradient norm NaN/inf; {last}), so no model was "
+                f"saved and the checkpoints written before stay resumable; {ADVICE}, then rerun (with "
+                "--resume_from_checkpoint auto to continue from the last checkpoint).")
+
+
+def worst(values: list[float | None]) -> float | None:
+    """The largest of the known values, NaN when any is NaN (max() would depend on the order)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return math.nan if any(math.isnan(v) for v in known) else max(known)
+
+
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag true on every rank when it is true on any rank (so all ranks stop, or skip a save, together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gradient_norm(parameters) -> float | None:
+    """The total L2 norm of the gradients present (None when there is none)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+class DivergenceGuard(TrainerCallback):
+    """The guard for a Trainer stage: per-step loss (from the Trainer's running sum) and gradient norm."""
+
+    def __init__(self, trainer, limit: int):
+        self.trainer, self.steps = trainer, NonFiniteSteps(limit)
+        self._loss_before: torch.Tensor | None = None
+        self._grad_norm: float | None = None
+        self._total_before = 0.0
+
+    def _scaled(self) -> bool:
+        """fp16 with a loss scaler: an overflowing gradient is its skipped step, not a divergence."""
+        return bool(self.trainer.args.fp16)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._loss_before = self.trainer._tr_loss.detach().clone()
+        self._grad_norm = None
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        engine = self.trainer.model_wrapped
+        if self.trainer.is_deepspeed_enabled:  # the engine stepped already inside backward()
+            norm = engine.get_global_grad_norm()
+            self._grad_norm = None if norm is None else float(norm)
+            return control
+        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        self._grad_norm = gradient_norm(params)
+        if not finite(self._grad_norm) and not self._scaled():
+            for p in params:  # the optimizer skips parameters without a gradient: the weights stay finite
+                p.grad = None
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        loss = float((self.trainer._tr_loss - self._loss_before).sum())
+        grad = None if self._scaled() else self._grad_norm
+        bad_loss, bad_grad = any_rank([not math.isfinite(loss), not finite(grad)], args.device)
+        loss = math.nan if bad_loss and math.isfinite(loss) else loss  # another rank's loss was not finite
+        grad = math.nan if bad_grad and finite(grad) else grad
+        if not self.steps.record(state.global_step, loss, grad, self._note()):
+            control.should_save = False  # these weights may hold NaN: no checkpoint of them
+        return control
+
+    def _note(self) -> str:
+        if self.trainer.is_deepspeed_enabled or finite(self._grad_norm):
+            return ""
+        return "; the loss scaler skipped this step" if self._scaled() else "; this optimizer step was skipped"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # the Trainer resets its running loss by subtracting it from itself, which leaves a NaN in place: the
+        # window that held the non-finite step was logged as NaN, the next windows start from 0 again
+        if not torch.isfinite(self.trainer._tr_loss).all():
+            self.trainer._tr_loss.zero_()
+            self.trainer._total_loss_scalar = self._total_before
+        self._total_before = self.trainer._total_loss_scalar
+        return control
+
+
+def check_finite_weights(model, device=None) -> None:
+    """Refuse to write a model whose trainable weights hold NaN/inf (ZeRO-3: each rank checks its shard)."""
+    bad = None
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        data = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        if data.numel() and not torch.isfinite(data).all():
+            bad = name
+            break
+    flag = [0.0 if bad is None else 1.0]
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor(flag, device=device or next(model.parameters()).device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = [float(t.item())]
+    if flag[0]:
+        where = f" ({bad})" if bad else " (on another rank)"
+        raise UserError(f"the trained weights hold NaN/inf values{where}, so no model was saved; the run diverged "
+                        f"without a non-finite loss being seen; {ADVICE}.")
