@@ -17,6 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.json_text import loads
 from pipeline.errors import UserError, first_line
 
 logger = logging.getLogger("pipeline")
@@ -155,7 +156,7 @@ def check_deepspeed_file(training_args) -> None:
         raise UserError(f"--deepspeed {source} does not exist; give a DeepSpeed JSON file such as "
                         "deepspeed_configs/zero2.json.")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"--deepspeed {source} is not UTF-8 text ({first_line(e)}).") from e
     except json.JSONDecodeError as e:

@@ -26,6 +26,7 @@ from pipeline.arg_checks import (
     check_writable_folder,
     deepspeed_without_launcher,
 )
+from pipeline.data.json_text import loads
 from pipeline.errors import UserError, first_line
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -262,11 +263,15 @@ def _config_to_argv(config: dict[str, Any], path: str) -> list[str]:
 def _load_config(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise UserError(f"config file {path} does not exist.")
-    text = Path(path).read_text(encoding="utf-8")
     try:
-        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        text = Path(path).read_text(encoding="utf-8")
+        config = loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read as UTF-8 text ({first_line(e)}).") from e
     except json.JSONDecodeError as e:
         raise UserError(f"config file {path}:{e.lineno}: not valid JSON ({e.msg}).") from e
+    except (RecursionError, ValueError) as e:  # YAML nested beyond Python's stack, or an integer of 5,000 digits
+        raise UserError(f"config file {path}: {type(e).__name__} while reading it ({first_line(e)[:80]}); simplify it.") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path

@@ -34,7 +34,8 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as e:
         if debug_enabled():
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # on a line of its own: a progress bar of a run stopped mid-training leaves its line open
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     _close_process_group()  # only after success: a failed rank exits at once, its peers may be mid-collective
 

@@ -56,6 +56,8 @@ def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_mo
     shared["remove_unused_columns"] = False  # the rule rewards read the "reference" column
     common = dict(num_generations=ppo_args.num_generations, max_completion_length=ppo_args.max_new_tokens,
                   temperature=ppo_args.temperature, top_p=ppo_args.top_p, beta=ppo_args.kl_coef,
+                  # NaN/inf logits of a diverging policy: sampled from, not a device assert; the guard then stops the run
+                  generation_kwargs={"remove_invalid_values": True},
                   **{trl_name: getattr(ppo_args, name) for name, trl_name in GROUP_RELATIVE_FLAGS.items()})
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if ppo_args.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     try:

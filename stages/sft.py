@@ -58,6 +58,8 @@ class SFTArguments:
             raise UserError(f"--model_max_length must be at least 8, got {self.model_max_length}.")
         if self.neft_alpha < 0:
             raise UserError(f"--neft_alpha must be >= 0, got {self.neft_alpha}.")
+        if self.packing_length is not None and self.packing_length < 1:
+            raise UserError(f"--packing_length must be positive, got {self.packing_length}.")
         self.packing_length = self.packing_length or self.model_max_length
         if self.packing_length < self.model_max_length:
             raise UserError(f"--packing_length ({self.packing_length}) must hold the longest sample, "

@@ -94,8 +94,8 @@ def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model
     apply_template_to_tokenizer(tokenizer, template)
     sft_args = SimpleNamespace(data_format="auto", skip_invalid_samples=False, multi_turn_mode="all",
                                train_on_inputs=False, model_max_length=8)
-    with pytest.raises(UserError, match=r"\d+ samples read, none kept \(\d+ no supervised token within "
-                                        r"--model_max_length 8\)"):
+    with pytest.raises(UserError, match=r"\d+ conversations read, no sample kept \(\d+ samples dropped: prompt \+ "
+                                        r"first trained answer longer than --model_max_length 8\)"):
         build_chat_dataset(str(DATA / "sft"), "--train_file_dir", template, tokenizer, sft_args,
                            SimpleNamespace(preprocessing_num_workers=None))
 

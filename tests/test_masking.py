@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.data.masking import IGNORE_INDEX, encode, encode_samples
+from pipeline.data.masking import IGNORE_INDEX, Dropped, encode, encode_samples, too_long
 from pipeline.data.templates import apply_template_to_tokenizer, field_template_names, get_template
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is ka-bo?"},
@@ -89,9 +89,9 @@ def test_truncation_keeps_whole_turns_and_drops_unsupervised(tokenizers):
     full = encode(template, tok, CONV)
     first_turn = encode(template, tok, CONV[:3])
     cut = encode(template, tok, CONV, max_length=len(full.input_ids) - 3)  # ends inside the second answer
-    assert cut.input_ids == first_turn.input_ids[: len(cut.input_ids)]
+    assert cut.input_ids == first_turn.input_ids[: len(cut.input_ids)] and cut.truncated
     assert trained_text(tok, cut) == "red<|im_end|>"
     prompt_len = encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels.index(
         next(label for label in encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels
              if label != IGNORE_INDEX))
-    assert encode(template, tok, CONV, max_length=prompt_len) is None
+    assert encode(template, tok, CONV, max_length=prompt_len) == Dropped(too_long(prompt_len))

@@ -212,7 +212,8 @@ def test_split_conversations_are_counted_in_the_data_summary(tiny_model, tmp_pat
                                          tokenizer, sft_args, SimpleNamespace(preprocessing_num_workers=None))
     # Qwen3 writes an (empty) thinking block only into answers after the last user turn, so both two-answer
     # chats render their first answer differently once a second follows: each becomes two samples
-    assert len(dataset) == 4 and report.read == 4 and report.kept == 4
+    assert len(dataset) == 4 and report.read == 2 and report.samples == 4 and report.kept == 4
+    assert "2 conversations read, 4 samples made from the 2 conversations kept, 4 samples kept" in report.summary("x")
 
 
 # ---------------------------------------------------------------- project templates equal the official ones

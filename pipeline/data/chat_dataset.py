@@ -1,36 +1,43 @@
 """The SFT dataset: read conversations, check the training/inference contract on the first ones
-(contract.py), encode each with its template and labels (masking.py), count what is dropped and why, and
-print the seed's token/label "Sanity Check" table."""
+(contract.py), encode each with its template and labels (masking.py), count what is dropped or cut and why
+(summary.py), and print the seed's token/label "Sanity Check" table."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+from collections import Counter
 
 from datasets import Dataset
 
 from pipeline.data.contract import check_chat_contract
 from pipeline.data.conversations import read_conversations
-from pipeline.data.files import ReadReport
-from pipeline.data.masking import IGNORE_INDEX, encode_samples
+from pipeline.data.json_text import parse_json
+from pipeline.data.masking import IGNORE_INDEX, Encoded, cut_to_whole_turns, encode_samples
+from pipeline.data.summary import DataSummary
 from pipeline.data.templates import Template
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+
 def _encode_batch(batch, template, tokenizer, mode, train_on_inputs, max_length):
-    out = {"input_ids": [], "labels": []}
+    out = {"input_ids": [], "labels": [], "dropped": [], "truncated": []}
     for text in batch["conversation"]:
-        for sample in encode_samples(template, tokenizer, json.loads(text), mode, train_on_inputs, max_length):
-            out["input_ids"].append(sample.input_ids if sample else [])
-            out["labels"].append(sample.labels if sample else [])
+        for sample in encode_samples(template, tokenizer, parse_json(text, "a conversation"), mode, train_on_inputs, max_length):
+            kept = isinstance(sample, Encoded)
+            out["input_ids"].append(sample.input_ids if kept else [])
+            out["labels"].append(sample.labels if kept else [])
+            out["dropped"].append("" if kept else sample.reason)
+            out["truncated"].append(kept and sample.truncated)
     return out
 
 
 def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer, sft_args,
-                       data_args) -> tuple[Dataset, ReadReport]:
-    conversations, report = read_conversations(directory, flag, sft_args.data_format, sft_args.skip_invalid_samples)
+                       data_args) -> tuple[Dataset, DataSummary]:
+    conversations, read = read_conversations(directory, flag, sft_args.data_format, sft_args.skip_invalid_samples)
+    report = DataSummary.after_reading(read, "conversations", "samples")
     checked = check_chat_contract(template, tokenizer, conversations)
     logger.info("%s: the training ids of the first %d conversations equal the saved chat template's "
                 "apply_chat_template (prompt and answer)", flag, checked)
@@ -41,18 +48,18 @@ def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer,
         batched=True, remove_columns=["conversation"], num_proc=data_args.preprocessing_num_workers,
         load_from_cache_file=False, desc=f"encoding {flag}",
     )
-    kept = encoded.filter(lambda x: len(x["input_ids"]) > 0)
-    if len(kept) < len(encoded):
-        report.drop(f"no supervised token within --model_max_length {sft_args.model_max_length}", len(encoded) - len(kept))
+    report.samples = len(encoded)
+    for reason, n in Counter(r for r in encoded["dropped"] if r).items():
+        report.drop_sample(reason, n)
+    report.change(cut_to_whole_turns(sft_args.model_max_length), sum(encoded["truncated"]))
+    kept = encoded.filter(lambda x: len(x["input_ids"]) > 0).remove_columns(["dropped", "truncated"])
     extra = len(encoded) - len(conversations)
     if extra and sft_args.multi_turn_mode != "split":  # the template rewrites history (masking.encode_samples)
         logger.info("%s: conversations split one answer per sample added %d samples (%d conversations -> %d samples)",
                     flag, extra, len(conversations), len(encoded))
-    report.read += extra  # counts samples, not conversations, from here on
     if len(kept) == 0:
-        dropped = "; ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
-        raise UserError(f"{flag} {directory}: {report.read} samples read, none kept ({dropped}); raise "
-                        "--model_max_length or shorten the data.")
+        raise UserError(f"{flag} {directory}: {report.read} conversations read, no sample kept ({report.reasons()}); "
+                        "raise --model_max_length or shorten the data.")
     return kept, report
 
 

@@ -5,7 +5,7 @@ stops the run with the first differing token shown: nobody trains a silent misma
 
 from __future__ import annotations
 
-from pipeline.data.masking import assistant_indices, encode
+from pipeline.data.masking import Dropped, assistant_indices, encode
 from pipeline.data.own_template import NotPrefixConsistent, standard_messages
 from pipeline.data.templates import Template
 from pipeline.errors import UserError
@@ -39,7 +39,7 @@ def check_chat_contract(template, tokenizer, conversations: list[dict], count: i
             sample = encode(template, tokenizer, messages, tools)
         except NotPrefixConsistent:
             continue
-        if sample is None:
+        if isinstance(sample, Dropped):
             continue
         trained = sample.input_ids[: len(sample.input_ids) - len(closing)] if closing else sample.input_ids
         expected = _chat_ids(tokenizer, messages, tools)

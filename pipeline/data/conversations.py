@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from pipeline.data.files import ReadReport, find_files, iter_json_records
+from pipeline.data.json_text import loads
 from pipeline.errors import UserError
 
 FORMATS = ("auto", "sharegpt", "messages", "chatglm3", "alpaca")
@@ -50,7 +51,7 @@ def _tools(value: Any) -> list[dict] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = loads(value)
         except json.JSONDecodeError as e:
             raise InvalidSample('"tools" is a string that is not JSON') from e
     if not isinstance(value, list):
@@ -65,7 +66,7 @@ def _call(name: str, arguments: Any, call_id: str | None = None) -> dict:
 
 def _parse_call(text: str) -> dict | None:
     try:
-        obj = json.loads(text)
+        obj = loads(text)
     except (json.JSONDecodeError, TypeError):
         return None
     if isinstance(obj, dict) and isinstance(obj.get("name"), str) and ("arguments" in obj or "parameters" in obj):

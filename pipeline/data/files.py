@@ -1,21 +1,26 @@
 """Reading user data files: discovery, decoding, validation, and the pretraining text dataset.
 
-Every problem a user can cause (missing folder, empty file, unsupported extension, bytes that are not
-UTF-8, a line that is not JSON, a record without its field) is raised as one `UserError` sentence that
-names the file and line, before any model is loaded.
+Every problem a user can cause (missing folder, empty file, unsupported extension, a folder or file that
+cannot be listed or read, a dangling or looping symbolic link, bytes that are not UTF-8, a line that is not
+JSON or is JSON past what Python parses, a record without its field) is raised as one `UserError` sentence
+that names the file and line, before any model is loaded. Folders are read through symbolic links, each
+once. JSON is parsed by json_text.py's `loads`, as is any other JSON text a user wrote.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from datasets import Dataset
 
+from pipeline.data.json_text import JSONLimitError, loads
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -24,14 +29,13 @@ TEXT_EXTENSIONS = (".txt", ".json", ".jsonl")
 
 
 def find_files(directory: str, flag: str, extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> list[Path]:
-    """All data files under `directory` (recursive, sorted); anything else there is an error."""
+    """All data files under `directory` (recursive, through symbolic links, sorted); anything else there is an
+    error, and so is anything that cannot be listed or read."""
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"{flag} {directory} is not a folder; point it at a folder of {'/'.join(extensions)} files.")
     files, foreign = [], []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
+    for path in walk_files(root, flag):
         (files if path.suffix.lower() in extensions else foreign).append(path)
     if foreign:
         raise UserError(
@@ -40,30 +44,127 @@ def find_files(directory: str, flag: str, extensions: tuple[str, ...] = TEXT_EXT
         )
     if not files:
         raise UserError(f"{flag} {directory} holds no {'/'.join(extensions)} files.")
+    for path in files:  # fail now, naming the file, rather than after the others have been read
+        _open(path).close()
     return files
 
 
+def walk_files(root: Path, flag: str) -> list[Path]:
+    """Every file under `root` in path order, following symbolic links; names starting with "." are skipped.
+
+    A folder or file reached twice (through a second link) is read once, and the log says so; a link back
+    into a folder that holds it (a loop), a dangling link, a folder that cannot be listed and anything that
+    is neither file nor folder are refused, naming the path."""
+    top = root.resolve()
+    seen: dict[Path, Path] = {top: root}  # real path -> the path it was first reached by
+    files: list[Path] = []
+    stack = [({top: root}, iter(_list_folder(root, flag)))]  # (the folders down to here, real -> path; entries)
+    while stack:  # depth first, each folder's entries by name: the order of sorted(rglob) without links
+        chain, entries = stack[-1]
+        path = next(entries, None)
+        if path is None:
+            stack.pop()
+            continue
+        real, is_dir = _follow(path, flag)
+        if is_dir and real in chain:
+            ancestor = chain[real]
+            raise UserError(f"{path} links back to {ancestor}, a folder that holds it, so reading {flag} would never end; "
+                            "remove the link or point it elsewhere.")
+        if real in seen:
+            logger.warning("%s: %s is the same %s as %s (through a symbolic link); it is read once, as %s", flag, path,
+                           "folder" if is_dir else "file", seen[real], seen[real])
+            continue
+        seen[real] = path
+        if is_dir:
+            stack.append(({**chain, real: path}, iter(_list_folder(path, flag))))
+        else:
+            files.append(path)
+    return files
+
+
+def _list_folder(folder: Path, flag: str) -> list[Path]:
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder))
+    except OSError as e:
+        raise UserError(f"{flag}: the folder {folder} cannot be listed ({e.strerror}); give the user running this "
+                        f"read and execute permission on it (chmod a+rx) or move it out of {flag}.") from e
+    hidden = [name for name in names if name.startswith(".")]
+    if hidden:
+        logger.info("%s: %s: skipped hidden %s", flag, folder, ", ".join(hidden))
+    return [folder / name for name in names if not name.startswith(".")]
+
+
+def _follow(path: Path, flag: str) -> tuple[Path, bool]:
+    """(real path, whether it is a folder) of a file or folder, through any symbolic link."""
+    try:
+        mode = path.stat().st_mode
+        real = path.resolve(strict=True)
+    except FileNotFoundError as e:
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix the link "
+                            f"or remove it from {flag}.") from e
+        raise UserError(f"{path} disappeared while {flag} was being read; run again once the folder is stable.") from e
+    except (OSError, RuntimeError) as e:  # a link that cannot be followed (a cycle of links, no permission)
+        reason = e.strerror if isinstance(e, OSError) else "a cycle of symbolic links"
+        raise UserError(f"{path} cannot be followed or read ({reason}); fix it or move it out of {flag}.") from e
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise UserError(f"{path} is neither a file nor a folder (a device, pipe or socket); move it out of {flag}.")
+    return real, stat.S_ISDIR(mode)
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as e:
+        raise UserError(_unreadable(path, e)) from e
+
+
+def _unreadable(path: Path, error: OSError) -> str:
+    return f"{path} cannot be read ({error.strerror or error}); make it readable (chmod a+r) or move it away."
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 file, newlines made "\\n" (as open() in text mode does); the first bad byte names its line."""
+    with _open(path) as f:
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise UserError(_unreadable(path, e)) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8; re-encode the file as UTF-8 "
+                        f"(for example: iconv -f GBK -t UTF-8 {path.name}).") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path}:{line_no}: byte {e.start} is not valid UTF-8; re-encode the file as UTF-8 "
-                    f"(for example: iconv -f GBK -t UTF-8 {path.name})."
-                ) from e
+    with _open(path) as f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    yield line_no, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise UserError(
+                        f"{path}:{line_no}: byte {e.start} is not valid UTF-8; re-encode the file as UTF-8 "
+                        f"(for example: iconv -f GBK -t UTF-8 {path.name})."
+                    ) from e
+        except OSError as e:  # a read that fails part way (an I/O error, a file that is a folder)
+            raise UserError(_unreadable(path, e)) from e
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, object) for a JSON-lines file, or (item number, object) for a JSON array file."""
     if path.suffix.lower() == ".json":
-        with path.open("rb") as f:
+        with _open(path) as f:
             head = f.read(4096).lstrip()
         if head.startswith(b"["):
             text = "\n".join(line for _, line in _decoded_lines(path))
             try:
-                items = json.loads(text)
+                items = loads(text)
+            except JSONLimitError as e:
+                raise UserError(f"{path}:{e.lineno}: {e.msg} (column {e.colno}); {e.fix}.") from e
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the array syntax.") from e
             yield from enumerate(items, start=1)
@@ -72,7 +173,9 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield line_no, json.loads(line)
+            yield line_no, loads(line)
+        except JSONLimitError as e:
+            raise UserError(f"{path}:{line_no}: {e.msg} (column {e.colno}); {e.fix}.") from e
         except json.JSONDecodeError as e:
             raise UserError(
                 f"{path}:{line_no}: not a valid JSON line ({e.msg} at column {e.colno}); "

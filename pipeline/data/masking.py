@@ -8,6 +8,9 @@ first token of the next turn, or the template's final_turn_end after the last tu
 
 Because the full text is tokenized in one pass, training ids equal what tokenizing the chat template's
 output gives at inference: no double BOS, no different splits at turn boundaries.
+
+Over max_length, a sample is cut after its last whole assistant turn that fits, or dropped when not even its
+first trained answer fits; the caller counts both by reason (chat_dataset.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,25 @@ MULTI_TURN_MODES = ("all", "last", "split")
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # cut after the last whole turn within max_length (the data summary counts it)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A conversation (or one answer's sample of it) that gives no sample; the data summary counts the reason."""
+
+    reason: str
+
+
+NOTHING_TO_TRAIN = "nothing to train (its answers are marked loss: false)"
+
+
+def too_long(max_length: int) -> str:
+    return f"prompt + first trained answer longer than --model_max_length {max_length}"
+
+
+def cut_to_whole_turns(max_length: int) -> str:
+    return f"cut after the last whole turn within --model_max_length {max_length}"
 
 
 def _trained(kind: str, role: str, loss: bool | None, is_target: bool, train_on_inputs: bool) -> bool:
@@ -39,18 +61,13 @@ def _trained(kind: str, role: str, loss: bool | None, is_target: bool, train_on_
     return kind == "answer" and is_target and (loss is None or loss)
 
 
-def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None = None,
-           targets: set[int] | None = None, train_on_inputs: bool = False, max_length: int | None = None) -> Encoded | None:
-    """ids + labels for one conversation; `targets` = indices of assistant messages to train (None = all).
-
-    Returns None when no supervised token survives (the caller counts it as dropped).
-    """
-    answers = assistant_indices(messages)
-    last_only = targets is not None and answers and targets == {answers[-1]}
-    segments = render_segments(template, messages, tools, add_generation_prompt=False, last_answer_only=last_only)
-    text, spans, ends = "", [], []  # spans: trained char ranges; ends: char offsets where a message ends
-    next_token_at = []  # char offsets whose token is trained (turns ended by the next role tag)
-    for seg in segments:
+def _lay_out(template, segments, messages, targets, train_on_inputs):
+    """The text, its trained char ranges, the char offsets where a whole assistant turn ends (after the
+    message's last answer, its closing text included) and the offsets whose token is trained (turns ended by
+    the next role tag)."""
+    text, spans, ends, next_token_at = "", [], [], []
+    last_answer = {seg.message: k for k, seg in enumerate(segments) if seg.kind == "answer"}
+    for k, seg in enumerate(segments):
         start = len(text)
         text += seg.text
         m = messages[seg.message] if seg.message >= 0 else {"role": "template"}
@@ -59,10 +76,27 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
             spans.append((start, len(text)))
             if seg.kind == "answer" and not template.turn_end:
                 next_token_at.append(len(text))
-        if m["role"] == "assistant" and seg.kind != "prompt":
-            ends.append(len(text))  # after the last segment of an assistant message: a whole-turn boundary
+        # a cut may follow a whole assistant message only: never inside it (a second tool call, say)
+        if m["role"] == "assistant" and seg.kind in ("answer", "tail") and k >= last_answer.get(seg.message, k):
+            ends.append(len(text))
     if next_token_at and next_token_at[-1] == len(text):
         text += template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
+    return text, spans, ends, next_token_at
+
+
+def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None = None,
+           targets: set[int] | None = None, train_on_inputs: bool = False,
+           max_length: int | None = None) -> Encoded | Dropped:
+    """ids + labels for one conversation; `targets` = indices of assistant messages to train (None = all).
+
+    Longer than `max_length`: cut after the last whole assistant turn (its closing token included) that fits
+    and trains something; when not even the first trained answer fits, Dropped (an answer is never trained
+    cut short, nor without the token that ends it). Dropped too when nothing is trained at all.
+    """
+    answers = assistant_indices(messages)
+    last_only = targets is not None and answers and targets == {answers[-1]}
+    segments = render_segments(template, messages, tools, add_generation_prompt=False, last_answer_only=last_only)
+    text, spans, ends, next_token_at = _lay_out(template, segments, messages, targets, train_on_inputs)
     if tokenizer.is_fast:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -73,11 +107,14 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
     for tok, (s, e) in zip(ids, offsets):
         trained = any(s < b and e > a for a, b in spans) or any(s <= p < max(e, s + 1) for p in next_token_at)
         labels.append(tok if trained else IGNORE_INDEX)
-    if max_length is not None and len(ids) > max_length:
-        ids, labels = _truncate(ids, labels, offsets, ends, next_token_at, max_length)
     if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return Encoded(ids, labels)
+        return Dropped(NOTHING_TO_TRAIN)
+    if max_length is None or len(ids) <= max_length:
+        return Encoded(ids, labels)
+    cut = _whole_turn_cut(labels, offsets, ends, next_token_at, max_length)
+    if cut is None:
+        return Dropped(too_long(max_length))
+    return Encoded(ids[:cut], labels[:cut], truncated=True)
 
 
 def _tokenize_by_piece(tokenizer, text: str, cuts: list[int]):
@@ -91,15 +128,14 @@ def _tokenize_by_piece(tokenizer, text: str, cuts: list[int]):
     return ids, offsets
 
 
-def _truncate(ids, labels, offsets, turn_ends, next_token_at, max_length):
-    """Cut after the last whole assistant turn that fits (with its closing token); else cut mid-turn."""
-    cut = max_length
+def _whole_turn_cut(labels, offsets, turn_ends, next_token_at, max_length) -> int | None:
+    """How many tokens to keep: through the last whole assistant turn (with its closing token) that fits and
+    trains something; None when there is none."""
     for end in reversed(turn_ends):
         n = sum(1 for s, _ in offsets if s < end) + (1 if end in next_token_at else 0)
         if n <= max_length and any(label != IGNORE_INDEX for label in labels[:n]):
-            cut = n
-            break
-    return ids[:cut], labels[:cut]
+            return n
+    return None
 
 
 _SAID: set[str] = set()
@@ -111,7 +147,7 @@ def _say_split_once(template) -> None:
         logger.warning("the %s chat template renders earlier turns differently once later turns follow (it drops "
                        "earlier thinking, moves the system prompt, or joins history as FastChat's Yuan2 does): such "
                        "conversations are trained one answer per sample, each in the text inference builds for it "
-                       "(the data summary counts samples)", template.name)
+                       "(the data summary counts the samples made)", template.name)
 
 
 def assistant_indices(messages: list[dict]) -> list[int]:
@@ -119,7 +155,7 @@ def assistant_indices(messages: list[dict]) -> list[int]:
 
 
 def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all", train_on_inputs: bool = False,
-                   max_length: int | None = None) -> list[Encoded | None]:
+                   max_length: int | None = None) -> list[Encoded | Dropped]:
     """One conversation -> samples for the multi-turn mode: all turns, the last turn, or one per turn."""
     messages, tools = conv["messages"], conv.get("tools")
     turns = assistant_indices(messages)

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.json_text import loads
 from pipeline.data.templates import Segment
 from pipeline.errors import UserError
 
@@ -51,7 +52,7 @@ def standard_messages(messages: list[dict]) -> list[dict]:
                 args = call["function"]["arguments"]
                 if isinstance(args, str):
                     try:
-                        args = json.loads(args)
+                        args = loads(args)  # arguments that are not JSON (or past its limits) stay text
                     except json.JSONDecodeError:
                         pass
                 calls.append({"type": "function", "function": {"name": call["function"]["name"], "arguments": args},

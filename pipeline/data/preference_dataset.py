@@ -14,8 +14,10 @@ import logging
 
 from datasets import Dataset
 
-from pipeline.data.files import ReadReport, cap, load_train_eval
+from pipeline.data.files import cap, load_train_eval
+from pipeline.data.json_text import parse_json
 from pipeline.data.preferences import read_preferences
+from pipeline.data.summary import DataSummary
 from pipeline.data.templates import Template, render_segments
 from pipeline.errors import UserError
 
@@ -49,7 +51,7 @@ def _encode(batch, template, tokenizer, max_length, unpaired, whole):
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "margin": []} if not unpaired else \
         {"prompt_ids": [], "completion_ids": [], "label": []}
     for text in batch["pair"]:
-        pair = json.loads(text)
+        pair = parse_json(text, "an encoded preference pair")
         answers = [pair["completion"]] if unpaired else [pair["chosen"], pair["rejected"]]
         encoded = []
         for answer in answers:
@@ -72,20 +74,23 @@ def _encode(batch, template, tokenizer, max_length, unpaired, whole):
 
 def build_preference_dataset(directory: str, flag: str, template: Template, tokenizer, max_length: int,
                              unpaired: bool = False, skip_invalid: bool = False, num_proc: int | None = None,
-                             whole_conversations: bool = False) -> tuple[Dataset, ReadReport]:
-    """whole_conversations=True (RM): chosen_ids/rejected_ids are full rendered conversations, prompt_ids empty."""
-    pairs, report = read_preferences(directory, flag, unpaired, skip_invalid)
+                             whole_conversations: bool = False) -> tuple[Dataset, DataSummary]:
+    """whole_conversations=True (RM): chosen_ids/rejected_ids are full rendered conversations, prompt_ids empty.
+    A pair (KTO: an answer) longer than max_length is dropped whole and counted: no answer is ever cut."""
+    pairs, read = read_preferences(directory, flag, unpaired, skip_invalid)
     if not pairs:
-        raise UserError(f"{flag} {directory}: no usable preference record ({report.summary('records')}).")
+        raise UserError(f"{flag} {directory}: no usable preference record ({read.summary('records')}).")
+    report = DataSummary.after_reading(read, "records", "answers" if unpaired else "pairs")
+    report.samples = len(pairs)  # KTO: a pair record gives two answers
     raw = Dataset.from_dict({"pair": [json.dumps(p, ensure_ascii=False) for p in pairs]})
     encoded = raw.map(functools.partial(_encode, template=template, tokenizer=tokenizer, max_length=max_length,
                                         unpaired=unpaired, whole=whole_conversations),
                       batched=True, remove_columns=["pair"], num_proc=num_proc, load_from_cache_file=False)
     kept = encoded.filter(lambda x: x["prompt_ids"] is not None)
-    if len(kept) < len(encoded):
-        report.drop(f"longer than --model_max_length {max_length}", len(encoded) - len(kept))
+    report.drop_sample(f"longer than --model_max_length {max_length}", len(encoded) - len(kept))
     if len(kept) == 0:
-        raise UserError(f"{flag} {directory}: every record is longer than --model_max_length {max_length}.")
+        raise UserError(f"{flag} {directory}: {report.read} records read, none fits ({report.reasons()}); raise "
+                        "--model_max_length or shorten the data.")
     return kept, report
 
 
@@ -98,7 +103,7 @@ def preference_datasets(template: Template, tokenizer, pref_args, data_args, tra
         dataset, report = build_preference_dataset(directory, flag, template, tokenizer, pref_args.model_max_length,
                                                    unpaired, pref_args.skip_invalid_samples,
                                                    data_args.preprocessing_num_workers, whole_conversations)
-        logger.info(report.summary(f"{flag} {unit}"))
+        logger.info(report.summary(flag))
         return dataset
 
     with training_args.main_process_first(desc=f"encoding {unit}"):

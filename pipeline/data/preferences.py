@@ -20,6 +20,13 @@ from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.errors import UserError
 
 
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer past float's range (JSON integers have no limit of their own)
+        return False
+
+
 def _answer(value: Any, what: str) -> str:
     if isinstance(value, dict):  # {"from": "gpt", "value"} or {"role": "assistant", "content"}
         value = value.get("value", value.get("content"))
@@ -106,8 +113,9 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
         raise InvalidSample(f"not a valid preference record: {field_problem(e)}") from e
     if "margin" in record:
         margin = record["margin"]
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise InvalidSample(f'"margin" must be a finite number, got {margin!r}')
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not _finite(margin):
+            shown = repr(margin) if len(repr(margin)) <= 40 else f"{repr(margin)[:20]}... ({len(repr(margin))} characters)"
+            raise InvalidSample(f'"margin" must be a finite number, got {shown}')
         out["margin"] = float(margin)
     return out
 

@@ -51,6 +51,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.jinja_template import jinja_for
+from pipeline.data.json_text import loads
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -203,11 +204,19 @@ def _arguments(call: dict) -> str:
 
 def _kwargs(call: dict) -> str:
     """Arguments as Python keyword arguments (ChatGLM3's tool_call(...)): scalars by repr, others as JSON."""
-    args = call["function"]["arguments"]
+    args = parsed = call["function"]["arguments"]
     if isinstance(args, str):
-        args = json.loads(args) if args.strip() else {}
+        try:
+            parsed = loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            parsed = None
+    if not isinstance(parsed, dict):  # a crash deep in tokenization otherwise
+        text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        raise UserError(f"the tool call {call['function']['name']!r} has arguments {text[:60]!r}"
+                        f"{'...' if len(text) > 60 else ''}, not a JSON object, which this template writes as keyword "
+                        "arguments; give the call an arguments object.")
     return ", ".join(f"{k}={v!r}" if isinstance(v, (str, int, float, bool)) or v is None
-                     else f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in args.items())
+                     else f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in parsed.items())
 
 
 def _fill(fmt: str, **values: str) -> str:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.json_text import loads
 from pipeline.errors import UserError, run_cli
 
 TITLES = {"pt": "PT", "sft": "SFT", "rm": "RM", "ppo": "PPO", "dpo": "DPO"}
@@ -38,9 +39,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON; re-run the stage that writes it.") from e
+        value = loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); make it readable (chmod a+r).") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-run the stage that writes it.") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; re-run the stage that writes it.")
+    return value
 
 
 def _start_eval(state: dict[str, Any]) -> dict[str, float]:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.data.json_text import JSONLimitError, loads
 from pipeline.errors import UserError
 from pipeline.infer.chat_model import Completion, Sampling, check_messages
 
@@ -43,10 +44,21 @@ def _field(body: dict, name: str, types: tuple[type, ...], default: Any) -> Any:
     return value
 
 
+def _float(body: dict, name: str, default: float) -> float:
+    value = _field(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError as e:  # a JSON integer past float's range
+        raise ApiError(400, f"{name} must be a number in its range, got an integer of {len(str(abs(value)))} digits.",
+                       name) from e
+
+
 def parse_request(raw: bytes, served_name: str, defaults: Sampling, max_tokens_cap: int | None = None) -> ChatRequest:
     """Validate a /v1/chat/completions body; anything wrong is an ApiError naming the field."""
-    try:
-        body = json.loads(raw)
+    try:  # JSON in UTF-8, -16 or -32, as json.loads takes bytes, but strict: no surrogate smuggled in as bytes
+        body = loads(raw.decode(json.detect_encoding(raw)))
+    except JSONLimitError as e:  # well-formed, but past what can be answered (deep, a huge integer, half a character)
+        raise ApiError(400, f"the request body holds {e.msg} (line {e.lineno} column {e.colno}); {e.fix}.") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}).") from e
     if not isinstance(body, dict):
@@ -69,8 +81,7 @@ def parse_request(raw: bytes, served_name: str, defaults: Sampling, max_tokens_c
                        "max_tokens")
     try:
         sampling = Sampling(defaults.max_new_tokens if asked is None else asked,
-                            float(_field(body, "temperature", (int, float), defaults.temperature)),
-                            float(_field(body, "top_p", (int, float), defaults.top_p)))
+                            _float(body, "temperature", defaults.temperature), _float(body, "top_p", defaults.top_p))
     except UserError as e:
         raise ApiError(400, str(e)) from e
     options = _field(body, "stream_options", (dict,), {})

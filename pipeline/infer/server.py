@@ -29,6 +29,7 @@ huge or bad request never holds up the generation in progress.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -36,11 +37,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers import BatchEncoding
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, first_line, run_cli
 from pipeline.infer.admission import Limits, Slots, Watch, fit_prompt, longest_token, model_context
 from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, load_chat_model
 from pipeline.infer.protocol import ApiError, ChatRequest, error_body, parse_request, usage
@@ -83,13 +85,15 @@ class ChatServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server: ChatServer
+    responded = False  # a status line has been sent for the request in hand
+    streaming = False  # and it began a stream of server-sent events
     timeout = 60  # seconds a socket read or write may stall: idle or stalled clients do not hold a thread for ever
 
     def log_message(self, format: str, *args) -> None:
         logger.info("%s %s", self.address_string(), format % args)
 
     def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")  # a lone surrogate: \\udXXX
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -110,7 +114,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _event(self, payload: dict | str) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        self.wfile.write(f"data: {text}\n\n".encode())
+        self.wfile.write(f"data: {text}\n\n".encode("utf-8", "backslashreplace"))
         self.wfile.flush()
 
     def _body(self) -> bytes:
@@ -118,11 +122,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise ApiError(411, "send the body with a Content-Length header; chunked bodies are not accepted.")
-        length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit():
-            raise ApiError(400, f"Content-Length {length!r} is not a byte count.")
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not (length.isascii() and length.isdigit()):  # isdigit alone takes "²" and other digits int() refuses
+            raise ApiError(400, f"Content-Length {length[:40]!r} is not a byte count.")
         limit = self.server.limits.max_request_bytes
-        if int(length) > limit:
+        if len(length) > 18 or int(length) > limit:  # 18 digits: beyond any body, and int() never sees 5,000
+            length = length if len(length) <= 40 else f"a {len(length)}-digit number of"
             self.close_connection = True
             raise ApiError(413, f"the request body is {length} bytes, more than this server accepts ({limit}).")
         try:
@@ -146,7 +151,33 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.responded = True  # from here on an error can no longer be a status of its own
+        super().send_response(code, message)
+
+    def _answer(self, handle: Callable[[], None]) -> None:
+        """Handle one request; whatever goes wrong is answered (a 500 with OpenAI's error object, or an error event
+        once a stream has begun) and logged, never a connection dropped without a word."""
+        self.responded = self.streaming = False
+        try:
+            handle()
+        except GONE:
+            self.close_connection = True
+            logger.info("%s went away", self.address_string())
+        except Exception as e:
+            logger.exception("%s %s failed", self.command, self.path)
+            self.close_connection = True
+            error = ApiError(500, f"the server failed on this request ({type(e).__name__}: {first_line(e)}).")
+            with contextlib.suppress(OSError):  # the client may be gone as well
+                if not self.responded:
+                    self._send_error(error)
+                elif self.streaming:
+                    self._event(error_body(error))
+
     def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def _get(self) -> None:
         path = self.path.rstrip("/")
         if path == "/health":
             running, waiting = self.server.slots.load()
@@ -158,11 +189,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [card]})
 
     def do_POST(self) -> None:
-        try:
-            self._post(time.monotonic() + self.server.limits.request_timeout)
-        except GONE:
-            self.close_connection = True
-            logger.info("%s went away", self.address_string())
+        self._answer(lambda: self._post(time.monotonic() + self.server.limits.request_timeout))
 
     def _post(self, deadline: float) -> None:
         """Refusals first, on this request's own thread and before it queues; then its turn, and the answer."""
@@ -194,10 +221,13 @@ class Handler(BaseHTTPRequestHandler):
                 server.held_slot(time.monotonic() - started)
         except GONE:
             watch.reason = "gone"
-        except Exception as e:  # logged in full; the client gets a 500 unless a stream has already begun
+        except Exception as e:  # logged in full; the client gets a 500, or an error event once its stream has begun
             logger.exception("generation failed")
-            if not request.stream:
-                self._send_error(ApiError(500, f"generation failed ({type(e).__name__}: {e})."))
+            error = ApiError(500, f"generation failed ({type(e).__name__}: {first_line(e)}).")
+            if self.streaming:
+                self._event(error_body(error))
+            elif not self.responded:
+                self._send_error(error)
         finally:
             server.slots.leave(ticket)
         if watch.reason == "gone":
@@ -231,6 +261,7 @@ class Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
+        self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

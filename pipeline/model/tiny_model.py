@@ -17,6 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.data.files import read_text, walk_files
+from pipeline.errors import UserError, run_cli
 from pipeline.tools import synthetic
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
@@ -34,11 +36,11 @@ CHAT_SPECIAL_TOKENS = [
 def corpus(data_dir: Path) -> list[str]:
     """Every shipped text (pretraining docs, chats, preferences) plus the synthetic task's strings."""
     texts: list[str] = []
-    for path in sorted(data_dir.rglob("*")):
+    for path in walk_files(data_dir, "--data_dir"):  # through symbolic links; what cannot be read is refused
         if path.suffix == ".txt":
-            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts += [line for line in read_text(path).splitlines() if line.strip()]
         elif path.suffix in (".json", ".jsonl"):
-            texts.append(path.read_text(encoding="utf-8"))
+            texts.append(read_text(path))
     items = synthetic.all_items()
     texts += synthetic.pt_lines(items)
     texts += [synthetic.question(i, lang) for i in items for lang in ("en", "zh")]
@@ -76,6 +78,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 def build(output_dir: str | Path, data_dir: str | Path = REPO_DATA, vocab_size: int = 3000,
           hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
     out = Path(output_dir)
+    if not Path(data_dir).is_dir():
+        raise UserError(f"--data_dir {data_dir} is not a folder; point it at a folder of .txt/.json/.jsonl files.")
     tokenizer = train_tokenizer(corpus(Path(data_dir)), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -117,4 +121,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -37,7 +37,10 @@ def _from_qa(record: dict) -> dict:
 
 def _csv_records(path: Path):
     """Rows as dicts with their line numbers; bytes that are not UTF-8 are an error naming the line."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--input {path} cannot be read ({e.strerror}); make it readable (chmod a+r).") from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -45,8 +48,12 @@ def _csv_records(path: Path):
         raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, e.g. "
                         f"iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv") from e
     reader = csv.DictReader(text.splitlines(keepends=True))
-    for row in reader:
-        yield reader.line_num, row
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:  # e.g. a field over the csv module's 131072 characters
+        raise UserError(f"{path}:{reader.line_num + 1}: not readable as CSV ({e}); fix the row or write the data as "
+                        "JSON lines.") from e
 
 
 def _records(path: Path, kind: str):

@@ -50,8 +50,13 @@ def load(path: str) -> dict[str, Any]:
         raise UserError(f"pipeline config {path} does not exist.")
     try:
         given = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
+    except OSError as e:
+        raise UserError(f"pipeline config {path} cannot be read ({e.strerror}); make it readable (chmod a+r).") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"pipeline config {path} does not parse: {first_line(e)}") from e
+    except (RecursionError, ValueError) as e:  # nesting past the recursion limit, an integer past 4300 digits
+        raise UserError(f"pipeline config {path} does not parse ({first_line(e)}); write a flat mapping of keys "
+                        "to plain values.") from e
     if not isinstance(given, dict):
         raise UserError(f"pipeline config {path} must hold a mapping of keys to values.")
     config = {**DEFAULTS, **given}

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from pipeline.data.chat_dataset import sanity_table
 from pipeline.data.conversations import FORMATS, InvalidSample, normalize
 from pipeline.data.files import iter_json_records
-from pipeline.data.masking import MULTI_TURN_MODES, encode_samples
+from pipeline.data.masking import MULTI_TURN_MODES, Dropped, cut_to_whole_turns, encode_samples
 from pipeline.data.templates import apply_template_to_tokenizer, render_segments, resolve_template
 from pipeline.errors import UserError, run_cli
 
@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     text = "".join(s.text for s in render_segments(template, conv["messages"], conv.get("tools")))
     print(f"== {path}:{line} with template '{template.name}'\n{text}")
     for k, sample in enumerate(encode_samples(template, tokenizer, conv, args.multi_turn_mode, False, args.model_max_length)):
-        print(f"\n== sample {k}: " + ("dropped (no supervised token)" if sample is None else f"{len(sample.input_ids)} tokens"))
-        if sample is not None:
-            print(sanity_table(tokenizer, sample.input_ids, sample.labels))
+        if isinstance(sample, Dropped):
+            print(f"\n== sample {k}: dropped ({sample.reason})")
+            continue
+        cut = f", {cut_to_whole_turns(args.model_max_length)}" if sample.truncated else ""
+        print(f"\n== sample {k}: {len(sample.input_ids)} tokens{cut}")
+        print(sanity_table(tokenizer, sample.input_ids, sample.labels))
 
 
 if __name__ == "__main__":

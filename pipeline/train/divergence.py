@@ -61,7 +61,7 @@ class NonFiniteSteps:
         return False
 
     def sentence(self, step: int) -> str:
-        since = f"steps {self.first_bad}-{step} were" if self.first_bad != step else f"step {step} was"
+        since = f"steps {self.first_bad}-{step} were" if self.first_bad and self.first_bad != step else f"step {step} was"
         last = (f"the last finite loss was {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
                 if self.last_finite else "no step had a finite loss")
         return (f"{self.what} diverged: {since} not finite (loss or gradient norm NaN/inf; {last}), so no model was "
@@ -148,8 +148,9 @@ class DivergenceGuard(TrainerCallback):
         return control
 
 
-def check_finite_weights(model, device=None) -> None:
-    """Refuse to write a model whose trainable weights hold NaN/inf (ZeRO-3: each rank checks its shard)."""
+def nonfinite_weight(model, device=None) -> str | None:
+    """The name of a trainable weight holding NaN/inf ("on another rank" when only another rank has one), or
+    None; every rank takes part (ZeRO-3: each checks its shard)."""
     bad = None
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -158,12 +159,14 @@ def check_finite_weights(model, device=None) -> None:
         if data.numel() and not torch.isfinite(data).all():
             bad = name
             break
-    flag = [0.0 if bad is None else 1.0]
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor(flag, device=device or next(model.parameters()).device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = [float(t.item())]
-    if flag[0]:
-        where = f" ({bad})" if bad else " (on another rank)"
-        raise UserError(f"the trained weights hold NaN/inf values{where}, so no model was saved; the run diverged "
+    if any_rank([bad is not None], device or next(model.parameters()).device)[0]:
+        return bad or "on another rank"
+    return None
+
+
+def check_finite_weights(model, device=None) -> None:
+    """Refuse to write a model whose trainable weights hold NaN/inf."""
+    bad = nonfinite_weight(model, device)
+    if bad:
+        raise UserError(f"the trained weights hold NaN/inf values ({bad}), so no model was saved; the run diverged "
                         f"without a non-finite loss being seen; {ADVICE}.")

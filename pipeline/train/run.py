@@ -104,7 +104,8 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     guard = CheckpointGuard()
     trainer.add_callback(guard)
     trainer.add_callback(StopIfFinished())
-    trainer.add_callback(DivergenceGuard(trainer, training_args.max_nonfinite_steps))  # after guard: it may veto a save
+    # added after the checkpoint guard: it may veto that guard's save
+    trainer.add_callback(DivergenceGuard(trainer, training_args.max_nonfinite_steps))
     try:
         with storage_errors(training_args.output_dir):
             result = trainer.train(resume_from_checkpoint=checkpoint)
