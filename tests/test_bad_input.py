@@ -247,6 +247,9 @@ CASES = {
                              ["a.csv:2:", "assistant message is empty"]),
     "convert-missing-column": (lambda e: convert(e, e.tmp / "b.csv", b"instruction,answer\nhello,world\n", "csv"),
                                ["b.csv:2:", "'output' is missing"]),
+    "convert-over-its-input": (lambda e: ("convert", ["--input", str(e.tmp / "a.json"), "--output", str(e.tmp / "a.json")])
+                               if (e.tmp / "a.json").write_text('[{"instruction": "q", "output": "a"}]') else None,
+                               ["--output", "is the --input file"]),
     "convert-missing-input": (lambda e: ("convert", ["--input", str(e.tmp / "none.json"), "--output", str(e.tmp / "o.jsonl")]),
                               ["--input", "none.json does not exist"]),
 }

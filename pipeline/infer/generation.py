@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from pipeline.errors import UserError
+
 
 @dataclass
 class Generated:
@@ -23,8 +25,9 @@ class Generated:
     nonfinite: bool = False  # some step's logits held NaN/inf (see FiniteLogits); the tokens are not the model's
 
 
-class NonFiniteLogits(RuntimeError):
-    """The model produced NaN/inf logits: its weights or activations are broken (a diverged run, fp16 overflow)."""
+class NonFiniteLogits(UserError):
+    """The model produced NaN/inf logits: its weights or activations are broken (a diverged run, fp16 overflow).
+    One sentence for the chat command; the server answers it with a 500."""
 
 
 class FiniteLogits(LogitsProcessor):

@@ -64,6 +64,8 @@ def convert(input_path: str, output_path: str, kind: str) -> int:
     path = Path(input_path)
     if not path.is_file():
         raise UserError(f"--input {input_path} does not exist.")
+    if Path(output_path).resolve() == path.resolve():
+        raise UserError(f"--output {output_path} is the --input file; write the converted data to another file.")
     out = []
     for line, record in _records(path, kind):
         try:
