@@ -130,6 +130,17 @@ _DS_BATCH = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
              "gradient_accumulation_steps": "gradient_accumulation_steps"}
 
 
+def check_deepspeed_matches(training_args) -> None:
+    """The Trainer compares the DeepSpeed file's other set values (learning rate, clipping, betas, bf16/fp16...)
+    with the flags only when training starts, and then raises a traceback; here they are one sentence up front."""
+    config = getattr(training_args, "hf_deepspeed_config", None)  # set by TrainingArguments only under --deepspeed
+    found = [m.lstrip("- ").replace("ds ", "").replace(" vs hf ", " in the file but --") for m in
+             (config.mismatches if config is not None else [])]
+    if found:
+        raise UserError(f"--deepspeed {training_args.deepspeed} disagrees with the flags: {'; '.join(found)}; set those "
+                        "values to \"auto\" in the file (they then follow the flags) or make them equal.")
+
+
 def deepspeed_without_launcher(training_args) -> None:
     """`python stages/x.py --deepspeed ...` with no torchrun: DeepSpeed would look for MPI and fail with an import
     traceback; one process is what the user meant, so its environment is set as torchrun would for one process."""

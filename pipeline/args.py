@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from pipeline.arg_checks import (
     check_deepspeed_file,
+    check_deepspeed_matches,
     check_numbers,
     check_output_apart,
     check_writable_folder,
@@ -225,6 +226,7 @@ class PipelineTrainingArguments(TrainingArguments):
             super().__post_init__()
         except ValueError as e:
             raise UserError(first_line(e)) from e
+        check_deepspeed_matches(self)
 
 
 @dataclass

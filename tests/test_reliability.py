@@ -272,6 +272,11 @@ def test_deepspeed_config_mistakes_name_the_file(tiny_model, tmp_path):
     bad.write_text(json.dumps({"gradient_accumulation_steps": 2}))
     with pytest.raises(UserError, match="gradient_accumulation_steps 2 but --gradient_accumulation_steps is 1"):
         sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad)))
+    # values the Trainer would only compare when training starts (a traceback then): one sentence now
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5,
+                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    with pytest.raises(UserError, match=r"gradient_clipping=0.5 in the file but --max_grad_norm=1.0; optimizer.params.lr="):
+        sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad), "--learning_rate", "2e-4"))
 
 
 def clean_env() -> dict[str, str]:
