@@ -34,10 +34,16 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as e:
         if debug_enabled():
             traceback.print_exc()
-        # on a line of its own: a progress bar of a run stopped mid-training leaves its line open
-        print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        _close_progress_bars()  # a run stopped mid-training leaves its bar's line open: the sentence gets its own
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     _close_process_group()  # only after success: a failed rank exits at once, its peers may be mid-collective
+
+
+def _close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")  # never imported here either
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def _close_process_group() -> None:
