@@ -154,7 +154,7 @@ def deepspeed_without_launcher(training_args) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    logger.info("--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun for more)")
+    logger.warning("--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun for more)")
 
 
 def check_deepspeed_file(training_args) -> None:

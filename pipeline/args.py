@@ -25,7 +25,6 @@ from pipeline.arg_checks import (
     check_numbers,
     check_output_apart,
     check_writable_folder,
-    deepspeed_without_launcher,
 )
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError, first_line
@@ -221,7 +220,6 @@ class PipelineTrainingArguments(TrainingArguments):
                                                                     "cross_entropy": False}
         check_numbers((self,))  # before the Trainer's own checks, which name no flag
         check_deepspeed_file(self)
-        deepspeed_without_launcher(self)
         try:
             super().__post_init__()
         except ValueError as e:

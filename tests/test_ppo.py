@@ -246,10 +246,10 @@ def test_clear_errors(weak_sft_model, tmp_path):
         grpo.main(common(weak_sft_model, None, tmp_path / "x", "--algorithm", "grpo", "--reward_funcs", "exact_match",
                          "--whiten_rewards", "True", "--missing_eos_penalty", "1"))
     with pytest.raises(UserError, match="--optim adafactor: the PPO loop trains with torch AdamW"):
-        ppo.main(common(weak_sft_model, tmp_path, tmp_path / "x", "--optim", "adafactor"))
+        ppo.main(common(weak_sft_model, tmp_path / "rm", tmp_path / "x", "--optim", "adafactor"))
     from types import SimpleNamespace  # --fp16 itself needs a GPU; the loop's own check, on its own
 
     with pytest.raises(UserError, match="--fp16 needs loss scaling"):
         check_loop_flags(SimpleNamespace(optim="adamw_torch", fp16=True))
     with pytest.raises(UserError, match="P-Tuning|peft_type prefix_tuning is for SFT"):
-        ppo.main(common(weak_sft_model, tmp_path, tmp_path / "x", "--peft_type", "prefix_tuning"))
+        ppo.main(common(weak_sft_model, tmp_path / "rm", tmp_path / "x", "--peft_type", "prefix_tuning"))

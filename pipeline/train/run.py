@@ -17,6 +17,7 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 
+from pipeline.arg_checks import deepspeed_without_launcher
 from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
@@ -39,6 +40,7 @@ def setup_run(training_args: PipelineTrainingArguments) -> None:
     from pipeline.train.process import die_with_launcher, lock_output_dir
 
     die_with_launcher()  # a worker must not outlive its launcher (it runs in a session of its own)
+    deepspeed_without_launcher(training_args)  # before anything asks DeepSpeed for the process group
     setup_logging(training_args)
     if training_args.process_index == 0:  # global rank 0 speaks for the run: no second trainer in output_dir
         lock_output_dir(training_args.output_dir)
