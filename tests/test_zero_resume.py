@@ -38,7 +38,9 @@ def biggest_difference(a, b):
 
 # measured (lr 1e-3, 3 steps move weights ~3e-3): ZeRO-3 1.2e-7, and 1.7e-4 before zero_resume separated the Adam
 # step counts that DeepSpeed's universal ZeRO-3 load shares between parameter groups
-@pytest.mark.parametrize("config, tolerance", [("zero2.json", 1e-7), ("zero3.json", 1e-6)])
+# ZeRO-2 within 5e-7: one float32 step at |w| ~ 2-4 is 2.4-4.8e-7, and the measured 1.28e-7 on this machine's CPU
+# crossed the earlier 1e-7 (a real resume error is 1e-4 and more: see above)
+@pytest.mark.parametrize("config, tolerance", [("zero2.json", 5e-7), ("zero3.json", 1e-6)])
 def test_zero_checkpoint_of_two_processes_resumes_on_one(tiny_model, tmp_path, config, tolerance):
     whole = tmp_path / "two"
     pt(tiny_model, whole, 2, 4, config)
