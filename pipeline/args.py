@@ -172,7 +172,8 @@ class PipelineTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."}
     )
     max_nonfinite_steps: int = field(default=3, metadata={
-        "help": "Stop (no final model) after this many optimizer steps in a row with a NaN/inf loss or gradient norm."})
+        "help": "Stop (no final model) after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
+                "(or a gradient norm of exactly 0 under a non-zero loss: a collapsed run)."})
     logging_nan_inf_filter: bool = field(default=False, metadata={
         "help": "Kept off: a NaN/inf loss is logged as what it is (True is refused)."})
     overwrite_output_dir: bool = field(default=False, metadata={

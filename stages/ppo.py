@@ -80,7 +80,7 @@ class PPORecipe(Rollouts):
         self.kl = ppo_math.AdaptiveKLController(ppo_args.kl_coef, ppo_args.target_kl, ppo_args.kl_horizon)
         self.step, self.log_history = 0, []
         self.writer = tensorboard_writer(training_args)
-        self.nonfinite = divergence.NonFiniteSteps(training_args.max_nonfinite_steps, "PPO")
+        self.nonfinite = divergence.NonFiniteSteps(training_args.max_nonfinite_steps, "PPO", not training_args.deepspeed)
 
     # --- one iteration
 

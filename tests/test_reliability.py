@@ -150,6 +150,32 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path
     assert not torch.equal(weights[2], weights[3]) and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class Constant:
+    """A fault: the final norm's output is zero from the first training pass on, so the logits no longer depend on
+    any weight (what a run that collapsed to finite garbage looks like: loss ln(vocab), gradient exactly 0)."""
+
+    def __call__(self, module, inputs, output):
+        return output * 0 if module.training else output
+
+
+def test_a_collapsed_run_with_a_zero_gradient_stops_without_a_model(tiny_model, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from pipeline.train.divergence import DivergenceGuard
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.model.norm.register_forward_hook(Constant())
+    ids = [list(range(5 + i, 37 + i)) for i in range(32)]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=6, per_device_train_batch_size=4,
+                             logging_steps=1, report_to=[], save_strategy="no", logging_nan_inf_filter=False)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer.add_callback(DivergenceGuard(trainer, limit=3))
+    with pytest.raises(UserError, match="cannot learn any more: the last 3 steps .* gradient norm of exactly 0"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+
+
 def test_generation_from_nan_weights_is_an_error_not_a_crash(tiny_model):
     from transformers import AutoModelForCausalLM
 

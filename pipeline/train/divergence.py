@@ -6,7 +6,8 @@ is skipped so the weights stay as they were. While non-finite steps follow each 
 written (those weights may hold NaN); after `--max_nonfinite_steps` of them in a row the run stops with one
 sentence naming the step, the last finite loss and what to try, exits non-zero and writes no final model;
 the checkpoints saved before stay resumable. Under fp16 loss scaling an overflowing gradient is the scaler's
-normal skipped step and is not counted (a non-finite loss still is).
+normal skipped step and is not counted (a non-finite loss still is). A run that collapses to finite garbage
+(a gradient norm of exactly 0 under a non-zero loss, step after step) is stopped the same way.
 
 `NonFiniteSteps` is the bookkeeping, shared by the Trainer stages (`DivergenceGuard`, a callback) and the
 PPO loop (stages/ppo.py); `check_finite_weights` is the last check before any final model is written.
@@ -38,9 +39,9 @@ def finite(value: float | None) -> bool:
 class NonFiniteSteps:
     """Counts non-finite steps in a row; `record` raises the stopping UserError when there are too many."""
 
-    def __init__(self, limit: int, what: str = "training"):
-        self.limit, self.what = limit, what
-        self.in_a_row = self.total = 0
+    def __init__(self, limit: int, what: str = "training", exact_norms: bool = True):
+        self.limit, self.what, self.exact_norms = limit, what, exact_norms
+        self.in_a_row = self.total = self.stalled = 0
         self.first_bad: int | None = None
         self.last_finite: tuple[int, float] | None = None  # (step, loss)
 
@@ -50,6 +51,7 @@ class NonFiniteSteps:
             self.in_a_row, self.first_bad = 0, None
             if loss is not None:
                 self.last_finite = (step, loss)
+            self._stall(step, loss, grad_norm)
             return True
         self.in_a_row += 1
         self.total += 1
@@ -59,6 +61,22 @@ class NonFiniteSteps:
         if self.in_a_row >= self.limit:
             raise UserError(self.sentence(step))
         return False
+
+    def _stall(self, step: int, loss: float | None, grad_norm: float | None) -> None:
+        """A gradient of exactly zero under a loss that is not: the outputs no longer depend on the weights (a run
+        that collapsed to finite garbage, or nothing trainable reaches the loss). Too many in a row stop the run.
+        Only norms computed here count (exact_norms); DeepSpeed's may be a placeholder."""
+        if not (self.exact_norms and grad_norm == 0.0 and loss):
+            self.stalled = 0
+            return
+        self.stalled += 1
+        logger.warning("step %d: %s loss %.4g with a gradient norm of exactly 0 (%d in a row; the run stops at %d)",
+                       step, self.what, loss, self.stalled, self.limit)
+        if self.stalled >= self.limit:
+            raise UserError(f"{self.what} cannot learn any more: the last {self.stalled} steps (to step {step}) had a "
+                            f"gradient norm of exactly 0 under a loss of {loss:.4g}, so the outputs no longer depend "
+                            "on the weights (a run that collapsed, or no trainable weight reaches the loss); no model "
+                            f"was saved; {ADVICE}.")
 
     def sentence(self, step: int) -> str:
         since = f"steps {self.first_bad}-{step} were" if self.first_bad and self.first_bad != step else f"step {step} was"
@@ -96,7 +114,7 @@ class DivergenceGuard(TrainerCallback):
     """The guard for a Trainer stage: per-step loss (from the Trainer's running sum) and gradient norm."""
 
     def __init__(self, trainer, limit: int):
-        self.trainer, self.steps = trainer, NonFiniteSteps(limit)
+        self.trainer, self.steps = trainer, NonFiniteSteps(limit, exact_norms=not trainer.is_deepspeed_enabled)
         self._loss_before: torch.Tensor | None = None
         self._grad_norm: float | None = None
         self._total_before = 0.0
