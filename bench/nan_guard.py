@@ -160,12 +160,15 @@ def _text(value) -> str:
 
 
 def first_bad_step(error: str | None) -> int | None:
+    collapsed = re.search(r"the last (\d+) steps \(to step (\d+)\)", error or "")  # "cannot learn any more"
+    if collapsed:
+        return int(collapsed.group(2)) - int(collapsed.group(1)) + 1
     match = re.search(r"steps (\d+)-\d+ were|step (\d+) was", error or "")
     return int(match.group(1) or match.group(2)) if match else None
 
 
 def verdict(row: dict) -> bool:
-    diverged = row["exit"] == 2 and "diverged" in (row["error"] or "")
+    diverged = row["exit"] == 2 and any(w in (row["error"] or "") for w in ("diverged", "cannot learn any more"))
     if row["traceback"] or row["device_assert"]:
         return False
     if row["stage"] == "ppo" and "lr_huge" not in row["run"]:  # finishing with finite losses or the sentence: both fine

@@ -233,7 +233,7 @@ class PPORecipe(Rollouts):
                 finite = divergence.finite(loss) and divergence.finite(norm)
                 if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1 or not finite:
                     self.log(metrics)
-                self.nonfinite.record(self.step, loss, norm)
+                finite = self.nonfinite.record(self.step, loss, norm)  # False for a collapsed step too
                 if self.eval_prompts and self.due(eval_every):
                     self.log(self.evaluate(self.eval_prompts))
                 saved = finite and self.save_due()  # a non-finite step's weights are not checkpointed

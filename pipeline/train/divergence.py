@@ -46,13 +46,12 @@ class NonFiniteSteps:
         self.last_finite: tuple[int, float] | None = None  # (step, loss)
 
     def record(self, step: int, loss: float | None, grad_norm: float | None = None, note: str = "") -> bool:
-        """Whether step `step` was finite. Raises UserError at the `limit`-th non-finite step in a row."""
+        """Whether step `step` was finite (and could train). Raises UserError at the `limit`-th bad step in a row."""
         if finite(loss) and finite(grad_norm):
             self.in_a_row, self.first_bad = 0, None
             if loss is not None:
                 self.last_finite = (step, loss)
-            self._stall(step, loss, grad_norm)
-            return True
+            return self._stall(step, loss, grad_norm)
         self.in_a_row += 1
         self.total += 1
         self.first_bad = self.first_bad or step
@@ -62,13 +61,14 @@ class NonFiniteSteps:
             raise UserError(self.sentence(step))
         return False
 
-    def _stall(self, step: int, loss: float | None, grad_norm: float | None) -> None:
+    def _stall(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
         """A gradient of exactly zero under a loss that is not: the outputs no longer depend on the weights (a run
         that collapsed to finite garbage, or nothing trainable reaches the loss). Too many in a row stop the run.
-        Only norms computed here count (exact_norms); DeepSpeed's may be a placeholder."""
+        Only norms computed here count (exact_norms); DeepSpeed's may be a placeholder. False for such a step (its
+        weights are not checkpointed either)."""
         if not (self.exact_norms and grad_norm == 0.0 and loss):
             self.stalled = 0
-            return
+            return True
         self.stalled += 1
         logger.warning("step %d: %s loss %.4g with a gradient norm of exactly 0 (%d in a row; the run stops at %d)",
                        step, self.what, loss, self.stalled, self.limit)
@@ -77,6 +77,7 @@ class NonFiniteSteps:
                             f"gradient norm of exactly 0 under a loss of {loss:.4g}, so the outputs no longer depend "
                             "on the weights (a run that collapsed, or no trainable weight reaches the loss); no model "
                             f"was saved; {ADVICE}.")
+        return False
 
     def sentence(self, step: int) -> str:
         since = f"steps {self.first_bad}-{step} were" if self.first_bad and self.first_bad != step else f"step {step} was"
@@ -148,7 +149,7 @@ class DivergenceGuard(TrainerCallback):
         loss = math.nan if bad_loss and math.isfinite(loss) else loss  # another rank's loss was not finite
         grad = math.nan if bad_grad and finite(grad) else grad
         if not self.steps.record(state.global_step, loss, grad, self._note()):
-            control.should_save = False  # these weights may hold NaN: no checkpoint of them
+            control.should_save = False  # these weights may hold NaN (or be collapsed): no checkpoint of them
         return control
 
     def _note(self) -> str:
