@@ -176,6 +176,36 @@ def test_a_collapsed_run_with_a_zero_gradient_stops_without_a_model(tiny_model, 
     assert trainer.state.global_step == 3
 
 
+def _agree_on_two_ranks(rank: int, port: int, losses: list[float], out: str) -> None:
+    import torch.distributed as dist
+
+    from pipeline.train.divergence import agreed_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        Path(out, f"{rank}.json").write_text(json.dumps(agreed_step(losses[rank], 0.0, "cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("losses,expected", [((0.0, 0.5), 0.5), ((0.7, float("nan")), "nan")])
+def test_ranks_judge_a_step_alike(losses, expected, tmp_path):
+    """Rank 0's own loss is 0 (or finite) while rank 1's is not: both must see the same step, or one rank stops
+    (collapsed / diverged) while the other waits for it in the next collective."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_on_two_ranks, args=(port, list(losses), str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1], seen
+    loss, grad = seen[0]
+    assert (math.isnan(loss) if expected == "nan" else loss == expected) and grad == 0.0
+
+
 def test_generation_from_nan_weights_is_an_error_not_a_crash(tiny_model):
     from transformers import AutoModelForCausalLM
 

@@ -96,13 +96,31 @@ def worst(values: list[float | None]) -> float | None:
     return math.nan if any(math.isnan(v) for v in known) else max(known)
 
 
+def rank_max(values: list[float], device) -> list[float]:
+    """Each value's largest over the ranks (every rank gets the same list)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flags: list[bool], device) -> list[bool]:
     """Each flag true on every rank when it is true on any rank (so all ranks stop, or skip a save, together)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [v > 0 for v in rank_max([float(f) for f in flags], device)]
+
+
+def agreed_step(loss: float, grad: float | None, device) -> tuple[float, float | None]:
+    """A step's loss and gradient norm as every rank must judge them: NaN where any rank's is not finite, and a
+    rank whose own loss is exactly 0 takes the largest of the others' (the norm is global after the gradients'
+    all-reduce, so "norm 0 under a non-zero loss" must not depend on which rank looks)."""
+    bad_loss, bad_grad, size = rank_max([float(not math.isfinite(loss)), float(not finite(grad)),
+                                         abs(loss) if math.isfinite(loss) else 0.0], device)
+    if bad_loss:
+        loss = math.nan if math.isfinite(loss) else loss
+    elif loss == 0.0:
+        loss = size
+    return loss, math.nan if bad_grad and finite(grad) else grad
 
 
 def gradient_norm(parameters) -> float | None:
@@ -130,9 +148,8 @@ class DivergenceGuard(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        engine = self.trainer.model_wrapped
         if self.trainer.is_deepspeed_enabled:  # the engine stepped already inside backward()
-            norm = engine.get_global_grad_norm()
+            norm = self.trainer.model_wrapped.get_global_grad_norm()
             self._grad_norm = None if norm is None else float(norm)
             return control
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
@@ -144,10 +161,7 @@ class DivergenceGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         loss = float((self.trainer._tr_loss - self._loss_before).sum())
-        grad = None if self._scaled() else self._grad_norm
-        bad_loss, bad_grad = any_rank([not math.isfinite(loss), not finite(grad)], args.device)
-        loss = math.nan if bad_loss and math.isfinite(loss) else loss  # another rank's loss was not finite
-        grad = math.nan if bad_grad and finite(grad) else grad
+        loss, grad = agreed_step(loss, None if self._scaled() else self._grad_norm, args.device)
         if not self.steps.record(state.global_step, loss, grad, self._note()):
             control.should_save = False  # these weights may hold NaN (or be collapsed): no checkpoint of them
         return control
