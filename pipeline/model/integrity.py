@@ -56,11 +56,25 @@ def check_safetensors(path: Path, what: str) -> None:
                         "an interrupted copy cuts files short).")
 
 
+_whole: set[tuple] = set()  # folders found whole, by their files' names, sizes and modification times
+
+
 def check_folder_whole(folder: str | Path, what: str) -> None:
-    """Check a local model, adapter or checkpoint folder (a hub id, which is not a local folder, passes)."""
+    """Check a local model, adapter or checkpoint folder (a hub id, which is not a local folder, passes).
+    A stage loads one folder several times (tokenizer, config, policy, reference...): each unchanged folder is
+    read once per process."""
     root = Path(folder)
     if not root.is_dir():
         return
+    files = [root / n for n in JSON_FILES if (root / n).is_file()] + sorted(root.glob("*.safetensors"))
+    key = (str(root.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key in _whole:
+        return
+    _check(root, what)
+    _whole.add(key)
+
+
+def _check(root: Path, what: str) -> None:
     for name in JSON_FILES:
         if (root / name).is_file():
             content = read_json_file(root / name, what)
