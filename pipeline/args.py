@@ -142,6 +142,9 @@ class PreferenceArguments:
     """Shared by the RM, DPO and PPO stages: how pairs are rendered and how long they may be."""
 
     template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON object given to every render of the chat template (training, checks, the saved model), "
+                "e.g. '{\"enable_thinking\": false}'."})
     model_max_length: int = field(default=2048, metadata={"help": "Longest prompt+answer; longer pairs are dropped and counted."})
     max_source_length: int | None = field(default=None, metadata={"help": "Seed spelling: prompt budget (adds to the answer's)."})
     max_target_length: int | None = field(default=None, metadata={"help": "Seed spelling: answer budget."})

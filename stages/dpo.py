@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None):
     setup_run(training_args)
     claim_output_dir(training_args, "dpo", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(pref_args.template_name, tokenizer)
+    template = resolve_template(pref_args.template_name, tokenizer, pref_args.chat_template_kwargs)
     apply_template_to_tokenizer(tokenizer, template)
 
     unpaired = dpo_args.loss_type == "kto"

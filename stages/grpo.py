@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None):
     setup_run(training_args)
     claim_output_dir(training_args, "grpo", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(ppo_args.template_name, tokenizer)
+    template = resolve_template(ppo_args.template_name, tokenizer, ppo_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
     prompts, eval_prompts = load_rl_prompts(data_args, ppo_args, template, tokenizer)
     policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,

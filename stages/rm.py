@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_run(training_args)
     claim_output_dir(training_args, "rm", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(pref_args.template_name, tokenizer)
+    template = resolve_template(pref_args.template_name, tokenizer, pref_args.chat_template_kwargs)
     apply_template_to_tokenizer(tokenizer, template)
 
     train_dataset, eval_dataset = preference_datasets(template, tokenizer, pref_args, data_args, training_args,

@@ -40,6 +40,9 @@ logger = logging.getLogger("pipeline.sft")
 @dataclass
 class SFTArguments:
     template_name: str = field(default="auto", metadata={"help": "Chat template, or auto = the tokenizer's own."})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON object given to every render of the chat template (training, checks, the saved model), "
+                "e.g. '{\"enable_thinking\": false}'."})
     model_max_length: int = field(default=2048, metadata={"help": "Longest sample in tokens; whole turns kept where possible."})
     multi_turn_mode: str = field(default="all", metadata={"help": "all turns / last turn / split into one sample per turn",
                                                           "choices": MULTI_TURN_MODES})
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_run(training_args)
     claim_output_dir(training_args, "sft", model_args.model_name_or_path, data_args.train_file_dir)
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(sft_args.template_name, tokenizer)
+    template = resolve_template(sft_args.template_name, tokenizer, sft_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
     train_dataset, eval_dataset = build_datasets(data_args, sft_args, template, tokenizer, training_args)
     if training_args.should_log:

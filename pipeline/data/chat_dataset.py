@@ -1,4 +1,4 @@
-"""The SFT dataset: read conversations, check the training/inference contract on the first ones
+"""The SFT dataset: read conversations, check the training/inference contract on every one
 (contract.py), encode each with its template and labels (masking.py), count what is dropped or cut and why
 (summary.py), and print the seed's token/label "Sanity Check" table."""
 
@@ -11,10 +11,10 @@ from collections import Counter
 
 from datasets import Dataset
 
-from pipeline.data.contract import check_chat_contract
+from pipeline.data.contract import check_conversation
 from pipeline.data.conversations import read_conversations
 from pipeline.data.json_text import parse_json
-from pipeline.data.masking import IGNORE_INDEX, Encoded, cut_to_whole_turns, encode_samples
+from pipeline.data.masking import IGNORE_INDEX, Dropped, Encoded, cut_to_whole_turns, encode_samples
 from pipeline.data.summary import DataSummary
 from pipeline.data.templates import Template
 from pipeline.errors import UserError
@@ -22,10 +22,23 @@ from pipeline.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def _encode_batch(batch, template, tokenizer, mode, train_on_inputs, max_length):
+def _samples(conv, number, template, tokenizer, mode, train_on_inputs, max_length, skip_invalid):
+    """A conversation's samples, its contract checked (contract.py); a record the template rejects or renders
+    differently stops the run, or is dropped and counted with --skip_invalid_samples."""
+    try:
+        check_conversation(template, tokenizer, conv["messages"], conv.get("tools"))
+        return encode_samples(template, tokenizer, conv, mode, train_on_inputs, max_length)
+    except UserError as e:
+        if not skip_invalid:
+            raise UserError(f"conversation {number}: {e}") from e
+        return [Dropped(f"the template cannot train it as inference renders it ({str(e).split(':')[0]})")]
+
+
+def _encode_batch(batch, indices, template, tokenizer, mode, train_on_inputs, max_length, skip_invalid):
     out = {"input_ids": [], "labels": [], "dropped": [], "truncated": []}
-    for text in batch["conversation"]:
-        for sample in encode_samples(template, tokenizer, parse_json(text, "a conversation"), mode, train_on_inputs, max_length):
+    for number, text in zip(indices, batch["conversation"]):
+        conv = parse_json(text, "a conversation")
+        for sample in _samples(conv, number + 1, template, tokenizer, mode, train_on_inputs, max_length, skip_invalid):
             kept = isinstance(sample, Encoded)
             out["input_ids"].append(sample.input_ids if kept else [])
             out["labels"].append(sample.labels if kept else [])
@@ -38,16 +51,19 @@ def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer,
                        data_args) -> tuple[Dataset, DataSummary]:
     conversations, read = read_conversations(directory, flag, sft_args.data_format, sft_args.skip_invalid_samples)
     report = DataSummary.after_reading(read, "conversations", "samples")
-    checked = check_chat_contract(template, tokenizer, conversations)
-    logger.info("%s: the training ids of the first %d conversations equal the saved chat template's "
-                "apply_chat_template (prompt and answer)", flag, checked)
     raw = Dataset.from_dict({"conversation": [json.dumps(c, ensure_ascii=False) for c in conversations]})
     encoded = raw.map(
         functools.partial(_encode_batch, template=template, tokenizer=tokenizer, mode=sft_args.multi_turn_mode,
-                          train_on_inputs=sft_args.train_on_inputs, max_length=sft_args.model_max_length),
-        batched=True, remove_columns=["conversation"], num_proc=data_args.preprocessing_num_workers,
+                          train_on_inputs=sft_args.train_on_inputs, max_length=sft_args.model_max_length,
+                          skip_invalid=sft_args.skip_invalid_samples),
+        batched=True, with_indices=True, remove_columns=["conversation"], num_proc=data_args.preprocessing_num_workers,
         load_from_cache_file=False, desc=f"encoding {flag}",
     )
+    refused = sum(1 for r in encoded["dropped"] if r.startswith("the template cannot train it"))
+    logger.info("%s: all %d conversations checked against the saved chat template: each trained answer follows the "
+                "ids of its prompt as apply_chat_template(..., add_generation_prompt=True) gives them and ends with "
+                "its end-of-turn token%s", flag, len(conversations),
+                f" ({refused} refused and dropped, --skip_invalid_samples)" if refused else "")
     report.samples = len(encoded)
     for reason, n in Counter(r for r in encoded["dropped"] if r).items():
         report.drop_sample(reason, n)

@@ -64,6 +64,16 @@ def _call(name: str, arguments: Any, call_id: str | None = None) -> dict:
     return call if call_id is None else {**call, "id": call_id}
 
 
+def _written_call(call: Any) -> dict:
+    """An OpenAI tool call as written (id, type and any other field kept); its name and arguments checked."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise InvalidSample('a tool call must be {"type": "function", "function": {"name": ..., "arguments": ...}}')
+    function = call["function"]
+    if not isinstance(function.get("name"), str) or "arguments" not in function:
+        raise InvalidSample("a tool call's function needs a name and arguments")
+    return {"type": "function", **call}
+
+
 def _parse_call(text: str) -> dict | None:
     try:
         obj = loads(text)
@@ -120,15 +130,14 @@ def from_messages(record: dict) -> dict:
         if m.get("tools"):
             tools = _tools(m["tools"])
         msg = make_message(role, m.get("content"), m.get("loss"))
-        for key in ("tool_call_id", "reasoning_content"):  # call ids (Mistral), reasoning kept apart (Qwen3)
-            if m.get(key) is not None:
-                msg[key] = m[key]
+        # every other field as written: templates read a tool message's name (Kimi-K2), call ids (Mistral),
+        # reasoning_content / thinking, tools on the system message (Phi-4-mini)
+        msg.update({k: v for k, v in m.items() if k not in ("role", "content", "loss", "tool_calls") and v is not None})
         if role == "assistant" and m.get("content") is None and not m.get("tool_calls"):
             raise InvalidSample("an assistant message has neither content nor tool_calls (null or missing)")
         if role == "assistant":
             if m.get("tool_calls"):
-                msg["tool_calls"] = [_call(c["function"]["name"], c["function"]["arguments"], c.get("id"))
-                                     for c in m["tool_calls"]]
+                msg["tool_calls"] = [_written_call(c) for c in m["tool_calls"]]
             nxt = raw[i + 1] if i + 1 < len(raw) else {}
             if not m.get("tool_calls") and MESSAGE_ROLES.get(nxt.get("role")) == "tool":
                 call = _parse_call(msg["content"])  # GLM-4: the call is JSON content before an observation
@@ -148,7 +157,8 @@ def from_chatglm3(record: dict) -> dict:
             obs = turn["observation"]
             call = _call(turn["name"], turn.get("parameters", {}))
             messages.append({"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)})
-            messages.append(make_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)))
+            messages.append({**make_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)),
+                             "name": turn["name"]})
         elif role in ("system", "user", "assistant", "observation"):
             messages.append(make_message(MESSAGE_ROLES[role], turn.get("content"), turn.get("loss")))
         else:

@@ -15,7 +15,7 @@ FIELDS = ("bos", "default_system", "system", "system_in_user", "user", "assistan
           "tool_call_turn")
 
 
-def _jinja_literal(value: Any) -> str:
+def jinja_literal(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -77,5 +77,5 @@ _JINJA_BODY = """
 
 def jinja_for(t) -> str:
     """A self-contained Jinja chat_template equivalent to `render` for the Template `t`."""
-    values = ", ".join(f'"{name}": {_jinja_literal(getattr(t, name))}' for name in FIELDS)
+    values = ", ".join(f'"{name}": {jinja_literal(getattr(t, name))}' for name in FIELDS)
     return f"{{#- chat template '{t.name}' written by llm-pipeline; format: {t.source} -#}}\n{{%- set t = {{{values}}} -%}}" + _JINJA_BODY

@@ -16,7 +16,7 @@ first trained answer fits; the caller counts both by reason (chat_dataset.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.data.own_template import NotPrefixConsistent
 from pipeline.data.templates import Template, render_segments
@@ -61,33 +61,50 @@ def _trained(kind: str, role: str, loss: bool | None, is_target: bool, train_on_
     return kind == "answer" and is_target and (loss is None or loss)
 
 
-def _lay_out(template, segments, messages, targets, train_on_inputs):
-    """The text, its trained char ranges, the char offsets where a whole assistant turn ends (after the
-    message's last answer, its closing text included) and the offsets whose token is trained (turns ended by
-    the next role tag)."""
-    text, spans, ends, next_token_at = "", [], [], []
+@dataclass
+class _Layout:
+    text: str
+    spans: list  # trained (start, end) char ranges
+    answers: list  # (start, end) of each trained answer: where inference generates
+    next_token: list  # char offsets of answer ends whose next token is trained (turns ended by the next role tag)
+    ends: list  # char offsets where a whole assistant message ends: a sample may be cut there
+    closing: set = field(default_factory=set)  # answer ends whose turn the next token closes (trained or not)
+
+
+def _lay_out(template, segments, messages, targets, train_on_inputs) -> _Layout:
+    """The text, its trained char ranges, its trained answers, and where whole assistant messages end."""
+    out = _Layout("", [], [], [], [])
     last_answer = {seg.message: k for k, seg in enumerate(segments) if seg.kind == "answer"}
     for k, seg in enumerate(segments):
-        start = len(text)
-        text += seg.text
+        start = len(out.text)
+        out.text += seg.text
         m = messages[seg.message] if seg.message >= 0 else {"role": "template"}
         is_target = targets is None or seg.message in targets
         if _trained(seg.kind, m["role"], m.get("loss"), is_target, train_on_inputs):
-            spans.append((start, len(text)))
-            if seg.kind == "answer" and not template.turn_end:
-                next_token_at.append(len(text))
+            out.spans.append((start, len(out.text)))
+        if seg.kind == "answer" and _trained(seg.kind, m["role"], m.get("loss"), is_target, False):
+            out.answers.append((start, len(out.text)))
+            if not template.turn_end:
+                out.next_token.append(len(out.text))
+        if seg.kind == "answer" and not template.turn_end:
+            out.closing.add(len(out.text))
         # a cut may follow a whole assistant message only: never inside it (a second tool call, say)
         if m["role"] == "assistant" and seg.kind in ("answer", "tail") and k >= last_answer.get(seg.message, k):
-            ends.append(len(text))
-    if next_token_at and next_token_at[-1] == len(text):
-        text += template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
-    return text, spans, ends, next_token_at
+            out.ends.append(len(out.text))
+    if len(out.text) in out.closing:
+        out.text += template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
+    return out
 
 
 def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None = None,
            targets: set[int] | None = None, train_on_inputs: bool = False,
            max_length: int | None = None) -> Encoded | Dropped:
     """ids + labels for one conversation; `targets` = indices of assistant messages to train (None = all).
+
+    The ids are what inference gives: before each trained answer, exactly the ids of its prompt tokenized
+    alone (the text `apply_chat_template(..., add_generation_prompt=True)` writes); then the answer's own
+    tokens, ending with the token that ends its turn (exact_ids). Raises NotPrefixConsistent when one sample
+    cannot hold every answer that way (the caller trains one answer per sample).
 
     Longer than `max_length`: cut after the last whole assistant turn (its closing token included) that fits
     and trains something; when not even the first trained answer fits, Dropped (an answer is never trained
@@ -96,46 +113,96 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
     answers = assistant_indices(messages)
     last_only = targets is not None and answers and targets == {answers[-1]}
     segments = render_segments(template, messages, tools, add_generation_prompt=False, last_answer_only=last_only)
-    text, spans, ends, next_token_at = _lay_out(template, segments, messages, targets, train_on_inputs)
-    if tokenizer.is_fast:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    else:
-        cuts = sorted({0, len(text), *ends, *next_token_at, *(x for sp in spans for x in sp)})
-        ids, offsets = _tokenize_by_piece(tokenizer, text, cuts)
-    labels = []
-    for tok, (s, e) in zip(ids, offsets):
-        trained = any(s < b and e > a for a, b in spans) or any(s <= p < max(e, s + 1) for p in next_token_at)
-        labels.append(tok if trained else IGNORE_INDEX)
+    lay = _lay_out(template, segments, messages, targets, train_on_inputs)
+    if not lay.spans:
+        return Dropped(NOTHING_TO_TRAIN)
+    exact = exact_ids(tokenizer, lay)
+    labels = [tok if k in exact.next_token or any(s < b and e > a for a, b in lay.spans) else IGNORE_INDEX
+              for k, (tok, (s, e)) in enumerate(zip(exact.ids, exact.offsets))]
     if all(label == IGNORE_INDEX for label in labels):
         return Dropped(NOTHING_TO_TRAIN)
-    if max_length is None or len(ids) <= max_length:
-        return Encoded(ids, labels)
-    cut = _whole_turn_cut(labels, offsets, ends, next_token_at, max_length)
+    if max_length is None or len(exact.ids) <= max_length:
+        return Encoded(exact.ids, labels)
+    cut = next((n for n in (sum(1 for s, _ in exact.offsets if s < end) + (end in lay.closing)
+                            for end in reversed(lay.ends))
+                if n <= max_length and any(label != IGNORE_INDEX for label in labels[:n])), None)
     if cut is None:
         return Dropped(too_long(max_length))
-    return Encoded(ids[:cut], labels[:cut], truncated=True)
+    return Encoded(exact.ids[:cut], labels[:cut], truncated=True)
 
 
-def _tokenize_by_piece(tokenizer, text: str, cuts: list[int]):
-    """Slow (Python) tokenizers have no offsets: tokenize between label boundaries and give each
-    token its piece's span. Boundaries sit at template tags, where tokenizers split anyway."""
-    ids, offsets = [], []
+@dataclass
+class _Exact:
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    next_token: set[int]  # token indices trained as the token that ends the turn before them
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
+    if tokenizer.is_fast:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [(list(i), [tuple(o) for o in off]) for i, off in zip(enc["input_ids"], enc["offset_mapping"])]
+    return [(list(tokenizer(t, add_special_tokens=False)["input_ids"]), None) for t in texts]
+
+
+def exact_ids(tokenizer, lay: _Layout) -> _Exact:
+    """The ids inference gives, built answer by answer: at each answer's start the ids of the prompt tokenized
+    alone (a sample whose earlier ids are not a prefix of them cannot hold this answer: NotPrefixConsistent);
+    then the answer tokenized after its prompt, or alone where a token would straddle the two (the prompt
+    ending 'Assistant: ', the answer 'I am': inference generates after the prompt's own last token)."""
+    text = lay.text
+    points = [p for a, b in lay.answers for p in (a, b)] + [len(text)]
+    done = _Exact([], [], set())
+    for n, (p_ids, p_off) in enumerate(_tokenize(tokenizer, [text[:p] for p in points])):
+        start = points[n - 1] if n else 0
+        if p_ids[: len(done.ids)] != done.ids:
+            if n % 2 == 0 and n < len(points) - 1:  # a prompt that rewrites what the sample holds
+                raise NotPrefixConsistent(n // 2)
+            p_ids, p_off = _tokenize(tokenizer, [text[start: points[n]]])[0]
+            p_off = None if p_off is None else [(s + start, e + start) for s, e in p_off]
+            p_ids, p_off = done.ids + p_ids, None if p_off is None else done.offsets + p_off
+        new = len(p_ids) - len(done.ids)
+        offsets = p_off[len(done.ids):] if p_off is not None else _piece_offsets(tokenizer, text, start, points[n], new, lay)
+        if n and start in lay.next_token and new:
+            done.next_token.add(len(done.ids))
+        done.ids, done.offsets = p_ids, done.offsets + offsets
+        if n % 2 == 1:  # an answer ends here
+            _check_turn_end(tokenizer, text[lay.answers[n // 2][0]: points[n]], done.ids, n // 2)
+    return done
+
+
+def _piece_offsets(tokenizer, text: str, start: int, end: int, count: int, lay: _Layout) -> list[tuple[int, int]]:
+    """Char ranges of `count` new tokens of a slow tokenizer (no offsets): split where labels change, by the
+    token counts of the text's prefixes there."""
+    cuts = sorted({start, end, *(x for x in [*lay.ends, *(y for sp in lay.spans for y in sp)] if start < x < end)})
+    if len(cuts) == 2:
+        return [(start, end)] * count
+    base = len(tokenizer(text[:start], add_special_tokens=False)["input_ids"]) if start else 0
+    out = []
     for a, b in zip(cuts, cuts[1:]):
-        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
-        ids += piece
-        offsets += [(a, b)] * len(piece)
-    return ids, offsets
+        upto = count if b == end else min(count, len(tokenizer(text[:b], add_special_tokens=False)["input_ids"]) - base)
+        out += [(a, b)] * max(0, upto - len(out))
+    return out
 
 
-def _whole_turn_cut(labels, offsets, turn_ends, next_token_at, max_length) -> int | None:
-    """How many tokens to keep: through the last whole assistant turn (with its closing token) that fits and
-    trains something; None when there is none."""
-    for end in reversed(turn_ends):
-        n = sum(1 for s, _ in offsets if s < end) + (1 if end in next_token_at else 0)
-        if n <= max_length and any(label != IGNORE_INDEX for label in labels[:n]):
-            return n
-    return None
+def _check_turn_end(tokenizer, answer: str, ids: list[int], n: int) -> None:
+    """An answer whose text ends with a special token must end with that token's id (a tokenizer that writes
+    it as text would train a model that never stops)."""
+    end = _special_ending(tokenizer, answer)
+    if end is not None and ids[-1] != tokenizer.convert_tokens_to_ids(end):
+        raise UserError(f"answer {n + 1}'s end-of-turn text {end!r} is not tokenized as its own special token, so the "
+                        f"model would never learn to stop; add it to the tokenizer's special tokens.")
+
+
+_SPECIAL: dict[int, tuple[str, ...]] = {}
+
+
+def _special_ending(tokenizer, text: str) -> str | None:
+    key = id(tokenizer)
+    if key not in _SPECIAL:
+        special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values() if a.special}
+        _SPECIAL[key] = tuple(sorted((t for t in special if t), key=len, reverse=True))
+    return next((t for t in _SPECIAL[key] if text.endswith(t)), None)
 
 
 _SAID: set[str] = set()
@@ -175,7 +242,6 @@ def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all",
     except NotPrefixConsistent as e:  # even alone, the answer's text does not follow its generation prompt
         raise UserError(
             f"the {template.name} chat template writes answer {e.args[0]} after a prompt other than the one it builds "
-            "for generating it (Mistral v0.3 drops the system prompt once an answer follows; DeepSeek-R1 pre-fills "
-            "<think> and strips the reasoning), so no sample can be trained in the text inference sees; use the "
-            "project template for the family (--template_name mistral_v0_3 or deepseek_r1), whose prompts equal "
-            "the official ones.") from e
+            "for generating it, so no sample can be trained in the text inference sees; train such conversations "
+            "with a project template for the family (--template_name; mistral_v0_3 and deepseek_r1 follow the "
+            "official prompts of Mistral v0.3 and DeepSeek-R1) or drop them (--skip_invalid_samples True).") from e

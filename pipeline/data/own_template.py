@@ -1,11 +1,23 @@
 """The tokenizer's own chat template as the training template (`--template_name auto`).
 
 Nothing is copied: every conversation is rendered by the tokenizer's Jinja template through
-`apply_chat_template` (tools, tool calls and tool results passed the standard transformers way), and the
-trained text of each assistant message is what the template adds between the prompt with the generation
-prompt (`messages[:i]`, add_generation_prompt=True) and the conversation through that message
-(`messages[:i + 1]`), trailing whitespace after its end-of-turn text left untrained. So training sees
-exactly the text inference will build, whatever the family.
+`apply_chat_template`, and the trained text of each assistant message is what the template adds between
+the prompt with the generation prompt (`messages[:i]`, add_generation_prompt=True) and the conversation
+through that message (`messages[:i + 1]`), up to and including its last end-of-turn token. So training
+sees exactly the text inference will build, whatever the family.
+
+Messages reach the template as written: every field but the project's own `loss` (a tool message's
+`name`, `reasoning_content`, `thinking`, call ids, a system message's `tools`), with two forms chosen by
+asking the template itself once (`_forms`): tool-call arguments as a mapping or as JSON text (DeepSeek-V3.1
+concatenates them as text), and tools on the system message where the template reads them there
+(Phi-4-mini). `--chat_template_kwargs` reach every render. A named template set (Command-R7B) renders
+conversations with tools through its `tool_use` template, as transformers does at inference.
+
+Pre-filled generation prompts (QwQ and MiniMax-M2 open `<think>\n`, GLM-4.7 `<think>`, Gemma 4 an empty
+thought channel): the pre-fill is prompt, and the trained answer is what the model writes after it.
+
+Refused in one sentence, never trained silently: a turn whose rendering lost its tool calls (Granite 3.3),
+its text, or its reasoning; tools the template never writes.
 
 A conversation is *prefix-consistent* when each of those prompts is a prefix of the full render. Templates
 that rewrite history (Qwen3 drops earlier thinking, some move the system prompt into the last user turn)
@@ -16,12 +28,17 @@ are not; such a conversation is split into one sample per answer, each in the te
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.data.json_text import loads
 from pipeline.data.templates import Segment
 from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+PROJECT_KEYS = ("loss",)  # message fields the project reads itself and templates never see
+REASONING_KEYS = ("reasoning_content", "thinking")
 
 
 class NotPrefixConsistent(Exception):
@@ -38,45 +55,66 @@ class TokenizerTemplate:
     final_turn_end: str = ""
     special_tokens: tuple = ()
     stop: list[str] = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)  # --chat_template_kwargs, given to every render
+    args_as_text: bool = False  # tool-call arguments reach the template as JSON text, not as a mapping
+    message_tools: bool = False  # the template reads tools from the system message's "tools" field
 
 
-def standard_messages(messages: list[dict]) -> list[dict]:
-    """The project's internal messages in the form chat templates read: role/content/tool_calls, with call
-    arguments as a mapping (templates apply `tojson` themselves), and no project-only keys."""
+def standard_messages(messages: list[dict], form: TokenizerTemplate | None = None) -> list[dict]:
+    """The messages as the user wrote them, in the form the template reads: no project-only keys, null
+    content as empty text (as servers pass it), call arguments as a mapping or as JSON text (`form`), and a
+    system message's `tools` kept only where the template reads them there."""
     out = []
     for m in messages:
-        msg = {"role": m["role"], "content": m.get("content") or ""}
+        msg = {k: v for k, v in m.items() if k not in PROJECT_KEYS}
+        msg["content"] = m.get("content") or ""
+        if not (form and form.message_tools):
+            msg.pop("tools", None)
         if m.get("tool_calls"):
-            calls = []
-            for call in m["tool_calls"]:
-                args = call["function"]["arguments"]
-                if isinstance(args, str):
-                    try:
-                        args = loads(args)  # arguments that are not JSON (or past its limits) stay text
-                    except json.JSONDecodeError:
-                        pass
-                calls.append({"type": "function", "function": {"name": call["function"]["name"], "arguments": args},
-                              **({"id": call["id"]} if call.get("id") is not None else {})})
-            msg["tool_calls"] = calls
-        for key in ("name", "reasoning_content", "tool_call_id"):
-            if m.get(key) is not None:
-                msg[key] = m[key]
+            msg["tool_calls"] = [_call_form(call, form.args_as_text if form else False) for call in m["tool_calls"]]
         out.append(msg)
     return out
 
 
+def _call_form(call: dict, as_text: bool) -> dict:
+    args = call["function"]["arguments"]
+    if as_text and not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    elif not as_text and isinstance(args, str):
+        try:
+            args = loads(args)  # arguments that are not JSON (or past its limits) stay text
+        except json.JSONDecodeError:
+            pass
+    return {"type": "function", **call, "function": {**call["function"], "arguments": args}}
+
+
+def _template_choice(tokenizer, tools) -> str | None:
+    """A named template set (Command-R7B: default / tool_use / rag): the tool_use template for a conversation
+    with tools, whatever one render passes as tools, as transformers picks it at inference."""
+    named = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
+    return "tool_use" if tools and "tool_use" in named else None
+
+
 def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False,
-           check_tools: bool = False) -> str:
+           check_tools: bool = False, form: TokenizerTemplate | None = None) -> str:
     """The template's text; `check_tools`: refuse a template that drops the tool definitions."""
-    def text(with_tools):
-        return tokenizer.apply_chat_template(standard_messages(messages), tools=with_tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+    kwargs = form.kwargs if form else {}
+    choice = _template_choice(tokenizer, tools or any(m.get("tools") for m in messages))
+    lifted = bool(form and form.message_tools and any(m.get("tools") for m in messages))
+
+    def text(with_tools, msgs):
+        return tokenizer.apply_chat_template(msgs, tools=None if lifted else with_tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, chat_template=choice,
+                                             **kwargs)
     try:
-        out = text(tools or None)
-        if check_tools and tools and out == text(None):  # Gemma's templates, for one: the model would never see the tools
+        out = text(tools or None, standard_messages(messages, form))
+        bare = lambda: [{k: v for k, v in m.items() if k != "tools"} for m in standard_messages(messages, form)]  # noqa: E731
+        if check_tools and (tools or lifted) and out == text(None, bare()):
+            where = ("this template writes tools only from the system message's \"tools\" field, so give them "
+                     "there") if form and form.message_tools else \
+                "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1) or drop the samples' tools"
             raise UserError("the chat template ignores tool definitions (the text is the same without them), so the "
-                            "model would learn calls to tools it is never shown; use a template that writes tools "
-                            "(--template_name, e.g. qwen3 or llama3_1) or drop the samples' tools.")
+                            f"model would learn calls to tools it is never shown; {where}.")
         return out
     except UserError:
         raise
@@ -84,24 +122,95 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add
         raise UserError(f"the tokenizer's chat template rejects a conversation: {e}") from e
 
 
+def _common_prefix(a: str, b: str) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _answer(t: TokenizerTemplate, messages: list[dict], i: int, tools, prompt: str, through: str) -> tuple[str, bool]:
+    """The text the model writes for message i after `prompt`, and whether `through` holds it right after the
+    prompt (False: a pre-filled generation prompt the rendered turn does not repeat)."""
+    if through.startswith(prompt):
+        return through[len(prompt):], True
+    base = render(t.tokenizer, messages[:i], tools, form=t)
+    if not (prompt.startswith(base) and through.startswith(base)):
+        raise NotPrefixConsistent(i)
+    opening, turn = prompt[len(base):], through[len(base):]
+    head = _common_prefix(opening, turn)
+    prefill, body = opening[head:], turn[head:]
+    if not prefill.strip() or head == 0:
+        raise NotPrefixConsistent(i)
+    return _after_prefill(t, messages[i], prefill, body, i), False
+
+
+def _after_prefill(t: TokenizerTemplate, m: dict, prefill: str, body: str, i: int) -> str:
+    """What follows a pre-filled `<think>\\n`: the reasoning as written (in content before `</think>`, or a
+    reasoning field for a `<think>` pre-fill), then the answer the template renders, then its turn end."""
+    content, reasoning = m.get("content") or "", next((m[k] for k in REASONING_KEYS if m.get(k)), None)
+    if "</think>" in content and "<think>" in prefill:
+        end = _turn_end_of(t, body)
+        return content.split(prefill.strip(), 1)[-1].lstrip("\n") + end
+    if reasoning and "<think>" in prefill:
+        return f"{reasoning.strip()}\n</think>\n\n{content.strip()}" + _turn_end_of(t, body)
+    return body
+
+
+def _turn_end_of(t: TokenizerTemplate, body: str) -> str:
+    ends = [s for s in t.stop if s and s in body]
+    if not ends:
+        return ""
+    end = max(ends, key=body.rfind)
+    return end
+
+
+def _trim_to_turn_end(t: TokenizerTemplate, answer: str) -> str:
+    """The answer up to and including its last end-of-turn token (a template that always appends the next
+    generation prompt, as Command-R7B's tool_use does, leaves it untrained); trailing whitespace otherwise."""
+    ends = [answer.rfind(s) + len(s) for s in t.stop if s and s in answer]
+    return answer[: max(ends)] if ends else answer.rstrip()
+
+
+def _check_answer(t: TokenizerTemplate, m: dict, i: int, answer: str) -> None:
+    """A turn whose rendering lost its tool calls, its text or its reasoning is refused, never trained."""
+    lost = [c["function"]["name"] for c in m.get("tool_calls") or [] if c["function"]["name"] not in answer]
+    if lost:
+        raise UserError(f"the {t.name} chat template does not write the tool call(s) {', '.join(lost)} of answer "
+                        f"{i} (it renders {answer[:80]!r}), so the model would learn to stop instead of calling; use a "
+                        "template that writes calls (--template_name, e.g. qwen3 or llama3_1), or give call ids in "
+                        "the form the template writes (Kimi-K2: functions.NAME:0).")
+    text = (m.get("content") or "").split("</think>")[-1].strip()
+    reasoning = next((m[k] for k in REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()), None)
+    if "</think>" in (m.get("content") or ""):
+        reasoning = reasoning or m["content"].split("</think>")[0].replace("<think>", "").strip() or None
+    for what, piece in (("text", text[-24:]), ("reasoning", (reasoning or "").strip()[:24])):
+        if piece and piece not in answer:
+            raise UserError(f"the {t.name} chat template drops the {what} of answer {i} (it renders "
+                            f"{answer[:80]!r}), so it would not be trained; remove it from the data or use a "
+                            "template that writes it (--template_name).")
+
+
 def render_segments(t: TokenizerTemplate, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False, last_answer_only: bool = False) -> list[Segment]:
     """Segments of the full render: prompts (untrained), each assistant message's answer, and what follows
-    it before the next prompt (the whitespace after its end-of-turn text). `last_answer_only`: earlier
-    assistant messages are history, part of the prompt. Raises NotPrefixConsistent when an answer's prompt is
-    not a prefix of the full render."""
-    full = render(t.tokenizer, messages, tools, add_generation_prompt, check_tools=True)
+    it before the next prompt. `last_answer_only`: earlier assistant messages are history, part of the
+    prompt. Raises NotPrefixConsistent when an answer's prompt is not a prefix of the full render."""
+    full = render(t.tokenizer, messages, tools, add_generation_prompt, check_tools=True, form=t)
     if add_generation_prompt:
         return [Segment(full, -1, "prompt")]
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, pos = [], 0
     for i in answers[-1:] if last_answer_only else answers:
-        prompt = render(t.tokenizer, messages[:i], tools, add_generation_prompt=True)
-        through = render(t.tokenizer, messages[: i + 1], tools)
-        if len(prompt) < pos or not (full.startswith(prompt) and full.startswith(through) and through.startswith(prompt)):
+        prompt = render(t.tokenizer, messages[:i], tools, add_generation_prompt=True, form=t)
+        through = render(t.tokenizer, messages[: i + 1], tools, form=t)
+        answer, in_place = _answer(t, messages, i, tools, prompt, through)
+        body = _trim_to_turn_end(t, answer)
+        _check_answer(t, messages[i], i, body)
+        if not in_place:  # a pre-fill: the sample is this prompt and answer, never one holding later turns
+            if i != answers[-1] or pos:
+                raise NotPrefixConsistent(i)
+            return [s for s in (Segment(prompt, -1, "prompt"), Segment(body, i, "answer"),
+                                Segment(answer[len(body):], i, "tail")) if s.text]
+        if len(prompt) < pos or not (full.startswith(prompt) and full.startswith(through)):
             raise NotPrefixConsistent(i)
-        answer = through[len(prompt):]
-        body = answer.rstrip()
         segments += [Segment(full[pos:len(prompt)], -1, "prompt"), Segment(body, i, "answer"),
                      Segment(answer[len(body):], i, "tail")]
         pos = len(through)
@@ -109,22 +218,93 @@ def render_segments(t: TokenizerTemplate, messages: list[dict], tools: list[dict
     return [s for s in segments if s.text]
 
 
-def own_template(tokenizer) -> TokenizerTemplate:
-    """The tokenizer's template, with its stop tokens: EOS and the special token that ends an answer."""
-    t = TokenizerTemplate(tokenizer)
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+          {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Bye"}]
+_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "d", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}}}}]
+_CALL = [{"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "", "tool_calls": [{"id": "a0000000b", "type": "function", "function": {
+             "name": "probe_tool", "arguments": {"q": "x"}}}]},
+         {"role": "tool", "content": "done", "tool_call_id": "a0000000b", "name": "probe_tool"},
+         {"role": "assistant", "content": "Done"}]
+
+
+def _forms(t: TokenizerTemplate) -> None:
+    """Ask the template once how it reads tool-call arguments and tools (see the module docstring)."""
+    def quiet(messages, tools=None):
+        try:
+            return render(t.tokenizer, messages, tools, form=t)
+        except UserError:
+            return None
+    as_mapping = quiet(_CALL[:2], _TOOLS)
+    t.args_as_text = as_mapping is None or "{'q': 'x'}" in as_mapping
+    system = {"role": "system", "content": "S"}
+    plain = quiet([system, *_PROBE[:2]])
+    for value in (json.dumps(_TOOLS), _TOOLS):
+        t.message_tools = True
+        with_field = quiet([{**system, "tools": value}, *_PROBE[:2]])
+        if with_field is not None and plain is not None and with_field != plain:
+            return
+    t.message_tools = False
+
+
+def _probe_samples(t: TokenizerTemplate, conv: list[dict], tools) -> list[list[Segment]]:
     try:
-        answer = [s for s in render_segments(t, probe) if s.kind == "answer"][0].text
-    except (NotPrefixConsistent, IndexError, UserError):  # a template that refuses the probe: no end token known
-        answer = ""
-    special = set(tokenizer.all_special_tokens) | {str(a) for a in tokenizer.get_added_vocab()}
-    ending = next((tok for tok in sorted(special, key=len, reverse=True) if tok and answer.endswith(tok)), None)
-    if ending and ending not in stops:
-        stops.append(ending)
+        return [render_segments(t, conv, tools)]
+    except (NotPrefixConsistent, UserError):
+        try:  # a template that rewrites history: each answer alone
+            return [render_segments(t, conv[: k + 1], tools, last_answer_only=True) for k in range(1, len(conv), 2)]
+        except (NotPrefixConsistent, UserError):
+            return []
+
+
+def _next_tag(t: TokenizerTemplate, conv: list[dict], k: int, tools, special: list[str]) -> str | None:
+    """The special token that opens the turn after answer k (GLM's <|user|> or <|observation|>)."""
+    try:
+        a, b = render(t.tokenizer, conv[: k + 1], tools, form=t), render(t.tokenizer, conv[: k + 2], tools, form=t)
+    except UserError:
+        return None
+    rest = b[_common_prefix(a, b):]
+    found = [(rest.find(x), x) for x in special if x in rest]
+    return min(found)[1] if found else None
+
+
+def _stops(t: TokenizerTemplate, special: list[str]) -> list[str]:
+    """Every token that ends an assistant turn in the probe conversations (plain and tool calls: gpt-oss ends
+    a call with <|call|>, an answer with <|return|>); where no token ends a plain answer (GLM), the role tags
+    that open the turn after an answer end it."""
+    t.stop = stops = [t.tokenizer.eos_token] if t.tokenizer.eos_token else []
+    probes = {0: _probe_samples(t, _PROBE, None), 1: _probe_samples(t, _CALL, _TOOLS)}
+    ending_mode = any(seg.kind == "answer" and any(seg.text.endswith(x) for x in special)
+                      for sample in probes[0] for seg in sample)
+    for n, (conv, tools) in enumerate(((_PROBE, None), (_CALL, _TOOLS))):
+        answers = [seg for sample in probes[n] for seg in sample if seg.kind == "answer"]
+        for seg in answers:
+            tok = next((x for x in special if seg.text.endswith(x)), None) if ending_mode else \
+                (_next_tag(t, conv, seg.message, tools, special) if seg.message + 1 < len(conv) else None)
+            if tok and tok not in stops:
+                stops.append(tok)
+    return stops
+
+
+def own_template(tokenizer, kwargs: dict | None = None) -> TokenizerTemplate:
+    """The tokenizer's template, its forms and its stop tokens."""
+    t = TokenizerTemplate(tokenizer, kwargs=dict(kwargs or {}))
+    _forms(t)
+    special = sorted((x for x in set(tokenizer.all_special_tokens) | {str(a) for a in tokenizer.get_added_vocab()} if x),
+                     key=len, reverse=True)
+    t.stop = _stops(t, special)
+    probe = _probe_answer(t)
+    ending = next((tok for tok in special if probe.endswith(tok)), None)
     if ending:
         t.turn_end = ending
     else:  # turns end where the next role tag begins (GLM): that token is trained, EOS after the last answer
         t.turn_end, t.final_turn_end = "", tokenizer.eos_token or ""
-    t.stop = stops
     return t
+
+
+def _probe_answer(t: TokenizerTemplate) -> str:
+    try:
+        return [s for s in render_segments(t, _PROBE[:2]) if s.kind == "answer"][0].text
+    except (NotPrefixConsistent, IndexError, UserError):  # a template that refuses the probe: no end token known
+        return ""

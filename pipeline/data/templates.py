@@ -50,7 +50,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.data.jinja_template import jinja_for
+from pipeline.data.jinja_template import jinja_for, jinja_literal
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError
 
@@ -324,17 +324,38 @@ def chat_template_jinja(template_name: str) -> str:
 
 # ---------------------------------------------------------------- choosing a template for a run
 
-def resolve_template(name: str, tokenizer):
+def template_kwargs(text: str | dict | None) -> dict:
+    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template variables."""
+    if text is None or text == "":
+        return {}
+    value = text
+    if isinstance(text, str):
+        try:
+            value = loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
+                            "'{\"enable_thinking\": false}'.") from e
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise UserError(f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template variable names.")
+    return value
+
+
+def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | None = None):
     """--template_name NAME: that project template. auto: the tokenizer's own chat template, rendered by
     transformers for every conversation (own_template.py), so training sees exactly what inference sees. A
-    project template written as Jinja is given to the tokenizer and then trained the same way."""
+    project template written as Jinja is given to the tokenizer and then trained the same way.
+    `chat_template_kwargs` reach every render of a template that transformers renders."""
+    kwargs = template_kwargs(chat_template_kwargs)
+    from pipeline.data.own_template import own_template
+
     if name != "auto":
         template = get_template(name)
+        if kwargs and isinstance(template, Template):
+            raise UserError(f"--chat_template_kwargs needs a Jinja chat template; template '{name}' has no variables "
+                            "to set (use --template_name auto or a Jinja template such as qwen3).")
         if isinstance(template, JinjaTemplate):
-            from pipeline.data.own_template import own_template
-
             apply_template_to_tokenizer(tokenizer, template)
-            own = own_template(tokenizer)
+            own = own_template(tokenizer, kwargs)
             own.name = template.name
             own.stop = list(dict.fromkeys([*template.stop, *own.stop]))
             return own
@@ -342,18 +363,34 @@ def resolve_template(name: str, tokenizer):
     if not tokenizer.chat_template:
         raise UserError("--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
                         f"--template_name (one of {', '.join(template_names())}).")
-    from pipeline.data.own_template import own_template
-
-    template = own_template(tokenizer)
-    logger.info("--template_name auto: training with the tokenizer's own chat template (answers end with %s)",
-                template.turn_end or f"the next turn's first token, {template.final_turn_end!r} after the last")
+    template = own_template(tokenizer, kwargs)
+    logger.info("--template_name auto: training with the tokenizer's own chat template (answers end with %s; stops %s%s)",
+                template.turn_end or f"the next turn's first token, {template.final_turn_end!r} after the last",
+                template.stop, f"; variables {kwargs}" if kwargs else "")
     return template
+
+
+DEFAULTS_MARK = "defaults set by --chat_template_kwargs"
+
+
+def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
+    """The chat template with `kwargs` as defaults of its variables (a render may still pass others), so a
+    saved model renders as training did wherever it is loaded."""
+    if not kwargs:
+        return chat_template
+    if isinstance(chat_template, dict):
+        return {name: with_defaults(body, kwargs) for name, body in chat_template.items()}
+    head = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
+                   for k, v in kwargs.items())
+    return f"{{#- {DEFAULTS_MARK} #}}{head}\n{chat_template}"
 
 
 def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -> list[int]:
     """Add the template's missing special tokens, set chat_template; return the stop token ids. The
     tokenizer's own template (auto) stays as it is."""
     if not isinstance(template, (Template, JinjaTemplate)):
+        if template.kwargs and DEFAULTS_MARK not in str(tokenizer.chat_template):
+            tokenizer.chat_template = with_defaults(tokenizer.chat_template, template.kwargs)
         vocab = tokenizer.get_vocab()
         return [vocab[s] for s in template.stop if s in vocab] or [tokenizer.eos_token_id]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]

@@ -42,6 +42,9 @@ class PPOArguments:
         "help": "Comma list of rewards, summed: model (the reward model), exact_match (answer equals the data's). "
                 "Default: model."})
     template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON object given to every render of the chat template (training, checks, the saved model), "
+                "e.g. '{\"enable_thinking\": false}'."})
     model_max_length: int = field(default=2048, metadata={
         "help": "Prompt + answer budget; longer prompts are dropped and counted."})
     data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})

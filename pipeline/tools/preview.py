@@ -15,6 +15,7 @@ from pipeline.data.chat_dataset import sanity_table
 from pipeline.data.conversations import FORMATS, InvalidSample, normalize
 from pipeline.data.files import iter_json_records
 from pipeline.data.masking import MULTI_TURN_MODES, Dropped, cut_to_whole_turns, encode_samples
+from pipeline.data.own_template import NotPrefixConsistent, render
 from pipeline.data.templates import apply_template_to_tokenizer, render_segments, resolve_template
 from pipeline.errors import UserError, run_cli
 
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         conv = normalize(record, args.data_format)
     except InvalidSample as e:
         raise UserError(f"{path}:{line}: {e}") from e
-    text = "".join(s.text for s in render_segments(template, conv["messages"], conv.get("tools")))
-    print(f"== {path}:{line} with template '{template.name}'\n{text}")
+    print(f"== {path}:{line} with template '{template.name}'\n{_whole_text(template, tokenizer, conv)}")
     for k, sample in enumerate(encode_samples(template, tokenizer, conv, args.multi_turn_mode, False, args.model_max_length)):
         if isinstance(sample, Dropped):
             print(f"\n== sample {k}: dropped ({sample.reason})")
@@ -53,6 +53,16 @@ def main(argv: list[str] | None = None) -> None:
         cut = f", {cut_to_whole_turns(args.model_max_length)}" if sample.truncated else ""
         print(f"\n== sample {k}: {len(sample.input_ids)} tokens{cut}")
         print(sanity_table(tokenizer, sample.input_ids, sample.labels))
+
+
+def _whole_text(template, tokenizer, conv: dict) -> str:
+    """The conversation as the template writes it; one that rewrites history is shown as the saved chat
+    template renders it (its samples, below, are one answer each)."""
+    try:
+        return "".join(s.text for s in render_segments(template, conv["messages"], conv.get("tools")))
+    except NotPrefixConsistent:
+        note = "(the template rewrites earlier turns once later ones follow: each answer is trained in its own sample)"
+        return render(tokenizer, conv["messages"], conv.get("tools"), form=template) + "\n" + note
 
 
 if __name__ == "__main__":
