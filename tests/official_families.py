@@ -1,6 +1,10 @@
 """The official chat templates stored in tests/official_templates/ (SOURCES.md names where each comes from) and
-a tokenizer for each: the tiny test tokenizer given the family's special tokens, BOS/EOS and that template."""
+a tokenizer for each: the tiny test tokenizer given the family's special tokens, BOS/EOS and that template.
 
+FAMILIES holds the first eight (their spec written here); `families-2026.json` and `more/families.json` hold
+the rest, each with its model, special tokens and source."""
+
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -27,11 +31,40 @@ FAMILIES = {
 }
 
 
+def _stored(folder: Path) -> dict:
+    path = folder / ("families-2026.json" if folder == OFFICIAL else "families.json")
+    if not path.is_file():
+        return {}
+    out = {}
+    for name, spec in json.loads(path.read_text(encoding="utf-8")).items():
+        files = spec.get("template") or f"{name}.jinja"
+        out[name] = {**spec, "folder": folder, "template": files}
+    return out
+
+
+STORED = {**_stored(OFFICIAL), **_stored(OFFICIAL / "more")}
+
+
+def all_families() -> list[str]:
+    return sorted([*FAMILIES, *STORED])
+
+
+def family_template(family: str) -> str | dict:
+    if family in FAMILIES:
+        return (OFFICIAL / f"{family}.jinja").read_text(encoding="utf-8")
+    spec = STORED[family]
+    files = spec["template"]
+    if isinstance(files, dict):
+        return {k: (spec["folder"] / f).read_text(encoding="utf-8") for k, f in files.items()}
+    return (spec["folder"] / files).read_text(encoding="utf-8")
+
+
 def family_tokenizer(base_tokenizer_dir, family: str):
-    spec = FAMILIES[family]
+    spec = FAMILIES.get(family) or STORED[family]
     tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": spec["special"]}, replace_extra_special_tokens=False)
+    special = [t for t in dict.fromkeys([*spec["special"], *(x for x in (spec.get("bos"), spec["eos"]) if x)])]
+    tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
     tokenizer.eos_token = spec["eos"]
-    tokenizer.bos_token = spec["bos"]
-    tokenizer.chat_template = (OFFICIAL / f"{family}.jinja").read_text(encoding="utf-8")
+    tokenizer.bos_token = spec.get("bos")
+    tokenizer.chat_template = family_template(family)
     return tokenizer

@@ -38,7 +38,7 @@ from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 PROJECT_KEYS = ("loss",)  # message fields the project reads itself and templates never see
-REASONING_KEYS = ("reasoning_content", "thinking")
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 class NotPrefixConsistent(Exception):
@@ -112,14 +112,16 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add
         if check_tools and (tools or lifted) and out == text(None, bare()):
             where = ("this template writes tools only from the system message's \"tools\" field, so give them "
                      "there") if form and form.message_tools else \
-                "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1) or drop the samples' tools"
+                "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1), or drop the samples' " \
+                "tools field and describe the tools in the system message where the model card says so (DeepSeek-V3.1)"
             raise UserError("the chat template ignores tool definitions (the text is the same without them), so the "
                             f"model would learn calls to tools it is never shown; {where}.")
         return out
     except UserError:
         raise
     except Exception as e:  # jinja's TemplateError, or the template's own raise_exception(...)
-        raise UserError(f"the tokenizer's chat template rejects a conversation: {e}") from e
+        raise UserError(f"the tokenizer's chat template rejects a conversation: {e} (change such records, pick another "
+                        "template with --template_name, or skip them with --skip_invalid_samples True)") from e
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -136,6 +138,8 @@ def _answer(t: TokenizerTemplate, messages: list[dict], i: int, tools, prompt: s
         raise NotPrefixConsistent(i)
     opening, turn = prompt[len(base):], through[len(base):]
     head = _common_prefix(opening, turn)
+    while head and opening[head - 1] not in ">\n ":  # the pre-fill starts at a tag or line, never inside one
+        head -= 1
     prefill, body = opening[head:], turn[head:]
     if not prefill.strip() or head == 0:
         raise NotPrefixConsistent(i)
