@@ -43,3 +43,26 @@ def lora_b_norms(adapter_file: Path) -> list[float]:
     from safetensors.torch import load_file
 
     return [t.float().norm().item() for name, t in load_file(str(adapter_file)).items() if "lora_B" in name]
+
+
+def slow_tokenizer(folder, special: list[str] | None = None):
+    """A real SentencePiece tokenizer without offsets (transformers' Python SentencePiece backend, as the
+    remote-code tokenizers of ChatGLM3, Baichuan2, Yuan2 and InternLM2 are), trained on the repository's text
+    the way Llama-2's model was (identity normalization, a dummy prefix, whitespace kept)."""
+    import sentencepiece as spm
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from pipeline.model.tiny_model import REPO_DATA, corpus
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "sp.model").is_file():
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(corpus(REPO_DATA))), model_prefix=str(folder / "sp"), vocab_size=2000,
+            model_type="bpe", character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    tokenizer = SentencePieceBackend(vocab_file=str(folder / "sp.model"), bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>")
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    return tokenizer

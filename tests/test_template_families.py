@@ -52,9 +52,11 @@ def conversation(kind: str, call_id: str = "abc123XYZ") -> dict:
     return {"messages": records[kind], **({"tools": TOOLS} if kind.startswith("tool") else {})}
 
 
-KINDS = ["plain", "multi_system", "unicode", "tool_object", "tool_string", "tool_wire", "reasoning", "reasoning_inline"]
+KINDS = ["plain", "multi_system", "unicode", "tool_object", "tool_string", "tool_wire", "reasoning",
+         "reasoning_inline"]
 TOOL_KINDS = ("tool_object", "tool_string", "tool_wire")
-CALL_IDS = {"kimi-k2": "functions.get_weather:0"}  # Kimi-K2 writes a call by its id, in this form
+# Kimi-K2 writes a call by its id, in this form
+CALL_IDS = dict.fromkeys(["kimi-k2", "kimi-k2-thinking"], "functions.get_weather:0")
 # what each family refuses, by the words of its one-sentence refusal; everything else trains exactly
 TOOLS_IGNORED = "ignores tool definitions"
 NO_SYSTEM = "rejects a conversation: System role not supported"
@@ -62,12 +64,16 @@ ALTERNATE = "rejects a conversation: Conversation roles must alternate"
 REASONING_DROPPED = "drops the reasoning of answer"
 CALLS_DROPPED = "does not write the tool call"
 ELSEWHERE = "after a prompt other than the one it builds"
-WRITES_REASONING = {"deepseek-r1", "glm-4.7-flash", "gpt-oss", "minimax-m2", "qwen3", "qwen3-thinking-2507", "qwen3.5", "qwq",
-                    "seed-oss"}  # a reasoning_content field reaches the trained text
-NO_TOOLS = {"deepseek-r1", "deepseek-v3", "deepseek-v3.1", "ernie-4.5", "exaone-3.5", "olmo-2", "phi-4", "phi-4-mini",
-            "phi-4-reasoning"}  # tools= is never written (Phi-4-mini reads them from the system message only)
+WRITES_REASONING = {"deepseek-r1", "glm-4.5", "glm-4.7-flash", "gpt-oss", "minimax-m2", "nemotron-3-nano", "qwen3",
+                    "qwen3-thinking-2507", "qwen3.5", "qwq", "seed-oss"}  # a reasoning_content field reaches the trained text
+NO_TOOLS = {"deepseek-r1", "deepseek-v3", "deepseek-v3.1", "ernie-4.5", "exaone-3.5", "glm-4-9b-chat", "internlm3", "olmo-2",
+            "phi-3.5-mini", "phi-4", "phi-4-mini", "phi-4-reasoning", "yi-1.5-chat"}
+# tools= is never written (Phi-4-mini and GLM-4 read them from the system message only)
 REFUSED = {
-    "granite-3.3": dict.fromkeys(TOOL_KINDS, CALLS_DROPPED),  # its template never writes tool_calls
+    **{family: dict.fromkeys(TOOL_KINDS, CALLS_DROPPED)  # their templates never write tool_calls
+       for family in ("granite-3.1", "granite-3.3", "lfm2", "smollm3")},
+    "aya-expanse": dict.fromkeys(TOOL_KINDS, ALTERNATE),
+    "mistral-nemo-2407": {"multi_system": ELSEWHERE},
     "falcon3": dict.fromkeys(TOOL_KINDS, ELSEWHERE),  # writes a call inside the user turn
     "gemma-2-it": {"multi_system": NO_SYSTEM, **dict.fromkeys(TOOL_KINDS, ALTERNATE)},
     "gemma-3-it": dict.fromkeys(TOOL_KINDS, ALTERNATE),
@@ -170,23 +176,28 @@ def test_saved_template_reproduces_the_training_prompt(tiny_model, tmp_path):
     assert sample.labels[len(prompt)] != IGNORE_INDEX and set(sample.labels[: len(prompt)]) == {IGNORE_INDEX}
 
 
-def test_phi4_mini_reads_tools_from_the_system_message_as_its_card_documents(tiny_model):
-    """Its template writes tools only from the system message's "tools" text, and calls only as the assistant's
-    own text (structured tool_calls would be lost, so they are refused)."""
-    tokenizer = family_tokenizer(tiny_model, "phi-4-mini")
+@pytest.mark.parametrize("family, written", [("phi-4-mini", json.dumps(TOOLS)), ("glm-4-9b-chat", TOOLS)])
+def test_tools_on_the_system_message_reach_templates_that_read_them_there(tiny_model, family, written):
+    """Phi-4-mini's template writes tools only from the system message's "tools" text (its card's format),
+    GLM-4's from a list there (the GLM-4 demo's format); Phi-4-mini writes calls only as the assistant's own
+    text, so structured tool_calls, which it would lose, are refused."""
+    tokenizer = family_tokenizer(tiny_model, family)
     template = resolve_template("auto", tokenizer)
     assert template.message_tools
     call = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'
-    record = {"messages": [{"role": "system", "content": "You call tools.", "tools": json.dumps(TOOLS)},
+    record = {"messages": [{"role": "system", "content": "You call tools.", "tools": written},
                            {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": call}]}
     conv = normalize(record)
     check_exact(tokenizer, template, conv, apply_template_to_tokenizer(tokenizer, template))
     [sample] = encode_samples(template, tokenizer, conv)
-    assert "<|tool|>" + json.dumps(TOOLS) + "<|/tool|>" in tokenizer.decode(sample.input_ids)
-    record = conversation("tool_object")
-    record["messages"].insert(0, {"role": "system", "content": "You call tools.", "tools": json.dumps(TOOLS)})
-    with pytest.raises(UserError, match=CALLS_DROPPED):
-        encode_samples(template, tokenizer, normalize(record))
+    first_trained = next(k for k, x in enumerate(sample.labels) if x != IGNORE_INDEX)
+    assert "get_weather" in tokenizer.decode(sample.input_ids[:first_trained])  # the tools, in the prompt
+    if family == "phi-4-mini":
+        assert "<|tool|>" + json.dumps(TOOLS) + "<|/tool|>" in tokenizer.decode(sample.input_ids)
+        record = conversation("tool_object")
+        record["messages"].insert(0, {"role": "system", "content": "You call tools.", "tools": written})
+        with pytest.raises(UserError, match=CALLS_DROPPED):
+            encode_samples(template, tokenizer, normalize(record))
 
 
 def test_deepseek_v31_gets_call_arguments_as_text_and_trains_reasoning_with_thinking_on(tiny_model):

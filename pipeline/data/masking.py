@@ -69,6 +69,7 @@ class _Layout:
     next_token: list  # char offsets of answer ends whose next token is trained (turns ended by the next role tag)
     ends: list  # char offsets where a whole assistant message ends: a sample may be cut there
     closing: set = field(default_factory=set)  # answer ends whose turn the next token closes (trained or not)
+    final: str = ""  # the training-only close appended after the last answer (final_turn_end)
 
 
 def _lay_out(template, segments, messages, targets, train_on_inputs) -> _Layout:
@@ -92,7 +93,8 @@ def _lay_out(template, segments, messages, targets, train_on_inputs) -> _Layout:
         if m["role"] == "assistant" and seg.kind in ("answer", "tail") and k >= last_answer.get(seg.message, k):
             out.ends.append(len(out.text))
     if len(out.text) in out.closing:
-        out.text += template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
+        out.final = template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
+        out.text += out.final
     return out
 
 
@@ -149,25 +151,33 @@ def exact_ids(tokenizer, lay: _Layout) -> _Exact:
     """The ids inference gives, built answer by answer: at each answer's start the ids of the prompt tokenized
     alone (a sample whose earlier ids are not a prefix of them cannot hold this answer: NotPrefixConsistent);
     then the answer tokenized after its prompt, or alone where a token would straddle the two (the prompt
-    ending 'Assistant: ', the answer 'I am': inference generates after the prompt's own last token)."""
+    ending 'Assistant: ', the answer 'I am': inference generates after the prompt's own last token); then the
+    token that ends it, by its id (a tokenizer whose EOS is not in its splitting table, as ChatGLM3's, would
+    otherwise write '</s>' as text pieces merged with the answer's last character)."""
     text = lay.text
-    points = [p for a, b in lay.answers for p in (a, b)] + [len(text)]
-    done = _Exact([], [], set())
-    for n, (p_ids, p_off) in enumerate(_tokenize(tokenizer, [text[:p] for p in points])):
-        start = points[n - 1] if n else 0
+    marks = []  # (where a piece of text ends, the end token written by id after it)
+    for a, b in lay.answers:
+        end = _special_ending(tokenizer, text[a:b])
+        marks += [(a, None), (b - len(end) if end else b, end)]
+    final = _special_ending(tokenizer, lay.final) if lay.final and _special_ending(tokenizer, lay.final) == lay.final else None
+    marks.append((len(text) - len(final) if final else len(text), final))
+    done, start = _Exact([], [], set()), 0
+    for n, ((pos, end), (p_ids, p_off)) in enumerate(zip(marks, _tokenize(tokenizer, [text[:p] for p, _ in marks]))):
         if p_ids[: len(done.ids)] != done.ids:
-            if n % 2 == 0 and n < len(points) - 1:  # a prompt that rewrites what the sample holds
+            if n % 2 == 0 and n < len(marks) - 1:  # a prompt that rewrites what the sample holds
                 raise NotPrefixConsistent(n // 2)
-            p_ids, p_off = _tokenize(tokenizer, [text[start: points[n]]])[0]
-            p_off = None if p_off is None else [(s + start, e + start) for s, e in p_off]
-            p_ids, p_off = done.ids + p_ids, None if p_off is None else done.offsets + p_off
+            p_ids, p_off = _tokenize(tokenizer, [text[start:pos]])[0]
+            p_off = None if p_off is None else done.offsets + [(s + start, e + start) for s, e in p_off]
+            p_ids = done.ids + p_ids
         new = len(p_ids) - len(done.ids)
-        offsets = p_off[len(done.ids):] if p_off is not None else _piece_offsets(tokenizer, text, start, points[n], new, lay)
-        if n and start in lay.next_token and new:
+        offsets = p_off[len(done.ids):] if p_off is not None else _piece_offsets(tokenizer, text, start, pos, new, lay)
+        if n and start in lay.next_token and (new or end):
             done.next_token.add(len(done.ids))
-        done.ids, done.offsets = p_ids, done.offsets + offsets
-        if n % 2 == 1:  # an answer ends here
-            _check_turn_end(tokenizer, text[lay.answers[n // 2][0]: points[n]], done.ids, n // 2)
+        done.ids, done.offsets = list(p_ids), done.offsets + offsets
+        if end:
+            done.ids.append(tokenizer.convert_tokens_to_ids(end))
+            done.offsets.append((pos, pos + len(end)))
+        start = pos + len(end or "")
     return done
 
 
@@ -185,15 +195,6 @@ def _piece_offsets(tokenizer, text: str, start: int, end: int, count: int, lay: 
     return out
 
 
-def _check_turn_end(tokenizer, answer: str, ids: list[int], n: int) -> None:
-    """An answer whose text ends with a special token must end with that token's id (a tokenizer that writes
-    it as text would train a model that never stops)."""
-    end = _special_ending(tokenizer, answer)
-    if end is not None and ids[-1] != tokenizer.convert_tokens_to_ids(end):
-        raise UserError(f"answer {n + 1}'s end-of-turn text {end!r} is not tokenized as its own special token, so the "
-                        f"model would never learn to stop; add it to the tokenizer's special tokens.")
-
-
 _SPECIAL: dict[int, tuple[str, ...]] = {}
 
 
@@ -201,6 +202,7 @@ def _special_ending(tokenizer, text: str) -> str | None:
     key = id(tokenizer)
     if key not in _SPECIAL:
         special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values() if a.special}
+        special |= {tokenizer.eos_token} if tokenizer.eos_token else set()
         _SPECIAL[key] = tuple(sorted((t for t in special if t), key=len, reverse=True))
     return next((t for t in _SPECIAL[key] if text.endswith(t)), None)
 

@@ -109,7 +109,7 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add
     try:
         out = text(tools or None, standard_messages(messages, form))
         bare = lambda: [{k: v for k, v in m.items() if k != "tools"} for m in standard_messages(messages, form)]  # noqa: E731
-        if check_tools and (tools or lifted) and out == text(None, bare()):
+        if check_tools and (tools or lifted) and out == text([] if choice else None, bare()):
             where = ("this template writes tools only from the system message's \"tools\" field, so give them "
                      "there") if form and form.message_tools else \
                 "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1), or drop the samples' " \
@@ -130,23 +130,26 @@ def _common_prefix(a: str, b: str) -> int:
 
 def _answer(t: TokenizerTemplate, messages: list[dict], i: int, tools, prompt: str, through: str) -> tuple[str, bool]:
     """The text the model writes for message i after `prompt`, and whether `through` holds it right after the
-    prompt (False: a pre-filled generation prompt the rendered turn does not repeat)."""
+    prompt. When not: the generation prompt pre-fills text the rendered turn does not repeat (QwQ's
+    `<think>\n`), or the template renders an earlier turn differently once message i follows (Qwen3's empty
+    thought on a last answer); the answer is then what the template writes after the last turn's header, and
+    its sample is this prompt and answer alone."""
     if through.startswith(prompt):
         return through[len(prompt):], True
     base = render(t.tokenizer, messages[:i], tools, form=t)
-    if not (prompt.startswith(base) and through.startswith(base)):
-        raise NotPrefixConsistent(i)
-    opening, turn = prompt[len(base):], through[len(base):]
-    head = _common_prefix(opening, turn)
-    while head and opening[head - 1] not in ">\n ":  # the pre-fill starts at a tag or line, never inside one
-        head -= 1
-    prefill, body = opening[head:], turn[head:]
-    if not prefill.strip() or head == 0:
-        raise NotPrefixConsistent(i)
-    return _after_prefill(t, messages[i], prefill, body, i), False
+    opening = prompt[len(base):] if prompt.startswith(base) else ""
+    floor = _common_prefix(base, through)  # where the render of earlier turns stops agreeing
+    for k in range(len(opening), 0, -1):
+        if k < len(opening) and opening[k - 1] not in ">\n ":  # split at a tag or line, never inside one
+            continue
+        pos = through.rfind(opening[:k])
+        if pos >= floor:
+            prefill, body = opening[k:], through[pos + k:]
+            return (_after_prefill(t, messages[i], prefill, body) if prefill.strip() else body), False
+    raise NotPrefixConsistent(i)
 
 
-def _after_prefill(t: TokenizerTemplate, m: dict, prefill: str, body: str, i: int) -> str:
+def _after_prefill(t: TokenizerTemplate, m: dict, prefill: str, body: str) -> str:
     """What follows a pre-filled `<think>\\n`: the reasoning as written (in content before `</think>`, or a
     reasoning field for a `<think>` pre-fill), then the answer the template renders, then its turn end."""
     content, reasoning = m.get("content") or "", next((m[k] for k in REASONING_KEYS if m.get(k)), None)

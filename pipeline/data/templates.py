@@ -297,6 +297,10 @@ def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segm
                        **({"kwargs": _kwargs(c)} if "{kwargs}" in t.tool_call_turn else {})) for c in calls]
         tail = ""
     else:
+        if calls and t.tool_call is None:
+            raise UserError(f"template '{t.name}' does not write tool calls, so the model would learn to stop instead "
+                            "of calling; train with the model's own chat template (--template_name auto) or a template "
+                            "with tools (e.g. qwen3 or llama3_1), or drop the calls.")
         parts = [content] if content else []
         parts += [_fill(t.tool_call, name=c["function"]["name"], arguments=_arguments(c)) for c in calls]
         turns, tail = [_fill(t.assistant, content="\n".join(parts))], t.assistant_tail
