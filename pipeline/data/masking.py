@@ -15,6 +15,7 @@ first trained answer fits; the caller counts both by reason (chat_dataset.py).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass, field
 
@@ -119,8 +120,7 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
     if not lay.spans:
         return Dropped(NOTHING_TO_TRAIN)
     exact = exact_ids(tokenizer, lay)
-    labels = [tok if k in exact.next_token or any(s < b and e > a for a, b in lay.spans) else IGNORE_INDEX
-              for k, (tok, (s, e)) in enumerate(zip(exact.ids, exact.offsets))]
+    labels = _labels(exact, lay.spans)
     if all(label == IGNORE_INDEX for label in labels):
         return Dropped(NOTHING_TO_TRAIN)
     if max_length is None or len(exact.ids) <= max_length:
@@ -140,11 +140,57 @@ class _Exact:
     next_token: set[int]  # token indices trained as the token that ends the turn before them
 
 
+def _labels(exact: _Exact, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where it overlaps a trained char range or closes a turn, else IGNORE_INDEX (token
+    offsets ascend, so each range's tokens are found by bisection)."""
+    trained = [False] * len(exact.ids)
+    starts, ends = [s for s, _ in exact.offsets], [e for _, e in exact.offsets]
+    for a, b in spans:
+        for k in range(bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)):
+            trained[k] = True
+    for k in exact.next_token:
+        trained[k] = True
+    return [tok if t else IGNORE_INDEX for tok, t in zip(exact.ids, trained)]
+
+
 def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
     if tokenizer.is_fast:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [(list(i), [tuple(o) for o in off]) for i, off in zip(enc["input_ids"], enc["offset_mapping"])]
     return [(list(tokenizer(t, add_special_tokens=False)["input_ids"]), None) for t in texts]
+
+
+_SPLITTERS: dict[int, frozenset | None] = {}
+
+
+def _splitters(tokenizer) -> frozenset | None:
+    """The ids of added tokens a fast tokenizer splits the text at before anything else, when each piece
+    between them is then tokenized on its own (no added token strips whitespace or is normalized); None when
+    that does not hold (prefixes are then tokenized whole)."""
+    key = id(tokenizer)
+    if key not in _SPLITTERS:
+        added = tokenizer.added_tokens_decoder if tokenizer.is_fast else {}
+        plain = added and all(not (t.lstrip or t.rstrip or t.normalized) for t in added.values())
+        _SPLITTERS[key] = frozenset(added) if plain else None
+    return _SPLITTERS[key]
+
+
+def _prefix_tokens(tokenizer, text: str, points: list[int]):
+    """The tokenization of each `text[:p]`, as tokenizing it alone gives. A fast tokenizer splits at its added
+    tokens first and tokenizes each piece on its own, so a prefix's tokens are the whole text's tokens up to
+    the last added token that ends within it, then its last piece tokenized alone: linear in the text, not
+    quadratic as tokenizing every prefix whole would be."""
+    splitters = _splitters(tokenizer)
+    if splitters is None or len(points) < 3:
+        return _tokenize(tokenizer, [text[:p] for p in points])
+    [(ids, offsets)] = _tokenize(tokenizer, [text])
+    ends = [(e, k + 1) for k, (i, (_, e)) in enumerate(zip(ids, offsets)) if i in splitters]
+    cuts = []
+    for p in points:
+        j = bisect.bisect_right(ends, (p, len(ids) + 1)) - 1
+        cuts.append(ends[j] if j >= 0 else (0, 0))
+    tails = _tokenize(tokenizer, [text[s:p] for (s, _), p in zip(cuts, points)])
+    return [(ids[:n] + t_ids, offsets[:n] + [(a + s, b + s) for a, b in t_off]) for (s, n), (t_ids, t_off) in zip(cuts, tails)]
 
 
 def exact_ids(tokenizer, lay: _Layout) -> _Exact:
@@ -162,7 +208,7 @@ def exact_ids(tokenizer, lay: _Layout) -> _Exact:
     final = _special_ending(tokenizer, lay.final) if lay.final and _special_ending(tokenizer, lay.final) == lay.final else None
     marks.append((len(text) - len(final) if final else len(text), final))
     done, start = _Exact([], [], set()), 0
-    for n, ((pos, end), (p_ids, p_off)) in enumerate(zip(marks, _tokenize(tokenizer, [text[:p] for p, _ in marks]))):
+    for n, ((pos, end), (p_ids, p_off)) in enumerate(zip(marks, _prefix_tokens(tokenizer, text, [p for p, _ in marks]))):
         if p_ids[: len(done.ids)] != done.ids:
             if n % 2 == 0 and n < len(marks) - 1:  # a prompt that rewrites what the sample holds
                 raise NotPrefixConsistent(n // 2)

@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.jinja_template import jinja_literal
 from pipeline.data.json_text import loads
 from pipeline.data.templates import Segment
 from pipeline.errors import UserError
@@ -315,3 +316,34 @@ def _probe_answer(t: TokenizerTemplate) -> str:
         return [s for s in render_segments(t, _PROBE[:2]) if s.kind == "answer"][0].text
     except (NotPrefixConsistent, IndexError, UserError):  # a template that refuses the probe: no end token known
         return ""
+
+
+def template_kwargs(text: str | dict | None) -> dict:
+    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template variables."""
+    if text is None or text == "":
+        return {}
+    value = text
+    if isinstance(text, str):
+        try:
+            value = loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
+                            "'{\"enable_thinking\": false}'.") from e
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise UserError(f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template variable names.")
+    return value
+
+
+DEFAULTS_MARK = "defaults set by --chat_template_kwargs"
+
+
+def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
+    """The chat template with `kwargs` as defaults of its variables (a render may still pass others), so a
+    saved model renders as training did wherever it is loaded."""
+    if not kwargs or DEFAULTS_MARK in str(chat_template):
+        return chat_template
+    if isinstance(chat_template, dict):
+        return {name: with_defaults(body, kwargs) for name, body in chat_template.items()}
+    head = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
+                   for k, v in kwargs.items())
+    return f"{{#- {DEFAULTS_MARK} #}}{head}\n{chat_template}"

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.data.jinja_template import jinja_for, jinja_literal
+from pipeline.data.jinja_template import jinja_for
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError
 
@@ -328,29 +328,14 @@ def chat_template_jinja(template_name: str) -> str:
 
 # ---------------------------------------------------------------- choosing a template for a run
 
-def template_kwargs(text: str | dict | None) -> dict:
-    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template variables."""
-    if text is None or text == "":
-        return {}
-    value = text
-    if isinstance(text, str):
-        try:
-            value = loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
-                            "'{\"enable_thinking\": false}'.") from e
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
-        raise UserError(f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template variable names.")
-    return value
-
-
 def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | None = None):
     """--template_name NAME: that project template. auto: the tokenizer's own chat template, rendered by
     transformers for every conversation (own_template.py), so training sees exactly what inference sees. A
     project template written as Jinja is given to the tokenizer and then trained the same way.
     `chat_template_kwargs` reach every render of a template that transformers renders."""
+    from pipeline.data.own_template import own_template, template_kwargs
+
     kwargs = template_kwargs(chat_template_kwargs)
-    from pipeline.data.own_template import own_template
 
     if name != "auto":
         template = get_template(name)
@@ -374,26 +359,13 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
     return template
 
 
-DEFAULTS_MARK = "defaults set by --chat_template_kwargs"
-
-
-def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
-    """The chat template with `kwargs` as defaults of its variables (a render may still pass others), so a
-    saved model renders as training did wherever it is loaded."""
-    if not kwargs:
-        return chat_template
-    if isinstance(chat_template, dict):
-        return {name: with_defaults(body, kwargs) for name, body in chat_template.items()}
-    head = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
-                   for k, v in kwargs.items())
-    return f"{{#- {DEFAULTS_MARK} #}}{head}\n{chat_template}"
-
-
 def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -> list[int]:
     """Add the template's missing special tokens, set chat_template; return the stop token ids. The
     tokenizer's own template (auto) stays as it is."""
     if not isinstance(template, (Template, JinjaTemplate)):
-        if template.kwargs and DEFAULTS_MARK not in str(tokenizer.chat_template):
+        if template.kwargs:
+            from pipeline.data.own_template import with_defaults
+
             tokenizer.chat_template = with_defaults(tokenizer.chat_template, template.kwargs)
         vocab = tokenizer.get_vocab()
         return [vocab[s] for s in template.stop if s in vocab] or [tokenizer.eos_token_id]
