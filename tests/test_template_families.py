@@ -255,3 +255,41 @@ def test_granite_33_tool_calls_are_refused_not_trained_as_empty_turns(tiny_model
     with pytest.raises(UserError, match=r"does not write the tool call\(s\) get_weather of answer 1 \(it renders "
                                         r"'<\|end_of_text\|>'\), so the model would learn to stop instead of calling"):
         encode_samples(template, tokenizer, normalize(conversation("tool_object")))
+
+
+def test_a_record_the_template_cannot_train_stops_the_run_or_is_dropped_and_counted(tiny_model, tmp_path):
+    """Every conversation is checked while it is encoded: without --skip_invalid_samples the first one that
+    cannot train exactly stops the run naming it; with it, it is dropped and the summary counts it."""
+    from pipeline.args import DataArguments
+    from pipeline.data.chat_dataset import build_chat_dataset
+    from stages.sft import SFTArguments
+
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [conversation("plain"), conversation("tool_object"), conversation("multi_system")]
+    (data / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    tokenizer = family_tokenizer(tiny_model, "granite-3.3")  # it drops tool calls: record 2 cannot train
+    template = resolve_template("auto", tokenizer)
+    apply_template_to_tokenizer(tokenizer, template)
+    data_args = DataArguments(train_file_dir=str(data))
+    with pytest.raises(UserError, match=r"^conversation 2: .*does not write the tool call"):
+        build_chat_dataset(str(data), "--train_file_dir", template, tokenizer, SFTArguments(), data_args)
+    kept, report = build_chat_dataset(str(data), "--train_file_dir", template, tokenizer,
+                                      SFTArguments(skip_invalid_samples=True), data_args)
+    assert len(kept) == 2 and "1 samples dropped (the template cannot train it as inference renders it" in report.summary("train")
+
+
+@pytest.mark.parametrize("family", all_families())
+def test_preview_ends_in_a_table_or_one_sentence_never_a_traceback(tiny_model, tmp_path, family, capsys):
+    from pipeline.tools.preview import main
+
+    tokenizer = family_tokenizer(tiny_model, family)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    for kind in KINDS:
+        record = tmp_path / f"{kind}.jsonl"
+        record.write_text(json.dumps(conversation(kind, CALL_IDS.get(family, "abc123XYZ"))) + "\n", encoding="utf-8")
+        try:
+            main(["--file", str(record), "--tokenizer_name_or_path", str(tmp_path / "tok")])
+            assert "label" in capsys.readouterr().out
+        except UserError as e:
+            assert refused(family, kind), f"{kind}: {e}"

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Show the rendered text and token/label table of one record.")
     parser.add_argument("--file", required=True)
     parser.add_argument("--template_name", default="auto")
+    parser.add_argument("--chat_template_kwargs", default=None, help="JSON object given to every render of the template.")
     parser.add_argument("--tokenizer_name_or_path", required=True)
     parser.add_argument("--index", type=int, default=0, help="which record (0-based)")
     parser.add_argument("--data_format", default="auto", choices=FORMATS)
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if not path.is_file():
         raise UserError(f"--file {args.file} does not exist.")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code)
-    template = resolve_template(args.template_name, tokenizer)
+    template = resolve_template(args.template_name, tokenizer, args.chat_template_kwargs)
     apply_template_to_tokenizer(tokenizer, template)
     records = list(iter_json_records(path))
     if not 0 <= args.index < len(records):
