@@ -194,3 +194,31 @@ def test_use_liger_kernel_is_refused_without_a_gpu_or_the_package(tiny_model, tm
     assert sft.parse(base)[-1].use_liger_kernel is False  # the default is on only on a CUDA GPU
     with pytest.raises(UserError, match="--use_liger_kernel needs a CUDA GPU"):
         sft.parse(base + ["--use_liger_kernel", "True"])
+
+
+def test_a_reasoning_template_trains_under_auto_and_the_saved_model_renders_the_training_prompt(tiny_model, tmp_path):
+    """Qwen3.5's official template (tests/official_templates) with thinking off: the variables reach every
+    render in training and are saved as the template's defaults, so the saved model's plain
+    apply_chat_template builds the prompt training used, and its generation config stops on <|im_end|>."""
+    import shutil
+
+    from tests.official_families import family_tokenizer
+
+    model = tmp_path / "qwen35-tiny"
+    shutil.copytree(tiny_model, model)
+    family_tokenizer(tiny_model, "qwen3.5").save_pretrained(model)
+    data = tmp_path / "data"
+    data.mkdir()
+    chats = [{"messages": [{"role": "user", "content": f"What is {n} + {n}?"},
+                           {"role": "assistant", "content": f"It is {2 * n}."}]} for n in range(8)]
+    (data / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n", encoding="utf-8")
+    out = run_sft(model, tmp_path / "out", "--template_name", "auto", "--chat_template_kwargs",
+                  '{"enable_thinking": false}', "--train_file_dir", str(data), "--validation_split_percentage", "0",
+                  "--max_steps", "2")
+    saved = AutoTokenizer.from_pretrained(out)
+    prompt = saved.apply_chat_template(chats[0]["messages"][:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    trained = family_tokenizer(tiny_model, "qwen3.5").apply_chat_template(
+        chats[0]["messages"][:1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert prompt == trained
+    assert saved.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
