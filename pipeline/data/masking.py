@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 from pipeline.data.own_template import NotPrefixConsistent
@@ -160,19 +161,29 @@ def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[i
     return [(list(tokenizer(t, add_special_tokens=False)["input_ids"]), None) for t in texts]
 
 
-_SPLITTERS: dict[int, frozenset | None] = {}
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _facts(tokenizer) -> dict:
+    """What encoding asks of a tokenizer on every sample, worked out once per tokenizer and vocabulary size
+    (adding tokens changes them): its special token strings, longest first, and `_splitters`."""
+    facts = _FACTS.get(tokenizer)
+    if facts is None or facts["size"] != len(tokenizer):
+        special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values() if a.special}
+        special |= {tokenizer.eos_token} if tokenizer.eos_token else set()
+        added = tokenizer.added_tokens_decoder if tokenizer.is_fast else {}
+        plain = added and all(not (t.lstrip or t.rstrip or t.normalized) for t in added.values())
+        facts = {"size": len(tokenizer), "special": tuple(sorted((t for t in special if t), key=len, reverse=True)),
+                 "splitters": frozenset(added) if plain else None}
+        _FACTS[tokenizer] = facts
+    return facts
 
 
 def _splitters(tokenizer) -> frozenset | None:
     """The ids of added tokens a fast tokenizer splits the text at before anything else, when each piece
     between them is then tokenized on its own (no added token strips whitespace or is normalized); None when
     that does not hold (prefixes are then tokenized whole)."""
-    key = id(tokenizer)
-    if key not in _SPLITTERS:
-        added = tokenizer.added_tokens_decoder if tokenizer.is_fast else {}
-        plain = added and all(not (t.lstrip or t.rstrip or t.normalized) for t in added.values())
-        _SPLITTERS[key] = frozenset(added) if plain else None
-    return _SPLITTERS[key]
+    return _facts(tokenizer)["splitters"]
 
 
 def _prefix_tokens(tokenizer, text: str, points: list[int]):
@@ -241,16 +252,8 @@ def _piece_offsets(tokenizer, text: str, start: int, end: int, count: int, lay: 
     return out
 
 
-_SPECIAL: dict[int, tuple[str, ...]] = {}
-
-
 def _special_ending(tokenizer, text: str) -> str | None:
-    key = id(tokenizer)
-    if key not in _SPECIAL:
-        special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values() if a.special}
-        special |= {tokenizer.eos_token} if tokenizer.eos_token else set()
-        _SPECIAL[key] = tuple(sorted((t for t in special if t), key=len, reverse=True))
-    return next((t for t in _SPECIAL[key] if text.endswith(t)), None)
+    return next((t for t in _facts(tokenizer)["special"] if text.endswith(t)), None)
 
 
 _SAID: set[str] = set()
