@@ -28,6 +28,7 @@ from pipeline.arg_checks import (
 )
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError, first_line
+from pipeline.seed_flags import translate
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -313,7 +314,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         del argv[i : i + 2]
     file_argv = _config_to_argv(_load_config(config_path), config_path) if config_path else []
     parser = HfArgumentParser(dataclass_types)
-    argv = _attach_negative_numbers(file_argv + argv)
+    argv = _attach_negative_numbers(translate(file_argv + argv, dataclass_types))
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
