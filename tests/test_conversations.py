@@ -17,7 +17,7 @@ def by_first_user(convs):
 @pytest.fixture(scope="module")
 def examples():
     convs, report = read_conversations(str(DATA / "examples" / "sft"), "--train_file_dir")
-    assert report.read == report.kept == len(convs) == 15
+    assert report.read == report.kept == len(convs) == 14
     return by_first_user(convs)
 
 

@@ -1,7 +1,9 @@
-"""Every example record in data/examples/sft (the seed documents' formats) under the training/inference
+"""Every example record in data/examples/sft (the seed documents' formats), and seed 000's tool chat, under the training/inference
 contract, with every project template and with a slow SentencePiece tokenizer as ChatGLM3's is: each
 conversation either trains with each answer after exactly its prompt's ids, ending with the token that stops
 it, or is refused in one sentence (a template that writes no tools). Nothing renders differently."""
+
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -15,6 +17,8 @@ from pipeline.errors import UserError
 from tests.helpers import DATA, slow_tokenizer
 
 EXAMPLES = DATA / "examples" / "sft"
+# seed 000's own tool chat shape (kept out of data/, whose text trains the tiny tokenizer every test uses)
+SEED_CHAT = "chatglm3_seed_tool_chat.json"
 NO_TOOLS = ("does not write tool definitions", "does not write tool calls", "does not write the tool call",
             "ignores tool definitions", "rejects a conversation")
 
@@ -42,8 +46,11 @@ def check_every_answer(template, tokenizer, conv, stop_ids) -> int:
 
 
 @pytest.mark.parametrize("name", template_names())
-def test_every_example_record_trains_as_inference_renders_it(tiny_model, name):
-    conversations, _ = read_conversations(str(EXAMPLES), "--train_file_dir")
+def test_every_example_record_trains_as_inference_renders_it(tiny_model, name, tmp_path):
+    (tmp_path / "examples").mkdir()
+    for path in [*EXAMPLES.iterdir(), Path(__file__).parent / "data" / SEED_CHAT]:
+        (tmp_path / "examples" / path.name).write_bytes(path.read_bytes())
+    conversations, _ = read_conversations(str(tmp_path / "examples"), "--train_file_dir")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     template = resolve_template(name, tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
@@ -67,6 +74,7 @@ def test_chatglm3_seed_tool_chat_with_a_slow_tokenizer(tmp_path):
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "chatglm3_tools.json").write_bytes((EXAMPLES / "chatglm3_tools.json").read_bytes())
+    (tmp_path / "data" / "seed.json").write_bytes((Path(__file__).parent / "data" / SEED_CHAT).read_bytes())
     conversations, _ = read_conversations(str(tmp_path / "data"), "--train_file_dir")
     conversations = [c for c in conversations if c.get("tools")]
     assert len(conversations) == 2
