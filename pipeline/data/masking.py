@@ -216,7 +216,7 @@ def exact_ids(tokenizer, lay: _Layout) -> _Exact:
     for a, b in lay.answers:
         end = _special_ending(tokenizer, text[a:b])
         marks += [(a, None), (b - len(end) if end else b, end)]
-    final = _special_ending(tokenizer, lay.final) if lay.final and _special_ending(tokenizer, lay.final) == lay.final else None
+    final = lay.final if lay.final and _special_ending(tokenizer, lay.final) == lay.final else None
     marks.append((len(text) - len(final) if final else len(text), final))
     done, start = _Exact([], [], set()), 0
     for n, ((pos, end), (p_ids, p_off)) in enumerate(zip(marks, _prefix_tokens(tokenizer, text, [p for p, _ in marks]))):
