@@ -125,6 +125,28 @@ def check_output_apart(parsed: tuple[Any, ...]) -> None:
                                 "elsewhere or choose another --output_dir.")
 
 
+def check_template_name(parsed: tuple[Any, ...]) -> None:
+    """An unknown --template_name is refused with the parsing, before any data or weights are read."""
+    from pipeline.data.templates import get_template
+
+    for args in parsed:
+        name = getattr(args, "template_name", None)
+        if isinstance(name, str) and name != "auto":
+            get_template(name)
+
+
+def check_test_file(parsed: tuple[Any, ...]) -> None:
+    """--test_file is read only where answers are generated and scored (SFT with --predict_with_generate True)."""
+    data = next((a for a in parsed if hasattr(a, "test_file")), None)
+    if data is None or not data.test_file:
+        return
+    if not any(hasattr(a, "predict_with_generate") for a in parsed):
+        raise UserError("--test_file is read by the SFT stage (predicted and scored after training); drop it here.")
+    if not any(getattr(a, "predict_with_generate", False) for a in parsed):
+        raise UserError("--test_file is predicted and scored after training only with --predict_with_generate True; "
+                        "add that flag or drop --test_file.")
+
+
 # DeepSpeed keys that must agree with the batch flags (or be "auto", which the Trainer fills from them)
 _DS_BATCH = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
              "gradient_accumulation_steps": "gradient_accumulation_steps"}

@@ -8,7 +8,6 @@ flags on the command line override it. Unknown flags are an error.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from pipeline.arg_checks import (
@@ -24,9 +22,11 @@ from pipeline.arg_checks import (
     check_deepspeed_matches,
     check_numbers,
     check_output_apart,
+    check_template_name,
+    check_test_file,
     check_writable_folder,
 )
-from pipeline.data.json_text import loads
+from pipeline.config_file import config_file_argv
 from pipeline.errors import UserError, first_line
 from pipeline.seed_flags import translate
 
@@ -117,6 +117,12 @@ class PeftArguments:
 class DataArguments:
     train_file_dir: str | None = field(default=None, metadata={"help": "Folder searched recursively for data."})
     validation_file_dir: str | None = field(default=None, metadata={"help": "Folder of held-out data."})
+    train_file: list[str] | None = field(default=None, metadata={
+        "help": "Training data file(s), instead of --train_file_dir; several allowed (space or comma separated)."})
+    validation_file: list[str] | None = field(default=None, metadata={
+        "help": "Held-out data file(s), instead of --validation_file_dir."})
+    test_file: list[str] | None = field(default=None, metadata={
+        "help": "SFT with --predict_with_generate True: file(s) whose answers are generated and scored after training."})
     validation_split_percentage: float = field(
         default=1.0, metadata={"help": "Percent of training data held out when no validation dir is given."}
     )
@@ -126,8 +132,15 @@ class DataArguments:
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute cached tokenization."})
 
     def __post_init__(self):
-        if not self.train_file_dir:
-            raise UserError("--train_file_dir is required: give the folder holding your training files.")
+        for name in ("train_file", "validation_file", "test_file"):
+            if getattr(self, name):
+                setattr(self, name, [part for value in getattr(self, name) for part in split_list(value)])
+        for name in ("train", "validation"):
+            if getattr(self, f"{name}_file_dir") and getattr(self, f"{name}_file"):
+                raise UserError(f"give --{name}_file_dir (a folder) or --{name}_file (files), not both.")
+        if not self.train_file_dir and not self.train_file:
+            raise UserError("--train_file_dir is required: give the folder holding your training files (or the files "
+                            "themselves with --train_file).")
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -136,6 +149,21 @@ class DataArguments:
                 raise UserError(f"--{name} 0 would leave no samples; give a positive number, or -1 for all.")
             if value is not None and value < 0:
                 setattr(self, name, None)  # -1 (the seed's spelling) means "all"
+
+    @property
+    def train_source(self) -> tuple[str | list[str], str]:
+        """(folder or list of files, the flag that gave it) of the training data."""
+        return (self.train_file, "--train_file") if self.train_file else (self.train_file_dir, "--train_file_dir")
+
+    @property
+    def validation_source(self) -> tuple[str | list[str] | None, str]:
+        if self.validation_file:
+            return self.validation_file, "--validation_file"
+        return self.validation_file_dir, "--validation_file_dir"
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_file_dir or self.validation_file)
 
 
 @dataclass
@@ -216,6 +244,8 @@ class PipelineTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.fp16 and not torch.cuda.is_available():
             raise UserError("--fp16 needs a CUDA GPU; drop it on a CPU-only machine.")
+        if self.tf32 and not torch.cuda.is_available():
+            raise UserError("--tf32 True needs an NVIDIA GPU (Ampere or newer); drop it on a CPU-only machine.")
         if self.use_liger_kernel:
             if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
                 raise UserError("--use_liger_kernel needs a CUDA GPU and the liger-kernel package (pip install -e '.[gpu]').")
@@ -253,39 +283,6 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _config_to_argv(config: dict[str, Any], path: str) -> list[str]:
-    argv: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            raise UserError(f"{path}: key '{key}' holds a mapping; flags take scalars or lists.")
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}"] + [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
-    return argv
-
-
-def _load_config(path: str) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise UserError(f"config file {path} does not exist.")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        config = loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} cannot be read as UTF-8 text ({first_line(e)}).") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"config file {path}:{e.lineno}: not valid JSON ({e.msg}).") from e
-    except (RecursionError, ValueError) as e:  # YAML nested beyond Python's stack, or an integer of 5,000 digits
-        raise UserError(f"config file {path}: {type(e).__name__} while reading it ({first_line(e)[:80]}); simplify it.") from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"config file {where}: not valid YAML ({getattr(e, 'problem', None) or first_line(e)}).") from e
-    if not isinstance(config, dict):
-        raise UserError(f"config file {path} must hold a mapping of flag names to values.")
-    return config
-
-
 _NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
 
 
@@ -301,26 +298,19 @@ def _attach_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Parse `[config.yaml] [--config FILE] --flag value ...` into the given dataclasses."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = None
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
-        config_path = argv.pop(0)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UserError("--config needs a file path.")
-        config_path = argv[i + 1]
-        del argv[i : i + 2]
-    file_argv = _config_to_argv(_load_config(config_path), config_path) if config_path else []
-    parser = HfArgumentParser(dataclass_types)
-    argv = _attach_negative_numbers(translate(file_argv + argv, dataclass_types))
+    """Parse `[config.yaml] [--config FILE] --flag value ...`, or the GLM demos' `DATA_DIR MODEL CONFIG
+    [yes|STEP]` (pipeline/seed_configs.py), into the given dataclasses."""
+    argv = config_file_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # --train_file is not --train_file_dir
+    argv = _attach_negative_numbers(translate(argv, dataclass_types))
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
         raise UserError(f"{e}. Run with --help to list the flags.") from e
     check_numbers(parsed)
     check_output_apart(parsed)
+    check_test_file(parsed)
+    check_template_name(parsed)
     return parsed
 
 

@@ -7,10 +7,14 @@ becomes; a flag that cannot mean anything here is refused in one sentence naming
 - FastChat's multi-turn loss switches: `--efficient_loss True` / `--last_response_loss True` /
   `--split_example_loss True` are `--multi_turn_mode all|last|split` (exactly one may be True);
 - PPO's `--batch_size` (prompts a step), `--max_target_length` (answer budget) and `--max_source_length`
-  (prompt budget: `--model_max_length` is prompt + answer);
+  (prompt budget: `--model_max_length` is prompt + answer); SFT's `--max_source_length` +
+  `--max_target_length` (the GLM demos' max_input_length/max_output_length) as `--model_max_length`;
+- FastChat's `--data_path` / `--eval_data_path` (one JSON file each) are `--train_file` / `--validation_file`;
 - what training already does: `--device_map auto` (each process holds its model on its own device),
   `--model_type auto` (detected from the checkpoint), `--lazy_preprocess True` (data is tokenized once, up
   front), PT's `--packing True` (PT always packs);
+- ChatGLM-6B's P-Tuning `--pre_seq_len N` (P-Tuning v2, N virtual tokens) and `--quantization_bit 4|8`;
+  FastChat's `--lora_r`;
 - a bare boolean (`--bf16`, `--use_peft`) means True.
 """
 
@@ -26,7 +30,8 @@ from pipeline.errors import UserError
 logger = logging.getLogger(__name__)
 
 RENAMED = {"evaluation_strategy": "eval_strategy", "lora_target_modules": "target_modules", "q_lora": "qlora",
-           "warmup_ratio": "warmup_steps"}
+           "warmup_ratio": "warmup_steps", "data_path": "train_file", "eval_data_path": "validation_file",
+           "lora_r": "lora_rank"}
 LOSS_MODES = {"efficient_loss": "all", "last_response_loss": "last", "split_example_loss": "split"}
 ALREADY = {  # flag: (the value that means what happens anyway, what happens)
     "device_map": ("auto", "each training process holds its model on its own device"),
@@ -39,7 +44,26 @@ REFUSED = {
                       "--early_stopping",
     "reward_baseline": "PPO here centers rewards with --whiten_rewards True and a learned value baseline; drop "
                        "--reward_baseline",
+    "dataset_name": "hub data sets are not downloaded by the stages; save the data set's records as .json/.jsonl files "
+                    "and give them with --train_file_dir (a folder) or --train_file",
+    "dataset_path": "it names a folder that ChatGLM-Tuning's tokenize_dataset_rows.py tokenized; give the JSON lines "
+                    "file itself with --train_file (tokenizing happens here, with the model's chat template)",
 }
+
+
+def _expand(name: str, values: list[str], known: dict) -> list[tuple[str, list[str]]] | None:
+    """ChatGLM-6B's P-Tuning flags as several of this project's: `--pre_seq_len N` (P-Tuning v2 with N virtual
+    tokens) and `--quantization_bit 4|8`; None for any other flag."""
+    if name == "pre_seq_len" and "num_virtual_tokens" in known:
+        _say(name, f"{values[0] if values else ''} is read as --use_peft True --peft_type prefix_tuning "
+                   f"--num_virtual_tokens {values[0] if values else ''}")
+        return [("use_peft", ["true"]), ("peft_type", ["prefix_tuning"]), ("num_virtual_tokens", values)]
+    if name == "quantization_bit" and "load_in_4bit" in known:
+        if values not in (["4"], ["8"]):
+            raise UserError(f"--quantization_bit takes 4 or 8, got {' '.join(values) or 'nothing'}.")
+        _say(name, f"{values[0]} is read as --load_in_{values[0]}bit True")
+        return [(f"load_in_{values[0]}bit", ["true"])]
+    return None
 _SAID: set[str] = set()
 
 
@@ -107,11 +131,13 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
         elif name in LOSS_MODES and "multi_turn_mode" in known:
             if _truthy(name, values):
                 modes.append(name)
+        elif (expanded := _expand(name, values, known)) is not None:
+            out += expanded
         elif name in REFUSED:
             raise UserError(f"--{name} has no counterpart here: {REFUSED[name]}.")
         else:
             out.append((name, values))
-    out += _ppo_lengths(out, known)
+    out += _lengths(out, known)
     if len(modes) > 1:
         raise UserError(f"{' and '.join('--' + m for m in modes)} are both True; FastChat allows one (they are "
                         "--multi_turn_mode all, last and split here).")
@@ -121,21 +147,41 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
     return [tok for name, values in out for tok in ([f"--{name}"] if name else []) + values]
 
 
-def _ppo_lengths(pairs: list, known: dict) -> list:
-    """PPO's seed flags: --batch_size, --max_target_length and --max_source_length, where the stage has no
-    field of that name (RM and DPO read the two lengths themselves)."""
+def _lengths(pairs: list, known: dict) -> list:
+    """The seeds' length flags where the stage has no field of that name (RM and DPO read them themselves):
+    PPO's --batch_size (prompts a step), --max_target_length (answer budget) and --max_source_length (prompt
+    budget); SFT's --max_source_length + --max_target_length (the GLM demos' max_input_length and
+    max_output_length), which bound a sample together."""
     extra, values = [], {name: vals for name, vals in pairs}
-    if "max_new_tokens" not in known:
+    names = ("batch_size", "max_target_length", "max_source_length")
+    if "max_source_length" in known or not any(n in values for n in names):
         return extra
-    for name, target in (("batch_size", "per_device_train_batch_size"), ("max_target_length", "max_new_tokens")):
-        if name in values and name not in known:
-            _say(name, f"is read as --{target}")
-            extra.append((target, values[name]))
-    if "max_source_length" in values and "max_source_length" not in known:
-        answer = (values.get("max_target_length") or values.get("max_new_tokens") or ["64"])[0]
-        total = int(values["max_source_length"][0]) + int(answer)
-        _say("max_source_length", f"plus the answer budget ({answer}) is read as --model_max_length {total}")
-        extra.append(("model_max_length", [str(total)]))
-    pairs[:] = [(n, v) for n, v in pairs if n not in ("batch_size", "max_target_length", "max_source_length")
-                or n in known]
+    if "kl_coef" in known:  # PPO and GRPO
+        for name, target in (("batch_size", "per_device_train_batch_size"), ("max_target_length", "max_new_tokens")):
+            if name in values and name not in known:
+                _say(name, f"is read as --{target}")
+                extra.append((target, values[name]))
+        if "max_source_length" in values:
+            answer = (values.get("max_target_length") or values.get("max_new_tokens") or ["64"])[0]
+            extra.append(_total("max_source_length", values["max_source_length"][0], answer, "the answer budget"))
+        handled = names
+    elif "model_max_length" in known and ("max_source_length" in values or "max_target_length" in values):
+        if ("max_source_length" in values) != ("max_target_length" in values):
+            raise UserError("give both --max_source_length and --max_target_length (a sample may hold both), or "
+                            "--model_max_length alone.")
+        extra.append(_total("max_source_length", values["max_source_length"][0], values["max_target_length"][0],
+                            "--max_target_length"))
+        handled = ("max_target_length", "max_source_length")
+    else:
+        return extra
+    pairs[:] = [(n, v) for n, v in pairs if n not in handled or n in known]
     return extra
+
+
+def _total(flag: str, source: str, answer: str, what: str) -> tuple[str, list[str]]:
+    try:
+        total = int(source) + int(answer)
+    except ValueError as e:
+        raise UserError(f"--{flag} and the answer length take whole numbers, got {source!r} and {answer!r}.") from e
+    _say(flag, f"plus {what} ({answer}) is read as --model_max_length {total}")
+    return "model_max_length", [str(total)]

@@ -48,9 +48,9 @@ def resolve_checkpointing(training_args, peft_args: PeftArguments) -> None:
 
 def check_eval_data(data_args, training_args) -> None:
     """Evaluation during training (--eval_strategy steps/epoch, --eval_on_start) needs held-out data: a
-    --validation_file_dir or a --validation_split_percentage above 0."""
+    --validation_file_dir / --validation_file or a --validation_split_percentage above 0."""
     wants = str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") or training_args.eval_on_start
-    if wants and not data_args.validation_file_dir and data_args.validation_split_percentage <= 0:
+    if wants and not data_args.has_validation and data_args.validation_split_percentage <= 0:
         flag = "--eval_on_start" if training_args.eval_on_start else f"--eval_strategy {training_args.eval_strategy.value}"
-        raise UserError(f"{flag} evaluates during training but there is no held-out data; give --validation_file_dir, "
-                        "a --validation_split_percentage above 0, or --eval_strategy no.")
+        raise UserError(f"{flag} evaluates during training but there is no held-out data; give --validation_file_dir "
+                        "(or --validation_file), a --validation_split_percentage above 0, or --eval_strategy no.")

@@ -282,7 +282,7 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> PPORecipe:
     model_args, data_args, peft_args, ppo_args, training_args = parse(argv)
     setup_run(training_args)
-    claim_output_dir(training_args, "ppo", model_args.model_name_or_path, data_args.train_file_dir)
+    claim_output_dir(training_args, "ppo", model_args.model_name_or_path, data_args.train_source[0])
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(ppo_args.template_name, tokenizer, ppo_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)

@@ -13,6 +13,7 @@ from datasets import Dataset
 
 from pipeline.data.contract import check_conversation
 from pipeline.data.conversations import read_conversations
+from pipeline.data.files import shown
 from pipeline.data.json_text import parse_json
 from pipeline.data.masking import IGNORE_INDEX, Dropped, Encoded, cut_to_whole_turns, encode_samples
 from pipeline.data.summary import DataSummary
@@ -74,7 +75,7 @@ def build_chat_dataset(directory: str, flag: str, template: Template, tokenizer,
         logger.info("%s: conversations split one answer per sample added %d samples (%d conversations -> %d samples)",
                     flag, extra, len(conversations), len(encoded))
     if len(kept) == 0:
-        raise UserError(f"{flag} {directory}: {report.read} conversations read, no sample kept ({report.reasons()}); "
+        raise UserError(f"{flag} {shown(directory)}: {report.read} conversations read, no sample kept ({report.reasons()}); "
                         "raise --model_max_length or shorten the data.")
     return kept, report
 

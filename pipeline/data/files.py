@@ -28,12 +28,41 @@ logger = logging.getLogger(__name__)
 TEXT_EXTENSIONS = (".txt", ".json", ".jsonl")
 
 
-def find_files(directory: str, flag: str, extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> list[Path]:
-    """All data files under `directory` (recursive, through symbolic links, sorted); anything else there is an
-    error, and so is anything that cannot be listed or read."""
-    root = Path(directory)
+HELD_OUT_NAMES = ("dev", "val", "valid", "validation", "eval", "test")
+
+
+def shown(source: str | list[str]) -> str:
+    """A data source as the user typed it: a folder, or files separated by spaces."""
+    return " ".join(source) if isinstance(source, list) else str(source)
+
+
+def find_files(source: str | list[str], flag: str, extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> list[Path]:
+    """All data files of a source: every file under a folder (recursive, through symbolic links, sorted; anything
+    else there is an error), or the listed files themselves (--train_file), each checked readable now."""
+    if isinstance(source, list):
+        files = [_named_file(Path(path), flag, extensions) for path in source]
+    else:
+        files = _folder_files(Path(source), flag, extensions)
+    for path in files:  # fail now, naming the file, rather than after the others have been read
+        _open(path).close()
+    return files
+
+
+def _named_file(path: Path, flag: str, extensions: tuple[str, ...]) -> Path:
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give it as {flag}_dir, or name the files in it.")
+    if not path.is_file():
+        raise UserError(f"{flag} {path} does not exist.")
+    if path.suffix.lower() not in extensions:
+        raise UserError(f"{flag} {path} has an unsupported extension; give {', '.join(extensions)} files.")
+    return path
+
+
+def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Path]:
+    if root.is_file():
+        raise UserError(f"{flag} {root} is a file, not a folder; give it as {flag.removesuffix('_dir')} {root}.")
     if not root.is_dir():
-        raise UserError(f"{flag} {directory} is not a folder; point it at a folder of {'/'.join(extensions)} files.")
+        raise UserError(f"{flag} {root} is not a folder; point it at a folder of {'/'.join(extensions)} files.")
     files, foreign = [], []
     for path in walk_files(root, flag):
         (files if path.suffix.lower() in extensions else foreign).append(path)
@@ -43,9 +72,13 @@ def find_files(directory: str, flag: str, extensions: tuple[str, ...] = TEXT_EXT
             "convert it or move it out of the folder."
         )
     if not files:
-        raise UserError(f"{flag} {directory} holds no {'/'.join(extensions)} files.")
-    for path in files:  # fail now, naming the file, rather than after the others have been read
-        _open(path).close()
+        raise UserError(f"{flag} {root} holds no {'/'.join(extensions)} files.")
+    held_out = [p for p in files if p.stem.lower() in HELD_OUT_NAMES]
+    if flag == "--train_file_dir" and held_out and len(held_out) < len(files):
+        train = [str(p) for p in files if p not in held_out]
+        raise UserError(f"{flag} {root} holds held-out data ({held_out[0].name}) beside training data, and all of it "
+                        f"would be trained; give the files apart: --train_file {' '.join(train)} --validation_file "
+                        f"{held_out[0]}.")
     return files
 
 
@@ -226,9 +259,9 @@ def _text_generator(files: list[str], stamps: list[tuple[int, int]]):
             yield {"text": text}
 
 
-def load_text_dataset(directory: str, flag: str, cache_dir: str | None = None) -> tuple[Dataset, ReadReport]:
+def load_text_dataset(source: str | list[str], flag: str, cache_dir: str | None = None) -> tuple[Dataset, ReadReport]:
     """Validate every file (fails fast with file:line), then build a datasets.Dataset of {"text"}."""
-    files = find_files(directory, flag)
+    files = find_files(source, flag)
     report = ReadReport(files=len(files))
     for path in files:
         n = sum(1 for _ in iter_text_documents(path))
@@ -243,10 +276,11 @@ def load_text_dataset(directory: str, flag: str, cache_dir: str | None = None) -
 
 
 def load_train_eval(load: Callable[[str, str], Dataset], data_args, seed: int, unit: str) -> tuple[Dataset, Dataset | None]:
-    """Training data, and evaluation data from --validation_file_dir or a --validation_split_percentage split."""
-    train = load(data_args.train_file_dir, "--train_file_dir")
-    if data_args.validation_file_dir:
-        return train, load(data_args.validation_file_dir, "--validation_file_dir")
+    """Training data, and evaluation data from --validation_file_dir / --validation_file or a
+    --validation_split_percentage split."""
+    train = load(*data_args.train_source)
+    if data_args.has_validation:
+        return train, load(*data_args.validation_source)
     if data_args.validation_split_percentage > 0 and len(train) >= 2:
         n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
         split = train.train_test_split(test_size=n_eval, seed=seed)

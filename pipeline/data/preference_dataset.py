@@ -14,7 +14,7 @@ import logging
 
 from datasets import Dataset
 
-from pipeline.data.files import cap, load_train_eval
+from pipeline.data.files import cap, load_train_eval, shown
 from pipeline.data.json_text import parse_json
 from pipeline.data.preferences import read_preferences
 from pipeline.data.summary import DataSummary
@@ -79,7 +79,7 @@ def build_preference_dataset(directory: str, flag: str, template: Template, toke
     A pair (KTO: an answer) longer than max_length is dropped whole and counted: no answer is ever cut."""
     pairs, read = read_preferences(directory, flag, unpaired, skip_invalid)
     if not pairs:
-        raise UserError(f"{flag} {directory}: no usable preference record ({read.summary('records')}).")
+        raise UserError(f"{flag} {shown(directory)}: no usable preference record ({read.summary('records')}).")
     report = DataSummary.after_reading(read, "records", "answers" if unpaired else "pairs")
     report.samples = len(pairs)  # KTO: a pair record gives two answers
     raw = Dataset.from_dict({"pair": [json.dumps(p, ensure_ascii=False) for p in pairs]})
@@ -89,7 +89,7 @@ def build_preference_dataset(directory: str, flag: str, template: Template, toke
     kept = encoded.filter(lambda x: x["prompt_ids"] is not None)
     report.drop_sample(f"longer than --model_max_length {max_length}", len(encoded) - len(kept))
     if len(kept) == 0:
-        raise UserError(f"{flag} {directory}: {report.read} records read, none fits ({report.reasons()}); raise "
+        raise UserError(f"{flag} {shown(directory)}: {report.read} records read, none fits ({report.reasons()}); raise "
                         "--model_max_length or shorten the data.")
     return kept, report
 

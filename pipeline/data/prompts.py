@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from pipeline.data.conversations import read_conversations
-from pipeline.data.files import ReadReport
+from pipeline.data.files import ReadReport, shown
 from pipeline.data.templates import Template, render_segments
 from pipeline.errors import UserError
 
@@ -59,19 +59,19 @@ def load_prompts(directory: str, flag: str, template: Template, tokenizer, max_p
         prompts.append(Prompt(messages, reference, conv.get("tools"), ids))
     logger.info(report.summary(f"{flag} prompts"))
     if not prompts:  # before any model is loaded
-        raise UserError(f"{flag} {directory}: no usable prompt ({report.summary('records')}); shorten the prompts or "
+        raise UserError(f"{flag} {shown(directory)}: no usable prompt ({report.summary('records')}); shorten the prompts or "
                         "raise --model_max_length (a prompt may take --model_max_length - --max_new_tokens tokens).")
     return prompts, report
 
 
 def load_rl_prompts(data_args, ppo_args, template: Template, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir), capped by
+    """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir or --validation_file), capped by
     --max_train_samples / --max_eval_samples."""
     def load(directory: str, flag: str) -> list[Prompt]:
         prompts, _ = load_prompts(directory, flag, template, tokenizer, ppo_args.prompt_budget, ppo_args.data_format,
                                   ppo_args.skip_invalid_samples)
         return prompts
 
-    prompts = load(data_args.train_file_dir, "--train_file_dir")
-    eval_prompts = load(data_args.validation_file_dir, "--validation_file_dir") if data_args.validation_file_dir else []
+    prompts = load(*data_args.train_source)
+    eval_prompts = load(*data_args.validation_source) if data_args.has_validation else []
     return prompts[: data_args.max_train_samples], eval_prompts[: data_args.max_eval_samples]

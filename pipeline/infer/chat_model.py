@@ -159,8 +159,13 @@ def _stop_ids(config: GenerationConfig, tokenizer, template_name: str | None) ->
     return ids or [tokenizer.eos_token_id]
 
 
-def load_chat_model(path: str, template_name: str | None = None, trust_remote_code: bool = False) -> ChatModel:
-    """A full model folder, or an adapter folder applied to the base named in its adapter_config.json."""
+def load_chat_model(path: str, template_name: str | None = None, trust_remote_code: bool = False,
+                    num_gpus: int = 1) -> ChatModel:
+    """A full model folder, or an adapter folder applied to the base named in its adapter_config.json; on one
+    GPU (or the CPU), or its layers spread over the first `num_gpus` GPUs."""
+    if num_gpus < 1 or num_gpus > max(torch.cuda.device_count(), 1):
+        raise UserError(f"--num_gpus {num_gpus}: this machine has {torch.cuda.device_count()} GPUs; give a number from "
+                        f"1 to {max(torch.cuda.device_count(), 1)}.")
     folder = Path(path)
     if not folder.exists() and (folder.is_absolute() or path.startswith(".")):
         raise UserError(f"--model {path} does not exist; point it at a trained folder (or a hub model id).")
@@ -189,7 +194,10 @@ def load_chat_model(path: str, template_name: str | None = None, trust_remote_co
     config = _load(what, AutoConfig.from_pretrained, base, trust_remote_code=trust_remote_code)
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         raise UserError(f"{base} is a reward model; chat needs a causal LM (an SFT, DPO or PPO output).")
-    model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype="auto", trust_remote_code=trust_remote_code)
+    spread = {"device_map": "auto", "max_memory": {i: torch.cuda.mem_get_info(i)[0] for i in range(num_gpus)}} \
+        if num_gpus > 1 else {}
+    model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype="auto", trust_remote_code=trust_remote_code,
+                                                 **spread)
     if adapter:
         from peft import PeftModel
 
@@ -197,7 +205,9 @@ def load_chat_model(path: str, template_name: str | None = None, trust_remote_co
 
         resize_embeddings(model, tokenizer)  # training may have added tokens (modules_to_save holds their rows)
         model = PeftModel.from_pretrained(model, path)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if not spread:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
     # An adapter folder carries the stop tokens its training set; without one, the base model's apply.
     config = GenerationConfig.from_pretrained(path) if (folder / "generation_config.json").is_file() else \
         GenerationConfig.from_dict(model.generation_config.to_dict())
@@ -234,11 +244,13 @@ def check_messages(messages: Any) -> list[dict]:
     return out
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     """Flags shared with pipeline.serve (where the sampling ones are defaults for requests that omit them)."""
-    parser.add_argument("--model", required=True, help="a trained folder: full model or adapter")
+    parser.add_argument("--model", required=model_required, help="a trained folder: full model or adapter")
     parser.add_argument("--template_name", default=None, help="render with this template instead of the saved one")
     parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--num_gpus", "--num-gpus", type=int, default=1,
+                        help="places the model on this many GPUs, its layers spread over them (1: one GPU, or the CPU)")
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=1.0)

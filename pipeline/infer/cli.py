@@ -1,6 +1,7 @@
 """Use a trained folder from the terminal: multi-turn chat, or answers for a whole file of prompts.
 
-    python -m pipeline.chat --model outputs/sft-merged                 # interactive: clear / exit
+    python -m pipeline.chat --model outputs/sft-merged                 # interactive: clear / exit (or stop)
+    python -m pipeline.chat outputs/sft --prompt "Hello"               # one answer, printed (the GLM demos' form)
     python -m pipeline.chat --model outputs/sft --input_file prompts.jsonl --output_file answers.jsonl
 
 An input line is {"prompt": "...", "system"?: "..."} or {"messages": [OpenAI-style messages]}; each
@@ -74,17 +75,17 @@ def _print_piece(text: str) -> None:
 
 
 def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
-    """Read user lines from stdin and stream the answers to stdout; `clear` resets, `exit` (or EOF) quits."""
+    """Read user lines from stdin and stream the answers to stdout; `clear` resets, `exit`/`stop` (or EOF) quits."""
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     prompt = "user> " if sys.stdin.isatty() else ""
-    print("type a message; `clear` starts over, `exit` quits", file=sys.stderr, flush=True)
+    print("type a message; `clear` starts over, `exit` or `stop` quits", file=sys.stderr, flush=True)
     while True:
         try:
             line = input(prompt).strip()
         except EOFError:
             break
-        if line == "exit":
+        if line in ("exit", "stop"):
             break
         if line == "clear":
             history = list(start)
@@ -96,22 +97,37 @@ def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
             history.append({"role": "assistant", "content": completion.text})
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Chat with a trained folder, or answer a file of prompts.")
-    add_model_arguments(parser)
+    add_model_arguments(parser, model_required=False)
     parser.add_argument("--system", default=None, help="system prompt (batch: for records that have none)")
     parser.add_argument("--input_file", default=None, help="JSON lines of {prompt, system?} or {messages}")
     parser.add_argument("--output_file", default=None, help="JSON lines: each input record plus answer")
     parser.add_argument("--batch_size", type=int, default=8)
-    args = parser.parse_args(argv)
+    parser.add_argument("--prompt", nargs="+", default=None, help="answer this one message, print it and exit")
+    parser.add_argument("folder", nargs="?", default=None, help="the trained folder, as --model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if (args.model is None) == (args.folder is None):
+        raise UserError("give the trained folder once: as --model FOLDER or as the first argument.")
+    args.model = args.model or args.folder
+    if args.prompt and args.input_file:
+        raise UserError("--prompt answers one message and --input_file a file of them; give one of the two.")
     if (args.input_file is None) != (args.output_file is None):
         raise UserError("--input_file and --output_file go together; give both for batch mode, or neither to chat.")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}.")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
     prompts = read_prompts(args.input_file, args.system) if args.input_file else None
-    chat = load_chat_model(args.model, args.template_name, args.trust_remote_code)
-    if prompts is None:
+    chat = load_chat_model(args.model, args.template_name, args.trust_remote_code, args.num_gpus)
+    if args.prompt:
+        start = [{"role": "system", "content": args.system}] if args.system is not None else []
+        chat.stream([*start, {"role": "user", "content": " ".join(args.prompt)}], sampling, _print_piece)
+        print(flush=True)
+    elif prompts is None:
         interact(chat, sampling, args.system)
     else:
         answer_file(chat, prompts, args.output_file, sampling, args.batch_size)

@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--max_new_tokens {defaults.max_new_tokens} is above --max_tokens_cap {limits.max_tokens_cap}; "
                         f"lower it or raise the cap.")
     name = args.served_model_name or args.model
-    chat = load_chat_model(args.model, args.template_name, args.trust_remote_code)
+    chat = load_chat_model(args.model, args.template_name, args.trust_remote_code, args.num_gpus)
     try:
         server = ChatServer((args.host, args.port), chat, name, defaults, limits)
     except OSError as e:

@@ -42,7 +42,7 @@ def previous_run(out: Path) -> str | None:
     return " and ".join(found) or None
 
 
-def claim_output_dir(training_args, stage: str, model: str, data: str | None) -> None:
+def claim_output_dir(training_args, stage: str, model: str, data: str | list[str] | None) -> None:
     """Check, before any work, that --output_dir is free for this run (or is this run's, when resuming).
 
     Reads only: a run that then fails on its data leaves the folder as it was. `take_output_dir`, called when
@@ -96,8 +96,11 @@ def remove_run_outputs(out: Path) -> int:
     return removed
 
 
-def _normal(path: str | None) -> str:
-    """A local path as an absolute one (the same folder spelled two ways is the same run); hub ids unchanged."""
+def _normal(path: str | list[str] | None) -> str:
+    """A local path as an absolute one (the same folder spelled two ways is the same run); hub ids unchanged;
+    a list of files (--train_file) as their paths joined by spaces."""
+    if isinstance(path, list):
+        return " ".join(_normal(p) for p in path)
     return str(Path(path).resolve()) if path and Path(path).exists() else str(path)
 
 
