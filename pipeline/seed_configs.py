@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.seed_flags import note
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,9 @@ def positional(argv: list[str]) -> tuple[str, str, list[str]] | None:
     return config, data_dir, flags + argv[len(lead):]
 
 
-_SAID: set[str] = set()
-
-
 def _say(key: str, text: str) -> None:
-    if key not in _SAID:
-        _SAID.add(key)
-        logger.info("%s", text)
+    """What a demo key became, said once per process when logging is set up (seed_flags.note)."""
+    note(logger, (key, text), text)
 
 
 def _section(config: dict, name: str, path: str) -> dict:

@@ -64,13 +64,26 @@ def _expand(name: str, values: list[str], known: dict) -> list[tuple[str, list[s
         _say(name, f"{values[0]} is read as --load_in_{values[0]}bit True")
         return [(f"load_in_{values[0]}bit", ["true"])]
     return None
-_SAID: set[str] = set()
+_SAID: set = set()
+_PENDING: list[tuple[logging.Logger, str]] = []
+
+
+def note(log: logging.Logger, key, text: str) -> None:
+    """Queue `text` once per process (per `key`). Parsing has no side effects and runs before logging is set up,
+    so the queued notes are said by say_notes(), which setup_logging calls."""
+    if key not in _SAID:
+        _SAID.add(key)
+        _PENDING.append((log, text))
+
+
+def say_notes() -> None:
+    while _PENDING:
+        log, text = _PENDING.pop(0)
+        log.info("%s", text)
 
 
 def _say(flag: str, text: str) -> None:
-    if flag not in _SAID:
-        _SAID.add(flag)
-        logger.info("--%s (as the seed documents spell it) %s", flag, text)
+    note(logger, flag, f"--{flag} (as the seed documents spell it) {text}")
 
 
 def _fields(dataclass_types) -> dict[str, type]:

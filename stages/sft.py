@@ -5,7 +5,9 @@ Data: .json/.jsonl under --train_file_dir in ShareGPT, OpenAI/GLM-4 messages, Ch
 answers plus the token that ends each answer are trained. The saved tokenizer carries the template as
 its chat_template and the generation config stops on the template's end-of-turn tokens. Samples are
 packed whole into rows (--packing, default on) and a step's rows are flattened into one padding-free
-sequence; the loss is computed without full-vocabulary logits (pipeline/train/causal_lm.py).
+sequence; the loss is computed without full-vocabulary logits (pipeline/train/causal_lm.py). With
+--predict_with_generate True the held-out answers are generated and scored with ROUGE/BLEU at every evaluation
+and after training, --test_file's too (pipeline/eval/predict.py).
 
     python stages/sft.py --model_name_or_path outputs/pt-merged --template_name qwen \
         --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/sft
@@ -21,12 +23,13 @@ from pathlib import Path
 from pipeline.args import CausalLMTrainingArguments, DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
 from pipeline.data.chat_dataset import build_chat_dataset, sanity_table
 from pipeline.data.collators import FlatteningCollator, PaddingCollator
-from pipeline.data.conversations import FORMATS
+from pipeline.data.conversations import FORMATS, column_format
 from pipeline.data.files import cap, load_train_eval
 from pipeline.data.masking import MULTI_TURN_MODES
 from pipeline.data.packing import pack_dataset
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
+from pipeline.eval.predict import GenerationEval, check_predict_with_generate, held_out_sources
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.train.causal_lm import CausalLMTrainer
@@ -49,12 +52,20 @@ class SFTArguments:
     train_on_inputs: bool = field(default=False, metadata={"help": "Supervise every token, prompts included."})
     data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
     skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "Records of two text fields: the question's field (with --response_column); {content, summary} "
+                "records are read without it."})
+    response_column: str | None = field(default=None, metadata={"help": "Records of two text fields: the answer's field."})
     neft_alpha: float = field(default=0.0, metadata={"help": "NEFTune noise alpha on embeddings (0 = off)."})
     packing: bool | None = field(default=None, metadata={
         "help": "Pack whole samples into rows, padding-free (default: on; off for prefix tuning and NEFTune)."})
     packing_length: int | None = field(default=None, metadata={
         "help": "Tokens per packed row (default --model_max_length); a step holds --per_device_train_batch_size rows."})
     loss_chunk_size: int = field(default=2048, metadata={"help": "Supervised tokens per output-head chunk of the loss."})
+    predict_with_generate: bool = field(default=False, metadata={
+        "help": "At each evaluation and after training, generate the held-out answers and score ROUGE/BLEU "
+                "(needs the eval extra)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Tokens generated per held-out answer (--predict_with_generate)."})
 
     def __post_init__(self):
         if self.model_max_length < 8:
@@ -69,6 +80,9 @@ class SFTArguments:
                             f"--model_max_length ({self.model_max_length}).")
         if self.loss_chunk_size < 1:
             raise UserError(f"--loss_chunk_size must be positive, got {self.loss_chunk_size}.")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
+        self.data_format = column_format(self.data_format, self.prompt_column, self.response_column)
 
 
 def build_datasets(data_args, sft_args, template, tokenizer, training_args):
@@ -97,6 +111,8 @@ def parse(argv: list[str] | None = None):
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)
+    if sft_args.predict_with_generate:
+        check_predict_with_generate(data_args, training_args)
     training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
     sft_args.packing = resolve_packing(sft_args.packing, peft_args, sft_args.neft_alpha)
     return model_args, data_args, peft_args, sft_args, training_args
@@ -105,11 +121,12 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, peft_args, sft_args, training_args = parse(argv)
     setup_run(training_args)
-    claim_output_dir(training_args, "sft", model_args.model_name_or_path, data_args.train_file_dir)
+    claim_output_dir(training_args, "sft", model_args.model_name_or_path, data_args.train_source[0])
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(sft_args.template_name, tokenizer, sft_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
     train_dataset, eval_dataset = build_datasets(data_args, sft_args, template, tokenizer, training_args)
+    held_out = held_out_sources(data_args, sft_args) if sft_args.predict_with_generate else None
     if training_args.should_log:
         first = train_dataset[0]
         logger.info("Sanity check: first training sample (template '%s')\n%s", template.name,
@@ -131,12 +148,17 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         loss_chunk_size=sft_args.loss_chunk_size,
     )
+    generation = GenerationEval(trainer, held_out[0], sft_args.max_new_tokens) if held_out else None
+    if generation:  # ROUGE/BLEU of generated answers join every evaluation's metrics
+        trainer.add_callback(generation)
     if training_args.do_train:
         train_and_save(trainer, training_args)
         if training_args.should_save:  # adapters are saved without it; inference needs the stop tokens
             unwrap(model).generation_config.save_pretrained(Path(training_args.output_dir))
     if training_args.do_eval and eval_dataset is not None:
         evaluate_and_save(trainer)
+    if generation:  # the final evaluation's answers and the --test_file answers, with their metrics
+        generation.finish(held_out[1])
 
 
 if __name__ == "__main__":

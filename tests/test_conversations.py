@@ -138,3 +138,47 @@ def test_preview_prints_the_table(tiny_model, capsys):
           "--tokenizer_name_or_path", str(tiny_model), "--index", "1"])
     out = capsys.readouterr().out
     assert "[gMASK]<sop><|system|>" in out and "<|assistant|>search_books" in out and "'<|observation|>'" in out
+
+
+ADVERTISEGEN = {"content": "类型#裙*颜色#蓝色*风格#清新", "summary": "这条蓝色的裙子清新自然。"}
+
+
+def test_advertisegen_records_are_read_as_a_question_and_its_answer():
+    conv = normalize(ADVERTISEGEN)
+    assert conv["messages"] == [{"role": "user", "content": ADVERTISEGEN["content"]},
+                                {"role": "assistant", "content": ADVERTISEGEN["summary"]}]
+
+
+def test_named_columns_read_any_two_field_record(tmp_path):
+    from pipeline.data.conversations import column_format
+
+    fmt = column_format("auto", "ask", "reply")
+    assert normalize({"ask": "q", "reply": "a", "id": 3}, fmt)["messages"][1] == {"role": "assistant", "content": "a"}
+    with pytest.raises(Exception, match='the field "reply" is missing'):
+        normalize({"ask": "q"}, fmt)
+    with pytest.raises(Exception, match='"ask" must be a string'):
+        normalize({"ask": ["q"], "reply": "a"}, fmt)
+    with pytest.raises(UserError, match="--prompt_column needs --response_column too"):
+        column_format("auto", "ask", None)
+    with pytest.raises(UserError, match="not --data_format alpaca"):
+        column_format("alpaca", "ask", "reply")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "train.json").write_text('{"ask": "q1", "reply": "a1"}\n{"ask": "q2"}\n')
+    with pytest.raises(UserError, match=r'train.json:2: .*the field "reply" is missing'):
+        read_conversations(str(folder), "--train_file_dir", fmt)
+    convs, report = read_conversations(str(folder), "--train_file_dir", fmt, skip_invalid=True)
+    assert len(convs) == 1 and report.read == 2
+
+
+def test_converter_reads_advertisegen_and_named_columns(tmp_path):
+    from pipeline.tools.convert import main
+
+    source = tmp_path / "train.json"
+    source.write_text(json.dumps(ADVERTISEGEN, ensure_ascii=False) + "\n")
+    main(["--input", str(source), "--output", str(tmp_path / "out.jsonl")])
+    assert json.loads((tmp_path / "out.jsonl").read_text())["conversations"][1]["value"] == ADVERTISEGEN["summary"]
+    source.write_text('{"ask": "q", "reply": "a"}\n')
+    main(["--input", str(source), "--output", str(tmp_path / "named.jsonl"), "--prompt_column", "ask",
+          "--response_column", "reply"])
+    assert json.loads((tmp_path / "named.jsonl").read_text())["conversations"][0] == {"from": "human", "value": "q"}

@@ -40,7 +40,8 @@ NEEDS_VALUE = {"train_file_dir": str(DATA / "sft"), "validation_file_dir": str(D
 
 # flags the seeds give in pairs: the one-flag test adds the other
 COMPANION = {"max_source_length": ["--max_target_length", "64"], "max_target_length": ["--max_source_length", "64"],
-             "prompt_column": ["--response_column", "summary"], "response_column": ["--prompt_column", "content"]}
+             "prompt_column": ["--response_column", "summary"], "response_column": ["--prompt_column", "content"],
+             "predict_with_generate": ["--validation_file_dir", str(DATA / "sft_eval")]}
 # (flag, value as written or None) or flag -> "ok", or a pattern of the refusal
 EXPECTED = {
     "base_model": "ok", "bf16": "ok", "data_path": "ok", "deepspeed": "ok", "do_train": "ok", "efficient_loss": "ok",

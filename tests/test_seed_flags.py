@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from pipeline import seed_flags
 from pipeline.errors import UserError
 from stages import dpo, pt, sft
 from stages import ppo as ppo_stage
@@ -14,8 +15,17 @@ from tests.helpers import DATA
 BASE = ["--output_dir", "/tmp/seed-flags-out", "--train_file_dir", str(DATA / "sft")]
 
 
+@pytest.fixture(autouse=True)
+def fresh_log_once(monkeypatch):
+    """Each message is logged once per process; other test files may have said it already."""
+    monkeypatch.setattr(seed_flags, "_SAID", set())
+    monkeypatch.setattr(seed_flags, "_PENDING", [])
+
+
 def sft_args(tiny_model, *flags):
-    return sft.parse(["--model_name_or_path", str(tiny_model), *BASE, *flags])
+    parsed = sft.parse(["--model_name_or_path", str(tiny_model), *BASE, *flags])
+    seed_flags.say_notes()  # what a stage's setup_logging does
+    return parsed
 
 
 def test_renamed_flags_act_as_their_canonical_flags_and_say_so_once(tiny_model, caplog):

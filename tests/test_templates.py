@@ -143,7 +143,8 @@ def test_a_broken_template_file_names_the_file_and_field(tmp_path, text, message
 
 
 def test_chatglm3_tools_are_native_and_parse_back_with_chatglm3s_response_parser(tokenizer):
-    """ChatGLM3's own format: tools in a first system turn as indented JSON, a call as an assistant turn whose
+    """ChatGLM3's own format: tools in a first system turn as indented JSON (each tool as its function dict, the
+    shape ChatGLM3's tool demos give), a call as an assistant turn whose
     metadata is the tool name and whose content is a python fence around tool_call(...); the model's response
     parser (split the metadata line, drop the fence lines, eval with tool_call returning its keywords) gives
     back the name and arguments. The saved Jinja writes the same text."""
@@ -153,7 +154,7 @@ def test_chatglm3_tools_are_native_and_parse_back_with_chatglm3s_response_parser
                 {"type": "function", "function": {"name": "get_weather", "arguments": args}}]}] + TOOL_CHAT[2:]
     text = render("chatglm3", chat, tools=TOOLS)
     assert text.startswith("[gMASK]sop<|system|>\n Answer the following questions as best as you can. You have access "
-                           "to the following tools:\n" + json.dumps(TOOLS, indent=4, ensure_ascii=False)
+                           "to the following tools:\n" + json.dumps([t["function"] for t in TOOLS], indent=4, ensure_ascii=False)
                            + "<|system|>\n Be brief.<|user|>")
     response = text.split("<|assistant|>")[1].split("<|observation|>")[0]
     metadata, content = response.split("\n", maxsplit=1)

@@ -6,9 +6,15 @@ Internal form: {"messages": [{"role": system|user|assistant|tool, "content": str
   sharegpt   {"conversations": [{"from": human|gpt|system|function_call|observation, "value"}], "system"?, "tools"?}
   messages   {"messages": [{"role", "content", "tool_calls"?}]}: OpenAI, and GLM-4 (tools on the system
              message, an "observation" role, a JSON {"name", "arguments"} assistant turn before it)
-  chatglm3   {"tools"?, "conversations": [{"role", "content"}]} where a "tool" message with
-             name/parameters/observation becomes an assistant tool call plus its observation
+  chatglm3   {"tools"?, "conversations": [{"role", "content"}]}: the same messages, where a "tool" message
+             with name/parameters/observation becomes an assistant tool call plus its observation
+             (in either form; a "tool" message with only content is an OpenAI tool result)
   alpaca     {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
+  columns    one question and its answer in two text fields: {"content", "summary"} (AdvertiseGen, the ChatGLM
+             demos' data) by default, any other two with --prompt_column/--response_column
+
+The project templates' saved chat template (jinja_template.py) reads these seed forms the same way at
+inference, so the rules it mirrors are written as plain string steps here: `text_call` and `is_chatglm3_tool`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError
 
-FORMATS = ("auto", "sharegpt", "messages", "chatglm3", "alpaca")
+FORMATS = ("auto", "sharegpt", "messages", "chatglm3", "alpaca", "columns")
+COLUMNS = ("content", "summary")  # the question and answer fields of AdvertiseGen records
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "function_call": "tool_call", "observation": "tool", "tool": "tool", "function": "tool"}
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "observation": "tool",
@@ -43,7 +50,34 @@ def detect_format(record: Any) -> str:
         return "sharegpt"
     if "instruction" in record and "output" in record:
         return "alpaca"
-    raise InvalidSample('unknown record shape: expected "conversations", "messages" or "instruction"+"output"')
+    if all(key in record for key in COLUMNS):
+        return "columns"
+    raise InvalidSample('unknown record shape: expected "conversations", "messages", "instruction"+"output" or '
+                        '"content"+"summary" (other question/answer fields: --prompt_column and --response_column)')
+
+
+def column_format(data_format: str, prompt_column: str | None, response_column: str | None) -> str:
+    """--prompt_column/--response_column as the data format "columns:PROMPT:RESPONSE" (both or neither)."""
+    if prompt_column is None and response_column is None:
+        return data_format
+    if not (prompt_column and response_column):
+        given, missing = ("--prompt_column", "--response_column") if prompt_column else ("--response_column",
+                                                                                         "--prompt_column")
+        raise UserError(f"{given} needs {missing} too: together they name each record's question and answer fields.")
+    if data_format not in ("auto", "columns"):
+        raise UserError(f"--prompt_column and --response_column read two-field records, not --data_format "
+                        f"{data_format}; leave --data_format out.")
+    return f"columns:{prompt_column}:{response_column}"
+
+
+def from_columns(record: dict, prompt_column: str = COLUMNS[0], response_column: str = COLUMNS[1]) -> dict:
+    for key in (prompt_column, response_column):
+        if key not in record:
+            raise InvalidSample(f'the field "{key}" is missing (the record has {", ".join(map(repr, record))})')
+        if not isinstance(record[key], str):
+            raise InvalidSample(f'"{key}" must be a string, got {type(record[key]).__name__}')
+    return {"messages": [make_message("user", record[prompt_column]),
+                         make_message("assistant", record[response_column])], "tools": None}
 
 
 def _tools(value: Any) -> list[dict] | None:
@@ -72,6 +106,67 @@ def _written_call(call: Any) -> dict:
     if not isinstance(function.get("name"), str) or "arguments" not in function:
         raise InvalidSample("a tool call's function needs a name and arguments")
     return {"type": "function", **call}
+
+
+# GLM-4's call written as JSON text, {"name": "...", "arguments": {...}}, read by string steps that the saved
+# chat template repeats in Jinja (which cannot parse JSON): each step skips whitespace, then expects its text;
+# "" is the name (up to its closing quote). "parameters" may stand for "arguments".
+CALL_STEPS = ("{", '"name"', ":", '"', "", ",", '"arguments"', ":")
+UNREADABLE_CALL = ('an assistant message before a tool result holds a call as JSON that the saved chat template cannot '
+                   'read back at inference; write it as {"name": "...", "arguments": {...}} (name first, arguments an '
+                   'object) or as tool_calls')
+
+
+def _call_text_parts(text: str) -> tuple[str, str, str] | None:
+    """(name, arguments text, arguments key) by CALL_STEPS, or None: the shape only, not yet checked as JSON."""
+    s = text.strip()
+    rest, ok, name, key = s, s.endswith("}"), "", "arguments"
+    for step in CALL_STEPS:
+        if not step:
+            name = rest.split('"')[0]
+            rest = rest[len(name) + 1:]
+            continue
+        rest = rest.lstrip()
+        if step == '"arguments"' and rest.startswith('"parameters"'):
+            step, key = '"parameters"', "parameters"
+        ok = ok and rest.startswith(step)
+        rest = rest[len(step):]
+    arguments = rest.lstrip()[:-1].rstrip()
+    return (name, arguments, key) if ok and arguments.startswith("{") else None
+
+
+def text_call(text: str) -> dict | None:
+    """GLM-4's call written as assistant text: a tool call whose arguments are the JSON text as written (what the
+    saved chat template cuts out of the same text; a mapping where the renderers write it back the same), or None
+    when the text is not a call."""
+    parts = _call_text_parts(text)
+    if parts is None:
+        if _parse_call(text) is not None:  # a call in another layout: training would differ from inference
+            raise InvalidSample(UNREADABLE_CALL)
+        return None
+    name, arguments, key = parts
+    try:
+        obj, args = loads(text), loads(arguments)
+    except json.JSONDecodeError as e:
+        raise InvalidSample(UNREADABLE_CALL) from e
+    if not (isinstance(obj, dict) and list(obj) == ["name", key] and obj["name"] == name and obj[key] == args):
+        raise InvalidSample(UNREADABLE_CALL)
+    return _call(name, args if json.dumps(args, ensure_ascii=False) == arguments else arguments)
+
+
+def is_chatglm3_tool(message: dict) -> bool:
+    """ChatGLM3's "tool" message: a call (name, parameters) and its result (observation) in one message."""
+    return message.get("role") == "tool" and ("observation" in message or "parameters" in message)
+
+
+def _chatglm3_tool(turn: dict) -> list[dict]:
+    if "name" not in turn or "observation" not in turn:
+        raise InvalidSample('a "tool" message needs "name", "parameters" and "observation"')
+    obs = turn["observation"]
+    call = _call(turn["name"], turn.get("parameters", {}))
+    return [{"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)},
+            {**make_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)),
+             "name": turn["name"]}]
 
 
 def _parse_call(text: str) -> dict | None:
@@ -119,16 +214,31 @@ def _loss(turn: dict) -> dict:
 
 
 def from_messages(record: dict) -> dict:
-    tools, messages = _tools(record.get("tools")), []
-    raw = record["messages"]
+    tools = _tools(record.get("tools"))
+    messages, own_tools = _messages(record["messages"], "messages")
+    return {"messages": messages, "tools": own_tools or tools}
+
+
+def from_chatglm3(record: dict) -> dict:
+    tools = _tools(record.get("tools"))
+    messages, own_tools = _messages(record["conversations"], "conversations")
+    return {"messages": messages, "tools": own_tools or tools}
+
+
+def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
+    """Role/content messages (OpenAI, GLM-4, ChatGLM3) as internal messages, and the tools a message carries."""
     if not isinstance(raw, list):
-        raise InvalidSample('"messages" must be a list')
+        raise InvalidSample(f'"{where}" must be a list')
+    tools, messages = None, []
     for i, m in enumerate(raw):
         role = MESSAGE_ROLES.get(m.get("role")) if isinstance(m, dict) else None
         if role is None:
-            raise InvalidSample(f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in messages")
+            raise InvalidSample(f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in {where}")
         if m.get("tools"):
             tools = _tools(m["tools"])
+        if is_chatglm3_tool(m):
+            messages += _chatglm3_tool(m)
+            continue
         msg = make_message(role, m.get("content"), m.get("loss"))
         # every other field as written: templates read a tool message's name (Kimi-K2), call ids (Mistral),
         # reasoning_content / thinking, tools on the system message (Phi-4-mini)
@@ -138,32 +248,13 @@ def from_messages(record: dict) -> dict:
         if role == "assistant":
             if m.get("tool_calls"):
                 msg["tool_calls"] = [_written_call(c) for c in m["tool_calls"]]
-            nxt = raw[i + 1] if i + 1 < len(raw) else {}
+            nxt = raw[i + 1] if i + 1 < len(raw) and isinstance(raw[i + 1], dict) else {}
             if not m.get("tool_calls") and MESSAGE_ROLES.get(nxt.get("role")) == "tool":
-                call = _parse_call(msg["content"])  # GLM-4: the call is JSON content before an observation
+                call = text_call(msg["content"])  # GLM-4: the call is JSON content before an observation
                 if call:
                     msg.update(content="", tool_calls=[call])
         messages.append(msg)
-    return {"messages": messages, "tools": tools}
-
-
-def from_chatglm3(record: dict) -> dict:
-    messages = []
-    for turn in record["conversations"]:
-        role = turn.get("role") if isinstance(turn, dict) else None
-        if role == "tool":
-            if "name" not in turn or "observation" not in turn:
-                raise InvalidSample('a "tool" message needs "name", "parameters" and "observation"')
-            obs = turn["observation"]
-            call = _call(turn["name"], turn.get("parameters", {}))
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)})
-            messages.append({**make_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)),
-                             "name": turn["name"]})
-        elif role in ("system", "user", "assistant", "observation"):
-            messages.append(make_message(MESSAGE_ROLES[role], turn.get("content"), turn.get("loss")))
-        else:
-            raise InvalidSample(f"unknown role {role!r} in conversations")
-    return {"messages": messages, "tools": _tools(record.get("tools"))}
+    return messages, tools
 
 
 def from_alpaca(record: dict) -> dict:
@@ -215,6 +306,10 @@ def _article(word: str) -> str:
 def normalize(record: Any, data_format: str = "auto") -> dict:
     fmt = detect_format(record) if data_format == "auto" else data_format
     try:
+        if fmt.startswith("columns"):
+            if not isinstance(record, dict):
+                raise InvalidSample("a record must be a JSON object")
+            return validate(from_columns(record, *fmt.split(":")[1:]))
         return validate(CONVERTERS[fmt](record))
     except (KeyError, TypeError, AttributeError) as e:
         raise InvalidSample(f"not a valid {fmt} record: {field_problem(e)}") from e
@@ -227,7 +322,7 @@ def field_problem(error: Exception) -> str:
     return f"a field holds the wrong kind of value ({error})"
 
 
-def read_conversations(directory: str, flag: str, data_format: str = "auto",
+def read_conversations(directory: str | list[str], flag: str, data_format: str = "auto",
                        skip_invalid: bool = False) -> tuple[list[dict], ReadReport]:
     """All conversations under a folder; an invalid record is an error (file:line) or, if asked, skipped and counted."""
     files = find_files(directory, flag, (".json", ".jsonl"))

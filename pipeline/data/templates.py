@@ -20,7 +20,7 @@ A template file declares strings; `{content}` marks where a message's text goes:
                       their own samples (masking.encode_samples)
   tools_system        system text when tools are given ({system}, {tools}); tool_json says how each
                       tool is written: compact (one JSON line each) or glm4 (a titled, indented block)
-                      or chatglm3 (the whole list as indented JSON); system_after_tools: the turn the
+                      or chatglm3 (the list of function dicts as indented JSON); system_after_tools: the turn the
                       conversation's own system prompt takes after the tools' one ({content})
   tool_call           how one tool call is written inside an assistant turn ({name}, {arguments})
   tool_call_turn      or: a whole assistant turn per tool call ({name}, {arguments}, or {kwargs}: the
@@ -186,14 +186,19 @@ def _render_jinja(t: JinjaTemplate, messages: list[dict], tools: list[dict] | No
 
 # ---------------------------------------------------------------- rendering (Python)
 
+def _function(tool: dict) -> dict:
+    """An OpenAI tool's function dict ({"type": "function", "function": f} -> f); other tools as they are."""
+    return tool["function"] if isinstance(tool.get("function"), dict) else tool
+
+
 def _tools_text(t: Template, tools: list[dict]) -> str:
     if t.tool_json == "chatglm3":
-        return json.dumps(tools, ensure_ascii=False, indent=4)
+        return json.dumps([_function(tool) for tool in tools], ensure_ascii=False, indent=4)
     if t.tool_json == "glm4":
         return "".join(
             f"\n## {f['name']}\n\n{json.dumps(f, ensure_ascii=False, indent=4)}\n"
             "在调用上述函数时，请使用 Json 格式表示调用的参数。"
-            for f in (tool.get("function", tool) for tool in tools))
+            for f in map(_function, tools))
     return "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
 
 

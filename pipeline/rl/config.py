@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from pipeline.args import ModelArguments, PeftArguments, PipelineTrainingArguments, split_list
-from pipeline.data.conversations import FORMATS
+from pipeline.data.conversations import FORMATS, column_format
 from pipeline.errors import UserError
 from pipeline.rl.rewards import RULE_REWARDS
 from pipeline.validation import check_common
@@ -49,6 +49,10 @@ class PPOArguments:
         "help": "Prompt + answer budget; longer prompts are dropped and counted."})
     data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
     skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "Records of two text fields: the question's field (with --response_column); {content, summary} "
+                "records are read without it."})
+    response_column: str | None = field(default=None, metadata={"help": "Records of two text fields: the answer's field."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (> 0)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
@@ -91,6 +95,7 @@ class PPOArguments:
             raise UserError("--algorithm ppo initializes its value model from the reward model: "
                             "pass --reward_model_name_or_path.")
         self.reward_func_list = funcs
+        self.data_format = column_format(self.data_format, self.prompt_column, self.response_column)
         if self.ppo_epochs is None:
             self.ppo_epochs = 4 if self.algorithm == "ppo" else 1
         if self.ppo_epochs < 1:

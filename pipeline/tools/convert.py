@@ -1,7 +1,9 @@
 """Convert instruction data to ShareGPT JSONL (the SFT stage also reads alpaca directly; this is for
-users who want one format on disk). Inputs: alpaca records, plain question/answer records, or CSV.
+users who want one format on disk). Inputs: alpaca records, plain question/answer records (AdvertiseGen's
+{content, summary} among them, or any two fields named with --prompt_column/--response_column), or CSV.
 
-    python -m pipeline.convert --input data.json --output data.jsonl [--from alpaca|qa|csv]
+    python -m pipeline.convert --input data.json --output data.jsonl [--from auto|alpaca|qa|csv]
+        [--prompt_column content --response_column summary]
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline.data.conversations import InvalidSample, field_problem, from_alpaca, validate
+from pipeline.data.conversations import COLUMNS, InvalidSample, column_format, field_problem, from_alpaca, normalize, validate
 from pipeline.data.files import iter_json_records
 from pipeline.errors import UserError, run_cli
 
-QA_KEYS = (("question", "answer"), ("query", "response"), ("prompt", "response"), ("q", "a"))
+QA_KEYS = (("question", "answer"), ("query", "response"), ("prompt", "response"), ("q", "a"), COLUMNS)
 
 
 def _sharegpt(conv: dict) -> dict:
@@ -60,7 +62,8 @@ def _records(path: Path, kind: str):
     yield from _csv_records(path) if kind == "csv" else iter_json_records(path)
 
 
-def convert(input_path: str, output_path: str, kind: str) -> int:
+def convert(input_path: str, output_path: str, kind: str, columns: str | None = None) -> int:
+    """`columns` ("columns:PROMPT:RESPONSE", column_format) reads every record's question and answer from those fields."""
     path = Path(input_path)
     if not path.is_file():
         raise UserError(f"--input {input_path} does not exist.")
@@ -69,7 +72,9 @@ def convert(input_path: str, output_path: str, kind: str) -> int:
     out = []
     for line, record in _records(path, kind):
         try:
-            if kind == "alpaca" or (kind == "csv" and "instruction" in record):
+            if columns:
+                conv = normalize(record, columns)
+            elif kind == "alpaca" or (kind in ("csv", "auto") and "instruction" in record):
                 conv = from_alpaca(record)
             else:
                 conv = _from_qa(record)
@@ -90,9 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert alpaca / question-answer / CSV data to ShareGPT JSONL.")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--from", dest="kind", default="alpaca", choices=["alpaca", "qa", "csv"])
+    parser.add_argument("--from", dest="kind", default="auto", choices=["auto", "alpaca", "qa", "csv"],
+                        help="auto (default): alpaca records where they have an instruction, else question/answer.")
+    parser.add_argument("--prompt_column", help="The question's field of every record (with --response_column).")
+    parser.add_argument("--response_column", help="The answer's field of every record.")
     args = parser.parse_args(argv)
-    n = convert(args.input, args.output, args.kind)
+    columns = column_format("columns", args.prompt_column, args.response_column)
+    n = convert(args.input, args.output, args.kind, columns if columns != "columns" else None)
     print(f"wrote {n} conversations to {args.output}")
 
 

@@ -22,6 +22,7 @@ from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base
+from pipeline.seed_flags import say_notes
 from pipeline.train.checkpoints import CheckpointGuard, exit_preempted, storage_errors
 from pipeline.train.divergence import DivergenceGuard, check_finite_weights
 from pipeline.train.output_dir import take_output_dir
@@ -66,6 +67,7 @@ def setup_logging(training_args: PipelineTrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level if level == logging.WARNING else logging.WARNING)
     datasets.utils.logging.set_verbosity(logging.WARNING)
     datasets.utils.logging.disable_progress_bar()
+    say_notes()  # what the parser read differently (seed documents' flags and configs)
 
 
 class _AlreadyFinished(Exception):
