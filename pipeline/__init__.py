@@ -11,4 +11,9 @@
 
 The top-level modules chat, serve, preview, convert, report, evaluate, tiny_model and synthetic are
 command aliases (`python -m pipeline.chat` ...), and `templates` keeps `pipeline.templates.render`.
+library_noise.py names the libraries' harmless warnings that are filtered out, before anything else loads.
 """
+
+from pipeline import library_noise
+
+library_noise.silence()

@@ -231,6 +231,9 @@ class PipelineTrainingArguments(TrainingArguments):
             getattr(self, "activation_checkpointing", None) is None
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = self.default_checkpointing
+        if getattr(self, "activation_checkpointing", None) is None and hasattr(self, "activation_checkpointing"):
+            # transformers 5 renamed the flag; the seeds' --gradient_checkpointing sets the new name (no warning)
+            self.activation_checkpointing = self.gradient_checkpointing
         if self.use_liger_kernel is None:
             self.use_liger_kernel = bool(self.default_liger and torch.cuda.is_available()
                                          and importlib.util.find_spec("liger_kernel") is not None)

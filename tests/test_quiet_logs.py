@@ -1,0 +1,47 @@
+"""The libraries' known harmless warnings (pipeline/library_noise.py) do not reach the user on any entry point,
+and other warnings still do."""
+
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from pipeline import library_noise
+from tests.helpers import DATA, REPO
+
+NOISE = (library_noise.BNB_CPU_KERNEL, "is deprecated and will be removed in v6")
+ENTRY_POINTS = [["stages/pt.py"], ["stages/sft.py"], ["stages/rm.py"], ["stages/dpo.py"], ["stages/ppo.py"],
+                ["stages/grpo.py"], ["merge_peft_adapter.py"], ["-m", "pipeline.chat"], ["-m", "pipeline.serve"]]
+
+
+def test_the_filters_drop_only_the_named_messages(caplog):
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("%s: no network", library_noise.BNB_CPU_KERNEL)
+        log.warning("a real bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        library_noise.silence()  # the process-wide filters, as `import pipeline` installs them
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+@pytest.mark.parametrize("argv", ENTRY_POINTS, ids=lambda a: a[-1])
+def test_no_entry_point_prints_known_noise(argv):
+    proc = subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not [n for n in NOISE if n in proc.stdout + proc.stderr], proc.stderr[-2000:]
+
+
+def test_a_training_run_prints_no_deprecation_warning(tiny_model, tmp_path):
+    proc = subprocess.run([sys.executable, "stages/sft.py", "--model_name_or_path", str(tiny_model), "--train_file_dir",
+                           str(DATA / "sft"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--template_name",
+                           "qwen", "--gradient_checkpointing", "True", "--report_to", "none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert "FutureWarning" not in said and not [n for n in NOISE if n in said], said[-3000:]
