@@ -6,6 +6,7 @@ path as chat and serving), held-out exact match, and reward-model scores of pref
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -60,12 +61,15 @@ def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
     return (scores[:, 0] > scores[:, 1]).float().mean().item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Held-out exact match of the last answer of every chat (earlier turns are the prompt, as the PPO
     stage's evaluation reads them)."""
-    if len(sys.argv) not in (3, 4):
-        raise UserError("usage: python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]")
-    model_dir, data_dir = sys.argv[1], sys.argv[2]
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=main.__doc__)
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a trained folder: full model or adapter")
+    parser.add_argument("data_dir", metavar="DATA_DIR", help="a folder of chats")
+    parser.add_argument("template", metavar="TEMPLATE", nargs="?", help="render with this template, not the saved one")
+    args = parser.parse_args(argv)
+    model_dir, data_dir = args.model_dir, args.data_dir
     convs, _ = read_conversations(data_dir, "DATA_DIR")
     answered = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
     if len(answered) < len(convs):  # said on stderr: stdout carries the figure alone
@@ -73,7 +77,7 @@ def main() -> None:
               "and are not scored", file=sys.stderr)
     if not answered:
         raise UserError(f"no chat in {data_dir} ends with an assistant answer to compare against.")
-    print(exact_match(model_dir, answered, sys.argv[3] if len(sys.argv) > 3 else None))
+    print(exact_match(model_dir, answered, args.template))
 
 
 if __name__ == "__main__":

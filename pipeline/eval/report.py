@@ -11,9 +11,9 @@ evaluation in trainer_state.json's log_history (what --eval_on_start True record
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +139,11 @@ def write_report(root: Path) -> str:
     return table
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        raise UserError("usage: python -m pipeline.report OUTPUT_ROOT")
-    root = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report",
+                                     description="Before -> after table of a run_pipeline.sh run's held-out metrics.")
+    parser.add_argument("output_root", metavar="OUTPUT_ROOT", help="the run's output folder (e.g. outputs/demo)")
+    root = Path(parser.parse_args(argv).output_root)
     print(write_report(root))
     print(f"report: {root / 'report.md'} (and report.json); training losses: {root / 'losses.png'}")
 
