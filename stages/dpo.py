@@ -19,6 +19,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, fields
 
+import pipeline  # noqa: F401  first: its filters of known harmless library warnings (library_noise.py) precede trl
+
+# isort: split
 from transformers import TrainingArguments
 from trl import DPOConfig, KTOConfig
 

@@ -16,6 +16,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import pipeline  # noqa: F401  first: its filters of known harmless library warnings (library_noise.py) precede trl
+
+# isort: split
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer

@@ -26,7 +26,7 @@ from pipeline.args import (
 from pipeline.data.collators import PairCollator
 from pipeline.data.preference_dataset import preference_datasets
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
-from pipeline.errors import run_cli
+from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.reward import RewardModelTrainer
@@ -51,6 +51,9 @@ def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, pref_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
+    if peft_args.use_peft and peft_args.peft_type == "prefix_tuning":  # peft's sequence-classification path needs it
+        raise UserError("--peft_type prefix_tuning cannot train a reward model (peft's scoring model takes no prefix "
+                        "under this transformers version); use LoRA (the default) or --use_peft False.")
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)
     training_args.packing = resolve_packing(training_args.packing, peft_args)
