@@ -1,6 +1,6 @@
 """Checks on parsed flags that no single argument class can make alone, run by `pipeline.args.parse_args`
-before any work: every number within its range, --output_dir apart from what the run reads, and the
---deepspeed file readable and consistent with the batch flags.
+before any work: every number within its range, --output_dir apart from what the run reads, the
+--deepspeed file readable and consistent with the batch flags, and float16 only as a loss-scaled GPU run.
 
 The bounds live in one table (NUMBER_BOUNDS) so that every numeric flag of every stage has a stated range;
 tests/test_reliability.py fails when a stage gains a numeric flag that is in neither table.
@@ -16,6 +16,8 @@ from dataclasses import fields
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError, first_line
@@ -145,6 +147,37 @@ def check_test_file(parsed: tuple[Any, ...]) -> None:
     if not any(getattr(a, "predict_with_generate", False) for a in parsed):
         raise UserError("--test_file is predicted and scored after training only with --predict_with_generate True; "
                         "add that flag or drop --test_file.")
+
+
+def check_precision(parsed: tuple[Any, ...]) -> None:
+    """float16 trains one way: float32 trained weights (full model, or adapters over a frozen float16 base) under
+    --fp16 True, i.e. float16 autocast with a loss scaler, on a CUDA GPU. Any other float16 set-up is refused in one
+    sentence: on CPU (autocast and GradScaler there are no supported training mode), float16 weights without --fp16
+    (no loss scaling; a float32 head met float16 hidden states: "Half != float"), and float16 weights updated by the
+    optimizer itself (full training; DeepSpeed's fp16 engine keeps float32 masters, so it may). Under --fp16 True the
+    `auto` dtype of adapter training resolves to float16, the precision the run computes in."""
+    model = next((a for a in parsed if hasattr(a, "torch_dtype")), None)
+    peft = next((a for a in parsed if hasattr(a, "use_peft")), None)
+    training = next((a for a in parsed if hasattr(a, "fp16") and hasattr(a, "learning_rate")), None)
+    if model is None or peft is None or training is None:
+        return
+    if model.torch_dtype == "auto" and training.fp16 and (peft.use_peft or model.quantized):
+        model.torch_dtype = "float16"
+    if model.torch_dtype == "bfloat16" and training.fp16:
+        raise UserError("--torch_dtype bfloat16 with --fp16 True mixes two half types; use --torch_dtype float16 with "
+                        "--fp16 True, or bfloat16 weights with --bf16 True.")
+    if model.torch_dtype != "float16":
+        return
+    if not torch.cuda.is_available():
+        raise UserError("--torch_dtype float16 trains only on a CUDA GPU with --fp16 True (float16 autocast with a loss "
+                        "scaler is no CPU training mode); on CPU use --torch_dtype float32 (the default) or bfloat16.")
+    if not training.fp16:
+        raise UserError("--torch_dtype float16 computes in float16, which needs a loss scaler: add --fp16 True (float16 "
+                        "autocast with loss scaling; the trained weights stay float32), or load bfloat16 or float32 weights.")
+    if not peft.use_peft and not training.deepspeed:
+        raise UserError("--torch_dtype float16 with full training (--use_peft False) would have the optimizer update "
+                        "float16 weights; drop --torch_dtype (float32 masters under --fp16 True), train an adapter "
+                        "(--use_peft True), or use --deepspeed (its fp16 engine keeps float32 masters).")
 
 
 # DeepSpeed keys that must agree with the batch flags (or be "auto", which the Trainer fills from them)

@@ -22,6 +22,7 @@ from pipeline.arg_checks import (
     check_deepspeed_matches,
     check_numbers,
     check_output_apart,
+    check_precision,
     check_template_name,
     check_test_file,
     check_writable_folder,
@@ -42,7 +43,8 @@ class ModelArguments:
     )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "auto = bfloat16 for adapters on a bf16 GPU, float32 otherwise", "choices": DTYPES},
+        metadata={"help": "auto = bfloat16 for adapters on a bf16 GPU (float16 under --fp16 True), float32 otherwise; "
+                                 "float16 trains only with --fp16 True on a GPU", "choices": DTYPES},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are cached."})
@@ -314,6 +316,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     check_output_apart(parsed)
     check_test_file(parsed)
     check_template_name(parsed)
+    check_precision(parsed)
     return parsed
 
 

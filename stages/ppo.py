@@ -66,8 +66,7 @@ class PPORecipe(Rollouts):
         for model in (self.policy, self.value_model):
             prepare_for_rl(model, training_args.gradient_checkpointing)
         # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model (pipeline/rl/engine.py)
-        t, pair = training_args, PPOPair(self.policy, self.value_model)
-        accumulation = t.gradient_accumulation_steps
+        t, pair, accumulation = training_args, PPOPair(self.policy, self.value_model), training_args.gradient_accumulation_steps
         updates = t.max_steps * ppo_args.ppo_epochs * (self.batch_size // self.mini_batch_size)
         self.updater = (DeepSpeedUpdater(pair, t, updates, self.mini_batch_size // accumulation, accumulation,
                                          unwrap(self.policy).config.hidden_size) if t.deepspeed
@@ -121,6 +120,7 @@ class PPORecipe(Rollouts):
         metrics = {**ppo_math.PPOStats.mean(stats),
                    **ppo_math.rollout_metrics(scores, kl, entropy, rmask, traj.ended, old_values, self.kl.value),
                    "learning_rate": self.updater.lr(), "nonfinite_logits": float(traj.nonfinite),
+                   **({"loss_scale": self.updater.loss_scale} if self.updater.loss_scale else {}),  # fp16
                    **({} if norm is None else {"grad_norm": norm}), **timer.metrics(len(prompts))}
         metrics = distributed.reduce_mean(metrics, self.world, self.device)
         metrics["samples_per_second"] *= self.world  # every rank's rollouts, in the mean rank's time

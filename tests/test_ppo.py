@@ -249,7 +249,7 @@ def test_clear_errors(weak_sft_model, tmp_path):
         ppo.main(common(weak_sft_model, tmp_path / "rm", tmp_path / "x", "--optim", "adafactor"))
     from types import SimpleNamespace  # --fp16 itself needs a GPU; the loop's own check, on its own
 
-    with pytest.raises(UserError, match="--fp16 needs loss scaling"):
-        check_loop_flags(SimpleNamespace(optim="adamw_torch", fp16=True))
+    with pytest.raises(UserError, match="--fp16 with --deepspeed is not supported by the PPO loop"):  # fp16: test_fp16.py
+        check_loop_flags(SimpleNamespace(optim="adamw_torch", fp16=True, deepspeed="deepspeed_configs/zero2.json"))
     with pytest.raises(UserError, match="P-Tuning|peft_type prefix_tuning is for SFT"):
         ppo.main(common(weak_sft_model, tmp_path / "rm", tmp_path / "x", "--peft_type", "prefix_tuning"))

@@ -26,7 +26,7 @@ def run_ppo(policy, reward, out, *extra, steps=3):
     return [untimed(h) for h in json.loads((out / "trainer_state.json").read_text())["log_history"]]
 
 
-@pytest.mark.parametrize("config, method", [("zero2.json", "lora"), ("zero3.json", "full")])
+@pytest.mark.parametrize("config, method", [("zero2.json", "lora"), ("zero3.json", "full"), ("zero3.json", "lora")])
 def test_ppo_under_deepspeed_matches_trains_resumes_and_saves(weak_sft_model, reward_model, tmp_path, config, method):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

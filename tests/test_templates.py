@@ -15,6 +15,7 @@ from pipeline.data.templates import (
     template_names,
 )
 from pipeline.errors import UserError
+from pipeline.infer.tool_calls import kwargs_arguments
 from scripts.make_golden import GOLDEN, official_names, table
 from tests.published_formats import EXPECTED, GLM4_TOOLS, QWEN_TOOLS
 
@@ -160,7 +161,8 @@ def test_chatglm3_tools_are_native_and_parse_back_with_chatglm3s_response_parser
     metadata, content = response.split("\n", maxsplit=1)
     code = "\n".join(content.split("\n")[1:-1])
     assert metadata == "get_weather" and content.startswith(" ```python\n")
-    assert eval(code, {"tool_call": lambda **kwargs: kwargs}) == args
+    assert code.startswith("tool_call(") and code.endswith(")")
+    assert kwargs_arguments(code[len("tool_call("):-1]) == args
     tokenizer.chat_template = chat_template_jinja("chatglm3")
     assert tokenizer.apply_chat_template(chat, tools=TOOLS, tokenize=False) == text
 

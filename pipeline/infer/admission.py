@@ -55,15 +55,17 @@ def longest_token(tokenizer) -> int:
     return max(len(token) for token in tokenizer.get_vocab())
 
 
-def fit_prompt(chat: ChatModel, request: ChatRequest, context: int, token_chars: int) -> tuple[BatchEncoding, Sampling]:
-    """The encoded prompt and the sampling to answer it with, or a 400 when prompt and answer cannot share the
-    context. A request that left max_tokens to the server gets at most what the context has left."""
+def fit_prompt(chat: ChatModel, request: ChatRequest, context: int, token_chars: int,
+               text: str | None = None) -> tuple[BatchEncoding, Sampling]:
+    """The encoded prompt (`text`, already rendered, or the messages rendered here) and the sampling to answer it
+    with, or a 400 when prompt and answer cannot share the context. A request that left max_tokens to the server
+    gets at most what the context has left."""
     answer = request.sampling.max_new_tokens if request.max_tokens_asked else 1
     room = context - answer
     if room < 1:
         raise ApiError(400, f"max_tokens is {answer}, which leaves no room for a prompt in this model's context of "
                             f"{context} tokens; lower max_tokens.", "max_tokens", "context_length_exceeded")
-    text = chat.render(request.messages)
+    text = chat.render(request.messages) if text is None else text
     if len(text) > room * token_chars:  # obviously too long: refused without tokenizing
         less = f", less max_tokens {answer}" if request.max_tokens_asked else ""
         raise ApiError(400, f"the prompt is {len(text)} characters, too long for the {room} tokens it may have (this "

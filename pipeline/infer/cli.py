@@ -1,8 +1,9 @@
 """Use a trained folder from the terminal: multi-turn chat, or answers for a whole file of prompts.
 
-    python -m pipeline.chat --model outputs/sft-merged                 # interactive: clear / exit (or stop)
+    python -m pipeline.chat --model outputs/sft-merged                 # interactive: clear / exit (quit, stop)
     python -m pipeline.chat outputs/sft --prompt "Hello"               # one answer, printed (the GLM demos' form)
     python -m pipeline.chat --model outputs/sft --input_file prompts.jsonl --output_file answers.jsonl
+    python -m pipeline.chat --model outputs/sft --base_model /data/base --load_in_4bit --rope_scaling dynamic
 
 An input line is {"prompt": "...", "system"?: "..."} or {"messages": [OpenAI-style messages]}; each
 output line is the input record plus "answer". Greedy by default (--temperature 0). server.py serves
@@ -19,7 +20,7 @@ from typing import Any
 
 from pipeline.data.files import iter_json_records
 from pipeline.errors import UserError, run_cli
-from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, check_messages, load_chat_model
+from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, check_messages, load_chat_model_from_args
 
 
 def record_messages(record: Any, system: str | None) -> list[dict]:
@@ -56,6 +57,8 @@ def read_prompts(input_file: str, system: str | None) -> list[tuple[dict, list[d
 
 # ---------------------------------------------------------------- the two modes
 
+QUIT_WORDS = ("exit", "quit", "stop")  # typed alone on a line, they end the interactive chat
+
 def answer_file(chat: ChatModel, prompts: list[tuple[dict, list[dict]]], output_file: str, sampling: Sampling,
                 batch_size: int) -> None:
     out = Path(output_file)
@@ -75,17 +78,18 @@ def _print_piece(text: str) -> None:
 
 
 def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
-    """Read user lines from stdin and stream the answers to stdout; `clear` resets, `exit`/`stop` (or EOF) quits."""
+    """Read user lines from stdin and stream the answers to stdout; `clear` resets, `exit`/`quit`/`stop` (or EOF)
+    leaves."""
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     prompt = "user> " if sys.stdin.isatty() else ""
-    print("type a message; `clear` starts over, `exit` or `stop` quits", file=sys.stderr, flush=True)
+    print("type a message; `clear` starts over, `exit`, `quit` or `stop` leaves", file=sys.stderr, flush=True)
     while True:
         try:
             line = input(prompt).strip()
         except EOFError:
             break
-        if line in ("exit", "stop"):
+        if line in QUIT_WORDS:
             break
         if line == "clear":
             history = list(start)
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}.")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
     prompts = read_prompts(args.input_file, args.system) if args.input_file else None
-    chat = load_chat_model(args.model, args.template_name, args.trust_remote_code, args.num_gpus)
+    chat = load_chat_model_from_args(args)
     if args.prompt:
         start = [{"role": "system", "content": args.system}] if args.system is not None else []
         chat.stream([*start, {"role": "user", "content": " ".join(args.prompt)}], sampling, _print_piece)

@@ -3,8 +3,11 @@
     python -m pipeline.serve --model outputs/sft-merged [--host 127.0.0.1 --port 8000 --served_model_name NAME]
 
 GET /v1/models lists the one model; POST /v1/chat/completions takes messages, max_tokens (or
-max_completion_tokens), temperature, top_p, stream and stream_options.include_usage, and answers like
-OpenAI's API (server-sent events when streaming); GET /health reports the load. This module is the HTTP
+max_completion_tokens), temperature, top_p, stream and stream_options.include_usage, and tools with
+tool_choice "auto" or "none" (tool calls and results in the history too), and answers like OpenAI's API
+(server-sent events when streaming; an answer that is calls as the template writes them comes back as
+tool_calls, streamed as delta.tool_calls once the answer ends); GET /health reports the load. Rendering tools
+and reading calls back is pipeline/infer/tool_calls.py's. This module is the HTTP
 handler and the entry point; parsing a request body and OpenAI's error and usage objects are
 pipeline/infer/protocol.py's, the limits, the queue, timeouts and disconnect detection
 pipeline/infer/admission.py's, loading, prompt rendering and generation pipeline/infer/chat_model.py's.
@@ -44,8 +47,9 @@ from transformers import BatchEncoding
 
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.infer.admission import Limits, Slots, Watch, fit_prompt, longest_token, model_context
-from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, load_chat_model
+from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, load_chat_model_from_args
 from pipeline.infer.protocol import ApiError, ChatRequest, error_body, parse_request, usage
+from pipeline.infer.tool_calls import CallStream, ChatTools, TokenTap, openai_calls
 
 logger = logging.getLogger("pipeline.serve")
 
@@ -62,6 +66,7 @@ class ChatServer(ThreadingHTTPServer):
         self.limits = limits or Limits()
         self.context = self.limits.max_context or model_context(chat)
         self.token_chars = longest_token(chat.tokenizer)
+        self.tools = ChatTools(chat)
         super().__init__(address, Handler)
         self.slots = Slots(self.limits.parallel, self.limits.max_queue)
         self.created = int(time.time())
@@ -198,7 +203,7 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         try:
             request = parse_request(self._body(), server.served_name, server.defaults, server.limits.max_tokens_cap)
-            batch, sampling = fit_prompt(server.chat, request, server.context, server.token_chars)
+            batch, sampling = fit_prompt(server.chat, request, server.context, server.token_chars, self._prompt(request))
         except ApiError as e:
             self._send_error(e)
             return self._discard_body() if e.status == 413 else None
@@ -233,6 +238,18 @@ class Handler(BaseHTTPRequestHandler):
         if watch.reason == "gone":
             logger.info("%s went away; its generation stopped", self.address_string())
 
+    def _prompt(self, request: ChatRequest) -> str | None:
+        """The prompt of a request with tools or tool history, rendered as training renders them (None: the plain
+        messages, rendered by the chat model)."""
+        if not (request.tools or request.tool_history):
+            return None
+        tools = self.server.tools
+        offered = request.tools if request.tool_choice == "auto" else None
+        if offered and not tools.writes_tools(request.messages, offered):
+            raise ApiError(400, "this model's chat template does not write tool definitions, so the model cannot be "
+                                'offered tools; send the request without tools (or tool_choice "none").', "tools")
+        return tools.render(request.messages, offered)
+
     def _wait_for_slot(self, ticket: threading.Event, watch: Watch) -> bool:
         """Wait in the queue while the client is there and its time lasts; False when it is not to be answered."""
         while not ticket.wait(0.05):
@@ -248,12 +265,15 @@ class Handler(BaseHTTPRequestHandler):
                              f"while {doing}; ask for fewer max_tokens or retry later.", code="timeout")
 
     def _complete(self, request: ChatRequest, batch: BatchEncoding, sampling: Sampling, watch: Watch, head: dict) -> None:
-        c = self.server.chat.answer(batch, sampling, stopping_criteria=[watch])[0]
+        tools = self.server.tools
+        tap = TokenTap(self.server.chat.tokenizer, tools.stop_ids) if request.tool_names else None
+        c = self.server.chat.answer(batch, sampling, stopping_criteria=[watch], **({"streamer": tap} if tap else {}))[0]
         if watch.reason == "timeout":
             return self._send_error(self._timeout_error("generating"))
         if watch.reason is None:
-            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                      "finish_reason": c.finish_reason}
+            message, finish = tools.message(tap.text(), request.tool_names, c.finish_reason, _call_id) if tap else \
+                ({"role": "assistant", "content": c.text}, c.finish_reason)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             self._send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": usage(c)})
 
     def _stream(self, request: ChatRequest, batch: BatchEncoding, sampling: Sampling, watch: Watch, head: dict) -> None:
@@ -268,15 +288,49 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True  # the stream ends when the connection closes
         self._event(chunk({"role": "assistant", "content": ""}))
-        c = self.server.chat.stream(batch, sampling, lambda text: self._event(chunk({"content": text})), [watch])
+        if request.tool_names:
+            c, finish = self._stream_calls(request, batch, sampling, watch, chunk)
+        else:
+            c = self.server.chat.stream(batch, sampling, lambda text: self._event(chunk({"content": text})), [watch])
+            finish = c.finish_reason
         if watch.reason == "timeout":  # the status line is long gone: the stream ends on an error event instead
             self._event(error_body(self._timeout_error("generating")))
         elif watch.reason is None:
-            self._event(chunk({}, c.finish_reason))
+            self._event(chunk({}, finish))
             if request.include_usage:
                 self._event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(c)})
         if watch.reason != "gone":
             self._event("[DONE]")
+
+    def _stream_calls(self, request: ChatRequest, batch: BatchEncoding, sampling: Sampling, watch: Watch,
+                      chunk: Callable[..., dict]):
+        """Stream an answer that may be tool calls: text that may be the start of a call is held until the answer
+        ends, then sent as delta.tool_calls (or, when it is no call, as content). Returns the completion and its
+        finish_reason."""
+        tools = self.server.tools
+        held = CallStream(tools.format, request.tool_names)
+
+        def on_text(text: str) -> None:
+            piece = tools.visible(held.ready(text))
+            if piece:
+                self._event(chunk({"content": piece}))
+
+        tap = TokenTap(self.server.chat.tokenizer, tools.stop_ids, on_text)
+        c = self.server.chat.answer(batch, sampling, stopping_criteria=[watch], streamer=tap)[0]
+        if watch.reason is not None:
+            return c, c.finish_reason
+        text = tap.text()
+        found = tools.calls(text, request.tool_names, c.finish_reason)
+        rest = tools.visible(text[held.sent:len(found[0]) if found else len(text)])
+        if rest.strip() if found else rest:
+            self._event(chunk({"content": rest}))
+        for i, call in enumerate(openai_calls(found[1], _call_id) if found else []):
+            self._event(chunk({"tool_calls": [{"index": i, **call}]}))
+        return c, "tool_calls" if found else c.finish_reason
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--max_new_tokens {defaults.max_new_tokens} is above --max_tokens_cap {limits.max_tokens_cap}; "
                         f"lower it or raise the cap.")
     name = args.served_model_name or args.model
-    chat = load_chat_model(args.model, args.template_name, args.trust_remote_code, args.num_gpus)
+    chat = load_chat_model_from_args(args)
     try:
         server = ChatServer((args.host, args.port), chat, name, defaults, limits)
     except OSError as e:

@@ -4,6 +4,11 @@ The merged folder is the next stage's --model_name_or_path: it loads with AutoMo
 AutoModelForSequenceClassification for a reward-model adapter, whose trained score head is kept),
 and carries the tokenizer, chat template and generation config that training used. It is written
 beside the output folder and renamed into place, so an interrupted merge never looks like a finished one.
+
+Also here: where an adapter's base is. Training records it (`record_base`) as an absolute path when it is a local
+folder, so peft, chat, serve and merge load the adapter from any working directory; `resolve_base` also finds it
+relative to the adapter and beside it (both folders copied elsewhere together), and `check_same_base` refuses a
+base other than the one trained on, by a fingerprint of its weights.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +27,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 from pipeline.errors import UserError, first_line
-from pipeline.model.integrity import check_folder_whole
+from pipeline.model.integrity import check_folder_whole, read_json_file
 from pipeline.model.loading import check_loaded_weights, resize_embeddings
 
 logger = logging.getLogger(__name__)
@@ -38,25 +44,28 @@ def _tokenizer_source(lora_model: Path, tokenizer_path: str | None, base_model: 
     return tokenizer_path or base_model
 
 
-def merge_adapter(base_model: str, lora_model: str, output_dir: str, tokenizer_path: str | None = None,
+def merge_adapter(base_model: str | None, lora_model: str, output_dir: str, tokenizer_path: str | None = None,
                   trust_remote_code: bool = False) -> Path:
+    """`base_model` None: the base the adapter records (see `resolve_base`)."""
     lora_dir, out = Path(lora_model), Path(output_dir)
     if not (lora_dir / "adapter_config.json").is_file():
         raise UserError(f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder.")
-    _check_output_dir(out, base_model, lora_dir)
     check_folder_whole(lora_dir, "--lora_model")
+    base = resolve_base(lora_dir, base_model)
+    base_model = base.path
+    _check_output_dir(out, base_model, lora_dir)
     check_folder_whole(base_model, "--base_model")
     try:
         base_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load --base_model {base_model} ({first_line(e)}).") from e
+        raise base.load_error(e) from e
     if getattr(base_config, "quantization_config", None):
         raise UserError(
             f"--base_model {base_model} is quantized; merging LoRA into 4/8-bit weights loses precision. "
             "Merge into the original full-precision model instead (the one QLoRA training quantized)."
         )
     peft_config = PeftConfig.from_pretrained(lora_model)
-    check_same_base(lora_dir, base_model)
+    check_same_base(lora_dir, base_model, base.given_as, "merge into")
     if peft_config.peft_type != "LORA":
         raise UserError(f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be merged into "
                         "weights; load it with peft's AutoPeftModelForCausalLM instead.")
@@ -118,18 +127,93 @@ def base_fingerprint(model_dir: str | Path, names: list[str] | None = None) -> d
 
 
 def record_base(adapter_dir: str | Path, base_model: str) -> None:
-    """Write the fingerprint of the base an adapter was trained on into the adapter folder (merge checks it)."""
+    """Record where the adapter's base is, so the adapter loads from anywhere, and the base's fingerprint (merge, chat
+    and serve check it). A local base folder goes into adapter_config.json as an absolute path (peft reads that one)
+    and into the fingerprint file also relative to the adapter; a hub id stays as it is."""
+    adapter_dir, recorded = Path(adapter_dir), str(base_model)
+    if Path(base_model).is_dir():
+        recorded = str(Path(base_model).resolve())
+        config_file = adapter_dir / "adapter_config.json"
+        config = read_json_file(config_file, "the adapter config")
+        if config.get("base_model_name_or_path") != recorded:
+            config["base_model_name_or_path"] = recorded
+            partial = _sibling(config_file, "writing")
+            partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            os.replace(partial, config_file)  # never a half-written config
     fingerprint = base_fingerprint(base_model)
     if fingerprint is not None:
-        Path(adapter_dir, FINGERPRINT).write_text(json.dumps({"base_model": str(base_model), "tensors": fingerprint}))
+        where = {"base_model": recorded, "tensors": fingerprint}
+        if Path(recorded).is_absolute():
+            where["relative_to_adapter"] = os.path.relpath(recorded, adapter_dir.resolve())
+        Path(adapter_dir, FINGERPRINT).write_text(json.dumps(where))
 
 
-def check_same_base(lora_dir: Path, base_model: str) -> None:
-    """Merging into another base than the one trained on gives a silently wrong model: refuse it."""
-    recorded = lora_dir / FINGERPRINT
+@dataclass(frozen=True)
+class AdapterBase:
+    """The base model an adapter applies to, and how it was found."""
+
+    path: str  # a local folder or a hub id
+    recorded: str  # base_model_name_or_path in the adapter's adapter_config.json
+    adapter_config: Path
+    given_as: str  # "--base_model" (given), or words saying where it was found
+
+    def load_error(self, error: BaseException) -> UserError:
+        if self.given_as == "--base_model":
+            return UserError(f"cannot load --base_model {self.path} ({first_line(error)}).")
+        return UserError(f"cannot load the base model {self.recorded} recorded in {self.adapter_config}: it is no folder "
+                         f"here, relative to or beside the adapter, and as a hub id it fails ({first_line(error)}); "
+                         "pass --base_model with the base model's folder.")
+
+
+def resolve_base(adapter_dir: str | Path, base_model: str | None = None) -> AdapterBase:
+    """`base_model` (--base_model) when given; else the base adapter_config.json records, as recorded (absolute, or
+    from the working directory), relative to the adapter folder, then a folder of the same name beside the adapter
+    (both copied elsewhere together). A name found nowhere that could be a hub id is kept; anything else is refused."""
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    recorded = read_json_file(config_file, "the adapter config").get("base_model_name_or_path") or ""
+    if base_model:
+        if not Path(base_model).is_dir() and not _could_be_hub_id(str(base_model)):
+            raise UserError(f"--base_model {base_model} does not exist; give the folder of the base model the adapter "
+                            f"was trained on ({recorded or 'not recorded'}).")
+        return AdapterBase(str(base_model), recorded, config_file, "--base_model")
+    if not recorded:
+        raise UserError(f"{config_file} names no base model; pass --base_model with the folder it was trained on.")
+    fingerprint = adapter_dir / FINGERPRINT
+    relative = read_json_file(fingerprint, "the base fingerprint").get("relative_to_adapter") \
+        if fingerprint.is_file() else None
+    candidates = [(Path(recorded), "as recorded")]
+    candidates += [(adapter_dir / relative, "relative to the adapter")] if relative else []
+    candidates += [(adapter_dir / recorded, "relative to the adapter"),
+                   (adapter_dir.resolve().parent / Path(recorded).name, "beside the adapter")]
+    for folder, how in candidates:
+        if folder.is_dir():
+            path = str(folder) if how == "as recorded" else str(folder.resolve())
+            return AdapterBase(path, recorded, config_file, f"the base found {how} at")
+    if not Path(recorded).is_absolute() and _could_be_hub_id(recorded):
+        return AdapterBase(recorded, recorded, config_file, "the hub id")
+    raise UserError(f"the base model {recorded} recorded in {config_file} is not there, nor relative to the adapter, "
+                    f"nor beside it as {candidates[-1][0]}; pass --base_model with the base model's folder.")
+
+
+def _could_be_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_same_base(lora_dir: Path, base_model: str, given_as: str = "--base_model", fix: str = "merge into",
+                    adapter_as: str = "--lora_model") -> None:
+    """Merging into (or loading on) another base than the one trained on gives a silently wrong model: refuse it.
+    `given_as` says how the base came (--base_model, or where it was found), `fix` what to do with the right one."""
+    recorded = Path(lora_dir) / FINGERPRINT
     if not recorded.is_file():
         return  # an adapter from elsewhere: nothing to compare with
-    trained = json.loads(recorded.read_text())
+    trained = read_json_file(recorded, "the base fingerprint")
     given = base_fingerprint(base_model, list(trained["tensors"]))
     if given is None:
         return
@@ -137,9 +221,11 @@ def check_same_base(lora_dir: Path, base_model: str) -> None:
                if name not in given or not torch.allclose(torch.tensor(values), torch.tensor(given[name]),
                                                           rtol=1e-2, atol=1e-3)]
     if differs:
-        raise UserError(f"--lora_model {lora_dir} was trained on {trained['base_model']}, but --base_model {base_model} "
+        advice = f"{fix} {trained['base_model']}" if given_as == "--base_model" else \
+            f"pass --base_model with the folder of {trained['base_model']}"
+        raise UserError(f"{adapter_as} {lora_dir} was trained on {trained['base_model']}, but {given_as} {base_model} "
                         f"holds other weights ({len(differs)} of {len(trained['tensors'])} sampled tensors differ, e.g. "
-                        f"{differs[0]}); merge into {trained['base_model']}.")
+                        f"{differs[0]}); {advice}.")
 
 
 def _check_output_dir(out: Path, base_model: str, lora_dir: Path) -> None:

@@ -138,9 +138,10 @@ def check_loop_flags(training_args) -> None:
     if not str(optim).startswith("adamw_torch"):
         raise UserError(f"--optim {optim}: the PPO loop trains with torch AdamW (--optim adamw_torch); "
                         "other optimizers are for the Trainer-based stages and --algorithm grpo/rloo.")
-    if training_args.fp16:
-        raise UserError("--fp16 needs loss scaling, which the PPO loop does not do (under --deepspeed too: its fp16 "
-                        "engine casts the frozen reference as well): use --bf16 True, float32, or --algorithm grpo/rloo.")
+    if training_args.fp16 and training_args.deepspeed:  # the plain loop scales the loss itself (engine.py)
+        raise UserError("--fp16 with --deepspeed is not supported by the PPO loop (DeepSpeed's fp16 engine would cast "
+                        "the frozen reference and reward copies as well): use --bf16 True there, or drop --deepspeed to "
+                        "train fp16 with the loop's loss scaler.")
     if training_args.use_liger_kernel:
         raise UserError("--use_liger_kernel is applied by the Trainer-based stages; the PPO loop does not use it "
                         "(--algorithm grpo/rloo do): drop the flag.")

@@ -1,7 +1,9 @@
 """How the PPO loop updates its trainable pair (policy + value model): plain torch, or DeepSpeed ZeRO-2/3.
 
 `TorchUpdater`: one AdamW over both models' trainable weights, gradients averaged over the ranks
-(distributed.py), clipped together, then the optimizer and scheduler step.
+(distributed.py), clipped together, then the optimizer and scheduler step. Under --fp16 the trained weights
+stay float32 and the loss is scaled by a GradScaler (float16 gradients underflow without it); an overflowing
+step is the scaler's skipped step, as under the Trainer.
 
 `DeepSpeedUpdater` (--deepspeed deepspeed_configs/zero2.json or zero3.json, the files every stage uses): the
 pair is one DeepSpeed engine with the same AdamW as a client optimizer and the same scheduler, so the
@@ -14,6 +16,7 @@ reference and reward copies are sharded inference engines, and saves gather the 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,6 +26,19 @@ from transformers import get_scheduler
 
 from pipeline.errors import UserError
 from pipeline.rl import distributed
+
+logger = logging.getLogger(__name__)
+
+
+def check_master_weights(pair: torch.nn.Module) -> None:
+    """The plain loop's AdamW updates the trained weights themselves: they must be float32 (bfloat16 under --bf16),
+    never float16, which only a loss-scaled optimizer with float32 masters may update (arg_checks.check_precision
+    refuses such flags; this guards the models as built)."""
+    half = sorted({name.split(".")[0].replace("_", " ") for name, p in pair.named_parameters()
+                   if p.requires_grad and p.dtype == torch.float16})
+    if half:
+        raise UserError(f"the {' and '.join(half)} would train float16 weights without float32 masters; load them "
+                        "with --torch_dtype float32 (full training) or train adapters (--use_peft True) under --fp16 True.")
 
 
 class PPOPair(torch.nn.Module):
@@ -48,33 +64,53 @@ class TorchUpdater:
 
     def __init__(self, pair: PPOPair, training_args, updates: int, accumulation: int):
         self.params = [p for p in pair.parameters() if p.requires_grad]
+        check_master_weights(pair)
         self.optimizer = _adamw(self.params, training_args)
         self.scheduler = _schedule(self.optimizer, training_args, updates)
+        self.scaler = torch.amp.GradScaler(training_args.device.type) if training_args.fp16 else None
         self.targs, self.accumulation, self.world = training_args, accumulation, training_args.world_size
+        self.skipped = 0  # steps the loss scaler skipped (overflow), for the log
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
+        loss = loss / self.accumulation
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> float:
-        """After `accumulation` backward passes: average over ranks, clip, step, clear; return the gradient norm.
-        A non-finite gradient is not applied (the weights stay finite; the loop counts the step)."""
+    def step(self) -> float | None:
+        """After `accumulation` backward passes: average over ranks, unscale (fp16), clip, step, clear; return the
+        gradient norm. A non-finite gradient is not applied (the weights stay finite; the loop counts the step);
+        under fp16 that is the scaler's overflow skip, which lowers the scale and returns None (not a divergence)."""
+        # averaged while still scaled (every rank has the same scale): all ranks then see the same overflow
         distributed.average_gradients(self.params, self.world)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         clip = self.targs.max_grad_norm if self.targs.max_grad_norm and self.targs.max_grad_norm > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        if math.isfinite(norm):
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf/NaN
+            self.scaler.update()
+        elif math.isfinite(norm):
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler and not math.isfinite(norm):
+            self.skipped += 1
+            logger.info("fp16 loss scaler: gradient overflow, step skipped, scale now %g", self.scaler.get_scale())
+            return None
         return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    @property
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler else None
+
     def generation(self):
         return nullcontext()
 
     def state(self, folder: Path) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        scaler = {"scaler": self.scaler.state_dict()} if self.scaler else {}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **scaler}
 
     def load(self, folder: Path, state: dict) -> None:
         if "optimizer" not in state:
@@ -82,6 +118,8 @@ class TorchUpdater:
                             "resume it with the same --deepspeed config.")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:  # a checkpoint of an fp32/bf16 run starts the scale afresh
+            self.scaler.load_state_dict(state["scaler"])
 
     def full_weights(self) -> dict | None:
         return None  # the modules hold their full weights
@@ -137,6 +175,8 @@ class DeepSpeedUpdater:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    loss_scale = None  # the PPO loop refuses --fp16 under --deepspeed (rl/config.py)
 
     @contextmanager
     def generation(self):

@@ -20,19 +20,32 @@ from pipeline.model.loading import load_model
 from pipeline.rl.rewards import check_same_vocab, reward_model_folder
 
 
+def head_dtype(head: torch.nn.Module) -> torch.dtype:
+    """The dtype a head computes in: that of its trained weights (under LoRA peft's float32 copy of the score head,
+    which sits beside the frozen original), else its own."""
+    params = list(head.parameters())
+    return next((p.dtype for p in params if p.requires_grad), params[0].dtype)
+
+
 class ValueModel(torch.nn.Module):
-    """Per-token values from a sequence classifier: its backbone's hidden states through its score head."""
+    """Per-token values from a sequence classifier: its backbone's hidden states through its score head.
+
+    The head is trained (float32 masters) while a LoRA backbone may be frozen float16: the head reads the states
+    cast to its own dtype, outside autocast, so the values never depend on an autocast scope (without one a
+    float16 backbone met the float32 head: "Half != float"); one [hidden x 1] product, so float32 costs nothing."""
 
     def __init__(self, classifier):
         super().__init__()
         self.classifier = classifier
         base = unwrap(classifier)
         self.backbone, self.score = getattr(base, base.base_model_prefix), base.score
+        self.head_dtype = head_dtype(self.score)
 
     def forward(self, input_ids, attention_mask, position_ids, keep_from: int = 0):
         """Values of the positions from `keep_from` on (the answer's states); the others are not scored."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.score(hidden[:, keep_from:]).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.score(hidden[:, keep_from:].to(self.head_dtype)).squeeze(-1).float()
 
 
 @dataclass

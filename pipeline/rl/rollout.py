@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.data.collators import pad
 from pipeline.data.prompts import Prompt
@@ -75,10 +76,12 @@ def chunked_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperatu
     model's logits."""
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     logps, entropies = [], []
+    check = "none" if is_deepspeed_zero3_enabled() else "default"  # the frozen head's shard: losses.causal_lm_loss_sum
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
         if torch.is_grad_enabled():
-            logps.append(checkpoint(_chunk_logprobs, flat[part], targets[part], head, temperature, use_reentrant=False))
+            logps.append(checkpoint(_chunk_logprobs, flat[part], targets[part], head, temperature, use_reentrant=False,
+                                     determinism_check=check))
         else:
             logps.append(_chunk_logprobs(flat[part], targets[part], head, temperature))
         if with_entropy:

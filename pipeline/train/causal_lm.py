@@ -10,12 +10,15 @@ as transformers computes it with `num_items_in_batch`.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.train.losses import causal_lm_loss_sum
+
+logger = logging.getLogger(__name__)
 
 
 def fused_loss_available(head: torch.nn.Module) -> bool:
@@ -29,6 +32,9 @@ class CausalLMTrainer(Trainer):
     def __init__(self, *args, loss_chunk_size: int = 2048, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
+        self.sharded_head = is_deepspeed_zero3_enabled()
+        if self.sharded_head and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
+            logger.info("ZeRO-3 shards the output head: the loss runs in chunks, not liger-kernel's fused cross-entropy")
         self.model_accepts_loss_kwargs = True  # the loss below divides by the global token count itself
         self.can_return_loss = True
 
@@ -39,7 +45,8 @@ class CausalLMTrainer(Trainer):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         loss_sum, count = causal_lm_loss_sum(outputs.hidden_states[-1], labels, head, self.loss_chunk_size,
-                                             fused=fused_loss_available(head), compute_dtype=mixed)
+                                             fused=fused_loss_available(head), compute_dtype=mixed,
+                                             sharded_head=self.sharded_head)
         if num_items_in_batch is None:  # evaluation: the mean over this batch's supervised tokens
             loss = loss_sum / count.clamp(min=1)
         else:

@@ -49,7 +49,8 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048,
-                       fused: bool = False, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       fused: bool = False, compute_dtype: torch.dtype | None = None,
+                       sharded_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token cross-entropy, number of supervised tokens) from the final hidden states.
 
     Only positions whose next label is supervised go through the output head, `chunk_size` at a time, and
@@ -58,6 +59,7 @@ def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
     liger-kernel's fused linear cross-entropy instead (CUDA, a plain Linear head). `compute_dtype`: the
     mixed-precision dtype the head multiplies in (the hidden states reach the loss outside the model's
     autocast, converted to float32 by accelerate); None: as the head's weight and the hidden states are.
+    `sharded_head`: DeepSpeed ZeRO-3 partitions the head's weights between its module calls (see below).
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -72,12 +74,18 @@ def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
             return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias), keep.sum()
+    # ZeRO-3: a chunk's recomputation runs in the backward pass before any module's backward hook (the loss is
+    # outside the model), so DeepSpeed re-partitions the head right after it, and checkpoint holds a frozen
+    # weight (LoRA's head) by reference: its shape check sees the empty shard. The weight is gathered again by
+    # the head's own pre-backward hook before its gradient is computed, so only the shape check is skipped.
+    check = "none" if sharded_head else "default"
     total = hidden.new_zeros((), dtype=torch.float32)
     with torch.autocast(device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
         for start in range(0, len(targets), chunk_size):
             part = slice(start, start + chunk_size)
             if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False)
+                total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False,
+                                           determinism_check=check)
             else:
                 total = total + _chunk_loss(hidden[part], targets[part], head)
     return total, keep.sum()
