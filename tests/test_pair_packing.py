@@ -152,6 +152,10 @@ def test_pair_stages_pack_by_default_and_refuse_packing_with_prefix_tuning(tiny_
 
     assert packing([]) is True
     assert packing(["--packing", "False"]) is False
+    if stage == "rm":  # a reward model cannot train prefix tuning at all (test_method_matrix.py)
+        with pytest.raises(UserError, match="prefix_tuning cannot train a reward model"):
+            packing(["--peft_type", "prefix_tuning"])
+        return
     assert packing(["--peft_type", "prefix_tuning"]) is False  # virtual tokens change what a packed row computes
     with pytest.raises(UserError, match="cannot be combined with --peft_type prefix_tuning"):
         packing(["--peft_type", "prefix_tuning", "--packing", "True"])
