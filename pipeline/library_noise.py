@@ -5,9 +5,10 @@ say still reaches the user.
   BNB_CPU_KERNEL   bitsandbytes, on a CPU with AVX512-BF16, asks the `kernels` package for a hub-hosted 4-bit
                    matmul when it is imported and warns when that fails (no network, untrusted publisher); it then
                    uses its own CPU kernel, so nothing is lost. Any other bitsandbytes warning is kept.
-  PEFT_CHECKPOINT  peft reads the model's `is_gradient_checkpointing` property, which transformers 5 renamed; the
-                   FutureWarning names a library's internal call, not anything the user typed. (The user's
-                   --gradient_checkpointing flag itself is read under its new name in pipeline/args.py.)
+  PEFT_CHECKPOINT  peft and trl call the model's `is_gradient_checkpointing`, `gradient_checkpointing_enable` and
+                   `..._disable`, which transformers 5 renamed to activation_checkpointing*; the FutureWarning names
+                   a library's internal call, not anything the user typed. (The user's --gradient_checkpointing
+                   flag is read under its new name in pipeline/args.py; the project's own calls use the new names.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import warnings
 
 BNB_CPU_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community"
-PEFT_CHECKPOINT = "`is_gradient_checkpointing` is deprecated"
+PEFT_CHECKPOINT = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"
 
 
 class _DropMessage(logging.Filter):

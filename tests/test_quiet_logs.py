@@ -27,7 +27,8 @@ def test_the_filters_drop_only_the_named_messages(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         library_noise.silence()  # the process-wide filters, as `import pipeline` installs them
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        for name in ("is_gradient_checkpointing", "gradient_checkpointing_enable", "gradient_checkpointing_disable"):
+            warnings.warn(f"`{name}` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
 
@@ -39,10 +40,11 @@ def test_every_entry_point_answers_help_without_known_noise(argv):
     assert not [n for n in NOISE if n in proc.stdout + proc.stderr], proc.stderr[-2000:]
 
 
-def test_a_training_run_prints_no_deprecation_warning(tiny_model, tmp_path):
-    proc = subprocess.run([sys.executable, "stages/sft.py", "--model_name_or_path", str(tiny_model), "--train_file_dir",
-                           str(DATA / "sft"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--template_name",
-                           "qwen", "--gradient_checkpointing", "True", "--report_to", "none"],
+@pytest.mark.parametrize("stage, data", [("sft", "sft"), ("dpo", "reward")])
+def test_a_training_run_prints_no_deprecation_warning(tiny_model, tmp_path, stage, data):
+    proc = subprocess.run([sys.executable, f"stages/{stage}.py", "--model_name_or_path", str(tiny_model),
+                           "--train_file_dir", str(DATA / data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                           "--template_name", "qwen", "--gradient_checkpointing", "True", "--report_to", "none"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = proc.stdout + proc.stderr
