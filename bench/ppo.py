@@ -1,19 +1,24 @@
-"""PPO throughput and memory: this project's PPO loop (LoRA, full, ZeRO-3) against trl's GRPO through
-stages/grpo.py, same policy shape, prompts, answers per step and answer length, one process each, in one run.
+"""RL throughput and memory: this project's loop (PPO LoRA/full/ZeRO-3; GRPO, DAPO, Dr. GRPO, GSPO, RLOO) against
+trl's GRPOTrainer (stages/grpo.py --rl_engine trl), same policy shape, prompts, answers per step and answer
+length, one process each, in one run.
 
-    python -m bench.ppo --model_shape 1b --out bench/results          # on a GPU
-    python -m bench.ppo --smoke                                       # tiny shape on the CPU
+    python -m bench.ppo --model_shape 1b --out bench/results                       # on a GPU, the tiny tokenizer
+    python -m bench.ppo --model_shape 1b --tokenizer llama3 --out bench/results    # Llama-3's tokenizer and template
+    python -m bench.ppo --smoke                                                    # tiny shape on the CPU
 
 The policy and the reward model are built from a config with random weights and the real vocabulary size;
 the prompts are the questions of the SFT bench's chat mix (kept when prompt + answer fit --model_max_length).
-Each row reports samples/s (answers generated and trained per second, after the first step), peak GPU memory,
-the median seconds of each phase of a step from trainer_state.json, and the final score.
+--tokenizer llama3: Llama-3's tokenizer.json (bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py), pad
+<|reserved_special_token_0|>, the official Llama-3.x template (--template_name auto). Each row reports samples/s
+(answers generated and trained per second, after the first step, which compiles), peak GPU memory, the median
+seconds of each phase of a step from trainer_state.json, the final score and whether every step was finite.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,11 +47,49 @@ def build_reward_model(policy: Path, out: Path) -> Path:
 def rows(smoke: bool) -> list[tuple[str, str, list[str]]]:
     gpu = [] if smoke else ["--bf16", "True"]
     zero3 = ["--deepspeed", "deepspeed_configs/zero3.json"]
-    return [("this project, PPO LoRA r=8", "ppo", ["--use_peft", "True", *gpu]),
-            ("this project, PPO full", "ppo", ["--use_peft", "False", *gpu]),
-            ("this project, PPO full, DeepSpeed ZeRO-3", "ppo", ["--use_peft", "False", *gpu, *zero3]),
-            ("trl GRPOTrainer (stages/grpo.py), LoRA r=8, 4 answers a prompt", "grpo",
-             ["--algorithm", "grpo", "--reward_funcs", "model", "--use_peft", "True", "--num_generations", "4", *gpu])]
+
+    def group(algorithm: str, engine: str = "own") -> list[str]:
+        return ["--algorithm", algorithm, "--rl_engine", engine, "--reward_funcs", "model", "--use_peft", "True",
+                "--num_generations", "4", *gpu]
+
+    return [("this project, PPO LoRA r=8", "ppo", ["--use_peft", "True", *gpu]),                         # 0
+            ("this project, PPO full", "ppo", ["--use_peft", "False", *gpu]),                             # 1
+            ("this project, PPO full, DeepSpeed ZeRO-3", "ppo", ["--use_peft", "False", *gpu, *zero3]),   # 2
+            ("trl GRPOTrainer, LoRA r=8, 4 answers a prompt", "grpo", group("grpo", "trl")),              # 3
+            ("this project, GRPO LoRA r=8, 4 answers a prompt", "grpo", group("grpo")),                   # 4
+            ("this project, DAPO LoRA r=8", "grpo", group("dapo")),                                       # 5
+            ("this project, Dr. GRPO LoRA r=8", "grpo", group("dr_grpo")),                                # 6
+            ("this project, GSPO LoRA r=8", "grpo", group("gspo")),                                       # 7
+            ("this project, RLOO LoRA r=8", "grpo", group("rloo")),                                       # 8
+            ("trl RLOOTrainer, LoRA r=8", "grpo", group("rloo", "trl"))]                                  # 9
+
+
+def build_llama3(shape: str, work: Path) -> tuple[Path, Path]:
+    """The policy with Llama-3's tokenizer and official template, and a same-shape reward model (fresh score head)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.nan_guard import llama3_tokenizer
+
+    policy = work / f"policy-{shape}-llama3"
+    if not (policy / "config.json").is_file():
+        tokenizer = llama3_tokenizer()
+        config = LlamaConfig(**{**SHAPES[shape], "vocab_size": len(tokenizer)}, max_position_embeddings=8192,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        model.save_pretrained(policy)
+        tokenizer.save_pretrained(policy)
+        del model
+        shutil.rmtree(work / f"reward-{shape}-llama3", ignore_errors=True)
+    reward = work / f"reward-{shape}-llama3"
+    if not (reward / "config.json").is_file():
+        build_reward_model(policy, reward)
+    return policy, reward
 
 
 def one(stage: str, flags: list[str]) -> dict:
@@ -64,8 +107,9 @@ def one(stage: str, flags: list[str]) -> dict:
     steps = [h for h in history if "time/step" in h or "step_time" in h]
     later = steps[1:] or steps  # the first step compiles kernels and warms the caches
     row = {"steps": len(steps), "wall_s": round(wall, 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None}
-    if stage == "ppo":
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
+           "all_finite": all(math.isfinite(h.get("loss", 0.0)) and math.isfinite(h.get("grad_norm", 0.0)) for h in steps)}
+    if "time/step" in steps[0]:  # the project's loop
         per_step = statistics.median(h["time/step"] for h in later)
         row.update({f"{p}_s": round(statistics.median(h[f"time/{p}"] for h in later), 2) for p in PHASES})
         row["final_score"] = round(steps[-1]["objective/scores"], 4)
@@ -85,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="answers generated and trained per step")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--max_steps", type=int, default=6)
+    parser.add_argument("--tokenizer", default="tiny", choices=("tiny", "llama3"),
+                        help="the bench's tiny BPE tokenizer (qwen template) or Llama-3's with its official template")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (default all)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps of 4 short answers, on the CPU")
@@ -97,18 +143,22 @@ def main(argv: list[str] | None = None) -> None:
         args.model_shape, args.batch_size, args.max_new_tokens, args.max_steps = "tiny", 4, 8, 2
     results = Path(args.out)
     work = results / "work-ppo"
-    policy = build_model(args.model_shape, work / f"policy-{args.model_shape}")
-    reward = build_reward_model(policy, work / f"reward-{args.model_shape}")
+    if args.tokenizer == "llama3":
+        policy, reward = build_llama3(args.model_shape, work)
+    else:
+        policy = build_model(args.model_shape, work / f"policy-{args.model_shape}")
+        reward = build_reward_model(policy, work / f"reward-{args.model_shape}")
     make_chats(64 if args.smoke else 400, 60 if args.smoke else 534, 3600, work / "data")
     max_length = 256 if args.smoke else 1024
-    table = ["| run | samples/s | s/step | " + " | ".join(f"{p} s" for p in PHASES) + " | peak GPU GiB | saved |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- |"]
+    table = ["| run | samples/s | s/step | " + " | ".join(f"{p} s" for p in PHASES) + " | peak GPU GiB | final score | "
+             "all finite | saved |", "| --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- | --- | --- |"]
     out_rows = []
     suite = rows(args.smoke)
     for i in ([int(r) for r in args.rows.split(",")] if args.rows else range(len(suite))):
         name, stage, extra = suite[i]
         flags = ["--model_name_or_path", str(policy), "--reward_model_name_or_path", str(reward),
-                 "--train_file_dir", str(work / "data"), "--output_dir", str(work / f"out{i}"), "--template_name", "qwen",
+                 "--train_file_dir", str(work / "data"), "--output_dir", str(work / f"out{i}"),
+                 "--template_name", "auto" if args.tokenizer == "llama3" else "qwen",
                  "--model_max_length", str(max_length), "--max_new_tokens", str(args.max_new_tokens),
                  "--per_device_train_batch_size", str(args.batch_size), "--max_steps", str(args.max_steps),
                  "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-6",
@@ -123,11 +173,14 @@ def main(argv: list[str] | None = None) -> None:
         out_rows.append(row)
         table.append(f"| {name} | {row.get('samples_per_s', row.get('error', '')[:80])} | {row.get('step_s', '—')} | "
                      + " | ".join(str(row.get(f"{p}_s", "—")) for p in PHASES)
-                     + f" | {row.get('peak_gib', '—')} | {row.get('saved_loadable', '—')} |")
-    summary = {"shape": args.model_shape, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                     + f" | {row.get('peak_gib', '—')} | {row.get('final_score', '—')} | {row.get('all_finite', '—')} | "
+                     f"{row.get('saved_loadable', '—')} |")
+    summary = {"shape": args.model_shape, "tokenizer": args.tokenizer,
+               "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                "max_length": max_length, "rows": out_rows}
-    (results / "results-ppo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (results / "results-ppo.md").write_text("\n".join(table) + "\n")
+    name = "results-ppo" + ("-llama3" if args.tokenizer == "llama3" else "")
+    (results / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (results / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 

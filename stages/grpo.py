@@ -1,9 +1,19 @@
-"""Stage 4a', GRPO or RLOO: group-relative RL on trl's GRPOTrainer / RLOOTrainer, with the project's
-prompts, template, rewards (reward model and/or rule rewards) and held-out evaluation (the same as PPO's).
+"""Stage 4a', GRPO and its relatives: group-relative RL without a value model. Each prompt gets --num_generations
+answers; an answer's advantage is its reward against its group's. Rewards: the reward model and/or rule rewards.
 
-No value model: each prompt gets --num_generations answers and each answer's advantage is its reward
-against the group's. --ppo_epochs and --cliprange map to trl's num_iterations and epsilon, --kl_coef to
-beta; the PPO-only flags (GAE, value clipping, adaptive KL...) are refused.
+--algorithm (pipeline/rl/group_math.py holds each one's arithmetic, with hand-computed tests):
+  grpo     group mean and std, clipped token ratios, each answer's tokens averaged (DeepSeekMath)
+  dapo     clip-higher (0.2 / 0.28), every token of the batch weighed alike, groups whose answers all scored
+           the same dropped from the update (DAPO's dynamic sampling, without its refill)
+  dr_grpo  no std division, token sum over batch x --max_new_tokens (Dr. GRPO)
+  gspo     one length-normalized ratio per answer, clipped at 3e-4 / 4e-4 (GSPO)
+  rloo     leave-one-out baseline (RLOO)
+
+--rl_engine own (default): the project's own loop, shared with PPO (stages/ppo.py: compiled static-cache
+rollouts on a GPU, padding-free updates, checkpoints, resume, SIGTERM, the divergence guard, DeepSpeed).
+--rl_engine trl: trl's GRPOTrainer / RLOOTrainer for grpo and rloo (--ppo_epochs -> num_iterations,
+--cliprange -> epsilon, --kl_coef -> beta). bench/ppo.py measures both side by side.
+The PPO-only flags (GAE, value clipping, adaptive KL...) are refused.
 
     python stages/grpo.py --algorithm grpo --model_name_or_path outputs/sft-merged --reward_funcs exact_match \
         --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/grpo
@@ -15,6 +25,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 import pipeline  # noqa: F401  first: its filters of known harmless library warnings (library_noise.py) precede trl
 
@@ -29,16 +41,114 @@ from pipeline.data.templates import apply_template_to_tokenizer, resolve_templat
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
+from pipeline.rl import distributed, group_math
 from pipeline.rl.config import GROUP_RELATIVE_FLAGS, PPOArguments, RLTrainingArguments, validate_group_relative
+from pipeline.rl.group_math import VARIANTS
+from pipeline.rl.loop import PPORecipe, run
+from pipeline.rl.models import build_group_models
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, reward_model_folder
-from pipeline.rl.rollout import Rollouts
+from pipeline.rl.rollout import Rollouts, packed_attention, token_logprobs_and_entropy
+from pipeline.rl.timing import PhaseTimer
+from pipeline.train import divergence
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import setup_run, train_and_save
 
 
 @dataclass
 class GroupRelativeArguments(PPOArguments):
-    algorithm: str = field(default="grpo", metadata={"help": "grpo or rloo (trl).", "choices": ("grpo", "rloo")})
+    algorithm: str = field(default="grpo", metadata={"help": "grpo, dapo, dr_grpo, gspo or rloo.",
+                                                     "choices": tuple(VARIANTS)})
+    rl_engine: str = field(default="own", metadata={
+        "help": "own (the project's loop, every algorithm) or trl (trl's GRPOTrainer/RLOOTrainer: grpo, rloo).",
+        "choices": ("own", "trl")})
+
+
+class GroupRecipe(PPORecipe):
+    """PPO's loop (rollouts, checkpoints, resume, evaluation) with group-relative advantages and no value model:
+    for each step, rollout G answers a prompt -> score -> group advantages -> clipped policy epochs -> save."""
+
+    def __init__(self, models, tokenizer, template, prompts, eval_prompts, args, training_args):
+        super().__init__(models, tokenizer, template, prompts, eval_prompts, args, training_args)
+        self.variant = VARIANTS[args.algorithm]
+        self.eps_low = self.variant["eps_low"] or args.cliprange
+        self.eps_high = self.variant["eps_high"] or self.eps_low
+        self.use_kl = args.kl_coef > 0 and self.has_reference
+
+    def prompts_per_rank(self) -> int:
+        return self.batch_size // self.args.num_generations
+
+    def train_step(self) -> dict[str, float]:
+        args, variant, group = self.args, self.variant, self.args.num_generations
+        torch.manual_seed(self.targs.seed + 1000 * self.rank + self.step)
+        self.policy.eval()
+        # 1. This rank's prompts, each --num_generations times in consecutive rows (a group stays on one rank).
+        prompts = distributed.step_prompts(self.prompts, self.step, self.prompts_per_rank(), self.rank, self.world,
+                                           self.targs.seed)
+        timer = PhaseTimer(self.device)
+        with timer.phase("generate"):
+            traj = self.generate([p for p in prompts for _ in range(group)], sample=True)
+        with torch.no_grad(), self.autocast:
+            with timer.phase("score"):
+                scores = self.scores(traj)
+            # 2. Old log-probs (needed when the policy moves before the last minibatch) and the reference's.
+            with timer.phase("logprobs"), packed_attention(self.policy, self.reference, self.value_model):
+                moves = args.ppo_epochs > 1 or self.mini_batch_size < self.batch_size
+                old_logp = token_logprobs_and_entropy(self.policy, traj, args.temperature, False)[0] if moves else None
+                ref_logp = self.reference_logprobs(traj, args.temperature) if self.use_kl else None
+        # 3. Advantages against the group; groups that all scored alike leave the update (DAPO).
+        advantages = group_math.group_advantages(scores, group, variant["scale"], variant["leave_one_out"])
+        kept = ~group_math.zero_variance_groups(scores, group) if variant["dynamic_sampling"] else torch.ones_like(scores).bool()
+        # 4. Clipped policy epochs over minibatches (+ kl_coef * k3 KL to the reference).
+        with timer.phase("update"), packed_attention(self.policy, self.value_model):
+            stats, norms, kl = self.group_epochs(traj, old_logp, ref_logp, advantages, kept)
+        rmask = traj.response_mask.float()
+        norm = divergence.worst(norms)
+        metrics = {**{k: sum(s[i] for s in stats) / len(stats) for i, k in enumerate(GROUP_STATS)},
+                   "objective/scores": scores.mean().item(),
+                   "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
+                   "objective/kl": kl, "groups_kept": kept.float().mean().item(),
+                   "response_length": rmask.sum(1).mean().item(), "eos_fraction": traj.ended.float().mean().item(),
+                   "learning_rate": self.updater.lr(), "nonfinite_logits": float(traj.nonfinite),
+                   **({"loss_scale": self.updater.loss_scale} if self.updater.loss_scale else {}),
+                   **({} if norm is None else {"grad_norm": norm}), **timer.metrics(len(traj.ids))}
+        metrics = distributed.reduce_mean(metrics, self.world, self.device)
+        metrics["samples_per_second"] *= self.world
+        return metrics
+
+    def group_epochs(self, traj, old_logp, ref_logp, advantages, kept) -> tuple[list[tuple], list, float]:
+        args, variant, accumulation = self.args, self.variant, self.targs.gradient_accumulation_steps
+        rmask = traj.response_mask.float() * kept.float().unsqueeze(1).to(traj.response_mask.device)
+        advantages = advantages.to(rmask.device)
+        micro = self.mini_batch_size // accumulation
+        generator = torch.Generator().manual_seed(self.targs.seed * 1000 + self.step)
+        stats, norms, kls = [], [], []
+        self.policy.train()
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(len(traj.ids), generator=generator)
+            for start in range(0, len(traj.ids), self.mini_batch_size):
+                for m_start in range(start, start + self.mini_batch_size, micro):
+                    idx = order[m_start : m_start + micro].to(self.device)
+                    mask = rmask[idx]
+                    with self.autocast:
+                        logp, _ = token_logprobs_and_entropy(self.policy, traj.select(idx), args.temperature, False)
+                    old = logp.detach() if old_logp is None else old_logp[idx]
+                    pg_loss, clipfrac, approx_kl = group_math.clipped_policy_loss(
+                        logp, old, advantages[idx], mask, self.eps_low, self.eps_high, variant["ratio_level"],
+                        variant["aggregation"], args.max_new_tokens)
+                    loss, kl = pg_loss, torch.zeros(())
+                    if ref_logp is not None:
+                        per_token = group_math.kl_penalty(logp, ref_logp[idx])
+                        loss = loss + args.kl_coef * group_math.aggregate(per_token, mask, variant["aggregation"],
+                                                                          args.max_new_tokens)
+                        kl = (per_token.detach() * mask).sum(1).mean()
+                    self.updater.backward(loss)
+                    stats.append(tuple(v.item() for v in (loss, pg_loss, clipfrac, approx_kl)))
+                    kls.append(kl.item())
+                norms.append(self.updater.step())
+        return stats, norms, sum(kls) / len(kls)
+
+
+GROUP_STATS = ("loss", "loss/policy", "policy/clipfrac", "policy/approx_kl")
 
 
 def rule_reward(name: str):
@@ -77,12 +187,14 @@ ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, GroupRelativeArgument
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
-    validate_group_relative(model_args, peft_args, ppo_args)
+    validate_group_relative(model_args, peft_args, ppo_args, training_args)
     return model_args, data_args, peft_args, ppo_args, training_args
 
 
 def main(argv: list[str] | None = None):
     model_args, data_args, peft_args, ppo_args, training_args = parse(argv)
+    if ppo_args.rl_engine == "own":
+        return run(GroupRecipe, build_group_models, "grpo", model_args, data_args, peft_args, ppo_args, training_args)
     setup_run(training_args)
     claim_output_dir(training_args, "grpo", model_args.model_name_or_path, data_args.train_source[0])
     tokenizer = load_tokenizer(model_args)

@@ -194,6 +194,7 @@ def test_qlora_policy_trains_and_saves_an_adapter(weak_sft_model, reward_model, 
 
 
 def test_grpo_with_a_rule_reward_raises_heldout_accuracy(weak_sft_model, tmp_path):
+    """The project's own loop (--rl_engine own, the default)."""
     out = tmp_path / "grpo"
     grpo.main(common(weak_sft_model, None, out, "--algorithm", "grpo", "--reward_funcs", "exact_match",
                     "--validation_file_dir", str(DATA / "sft_eval"), "--use_peft", "False", "--num_generations", "16",
@@ -204,7 +205,8 @@ def test_grpo_with_a_rule_reward_raises_heldout_accuracy(weak_sft_model, tmp_pat
 
 
 def test_rloo_trains_with_the_reward_model(weak_sft_model, reward_model, tmp_path):
-    trainer = grpo.main(common(weak_sft_model, reward_model, tmp_path / "rloo", "--algorithm", "rloo", "--num_generations", "4",
+    trainer = grpo.main(common(weak_sft_model, reward_model, tmp_path / "rloo", "--algorithm", "rloo", "--rl_engine", "trl",
+                              "--num_generations", "4",
                               "--per_device_train_batch_size", "8", "--learning_rate", "1e-4", "--max_steps", "2",
                               "--save_strategy", "no", "--ppo_epochs", "2", "--cliprange", "0.1"))
     assert trainer.args.num_iterations == 2 and trainer.args.epsilon == 0.1  # the PPO flags under trl's names

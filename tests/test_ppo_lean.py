@@ -1,5 +1,8 @@
 """The PPO loop reads log-probabilities, entropies and the held-out KL from hidden states in chunks, never the
-[batch, answer, vocabulary] logits: the numbers and gradients equal those computed from the model's logits."""
+[batch, answer, vocabulary] logits, and runs the rollout rows end to end without their padding: at every
+answer token the numbers and gradients equal those computed from the padded batch's logits."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -44,7 +47,8 @@ def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(tiny_model
     model.zero_grad(set_to_none=True)
 
     logp, entropy = token_logprobs_and_entropy(model, traj, temperature)
-    assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
+    real = traj.response_mask.bool()  # padding-free: a column after a row's stop token has no state
+    assert torch.allclose(logp[real], want_logp[real], atol=1e-5) and torch.allclose(entropy[real], want_entropy[real], atol=1e-5)
     assert not entropy.requires_grad
     (logp * traj.response_mask).sum().backward()
     for name, p in model.named_parameters():
@@ -55,7 +59,7 @@ def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(tiny_model
         ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         want_kl = ppo_math.full_kl(full_logits(model, traj), full_logits(ref, traj))
         kl = chunked_full_kl(*response_hidden(model, traj), *response_hidden(ref, traj), chunk=chunk)
-    assert torch.allclose(kl, want_kl, atol=1e-5)
+    assert torch.allclose(kl[real], want_kl[real], atol=1e-5)
 
 
 def test_the_model_is_asked_for_one_position_of_logits_only(tiny_model):
@@ -65,8 +69,8 @@ def test_the_model_is_asked_for_one_position_of_logits_only(tiny_model):
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     with torch.no_grad():
         token_logprobs_and_entropy(model, traj, 1.0)
-    # the model's own call: 1 position per row; then the answer positions (3 rows x 8) through the head
-    assert seen[0] == (3, 1, model.config.vocab_size) and seen[1] == (24, model.config.vocab_size)
+    # the model's own call: one flattened row (no padding), 1 position; then the answer positions (3 x 8) through the head
+    assert seen[0] == (1, 1, model.config.vocab_size) and seen[1] == (24, model.config.vocab_size)
 
 
 def test_values_are_scored_at_the_answer_states_only(tiny_model):
@@ -79,14 +83,52 @@ def test_values_are_scored_at_the_answer_states_only(tiny_model):
     value = ValueModel(classifier)
     traj = trajectory(classifier.config.vocab_size)
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
+    real = traj.response_mask.bool()
     with torch.no_grad():
-        everywhere = value(traj.ids, traj.mask, positions)
-        assert torch.allclose(values(value, traj), everywhere[:, traj.query_len - 1 : -1], atol=1e-6)
+        everywhere = value(traj.ids, traj.mask, positions)[:, traj.query_len - 1 : -1]
+        assert torch.allclose(values(value, traj, packed=False), everywhere, atol=1e-6)
+        assert torch.allclose(values(value, traj)[real], everywhere[real], atol=1e-5)  # padding-free
 
 
-def test_static_rollout_cache_with_bucketed_prompts_generates_what_the_dynamic_one_does(tiny_model):
-    """--rollout_cache static pads the prompts to the prompt budget (one compiled shape on a GPU) and decodes
-    with a fixed-size cache: greedy answers equal the dynamic cache's."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_padding_free_update_equals_the_padded_one(tiny_model, lora):
+    """The PPO update's policy and value passes without padding: the same log-probs, values and gradients at
+    every answer token as the padded batch, with prompts of different lengths and answers that stopped early."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.rl.models import ValueModel
+    from pipeline.rl.rollout import values
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float32)
+    if lora:
+        policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        classifier = get_peft_model(classifier, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS",
+                                                           init_lora_weights=False))
+    value = ValueModel(classifier)
+    traj = trajectory(policy.config.vocab_size)
+    traj.mask[1, :1] = 0  # three prompt lengths
+    real = traj.response_mask.bool()
+    results = {}
+    for packed in (False, True):
+        logp = token_logprobs_and_entropy(policy, traj, 0.9, with_entropy=False, packed=packed)[0]
+        v = values(value, traj, packed=packed)
+        ((logp * real).sum() + (v * real).square().sum()).backward()
+        grads = {n: p.grad.clone() for model in (policy, classifier) for n, p in model.named_parameters() if p.grad is not None}
+        policy.zero_grad(set_to_none=True), classifier.zero_grad(set_to_none=True)
+        results[packed] = logp.detach()[real], v.detach()[real], grads
+    (lp0, v0, g0), (lp1, v1, g1) = results[False], results[True]
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+
+
+def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
+    """--rollout_cache static pads the prompts to the prompt budget and a short batch to the batch size (one
+    compiled shape on a GPU) and decodes with a fixed-size cache: greedy answers equal the dynamic cache's, and the
+    filler rows are dropped. auto is dynamic on the CPU."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -98,12 +140,52 @@ def test_static_rollout_cache_with_bucketed_prompts_generates_what_the_dynamic_o
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
     targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
-                            per_device_train_batch_size=2)
+                            per_device_train_batch_size=3)
     answers = {}
-    for cache in ("dynamic", "static"):
+    for cache in ("dynamic", "static", "auto"):
         args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache=cache)
         rollouts = Rollouts(model, None, None, None, tokenizer, None, args, targs)
+        assert rollouts.cache_kind() == ("static" if cache == "static" else "dynamic")
         traj = rollouts.generate(prompts, sample=False)
         assert traj.query_len == (64 if cache == "static" else max(len(p.ids) for p in prompts))
+        assert traj.ids.shape[0] == len(traj.answers) == 2
         answers[cache] = (traj.responses.tolist(), traj.answers)
-    assert answers["static"] == answers["dynamic"]
+    assert answers["static"] == answers["dynamic"] == answers["auto"]
+    assert rollouts.static_shape(1, 30) == (3, 64) and rollouts.static_shape(4, 30) == (4, 64)
+
+
+def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(tiny_model, monkeypatch):
+    """On a GPU the padding-free passes use the varlen attention kernel (here its CPU stand-in). With gradient
+    checkpointing the backward pass recomputes the forward, so the kernel must stay selected over the whole
+    update: inside packed_attention the gradients equal the padded batch's; a backward after leaving it
+    recomputes with another attention and is refused by torch (the H200 failure this guards against)."""
+    from torch.utils.checkpoint import CheckpointError
+
+    from pipeline.model import attention
+    from pipeline.rl import rollout
+    from pipeline.rl.models import prepare_for_rl
+
+    monkeypatch.setattr(rollout, "torch_varlen_available", lambda: True)
+    monkeypatch.setitem(attention.KERNEL, "fn", attention.reference_varlen)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    prepare_for_rl(policy, gradient_checkpointing=True)
+    policy.train()
+    traj = trajectory(policy.config.vocab_size)
+    real = traj.response_mask.bool()
+    used = []
+    monkeypatch.setitem(attention.KERNEL, "fn", lambda *a: used.append(1) or attention.reference_varlen(*a))
+
+    grads = {}
+    for packed in (False, True):
+        with rollout.packed_attention(policy) if packed else nullcontext():  # the padded batch: SDPA with its mask
+            logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False, packed=packed)[0]
+            (logp * real).sum().backward()
+        grads[packed] = {n: p.grad.float().clone() for n, p in policy.named_parameters() if p.grad is not None}
+        policy.zero_grad(set_to_none=True)
+    assert used and policy.config._attn_implementation == "sdpa"  # the kernel ran; the model is given back as it was
+    for name, g in grads[False].items():
+        assert torch.allclose(g, grads[True][name], atol=0.05, rtol=0.05), name  # bf16
+
+    logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False)[0]  # packed, context left after forward
+    with pytest.raises(CheckpointError):
+        (logp * real).sum().backward()

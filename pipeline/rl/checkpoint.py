@@ -73,8 +73,9 @@ def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: di
     partial = partial_of(folder)
     save_policy(policy, tokenizer, partial, part(weights, "policy"))
     write_state(partial, loop_state["step"], max_steps, log_history)
-    value_weights = part(weights, "value_model")
-    value_model.save_pretrained(partial / "value_model", **({"state_dict": value_weights} if weights else {}))
+    if value_model is not None:  # PPO; the group-relative algorithms have none
+        value_weights = part(weights, "value_model")
+        value_model.save_pretrained(partial / "value_model", **({"state_dict": value_weights} if weights else {}))
     torch.save(loop_state, partial / "ppo_state.pt")
     mark_complete(partial, loop_state["step"])
     remove_checkpoint(folder)  # one of the same step, left by an earlier run
@@ -96,7 +97,8 @@ def load_checkpoint(folder: Path, policy, value_model, weights: bool = True) -> 
     scheduler, kl_coef, step; log history)."""
     if weights:
         load_trainable(policy, folder)
-        load_trainable(value_model, folder / "value_model")
+        if value_model is not None:
+            load_trainable(value_model, folder / "value_model")
     # read onto the CPU: the optimizer's load_state_dict moves its state to each parameter's device (a rank's
     # device under torchrun on CPU is "cpu:0", which torch.load cannot map to)
     state = torch.load(folder / "ppo_state.pt", map_location="cpu", weights_only=False)

@@ -73,11 +73,11 @@ class PPOArguments:
     missing_eos_penalty: float | None = field(default=None, metadata={
         "help": "Subtracted from the score of answers cut off without a stop token."})
     num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: answers sampled per prompt."})
-    rollout_cache: str = field(default="dynamic", metadata={
-        "help": "KV cache of rollouts: dynamic, or static (a fixed-size cache and transformers' compiled "
-                "decode step, prompts padded to --model_max_length - --max_new_tokens; alone ~4x faster on the 1B "
-                "shape, but in the PPO loop measured no faster yet, bench/results/h200-2026-12-02-ppo).",
-        "choices": ("dynamic", "static")})
+    rollout_cache: str = field(default="auto", metadata={
+        "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled decode step; prompts "
+                "padded to one of three widths, so it compiles at most three times; falls back to dynamic with a "
+                "log line where it cannot compile), dynamic, or auto (static on a CUDA GPU, dynamic elsewhere).",
+        "choices": ("auto", "static", "dynamic")})
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -153,13 +153,31 @@ PPO_ONLY_FLAGS = ("mini_batch_size", "target_kl", "kl_horizon", "kl_estimator", 
                   "vf_coef", "whiten_rewards", "missing_eos_penalty")
 
 
-def validate_group_relative(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments) -> None:
-    """Every check of stages/grpo.py: the algorithm, the adapter, and no PPO-only flag (it would be ignored)."""
+def validate_group_relative(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments,
+                            training_args: PipelineTrainingArguments | None = None) -> None:
+    """Every check of stages/grpo.py: the algorithm and engine, the adapter, no PPO-only flag (it would be ignored),
+    and for the own loop its batch shape and loop flags."""
     if ppo_args.algorithm == "ppo":
-        raise UserError("stages/grpo.py runs --algorithm grpo or rloo; PPO runs in stages/ppo.py (bash run_ppo.sh).")
+        raise UserError("stages/grpo.py runs --algorithm grpo, dapo, dr_grpo, gspo or rloo; PPO runs in stages/ppo.py "
+                        "(bash run_ppo.sh).")
+    engine = getattr(ppo_args, "rl_engine", "own")
+    if engine == "trl" and ppo_args.algorithm not in ("grpo", "rloo"):
+        raise UserError(f"--algorithm {ppo_args.algorithm} runs in the project's own loop only (--rl_engine own); "
+                        "--rl_engine trl takes grpo or rloo.")
     _check_rl_common(model_args, peft_args, ppo_args)
     defaults = {f.name: f.default for f in fields(PPOArguments)}
     given = [f"--{name}" for name in PPO_ONLY_FLAGS if getattr(ppo_args, name) != defaults[name]]
     if given:
         raise UserError(f"{', '.join(given)} belong to --algorithm ppo (value model, GAE, adaptive KL); "
                         f"--algorithm {ppo_args.algorithm} has no such setting: drop them.")
+    if engine == "own" and training_args is not None:
+        if training_args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed.")
+        check_loop_flags(training_args)
+        batch, group = training_args.per_device_train_batch_size, ppo_args.num_generations
+        if group < 2 or batch % group or batch % training_args.gradient_accumulation_steps:
+            raise UserError(f"--per_device_train_batch_size ({batch}, answers a step on each process) must be a multiple "
+                            f"of --num_generations ({group}, at least 2: an answer is judged against its group's) and of "
+                            "--gradient_accumulation_steps.")
+        if training_args.max_steps <= 0:
+            raise UserError(f"--max_steps ({ppo_args.algorithm} iterations) must be set for the own loop.")

@@ -41,18 +41,25 @@ class ValueModel(torch.nn.Module):
         self.backbone, self.score = getattr(base, base.base_model_prefix), base.score
         self.head_dtype = head_dtype(self.score)
 
+    def states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        # no cache: without one, rows laid end to end (no attention mask) attend within their own row
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.score(hidden.to(self.head_dtype)).squeeze(-1).float()
+
     def forward(self, input_ids, attention_mask, position_ids, keep_from: int = 0):
         """Values of the positions from `keep_from` on (the answer's states); the others are not scored."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.score(hidden[:, keep_from:].to(self.head_dtype)).squeeze(-1).float()
+        return self.head(self.states(input_ids, attention_mask, position_ids)[:, keep_from:])
 
 
 @dataclass
 class PPOModels:
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # None: the policy with its adapter disabled
-    value_model: torch.nn.Module  # the sequence classifier the values are read from
+    value_model: torch.nn.Module | None  # the sequence classifier the values are read from (None: GRPO and relatives)
     reward_model: torch.nn.Module | None  # None: the value model with its adapter disabled
     reward_tokenizer: object
 
@@ -82,6 +89,29 @@ def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> P
     return models
 
 
+def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
+    """GRPO and its relatives: the policy, a reference only for a KL penalty (with LoRA the policy with its adapter
+    disabled), the reward model only when --reward_funcs names it; no value model."""
+    dtype = trainable_dtype(training_args)
+    policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
+                        max_length=ppo_args.model_max_length, trainable_dtype=dtype)
+    reference = None
+    if ppo_args.kl_coef > 0 and not peft_args.use_peft:
+        reference = load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
+    reward = rm_tokenizer = None
+    if "model" in ppo_args.reward_func_list:
+        rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
+        check_folder_whole(rm_path, "--reward_model_name_or_path")
+        rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
+        check_same_vocab(tokenizer, rm_tokenizer)
+        reward = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=unwrap(policy).dtype).eval()
+        reward.requires_grad_(False)
+    for model in (policy, reference, reward):
+        if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
+            model.to(training_args.device)
+    return PPOModels(policy, reference, None, reward, rm_tokenizer)
+
+
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
@@ -92,4 +122,9 @@ def prepare_for_rl(model, gradient_checkpointing: bool) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # newer transformers name it activation_checkpointing_enable; 5.17 (the floor) has only the old name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,7 +7,8 @@ exact match with the data, and the exact KL to the reference.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import logging
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,11 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.data.collators import pad
 from pipeline.data.prompts import Prompt
+from pipeline.errors import first_line
 from pipeline.infer.generation import generate, sampling_config
 from pipeline.model.adapters import unwrap
+from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
+from pipeline.model.unpadding import flatten
 from pipeline.rl import ppo_math
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, total_rewards
 
@@ -46,16 +50,71 @@ class Trajectory:
         return Trajectory([], self.ids[idx], self.mask[idx], self.query_len, self.response_mask[idx], self.ended[idx], [])
 
 
+logger = logging.getLogger(__name__)
 LOGIT_CHUNK = 1024  # answer positions sent through the output head at a time
 
 
-def response_hidden(model, traj: Trajectory) -> tuple[torch.Tensor, torch.nn.Module]:
+def _flat_answer_index(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rollout rows laid end to end without their padding (ids (1, tokens), position ids restarting at 0 in
+    each row), and for every padded answer column that predicts a token (columns query_len-1 .. width-2) the flat
+    index of its state and whether it exists (a column after a row's stop token has none)."""
+    ids, positions, keep = flatten(traj.ids, traj.mask)
+    flat_index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[:, traj.query_len - 1 : -1]
+    present = keep[:, traj.query_len - 1 : -1]
+    return ids, positions, flat_index.clamp(min=0), present
+
+
+def answer_states(flat_hidden: torch.Tensor, flat_index: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(rows, answer columns, hidden) from a flattened forward's (1, tokens, hidden); zeros where no state."""
+    return flat_hidden[0, flat_index] * present.unsqueeze(-1).to(flat_hidden.dtype)
+
+
+@contextmanager
+def packed_attention(*models):
+    """Rows laid end to end attend within their own row: PyTorch's varlen kernel on a CUDA GPU in half precision
+    (model/attention.py), elsewhere SDPA with transformers' block-diagonal mask built from the position ids.
+    Held over a whole update (forward and backward): gradient checkpointing recomputes the forward in the backward
+    pass, which must attend the same way."""
+    with ExitStack() as stack:
+        for model in models:
+            if model is not None:
+                stack.enter_context(_packed_attention(model))
+        yield
+
+
+@contextmanager
+def _packed_attention(model):
+    base = unwrap(model)
+    # half-precision weights only: full training's float32 masters under autocast failed gradient checkpointing's
+    # recomputation check with this kernel on an H200 (41 tensors saved, 40 recomputed); they keep SDPA
+    half = base.dtype in (torch.bfloat16, torch.float16)
+    current = base.config._attn_implementation
+    if current != "sdpa" or not (half and torch_varlen_available()):
+        yield  # flash attention reads the position ids itself; SDPA builds the mask
+        return
+    base.set_attn_implementation(PACKED_VARLEN)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
+
+
+def response_hidden(model, traj: Trajectory, packed: bool = True) -> tuple[torch.Tensor, torch.nn.Module]:
     """(final hidden states at the positions that predict the answer tokens, the output head). The model
-    computes one position's logits only (logits_to_keep=1); the head is applied by the caller, in chunks."""
+    computes one position's logits only (logits_to_keep=1); the head is applied by the caller, in chunks.
+    packed (the default): the rows go through the model end to end without their padding (prompts are
+    left-padded to the longest, answers right-padded after the stop token); False: the padded batch."""
+    head = unwrap(model).get_output_embeddings()
+    if packed:
+        ids, positions, flat_index, present = _flat_answer_index(traj)
+        with packed_attention(model):
+            out = model(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True,
+                        logits_to_keep=1)
+        return answer_states(out.hidden_states[-1], flat_index, present), head
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False,
                 output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1][:, traj.query_len - 1 : -1], unwrap(model).get_output_embeddings()
+    return out.hidden_states[-1][:, traj.query_len - 1 : -1], head
 
 
 def _chunk_logprobs(hidden, tokens, head, temperature):
@@ -99,14 +158,20 @@ def chunked_full_kl(hidden, head, ref_hidden, ref_head, chunk: int = LOGIT_CHUNK
     return torch.cat(parts).view(hidden.shape[:2])
 
 
-def token_logprobs_and_entropy(model, traj: Trajectory, temperature: float,
-                               with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs_and_entropy(model, traj: Trajectory, temperature: float, with_entropy: bool = True,
+                               packed: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs, entropies) of the answer tokens under `model`, without full-vocabulary logits."""
-    hidden, head = response_hidden(model, traj)
+    hidden, head = response_hidden(model, traj, packed)
     return chunked_logprobs(hidden, head, traj.responses, temperature, with_entropy)
 
 
-def values(value_model, traj: Trajectory) -> torch.Tensor:
+def values(value_model, traj: Trajectory, packed: bool = True) -> torch.Tensor:
+    """The value of every state that predicts an answer token (as response_hidden: padding-free by default)."""
+    if packed:
+        ids, positions, flat_index, present = _flat_answer_index(traj)
+        with packed_attention(value_model.classifier):
+            hidden = value_model.states(ids, None, positions)
+        return value_model.head(answer_states(hidden, flat_index, present))
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
     return value_model(traj.ids, traj.mask, positions, keep_from=traj.query_len - 1)[:, :-1]
 
@@ -130,21 +195,45 @@ class Rollouts:
         self.rank, self.world = training_args.process_index, training_args.world_size
         self.batch_size = training_args.per_device_train_batch_size
         self.generation_context = nullcontext  # ZeRO-3: gathers the policy's weights for the rollout (engine.py)
+        self.static_failed = False  # the compiled static-cache decode failed once: dynamic from then on
+        self.said_dynamic = False
 
     @property
     def has_reference(self) -> bool:
         return self.reference is not None or isinstance(self.policy, PeftModel)
 
+    def cache_kind(self) -> str:
+        """static (a fixed-size KV cache: transformers compiles the decode step once) on a CUDA GPU under auto;
+        dynamic elsewhere (no compiler gain on the CPU), for float32 weights under a half-precision autocast (full
+        training's masters: the compiled decode writes half-precision keys into a float32 cache, measured on an
+        H200), and after the static path failed once."""
+        kind = getattr(self.args, "rollout_cache", "dynamic")
+        if kind == "auto":
+            float32_under_autocast = unwrap(self.policy).dtype == torch.float32 and not isinstance(self.autocast, nullcontext)
+            kind = "static" if self.device.type == "cuda" and not float32_under_autocast else "dynamic"
+            if self.device.type == "cuda" and float32_under_autocast and not self.said_dynamic:
+                logger.info("rollouts use the dynamic KV cache: the policy trains float32 weights under autocast, which "
+                            "the compiled static-cache decode does not take")
+                self.said_dynamic = True
+        return "dynamic" if self.static_failed else kind
+
+    def static_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """(rows, prompt width) of a static rollout: the rows filled up to the batch size and the prompts padded to
+        the prompt budget, so the decode step compiles once in a run (a compile costs ~40 s on the 1B shape, more
+        than the longer cache costs in the decode steps of a run; measured on an H200, bench/results)."""
+        return max(rows, self.batch_size), max(self.args.model_max_length - self.args.max_new_tokens, longest)
+
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sample: bool) -> Trajectory:
-        static = getattr(self.args, "rollout_cache", "dynamic") == "static"  # a fixed-size cache, compiled decode
+        static = self.cache_kind() == "static"
         longest = max(len(p.ids) for p in prompts)
-        # static: every rollout has one shape (prompts padded to the prompt budget), so the decode step compiles once
-        width = max(self.args.model_max_length - self.args.max_new_tokens, longest) if static else longest
-        query, qmask = pad([p.ids for p in prompts], self.tokenizer.pad_token_id, side="left")
+        rows, width = self.static_shape(len(prompts), longest) if static else (len(prompts), longest)
+        # the extra rows (a short last batch) repeat the first prompt and are dropped after generation
+        filled = [p.ids for p in prompts] + [prompts[0].ids] * (rows - len(prompts))
+        query, qmask = pad(filled, self.tokenizer.pad_token_id, side="left")
         if width > longest:
-            query = torch.cat([torch.full((len(prompts), width - longest), self.tokenizer.pad_token_id), query], 1)
-            qmask = torch.cat([torch.zeros((len(prompts), width - longest), dtype=qmask.dtype), qmask], 1)
+            query = torch.cat([torch.full((rows, width - longest), self.tokenizer.pad_token_id), query], 1)
+            qmask = torch.cat([torch.zeros((rows, width - longest), dtype=qmask.dtype), qmask], 1)
         query, qmask = query.to(self.device), qmask.to(self.device)
         base = unwrap(self.policy).generation_config
         # sampling reads the full distribution (top_k 0), as the log-probs of the update do
@@ -153,11 +242,22 @@ class Rollouts:
         if static:
             config.cache_implementation = "static"
         with self.autocast, self.generation_context():
-            out = generate(self.policy, query, qmask, config, allow_nonfinite=True)  # the loop counts such a step
+            try:
+                out = generate(self.policy, query, qmask, config, allow_nonfinite=True)  # the loop counts such a step
+            except Exception as e:  # noqa: BLE001  the compiler only: a model's own error is raised
+                if not static or not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise
+                logger.warning("--rollout_cache static: the decode step could not be compiled here (%s); rollouts "
+                               "use the dynamic cache from now on", first_line(e))
+                self.static_failed = True
+                return self.generate(prompts, sample)
+        n = len(prompts)
+        query, qmask = query[:n], qmask[:n]
+        responses, rmask, ended = out.responses[:n], out.mask[:n], out.ended[:n]
         answers = [self.tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
-                   for r, m in zip(out.responses, out.mask)]
-        return Trajectory(prompts, torch.cat([query, out.responses], 1), torch.cat([qmask, out.mask], 1), query.shape[1],
-                          out.mask, out.ended, answers, out.nonfinite)
+                   for r, m in zip(responses, rmask)]
+        return Trajectory(prompts, torch.cat([query, responses], 1), torch.cat([qmask, rmask], 1), query.shape[1],
+                          rmask, ended, answers, out.nonfinite)
 
     def reference_logprobs(self, traj: Trajectory, temperature: float) -> torch.Tensor:
         if self.reference is not None:
