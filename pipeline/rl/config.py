@@ -75,8 +75,9 @@ class PPOArguments:
     num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: answers sampled per prompt."})
     rollout_cache: str = field(default="auto", metadata={
         "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled decode step; prompts "
-                "padded to one of three widths, so it compiles at most three times; falls back to dynamic with a "
-                "log line where it cannot compile), dynamic, or auto (static on a CUDA GPU, dynamic elsewhere).",
+                "padded to --model_max_length - --max_new_tokens and short batches filled, so it compiles once a run; "
+                "falls back to dynamic with a log line where it cannot compile), dynamic, or auto (static on a CUDA "
+                "GPU unless the policy trains float32 weights under autocast; dynamic elsewhere).",
         "choices": ("auto", "static", "dynamic")})
 
     def __post_init__(self):
