@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.sft import REPO, SHAPES, build_model, make_chats, make_pairs
+from bench.sft import REPO, build_model, make_chats, make_pairs
 
 TOKENIZER_GZ = REPO / "bench/cache/llama3_tokenizer.json.gz"
 TEMPLATE = REPO / "tests/official_templates/llama-3.3-instruct.jinja"
@@ -55,26 +55,14 @@ def llama3_tokenizer():
 def build_models(smoke: bool, work: Path) -> tuple[Path, Path]:
     """The policy (1B Llama shape with the Llama-3 tokenizer; smoke: the tiny one) and a same-shape reward model."""
     import torch
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import AutoConfig, LlamaForSequenceClassification
 
     policy, reward = work / "policy", work / "reward"
     if (policy / "config.json").is_file() and (reward / "config.json").is_file():
         return policy, reward  # built by an earlier run on this machine
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if smoke:
-        build_model("tiny", policy)
-    else:
-        tokenizer = llama3_tokenizer()
-        config = LlamaConfig(**SHAPES["1b"], max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        assert config.vocab_size == len(tokenizer), (config.vocab_size, len(tokenizer))
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
-        model.save_pretrained(policy)
-        tokenizer.save_pretrained(policy)
-        del model
+    build_model("tiny" if smoke else "1b", policy, "tiny" if smoke else "llama3")
     config = AutoConfig.from_pretrained(policy)
     config.num_labels = 1
     assert config.pad_token_id is not None  # the score head reads the last non-pad token

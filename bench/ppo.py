@@ -66,26 +66,7 @@ def rows(smoke: bool) -> list[tuple[str, str, list[str]]]:
 
 def build_llama3(shape: str, work: Path) -> tuple[Path, Path]:
     """The policy with Llama-3's tokenizer and official template, and a same-shape reward model (fresh score head)."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench.nan_guard import llama3_tokenizer
-
-    policy = work / f"policy-{shape}-llama3"
-    if not (policy / "config.json").is_file():
-        tokenizer = llama3_tokenizer()
-        config = LlamaConfig(**{**SHAPES[shape], "vocab_size": len(tokenizer)}, max_position_embeddings=8192,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        model.save_pretrained(policy)
-        tokenizer.save_pretrained(policy)
-        del model
-        shutil.rmtree(work / f"reward-{shape}-llama3", ignore_errors=True)
+    policy = build_model(shape, work / f"policy-{shape}-llama3", "llama3")
     reward = work / f"reward-{shape}-llama3"
     if not (reward / "config.json").is_file():
         build_reward_model(policy, reward)

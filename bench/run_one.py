@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+# the tiny tokenizer trains the qwen format; BENCH_TEMPLATE=auto for a model folder with its own official template
 COMMON = ["--num_train_epochs", "1", "--learning_rate", "1e-5", "--report_to", "none", "--save_strategy", "no",
-          "--validation_split_percentage", "0", "--do_eval", "False", "--logging_steps", "1", "--template_name", "qwen"]
+          "--validation_split_percentage", "0", "--do_eval", "False", "--logging_steps", "1",
+          "--template_name", os.environ.get("BENCH_TEMPLATE", "qwen")]
 
 
 def chat_messages(record: dict) -> list[dict]:

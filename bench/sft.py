@@ -7,7 +7,9 @@ global batch, one process each, in one run.
     python -m bench.sft --smoke [--suite ...]                                  # tiny shape on the CPU
 
 The model is built from a config with random weights (no download) with the real vocabulary size (the
-logits dominate memory); the tokenizer is the tiny BPE one (ids only). The data is a chat mix with a
+logits dominate memory); the tokenizer is the tiny BPE one (ids only), or with --tokenizer llama3 Llama-3's own
+(bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py) with its official template, so that the token
+counts and lengths are those users see (figures on the two have differed by 25%). The data is a chat mix with a
 long-tailed length distribution (median ~530 tokens, up to ~3.6k), and preference pairs drawn the same way.
 Writes results-SUITE.json and results-SUITE.md, and each run's log.
 """
@@ -35,17 +37,28 @@ SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes, and a tiny one for the CPU s
 }
 
 
-def build_model(shape: str, out: Path) -> Path:
+def build_model(shape: str, out: Path, tokenizer_kind: str = "tiny") -> Path:
+    """A random-init Llama of `shape` with the tiny BPE tokenizer (qwen template) or Llama-3's (official template),
+    saved to `out` (reused when already there)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.data.templates import chat_template_jinja
-    from pipeline.model.tiny_model import REPO_DATA, corpus, train_tokenizer
+    if (out / "config.json").is_file():
+        return out
+    if tokenizer_kind == "llama3":
+        from bench.nan_guard import llama3_tokenizer
 
-    tokenizer = train_tokenizer(corpus(REPO_DATA), 3000)
-    tokenizer.chat_template = chat_template_jinja("qwen")  # both tools train the same format
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        tokenizer = llama3_tokenizer()
+    else:
+        from pipeline.data.templates import chat_template_jinja
+        from pipeline.model.tiny_model import REPO_DATA, corpus, train_tokenizer
+
+        tokenizer = train_tokenizer(corpus(REPO_DATA), 3000)
+        tokenizer.chat_template = chat_template_jinja("qwen")  # both tools train the same format
+    vocab = len(tokenizer) if tokenizer_kind == "llama3" else SHAPES[shape]["vocab_size"]
+    config = LlamaConfig(**{**SHAPES[shape], "vocab_size": vocab}, max_position_embeddings=8192,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
@@ -98,7 +111,10 @@ FULL = ["--use_peft", "False"]
 LORA = ["--use_peft", "True", "--lora_rank", "8"]
 LEAN = ["--gradient_checkpointing", "True", *LIGER]
 SUITES = {
-    "full": [("this project, no gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "False"]),
+    "full": [("this project, defaults", "project-sft", [*FULL]),
+             ("this project, defaults, 1 packed row a step (TRL's tokens per step)", "project-sft",
+              [*FULL, "--per_device_train_batch_size", "1"]),
+             ("this project, no gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "False"]),
              ("this project, gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "True"]),
              ("this project, liger kernels, no checkpointing", "project-sft",
               [*FULL, "--gradient_checkpointing", "False", *LIGER]),
@@ -141,15 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="also profile the suite's first row (steps 4-6)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, few short samples, on the CPU")
+    parser.add_argument("--tokenizer", default="tiny", choices=("tiny", "llama3"),
+                        help="the tiny BPE tokenizer (qwen template) or Llama-3's with its official template")
     args = parser.parse_args(argv)
     if args.smoke:
         args.model_shape, args.samples, args.max_length = "tiny", 32, 256
     results = Path(args.out)
     results.mkdir(parents=True, exist_ok=True)
     work = results / "work"
-    model = build_model(args.model_shape, work / f"model-{args.model_shape}")
+    model = build_model(args.model_shape, work / f"model-{args.model_shape}-{args.tokenizer}", args.tokenizer)
+    if args.tokenizer == "llama3":
+        os.environ["BENCH_TEMPLATE"] = "auto"  # the model folder's own official template, for both tools
     median = 60 if args.smoke else 534
-    data = work / "data"
+    data = work / f"data-{args.tokenizer}"
     make_chats(args.samples, median, min(3600, args.max_length - 64), data / "sft")
     make_pairs(args.samples, median, args.max_length, data / "dpo")
     suite = SUITES[args.suite]
@@ -174,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         table.append(f"| {r['run']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '—')} | "
                      f"{r.get('steps', '—')} | {r.get('final_loss', '—')} | {r.get('train_s', '—')} |")
-    summary = {"shape": args.model_shape, "suite": args.suite, "samples": args.samples, "median_tokens": median,
+    summary = {"shape": args.model_shape, "tokenizer": args.tokenizer,
+               "suite": args.suite, "samples": args.samples, "median_tokens": median,
                "max_length": args.max_length, "batch_size": args.batch_size, "rows": rows}
     (results / f"results-{args.suite}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / f"results-{args.suite}.md").write_text("\n".join(table) + "\n")

@@ -8,6 +8,7 @@ causes included, instead.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import traceback
@@ -47,7 +48,12 @@ def _close_progress_bars() -> None:
 
 
 def _close_process_group() -> None:
-    """Tear down the torchrun process group a stage opened, so NCCL shuts down cleanly before exit."""
+    """Tear down the torchrun process group a stage opened, so NCCL shuts down cleanly before exit. The stage's
+    objects (a Trainer and its DDP or DeepSpeed wrapper, which keep the group's backend alive) are collected first,
+    while the interpreter is whole: left to interpreter shutdown, a Gloo worker thread still holding work of the
+    backend can abort the process after a finished run ("terminate called without an active exception")."""
     dist = sys.modules.get("torch.distributed")  # never imported here: tools without torch use run_cli too
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()

@@ -15,7 +15,8 @@ def test_sft_bench_smoke_runs_both_tools_on_the_same_tokens(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "results-full.json").read_text())["rows"]
-    assert [r["run"].split(" ")[0] for r in rows] == ["this", "this", "TRL"]
+    assert [r["run"].split(" ")[0] for r in rows] == ["this"] * 4 + ["TRL"]
+    assert rows[1]["steps"] > rows[0]["steps"]  # one packed row a step (TRL's tokens per step): more, smaller steps
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), rows
     assert len({r["tokens"] for r in rows}) == 1  # every tool trains on the same tokens
     assert "| TRL SFTTrainer (defaults) |" in (tmp_path / "results-full.md").read_text()

@@ -148,6 +148,7 @@ def test_varlen_attention_glue_keeps_samples_apart(tiny_model, chats, monkeypatc
     from pipeline.model import attention
 
     monkeypatch.setitem(attention.KERNEL, "fn", attention.reference_varlen)
+    cu_seqlens_of = attention.cu_seqlens
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention.PACKED_VARLEN).eval()
     rows = pack_rows(chats[:4], capacity=1024)
     order = best_fit_decreasing([len(s["input_ids"]) for s in chats[:4]], 1024)[0]
@@ -155,8 +156,12 @@ def test_varlen_attention_glue_keeps_samples_apart(tiny_model, chats, monkeypatc
     cu, longest = attention.cu_seqlens(batch["position_ids"])
     assert cu.tolist()[-1] == batch["input_ids"].shape[1] and len(cu) == 5
     assert longest == max(len(chats[i]["input_ids"]) for i in order)
+    computed = []
+    monkeypatch.setattr(attention, "cu_seqlens", lambda p: computed.append(1) or cu_seqlens_of(p))
     with torch.no_grad():
         packed = _per_sample_logits(model, batch, [len(chats[i]["input_ids"]) for i in order])
+    assert len(computed) == 1 < model.config.num_hidden_layers  # once per forward, not once per layer
+    with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
         for logits, i in zip(packed, order):
             alone = plain(input_ids=torch.tensor([chats[i]["input_ids"]]), use_cache=False).logits[0]

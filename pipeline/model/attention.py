@@ -34,6 +34,18 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
+def sample_bounds(position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """cu_seqlens of a packed row, computed once per forward: every layer receives the same position_ids tensor,
+    which keeps the result, so the two host synchronizations (nonzero, max) happen at the first layer only instead
+    of at each of them (16 layers on the 1B shape, and again in checkpointing's recomputation)."""
+    kept = getattr(position_ids, "_packed_bounds", None)
+    if kept is None or kept[0].device != device:
+        cu, max_len = cu_seqlens(position_ids)
+        kept = (cu.to(device), max_len)
+        position_ids._packed_bounds = kept
+    return kept
+
+
 def _torch_varlen(q, k, v, cu, max_len, scale):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -59,12 +71,12 @@ def packed_varlen_attention(module, query, key, value, attention_mask, scaling=N
     """transformers attention function: (batch 1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
     if query.shape[0] != 1 or kwargs.get("position_ids") is None:
         raise ValueError("packed_varlen attention takes one flattened packed row with its position_ids")
-    cu, max_len = cu_seqlens(kwargs["position_ids"])
+    cu, max_len = sample_bounds(kwargs["position_ids"], query.device)
     # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the autocast dtype
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
-    out = KERNEL["fn"](q, k, v, cu.to(q.device), max_len, scaling)
+    out = KERNEL["fn"](q, k, v, cu, max_len, scaling)
     return out.unsqueeze(0), None
 
 
