@@ -41,9 +41,9 @@ def last_logits(model: chat.ChatModel, messages: list[dict] = QUESTION) -> torch
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tmp_path_factory) -> Path:
     """A LoRA adapter on the tiny model, its B matrices moved off zero (a stand-in for training)."""
+    torch.manual_seed(0)  # before peft draws the A matrices: the same adapter whatever ran before (test order)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
