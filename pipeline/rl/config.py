@@ -77,7 +77,7 @@ class PPOArguments:
         "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled decode step; prompts "
                 "padded to --model_max_length - --max_new_tokens and short batches filled, so it compiles once a run; "
                 "falls back to dynamic with a log line where it cannot compile), dynamic, or auto (static on a CUDA "
-                "GPU unless the policy trains float32 weights under autocast; dynamic elsewhere).",
+                "GPU unless the policy trains float32 weights under autocast or under ZeRO-3; dynamic elsewhere).",
         "choices": ("auto", "static", "dynamic")})
 
     def __post_init__(self):

@@ -210,10 +210,14 @@ class Rollouts:
         kind = getattr(self.args, "rollout_cache", "dynamic")
         if kind == "auto":
             float32_under_autocast = unwrap(self.policy).dtype == torch.float32 and not isinstance(self.autocast, nullcontext)
-            kind = "static" if self.device.type == "cuda" and not float32_under_autocast else "dynamic"
-            if self.device.type == "cuda" and float32_under_autocast and not self.said_dynamic:
-                logger.info("rollouts use the dynamic KV cache: the policy trains float32 weights under autocast, which "
-                            "the compiled static-cache decode does not take")
+            # ZeRO-3 gathers the weights into new memory for every rollout, under a graph captured at fixed addresses
+            why = ("the policy trains float32 weights under autocast, which the compiled static-cache decode does not "
+                   "take" if float32_under_autocast else
+                   "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout" if is_deepspeed_zero3_enabled()
+                   else None)
+            kind = "static" if self.device.type == "cuda" and why is None else "dynamic"
+            if self.device.type == "cuda" and why and not self.said_dynamic:
+                logger.info("rollouts use the dynamic KV cache: %s", why)
                 self.said_dynamic = True
         return "dynamic" if self.static_failed else kind
 
