@@ -189,3 +189,25 @@ def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(t
     logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False)[0]  # packed, context left after forward
     with pytest.raises(CheckpointError):
         (logp * real).sum().backward()
+
+
+def test_auto_picks_the_static_cache_on_a_gpu_only_for_half_precision_weights(tiny_model):
+    """--rollout_cache auto on a CUDA device (only its type is read here): static for a bf16 policy (LoRA's frozen
+    base), dynamic for float32 weights under bf16 autocast (full training's masters) and on the CPU."""
+    import warnings
+    from types import SimpleNamespace
+
+    from pipeline.rl.rollout import Rollouts
+
+    args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="auto")
+    kinds = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for device in ("cuda", "cpu"):
+            model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+            targs = SimpleNamespace(device=torch.device(device), bf16=True, fp16=False, process_index=0, world_size=1,
+                                    per_device_train_batch_size=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns
+                kinds[dtype, device] = Rollouts(model, None, None, None, None, None, args, targs).cache_kind()
+    assert kinds == {(torch.bfloat16, "cuda"): "static", (torch.float32, "cuda"): "dynamic",
+                     (torch.bfloat16, "cpu"): "dynamic", (torch.float32, "cpu"): "dynamic"}
