@@ -70,8 +70,9 @@ class GroupRecipe(PPORecipe):
     def __init__(self, models, tokenizer, template, prompts, eval_prompts, args, training_args):
         super().__init__(models, tokenizer, template, prompts, eval_prompts, args, training_args)
         self.variant = VARIANTS[args.algorithm]
-        self.eps_low = self.variant["eps_low"] or args.cliprange
-        self.eps_high = self.variant["eps_high"] or self.eps_low
+        given = args.cliprange != CLIPRANGE_DEFAULT  # the user's clip replaces a variant's own, on both sides
+        self.eps_low = args.cliprange if given else self.variant["eps_low"] or args.cliprange
+        self.eps_high = args.cliprange if given else self.variant["eps_high"] or self.eps_low
         self.use_kl = args.kl_coef > 0 and self.has_reference
 
     def prompts_per_rank(self) -> int:
@@ -149,6 +150,7 @@ class GroupRecipe(PPORecipe):
 
 
 GROUP_STATS = ("loss", "loss/policy", "policy/clipfrac", "policy/approx_kl")
+CLIPRANGE_DEFAULT = next(f.default for f in fields(PPOArguments) if f.name == "cliprange")
 
 
 def rule_reward(name: str):

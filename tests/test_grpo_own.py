@@ -88,3 +88,20 @@ def test_group_flags_are_checked(tiny_model, tmp_path):
         grpo.main(flags(tiny_model, tmp_path / "x", "--num_generations", "3", "--max_steps", "1"))
     with pytest.raises(UserError, match="--max_steps .* must be set"):
         grpo.main(flags(tiny_model, tmp_path / "x"))
+
+
+def test_a_given_cliprange_replaces_a_variants_own_clip(tiny_model, tmp_path):
+    own = grpo.main(flags(tiny_model, tmp_path / "own", "--algorithm", "gspo", "--max_steps", "1", "--save_strategy", "no"))
+    assert (own.eps_low, own.eps_high) == (3e-4, 4e-4)
+    dapo = grpo.main(flags(tiny_model, tmp_path / "dapo", "--algorithm", "dapo", "--max_steps", "1", "--save_strategy", "no"))
+    assert (dapo.eps_low, dapo.eps_high) == (0.2, 0.28)
+    given = grpo.main(flags(tiny_model, tmp_path / "given", "--algorithm", "gspo", "--cliprange", "0.1", "--max_steps", "1",
+                            "--save_strategy", "no"))
+    assert (given.eps_low, given.eps_high) == (0.1, 0.1)
+
+
+def test_ppo_script_sends_a_group_algorithm_to_its_script(tiny_model, tmp_path):
+    from stages import ppo
+
+    with pytest.raises(UserError, match="--algorithm dapo runs in its own script .*run_grpo.sh"):
+        ppo.main(flags(tiny_model, tmp_path / "x", "--algorithm", "dapo", "--max_steps", "1"))

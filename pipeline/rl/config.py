@@ -13,6 +13,7 @@ from typing import ClassVar
 from pipeline.args import ModelArguments, PeftArguments, PipelineTrainingArguments, split_list
 from pipeline.data.conversations import FORMATS, column_format
 from pipeline.errors import UserError
+from pipeline.rl.group_math import VARIANTS
 from pipeline.rl.rewards import RULE_REWARDS
 from pipeline.validation import check_common
 
@@ -35,8 +36,9 @@ class PPOTrainingArguments(RLTrainingArguments):
 
 @dataclass
 class PPOArguments:
-    algorithm: str = field(default="ppo", metadata={"help": "ppo (stages/ppo.py), grpo or rloo (stages/grpo.py).",
-                                                    "choices": ("ppo", "grpo", "rloo")})
+    algorithm: str = field(default="ppo", metadata={
+        "help": "ppo (stages/ppo.py); grpo, dapo, dr_grpo, gspo or rloo (stages/grpo.py).",
+        "choices": ("ppo", *VARIANTS)})
     reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Merged RM folder or RM adapter folder."})
     reward_funcs: str | None = field(default=None, metadata={
         "help": "Comma list of rewards, summed: model (the reward model), exact_match (answer equals the data's). "
@@ -66,7 +68,9 @@ class PPOArguments:
     kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (never negative).", "choices": ("k1", "k3")})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange: float = field(default=0.2, metadata={
+        "help": "Policy ratio clip. DAPO and GSPO have their own (0.2/0.28, 3e-4/4e-4); given, it replaces them "
+                "(the same on both sides)."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards."})

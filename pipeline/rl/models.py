@@ -64,52 +64,59 @@ class PPOModels:
     reward_tokenizer: object
 
 
-def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
-    dtype = trainable_dtype(training_args)
+def _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer, with_reference: bool):
+    """The trained policy and, for full training when asked, a frozen copy as the reference (with LoRA the
+    reference is the policy with its adapter disabled)."""
     policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
-                        max_length=ppo_args.model_max_length, trainable_dtype=dtype)
+                        max_length=ppo_args.model_max_length, trainable_dtype=trainable_dtype(training_args))
     reference = None
-    if not peft_args.use_peft:
+    if with_reference and not peft_args.use_peft:
         reference = load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
+    return policy, reference
+
+
+def _reward_folder(ppo_args, training_args, tokenizer) -> tuple[str, object]:
+    """(the reward model's folder, adapters merged once; its tokenizer, checked to share the policy's vocabulary)."""
     rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
     check_folder_whole(rm_path, "--reward_model_name_or_path")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
     check_same_vocab(tokenizer, rm_tokenizer)
-    rm_args = replace(model_args, model_name_or_path=rm_path, tokenizer_name_or_path=rm_path)
-    value = load_model(rm_args, replace(peft_args, peft_path=None, modules_to_save=None), rm_tokenizer, head="reward",
-                       gradient_checkpointing=training_args.gradient_checkpointing, trainable_dtype=dtype)
-    reward = None
-    if not peft_args.use_peft:
-        reward = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=value.dtype).eval().requires_grad_(False)
-    models = PPOModels(policy, reference, value, reward, rm_tokenizer)
-    for model in (policy, reference, value, reward):
+    return rm_path, rm_tokenizer
+
+
+def _frozen_reward_model(rm_path: str, dtype: torch.dtype):
+    return AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype).eval().requires_grad_(False)
+
+
+def _placed(models: PPOModels, device) -> PPOModels:
+    for model in (models.policy, models.reference, models.value_model, models.reward_model):
         # quantized weights were placed at load time; ZeRO-3 weights are built sharded (and placed) by DeepSpeed
         if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
-            model.to(training_args.device)
+            model.to(device)
     return models
+
+
+def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
+    policy, reference = _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer, True)
+    rm_path, rm_tokenizer = _reward_folder(ppo_args, training_args, tokenizer)
+    rm_args = replace(model_args, model_name_or_path=rm_path, tokenizer_name_or_path=rm_path)
+    value = load_model(rm_args, replace(peft_args, peft_path=None, modules_to_save=None), rm_tokenizer, head="reward",
+                       gradient_checkpointing=training_args.gradient_checkpointing,
+                       trainable_dtype=trainable_dtype(training_args))
+    reward = None if peft_args.use_peft else _frozen_reward_model(rm_path, value.dtype)
+    return _placed(PPOModels(policy, reference, value, reward, rm_tokenizer), training_args.device)
 
 
 def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
     """GRPO and its relatives: the policy, a reference only for a KL penalty (with LoRA the policy with its adapter
     disabled), the reward model only when --reward_funcs names it; no value model."""
-    dtype = trainable_dtype(training_args)
-    policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
-                        max_length=ppo_args.model_max_length, trainable_dtype=dtype)
-    reference = None
-    if ppo_args.kl_coef > 0 and not peft_args.use_peft:
-        reference = load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
+    policy, reference = _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer,
+                                              ppo_args.kl_coef > 0)
     reward = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
-        rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
-        check_folder_whole(rm_path, "--reward_model_name_or_path")
-        rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
-        check_same_vocab(tokenizer, rm_tokenizer)
-        reward = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=unwrap(policy).dtype).eval()
-        reward.requires_grad_(False)
-    for model in (policy, reference, reward):
-        if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
-            model.to(training_args.device)
-    return PPOModels(policy, reference, None, reward, rm_tokenizer)
+        rm_path, rm_tokenizer = _reward_folder(ppo_args, training_args, tokenizer)
+        reward = _frozen_reward_model(rm_path, unwrap(policy).dtype)
+    return _placed(PPOModels(policy, reference, None, reward, rm_tokenizer), training_args.device)
 
 
 def is_quantized(model) -> bool:
