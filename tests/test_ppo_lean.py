@@ -191,9 +191,10 @@ def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(t
         (logp * real).sum().backward()
 
 
-def test_auto_picks_the_static_cache_on_a_gpu_only_for_half_precision_weights(tiny_model):
+def test_auto_picks_the_static_cache_on_a_gpu(tiny_model):
     """--rollout_cache auto on a CUDA device (only its type is read here): static for a bf16 policy (LoRA's frozen
-    base), dynamic for float32 weights under bf16 autocast (full training's masters) and on the CPU."""
+    base) and for float32 weights under bf16 autocast (full training's masters, decoded from a bf16 copy);
+    dynamic on the CPU."""
     import warnings
     from types import SimpleNamespace
 
@@ -209,5 +210,50 @@ def test_auto_picks_the_static_cache_on_a_gpu_only_for_half_precision_weights(ti
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns
                 kinds[dtype, device] = Rollouts(model, None, None, None, None, None, args, targs).cache_kind()
-    assert kinds == {(torch.bfloat16, "cuda"): "static", (torch.float32, "cuda"): "dynamic",
+    assert kinds == {(torch.bfloat16, "cuda"): "static", (torch.float32, "cuda"): "static",
                      (torch.bfloat16, "cpu"): "dynamic", (torch.float32, "cpu"): "dynamic"}
+
+
+def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(tiny_model):
+    """Full training (float32 weights under bf16 autocast) with the static cache decodes from a bf16 copy of the
+    weights: its greedy answers are those of the policy cast to bf16, the copy is made once, and a change of the
+    masters (an update) reaches the next rollout, in place (a compiled decode reads fixed addresses)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.prompts import Prompt
+    from pipeline.rl.rollout import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
+    targs = SimpleNamespace(device=torch.device("cpu"), bf16=True, fp16=False, process_index=0, world_size=1,
+                            per_device_train_batch_size=2)
+    args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
+
+    def answers_of(model):
+        rollouts = Rollouts(model, None, None, None, tokenizer, None, args, targs)
+        return rollouts, rollouts.generate(prompts, sample=False).responses.tolist()
+
+    def cast_params(model):
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        return model
+
+    torch.manual_seed(0)
+    master = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    rollouts, answers = answers_of(master)
+    assert rollouts.half_copy is not None and next(master.parameters()).dtype == torch.float32
+    assert answers == answers_of(cast_params(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)))[1]
+
+    copy_weight = rollouts.half_copy.model.lm_head.weight
+    address = copy_weight.data_ptr()
+    with torch.no_grad():
+        for p in master.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # a large update: the greedy answers change
+    changed = rollouts.generate(prompts, sample=False).responses.tolist()
+    moved = cast_params(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+    moved.load_state_dict({k: v.to(torch.bfloat16) for k, v in master.state_dict().items()})
+    assert changed != answers and changed == answers_of(moved)[1]
+    assert rollouts.half_copy.model.lm_head.weight is copy_weight and copy_weight.data_ptr() == address
+    assert torch.equal(copy_weight, master.lm_head.weight.to(torch.bfloat16))

@@ -49,9 +49,11 @@ class PPOPair(torch.nn.Module):
         self.policy, self.value_model = policy, value_model
 
 
-def _adamw(params, t) -> torch.optim.AdamW:
+def _adamw(params, t, fused: bool = False) -> torch.optim.AdamW:
+    """fused: one kernel for the whole update of every weight on a CUDA device (the plain loop; DeepSpeed steps
+    its own flat partitions with the default form)."""
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused or None)
 
 
 def _schedule(optimizer, t, updates: int):
@@ -65,7 +67,7 @@ class TorchUpdater:
     def __init__(self, pair: PPOPair, training_args, updates: int, accumulation: int):
         self.params = [p for p in pair.parameters() if p.requires_grad]
         check_master_weights(pair)
-        self.optimizer = _adamw(self.params, training_args)
+        self.optimizer = _adamw(self.params, training_args, fused=all(p.is_cuda for p in self.params))
         self.scheduler = _schedule(self.optimizer, training_args, updates)
         self.scaler = torch.amp.GradScaler(training_args.device.type) if training_args.fp16 else None
         self.targs, self.accumulation, self.world = training_args, accumulation, training_args.world_size

@@ -25,6 +25,7 @@ from pipeline.model.adapters import unwrap
 from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
 from pipeline.model.unpadding import flatten
 from pipeline.rl import ppo_math
+from pipeline.rl.decode_copy import HalfCopy
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, total_rewards
 
 
@@ -197,6 +198,7 @@ class Rollouts:
         self.generation_context = nullcontext  # ZeRO-3: gathers the policy's weights for the rollout (engine.py)
         self.static_failed = False  # the compiled static-cache decode failed once: dynamic from then on
         self.said_dynamic = False
+        self.half_copy: HalfCopy | None = None  # full training's float32 masters cast for the decode, made at first use
 
     @property
     def has_reference(self) -> bool:
@@ -204,22 +206,30 @@ class Rollouts:
 
     def cache_kind(self) -> str:
         """static (a fixed-size KV cache: transformers compiles the decode step once) on a CUDA GPU under auto;
-        dynamic elsewhere (no compiler gain on the CPU), for float32 weights under a half-precision autocast (full
-        training's masters: the compiled decode writes half-precision keys into a float32 cache, measured on an
-        H200), and after the static path failed once."""
+        dynamic elsewhere (no compiler gain on the CPU), under DeepSpeed ZeRO-3, and after the static path failed
+        once. Full training's float32 masters decode static from their half-precision copy (decode_copy.py)."""
         kind = getattr(self.args, "rollout_cache", "dynamic")
         if kind == "auto":
-            float32_under_autocast = unwrap(self.policy).dtype == torch.float32 and not isinstance(self.autocast, nullcontext)
             # ZeRO-3 gathers the weights into new memory for every rollout, under a graph captured at fixed addresses
-            why = ("the policy trains float32 weights under autocast, which the compiled static-cache decode does not "
-                   "take" if float32_under_autocast else
-                   "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout" if is_deepspeed_zero3_enabled()
-                   else None)
+            why = "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout" if is_deepspeed_zero3_enabled() else None
             kind = "static" if self.device.type == "cuda" and why is None else "dynamic"
             if self.device.type == "cuda" and why and not self.said_dynamic:
                 logger.info("rollouts use the dynamic KV cache: %s", why)
                 self.said_dynamic = True
         return "dynamic" if self.static_failed else kind
+
+    def decoder(self, static: bool) -> torch.nn.Module:
+        """The model a rollout decodes with: the policy, or for float32 weights under a half-precision autocast
+        with the static cache (full training on a GPU) their half-precision copy, refreshed from the masters."""
+        master = unwrap(self.policy)
+        if not static or master.dtype != torch.float32 or isinstance(self.autocast, nullcontext):
+            return self.policy
+        if self.half_copy is None:
+            self.half_copy = HalfCopy(master, self.autocast.fast_dtype)
+            logger.info("rollouts decode from a %s copy of the policy's float32 weights, refreshed before each "
+                        "rollout (%.1f GiB)", str(self.autocast.fast_dtype).removeprefix("torch."),
+                        sum(p.numel() for p in master.parameters()) * 2 / 2**30)
+        return self.half_copy.refresh()
 
     def static_shape(self, rows: int, longest: int) -> tuple[int, int]:
         """(rows, prompt width) of a static rollout: the rows filled up to the batch size and the prompts padded to
@@ -247,7 +257,7 @@ class Rollouts:
             config.cache_implementation = "static"
         with self.autocast, self.generation_context():
             try:
-                out = generate(self.policy, query, qmask, config, allow_nonfinite=True)  # the loop counts such a step
+                out = generate(self.decoder(static), query, qmask, config, allow_nonfinite=True)  # the loop counts such a step
             except Exception as e:  # noqa: BLE001  the compiler only: a model's own error is raised
                 if not static or not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                     raise
