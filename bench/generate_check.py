@@ -7,10 +7,10 @@ cache with the compiled decode step. Prints seconds per rollout and per new toke
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from bench.sft import SHAPES
@@ -27,7 +27,10 @@ def timed(model, ids, mask, **extra) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    import pipeline  # noqa: F401  (before peft: its filters keep the libraries' known noise out of the output)
+
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES["1b"], max_position_embeddings=4096)
     with torch.device("cuda"):
@@ -41,6 +44,8 @@ def main() -> None:
         timed(model, ids, mask)
     print(profile.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     rows.append(("static cache, compiled decode", timed(model, ids, mask, cache_implementation="static")))
+    from peft import LoraConfig, get_peft_model
+
     lora = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     rows.append(("LoRA r=8 all linear, unmerged", timed(lora, ids, mask)))
     lora.merge_adapter()

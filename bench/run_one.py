@@ -50,20 +50,76 @@ def token_count(tool: str, model: str, data: str, max_length: int) -> int:
     return total
 
 
+# kernel name fragments -> the phase a kernel belongs to; the first match wins, in this order. Matched on the whole
+# kernel name, template arguments included (an elementwise kernel is named by its functor there: direct_copy_kernel)
+PHASES = [("optimizer", ("multi_tensor_apply", "adam")),
+          ("attention", ("flash", "fmha", "attention", "varlen")),
+          ("loss", ("SoftMax", "softmax", "nll_loss", "cross_entropy", "logsumexp")),
+          ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "splitK")),
+          ("casts and copies", ("copy_kernel", "CatArrayBatchedCopy", "Memcpy")),
+          ("norm, rope, swiglu", ("rms_norm", "rope", "swiglu", "silu", "rsqrt")),
+          ("reductions", ("reduce_kernel", "sum_and_scatter", "scan")),
+          ("other elementwise", ("elementwise", "fill", "index", "triton"))]
+
+
+def phase_of(kernel: str) -> str:
+    return next((phase for phase, keys in PHASES if any(k in kernel for k in keys)), "other")
+
+
+def is_annotation(name: str) -> bool:
+    """Ranges the profiler shows on the GPU row that are not kernels (their time is their kernels' time again)."""
+    return name.startswith(("ProfilerStep", "Optimizer.", "## "))
+
+
+def phase_table(prof, wall_us: float, steps: int) -> tuple[str, dict]:
+    """GPU time of the profiled steps by phase (kernels classified by name), and the host gaps: the wall time the
+    GPU ran no kernel (wall minus the kernels' time, streams serial)."""
+    from torch.autograd import DeviceType
+
+    by_phase: dict[str, float] = {}
+    top: dict[str, dict[str, float]] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != DeviceType.CUDA or evt.self_device_time_total <= 0 or is_annotation(evt.key):
+            continue
+        phase = phase_of(evt.key)
+        by_phase[phase] = by_phase.get(phase, 0.0) + evt.self_device_time_total
+        top.setdefault(phase, {})[evt.key[:90]] = evt.self_device_time_total
+    busy = sum(by_phase.values())
+    rows = sorted(by_phase.items(), key=lambda kv: -kv[1]) + [("host gaps (GPU idle)", max(wall_us - busy, 0.0))]
+    lines = ["| phase | ms a step | share of wall |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {us / steps / 1e3:.1f} | {100 * us / wall_us:.1f}% |" for name, us in rows]
+    lines.append(f"| wall | {wall_us / steps / 1e3:.1f} | 100% |")
+    summary = {"steps": steps, "wall_ms_per_step": round(wall_us / steps / 1e3, 2),
+               "ms_per_step": {name: round(us / steps / 1e3, 2) for name, us in rows},
+               "top_kernels": {phase: dict(sorted(k.items(), key=lambda kv: -kv[1])[:5]) for phase, k in top.items()}}
+    return "\n".join(lines), summary
+
+
 def profile_steps(trainer_class) -> None:
-    """Profile training steps 4-6 (after warm-up) of every trainer of `trainer_class`."""
+    """Profile training steps 4-6 (after warm-up) of every trainer of `trainer_class`: the kernels by phase and the
+    host gaps, to stderr (and to BENCH_PROFILE_OUT as JSON when set)."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile, schedule
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=1, active=3))
     prof.start()
     original = trainer_class.training_step
+    wall = {}
 
     def step(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
+        if prof.step_num in (3, 6):  # the window: from the end of step 3 to the end of step 6 (3 steps, 3 optimizer steps)
+            torch.cuda.synchronize()
+            wall[prof.step_num] = time.perf_counter()
         prof.step()
         if prof.step_num == 8:
             prof.stop()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), file=sys.stderr)
+            table, summary = phase_table(prof, (wall[6] - wall[3]) * 1e6, 3)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
+            print("BENCH PROFILE (3 steps: forward, backward, optimizer)\n" + table, file=sys.stderr)
+            if os.environ.get("BENCH_PROFILE_OUT"):
+                Path(os.environ["BENCH_PROFILE_OUT"]).write_text(json.dumps(summary, indent=2) + "\n")
         return out
 
     trainer_class.training_step = step
@@ -142,8 +198,12 @@ def trl_run(stage: str, model: str, data: str, batch: int, max_length: int, out:
             "final_loss": losses[-1]}
 
 
-def main() -> None:
-    tool, model, data, batch, max_length, out, *extra = sys.argv[1:]
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or len(argv) < 6:  # the extra flags are the stage's, not parsed here
+        print(__doc__, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    tool, model, data, batch, max_length, out, *extra = argv
     who, stage = tool.split("-")
     run = project if who == "project" else trl_run
     result = run(stage, model, data, int(batch), int(max_length), out, extra)

@@ -122,7 +122,9 @@ SUITES = {
               [*FULL, "--gradient_checkpointing", "True", *LIGER]),
              ("this project, bf16 weights (TRL's precision), liger + checkpointing", "project-sft",
               [*FULL, "--torch_dtype", "bfloat16", "--gradient_checkpointing", "True", *LIGER]),
-             ("TRL SFTTrainer (defaults)", "trl-sft", [])],
+             ("TRL SFTTrainer (defaults)", "trl-sft", []),
+             ("this project, defaults + bf16 weights, float32 masters in the optimizer", "project-sft",
+              [*FULL, "--master_weights", "optimizer"])],
     "lora": [("this project, LoRA r=8 all linear", "project-sft", [*LORA, *LEAN]),
              ("this project, QLoRA r=8 all linear", "project-sft", [*LORA, *LEAN, "--load_in_4bit", "True", "--qlora", "True"]),
              ("TRL SFTTrainer (defaults), LoRA r=8 all linear", "trl-sft", ["lora_r=8"])],
@@ -133,7 +135,8 @@ SUITES = {
 
 def run(name: str, tool: str, args: list[str], extra: list[str], results: Path, index: int, profile: bool) -> dict:
     start = time.monotonic()
-    env = {**os.environ, **({"BENCH_PROFILE": "1"} if profile else {})}
+    env = {**os.environ, **({"BENCH_PROFILE": "1", "BENCH_PROFILE_OUT": str(results / f"profile-run{index}.json")}
+                            if profile else {})}
     proc = subprocess.run([sys.executable, "-m", "bench.run_one", tool, *args, *extra], cwd=REPO, capture_output=True,
                           text=True, env=env)
     (results / f"run{index}-{tool}.log").write_text(" ".join(extra) + "\n" + proc.stdout[-20000:] + proc.stderr[-60000:])
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=4096)
-    parser.add_argument("--profile", action="store_true", help="also profile the suite's first row (steps 4-6)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the suite's first row (steps 4-6): GPU time by phase and host gaps")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, few short samples, on the CPU")
     parser.add_argument("--tokenizer", default="tiny", choices=("tiny", "llama3"),
@@ -175,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     suite = SUITES[args.suite]
     if args.against == "none":
         suite = [r for r in suite if not r[1].startswith("trl")]
-    if args.smoke:  # liger-kernel's Triton kernels need a GPU
-        suite = [r for r in suite if "--use_liger_kernel" not in r[2]]
+    if args.smoke:  # liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16) need a GPU
+        suite = [r for r in suite if "--use_liger_kernel" not in r[2] and "--master_weights" not in r[2]]
     chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(suite))
     rows = []
     for i in chosen:

@@ -3,6 +3,7 @@ it has alone under SDPA, and the fused (liger) loss equals the chunked one. Prin
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -14,7 +15,8 @@ from pipeline.model.attention import PACKED_VARLEN
 from pipeline.train.losses import causal_lm_loss_sum
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=32000)

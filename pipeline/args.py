@@ -272,6 +272,10 @@ class CausalLMTrainingArguments(PipelineTrainingArguments):
     """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and leaner)."""
 
     default_liger: ClassVar[bool] = True
+    master_weights: str = field(default="model", metadata={
+        "help": "Full training under --bf16: model (float32 weights, autocast casts them to bf16 at every forward) or "
+                "optimizer (bf16 weights in the model, float32 masters in the optimizer: no casts; "
+                "pipeline/train/master_weights.py).", "choices": ("model", "optimizer")})
 
 
 def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:

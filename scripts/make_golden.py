@@ -6,6 +6,7 @@ encoded with the tiny tokenizer. Any change to rendering or masking shows up in 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -62,7 +63,8 @@ def tiny_tokenizer_dir(tmp: str) -> str:
     return tmp
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     GOLDEN.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = tiny_tokenizer_dir(tmp)

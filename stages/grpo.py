@@ -58,6 +58,7 @@ from pipeline.train.run import setup_run, train_and_save
 class GroupRelativeArguments(PPOArguments):
     algorithm: str = field(default="grpo", metadata={"help": "grpo, dapo, dr_grpo, gspo or rloo.",
                                                      "choices": tuple(VARIANTS)})
+    num_generations: int = field(default=4, metadata={"help": "Answers sampled per prompt (a group)."})
     rl_engine: str = field(default="own", metadata={
         "help": "own (the project's loop, every algorithm) or trl (trl's GRPOTrainer/RLOOTrainer: grpo, rloo).",
         "choices": ("own", "trl")})

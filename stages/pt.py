@@ -28,6 +28,7 @@ from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import UserError, run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.causal_lm import CausalLMTrainer
+from pipeline.train.master_weights import check_master_weights
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
 from pipeline.validation import check_common, check_eval_data, resolve_checkpointing
@@ -83,6 +84,7 @@ def parse(argv: list[str] | None = None):
     model_args, data_args, peft_args, pt_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=pt_args.block_size)
     resolve_checkpointing(training_args, peft_args)
+    check_master_weights(model_args, peft_args, training_args)
     check_eval_data(data_args, training_args)
     return model_args, data_args, peft_args, pt_args, training_args
 

@@ -33,6 +33,7 @@ from pipeline.eval.predict import GenerationEval, check_predict_with_generate, h
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.train.causal_lm import CausalLMTrainer
+from pipeline.train.master_weights import check_master_weights
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
 from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
@@ -110,6 +111,7 @@ def parse(argv: list[str] | None = None):
     model_args, data_args, peft_args, sft_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=sft_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
+    check_master_weights(model_args, peft_args, training_args)
     check_eval_data(data_args, training_args)
     if sft_args.predict_with_generate:
         check_predict_with_generate(data_args, training_args)

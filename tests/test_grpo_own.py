@@ -105,3 +105,12 @@ def test_ppo_script_sends_a_group_algorithm_to_its_script(tiny_model, tmp_path):
 
     with pytest.raises(UserError, match="--algorithm dapo runs in its own script .*run_grpo.sh"):
         ppo.main(flags(tiny_model, tmp_path / "x", "--algorithm", "dapo", "--max_steps", "1"))
+
+
+def test_ppo_refuses_num_generations_which_belongs_to_the_group_algorithms(tiny_model, tmp_path):
+    """PPO samples one answer per prompt: --num_generations is stages/grpo.py's flag, an unknown flag to PPO."""
+    from stages import ppo
+
+    with pytest.raises(UserError, match="--num_generations"):
+        ppo.main(["--model_name_or_path", str(tiny_model), "--reward_model_name_or_path", str(tiny_model),
+                  "--train_file_dir", str(DATA / "sft"), "--output_dir", str(tmp_path / "p"), "--num_generations", "4"])

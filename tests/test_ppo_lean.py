@@ -140,7 +140,7 @@ def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
     targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
-                            per_device_train_batch_size=3)
+                            per_device_train_batch_size=3, per_device_eval_batch_size=3)
     answers = {}
     for cache in ("dynamic", "static", "auto"):
         args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache=cache)
@@ -206,7 +206,7 @@ def test_auto_picks_the_static_cache_on_a_gpu(tiny_model):
         for device in ("cuda", "cpu"):
             model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
             targs = SimpleNamespace(device=torch.device(device), bf16=True, fp16=False, process_index=0, world_size=1,
-                                    per_device_train_batch_size=2)
+                                    per_device_train_batch_size=2, per_device_eval_batch_size=2)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns
                 kinds[dtype, device] = Rollouts(model, None, None, None, None, None, args, targs).cache_kind()
@@ -228,7 +228,7 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
     targs = SimpleNamespace(device=torch.device("cpu"), bf16=True, fp16=False, process_index=0, world_size=1,
-                            per_device_train_batch_size=2)
+                            per_device_train_batch_size=2, per_device_eval_batch_size=2)
     args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
 
     def answers_of(model):
@@ -257,3 +257,30 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
     assert changed != answers and changed == answers_of(moved)[1]
     assert rollouts.half_copy.model.lm_head.weight is copy_weight and copy_weight.data_ptr() == address
     assert torch.equal(copy_weight, master.lm_head.weight.to(torch.bfloat16))
+
+
+def test_the_held_out_evaluation_batches_by_per_device_eval_batch_size(tiny_model):
+    """--per_device_eval_batch_size sets the evaluation's batches (5 prompts at 2 a batch: 3 rollouts), not the
+    training batch size."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.prompts import Prompt
+    from pipeline.rl.rollout import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = [Prompt([], "", "red", tokenizer(f"What color is ka-bo {i}?").input_ids) for i in range(5)]
+    args = SimpleNamespace(max_new_tokens=3, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="dynamic",
+                           reward_func_list=["exact_match"])
+    sizes = {}
+    for eval_batch in (2, 5):
+        targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
+                                per_device_train_batch_size=4, per_device_eval_batch_size=eval_batch)
+        rollouts = Rollouts(model, None, None, nullcontext, tokenizer, None, args, targs)
+        seen, generate = [], rollouts.generate
+        rollouts.generate = lambda batch, sample, seen=seen, generate=generate: seen.append(len(batch)) or generate(batch, sample)
+        assert rollouts.evaluate(prompts)["eval_samples"] == 5
+        sizes[eval_batch] = seen
+    assert sizes == {2: [2, 2, 1], 5: [5]}

@@ -12,10 +12,21 @@ from pipeline import library_noise
 from tests.helpers import DATA, REPO
 
 NOISE = (library_noise.BNB_CPU_KERNEL, "is deprecated and will be removed in v6")
-ENTRY_POINTS = [["stages/pt.py"], ["stages/sft.py"], ["stages/rm.py"], ["stages/dpo.py"], ["stages/ppo.py"],
-                ["stages/grpo.py"], ["merge_peft_adapter.py"],
-                *[["-m", f"pipeline.{name}"] for name in ("chat", "serve", "predict", "evaluate", "report", "convert",
-                                                          "preview", "synthetic", "tiny_model")]]
+
+
+def entry_points() -> list[list[str]]:
+    """Every runnable file of the project, as its docs run it: packages' modules with -m, stages and scripts by path."""
+    files = [*REPO.glob("*.py"), *(f for d in ("pipeline", "stages", "bench", "scripts") for f in (REPO / d).rglob("*.py"))]
+    found = []
+    for path in sorted(files):
+        if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8"):
+            rel = path.relative_to(REPO)
+            found.append(["-m", ".".join(rel.with_suffix("").parts)] if rel.parts[0] in ("pipeline", "bench")
+                         else [str(rel)])
+    return found
+
+
+ENTRY_POINTS = entry_points()
 
 
 def test_the_filters_drop_only_the_named_messages(caplog):
@@ -31,6 +42,12 @@ def test_the_filters_drop_only_the_named_messages(caplog):
             warnings.warn(f"`{name}` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_the_entry_points_are_found():
+    names = {a[-1] for a in ENTRY_POINTS}
+    assert {"stages/sft.py", "stages/grpo.py", "merge_peft_adapter.py", "pipeline.serve", "pipeline.report",
+            "pipeline.tools.pipeline_config", "bench.sft", "bench.run_one", "scripts/make_golden.py"} <= names
 
 
 @pytest.mark.parametrize("argv", ENTRY_POINTS, ids=lambda a: a[-1])

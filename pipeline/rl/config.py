@@ -76,12 +76,12 @@ class PPOArguments:
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards."})
     missing_eos_penalty: float | None = field(default=None, metadata={
         "help": "Subtracted from the score of answers cut off without a stop token."})
-    num_generations: int = field(default=4, metadata={"help": "GRPO/RLOO: answers sampled per prompt."})
     rollout_cache: str = field(default="auto", metadata={
         "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled decode step; prompts "
                 "padded to --model_max_length - --max_new_tokens and short batches filled, so it compiles once a run; "
-                "falls back to dynamic with a log line where it cannot compile), dynamic, or auto (static on a CUDA "
-                "GPU unless the policy trains float32 weights under autocast or under ZeRO-3; dynamic elsewhere).",
+                "falls back to dynamic with a log line where it cannot compile; float32 weights decode from a bf16 "
+                "copy), dynamic, or auto (static on a CUDA GPU except under ZeRO-3; dynamic elsewhere). With "
+                "stages/grpo.py --rl_engine trl: the held-out evaluation's only (trl generates its own rollouts).",
         "choices": ("auto", "static", "dynamic")})
 
     def __post_init__(self):

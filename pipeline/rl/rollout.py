@@ -195,6 +195,7 @@ class Rollouts:
         self.device, self.autocast = training_args.device, autocast_for(training_args)
         self.rank, self.world = training_args.process_index, training_args.world_size
         self.batch_size = training_args.per_device_train_batch_size
+        self.eval_batch_size = training_args.per_device_eval_batch_size  # the held-out evaluation's batches
         self.generation_context = nullcontext  # ZeRO-3: gathers the policy's weights for the rollout (engine.py)
         self.static_failed = False  # the compiled static-cache decode failed once: dynamic from then on
         self.said_dynamic = False
@@ -296,8 +297,8 @@ class Rollouts:
         self.policy.eval()
         mine = eval_prompts[self.rank :: self.world]
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # score, exact match, kl, length, count
-        for start in range(0, len(mine), self.batch_size):
-            traj = self.generate(mine[start : start + self.batch_size], sample=False)
+        for start in range(0, len(mine), self.eval_batch_size):
+            traj = self.generate(mine[start : start + self.eval_batch_size], sample=False)
             with self.autocast:
                 scores = self.scores(traj)
                 # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)

@@ -16,12 +16,12 @@ pipeline's own; the key `method` there sets that stage's method instead of the t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +193,18 @@ def shell_lines(config: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    args = sys.argv[1:]
-    if len(args) == 2 and args[0] == "--check-flags":
-        config = load(args[1])
-        check_flags(config, args[1], os.environ.get("OUTPUT_ROOT") or config["output_root"])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.pipeline_config", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="a pipeline config (configs/pipeline_default.yaml)")
+    parser.add_argument("--check-flags", action="store_true",
+                        help="check every stage's flags as that stage would parse them, then stop")
+    args = parser.parse_args(argv)
+    config = load(args.config)
+    if args.check_flags:
+        check_flags(config, args.config, os.environ.get("OUTPUT_ROOT") or config["output_root"])
         return
-    if len(args) != 1:
-        raise UserError("usage: python -m pipeline.tools.pipeline_config [--check-flags] CONFIG.yaml")
-    print("\n".join(shell_lines(load(args[0]))))
+    print("\n".join(shell_lines(config)))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.train.losses import causal_lm_loss_sum
+from pipeline.train.master_weights import MasterWeightsAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,41 @@ class CausalLMTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients of the ranks
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        """--master_weights optimizer: the Trainer's AdamW with float32 masters of the weights (made from the weights as
+        loaded), then the model's weights cast to bf16 (pipeline/train/master_weights.py)."""
+        optimizer = super().create_optimizer(model)
+        if getattr(self.args, "master_weights", "model") != "optimizer" or isinstance(optimizer, MasterWeightsAdamW):
+            return optimizer
+        self.optimizer = MasterWeightsAdamW.replacing(optimizer)
+        for weight in (p for g in self.optimizer.param_groups for p in g["params"]):
+            weight.data = weight.data.to(torch.bfloat16)
+        logger.info("--master_weights optimizer: bf16 weights in the model, float32 masters in the optimizer")
+        return self.optimizer
+
+    @contextmanager
+    def _masters_in_model(self):
+        """The float32 masters stand in the model's weights while it is saved (the saved model is the trained one,
+        not its bf16 rounding)."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if not isinstance(optimizer, MasterWeightsAdamW):
+            yield
+            return
+        pairs = [(w, m) for g, inner in zip(optimizer.param_groups, optimizer.inner.param_groups)
+                 for w, m in zip(g["params"], inner["params"])]
+        half = [w.data for w, _ in pairs]
+        for weight, master in pairs:
+            weight.data = master.data
+        try:
+            yield
+        finally:
+            for (weight, _), data in zip(pairs, half):
+                weight.data = data
+
+    def _save(self, output_dir=None, state_dict=None):
+        with self._masters_in_model():
+            super()._save(output_dir, state_dict)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation needs the loss only; returning no logits keeps them from being gathered."""

@@ -1,0 +1,88 @@
+"""--master_weights optimizer: full training with bf16 weights in the model and their float32 masters in the optimizer.
+
+The default (`model`) keeps float32 weights in the model and computes under bf16 autocast: every forward (and every
+recomputation under gradient checkpointing) casts each weight to bf16, and each backward adds bf16 weight gradients
+into float32 ones (on an H200, 1B full SFT: ~11% of a step, bench/results). With `optimizer` the model holds bf16
+weights, so the matmuls read them directly and the gradients stay bf16; `MasterWeightsAdamW` keeps a float32 copy
+of each weight, steps AdamW on it (the gradient cast to float32) and writes it back to the bf16 weight. The update
+itself is the float32 one; what differs from the default is that the forward sees the bf16-rounded weights, which
+autocast also computes with (norm weights excepted), and that gradients are accumulated over micro-batches in bf16.
+The masters are part of the optimizer's state, so checkpoints resume them exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import UserError
+
+HYPER = ("lr", "weight_decay", "betas", "eps", "amsgrad", "maximize")
+
+
+class MasterWeightsAdamW(torch.optim.Optimizer):
+    """AdamW over float32 masters of half-precision weights. Its param_groups hold the model's weights (what the
+    Trainer clips, zeroes and schedules); the masters and the moments live in an inner torch AdamW."""
+
+    def __init__(self, param_groups: list[dict], defaults: dict):
+        super().__init__(param_groups, defaults)
+        master_groups = []
+        for group in self.param_groups:
+            masters = [p.detach().to(torch.float32).requires_grad_(True) for p in group["params"]]
+            master_groups.append({**{k: group[k] for k in HYPER if k in group}, "params": masters})
+        fused = all(p.is_cuda for g in master_groups for p in g["params"]) or None
+        self.inner = torch.optim.AdamW(master_groups, fused=fused)
+
+    @classmethod
+    def replacing(cls, optimizer: torch.optim.Optimizer) -> MasterWeightsAdamW:
+        """The same groups and hyperparameters as `optimizer` (a torch AdamW the Trainer built), with masters."""
+        if not isinstance(optimizer, torch.optim.AdamW):
+            raise UserError(f"--master_weights optimizer steps AdamW on float32 masters; --optim chose "
+                            f"{type(optimizer).__name__}: use --optim adamw_torch_fused (or adamw_torch).")
+        groups = [{k: v for k, v in g.items() if k in (*HYPER, "params")} for g in optimizer.param_groups]
+        return cls(groups, {k: optimizer.defaults[k] for k in HYPER if k in optimizer.defaults})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise UserError("--master_weights optimizer: closures are not supported.")
+        for group, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: group[k] for k in HYPER if k in group})  # the scheduler sets the outer groups' lr
+            for weight, master in zip(group["params"], inner["params"]):
+                master.grad = None if weight.grad is None else weight.grad.to(torch.float32)
+        self.inner.step()
+        for group, inner in zip(self.param_groups, self.inner.param_groups):
+            for weight, master in zip(group["params"], inner["params"]):
+                if master.grad is not None:
+                    weight.copy_(master)  # rounded to the weight's dtype
+                master.grad = None
+
+    def masters(self) -> list[torch.Tensor]:
+        return [m for g in self.inner.param_groups for m in g["params"]]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "inner": self.inner.state_dict(), "masters": [m.detach() for m in self.masters()]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        inner, masters = state_dict.pop("inner", None), state_dict.pop("masters", None)
+        if inner is None or masters is None:
+            raise UserError("this checkpoint's optimizer state has no float32 masters: it was saved without "
+                            "--master_weights optimizer; resume it with the flags it was saved with.")
+        super().load_state_dict(state_dict)
+        self.inner.load_state_dict(inner)
+        with torch.no_grad():
+            for mine, saved in zip(self.masters(), masters):
+                mine.copy_(saved)
+
+
+def check_master_weights(model_args, peft_args, training_args) -> None:
+    """--master_weights optimizer: full training under --bf16 without DeepSpeed, the weights loaded as bf16."""
+    if getattr(training_args, "master_weights", "model") != "optimizer":
+        return
+    problem = ("trains adapters (--use_peft True), whose frozen base is bf16 already" if peft_args.use_peft else
+               "needs --bf16 True" if not training_args.bf16 else
+               "is DeepSpeed's own way (it keeps float32 masters under --deepspeed); drop one" if training_args.deepspeed
+               else "loads the weights as bf16; drop --torch_dtype" if model_args.torch_dtype not in ("auto", "bfloat16")
+               else "does not take quantized weights" if model_args.quantized else None)
+    if problem:
+        raise UserError(f"--master_weights optimizer {problem}.")
