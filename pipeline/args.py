@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -95,6 +95,7 @@ class PeftArguments:
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
 
     def __post_init__(self):
+        check_mode_flags(self)
         if self.use_dora and self.peft_type != "lora":
             raise UserError("--use_dora applies to LoRA; drop it or use --peft_type lora.")
         if self.lora_rank <= 0:
@@ -131,7 +132,8 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training samples; -1 = all."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on eval samples; -1 = all."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute cached tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={
+        "help": "PT: recompute its cached tokenization. The other stages never cache it (always recomputed)."})
 
     def __post_init__(self):
         for name in ("train_file", "validation_file", "test_file"):
@@ -322,6 +324,31 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     check_template_name(parsed)
     check_precision(parsed)
     return parsed
+
+
+LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_dora")
+
+
+def check_mode_flags(peft: PeftArguments) -> None:
+    """Adapter flags set away from their defaults where the chosen method would not read them are refused."""
+    defaults = {f.name: f.default for f in fields(PeftArguments)}
+    changed = {n for n in defaults if n != "use_peft" and getattr(peft, n) != defaults[n]}
+    if not peft.use_peft:
+        # --peft_path has its own sentence below; --modules_to_save asks for what full training does anyway
+        unused, method = sorted(changed - {"peft_path", "modules_to_save"}), "--use_peft False trains the full model"
+    elif peft.peft_type == "prefix_tuning":
+        unused, method = sorted(changed & set(LORA_ONLY) - {"use_dora"}), "--peft_type prefix_tuning trains a prefix"
+    else:
+        unused, method = sorted(changed & {"num_virtual_tokens"}), "--peft_type lora trains LoRA adapters"
+    if unused:
+        raise UserError(f"{', '.join('--' + n for n in unused)}: not read by this method ({method}); drop them "
+                        "or choose the method they belong to.")
+
+
+def given_flags(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> set[str]:
+    """Names of the flags a command line gives (config files and the seeds' spellings read as parse_args reads them)."""
+    argv = translate(config_file_argv(list(sys.argv[1:] if argv is None else argv)), dataclass_types)
+    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
 
 
 def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:

@@ -63,6 +63,13 @@ class DPOArguments:
     undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of undesirable answers."})
 
     def __post_init__(self):
+        defaults = {f.name: f.default for f in fields(self)}
+        readers = {"simpo_gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+                   "label_smoothing": ("robust",)}  # trl 1.16 reads it in the robust loss only
+        unused = [f"--{n}" for n, losses in readers.items() if getattr(self, n) != defaults[n] and self.loss_type not in losses]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: not read by --loss_type {self.loss_type}; drop them or choose the loss "
+                            "they belong to (--help names it).")
         if self.precompute_ref_log_probs and self.loss_type in REFERENCE_FREE:
             raise UserError(f"--loss_type {self.loss_type} uses no reference model; drop --precompute_ref_log_probs.")
         if not 0 <= self.label_smoothing < 0.5:

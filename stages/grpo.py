@@ -32,21 +32,28 @@ import pipeline  # noqa: F401  first: its filters of known harmless library warn
 
 # isort: split
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, given_flags, parse_args, trainable_dtype
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.rl import distributed, group_math
-from pipeline.rl.config import GROUP_RELATIVE_FLAGS, PPOArguments, RLTrainingArguments, validate_group_relative
+from pipeline.rl.config import (
+    GROUP_RELATIVE_FLAGS,
+    PPOArguments,
+    RLTrainingArguments,
+    check_rl_data_flags,
+    check_trainer_flags,
+    validate_group_relative,
+)
 from pipeline.rl.group_math import VARIANTS
 from pipeline.rl.loop import PPORecipe, run
-from pipeline.rl.models import build_group_models
-from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, reward_model_folder
+from pipeline.rl.models import build_group_models, frozen_reward_model, reward_folder
+from pipeline.rl.rewards import RULE_REWARDS, RewardScorer
 from pipeline.rl.rollout import Rollouts, packed_attention, token_logprobs_and_entropy
 from pipeline.rl.timing import PhaseTimer
 from pipeline.train import divergence
@@ -191,6 +198,9 @@ def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
     validate_group_relative(model_args, peft_args, ppo_args, training_args)
+    check_rl_data_flags(data_args)
+    if ppo_args.rl_engine == "own":  # trl's trainers implement the Trainer's flags themselves
+        check_trainer_flags(training_args, given_flags(ARGUMENTS, argv), f"--algorithm {ppo_args.algorithm}")
     return model_args, data_args, peft_args, ppo_args, training_args
 
 
@@ -209,13 +219,13 @@ def main(argv: list[str] | None = None):
     set_generation_stops(policy, stop_ids, tokenizer.pad_token_id)
     reward_model = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
-        rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
-        rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=unwrap(policy).dtype).eval()
+        rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer)
+        reward_model = frozen_reward_model(rm_path, unwrap(policy).dtype)
     trainer = build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_model, rm_tokenizer)
     scorer = RewardScorer(reward_model, rm_tokenizer) if reward_model is not None else None
     evaluator = Rollouts(trainer.model, getattr(trainer, "ref_model", None), scorer, nullcontext, tokenizer, template,
                          ppo_args, training_args)
+    eval_prompts = eval_prompts if training_args.do_eval else None  # --do_eval False: no held-out evaluation
     before = evaluator.evaluate(eval_prompts) if eval_prompts else None
     if training_args.do_train:
         train_and_save(trainer, training_args)

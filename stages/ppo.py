@@ -13,9 +13,16 @@ pipeline/rl/. GRPO and its relatives (DAPO, Dr. GRPO, GSPO, RLOO) run the same l
 
 from __future__ import annotations
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, parse_args
+from pipeline.args import DataArguments, ModelArguments, PeftArguments, given_flags, parse_args
 from pipeline.errors import run_cli
-from pipeline.rl.config import PPOArguments, PPOTrainingArguments, validate_ppo
+from pipeline.rl.config import (
+    PPOArguments,
+    PPOTrainingArguments,
+    check_rl_data_flags,
+    check_trainer_flags,
+    redirect_group_algorithm,
+    validate_ppo,
+)
 from pipeline.rl.loop import PPORecipe, run
 from pipeline.rl.models import build_models
 
@@ -24,8 +31,11 @@ ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PPOArguments, PPOTrai
 
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
+    redirect_group_algorithm(argv)
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
     validate_ppo(model_args, peft_args, ppo_args, training_args)
+    check_trainer_flags(training_args, given_flags(ARGUMENTS, argv), "PPO")
+    check_rl_data_flags(data_args)
     return model_args, data_args, peft_args, ppo_args, training_args
 
 

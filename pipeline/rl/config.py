@@ -119,6 +119,22 @@ def _check_rl_common(model_args: ModelArguments, peft_args: PeftArguments, ppo_a
     check_common(model_args, peft_args, max_length=ppo_args.model_max_length)
 
 
+def redirect_group_algorithm(argv: list[str] | None) -> None:
+    """stages/ppo.py given --algorithm grpo|dapo|...: the one sentence that sends it to stages/grpo.py, before the
+    group flags (--num_generations, ...) are refused as unknown to PPO."""
+    import argparse
+    import sys
+
+    from pipeline.config_file import config_file_argv
+
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument("--algorithm")
+    algorithm = finder.parse_known_args(config_file_argv(list(sys.argv[1:] if argv is None else argv)))[0].algorithm
+    if algorithm in VARIANTS:
+        raise UserError(f"--algorithm {algorithm} runs in its own script with the same flags: "
+                        f"bash run_grpo.sh --algorithm {algorithm} ... (stages/grpo.py).")
+
+
 def validate_ppo(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments,
                  training_args: PipelineTrainingArguments) -> None:
     """Every check of stages/ppo.py that does not need the data: algorithm, adapter, loop flags, batch shape."""
@@ -150,6 +166,52 @@ def check_loop_flags(training_args) -> None:
     if training_args.use_liger_kernel:
         raise UserError("--use_liger_kernel is applied by the Trainer-based stages; the PPO loop does not use it "
                         "(--algorithm grpo/rloo do): drop the flag.")
+
+
+# The Trainer flags the own RL loops (PPO; GRPO and relatives with --rl_engine own) implement or act on when the
+# arguments are built (devices, process group, tf32); any other TrainingArguments flag given with a value other
+# than its default would be ignored, and is refused (check_trainer_flags).
+LOOP_TRAINER_FLAGS = frozenset({
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
+    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
+    "bf16", "fp16", "tf32", "gradient_checkpointing", "activation_checkpointing", "deepspeed", "use_cpu", "local_rank",
+    "ddp_backend", "ddp_timeout", "seed", "use_liger_kernel",
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "eval_strategy", "eval_steps", "logging_steps",
+    "report_to", "disable_tqdm", "log_on_each_node", "save_strategy", "save_steps", "save_total_limit",
+    "save_on_each_node", "resume_from_checkpoint", "max_nonfinite_steps", "logging_nan_inf_filter"})
+WHY_NOT = {"num_train_epochs": "the loop runs --max_steps iterations over its prompts",
+           "eval_on_start": "the loop evaluates its start model whenever it has held-out prompts"}
+
+
+def check_rl_data_flags(data_args) -> None:
+    """Data flags the RL stages would not read: they hold out only --validation_file_dir/--validation_file prompts
+    (never a share of the training data) and tokenize prompts in this process."""
+    unused = ([f"--validation_split_percentage {data_args.validation_split_percentage} (held-out prompts come only "
+               "from --validation_file_dir or --validation_file)"]
+              if data_args.validation_split_percentage != type(data_args).validation_split_percentage else [])
+    if data_args.preprocessing_num_workers is not None:
+        unused.append("--preprocessing_num_workers (prompts are tokenized in this process)")
+    if unused:
+        raise UserError(f"{'; '.join(unused)}: not read by the RL stages; drop {'it' if len(unused) == 1 else 'them'}.")
+
+
+def check_trainer_flags(training_args, given: set[str], loop: str) -> None:
+    """Refuse the Trainer flags the own loop would ignore (given on the command line, and not at their default)."""
+    from transformers import TrainingArguments
+
+    defaults = {f.name: f.default for f in fields(type(training_args)) if f.name in given}
+    trainer = {f.name for f in fields(TrainingArguments)}
+
+    def plain(value):
+        return getattr(value, "value", value)
+
+    ignored = sorted(name for name in given & trainer - LOOP_TRAINER_FLAGS
+                     if plain(getattr(training_args, name)) != plain(defaults.get(name)))
+    if ignored:
+        why = "; ".join(f"--{n}: {WHY_NOT[n]}" for n in ignored if n in WHY_NOT)
+        raise UserError(f"{', '.join('--' + n for n in ignored)}: Trainer flag(s) the {loop} loop does not implement "
+                        f"(it would ignore them){'; ' + why if why else ''}. Drop them; see --help for the loop's flags.")
 
 
 # PPO flags trl's GRPO/RLOO take under their own names; the other PPO-only flags have no counterpart there.

@@ -58,7 +58,7 @@ def _adamw(params, t, fused: bool = False) -> torch.optim.AdamW:
 
 def _schedule(optimizer, t, updates: int):
     return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.get_warmup_steps(updates),
-                         num_training_steps=updates)
+                         num_training_steps=updates, scheduler_specific_kwargs=t.lr_scheduler_kwargs or None)
 
 
 class TorchUpdater:

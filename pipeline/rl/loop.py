@@ -282,6 +282,7 @@ def run(recipe_class, build, stage: str, model_args, data_args, peft_args, ppo_a
     prompts, eval_prompts = load_rl_prompts(data_args, ppo_args, template, tokenizer)
     models = build(model_args, peft_args, ppo_args, training_args, tokenizer)
     set_generation_stops(models.policy, stop_ids, tokenizer.pad_token_id)
+    eval_prompts = eval_prompts if training_args.do_eval else None  # --do_eval False: no held-out evaluation
     recipe = recipe_class(models, tokenizer, template, prompts, eval_prompts, ppo_args, training_args)
     if training_args.do_train:
         take_output_dir(training_args)  # an overwritten run's checkpoints go before one is resumed

@@ -16,7 +16,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from pipeline.args import trainable_dtype
 from pipeline.model.adapters import unwrap
 from pipeline.model.integrity import check_folder_whole
-from pipeline.model.loading import load_model
+from pipeline.model.loading import check_loaded_weights, load_model
 from pipeline.rl.rewards import check_same_vocab, reward_model_folder
 
 
@@ -75,7 +75,7 @@ def _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokeni
     return policy, reference
 
 
-def _reward_folder(ppo_args, training_args, tokenizer) -> tuple[str, object]:
+def reward_folder(ppo_args, training_args, tokenizer) -> tuple[str, object]:
     """(the reward model's folder, adapters merged once; its tokenizer, checked to share the policy's vocabulary)."""
     rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
     check_folder_whole(rm_path, "--reward_model_name_or_path")
@@ -84,8 +84,11 @@ def _reward_folder(ppo_args, training_args, tokenizer) -> tuple[str, object]:
     return rm_path, rm_tokenizer
 
 
-def _frozen_reward_model(rm_path: str, dtype: torch.dtype):
-    return AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype).eval().requires_grad_(False)
+def frozen_reward_model(rm_path: str, dtype: torch.dtype):
+    """The reward model, frozen; refused when its score head would start random (a language model's folder)."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype, output_loading_info=True)
+    check_loaded_weights(rm_path, model.config, "reward", info["missing_keys"], new_head=False)
+    return model.eval().requires_grad_(False)
 
 
 def _placed(models: PPOModels, device) -> PPOModels:
@@ -98,12 +101,12 @@ def _placed(models: PPOModels, device) -> PPOModels:
 
 def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
     policy, reference = _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer, True)
-    rm_path, rm_tokenizer = _reward_folder(ppo_args, training_args, tokenizer)
+    rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer)
     rm_args = replace(model_args, model_name_or_path=rm_path, tokenizer_name_or_path=rm_path)
     value = load_model(rm_args, replace(peft_args, peft_path=None, modules_to_save=None), rm_tokenizer, head="reward",
                        gradient_checkpointing=training_args.gradient_checkpointing,
                        trainable_dtype=trainable_dtype(training_args))
-    reward = None if peft_args.use_peft else _frozen_reward_model(rm_path, value.dtype)
+    reward = None if peft_args.use_peft else frozen_reward_model(rm_path, value.dtype)
     return _placed(PPOModels(policy, reference, value, reward, rm_tokenizer), training_args.device)
 
 
@@ -114,8 +117,8 @@ def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer
                                               ppo_args.kl_coef > 0)
     reward = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
-        rm_path, rm_tokenizer = _reward_folder(ppo_args, training_args, tokenizer)
-        reward = _frozen_reward_model(rm_path, unwrap(policy).dtype)
+        rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer)
+        reward = frozen_reward_model(rm_path, unwrap(policy).dtype)
     return _placed(PPOModels(policy, reference, None, reward, rm_tokenizer), training_args.device)
 
 

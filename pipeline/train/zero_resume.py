@@ -80,6 +80,8 @@ def separate_zero3_step_counts() -> None:
 
     load_then_separate.separates_steps = True
     Stage3._load_universal_checkpoint = load_then_separate
+    logger.info("patched DeepSpeed's ZeRO-3 universal checkpoint load: each parameter group keeps its own Adam step "
+                "count (DeepSpeed 0.19 hands them one shared tensor)")
 
 
 def convert(ds_folder: Path, universal: Path) -> None:
