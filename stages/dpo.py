@@ -64,8 +64,8 @@ class DPOArguments:
 
     def __post_init__(self):
         defaults = {f.name: f.default for f in fields(self)}
-        readers = {"simpo_gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
-                   "label_smoothing": ("robust",)}  # trl 1.16 reads it in the robust loss only
+        # (--label_smoothing has its own sentence below)
+        readers = {"simpo_gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
         unused = [f"--{n}" for n, losses in readers.items() if getattr(self, n) != defaults[n] and self.loss_type not in losses]
         if unused:
             raise UserError(f"{', '.join(unused)}: not read by --loss_type {self.loss_type}; drop them or choose the loss "

@@ -83,6 +83,9 @@ class SFTArguments:
             raise UserError(f"--loss_chunk_size must be positive, got {self.loss_chunk_size}.")
         if self.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
+        if self.max_new_tokens != type(self).max_new_tokens and not self.predict_with_generate:
+            raise UserError("--max_new_tokens sets the held-out answers of --predict_with_generate True; without it "
+                            "SFT generates nothing: add that flag or drop --max_new_tokens.")
         self.data_format = column_format(self.data_format, self.prompt_column, self.response_column)
 
 

@@ -51,9 +51,9 @@ def test_cpu_defaults_need_no_flags(tmp_path):
 def test_yaml_config_with_cli_override(tmp_path):
     config = tmp_path / "pt.yaml"
     config.write_text(f"model_name_or_path: m\ntrain_file_dir: d\noutput_dir: {tmp_path}\nlora_rank: 16\n"
-                      "use_peft: false\nlearning_rate: 0.001\n")
+                      "use_peft: true\nlearning_rate: 0.001\n")
     _, _, peft, train = parse_args(TYPES, [str(config), "--lora_rank", "32"])
-    assert peft.lora_rank == 32 and peft.use_peft is False and train.learning_rate == 0.001
+    assert peft.lora_rank == 32 and peft.use_peft is True and train.learning_rate == 0.001
     _, _, peft, _ = parse_args(TYPES, ["--config", str(config)])
     assert peft.lora_rank == 16
 

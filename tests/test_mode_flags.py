@@ -31,7 +31,6 @@ def test_adapter_flags_of_the_chosen_method_and_defaults_given_aloud_pass():
 @pytest.mark.parametrize("loss, extra, named", [
     ("sigmoid", ("--simpo_gamma", "1.0"), "--simpo_gamma: not read by --loss_type sigmoid"),
     ("simpo", ("--desirable_weight", "2.0"), "--desirable_weight: not read by --loss_type simpo"),
-    ("sigmoid", ("--label_smoothing", "0.1"), "--label_smoothing: not read by --loss_type sigmoid"),
 ])
 def test_dpo_settings_of_another_loss_are_refused(tiny_model, tmp_path, loss, extra, named):
     argv = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "reward"), "--template_name", "qwen",
@@ -49,3 +48,12 @@ def test_rl_stages_refuse_data_flags_they_do_not_read(tiny_model, tmp_path, extr
             "qwen", "--train_file_dir", str(DATA / "sft"), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", *extra]
     with pytest.raises(UserError, match=named):
         ppo.parse(argv)
+
+
+def test_sft_max_new_tokens_without_predict_with_generate_is_refused(tiny_model, tmp_path):
+    from stages import sft
+
+    argv = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--template_name", "qwen",
+            "--output_dir", str(tmp_path / "o"), "--max_new_tokens", "64"]
+    with pytest.raises(UserError, match="--max_new_tokens sets the held-out answers of --predict_with_generate"):
+        sft.main(argv)
