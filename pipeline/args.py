@@ -95,7 +95,6 @@ class PeftArguments:
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
 
     def __post_init__(self):
-        check_mode_flags(self)
         if self.use_dora and self.peft_type != "lora":
             raise UserError("--use_dora applies to LoRA; drop it or use --peft_type lora.")
         if self.lora_rank <= 0:
@@ -106,6 +105,7 @@ class PeftArguments:
             raise UserError("--peft_path resumes a LoRA adapter; it needs --use_peft True.")
         if self.peft_path and not Path(self.peft_path, "adapter_config.json").is_file():
             raise UserError(f"--peft_path {self.peft_path} has no adapter_config.json; point it at an adapter folder.")
+        check_mode_flags(self)  # after the checks of each value, which name the problem more precisely
 
     @property
     def target_module_list(self) -> list[str] | str:

@@ -186,10 +186,11 @@ WHY_NOT = {"num_train_epochs": "the loop runs --max_steps iterations over its pr
 
 def check_rl_data_flags(data_args) -> None:
     """Data flags the RL stages would not read: they hold out only --validation_file_dir/--validation_file prompts
-    (never a share of the training data) and tokenize prompts in this process."""
+    (never a share of the training data: --validation_split_percentage 0 says just that) and tokenize prompts in
+    this process."""
     unused = ([f"--validation_split_percentage {data_args.validation_split_percentage} (held-out prompts come only "
                "from --validation_file_dir or --validation_file)"]
-              if data_args.validation_split_percentage != type(data_args).validation_split_percentage else [])
+              if data_args.validation_split_percentage not in (0, type(data_args).validation_split_percentage) else [])
     if data_args.preprocessing_num_workers is not None:
         unused.append("--preprocessing_num_workers (prompts are tokenized in this process)")
     if unused:
