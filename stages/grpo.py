@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None):
     set_generation_stops(policy, stop_ids, tokenizer.pad_token_id)
     reward_model = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
-        rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer)
+        rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer, same_vocab=False)
         reward_model = frozen_reward_model(rm_path, unwrap(policy).dtype)
     trainer = build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_model, rm_tokenizer)
     scorer = RewardScorer(reward_model, rm_tokenizer) if reward_model is not None else None

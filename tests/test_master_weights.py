@@ -107,3 +107,18 @@ def test_sft_with_master_weights_trains_like_the_default_saves_the_masters_and_r
 def test_master_weights_refused_where_it_would_do_nothing(tiny_model, tmp_path, flags, refused):
     with pytest.raises(UserError, match=refused):
         train_sft(tiny_model, tmp_path / "out", 1, "--master_weights", "optimizer", *flags)
+
+
+def test_a_master_weights_checkpoint_is_not_resumed_as_plain_adamw(tiny_model, tmp_path):
+    """Its moments sit beside the masters: a plain AdamW would load an empty state and restart Adam."""
+    out = train_sft(tiny_model, tmp_path / "run", 3, "--bf16", "True", "--master_weights", "optimizer",
+                    "--save_strategy", "steps", "--save_steps", "3")
+    with pytest.raises(UserError, match="saved under --master_weights optimizer"):
+        train_sft(tiny_model, out, 6, "--bf16", "True", "--save_strategy", "steps", "--save_steps", "3",
+                  "--resume_from_checkpoint", "auto")
+
+
+def test_master_weights_refuse_load_best_model_at_end(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="not of the best checkpoint"):
+        train_sft(tiny_model, tmp_path / "out", 1, "--bf16", "True", "--master_weights", "optimizer",
+                  "--load_best_model_at_end", "True", "--eval_strategy", "steps", "--save_strategy", "steps")

@@ -284,3 +284,20 @@ def test_the_held_out_evaluation_batches_by_per_device_eval_batch_size(tiny_mode
         assert rollouts.evaluate(prompts)["eval_samples"] == 5
         sizes[eval_batch] = seen
     assert sizes == {2: [2, 2, 1], 5: [5]}
+
+
+def test_quantized_weights_decode_as_they_are_not_through_a_half_copy(tiny_model):
+    """A policy whose parameters are not plain floating tensors (bitsandbytes' packed 4/8-bit weights) keeps decoding
+    from itself: casting packed bytes to bf16 would make numbers of them."""
+    from types import SimpleNamespace
+
+    from pipeline.rl.rollout import Rollouts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    packed = model.model.layers[0].mlp.down_proj
+    packed.weight = torch.nn.Parameter(torch.zeros(packed.weight.shape, dtype=torch.uint8), requires_grad=False)
+    targs = SimpleNamespace(device=torch.device("cpu"), bf16=True, fp16=False, process_index=0, world_size=1,
+                            per_device_train_batch_size=2, per_device_eval_batch_size=2)
+    args = SimpleNamespace(max_new_tokens=4, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
+    rollouts = Rollouts(model, None, None, None, None, None, args, targs)
+    assert rollouts.decoder(static=True) is model and rollouts.half_copy is None

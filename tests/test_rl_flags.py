@@ -74,3 +74,13 @@ def test_a_language_model_folder_as_the_reward_model_is_refused(tiny_model, tmp_
     with pytest.raises(UserError, match="without the reward \\(score\\) head"):
         grpo.main(group_flags(tiny_model, tmp_path / "o", "--rl_engine", engine, "--algorithm", "grpo",
                               "--max_steps", "1", reward=tiny_model))
+
+
+def test_the_pipeline_configs_flag_check_runs_the_stage_checks(tmp_path):
+    """run_pipeline.sh checks every stage's flags before the first trains: the loop's refusals included."""
+    from pipeline.tools import pipeline_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("stages: [sft, rm, ppo]\nflags:\n  ppo:\n    num_train_epochs: 2\n")
+    with pytest.raises(UserError, match="--num_train_epochs"):
+        pipeline_config.check_flags(pipeline_config.load(str(config)), str(config), str(tmp_path / "runs"))

@@ -75,12 +75,13 @@ def _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokeni
     return policy, reference
 
 
-def reward_folder(ppo_args, training_args, tokenizer) -> tuple[str, object]:
+def reward_folder(ppo_args, training_args, tokenizer, same_vocab: bool = True) -> tuple[str, object]:
     """(the reward model's folder, adapters merged once; its tokenizer, checked to share the policy's vocabulary)."""
     rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
     check_folder_whole(rm_path, "--reward_model_name_or_path")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
-    check_same_vocab(tokenizer, rm_tokenizer)
+    if same_vocab:  # PPO's value model starts from the RM; scoring alone re-tokenizes the text with the RM's tokenizer
+        check_same_vocab(tokenizer, rm_tokenizer)
     return rm_path, rm_tokenizer
 
 
@@ -117,7 +118,7 @@ def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer
                                               ppo_args.kl_coef > 0)
     reward = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
-        rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer)
+        rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer, same_vocab=False)
         reward = frozen_reward_model(rm_path, unwrap(policy).dtype)
     return _placed(PPOModels(policy, reference, None, reward, rm_tokenizer), training_args.device)
 

@@ -225,6 +225,8 @@ class Rollouts:
         master = unwrap(self.policy)
         if not static or master.dtype != torch.float32 or isinstance(self.autocast, nullcontext):
             return self.policy
+        if any(not p.is_floating_point() or type(p) is not torch.nn.Parameter for p in master.parameters()):
+            return self.policy  # quantized weights (packed bytes with their own parameter types) are not cast
         if self.half_copy is None:
             self.half_copy = HalfCopy(master, self.autocast.fast_dtype)
             logger.info("rollouts decode from a %s copy of the policy's float32 weights, refreshed before each "

@@ -148,7 +148,23 @@ def _parse_names_and_values(stage: str, argv: list[str]) -> None:
     validate_ppo) read the start model's config, which for a later stage an earlier stage has yet to make."""
     from pipeline.args import parse_args  # torch and transformers: only for this check, not for the settings
 
-    parse_args(importlib.import_module(f"stages.{stage}").ARGUMENTS, argv)
+    arguments = importlib.import_module(f"stages.{stage}").ARGUMENTS
+    parsed = parse_args(arguments, argv)
+    stage_checks(stage, arguments, parsed, argv)
+
+
+def stage_checks(stage: str, arguments: tuple, parsed: tuple, argv: list[str]) -> None:
+    """The checks a stage's parse() adds that need no model: flags its method or loop would not read."""
+    from pipeline.args import given_flags
+    from pipeline.rl.config import check_rl_data_flags, check_trainer_flags
+    from pipeline.train.master_weights import check_master_weights
+
+    model_args, data_args, peft_args, *_, training_args = parsed
+    if stage == "ppo":
+        check_trainer_flags(training_args, given_flags(arguments, argv), "PPO")
+        check_rl_data_flags(data_args)
+    if stage in ("pt", "sft"):
+        check_master_weights(model_args, peft_args, training_args)
 
 
 def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from pipeline.errors import UserError
 from pipeline.train.losses import causal_lm_loss_sum
 from pipeline.train.master_weights import MasterWeightsAdamW
 
@@ -87,6 +89,20 @@ class CausalLMTrainer(Trainer):
         finally:
             for (weight, _), data in zip(pairs, half):
                 weight.data = data
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A checkpoint saved under --master_weights optimizer holds its moments beside float32 masters; a plain AdamW
+        would load it as empty state (Adam restarted from scratch): refused in one sentence."""
+        saved = Path(checkpoint, "optimizer.pt") if checkpoint else None
+        if saved is not None and saved.is_file() and getattr(self.args, "master_weights", "model") != "optimizer":
+            try:  # read lazily (mmap); a state of other types than tensors and numbers is not ours to judge
+                keys = torch.load(saved, map_location="cpu", mmap=True, weights_only=True).keys()
+            except Exception:  # noqa: BLE001
+                keys = ()
+            if "masters" in keys:
+                raise UserError(f"{checkpoint} was saved under --master_weights optimizer (its optimizer state keeps "
+                                "float32 masters); resume it with that flag.")
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _save(self, output_dir=None, state_dict=None):
         with self._masters_in_model():

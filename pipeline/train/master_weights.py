@@ -83,6 +83,8 @@ def check_master_weights(model_args, peft_args, training_args) -> None:
                "needs --bf16 True" if not training_args.bf16 else
                "is DeepSpeed's own way (it keeps float32 masters under --deepspeed); drop one" if training_args.deepspeed
                else "loads the weights as bf16; drop --torch_dtype" if model_args.torch_dtype not in ("auto", "bfloat16")
-               else "does not take quantized weights" if model_args.quantized else None)
+               else "does not take quantized weights" if model_args.quantized
+               else "keeps the float32 masters of the last step, not of the best checkpoint: drop "
+                    "--load_best_model_at_end" if training_args.load_best_model_at_end else None)
     if problem:
         raise UserError(f"--master_weights optimizer {problem}.")
