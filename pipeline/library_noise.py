@@ -8,7 +8,7 @@ say still reaches the user.
   PEFT_CHECKPOINT  peft and trl call the model's `is_gradient_checkpointing`, `gradient_checkpointing_enable` and
                    `..._disable`, which transformers 5 renamed to activation_checkpointing*; the FutureWarning names
                    a library's internal call, not anything the user typed. (The user's --gradient_checkpointing
-                   flag is read under its new name in pipeline/args.py; the project's own calls use the new names.)
+                   flag is read under its new name in pipeline/args/training.py; the project's own calls use the new names.)
 """
 
 from __future__ import annotations

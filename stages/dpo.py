@@ -17,7 +17,7 @@ rewards, accuracy and margin are logged to tensorboard.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 import pipeline  # noqa: F401  first: its filters of known harmless library warnings (library_noise.py) precede trl
 
@@ -26,67 +26,34 @@ from transformers import TrainingArguments
 from trl import DPOConfig, KTOConfig
 
 from pipeline.args import (
-    DataArguments,
-    ModelArguments,
-    PeftArguments,
-    PipelineTrainingArguments,
-    PreferenceArguments,
+    REFERENCE_FREE,
+    STAGE_ARGUMENTS,
+    check_common,
+    check_eval_data,
     parse_args,
+    resolve_checkpointing,
+    resolve_packing,
     trainable_dtype,
 )
 from pipeline.data.preference_dataset import preference_datasets
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.dpo")
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
-REFERENCE_FREE = ("simpo", "orpo")
 
 
-@dataclass
-class DPOArguments:
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge, robust, kto, simpo, orpo.",
-                                                         "choices": DPO_LOSSES + REFERENCE_FREE + ("kto",)})
-    beta: float = field(default=0.1, metadata={"help": "DPO/KTO: pull towards the reference; SimPO: reward scale; "
-                                                       "ORPO: weight of the odds-ratio term."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "robust: assumed share of flipped labels."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Score the reference once up front."})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
-    packing: bool | None = field(default=None, metadata={
-        "help": "Run each step's chosen and rejected sequences end to end, padding-free (default: on; off for prefix tuning)."})
-    desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable answers."})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of undesirable answers."})
-
-    def __post_init__(self):
-        defaults = {f.name: f.default for f in fields(self)}
-        # (--label_smoothing has its own sentence below)
-        readers = {"simpo_gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
-        unused = [f"--{n}" for n, losses in readers.items() if getattr(self, n) != defaults[n] and self.loss_type not in losses]
-        if unused:
-            raise UserError(f"{', '.join(unused)}: not read by --loss_type {self.loss_type}; drop them or choose the loss "
-                            "they belong to (--help names it).")
-        if self.precompute_ref_log_probs and self.loss_type in REFERENCE_FREE:
-            raise UserError(f"--loss_type {self.loss_type} uses no reference model; drop --precompute_ref_log_probs.")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
-        # trl's sigmoid loss never reads label_smoothing (no cDPO): refuse rather than train plain DPO silently
-        if self.label_smoothing and self.loss_type != "robust":
-            raise UserError(f"--label_smoothing applies to --loss_type robust (noise-robust DPO), not {self.loss_type}.")
-
-
-def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval_dataset):
+def build_trainer(model, tokenizer, training_args, dpo_args, packing: bool, train_dataset, eval_dataset):
     """trl's config classes repeat flags the shared dataclasses own, so they are built from the parsed values."""
     shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
     data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     if dpo_args.loss_type in REFERENCE_FREE:
         return ReferenceFreeTrainer(model=model, args=training_args, loss_type=dpo_args.loss_type, beta=dpo_args.beta,
                                     gamma=dpo_args.simpo_gamma, pad_token_id=tokenizer.pad_token_id,
-                                    packing=dpo_args.packing, **data)
+                                    packing=packing, **data)
     if dpo_args.loss_type == "kto":
         # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; main()
         # shuffled the answers once.
@@ -94,13 +61,13 @@ def build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval
         config = KTOConfig(**shared, beta=dpo_args.beta, desirable_weight=dpo_args.desirable_weight,
                            undesirable_weight=dpo_args.undesirable_weight, max_length=None,
                            precompute_ref_log_probs=dpo_args.precompute_ref_log_probs)
-        return PretokenizedKTOTrainer(model=model, args=config, packing=dpo_args.packing, **data)
+        return PretokenizedKTOTrainer(model=model, args=config, packing=packing, **data)
     config = DPOConfig(**shared, loss_type=[dpo_args.loss_type], beta=dpo_args.beta, label_smoothing=dpo_args.label_smoothing,
                        precompute_ref_log_probs=dpo_args.precompute_ref_log_probs, max_length=None)
-    return PretokenizedDPOTrainer(model=model, args=config, packing=dpo_args.packing, **data)
+    return PretokenizedDPOTrainer(model=model, args=config, packing=packing, **data)
 
 
-ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, DPOArguments, PipelineTrainingArguments)
+ARGUMENTS = STAGE_ARGUMENTS["dpo"]
 
 
 def parse(argv: list[str] | None = None):
@@ -109,7 +76,7 @@ def parse(argv: list[str] | None = None):
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)
-    dpo_args.packing = resolve_packing(dpo_args.packing, peft_args)
+    pref_args.packing = resolve_packing(pref_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, dpo_args, training_args
 
 
@@ -127,9 +94,9 @@ def main(argv: list[str] | None = None):
         train_dataset = train_dataset.shuffle(seed=training_args.seed)
     model = load_model(model_args, peft_args, tokenizer, head="lm",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args), packing=dpo_args.packing,
+                       trainable_dtype=trainable_dtype(training_args), packing=pref_args.packing,
                        half_precision=bool(training_args.bf16 or training_args.fp16))
-    trainer = build_trainer(model, tokenizer, training_args, dpo_args, train_dataset, eval_dataset)
+    trainer = build_trainer(model, tokenizer, training_args, dpo_args, pref_args.packing, train_dataset, eval_dataset)
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

@@ -23,7 +23,7 @@ The PPO-only flags (GAE, value clipping, adaptive KL...) are refused.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -35,21 +35,19 @@ from datasets import Dataset
 from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from pipeline.args import DataArguments, ModelArguments, PeftArguments, given_flags, parse_args, trainable_dtype
+from pipeline.args import STAGE_ARGUMENTS, PPOArguments, given_flags, parse_args, trainable_dtype
+from pipeline.args.rl_checks import (
+    GROUP_RELATIVE_FLAGS,
+    check_rl_data_flags,
+    check_trainer_flags,
+    validate_group_relative,
+)
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.rl import distributed, group_math
-from pipeline.rl.config import (
-    GROUP_RELATIVE_FLAGS,
-    PPOArguments,
-    RLTrainingArguments,
-    check_rl_data_flags,
-    check_trainer_flags,
-    validate_group_relative,
-)
 from pipeline.rl.group_math import VARIANTS
 from pipeline.rl.loop import PPORecipe, run
 from pipeline.rl.models import build_group_models, frozen_reward_model, reward_folder
@@ -59,16 +57,6 @@ from pipeline.rl.timing import PhaseTimer
 from pipeline.train import divergence
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import setup_run, train_and_save
-
-
-@dataclass
-class GroupRelativeArguments(PPOArguments):
-    algorithm: str = field(default="grpo", metadata={"help": "grpo, dapo, dr_grpo, gspo or rloo.",
-                                                     "choices": tuple(VARIANTS)})
-    num_generations: int = field(default=4, metadata={"help": "Answers sampled per prompt (a group)."})
-    rl_engine: str = field(default="own", metadata={
-        "help": "own (the project's loop, every algorithm) or trl (trl's GRPOTrainer/RLOOTrainer: grpo, rloo).",
-        "choices": ("own", "trl")})
 
 
 class GroupRecipe(PPORecipe):
@@ -191,7 +179,7 @@ def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_mo
                          reward_processing_classes=processors)
 
 
-ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, GroupRelativeArguments, RLTrainingArguments)
+ARGUMENTS = STAGE_ARGUMENTS["grpo"]
 
 
 def parse(argv: list[str] | None = None):

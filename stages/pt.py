@@ -16,33 +16,30 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from datasets import Dataset
 
-from pipeline.args import CausalLMTrainingArguments, DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
+from pipeline.args import (
+    STAGE_ARGUMENTS,
+    DataArguments,
+    check_common,
+    check_eval_data,
+    parse_args,
+    resolve_checkpointing,
+    trainable_dtype,
+)
 from pipeline.data.collators import PackedBlockCollator
 from pipeline.data.files import cap, load_text_dataset, load_train_eval
 from pipeline.data.packing import tokenize_and_pack
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.master_weights import check_master_weights
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, check_eval_data, resolve_checkpointing
 
 logger = logging.getLogger("pipeline.pt")
-
-
-@dataclass
-class PTArguments:
-    block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
-
-    def __post_init__(self):
-        if self.block_size < 2:
-            raise UserError(f"--block_size must be at least 2, got {self.block_size}.")
 
 
 def pack(dataset: Dataset, tokenizer, block_size: int, data_args: DataArguments, name: str) -> Dataset:
@@ -76,7 +73,7 @@ def build_datasets(data_args: DataArguments, block_size: int, tokenizer, trainin
     return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
-ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PTArguments, CausalLMTrainingArguments)
+ARGUMENTS = STAGE_ARGUMENTS["pt"]
 
 
 def parse(argv: list[str] | None = None):

@@ -12,15 +12,14 @@ reward centering. Evaluation reports pairwise accuracy and mean margin on the va
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from pipeline.args import (
-    DataArguments,
-    ModelArguments,
-    PeftArguments,
-    PipelineTrainingArguments,
-    PreferenceArguments,
+    STAGE_ARGUMENTS,
+    check_common,
+    check_eval_data,
     parse_args,
+    resolve_checkpointing,
+    resolve_packing,
     trainable_dtype,
 )
 from pipeline.data.collators import PairCollator
@@ -31,20 +30,11 @@ from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.reward import RewardModelTrainer
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.rm")
 
 
-@dataclass
-class RMTrainingArguments(PipelineTrainingArguments):
-    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the pair collator needs the columns."})
-    packing: bool | None = field(default=None, metadata={
-        "help": "Run each step's sequences end to end, padding-free (default: on; off for prefix tuning)."})
-
-
-ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, PreferenceArguments, RMTrainingArguments)
+ARGUMENTS = STAGE_ARGUMENTS["rm"]
 
 
 def parse(argv: list[str] | None = None):
@@ -56,7 +46,7 @@ def parse(argv: list[str] | None = None):
                         "under this transformers version); use LoRA (the default) or --use_peft False.")
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)
-    training_args.packing = resolve_packing(training_args.packing, peft_args)
+    pref_args.packing = resolve_packing(pref_args.packing, peft_args)
     return model_args, data_args, peft_args, pref_args, training_args
 
 
@@ -72,12 +62,12 @@ def main(argv: list[str] | None = None) -> None:
                                                       whole_conversations=True)
     model = load_model(model_args, peft_args, tokenizer, head="reward",
                        gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args), packing=training_args.packing,
+                       trainable_dtype=trainable_dtype(training_args), packing=pref_args.packing,
                        half_precision=bool(training_args.bf16 or training_args.fp16), new_head=True)
     trainer = RewardModelTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
                                  center_rewards_coefficient=training_args.center_rewards_coefficient,
-                                 packing=training_args.packing)
+                                 packing=pref_args.packing)
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

@@ -17,18 +17,23 @@ and after training, --test_file's too (pipeline/eval/predict.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.args import CausalLMTrainingArguments, DataArguments, ModelArguments, PeftArguments, parse_args, trainable_dtype
+from pipeline.args import (
+    STAGE_ARGUMENTS,
+    check_common,
+    check_eval_data,
+    parse_args,
+    resolve_checkpointing,
+    resolve_packing,
+    trainable_dtype,
+)
 from pipeline.data.chat_dataset import build_chat_dataset, sanity_table
 from pipeline.data.collators import FlatteningCollator, PaddingCollator
-from pipeline.data.conversations import FORMATS, column_format
 from pipeline.data.files import cap, load_train_eval
-from pipeline.data.masking import MULTI_TURN_MODES
 from pipeline.data.packing import pack_dataset
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import run_cli
 from pipeline.eval.predict import GenerationEval, check_predict_with_generate, held_out_sources
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
@@ -36,57 +41,8 @@ from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.master_weights import check_master_weights
 from pipeline.train.output_dir import claim_output_dir
 from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
-from pipeline.validation import check_common, check_eval_data, resolve_checkpointing, resolve_packing
 
 logger = logging.getLogger("pipeline.sft")
-
-
-@dataclass
-class SFTArguments:
-    template_name: str = field(default="auto", metadata={"help": "Chat template, or auto = the tokenizer's own."})
-    chat_template_kwargs: str | None = field(default=None, metadata={
-        "help": "JSON object given to every render of the chat template (training, checks, the saved model), "
-                "e.g. '{\"enable_thinking\": false}'."})
-    model_max_length: int = field(default=2048, metadata={"help": "Longest sample in tokens; whole turns kept where possible."})
-    multi_turn_mode: str = field(default="all", metadata={"help": "all turns / last turn / split into one sample per turn",
-                                                          "choices": MULTI_TURN_MODES})
-    train_on_inputs: bool = field(default=False, metadata={"help": "Supervise every token, prompts included."})
-    data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
-    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
-    prompt_column: str | None = field(default=None, metadata={
-        "help": "Records of two text fields: the question's field (with --response_column); {content, summary} "
-                "records are read without it."})
-    response_column: str | None = field(default=None, metadata={"help": "Records of two text fields: the answer's field."})
-    neft_alpha: float = field(default=0.0, metadata={"help": "NEFTune noise alpha on embeddings (0 = off)."})
-    packing: bool | None = field(default=None, metadata={
-        "help": "Pack whole samples into rows, padding-free (default: on; off for prefix tuning and NEFTune)."})
-    packing_length: int | None = field(default=None, metadata={
-        "help": "Tokens per packed row (default --model_max_length); a step holds --per_device_train_batch_size rows."})
-    loss_chunk_size: int = field(default=2048, metadata={"help": "Supervised tokens per output-head chunk of the loss."})
-    predict_with_generate: bool = field(default=False, metadata={
-        "help": "At each evaluation and after training, generate the held-out answers and score ROUGE/BLEU "
-                "(needs the eval extra)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Tokens generated per held-out answer (--predict_with_generate)."})
-
-    def __post_init__(self):
-        if self.model_max_length < 8:
-            raise UserError(f"--model_max_length must be at least 8, got {self.model_max_length}.")
-        if self.neft_alpha < 0:
-            raise UserError(f"--neft_alpha must be >= 0, got {self.neft_alpha}.")
-        if self.packing_length is not None and self.packing_length < 1:
-            raise UserError(f"--packing_length must be positive, got {self.packing_length}.")
-        self.packing_length = self.packing_length or self.model_max_length
-        if self.packing_length < self.model_max_length:
-            raise UserError(f"--packing_length ({self.packing_length}) must hold the longest sample, "
-                            f"--model_max_length ({self.model_max_length}).")
-        if self.loss_chunk_size < 1:
-            raise UserError(f"--loss_chunk_size must be positive, got {self.loss_chunk_size}.")
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
-        if self.max_new_tokens != type(self).max_new_tokens and not self.predict_with_generate:
-            raise UserError("--max_new_tokens sets the held-out answers of --predict_with_generate True; without it "
-                            "SFT generates nothing: add that flag or drop --max_new_tokens.")
-        self.data_format = column_format(self.data_format, self.prompt_column, self.response_column)
 
 
 def build_datasets(data_args, sft_args, template, tokenizer, training_args):
@@ -106,7 +62,7 @@ def pack(dataset, length: int, name: str):
     return packed
 
 
-ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, SFTArguments, CausalLMTrainingArguments)
+ARGUMENTS = STAGE_ARGUMENTS["sft"]
 
 
 def parse(argv: list[str] | None = None):

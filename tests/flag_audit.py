@@ -21,7 +21,7 @@ from tests.helpers import DATA
 
 def own_fields(cls) -> set[str]:
     """The flags the project declares: all of a plain class; of a TrainingArguments subclass only those the Trainer
-    does not have (the Trainer's own are its business, and the RL loops check theirs: pipeline/rl/config.py)."""
+    does not have (the Trainer's own are its business, and the RL loops check theirs: pipeline/args/rl_checks.py)."""
     names = {f.name for f in fields(cls)}
     return names - {f.name for f in fields(TrainingArguments)} if issubclass(cls, TrainingArguments) else names
 

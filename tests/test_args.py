@@ -131,3 +131,56 @@ def test_a_user_error_keeps_its_cause(tmp_path):
                            env={**os.environ, "PIPELINE_DEBUG": "1"})
     assert debug.returncode == 2 and "JSONDecodeError" in debug.stderr  # the cause, chained
     assert "The above exception was the direct cause" in debug.stderr and f"error: {bad}:2" in debug.stderr
+
+
+def _flag_classes() -> set[type]:
+    """Every project class a stage parses, with the project classes it inherits flags from."""
+    from pipeline.args import STAGE_ARGUMENTS
+
+    return {base for classes in STAGE_ARGUMENTS.values() for cls in classes for base in cls.__mro__
+            if base.__module__.startswith("pipeline.")}
+
+
+def test_each_flag_is_declared_once_in_the_args_package():
+    """A flag two stages share lives in one class they both take or inherit: its name, default and help are
+    written once. The Trainer's own flags the project re-declares (defaults it changes) count as the project's."""
+    import typing
+
+    declared: dict[str, list[str]] = {}
+    for cls in _flag_classes():
+        assert cls.__module__.startswith("pipeline.args."), f"{cls.__name__} is declared in {cls.__module__}"
+        for name, kind in cls.__dict__.get("__annotations__", {}).items():
+            if not str(kind).startswith("ClassVar") and typing.get_origin(kind) is not typing.ClassVar:
+                declared.setdefault(name, []).append(cls.__name__)
+    twice = {name: owners for name, owners in declared.items() if len(owners) > 1}
+    assert not twice, f"flags declared in more than one class: {twice}"
+    assert {"template_name", "model_max_length", "packing", "max_new_tokens", "algorithm"} <= set(declared)
+
+
+def test_stages_parse_the_table_and_declare_no_flags():
+    """stages/*.py hold no argument classes: each parses the classes STAGE_ARGUMENTS names for it."""
+    import ast
+    import importlib
+
+    from pipeline.args import STAGE_ARGUMENTS
+
+    for stage, classes in STAGE_ARGUMENTS.items():
+        source = (REPO / "stages" / f"{stage}.py").read_text(encoding="utf-8")
+        dataclasses_there = [node.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef)
+                             and any("dataclass" in ast.unparse(d) for d in node.decorator_list)]
+        assert not dataclasses_there, f"stages/{stage}.py declares {dataclasses_there}"
+        assert importlib.import_module(f"stages.{stage}").ARGUMENTS is classes
+
+
+def test_shared_flags_keep_each_stages_default():
+    """One declaration, each stage's own default: SFT's held-out answers 512 tokens, PPO's rollouts 64; the
+    algorithm ppo in stages/ppo.py, grpo in stages/grpo.py."""
+    from pipeline.args import GroupRelativeArguments, PPOArguments, SFTArguments
+
+    assert SFTArguments(predict_with_generate=True).max_new_tokens == 512
+    rm = {"reward_model_name_or_path": "rm"}
+    assert PPOArguments(**rm).max_new_tokens == 64 and PPOArguments(**rm).algorithm == "ppo"
+    assert GroupRelativeArguments(**rm).algorithm == "grpo" and GroupRelativeArguments(**rm).ppo_epochs == 1
+    assert PPOArguments(**rm).ppo_epochs == 4
+    with pytest.raises(UserError, match="--model_max_length must be at least 8"):
+        PPOArguments(model_max_length=4, max_new_tokens=2, **rm)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.args import DPOArguments
 from pipeline.data.conversations import read_conversations
 from pipeline.data.preference_dataset import split_texts, tokenize_answer
 from pipeline.data.preferences import read_preferences
@@ -79,7 +80,7 @@ def test_loss_variants_train(sft_model, tmp_path, flags):
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "kto", "simpo"])
 def test_label_smoothing_only_where_the_loss_uses_it(loss):
     with pytest.raises(UserError, match=f"--label_smoothing applies to --loss_type robust .*not {loss}"):
-        dpo.DPOArguments(loss_type=loss, label_smoothing=0.1)
+        DPOArguments(loss_type=loss, label_smoothing=0.1)
 
 
 def test_lora_dpo_holds_one_copy_of_the_base_weights(sft_model, tmp_path):

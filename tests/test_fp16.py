@@ -1,6 +1,6 @@
 """fp16 on every stage (the GPU side is recorded in bench/results/h200-2026-12-04-fp16): on a CPU-only machine
 --fp16 True and --torch_dtype float16 are refused at parse time in one sentence by every stage; the float16 rules
-(pipeline/arg_checks.check_precision); and the PPO loop's own fp16 pieces on real models: the value head over a
+(pipeline/args/checks.check_precision); and the PPO loop's own fp16 pieces on real models: the value head over a
 frozen float16 backbone (the cause of "Half != float"), float32 trained weights, and the loss scaler."""
 
 import math
@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.arg_checks import check_precision
-from pipeline.args import ModelArguments, PeftArguments
+from pipeline.args import ModelArguments, PeftArguments, PPOTrainingArguments
+from pipeline.args.checks import check_precision
+from pipeline.args.rl_checks import check_loop_flags
 from pipeline.errors import UserError
 from pipeline.model.loading import load_model, load_tokenizer
-from pipeline.rl.config import PPOTrainingArguments, check_loop_flags
 from pipeline.rl.engine import PPOPair, TorchUpdater
 from pipeline.rl.models import ValueModel, head_dtype
 from stages import dpo, grpo, ppo, pt, rm, sft

@@ -9,11 +9,11 @@ import subprocess
 import pytest
 import torch
 
+from pipeline.args.rl_checks import check_loop_flags
 from pipeline.errors import UserError
 from pipeline.infer.generation import response_mask
 from pipeline.rl import ppo_math as rl
 from pipeline.rl.checkpoint import load_trainable
-from pipeline.rl.config import check_loop_flags
 from stages import grpo, ppo
 from tests.helpers import DATA, REPO, lora_b_norms, read_scalars
 

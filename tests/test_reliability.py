@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.arg_checks import NUMBER_BOUNDS, UNBOUNDED
+from pipeline.args.checks import NUMBER_BOUNDS, UNBOUNDED
 from pipeline.errors import UserError, run_cli
 from pipeline.train.checkpoints import is_complete
 from tests.helpers import DATA, REPO, read_scalars
@@ -275,7 +275,7 @@ def numeric_fields() -> dict[str, str]:
 
 def test_every_numeric_flag_has_a_stated_range():
     unstated = sorted(set(numeric_fields()) - set(NUMBER_BOUNDS) - UNBOUNDED)
-    assert not unstated, f"give these flags a range in pipeline/arg_checks.py NUMBER_BOUNDS (or list them UNBOUNDED): {unstated}"
+    assert not unstated, f"give these flags a range in pipeline/args/checks.py NUMBER_BOUNDS (or list them UNBOUNDED): {unstated}"
 
 
 def out_of_range(bounds) -> float:

@@ -260,9 +260,8 @@ def test_granite_33_tool_calls_are_refused_not_trained_as_empty_turns(tiny_model
 def test_a_record_the_template_cannot_train_stops_the_run_or_is_dropped_and_counted(tiny_model, tmp_path):
     """Every conversation is checked while it is encoded: without --skip_invalid_samples the first one that
     cannot train exactly stops the run naming it; with it, it is dropped and the summary counts it."""
-    from pipeline.args import DataArguments
+    from pipeline.args import DataArguments, SFTArguments
     from pipeline.data.chat_dataset import build_chat_dataset
-    from stages.sft import SFTArguments
 
     data = tmp_path / "data"
     data.mkdir()

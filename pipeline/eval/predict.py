@@ -29,7 +29,7 @@ from pathlib import Path
 import jinja2
 from transformers import GenerationConfig, TrainerCallback
 
-from pipeline.arg_checks import check_writable_folder
+from pipeline.args.checks import check_writable_folder
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import shown
 from pipeline.data.templates import render

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
-from pipeline.args import PeftArguments
+from pipeline.args.model import PeftArguments
 from pipeline.errors import UserError, first_line
 from pipeline.model.integrity import check_folder_whole
 

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.args import ModelArguments, PeftArguments
+from pipeline.args.model import ModelArguments, PeftArguments
 from pipeline.errors import UserError, first_line
 from pipeline.model.adapters import attach_lora, unwrap
 from pipeline.model.attention import choose_attention

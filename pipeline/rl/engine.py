@@ -178,7 +178,7 @@ class DeepSpeedUpdater:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    loss_scale = None  # the PPO loop refuses --fp16 under --deepspeed (rl/config.py)
+    loss_scale = None  # the PPO loop refuses --fp16 under --deepspeed (pipeline/args/rl_checks.py)
 
     @contextmanager
     def generation(self):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import os
 import shlex
@@ -143,12 +142,12 @@ def stage_args(config: dict[str, Any], stage: str) -> list[str]:
 
 
 def _parse_names_and_values(stage: str, argv: list[str]) -> None:
-    """Parse with stage `stage`'s own argument classes (its ARGUMENTS, the ones its parse() uses): names, types,
+    """Parse with stage `stage`'s own argument classes (STAGE_ARGUMENTS, the ones its parse() uses): names, types,
     choices and each class's __post_init__ checks. The checks parse() adds after that (check_common,
     validate_ppo) read the start model's config, which for a later stage an earlier stage has yet to make."""
-    from pipeline.args import parse_args  # torch and transformers: only for this check, not for the settings
+    from pipeline.args import STAGE_ARGUMENTS, parse_args  # torch and transformers: only for this check
 
-    arguments = importlib.import_module(f"stages.{stage}").ARGUMENTS
+    arguments = STAGE_ARGUMENTS[stage]
     parsed = parse_args(arguments, argv)
     stage_checks(stage, arguments, parsed, argv)
 
@@ -156,7 +155,7 @@ def _parse_names_and_values(stage: str, argv: list[str]) -> None:
 def stage_checks(stage: str, arguments: tuple, parsed: tuple, argv: list[str]) -> None:
     """The checks a stage's parse() adds that need no model: flags its method or loop would not read."""
     from pipeline.args import given_flags
-    from pipeline.rl.config import check_rl_data_flags, check_trainer_flags
+    from pipeline.args.rl_checks import check_rl_data_flags, check_trainer_flags
     from pipeline.train.master_weights import check_master_weights
 
     model_args, data_args, peft_args, *_, training_args = parsed

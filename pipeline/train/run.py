@@ -17,8 +17,8 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, set_seed
 
-from pipeline.arg_checks import deepspeed_without_launcher
 from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
+from pipeline.args.checks import deepspeed_without_launcher
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base

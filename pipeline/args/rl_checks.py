@@ -1,118 +1,19 @@
-"""Flags of the RL stages (stages/ppo.py and stages/grpo.py) and their validation pass.
-
-`PPOArguments` holds the flags both scripts read; `validate_ppo` / `validate_group_relative` gather
-every cross-flag check of each script, run right after parsing, before any model or data is loaded.
-"""
+"""The own RL loops' checks (stages/ppo.py, stages/grpo.py), run by their parse() right after parsing: the
+algorithm and engine each script runs, the Trainer flags the loops implement (any other given is refused,
+not ignored), the PPO-only flags the group algorithms refuse, the batch shapes."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from dataclasses import fields
 
-from pipeline.args import ModelArguments, PeftArguments, PipelineTrainingArguments, split_list
-from pipeline.data.conversations import FORMATS, column_format
+from pipeline.args.checks import check_common
+from pipeline.args.stages import PPOArguments
 from pipeline.errors import UserError
 from pipeline.rl.group_math import VARIANTS
-from pipeline.rl.rewards import RULE_REWARDS
-from pipeline.validation import check_common
 
 
-@dataclass
-class RLTrainingArguments(PipelineTrainingArguments):
-    """PPO, GRPO, RLOO: gradient checkpointing off by default (rollouts generate with the policy's cache)."""
-
-    default_checkpointing: ClassVar[bool] = False
-
-
-@dataclass
-class PPOTrainingArguments(RLTrainingArguments):
-    """The own PPO loop: checkpointing on by default. It acts only in the update (training mode), so rollouts
-    still generate with the cache, and it keeps the policy's and value model's activations from holding
-    tens of GiB (1B shape, 16 rollouts of ~1k tokens: 67 -> see bench/results)."""
-
-    default_checkpointing: ClassVar[bool] = True
-
-
-@dataclass
-class PPOArguments:
-    algorithm: str = field(default="ppo", metadata={
-        "help": "ppo (stages/ppo.py); grpo, dapo, dr_grpo, gspo or rloo (stages/grpo.py).",
-        "choices": ("ppo", *VARIANTS)})
-    reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Merged RM folder or RM adapter folder."})
-    reward_funcs: str | None = field(default=None, metadata={
-        "help": "Comma list of rewards, summed: model (the reward model), exact_match (answer equals the data's). "
-                "Default: model."})
-    template_name: str = field(default="auto", metadata={"help": "Chat template (the one SFT used), or auto."})
-    chat_template_kwargs: str | None = field(default=None, metadata={
-        "help": "JSON object given to every render of the chat template (training, checks, the saved model), "
-                "e.g. '{\"enable_thinking\": false}'."})
-    model_max_length: int = field(default=2048, metadata={
-        "help": "Prompt + answer budget; longer prompts are dropped and counted."})
-    data_format: str = field(default="auto", metadata={"help": "Force a data format.", "choices": FORMATS})
-    skip_invalid_samples: bool = field(default=False, metadata={"help": "Skip (and count) invalid records instead of stopping."})
-    prompt_column: str | None = field(default=None, metadata={
-        "help": "Records of two text fields: the question's field (with --response_column); {content, summary} "
-                "records are read without it."})
-    response_column: str | None = field(default=None, metadata={"help": "Records of two text fields: the answer's field."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (> 0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
-    ppo_epochs: int | None = field(default=None, metadata={
-        "help": "Passes over each rollout batch (default 4; GRPO/RLOO: their num_iterations, default 1)."})
-    mini_batch_size: int | None = field(default=None, metadata={
-        "help": "Rollouts per optimizer step (default: --per_device_train_batch_size, one update per epoch)."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty against the reference (GRPO/RLOO: beta)."})
-    target_kl: float | None = field(default=None, metadata={"help": "Adaptive KL: steer kl_coef so the KL tracks this."})
-    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (in rollouts)."})
-    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (never negative).", "choices": ("k1", "k3")})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    cliprange: float = field(default=0.2, metadata={
-        "help": "Policy ratio clip. DAPO and GSPO have their own (0.2/0.28, 3e-4/4e-4); given, it replaces them "
-                "(the same on both sides)."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the shaped per-token rewards."})
-    missing_eos_penalty: float | None = field(default=None, metadata={
-        "help": "Subtracted from the score of answers cut off without a stop token."})
-    rollout_cache: str = field(default="auto", metadata={
-        "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled decode step; prompts "
-                "padded to --model_max_length - --max_new_tokens and short batches filled, so it compiles once a run; "
-                "falls back to dynamic with a log line where it cannot compile; float32 weights decode from a bf16 "
-                "copy), dynamic, or auto (static on a CUDA GPU except under ZeRO-3; dynamic elsewhere). With "
-                "stages/grpo.py --rl_engine trl: the held-out evaluation's only (trl generates its own rollouts).",
-        "choices": ("auto", "static", "dynamic")})
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be > 0 for sampled rollouts, got {self.temperature}.")
-        if self.max_new_tokens < 1 or self.model_max_length <= self.max_new_tokens:
-            raise UserError(f"--model_max_length ({self.model_max_length}) must exceed --max_new_tokens ({self.max_new_tokens}).")
-        funcs = split_list(self.reward_funcs or "model")
-        unknown = [f for f in funcs if f != "model" and f not in RULE_REWARDS]
-        if unknown:
-            raise UserError(f"--reward_funcs: unknown {unknown}; use model and/or {', '.join(RULE_REWARDS)}.")
-        if "model" in funcs and not self.reward_model_name_or_path:
-            raise UserError("--reward_funcs model needs --reward_model_name_or_path (the RM stage's output), "
-                            "or pass a rule reward such as --reward_funcs exact_match.")
-        if self.algorithm == "ppo" and not self.reward_model_name_or_path:
-            raise UserError("--algorithm ppo initializes its value model from the reward model: "
-                            "pass --reward_model_name_or_path.")
-        self.reward_func_list = funcs
-        self.data_format = column_format(self.data_format, self.prompt_column, self.response_column)
-        if self.ppo_epochs is None:
-            self.ppo_epochs = 4 if self.algorithm == "ppo" else 1
-        if self.ppo_epochs < 1:
-            raise UserError(f"--ppo_epochs must be at least 1, got {self.ppo_epochs}.")
-
-    @property
-    def prompt_budget(self) -> int:
-        """Longest prompt in tokens: what is left of --model_max_length after the answer."""
-        return self.model_max_length - self.max_new_tokens
-
-
-def _check_rl_common(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments) -> None:
+def _check_rl_common(model_args, peft_args, ppo_args) -> None:
     if peft_args.use_peft and peft_args.peft_type != "lora":
         raise UserError(f"--peft_type {peft_args.peft_type} is for SFT; the RL stages train LoRA/QLoRA adapters "
                         "or the full model.")
@@ -135,8 +36,7 @@ def redirect_group_algorithm(argv: list[str] | None) -> None:
                         f"bash run_grpo.sh --algorithm {algorithm} ... (stages/grpo.py).")
 
 
-def validate_ppo(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments,
-                 training_args: PipelineTrainingArguments) -> None:
+def validate_ppo(model_args, peft_args, ppo_args, training_args) -> None:
     """Every check of stages/ppo.py that does not need the data: algorithm, adapter, loop flags, batch shape."""
     if ppo_args.algorithm != "ppo":
         raise UserError(f"--algorithm {ppo_args.algorithm} runs in its own script with the same flags: "
@@ -221,8 +121,7 @@ PPO_ONLY_FLAGS = ("mini_batch_size", "target_kl", "kl_horizon", "kl_estimator", 
                   "vf_coef", "whiten_rewards", "missing_eos_penalty")
 
 
-def validate_group_relative(model_args: ModelArguments, peft_args: PeftArguments, ppo_args: PPOArguments,
-                            training_args: PipelineTrainingArguments | None = None) -> None:
+def validate_group_relative(model_args, peft_args, ppo_args, training_args=None) -> None:
     """Every check of stages/grpo.py: the algorithm and engine, the adapter, no PPO-only flag (it would be ignored),
     and for the own loop its batch shape and loop flags."""
     if ppo_args.algorithm == "ppo":

@@ -1,6 +1,10 @@
-"""Checks on parsed flags that no single argument class can make alone, run by `pipeline.args.parse_args`
-before any work: every number within its range, --output_dir apart from what the run reads, the
---deepspeed file readable and consistent with the batch flags, and float16 only as a loss-scaled GPU run.
+"""Checks that span flags, run right after parsing, before any data or model is loaded (a check of one flag
+lives in the `__post_init__` of the class that declares it).
+
+Run by parse_args for every stage: every number within its range, --output_dir apart from what the run
+reads, the --deepspeed file readable and consistent with the batch flags, float16 only as a loss-scaled
+GPU run. Run by each stage's parse(): model + adapter + length (check_common), packing and checkpointing
+against the method, held-out data for evaluation. The RL loops' own checks are in rl_checks.py.
 
 The bounds live in one table (NUMBER_BOUNDS) so that every numeric flag of every stage has a stated range;
 tests/test_reliability.py fails when a stage gains a numeric flag that is in neither table.
@@ -241,3 +245,48 @@ def check_deepspeed_file(training_args) -> None:
         raise UserError(f"--deepspeed {source} sets train_batch_size {total} but the flags give {expected} "
                         f"(--per_device_train_batch_size x --gradient_accumulation_steps x {world} processes); set it "
                         "to \"auto\" in the file or make them agree.")
+
+
+def check_common(model_args, peft_args, max_length: int | None = None) -> None:
+    """Checks every stage shares: quantized weights need an adapter; the model config exists, has the
+    --model_type given and stretches to max_length under --rope_scaling; --flash_attn is installed."""
+    from pipeline.model.attention import choose_attention  # the model package reads these classes: imported late
+    from pipeline.model.loading import load_config
+
+    if model_args.quantized and not peft_args.use_peft:
+        raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
+    load_config(model_args, max_length)
+    choose_attention(model_args.flash_attn, packing=False)  # --flash_attn without the package stops here
+
+
+def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) -> bool:
+    """--packing: on unless something would change what a packed sample computes. Prefix tuning prepends
+    virtual tokens to every sequence and NEFTune scales its noise by the sequence length, so both train
+    unpacked; asking for packing with either stops here."""
+    unpackable = "--peft_type prefix_tuning" if peft_args.use_peft and peft_args.peft_type == "prefix_tuning" else \
+        "--neft_alpha" if neft_alpha else None
+    if packing and unpackable:
+        raise UserError(f"--packing True cannot be combined with {unpackable}; drop one of them.")
+    return unpackable is None if packing is None else packing
+
+
+def resolve_checkpointing(training_args, peft_args) -> None:
+    """Gradient checkpointing (on by default) cannot run prefix tuning: its virtual key/value tokens do not
+    survive the recomputed forward. Off by default there; asked for explicitly, it stops here."""
+    if not (peft_args.use_peft and peft_args.peft_type == "prefix_tuning" and training_args.gradient_checkpointing):
+        return
+    if not getattr(training_args, "checkpointing_by_default", False):
+        raise UserError("--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop one of them.")
+    training_args.gradient_checkpointing = False
+    if hasattr(training_args, "activation_checkpointing"):  # transformers >= 5.2x reads this name
+        training_args.activation_checkpointing = False
+
+
+def check_eval_data(data_args, training_args) -> None:
+    """Evaluation during training (--eval_strategy steps/epoch, --eval_on_start) needs held-out data: a
+    --validation_file_dir / --validation_file or a --validation_split_percentage above 0."""
+    wants = str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") or training_args.eval_on_start
+    if wants and not data_args.has_validation and data_args.validation_split_percentage <= 0:
+        flag = "--eval_on_start" if training_args.eval_on_start else f"--eval_strategy {training_args.eval_strategy.value}"
+        raise UserError(f"{flag} evaluates during training but there is no held-out data; give --validation_file_dir "
+                        "(or --validation_file), a --validation_split_percentage above 0, or --eval_strategy no.")

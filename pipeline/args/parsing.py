@@ -1,0 +1,61 @@
+"""Reading a command line into the argument classes: a YAML/JSON config file first (or via --config), the
+seeds' spellings translated (pipeline/seed_flags.py), negative numbers kept as values, then the checks
+that span classes (pipeline/args/checks.py). Unknown flags are an error."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from pipeline.args.checks import check_numbers, check_output_apart, check_precision, check_template_name, check_test_file
+from pipeline.config_file import config_file_argv
+from pipeline.errors import UserError
+from pipeline.seed_flags import translate
+
+
+def split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--flag -1e-3` as `--flag=-1e-3`: argparse takes a value such as -1e-3 for an unknown option otherwise."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse `[config.yaml] [--config FILE] --flag value ...`, or the GLM demos' `DATA_DIR MODEL CONFIG
+    [yes|STEP]` (pipeline/seed_configs.py), into the given dataclasses."""
+    argv = config_file_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # --train_file is not --train_file_dir
+    argv = _attach_negative_numbers(translate(argv, dataclass_types))
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as e:
+        raise UserError(f"{e}. Run with --help to list the flags.") from e
+    check_numbers(parsed)
+    check_output_apart(parsed)
+    check_test_file(parsed)
+    check_template_name(parsed)
+    check_precision(parsed)
+    return parsed
+
+
+
+def given_flags(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> set[str]:
+    """Names of the flags a command line gives (config files and the seeds' spellings read as parse_args reads them)."""
+    argv = translate(config_file_argv(list(sys.argv[1:] if argv is None else argv)), dataclass_types)
+    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+
+
