@@ -2,7 +2,7 @@
 # Shared torchrun wrapper for the run_*.sh launchers: node/process layout from the environment.
 #   NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500, or any free port on one node)
 #   NPROC_PER_NODE (number of GPUs, or 1 without GPUs)
-# torchrun runs as pipeline/launch.py (the same agent): it dies with this shell, its workers die with it,
+# torchrun runs as pipeline/run/launch.py (the same agent): it dies with this shell, its workers die with it,
 # and a failed stage ends with the stage's own exit code (2: a user error, 143: stopped by SIGTERM).
 set -euo pipefail
 script="$1"; shift
@@ -23,7 +23,7 @@ fi
 # `nohup bash run_sft.sh &` still outlives a logout, and a kill of this shell still ends the stage. In the
 # background with `wait`, so a SIGTERM, SIGINT or SIGHUP of this shell reaches the launcher at once (as a
 # SIGTERM: save a checkpoint and stop) and the shell still ends with the launcher's exit code.
-PIPELINE_PARENT_PID=$$ python -m pipeline.launch "${layout[@]}" "$script" "$@" &
+PIPELINE_PARENT_PID=$$ python -m pipeline.run.launch "${layout[@]}" "$script" "$@" &
 launcher=$!
 trap 'kill -TERM "$launcher" 2>/dev/null || true' TERM INT HUP
 while true; do

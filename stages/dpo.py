@@ -39,9 +39,10 @@ from pipeline.data.preference_dataset import preference_datasets
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
-from pipeline.train.output_dir import claim_output_dir
+from pipeline.run.output_dir import claim_output_dir
+from pipeline.run.setup import setup_run
 from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
-from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
+from pipeline.train.trainer_steps import evaluate_and_save, train_and_save
 
 logger = logging.getLogger("pipeline.dpo")
 

@@ -54,9 +54,10 @@ from pipeline.rl.models import build_group_models, frozen_reward_model, reward_f
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer
 from pipeline.rl.rollout import Rollouts, packed_attention, token_logprobs_and_entropy
 from pipeline.rl.timing import PhaseTimer
+from pipeline.run.output_dir import claim_output_dir
+from pipeline.run.setup import setup_run
 from pipeline.train import divergence
-from pipeline.train.output_dir import claim_output_dir
-from pipeline.train.run import setup_run, train_and_save
+from pipeline.train.trainer_steps import train_and_save
 
 
 class GroupRecipe(PPORecipe):

@@ -34,10 +34,11 @@ from pipeline.data.files import cap, load_text_dataset, load_train_eval
 from pipeline.data.packing import tokenize_and_pack
 from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.run.output_dir import claim_output_dir
+from pipeline.run.setup import setup_run
 from pipeline.train.causal_lm import CausalLMTrainer
 from pipeline.train.master_weights import check_master_weights
-from pipeline.train.output_dir import claim_output_dir
-from pipeline.train.run import evaluate_and_save, setup_run, train_and_save
+from pipeline.train.trainer_steps import evaluate_and_save, train_and_save
 
 logger = logging.getLogger("pipeline.pt")
 

@@ -15,7 +15,7 @@ from pipeline.args import (
     resolve_resume_checkpoint,
 )
 from pipeline.errors import UserError
-from pipeline.train.run import setup_run
+from pipeline.run.setup import setup_run
 from tests.helpers import REPO
 
 TYPES = (ModelArguments, DataArguments, PeftArguments, PipelineTrainingArguments)
@@ -76,7 +76,7 @@ def test_invalid_combinations_are_rejected(tmp_path, flags, message):
 
 
 def test_resume_values_and_incomplete_checkpoints(tmp_path, caplog):
-    from pipeline.train.checkpoints import mark_complete
+    from pipeline.run.checkpoints import mark_complete
 
     for step in (5, 12, 15):
         (tmp_path / f"checkpoint-{step}").mkdir()

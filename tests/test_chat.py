@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from pipeline.data.templates import render
 from pipeline.errors import UserError, run_cli
-from pipeline.eval.generation import greedy_answers
+from pipeline.eval.evaluate import greedy_answers
 from pipeline.infer import chat_model as chat
 from pipeline.infer import cli
 from pipeline.tools import synthetic

@@ -16,7 +16,7 @@ from pipeline.data.preference_dataset import split_texts, tokenize_answer
 from pipeline.data.preferences import read_preferences
 from pipeline.data.templates import apply_template_to_tokenizer, get_template
 from pipeline.errors import UserError
-from pipeline.eval.generation import exact_match
+from pipeline.eval.evaluate import exact_match
 from pipeline.train.losses import orpo_loss, simpo_loss
 from stages import dpo
 from tests.helpers import DATA, REPO, changed_parameters

@@ -3,7 +3,7 @@ run_pipeline.sh's process group, or SIGTERM of run_pipeline.sh's shell), a secon
 folder is refused, every stage's flags are checked before the pipeline's first stage trains, and an error
 through a launcher is one sentence with exit code 2.
 
-Real processes throughout: the real launchers, pipeline.launch (torch's elastic agent) and the tiny model. A
+Real processes throughout: the real launchers, pipeline.run.launch (torch's elastic agent) and the tiny model. A
 run's processes are found by scanning /proc for command lines that name its output folder, which is unique
 to the test, so the check also catches a worker that was reparented or lost from the process tree.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.run.process import LOCK_NAME
 from pipeline.tools import pipeline_config
-from pipeline.train.process import LOCK_NAME
 from tests.helpers import DATA, REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,7 +110,7 @@ def one_sentence_error(output: str) -> str:
 
 # --- the parts: parent-death signal and the output-folder lock, each in a bare Python process -----------------
 
-SLEEPER = "from pipeline.train.process import die_with_parent; import os, time; die_with_parent(); " \
+SLEEPER = "from pipeline.run.process import die_with_parent; import os, time; die_with_parent(); " \
           "print(os.getpid(), flush=True); time.sleep(120)"
 
 
@@ -133,7 +133,7 @@ def test_a_parent_that_died_before_prctl_is_noticed():
     named process that is alive but is not the parent (a value inherited from elsewhere) is left alone."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    code = "from pipeline.train.process import die_with_parent; die_with_parent(); print('alive')"
+    code = "from pipeline.run.process import die_with_parent; die_with_parent(); print('alive')"
     orphan = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30,
                             env={**os.environ, "PIPELINE_PARENT_PID": str(gone.pid)})
     assert orphan.returncode == -signal.SIGTERM and "alive" not in orphan.stdout
@@ -144,7 +144,7 @@ def test_a_parent_that_died_before_prctl_is_noticed():
 
 def test_the_output_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     out = tmp_path / "out"
-    locker = "import sys, time; from pipeline.errors import run_cli; from pipeline.train.process import lock_output_dir"
+    locker = "import sys, time; from pipeline.errors import run_cli; from pipeline.run.process import lock_output_dir"
     holder = subprocess.Popen([sys.executable, "-c", f"{locker}; lock_output_dir(sys.argv[1]); print('locked', flush=True); "
                                "time.sleep(120)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

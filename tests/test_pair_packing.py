@@ -12,7 +12,8 @@ from pipeline.data.collators import PairCollator
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.preference_dataset import build_preference_dataset
 from pipeline.data.templates import apply_template_to_tokenizer, get_template
-from pipeline.model.unpadding import flatten, restore, unpadded_log_probs, unpadded_scores
+from pipeline.model.patches import unpadded_log_probs, unpadded_scores
+from pipeline.model.unpadding import flatten, restore
 from pipeline.train.losses import pairwise_loss
 from tests.helpers import DATA
 

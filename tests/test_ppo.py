@@ -13,7 +13,7 @@ from pipeline.args.rl_checks import check_loop_flags
 from pipeline.errors import UserError
 from pipeline.infer.generation import response_mask
 from pipeline.rl import ppo_math as rl
-from pipeline.rl.checkpoint import load_trainable
+from pipeline.rl.saving import load_trainable
 from stages import grpo, ppo
 from tests.helpers import DATA, REPO, lora_b_norms, read_scalars
 

@@ -138,10 +138,14 @@ def test_layout_limits_and_package_docstrings():
                       if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60]
     assert not too_long and not long_functions, too_long + long_functions
     packages = [p for p in (REPO / "pipeline").iterdir() if p.is_dir() and (p / "__init__.py").exists()]
-    assert {p.name for p in packages} >= {"data", "model", "train", "rl", "infer", "eval", "tools"}
-    for package in packages:
+    assert {p.name for p in packages} >= {"args", "run", "data", "model", "train", "rl", "infer", "eval", "tools"}
+    for package in [*packages, REPO / "pipeline"]:
         doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
         assert doc and len(doc.split()) > 25, f"{package.name}/__init__.py needs a paragraph on what lives there"
+        words = set(re.findall(r"[\w/]+", doc))
+        unnamed = [m.stem for m in package.glob("*.py") if m.stem != "__init__" and m.name not in words
+                   and m.stem not in words and f"{m.stem}/" not in words]
+        assert not unnamed, f"{package.name}/__init__.py does not name {unnamed}: a newcomer finds a module by its paragraph"
 
 
 def test_ruff_is_clean():

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.args.checks import NUMBER_BOUNDS, UNBOUNDED
 from pipeline.errors import UserError, run_cli
-from pipeline.train.checkpoints import is_complete
+from pipeline.run.checkpoints import is_complete
 from tests.helpers import DATA, REPO, read_scalars
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo")

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data.preferences import read_preferences
 from pipeline.errors import UserError
-from pipeline.eval.generation import pairwise_accuracy, rewards
+from pipeline.eval.evaluate import pairwise_accuracy, rewards
 from pipeline.train.losses import pairwise_loss
 from stages import rm
 from tests.helpers import DATA, REPO

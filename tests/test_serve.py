@@ -22,7 +22,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.data.templates import render
-from pipeline.eval.generation import greedy_answers
+from pipeline.eval.evaluate import greedy_answers
 from pipeline.tools import synthetic
 from tests.helpers import REPO
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from pipeline.data.conversations import read_conversations
 from pipeline.data.masking import encode
 from pipeline.data.templates import get_template
-from pipeline.eval.generation import exact_match
+from pipeline.eval.evaluate import exact_match
 from stages import sft
 from tests.helpers import DATA, REPO, lora_b_norms
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -136,31 +135,3 @@ def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:
     if training_args.deepspeed and training_args.fp16:
         return torch.float16
     return torch.float32
-
-
-
-def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None; the folder's files
-    are checked whole (a checkpoint cut short by a full disk is named, not loaded)."""
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "no", "false", "none"):
-        return None
-    from pipeline.model.integrity import check_folder_whole
-    from pipeline.train.checkpoints import COMPLETE, is_complete, last_complete_checkpoint
-
-    out = Path(training_args.output_dir)
-    last = last_complete_checkpoint(out) if out.is_dir() else None
-    if str(value).lower() in ("auto", "yes", "true", "last"):
-        if last is None and str(value).lower() != "auto":
-            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {out}.")
-        path = last
-    else:
-        path = Path(out, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
-        if not path.is_dir():
-            raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
-        if not is_complete(path):
-            raise UserError(f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
-                            "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one.")
-    if path is not None:
-        check_folder_whole(path, "--resume_from_checkpoint")
-    return None if path is None else str(path)

@@ -1,6 +1,8 @@
-"""The parts of the RL stages (stages/ppo.py, stages/grpo.py): flags and their checks (config.py), PPO
-arithmetic (ppo_math.py: KL, GAE, whitening, clipped losses), rollouts and held-out evaluation
-(rollout.py), rewards and the reward-model scorer (rewards.py), the policy / reference / value / reward
-models (models.py), checkpoints (checkpoint.py) and data parallelism (distributed.py). The loop itself
-is the recipe in stages/ppo.py.
+"""The own RL loop of stages/ppo.py and stages/grpo.py. loop.py is the recipe (read train_step top to bottom);
+beside it: ppo_math.py (KL, GAE, whitening, clipped losses) and group_math.py (group-relative advantages of
+GRPO, DAPO, Dr. GRPO, GSPO, RLOO), rollout.py (generation of rollouts, log-probs, held-out evaluation),
+decode_copy.py (the bf16 copy full training decodes from), rewards.py (reward-model and rule rewards),
+models.py (policy, reference, value and reward models), engine.py (the update: torch AdamW or DeepSpeed),
+saving.py (checkpoints and the final model), distributed.py (prompts and metrics across ranks) and timing.py
+(the wall time of each phase). Their flags and checks are in pipeline/args/.
 """

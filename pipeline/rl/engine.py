@@ -202,7 +202,7 @@ class DeepSpeedUpdater:
         return {}
 
     def load(self, folder: Path, state: dict) -> None:
-        from pipeline.train.zero_resume import universal_folder
+        from pipeline.run.resume import universal_folder
 
         universal = universal_folder(folder / "deepspeed", self.engine.world_size, self.engine.train_batch_size(),
                                      self.engine.global_rank == 0)

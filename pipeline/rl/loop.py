@@ -20,22 +20,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.args import resolve_resume_checkpoint
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_tokenizer, set_generation_stops
-from pipeline.rl import checkpoint, distributed, ppo_math
+from pipeline.rl import distributed, ppo_math, saving
 from pipeline.rl.engine import DeepSpeedUpdater, PPOPair, TorchUpdater, sharded_inference
 from pipeline.rl.models import PPOModels, ValueModel, prepare_for_rl
 from pipeline.rl.rewards import RewardScorer
 from pipeline.rl.rollout import Rollouts, packed_attention, token_logprobs_and_entropy, values
 from pipeline.rl.timing import PhaseTimer
+from pipeline.run.checkpoints import Preemption, exit_preempted, storage_errors
+from pipeline.run.output_dir import claim_output_dir, take_output_dir
+from pipeline.run.resume import resolve_resume_checkpoint
+from pipeline.run.setup import setup_run, tensorboard_writer
 from pipeline.train import divergence
-from pipeline.train.checkpoints import Preemption, exit_preempted, storage_errors
-from pipeline.train.output_dir import claim_output_dir, take_output_dir
-from pipeline.train.run import record_adapter_base, setup_run, tensorboard_writer
+from pipeline.train.trainer_steps import record_adapter_base
 
 logger = logging.getLogger("pipeline.ppo")
 STEP_LOG_KEYS = ("objective/scores", "objective/kl", "loss", "eval_score", "eval_exact_match", "time/generate",
@@ -176,18 +177,18 @@ class PPORecipe(Rollouts):
         """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed every rank
         writes its shard of the engine's state first."""
         folder = Path(self.targs.output_dir) / f"checkpoint-{self.step}"
-        partial = checkpoint.prepare_partial(folder) if self.targs.should_save else None
+        partial = saving.prepare_partial(folder) if self.targs.should_save else None
         distributed.barrier()
-        state = {**self.updater.state(checkpoint.partial_of(folder)), "kl_coef": self.kl.value, "step": self.step}
+        state = {**self.updater.state(saving.partial_of(folder)), "kl_coef": self.kl.value, "step": self.step}
         weights = self.updater.full_weights()
         if partial:
-            checkpoint.save_checkpoint(folder, self.policy, self.value_model, self.tokenizer, state, self.log_history,
+            saving.save_checkpoint(folder, self.policy, self.value_model, self.tokenizer, state, self.log_history,
                                        self.targs.max_steps, self.targs.save_total_limit, weights)
         distributed.barrier()
 
     def resume(self, folder: str) -> dict | None:
         from_engine = isinstance(self.updater, DeepSpeedUpdater)  # the engine's checkpoint holds the weights
-        state, self.log_history = checkpoint.load_checkpoint(Path(folder), self.policy, self.value_model, not from_engine)
+        state, self.log_history = saving.load_checkpoint(Path(folder), self.policy, self.value_model, not from_engine)
         self.updater.load(Path(folder), state)
         self.kl.value, self.step = state["kl_coef"], state["step"]
         logger.info("resumed from %s at step %d", folder, self.step)
@@ -256,7 +257,7 @@ class PPORecipe(Rollouts):
         divergence.check_finite_weights(self.policy, self.device)  # never write a NaN model
         weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
         if self.targs.should_save:
-            checkpoint.save_policy(self.policy, self.tokenizer, out, checkpoint.part(weights, "policy"))
+            saving.save_policy(self.policy, self.tokenizer, out, saving.part(weights, "policy"))
         record_adapter_base(self.policy, self.targs)  # a LoRA policy: which base merge_peft_adapter.py must use
         distributed.barrier()
         results = {}
@@ -265,7 +266,7 @@ class PPORecipe(Rollouts):
             self.log(after)
             results = {**after, **({f"{k}_before": v for k, v in before.items() if k != "eval_samples"} if before else {})}
         if self.targs.should_save:
-            checkpoint.write_results(out, results, self.step, self.targs.max_steps, self.log_history)
+            saving.write_results(out, results, self.step, self.targs.max_steps, self.log_history)
         if self.writer:
             self.writer.close()
         return results

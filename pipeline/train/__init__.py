@@ -1,6 +1,8 @@
-"""Training on top of the HF Trainer and trl: run.py holds the steps every Trainer-based stage shares
-(setup, train with resume, save, evaluate), reward.py the pairwise reward-model Trainer, preference.py
-the DPO / KTO / SimPO / ORPO trainers, losses.py the losses the project computes itself,
-zero_resume.py the resume of a DeepSpeed checkpoint on another number of processes. The PPO loop,
-which has no Trainer, lives in stages/ppo.py with its parts in pipeline/rl/.
+"""Training on top of the HF Trainer and trl. trainer_steps.py holds the steps every Trainer-based stage shares
+after setup (train with resume, save, evaluate); causal_lm.py the PT/SFT trainer (padding-free rows, the loss
+without full-vocabulary logits) with losses.py; master_weights.py the optimizer that keeps float32 masters of
+bf16 weights (--master_weights optimizer); reward.py the pairwise reward-model trainer; preference.py the
+DPO / KTO / SimPO / ORPO trainers; divergence.py the guard that stops a diverged run before it is saved (the
+RL loop uses it too). The life of a run around them (launch, signals, checkpoints, resume) is pipeline/run/;
+the RL loop, which has no Trainer, is pipeline/rl/.
 """

@@ -21,7 +21,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from pipeline.model.adapters import unwrap
-from pipeline.model.unpadding import unpadded_log_probs
+from pipeline.model.patches import unpadded_log_probs
 from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 
 from pipeline.model.adapters import unwrap
-from pipeline.model.unpadding import unpadded_scores
+from pipeline.model.patches import unpadded_scores
 from pipeline.train.losses import pairwise_loss
 
 

@@ -1,4 +1,4 @@
-"""The steps every stage script shares around its Trainer: run setup, train, evaluate, save.
+"""The steps every Trainer-based stage shares after pipeline/run/setup.py: train (with resume), save, evaluate.
 
 Output layout (seed README): model or adapter (safetensors), tokenizer, trainer_state.json,
 train_results.json, eval_results.json, checkpoint-*/, and tensorboard events under logs/.
@@ -8,66 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
-from pathlib import Path
 
-import datasets
 import torch
-import transformers
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback
 
-from pipeline.args import PipelineTrainingArguments, resolve_resume_checkpoint
-from pipeline.args.checks import deepspeed_without_launcher
+from pipeline.args import PipelineTrainingArguments
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 from pipeline.model.merge import record_base
-from pipeline.seed_flags import say_notes
-from pipeline.train.checkpoints import CheckpointGuard, exit_preempted, storage_errors
+from pipeline.run.checkpoints import CheckpointGuard, exit_preempted, storage_errors
+from pipeline.run.output_dir import take_output_dir
+from pipeline.run.resume import prepare_trainer_resume, resolve_resume_checkpoint
 from pipeline.train.divergence import DivergenceGuard, check_finite_weights
-from pipeline.train.output_dir import take_output_dir
-from pipeline.train.zero_resume import prepare_trainer_resume
 
 logger = logging.getLogger("pipeline")
-# A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
-_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
-
-
-def setup_run(training_args: PipelineTrainingArguments) -> None:
-    """The one place a stage touches the process: logging, seed, tensorboard folder, process group.
-
-    Called right after the arguments are parsed and validated; parsing itself has no side effects.
-    """
-    from pipeline.train.process import die_with_launcher, lock_output_dir
-
-    die_with_launcher()  # a worker must not outlive its launcher (it runs in a session of its own)
-    deepspeed_without_launcher(training_args)  # before anything asks DeepSpeed for the process group
-    setup_logging(training_args)
-    if training_args.process_index == 0:  # global rank 0 speaks for the run: no second trainer in output_dir
-        lock_output_dir(training_args.output_dir)
-    set_seed(training_args.seed)
-    # Tensorboard events go to output_dir/logs (the seed README's layout); transformers reads this variable.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(training_args.output_dir) / "logs")
-    if training_args.deepspeed and not torch.cuda.is_available():
-        # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one process.
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-
-
-def setup_logging(training_args: PipelineTrainingArguments) -> None:
-    """INFO on the main process, warnings only on the others (so torchrun output stays readable)."""
-    level = logging.INFO if training_args.should_log else logging.WARNING
-    root = logging.getLogger("pipeline")
-    if not root.handlers:
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-    root.setLevel(level)
-    transformers.utils.logging.set_verbosity(level if level == logging.WARNING else logging.WARNING)
-    datasets.utils.logging.set_verbosity(logging.WARNING)
-    datasets.utils.logging.disable_progress_bar()
-    say_notes()  # what the parser read differently (seed documents' flags and configs)
 
 
 class _AlreadyFinished(Exception):
@@ -80,22 +34,6 @@ class StopIfFinished(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise _AlreadyFinished(state.global_step, state.max_steps)
-
-
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is now (a stage run twice in one process, e.g. a notebook or a test
-    that captures output, must not log into the stream of the first run)."""
-
-    def __init__(self):
-        super().__init__(sys.stdout)
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value):
-        pass
 
 
 def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -> dict[str, float]:
@@ -163,11 +101,3 @@ def evaluate_and_save(trainer: Trainer, with_perplexity: bool = False) -> dict[s
     return metrics
 
 
-def tensorboard_writer(training_args: PipelineTrainingArguments):
-    """A SummaryWriter on output_dir/logs for loops without a Trainer (PPO), on the main process, when
-    --report_to includes tensorboard; else None."""
-    if not (training_args.should_log and "tensorboard" in (training_args.report_to or [])):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(os.environ.get("TENSORBOARD_LOGGING_DIR") or str(Path(training_args.output_dir) / "logs"))

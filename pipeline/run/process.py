@@ -1,11 +1,11 @@
 """How a training process lives and dies with the others of its run: parent-death signals and the
 output-folder lock.
 
-A stage runs as   run_<stage>.sh (bash) -> pipeline.launch (torch's elastic agent) -> worker(s).
+A stage runs as   run_<stage>.sh (bash) -> pipeline.run.launch (torch's elastic agent) -> worker(s).
 torch starts each worker in a session of its own, so a kill of the shell's process group never reaches
 it. Each link therefore asks Linux for a parent-death signal (prctl PR_SET_PDEATHSIG): SIGTERM when its
 parent goes, whatever killed the parent (SIGKILL included). For a worker, SIGTERM means "save a
-checkpoint at the end of this step and stop" (pipeline/train/checkpoints.py).
+checkpoint at the end of this step and stop" (pipeline/run/checkpoints.py).
 
 The lock keeps a second trainer out of a folder another one is writing: global rank 0 holds an flock
 on OUTPUT_DIR/.pipeline_lock for as long as its process lives; the kernel drops it when the process ends,
@@ -77,7 +77,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 
 
 def die_with_launcher() -> None:
-    """In a worker started by torchrun or pipeline.launch, end with the launcher (see the module doc)."""
+    """In a worker started by torchrun or pipeline.run.launch, end with the launcher (see the module doc)."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent(signal.SIGTERM)
 

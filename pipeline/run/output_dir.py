@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pipeline.errors import UserError
-from pipeline.train.checkpoints import last_complete_checkpoint
+from pipeline.run.checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "pipeline_run.json"

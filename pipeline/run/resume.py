@@ -1,4 +1,5 @@
-"""Resuming a DeepSpeed ZeRO checkpoint on another number of processes (e.g. saved on 2 GPUs, resumed on 1).
+"""Resuming: --resume_from_checkpoint resolved to a whole checkpoint folder (resolve_resume_checkpoint), and a
+DeepSpeed ZeRO checkpoint resumed on another number of processes (e.g. saved on 2 GPUs, resumed on 1).
 
 ZeRO-2/3 split the optimizer state (and ZeRO-3 the weights) into one shard per data-parallel rank, and
 DeepSpeed refuses to load such a checkpoint on a different rank count. DeepSpeed's own answer is its
@@ -23,9 +24,36 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
+from pipeline.model.integrity import check_folder_whole
+from pipeline.model.patches import separate_zero3_step_counts
+from pipeline.run.checkpoints import COMPLETE, is_complete, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 CONVERTED = "universal_complete"
+
+
+def resolve_resume_checkpoint(training_args) -> str | None:
+    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None; the folder's files
+    are checked whole (a checkpoint cut short by a full disk is named, not loaded)."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "no", "false", "none"):
+        return None
+    out = Path(training_args.output_dir)
+    last = last_complete_checkpoint(out) if out.is_dir() else None
+    if str(value).lower() in ("auto", "yes", "true", "last"):
+        if last is None and str(value).lower() != "auto":
+            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {out}.")
+        path = last
+    else:
+        path = Path(out, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
+        if not is_complete(path):
+            raise UserError(f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
+                            "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one.")
+    if path is not None:
+        check_folder_whole(path, "--resume_from_checkpoint")
+    return None if path is None else str(path)
 
 
 def saved_layout(ds_folder: Path) -> tuple[int, int] | None:
@@ -57,31 +85,8 @@ def universal_folder(ds_folder: Path, world_size: int, global_batch: int, main_p
             convert(ds_folder, universal)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    separate_zero3_step_counts()
+    separate_zero3_step_counts()  # pipeline/model/patches.py
     return universal
-
-
-def separate_zero3_step_counts() -> None:
-    """DeepSpeed 0.19's ZeRO-3 universal load hands every parameter group one shared Adam `step` tensor, which
-    each group's optimizer step then advances in place: the bias correction runs ahead and the resumed run
-    drifts (tests/test_zero_resume.py: 1.7e-4 off the uninterrupted weights, 1.2e-7 with this). After that
-    load each group gets its own copy."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-
-    load = Stage3._load_universal_checkpoint
-    if getattr(load, "separates_steps", False):
-        return
-
-    def load_then_separate(self, *args, **kwargs):
-        load(self, *args, **kwargs)
-        for state in self.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-    load_then_separate.separates_steps = True
-    Stage3._load_universal_checkpoint = load_then_separate
-    logger.info("patched DeepSpeed's ZeRO-3 universal checkpoint load: each parameter group keeps its own Adam step "
-                "count (DeepSpeed 0.19 hands them one shared tensor)")
 
 
 def convert(ds_folder: Path, universal: Path) -> None:

@@ -1,9 +1,9 @@
-"""torchrun, as the run_*.sh launchers start it: `python -m pipeline.launch [torchrun flags] script [args]`.
+"""torchrun, as the run_*.sh launchers start it: `python -m pipeline.run.launch [torchrun flags] script [args]`.
 
 Same flags and the same elastic agent as torchrun (torch.distributed.run), with three differences:
 - it gets SIGTERM when its parent (the run_<stage>.sh shell) dies, even by SIGKILL, and the agent then
   stops the workers with SIGTERM (each saves a checkpoint and exits); the workers in turn watch this
-  process (pipeline/train/process.py), so nothing of a stage outlives its launcher;
+  process (pipeline/run/process.py), so nothing of a stage outlives its launcher;
 - a failed worker ends it with that worker's exit code (2: a user error, which the worker has said in one
   sentence; 143: stopped by SIGTERM) and at most one line of its own, not torchrun's ChildFailedError
   traceback and code 1. PIPELINE_DEBUG=1 shows torch's own log again;
@@ -18,7 +18,7 @@ import signal
 import sys
 
 from pipeline.errors import debug_enabled
-from pipeline.train.process import PARENT_PID_ENV, die_with_parent
+from pipeline.run.process import PARENT_PID_ENV, die_with_parent
 
 
 def exit_code(failure_code: int) -> int:

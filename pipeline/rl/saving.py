@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
-from pipeline.train.checkpoints import COMPLETE, mark_complete
+from pipeline.run.checkpoints import COMPLETE, mark_complete
 
 
 def part(weights: dict | None, prefix: str) -> dict | None:

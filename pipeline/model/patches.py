@@ -1,0 +1,120 @@
+"""Every place the project changes a library's behaviour at run time, each named, logged once per process
+(`announce`) and tested. Where a library offers an extension point the project uses that instead (attention:
+transformers' AttentionInterface, pipeline/model/attention.py; training steps: Trainer subclasses).
+
+    unpadded_log_probs          RM/DPO --packing: the policy's `forward` (under trl's fused LM head) reads a
+                                padded batch as one padding-free sequence and answers in the padded layout
+    unpadded_scores             the same for the reward model's score head
+    separate_zero3_step_counts  DeepSpeed 0.19's ZeRO-3 universal-checkpoint load: one Adam step count per
+                                parameter group, not one shared tensor (tests/test_zero_resume.py)
+
+The forward swaps replace `forward` on one model instance (as trl's fused LM head does), so DDP, DeepSpeed and
+PEFT wrappers still reach it; the DeepSpeed one replaces a method of DeepSpeed's ZeRO-3 optimizer class, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+
+import torch
+
+from pipeline.data.masking import IGNORE_INDEX
+from pipeline.model.unpadding import flatten, restore
+
+logger = logging.getLogger(__name__)
+PATCHES = ("unpadded_log_probs", "unpadded_scores", "separate_zero3_step_counts")
+_announced: set[str] = set()
+
+
+def announce(name: str, what: str) -> None:
+    """One log line per patch and process, the first time it is applied."""
+    if name not in _announced:
+        _announced.add(name)
+        logger.info("patch %s applied: %s", name, what)
+
+
+LM_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def unpadded_log_probs(model: torch.nn.Module) -> None:
+    """Make `model(input_ids, attention_mask, labels=..., fused_lm_head=True)` (trl's fused LM head, already
+    installed) run padding-free. Its per-token fields are shifted by one (position t scores token t+1), so
+    each row's last position, which in the flat sequence would score the next row's first token, is
+    cleared, and the padded layout is rebuilt with the same shift."""
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(self, *args, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
+        if not fused_lm_head or attention_mask is None or args or kwargs.get("inputs_embeds") is not None:
+            return inner(*args, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         fused_lm_head=fused_lm_head, **kwargs)
+        ids, positions, keep = flatten(input_ids, attention_mask)
+        flat_labels = labels[keep].unsqueeze(0).clone()
+        flat_labels[positions == 0] = IGNORE_INDEX  # never scored from the row before
+        out = inner(input_ids=ids, position_ids=positions, labels=flat_labels, fused_lm_head=True, **kwargs)
+        for name in LM_FIELDS:
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:  # (1, tokens - 1)
+                padded = torch.cat([value, value.new_zeros((1, 1))], dim=1)
+                setattr(out, name, restore(padded, keep)[:, :-1])
+        return out
+
+    model.forward = types.MethodType(forward, model)
+    announce("unpadded_log_probs", "the policy's forward (and the reference's) runs each step's rows padding-free")
+
+
+def unpadded_scores(model: torch.nn.Module) -> None:
+    """Make a sequence classifier's `model(input_ids, attention_mask, unpad=True)` (the reward model) run
+    padding-free: the backbone reads the flattened rows and the score head only the token transformers'
+    own classifier pools, each row's last one that is not the pad id."""
+    if not isinstance(getattr(model, "score", None), torch.nn.Module):
+        from pipeline.errors import UserError
+
+        raise UserError(f"{type(model).__name__} has no `score` head to read packed rows through; add --packing False.")
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(self, *args, input_ids=None, attention_mask=None, unpad=False, **kwargs):
+        if not unpad or attention_mask is None or args:
+            return inner(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        ids, positions, keep = flatten(input_ids, attention_mask)
+        backbone = getattr(self, self.base_model_prefix)
+        hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        pad_id = self.config.get_text_config().pad_token_id
+        width = torch.arange(input_ids.shape[1], device=input_ids.device)
+        pooled = (width * (input_ids != pad_id).int()).argmax(-1) if pad_id is not None else keep.sum(1) - 1
+        # flat index of row r's pooled token: the tokens of the rows before it, plus its place in its row
+        before = torch.cat([keep.sum(1).new_zeros(1), keep.sum(1).cumsum(0)[:-1]])
+        first = keep.int().argmax(1)  # left padding: a row's tokens start after its pads
+        scores = self.score(hidden[0, before + pooled - first])
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        return SequenceClassifierOutputWithPast(logits=scores)
+
+    model.forward = types.MethodType(forward, model)
+    announce("unpadded_scores", "the reward model's forward runs each step's rows padding-free")
+
+
+def separate_zero3_step_counts() -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load hands every parameter group one shared Adam `step` tensor, which
+    each group's optimizer step then advances in place: the bias correction runs ahead and the resumed run
+    drifts (tests/test_zero_resume.py: 1.7e-4 off the uninterrupted weights, 1.2e-7 with this). After that
+    load each group gets its own copy."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    load = Stage3._load_universal_checkpoint
+    if getattr(load, "separates_steps", False):
+        return
+
+    def load_then_separate(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    load_then_separate.separates_steps = True
+    Stage3._load_universal_checkpoint = load_then_separate
+    announce("separate_zero3_step_counts", "DeepSpeed's ZeRO-3 universal checkpoint load: each parameter group keeps "
+             "its own Adam step count (DeepSpeed 0.19 hands them one shared tensor)")
