@@ -36,7 +36,6 @@ from pipeline.args.training import (
     PPOTrainingArguments,
     RLTrainingArguments,
     RMTrainingArguments,
-    resolve_resume_checkpoint,
     trainable_dtype,
 )
 
@@ -46,5 +45,5 @@ __all__ = [
     "PTArguments", "PackingArguments", "PeftArguments", "PipelineTrainingArguments", "PreferenceArguments",
     "RLTrainingArguments", "RMTrainingArguments", "RecordArguments", "SFTArguments", "check_common",
     "check_eval_data", "given_flags", "parse_args", "resolve_checkpointing", "resolve_packing",
-    "resolve_resume_checkpoint", "split_list", "trainable_dtype",
+    "split_list", "trainable_dtype",
 ]
