@@ -22,7 +22,6 @@ The PPO-only flags (GAE, value clipping, adaptive KL...) are refused.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import pipeline  # noqa: F401  first: its filters of known harmless library warn
 
 # isort: split
 from datasets import Dataset
+from peft import PeftModel
 from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -48,6 +48,7 @@ from pipeline.errors import UserError, first_line, run_cli
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
 from pipeline.rl import distributed, group_math
+from pipeline.rl.frozen import AdapterOff, Separate, own_weights
 from pipeline.rl.group_math import VARIANTS
 from pipeline.rl.loop import PPORecipe, run
 from pipeline.rl.models import build_group_models, frozen_reward_model, reward_folder
@@ -70,29 +71,29 @@ class GroupRecipe(PPORecipe):
         given = args.cliprange != CLIPRANGE_DEFAULT  # the user's clip replaces a variant's own, on both sides
         self.eps_low = args.cliprange if given else self.variant["eps_low"] or args.cliprange
         self.eps_high = args.cliprange if given else self.variant["eps_high"] or self.eps_low
-        self.use_kl = args.kl_coef > 0 and self.has_reference
+        self.use_kl = args.kl_coef > 0 and self.rollouts.reference is not None
 
     def prompts_per_rank(self) -> int:
-        return self.batch_size // self.args.num_generations
+        return self.batch_size // self.ppo_args.num_generations
 
     def train_step(self) -> dict[str, float]:
-        args, variant, group = self.args, self.variant, self.args.num_generations
-        torch.manual_seed(self.targs.seed + 1000 * self.rank + self.step)
+        args, variant, group = self.ppo_args, self.variant, self.ppo_args.num_generations
+        torch.manual_seed(self.training_args.seed + 1000 * self.rank + self.step)
         self.policy.eval()
         # 1. This rank's prompts, each --num_generations times in consecutive rows (a group stays on one rank).
         prompts = distributed.step_prompts(self.prompts, self.step, self.prompts_per_rank(), self.rank, self.world,
-                                           self.targs.seed)
+                                           self.training_args.seed)
         timer = PhaseTimer(self.device)
         with timer.phase("generate"):
-            traj = self.generate([p for p in prompts for _ in range(group)], sample=True)
+            traj = self.rollouts.generate([p for p in prompts for _ in range(group)], sample=True)
         with torch.no_grad(), self.autocast:
             with timer.phase("score"):
-                scores = self.scores(traj)
+                scores = self.rollouts.scores(traj)
             # 2. Old log-probs (needed when the policy moves before the last minibatch) and the reference's.
-            with timer.phase("logprobs"), packed_attention(self.policy, self.reference, self.value_model):
+            with timer.phase("logprobs"), packed_attention(self.policy, own_weights(self.rollouts.reference), self.value_model):
                 moves = args.ppo_epochs > 1 or self.mini_batch_size < self.batch_size
                 old_logp = token_logprobs_and_entropy(self.policy, traj, args.temperature, False)[0] if moves else None
-                ref_logp = self.reference_logprobs(traj, args.temperature) if self.use_kl else None
+                ref_logp = self.rollouts.reference_logprobs(traj, args.temperature) if self.use_kl else None
         # 3. Advantages against the group; groups that all scored alike leave the update (DAPO).
         advantages = group_math.group_advantages(scores, group, variant["scale"], variant["leave_one_out"])
         kept = ~group_math.zero_variance_groups(scores, group) if variant["dynamic_sampling"] else torch.ones_like(scores).bool()
@@ -114,11 +115,11 @@ class GroupRecipe(PPORecipe):
         return metrics
 
     def group_epochs(self, traj, old_logp, ref_logp, advantages, kept) -> tuple[list[tuple], list, float]:
-        args, variant, accumulation = self.args, self.variant, self.targs.gradient_accumulation_steps
+        args, variant, accumulation = self.ppo_args, self.variant, self.training_args.gradient_accumulation_steps
         rmask = traj.response_mask.float() * kept.float().unsqueeze(1).to(traj.response_mask.device)
         advantages = advantages.to(rmask.device)
         micro = self.mini_batch_size // accumulation
-        generator = torch.Generator().manual_seed(self.targs.seed * 1000 + self.step)
+        generator = torch.Generator().manual_seed(self.training_args.seed * 1000 + self.step)
         stats, norms, kls = [], [], []
         self.policy.train()
         for _ in range(args.ppo_epochs):
@@ -211,9 +212,11 @@ def main(argv: list[str] | None = None):
         rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer, same_vocab=False)
         reward_model = frozen_reward_model(rm_path, unwrap(policy).dtype)
     trainer = build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_model, rm_tokenizer)
-    scorer = RewardScorer(reward_model, rm_tokenizer) if reward_model is not None else None
-    evaluator = Rollouts(trainer.model, getattr(trainer, "ref_model", None), scorer, nullcontext, tokenizer, template,
-                         ppo_args, training_args)
+    scorer = RewardScorer(Separate(reward_model), rm_tokenizer) if reward_model is not None else None
+    ref_model = getattr(trainer, "ref_model", None)  # trl keeps a copy under full training with a KL term
+    reference = Separate(ref_model) if ref_model is not None else AdapterOff(trainer.model) \
+        if isinstance(trainer.model, PeftModel) else None
+    evaluator = Rollouts(trainer.model, reference, scorer, tokenizer, template, ppo_args, training_args)
     eval_prompts = eval_prompts if training_args.do_eval else None  # --do_eval False: no held-out evaluation
     before = evaluator.evaluate(eval_prompts) if eval_prompts else None
     if training_args.do_train:

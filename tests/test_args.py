@@ -12,9 +12,9 @@ from pipeline.args import (
     PeftArguments,
     PipelineTrainingArguments,
     parse_args,
-    resolve_resume_checkpoint,
 )
 from pipeline.errors import UserError
+from pipeline.run.resume import resolve_resume_checkpoint
 from pipeline.run.setup import setup_run
 from tests.helpers import REPO
 

@@ -13,6 +13,7 @@ from pipeline.args.rl_checks import check_loop_flags
 from pipeline.errors import UserError
 from pipeline.infer.generation import response_mask
 from pipeline.rl import ppo_math as rl
+from pipeline.rl.frozen import AdapterOff
 from pipeline.rl.saving import load_trainable
 from stages import grpo, ppo
 from tests.helpers import DATA, REPO, lora_b_norms, read_scalars
@@ -115,7 +116,9 @@ def untimed(history_entry: dict) -> dict:
 def test_same_seed_same_losses_and_exact_resume_with_lora(weak_sft_model, reward_model, tmp_path):
     lora = ["--use_peft", "True", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--save_steps", "2"]
     loop = ppo.main(common(weak_sft_model, reward_model, tmp_path / "a", *lora, "--max_steps", "3"))
-    assert loop.reference is None and loop.reward_model is loop.value_model  # adapters disabled: one copy of each base
+    reference, reward = loop.rollouts.reference, loop.rollouts.scorer.reward  # adapters off: one copy of each base
+    assert isinstance(reference, AdapterOff) and reference.model is loop.policy
+    assert isinstance(reward, AdapterOff) and reward.model is loop.value_model
     first = ppo.main(common(weak_sft_model, reward_model, tmp_path / "b", *lora, "--max_steps", "1"))
     assert untimed(first.log_history[0]) == untimed(loop.log_history[0])  # same seed: identical first-step losses and statistics
     resumed_dir = tmp_path / "c"
@@ -188,7 +191,8 @@ def test_resume_refuses_weights_of_another_model(weak_sft_model, tmp_path):
 def test_qlora_policy_trains_and_saves_an_adapter(weak_sft_model, reward_model, tmp_path):
     loop = ppo.main(common(weak_sft_model, reward_model, tmp_path / "q", "--qlora", "True", "--load_in_4bit", "True",
                            "--learning_rate", "1e-3", "--max_steps", "1", "--per_device_train_batch_size", "8"))
-    assert loop.policy.is_loaded_in_4bit and loop.reference is None and math.isfinite(loop.log_history[0]["loss"])
+    assert loop.policy.is_loaded_in_4bit and isinstance(loop.rollouts.reference, AdapterOff)
+    assert math.isfinite(loop.log_history[0]["loss"])
     norms = lora_b_norms(tmp_path / "q" / "adapter_model.safetensors")
     assert norms and min(norms) > 0  # the PPO update trained the adapter on the 4-bit base
 

@@ -144,7 +144,7 @@ def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
     answers = {}
     for cache in ("dynamic", "static", "auto"):
         args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache=cache)
-        rollouts = Rollouts(model, None, None, None, tokenizer, None, args, targs)
+        rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
         assert rollouts.cache_kind() == ("static" if cache == "static" else "dynamic")
         traj = rollouts.generate(prompts, sample=False)
         assert traj.query_len == (64 if cache == "static" else max(len(p.ids) for p in prompts))
@@ -209,7 +209,7 @@ def test_auto_picks_the_static_cache_on_a_gpu(tiny_model):
                                     per_device_train_batch_size=2, per_device_eval_batch_size=2)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns
-                kinds[dtype, device] = Rollouts(model, None, None, None, None, None, args, targs).cache_kind()
+                kinds[dtype, device] = Rollouts(model, None, None, None, None, args, targs).cache_kind()
     assert kinds == {(torch.bfloat16, "cuda"): "static", (torch.float32, "cuda"): "static",
                      (torch.bfloat16, "cpu"): "dynamic", (torch.float32, "cpu"): "dynamic"}
 
@@ -232,7 +232,7 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
     args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
 
     def answers_of(model):
-        rollouts = Rollouts(model, None, None, None, tokenizer, None, args, targs)
+        rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
         return rollouts, rollouts.generate(prompts, sample=False).responses.tolist()
 
     def cast_params(model):
@@ -278,7 +278,7 @@ def test_the_held_out_evaluation_batches_by_per_device_eval_batch_size(tiny_mode
     for eval_batch in (2, 5):
         targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
                                 per_device_train_batch_size=4, per_device_eval_batch_size=eval_batch)
-        rollouts = Rollouts(model, None, None, nullcontext, tokenizer, None, args, targs)
+        rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
         seen, generate = [], rollouts.generate
         rollouts.generate = lambda batch, sample, seen=seen, generate=generate: seen.append(len(batch)) or generate(batch, sample)
         assert rollouts.evaluate(prompts)["eval_samples"] == 5
@@ -299,5 +299,5 @@ def test_quantized_weights_decode_as_they_are_not_through_a_half_copy(tiny_model
     targs = SimpleNamespace(device=torch.device("cpu"), bf16=True, fp16=False, process_index=0, world_size=1,
                             per_device_train_batch_size=2, per_device_eval_batch_size=2)
     args = SimpleNamespace(max_new_tokens=4, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
-    rollouts = Rollouts(model, None, None, None, None, None, args, targs)
+    rollouts = Rollouts(model, None, None, None, None, args, targs)
     assert rollouts.decoder(static=True) is model and rollouts.half_copy is None

@@ -2,9 +2,10 @@
 
 One iteration = one step: roll out answers, score them, shape rewards with the KL to the reference,
 GAE advantages, then PPO epochs of clipped policy + value updates. The models (policy, reference,
-value model from the RM, reward model) are built in models.py, rollouts in rollout.py, the arithmetic in
-ppo_math.py (group_math.py for GRPO), checkpoints in checkpoint.py, the update (plain torch or a DeepSpeed
-ZeRO-2/3 engine, --deepspeed) in engine.py, phase timing in timing.py.
+value model from the RM, reward model) are built in models.py; the recipe holds the parts a step uses: the
+rollouts (rollout.py: generation, reference log-probs, reward scores, held-out evaluation), the updater
+(engine.py: plain torch or a DeepSpeed ZeRO-2/3 engine, --deepspeed) and the KL controller; the arithmetic is
+in ppo_math.py (group_math.py for GRPO), checkpoints in saving.py, phase timing in timing.py.
 
 SIGTERM: the ranks finish the step, save checkpoint-N, exit 143 (no final model); `auto` resume continues.
 NaN/inf logits, loss or gradient norm: the step is logged and not saved; too many in a row stop the run.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,9 +27,10 @@ from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_tokenizer, set_generation_stops
 from pipeline.rl import distributed, ppo_math, saving
 from pipeline.rl.engine import DeepSpeedUpdater, PPOPair, TorchUpdater, sharded_inference
+from pipeline.rl.frozen import Separate, own_weights
 from pipeline.rl.models import PPOModels, ValueModel, prepare_for_rl
 from pipeline.rl.rewards import RewardScorer
-from pipeline.rl.rollout import Rollouts, packed_attention, token_logprobs_and_entropy, values
+from pipeline.rl.rollout import Rollouts, autocast_for, packed_attention, token_logprobs_and_entropy, values
 from pipeline.rl.timing import PhaseTimer
 from pipeline.run.checkpoints import Preemption, exit_preempted, storage_errors
 from pipeline.run.output_dir import claim_output_dir, take_output_dir
@@ -43,20 +44,18 @@ STEP_LOG_KEYS = ("objective/scores", "objective/kl", "loss", "eval_score", "eval
                  "time/score", "time/logprobs", "time/update", "samples_per_second")
 
 
-class PPORecipe(Rollouts):
+class PPORecipe:
     """setup (__init__) -> train: for each step, rollout -> score -> advantages -> PPO epochs -> save."""
 
     def __init__(self, models: PPOModels, tokenizer, template, prompts, eval_prompts, ppo_args, training_args):
-        # without a separate reward model, the value model with its adapter disabled is the RM (LoRA, one copy)
-        with_adapters = models.reward_model is None and models.value_model is not None
-        self.reward_model = models.value_model if with_adapters else models.reward_model
-        scorer = None if self.reward_model is None else RewardScorer(self.reward_model, models.reward_tokenizer)
-        super().__init__(models.policy, models.reference, scorer,
-                         models.value_model.disable_adapter if with_adapters else nullcontext, tokenizer, template,
-                         ppo_args, training_args)
+        self.ppo_args, self.training_args, self.tokenizer = ppo_args, training_args, tokenizer
+        self.policy = models.policy
         self.value_model = models.value_model  # None: GRPO and its relatives (stages/grpo.py)
         self.value = None if self.value_model is None else ValueModel(self.value_model)
-        self.prompts, self.eval_prompts, self.targs = prompts, eval_prompts, training_args
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.device, self.autocast = training_args.device, autocast_for(training_args)
+        self.rank, self.world = training_args.process_index, training_args.world_size
+        self.batch_size = training_args.per_device_train_batch_size
         self.mini_batch_size = ppo_args.mini_batch_size or self.batch_size
         if len(prompts) < self.prompts_per_rank() * self.world:
             raise UserError(f"{len(prompts)} usable training prompts cannot fill one step of {self.prompts_per_rank()} per "
@@ -65,17 +64,18 @@ class PPORecipe(Rollouts):
             if model is not None:
                 prepare_for_rl(model, training_args.gradient_checkpointing)
         # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model (pipeline/rl/engine.py)
-        t, pair, accumulation = training_args, PPOPair(self.policy, self.value_model), training_args.gradient_accumulation_steps
-        updates = t.max_steps * ppo_args.ppo_epochs * (self.batch_size // self.mini_batch_size)
-        self.updater = (DeepSpeedUpdater(pair, t, updates, self.mini_batch_size // accumulation, accumulation,
-                                         unwrap(self.policy).config.hidden_size) if t.deepspeed
-                        else TorchUpdater(pair, t, updates, accumulation))
-        self.generation_context = self.updater.generation
-        if getattr(self.updater, "sharded", False) and models.reference is not None:  # frozen copies stay sharded
-            self.reference = sharded_inference(models.reference, self.updater.config)
-            if models.reward_model is not None:
-                self.reward_model = sharded_inference(models.reward_model, self.updater.config)
-                self.scorer.model = self.reward_model
+        pair, accumulation = PPOPair(self.policy, self.value_model), training_args.gradient_accumulation_steps
+        updates = training_args.max_steps * ppo_args.ppo_epochs * (self.batch_size // self.mini_batch_size)
+        self.updater = (DeepSpeedUpdater(pair, training_args, updates, self.mini_batch_size // accumulation,
+                                         accumulation, unwrap(self.policy).config.hidden_size) if training_args.deepspeed
+                        else TorchUpdater(pair, training_args, updates, accumulation))
+        reference, reward = models.reference, models.reward
+        if getattr(self.updater, "sharded", False):  # ZeRO-3: frozen copies of their own stay sharded too
+            reference, reward = (Separate(sharded_inference(f.model, self.updater.config)) if isinstance(f, Separate)
+                                 else f for f in (reference, reward))
+        scorer = None if reward is None else RewardScorer(reward, models.reward_tokenizer)
+        self.rollouts = Rollouts(self.policy, reference, scorer, tokenizer, template, ppo_args, training_args)
+        self.rollouts.generation_context = self.updater.generation  # ZeRO-3 gathers the policy for a rollout
         self.kl = ppo_math.AdaptiveKLController(ppo_args.kl_coef, ppo_args.target_kl, ppo_args.kl_horizon)
         self.step, self.log_history = 0, []
         self.writer = tensorboard_writer(training_args)
@@ -87,24 +87,25 @@ class PPORecipe(Rollouts):
     # --- one iteration
 
     def train_step(self) -> dict[str, float]:
-        args = self.args
-        torch.manual_seed(self.targs.seed + 1000 * self.rank + self.step)  # each rank samples its own; resumable
+        args = self.ppo_args
+        torch.manual_seed(self.training_args.seed + 1000 * self.rank + self.step)  # each rank samples its own; resumable
         self.policy.eval(), self.value_model.eval()  # generation with its cache; dropout is off in both modes
         # 1. Sample this rank's prompts and generate answers (sampling: temperature, top_p).
-        prompts = distributed.step_prompts(self.prompts, self.step, self.batch_size, self.rank, self.world, self.targs.seed)
+        prompts = distributed.step_prompts(self.prompts, self.step, self.batch_size, self.rank, self.world,
+                                           self.training_args.seed)
         timer = PhaseTimer(self.device)
         with timer.phase("generate"):
-            traj = self.generate(prompts, sample=True)
+            traj = self.rollouts.generate(prompts, sample=True)
         with torch.no_grad(), self.autocast:
             # 2. Score the answers with the reward model (and rule rewards); penalize answers without a stop token.
             with timer.phase("score"):
-                scores = self.scores(traj)
+                scores = self.rollouts.scores(traj)
                 if args.missing_eos_penalty is not None:
                     scores = scores - args.missing_eos_penalty * (~traj.ended).float()
             # 3. Log-probs of the sampled tokens under the policy (old) and the reference; values of each state.
-            with timer.phase("logprobs"), packed_attention(self.policy, self.reference, self.value_model):
+            with timer.phase("logprobs"), packed_attention(self.policy, own_weights(self.rollouts.reference), self.value_model):
                 old_logp, entropy = token_logprobs_and_entropy(self.policy, traj, args.temperature)
-                ref_logp = self.reference_logprobs(traj, args.temperature)
+                ref_logp = self.rollouts.reference_logprobs(traj, args.temperature)
                 old_values = values(self.value, traj)
         rmask = traj.response_mask.float()
         # 4. Per-token rewards: -kl_coef * KL(policy || reference) on every token, the score on the last one.
@@ -131,10 +132,10 @@ class PPORecipe(Rollouts):
         return metrics
 
     def ppo_epochs(self, traj, old_logp, old_values, advantages, returns) -> tuple[list[ppo_math.PPOStats], list]:
-        args, accumulation = self.args, self.targs.gradient_accumulation_steps
+        args, accumulation = self.ppo_args, self.training_args.gradient_accumulation_steps
         rmask, stats, norms = traj.response_mask.float(), [], []
         micro = self.mini_batch_size // accumulation
-        generator = torch.Generator().manual_seed(self.targs.seed * 1000 + self.step)
+        generator = torch.Generator().manual_seed(self.training_args.seed * 1000 + self.step)
         self.policy.train(), self.value_model.train()  # training mode: gradient checkpointing acts only there
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(traj.ids), generator=generator)
@@ -158,7 +159,7 @@ class PPORecipe(Rollouts):
 
     def log(self, metrics: dict[str, float]) -> None:
         self.log_history.append({"step": self.step, **{k: round(v, 6) for k, v in metrics.items()}})
-        if self.targs.should_log:
+        if self.training_args.should_log:
             logger.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in STEP_LOG_KEYS))
         if self.writer:
             for key, value in metrics.items():
@@ -167,23 +168,24 @@ class PPORecipe(Rollouts):
 
     def due(self, every: int | float | None) -> bool:
         """Whether a periodic action (evaluate, save) is due after this step; never on the last step."""
-        return bool(every) and self.step % int(every) == 0 and self.step < self.targs.max_steps
+        return bool(every) and self.step % int(every) == 0 and self.step < self.training_args.max_steps
 
     def save_due(self) -> bool:
         """checkpoint-N every --save_steps and after the last step (so a rerun of a finished run trains nothing)."""
-        return self.targs.save_strategy == "steps" and (self.due(self.targs.save_steps) or self.step == self.targs.max_steps)
+        every, last = self.training_args.save_steps, self.step == self.training_args.max_steps
+        return self.training_args.save_strategy == "steps" and (self.due(every) or last)
 
     def save_checkpoint(self) -> None:
         """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed every rank
         writes its shard of the engine's state first."""
-        folder = Path(self.targs.output_dir) / f"checkpoint-{self.step}"
-        partial = saving.prepare_partial(folder) if self.targs.should_save else None
+        folder = Path(self.training_args.output_dir) / f"checkpoint-{self.step}"
+        partial = saving.prepare_partial(folder) if self.training_args.should_save else None
         distributed.barrier()
         state = {**self.updater.state(saving.partial_of(folder)), "kl_coef": self.kl.value, "step": self.step}
         weights = self.updater.full_weights()
         if partial:
             saving.save_checkpoint(folder, self.policy, self.value_model, self.tokenizer, state, self.log_history,
-                                       self.targs.max_steps, self.targs.save_total_limit, weights)
+                                       self.training_args.max_steps, self.training_args.save_total_limit, weights)
         distributed.barrier()
 
     def resume(self, folder: str) -> dict | None:
@@ -196,37 +198,42 @@ class PPORecipe(Rollouts):
 
     def train(self, resume_from: str | None) -> dict[str, float]:
         # SIGTERM (preemption) from here to the end of the loop: finish the step, save it, stop with exit code 143
-        with Preemption() as sigterm, storage_errors(self.targs.output_dir):
+        with Preemption() as sigterm, storage_errors(self.training_args.output_dir):
             before = self.start(resume_from)
             preempted = self.loop(sigterm)
         if preempted:  # checkpoint-N of this step is saved; no final model, so the stage is not done
             if self.writer:
                 self.writer.close()
-            exit_preempted(self.step, self.targs.should_log)
+            exit_preempted(self.step, self.training_args.should_log)
         self.updater.check_in_sync()
-        with storage_errors(self.targs.output_dir):
+        with storage_errors(self.training_args.output_dir):
             return self.finish(before)
 
     def start(self, resume_from: str | None) -> dict | None:
         """Resume, or evaluate the untrained policy; return the held-out figures before training (if any)."""
-        before = self.resume(resume_from) if resume_from else (self.evaluate(self.eval_prompts) if self.eval_prompts else None)
+        if resume_from:
+            before = self.resume(resume_from)
+        else:
+            before = self.rollouts.evaluate(self.eval_prompts) if self.eval_prompts else None
         if before:
             if not resume_from:
                 self.log(before)
             logger.info("before training: held-out reward %.3f, exact match %.3f", before["eval_score"],
                         before["eval_exact_match"])
-        if self.step >= self.targs.max_steps:
+        if self.step >= self.training_args.max_steps:
             logger.info("the checkpoint is at step %d of --max_steps %d: nothing left to train", self.step,
-                        self.targs.max_steps)
+                        self.training_args.max_steps)
         return before
 
     def loop(self, sigterm: Preemption) -> bool:
         """The steps from the start (or the resumed step) to --max_steps; True when stopped by SIGTERM."""
-        eval_every = (self.targs.eval_steps or self.targs.logging_steps) if self.targs.eval_strategy == "steps" else None
-        bar = tqdm(total=self.targs.max_steps, initial=self.step, desc=self.args.algorithm.upper(), unit="step",
-                   disable=self.rank != 0 or self.targs.disable_tqdm)
+        training_args = self.training_args
+        eval_every = ((training_args.eval_steps or training_args.logging_steps) if training_args.eval_strategy == "steps"
+                      else None)
+        bar = tqdm(total=self.training_args.max_steps, initial=self.step, desc=self.ppo_args.algorithm.upper(), unit="step",
+                   disable=self.rank != 0 or self.training_args.disable_tqdm)
         try:
-            while self.step < self.targs.max_steps:
+            while self.step < self.training_args.max_steps:
                 metrics = self.train_step()
                 self.step += 1
                 bar.update(1)
@@ -234,11 +241,11 @@ class PPORecipe(Rollouts):
                 # NaN logits, loss or gradient norm (ranks' means, so all agree): logged, counted, stop after too many
                 loss, norm = math.nan if metrics["nonfinite_logits"] else metrics["loss"], metrics.get("grad_norm")
                 finite = divergence.finite(loss) and divergence.finite(norm)
-                if self.step % max(int(self.targs.logging_steps), 1) == 0 or self.step == 1 or not finite:
+                if self.step % max(int(self.training_args.logging_steps), 1) == 0 or self.step == 1 or not finite:
                     self.log(metrics)
                 finite = self.nonfinite.record(self.step, loss, norm)  # False for a collapsed step too
                 if self.eval_prompts and self.due(eval_every):
-                    self.log(self.evaluate(self.eval_prompts))
+                    self.log(self.rollouts.evaluate(self.eval_prompts))
                 saved = finite and self.save_due()  # a non-finite step's weights are not checkpointed
                 if saved:
                     self.save_checkpoint()
@@ -253,20 +260,20 @@ class PPORecipe(Rollouts):
 
     def finish(self, before: dict | None) -> dict[str, float]:
         """The final policy, held-out results (after, with the before figures), state and train results."""
-        out = Path(self.targs.output_dir)
+        out = Path(self.training_args.output_dir)
         divergence.check_finite_weights(self.policy, self.device)  # never write a NaN model
         weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
-        if self.targs.should_save:
+        if self.training_args.should_save:
             saving.save_policy(self.policy, self.tokenizer, out, saving.part(weights, "policy"))
-        record_adapter_base(self.policy, self.targs)  # a LoRA policy: which base merge_peft_adapter.py must use
+        record_adapter_base(self.policy, self.training_args)  # a LoRA policy: which base merge_peft_adapter.py must use
         distributed.barrier()
         results = {}
         if self.eval_prompts:
-            after = self.evaluate(self.eval_prompts)
+            after = self.rollouts.evaluate(self.eval_prompts)
             self.log(after)
             results = {**after, **({f"{k}_before": v for k, v in before.items() if k != "eval_samples"} if before else {})}
-        if self.targs.should_save:
-            saving.write_results(out, results, self.step, self.targs.max_steps, self.log_history)
+        if self.training_args.should_save:
+            saving.write_results(out, results, self.step, self.training_args.max_steps, self.log_history)
         if self.writer:
             self.writer.close()
         return results

@@ -1,8 +1,9 @@
 """The four models of PPO: policy, reference, value model and reward model, with as few copies as possible.
 
-Policy: --model_name_or_path, full / LoRA / QLoRA. Reference: with LoRA the same weights with the adapter
-disabled, otherwise a frozen copy. Value model: initialized from the reward model (LoRA on it when
---use_peft, whose disabled-adapter form is then also the reward model: one copy of its weights).
+Policy: --model_name_or_path, full / LoRA / QLoRA. Reference: with LoRA the policy with its adapter off
+(AdapterOff, pipeline/rl/frozen.py), otherwise a frozen copy (Separate). Value model: initialized from the
+reward model (LoRA on it when --use_peft, whose adapter-off form is then also the reward model: one copy of
+its weights; otherwise the reward model is a Separate frozen copy).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.args import trainable_dtype
 from pipeline.model.adapters import unwrap
 from pipeline.model.integrity import check_folder_whole
 from pipeline.model.loading import check_loaded_weights, load_model
+from pipeline.rl.frozen import AdapterOff, Frozen, Separate, own_weights
 from pipeline.rl.rewards import check_same_vocab, reward_model_folder
 
 
@@ -58,21 +60,22 @@ class ValueModel(torch.nn.Module):
 @dataclass
 class PPOModels:
     policy: torch.nn.Module
-    reference: torch.nn.Module | None  # None: the policy with its adapter disabled
+    reference: Frozen | None  # None: no reference (a group algorithm with --kl_coef 0 under full training)
     value_model: torch.nn.Module | None  # the sequence classifier the values are read from (None: GRPO and relatives)
-    reward_model: torch.nn.Module | None  # None: the value model with its adapter disabled
+    reward: Frozen | None  # None: rule rewards only
     reward_tokenizer: object
 
 
 def _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer, with_reference: bool):
-    """The trained policy and, for full training when asked, a frozen copy as the reference (with LoRA the
-    reference is the policy with its adapter disabled)."""
+    """The trained policy and its reference: with LoRA the policy with its adapter off (no extra weights, so
+    always there), for full training when asked a frozen copy."""
     policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
                         max_length=ppo_args.model_max_length, trainable_dtype=trainable_dtype(training_args))
-    reference = None
-    if with_reference and not peft_args.use_peft:
-        reference = load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
-    return policy, reference
+    if peft_args.use_peft:
+        return policy, AdapterOff(policy)
+    if with_reference:
+        return policy, Separate(load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False))
+    return policy, None
 
 
 def reward_folder(ppo_args, training_args, tokenizer, same_vocab: bool = True) -> tuple[str, object]:
@@ -93,7 +96,7 @@ def frozen_reward_model(rm_path: str, dtype: torch.dtype):
 
 
 def _placed(models: PPOModels, device) -> PPOModels:
-    for model in (models.policy, models.reference, models.value_model, models.reward_model):
+    for model in (models.policy, own_weights(models.reference), models.value_model, own_weights(models.reward)):
         # quantized weights were placed at load time; ZeRO-3 weights are built sharded (and placed) by DeepSpeed
         if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
             model.to(device)
@@ -107,19 +110,19 @@ def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> P
     value = load_model(rm_args, replace(peft_args, peft_path=None, modules_to_save=None), rm_tokenizer, head="reward",
                        gradient_checkpointing=training_args.gradient_checkpointing,
                        trainable_dtype=trainable_dtype(training_args))
-    reward = None if peft_args.use_peft else frozen_reward_model(rm_path, value.dtype)
+    reward = AdapterOff(value) if peft_args.use_peft else Separate(frozen_reward_model(rm_path, value.dtype))
     return _placed(PPOModels(policy, reference, value, reward, rm_tokenizer), training_args.device)
 
 
 def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
-    """GRPO and its relatives: the policy, a reference only for a KL penalty (with LoRA the policy with its adapter
-    disabled), the reward model only when --reward_funcs names it; no value model."""
+    """GRPO and its relatives: the policy, a reference (with LoRA the policy with its adapter off; for full training
+    a copy only for a KL penalty), the reward model only when --reward_funcs names it; no value model."""
     policy, reference = _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer,
                                               ppo_args.kl_coef > 0)
     reward = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
         rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer, same_vocab=False)
-        reward = frozen_reward_model(rm_path, unwrap(policy).dtype)
+        reward = Separate(frozen_reward_model(rm_path, unwrap(policy).dtype))
     return _placed(PPOModels(policy, reference, None, reward, rm_tokenizer), training_args.device)
 
 

@@ -17,21 +17,24 @@ from pipeline.data.prompts import Prompt, render_text
 from pipeline.errors import UserError
 from pipeline.model.integrity import check_folder_whole, read_json_file
 from pipeline.model.merge import merge_adapter
+from pipeline.rl.frozen import Frozen
 
 logger = logging.getLogger(__name__)
 
 
 class RewardScorer:
-    """Scores of rendered conversations: right-padded, no special tokens added (the text holds them)."""
+    """Scores of rendered conversations by the reward model (pipeline/rl/frozen.py: its own weights, or the value
+    model with its adapter off): right-padded, no special tokens added (the text holds them)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, reward: Frozen, tokenizer):
+        self.reward, self.tokenizer = reward, tokenizer
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
         self.tokenizer.padding_side = "right"
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        return self.model(**batch).logits[:, 0].float()
+        with self.reward.use() as model:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            return model(**batch).logits[:, 0].float()
 
 
 def exact_match_reward(answers: list[str], references: list[str]) -> list[float]:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -26,6 +25,7 @@ from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
 from pipeline.model.unpadding import flatten
 from pipeline.rl import ppo_math
 from pipeline.rl.decode_copy import HalfCopy
+from pipeline.rl.frozen import Frozen
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, total_rewards
 
 
@@ -185,13 +185,13 @@ def autocast_for(training_args):
 
 
 class Rollouts:
-    """Generation from the policy, reference log-probs, reward scores, and the held-out evaluation."""
+    """Generation from the policy, reference log-probs, reward scores, and the held-out evaluation: the part of an
+    RL step that reads the models without training them (the recipes in loop.py and stages/grpo.py hold one)."""
 
-    def __init__(self, policy, reference, scorer: RewardScorer | None, reward_context, tokenizer, template, ppo_args,
+    def __init__(self, policy, reference: Frozen | None, scorer: RewardScorer | None, tokenizer, template, ppo_args,
                  training_args):
-        self.policy, self.reference = policy, reference
-        self.scorer, self.reward_context = scorer, reward_context
-        self.tokenizer, self.template, self.args = tokenizer, template, ppo_args
+        self.policy, self.reference, self.scorer = policy, reference, scorer
+        self.tokenizer, self.template, self.ppo_args = tokenizer, template, ppo_args
         self.device, self.autocast = training_args.device, autocast_for(training_args)
         self.rank, self.world = training_args.process_index, training_args.world_size
         self.batch_size = training_args.per_device_train_batch_size
@@ -201,15 +201,11 @@ class Rollouts:
         self.said_dynamic = False
         self.half_copy: HalfCopy | None = None  # full training's float32 masters cast for the decode, made at first use
 
-    @property
-    def has_reference(self) -> bool:
-        return self.reference is not None or isinstance(self.policy, PeftModel)
-
     def cache_kind(self) -> str:
         """static (a fixed-size KV cache: transformers compiles the decode step once) on a CUDA GPU under auto;
         dynamic elsewhere (no compiler gain on the CPU), under DeepSpeed ZeRO-3, and after the static path failed
         once. Full training's float32 masters decode static from their half-precision copy (decode_copy.py)."""
-        kind = getattr(self.args, "rollout_cache", "dynamic")
+        kind = getattr(self.ppo_args, "rollout_cache", "dynamic")
         if kind == "auto":
             # ZeRO-3 gathers the weights into new memory for every rollout, under a graph captured at fixed addresses
             why = "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout" if is_deepspeed_zero3_enabled() else None
@@ -238,7 +234,7 @@ class Rollouts:
         """(rows, prompt width) of a static rollout: the rows filled up to the batch size and the prompts padded to
         the prompt budget, so the decode step compiles once in a run (a compile costs ~40 s on the 1B shape, more
         than the longer cache costs in the decode steps of a run; measured on an H200, bench/results)."""
-        return max(rows, self.batch_size), max(self.args.model_max_length - self.args.max_new_tokens, longest)
+        return max(rows, self.batch_size), max(self.ppo_args.model_max_length - self.ppo_args.max_new_tokens, longest)
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sample: bool) -> Trajectory:
@@ -254,8 +250,9 @@ class Rollouts:
         query, qmask = query.to(self.device), qmask.to(self.device)
         base = unwrap(self.policy).generation_config
         # sampling reads the full distribution (top_k 0), as the log-probs of the update do
-        config = (sampling_config(base, self.args.max_new_tokens, self.args.temperature, self.args.top_p, top_k=0)
-                  if sample else sampling_config(base, self.args.max_new_tokens))
+        args = self.ppo_args
+        config = (sampling_config(base, args.max_new_tokens, args.temperature, args.top_p, top_k=0)
+                  if sample else sampling_config(base, args.max_new_tokens))
         if static:
             config.cache_implementation = "static"
         with self.autocast, self.generation_context():
@@ -277,22 +274,17 @@ class Rollouts:
                           rmask, ended, answers, out.nonfinite)
 
     def reference_logprobs(self, traj: Trajectory, temperature: float) -> torch.Tensor:
-        if self.reference is not None:
-            return token_logprobs_and_entropy(self.reference, traj, temperature, with_entropy=False)[0]
-        with self.policy.disable_adapter():  # the head too may carry an adapter (modules_to_save)
-            return token_logprobs_and_entropy(self.policy, traj, temperature, with_entropy=False)[0]
+        with self.reference.use() as reference:
+            return token_logprobs_and_entropy(reference, traj, temperature, with_entropy=False)[0]
 
     def scores(self, traj: Trajectory) -> torch.Tensor:
-        with self.reward_context():
-            return total_rewards(traj.prompts, traj.answers, self.args.reward_func_list, self.template, self.scorer,
-                                 self.device)
+        return total_rewards(traj.prompts, traj.answers, self.ppo_args.reward_func_list, self.template, self.scorer,
+                             self.device)
 
     def held_out_kl(self, traj: Trajectory) -> torch.Tensor:
         hidden, head = response_hidden(self.policy, traj)
-        if self.reference is not None:
-            return chunked_full_kl(hidden, head, *response_hidden(self.reference, traj))
-        with self.policy.disable_adapter():
-            return chunked_full_kl(hidden, head, *response_hidden(self.policy, traj))
+        with self.reference.use() as reference:
+            return chunked_full_kl(hidden, head, *response_hidden(reference, traj))
 
     @torch.no_grad()
     def evaluate(self, eval_prompts: list[Prompt]) -> dict[str, float]:
@@ -304,7 +296,7 @@ class Rollouts:
             with self.autocast:
                 scores = self.scores(traj)
                 # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)
-                kl = (self.held_out_kl(traj) if self.has_reference
+                kl = (self.held_out_kl(traj) if self.reference is not None
                       else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float))
             matches = RULE_REWARDS["exact_match"](traj.answers, [p.reference for p in traj.prompts])
             sums += torch.tensor([scores.sum().item(), sum(matches), (kl * traj.response_mask).sum().item(),
