@@ -46,7 +46,8 @@ from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.model.adapters import unwrap
-from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
+from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.model.stops import set_generation_stops
 from pipeline.rl import distributed, group_math
 from pipeline.rl.frozen import AdapterOff, Separate, own_weights
 from pipeline.rl.group_math import VARIANTS

@@ -36,7 +36,8 @@ from pipeline.data.templates import apply_template_to_tokenizer, resolve_templat
 from pipeline.errors import run_cli
 from pipeline.eval.predict import GenerationEval, check_predict_with_generate, held_out_sources
 from pipeline.model.adapters import unwrap
-from pipeline.model.loading import load_model, load_tokenizer, set_generation_stops
+from pipeline.model.loading import load_model, load_tokenizer
+from pipeline.model.stops import set_generation_stops
 from pipeline.run.output_dir import claim_output_dir
 from pipeline.run.setup import setup_run
 from pipeline.train.causal_lm import CausalLMTrainer

@@ -149,7 +149,7 @@ def test_pair_stages_pack_by_default_and_refuse_packing_with_prefix_tuning(tiny_
 
     def packing(args):
         parsed = parse(base + args)
-        return (parsed[-1] if stage == "rm" else parsed[4]).packing
+        return parsed[3].packing  # PreferenceArguments, both stages
 
     assert packing([]) is True
     assert packing(["--packing", "False"]) is False

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.args.rl_checks import check_loop_flags
 from pipeline.errors import UserError
-from pipeline.infer.generation import response_mask
+from pipeline.model.stops import response_mask
 from pipeline.rl import ppo_math as rl
 from pipeline.rl.frozen import AdapterOff
 from pipeline.rl.saving import load_trainable

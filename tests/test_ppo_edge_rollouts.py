@@ -108,7 +108,7 @@ def test_ppo_trains_finite_on_forced_rollouts_with_the_llama3_tokenizer(llama3, 
     # the rollouts as the loop saw them: a pad id inside an answer is an answer token (mask 1) up to the end token
     template = resolve_template("auto", tokenizer, None)
     apply_template_to_tokenizer(recipe.tokenizer, template)
-    traj = recipe.generate(recipe.prompts[:6], sample=True)
+    traj = recipe.rollouts.generate(recipe.prompts[:6], sample=True)
     responses, mask = traj.responses, traj.response_mask.bool()
     stop = responses == tokenizer.eos_token_id
     for row in range(len(responses)):

@@ -151,3 +151,18 @@ def test_layout_limits_and_package_docstrings():
 def test_ruff_is_clean():
     ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
     assert ruff.returncode == 0, ruff.stdout[-3000:]
+
+
+def test_every_module_imports_first():
+    """No import cycle hides behind an import order: each module of pipeline/ and stages/ imports in a process where
+    no project module is loaded yet (the libraries stay loaded; only the project's modules are dropped in between)."""
+    names = [".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+             for p in _python_files("pipeline", "stages")]
+    script = ("import importlib, sys\nfailed = []\nfor name in sys.argv[1:]:\n"
+              "    for loaded in [m for m in sys.modules if m.split('.')[0] in ('pipeline', 'stages')]:\n"
+              "        del sys.modules[loaded]\n"
+              "    try:\n        importlib.import_module(name)\n"
+              "    except ImportError as e:\n        failed.append(f'{name}: {e}')\n"
+              "print('\\n'.join(failed))\nsys.exit(1 if failed else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", script, *names], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -53,6 +53,7 @@ import yaml
 from pipeline.data.jinja_template import jinja_for
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError
+from pipeline.model.stops import template_stop_ids
 
 logger = logging.getLogger(__name__)
 
@@ -372,13 +373,11 @@ def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -
             from pipeline.data.own_template import with_defaults
 
             tokenizer.chat_template = with_defaults(tokenizer.chat_template, template.kwargs)
-        vocab = tokenizer.get_vocab()
-        return [vocab[s] for s in template.stop if s in vocab] or [tokenizer.eos_token_id]
+        return template_stop_ids(tokenizer, template.stop)
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         logger.warning("template '%s' needs tokens the tokenizer lacks; added %s (embeddings will be resized)",
                        template.name, missing)
     tokenizer.chat_template = template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
-    stops = [tokenizer.convert_tokens_to_ids(s) for s in template.stop if s in tokenizer.get_vocab()]
-    return stops or [tokenizer.eos_token_id]
+    return template_stop_ids(tokenizer, template.stop)

@@ -34,6 +34,7 @@ from pipeline.data.templates import get_template, render, template_names
 from pipeline.errors import UserError, first_line
 from pipeline.infer.generation import generate, sampling_config
 from pipeline.model.integrity import check_folder_whole
+from pipeline.model.stops import with_template_stops
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -179,16 +180,6 @@ def _load(what: str, loader: Callable, source: str, **kwargs):
         raise UserError(f"cannot load {what} from {source} ({first_line(e)}).") from e
 
 
-def _stop_ids(config: GenerationConfig, tokenizer, template_name: str | None) -> list[int]:
-    """The generation config's end-of-turn ids, plus those of --template_name (a base model stops on EOS only)."""
-    ids = list(config.eos_token_id) if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    if template_name:
-        vocab = tokenizer.get_vocab()
-        ids += [vocab[s] for s in get_template(template_name).stop if s in vocab]
-    ids = list(dict.fromkeys(i for i in ids if i is not None))
-    return ids or [tokenizer.eos_token_id]
-
-
 def _adapter_base(folder: Path, base_model: str | None):
     """The base of an adapter folder (see pipeline/model/merge.py: resolve_base), checked whole and, by its weights'
     fingerprint, the one the adapter was trained on."""
@@ -290,7 +281,8 @@ def load_chat_model(path: str, template_name: str | None = None, trust_remote_co
     # An adapter folder carries the stop tokens its training set; without one, the base model's apply.
     generation = GenerationConfig.from_pretrained(path) if (folder / "generation_config.json").is_file() else \
         GenerationConfig.from_dict(model.generation_config.to_dict())
-    generation.eos_token_id = _stop_ids(generation, tokenizer, template_name)
+    generation.eos_token_id = with_template_stops(generation, tokenizer,
+                                                  get_template(template_name).stop if template_name else [])
     generation.pad_token_id = tokenizer.pad_token_id if generation.pad_token_id is None else generation.pad_token_id
     return ChatModel(model, tokenizer, generation, template_name)
 

@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from pipeline.errors import UserError
+from pipeline.model.stops import response_mask, stop_ids_of
 
 
 @dataclass
@@ -45,15 +46,6 @@ class FiniteLogits(LogitsProcessor):
         return torch.where(bad[:, None], torch.zeros_like(scores), scores)
 
 
-def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask: 1 up to and including the first stop token, ended: whether a stop token came)."""
-    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
-    ended = is_stop.any(1)
-    first = torch.where(ended, is_stop.float().argmax(1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
-    positions = torch.arange(responses.shape[1], device=responses.device)
-    return (positions[None] <= first[:, None]).long(), ended
-
-
 def sampling_config(base: GenerationConfig, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int | None = None) -> GenerationConfig:
     """`base` (stop and pad ids) with a token budget; temperature 0 is greedy decoding."""
@@ -63,11 +55,6 @@ def sampling_config(base: GenerationConfig, max_new_tokens: int, temperature: fl
                   temperature=temperature if sample else None,
                   top_p=top_p if sample else None, top_k=(config.top_k if top_k is None else top_k) if sample else None)
     return config
-
-
-def stop_ids_of(config: GenerationConfig) -> list[int]:
-    ids = config.eos_token_id
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
 @torch.no_grad()

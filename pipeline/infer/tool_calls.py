@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from pipeline.data import own_template as own
 from pipeline.data.templates import render as render_project
 from pipeline.errors import UserError
-from pipeline.infer.generation import stop_ids_of
+from pipeline.model.stops import stop_ids_of
 
 ID = "\x00id\x00"  # stands for a call id inside CallFormat's literals
 _NAMES, _IDS, _ARGS = ("probe_alpha", "probe_beta"), ("a0000000b", "c0000000d"), ({"q": "x"}, {"q": "y"})

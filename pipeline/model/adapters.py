@@ -5,14 +5,17 @@ what `--target_modules all` means, and reaching the base model under a PEFT wrap
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
-from pipeline.args.model import PeftArguments
 from pipeline.errors import UserError, first_line
 from pipeline.model.integrity import check_folder_whole
+
+if TYPE_CHECKING:  # annotations only: the model layer does not depend on the flags package
+    from pipeline.args.model import PeftArguments
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from peft import TaskType, prepare_model_for_kbit_training
@@ -23,11 +24,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.args.model import ModelArguments, PeftArguments
 from pipeline.errors import UserError, first_line
-from pipeline.model.adapters import attach_lora, unwrap
+from pipeline.model.adapters import attach_lora
 from pipeline.model.attention import choose_attention
 from pipeline.model.integrity import check_folder_whole
+
+if TYPE_CHECKING:  # annotations only: the model layer does not depend on the flags package
+    from pipeline.args.model import ModelArguments, PeftArguments
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +207,3 @@ def check_loaded_weights(path: str, config, head: str, missing: set[str], new_he
             "a language-model folder: the base, PT or SFT output (or a merged one), not a reward model"
         raise UserError(f"{path} is a {kind} checkpoint without the {HEAD_NAMES[head]} this stage needs "
                         f"({head_missing[0]} would start random); give {fix}.")
-
-
-def set_generation_stops(model, stop_ids: list[int], pad_token_id: int) -> None:
-    """Make generation stop on the template's end-of-turn tokens (saved in generation_config.json)."""
-    config = unwrap(model).generation_config
-    config.eos_token_id = stop_ids
-    config.pad_token_id = pad_token_id

@@ -24,7 +24,8 @@ from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
-from pipeline.model.loading import load_tokenizer, set_generation_stops
+from pipeline.model.loading import load_tokenizer
+from pipeline.model.stops import set_generation_stops
 from pipeline.rl import distributed, ppo_math, saving
 from pipeline.rl.engine import DeepSpeedUpdater, PPOPair, TorchUpdater, sharded_inference
 from pipeline.rl.frozen import Separate, own_weights
