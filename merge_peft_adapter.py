@@ -17,20 +17,36 @@ from pipeline.model.merge import merge_adapter
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model.")
-    parser.add_argument("--base_model", default=None,
-                        help="Base model folder or hub id the adapter was trained on (default: the one it records).")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="Tokenizer to save with the merged model; the adapter folder's own tokenizer wins if present.")
-    parser.add_argument("--lora_model", required=True, help="Adapter folder (holds adapter_config.json).")
+    parser.add_argument(
+        "--base_model",
+        default=None,
+        help="Base model folder or hub id the adapter was trained on (default: the one it records).",
+    )
+    parser.add_argument(
+        "--tokenizer_path",
+        default=None,
+        help="Tokenizer to save with the merged model; the adapter folder's own tokenizer wins if present.",
+    )
+    parser.add_argument(
+        "--lora_model", required=True, help="Adapter folder (holds adapter_config.json)."
+    )
     parser.add_argument("--output_dir", required=True, help="Where the merged model is written.")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="Allow model code from the checkpoint."
+    )
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = merge_adapter(args.base_model, args.lora_model, args.output_dir, args.tokenizer_path, args.trust_remote_code)
+    out = merge_adapter(
+        args.base_model,
+        args.lora_model,
+        args.output_dir,
+        args.tokenizer_path,
+        args.trust_remote_code,
+    )
     print(f"merged model saved to {out}")
 
 

@@ -24,14 +24,28 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a word up", "parameters": {
-    "type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a word up",
+            "parameters": {
+                "type": "object",
+                "properties": {"word": {"type": "string"}},
+                "required": ["word"],
+            },
+        },
+    }
+]
 
 
 def make_chats(n: int, seed: int = 0) -> list[dict]:
     from pipeline.model.tiny_model import corpus
 
-    words = " ".join(corpus(REPO / "data")).split()  # this checkout's words, whichever pipeline runs
+    words = " ".join(
+        corpus(REPO / "data")
+    ).split()  # this checkout's words, whichever pipeline runs
     rng = random.Random(seed)
 
     def text() -> str:
@@ -44,10 +58,29 @@ def make_chats(n: int, seed: int = 0) -> list[dict]:
         for _turn in range(rng.randint(1, 4)):
             messages.append({"role": "user", "content": text()})
             if rng.random() < 0.2:
-                messages += [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-                    "name": "lookup", "arguments": {"word": rng.choice(words)}}}]}, {"role": "tool", "content": text()}]
+                messages += [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {
+                                "type": "function",
+                                "function": {
+                                    "name": "lookup",
+                                    "arguments": {"word": rng.choice(words)},
+                                },
+                            }
+                        ],
+                    },
+                    {"role": "tool", "content": text()},
+                ]
             messages.append({"role": "assistant", "content": text()})
-        chats.append({"messages": messages, "tools": TOOLS if any(m.get("tool_calls") for m in messages) else None})
+        chats.append(
+            {
+                "messages": messages,
+                "tools": TOOLS if any(m.get("tool_calls") for m in messages) else None,
+            }
+        )
     return chats
 
 
@@ -65,6 +98,7 @@ def measure(chats: list[dict], template_name: str) -> dict:
 
         def encode(conv, n):
             return _samples(conv, n, template, tokenizer, "all", False, 4096, False)
+
         checked = "every conversation"
     except ImportError:  # the code before: the first 4 checked up front, then encoding
         from pipeline.data.contract import check_chat_contract
@@ -73,6 +107,7 @@ def measure(chats: list[dict], template_name: str) -> dict:
 
         def encode(conv, n):
             return encode_samples(template, tokenizer, conv, "all", False, 4096)
+
         checked = "the first 4"
     start = time.perf_counter()
     samples = tokens = 0
@@ -81,25 +116,38 @@ def measure(chats: list[dict], template_name: str) -> dict:
             samples += 1
             tokens += len(getattr(sample, "input_ids", []))
     seconds = time.perf_counter() - start
-    return {"template": template_name, "chats": len(chats), "samples": samples, "tokens": tokens, "checked": checked,
-            "seconds": round(seconds, 1), "chats_per_s": round(len(chats) / seconds)}
+    return {
+        "template": template_name,
+        "chats": len(chats),
+        "samples": samples,
+        "tokens": tokens,
+        "checked": checked,
+        "seconds": round(seconds, 1),
+        "chats_per_s": round(len(chats) / seconds),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chats", type=int, default=100_000)
     parser.add_argument("--templates", default="auto,qwen")
-    parser.add_argument("--code", default=None, help="Run on another checkout's pipeline (its path).")
+    parser.add_argument(
+        "--code", default=None, help="Run on another checkout's pipeline (its path)."
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.code:  # the same measurement in a child whose pipeline is the other checkout's
         env = {**os.environ, "PYTHONPATH": f"{Path(args.code).resolve()}:{REPO}"}
-        code = (f"import importlib.util, json, sys; sys.path[:0] = [{str(Path(args.code).resolve())!r}, {str(REPO)!r}]\n"
-                f"spec = importlib.util.spec_from_file_location('cost', {__file__!r})\n"
-                "cost = importlib.util.module_from_spec(spec); spec.loader.exec_module(cost)\n"
-                f"chats = cost.make_chats({args.chats})\n"
-                f"print(json.dumps([cost.measure(chats, t) for t in {args.templates.split(',')!r}]))")
-        out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        code = (
+            f"import importlib.util, json, sys; sys.path[:0] = [{str(Path(args.code).resolve())!r}, {str(REPO)!r}]\n"
+            f"spec = importlib.util.spec_from_file_location('cost', {__file__!r})\n"
+            "cost = importlib.util.module_from_spec(spec); spec.loader.exec_module(cost)\n"
+            f"chats = cost.make_chats({args.chats})\n"
+            f"print(json.dumps([cost.measure(chats, t) for t in {args.templates.split(',')!r}]))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+        )
         rows = json.loads(out.stdout.strip().splitlines()[-1])
     else:
         chats = make_chats(args.chats)

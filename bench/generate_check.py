@@ -17,9 +17,19 @@ from bench.sft import SHAPES
 
 
 def timed(model, ids, mask, **extra) -> float:
-    config = GenerationConfig(max_new_tokens=128, min_new_tokens=128, do_sample=True, top_k=0, temperature=1.0,
-                              pad_token_id=0, eos_token_id=1, **extra)
-    model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # warm-up (and compile)
+    config = GenerationConfig(
+        max_new_tokens=128,
+        min_new_tokens=128,
+        do_sample=True,
+        top_k=0,
+        temperature=1.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        **extra,
+    )
+    model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=config
+    )  # warm-up (and compile)
     torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
@@ -28,7 +38,9 @@ def timed(model, ids, mask, **extra) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     import pipeline  # noqa: F401  (before peft: its filters keep the libraries' known noise out of the output)
 
     torch.manual_seed(0)
@@ -39,11 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     mask = torch.ones_like(ids)
     mask[:8, :200] = 0  # left padding of shorter prompts
     rows = [("eager, dynamic cache", timed(model, ids, mask))]
-    profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    profile = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    )
     with profile:
         timed(model, ids, mask)
     print(profile.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-    rows.append(("static cache, compiled decode", timed(model, ids, mask, cache_implementation="static")))
+    rows.append(
+        ("static cache, compiled decode", timed(model, ids, mask, cache_implementation="static"))
+    )
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))

@@ -36,7 +36,11 @@ from bench.run_one import token_count
 from bench.sft import REPO, build_model, make_chats, make_pairs
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo")
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 class Bench:
@@ -63,8 +67,10 @@ class Bench:
         make_chats(self.args.samples, median, cap, data / "sft")
         make_pairs(self.args.samples, median, self.max_length, data / "pairs")
         (data / "pt").mkdir(parents=True, exist_ok=True)
-        texts = [" ".join(t["value"] for t in json.loads(line)["conversations"])
-                 for line in (data / "sft" / "chats.jsonl").read_text().splitlines()]
+        texts = [
+            " ".join(t["value"] for t in json.loads(line)["conversations"])
+            for line in (data / "sft" / "chats.jsonl").read_text().splitlines()
+        ]
         (data / "pt" / "text.txt").write_text("\n".join(texts) + "\n")
         self.data = data
 
@@ -72,44 +78,92 @@ class Bench:
     def max_length(self) -> int:
         return 256 if self.smoke else 1024
 
-    def flags(self, stage: str, mode: str, zero: int | None, out: Path, steps: int | None) -> list[str]:
+    def flags(
+        self, stage: str, mode: str, zero: int | None, out: Path, steps: int | None
+    ) -> list[str]:
         data = {"pt": "pt", "sft": "sft", "rm": "pairs", "dpo": "pairs", "ppo": "sft"}[stage]
-        flags = ["--model_name_or_path", str(self.model), "--train_file_dir", str(self.data / data),
-                 "--output_dir", str(out), "--template_name", "qwen", "--model_max_length", str(self.max_length),
-                 "--per_device_train_batch_size", str(self.args.batch_size), "--learning_rate", "1e-5",
-                 "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--seed", "0",
-                 "--use_peft", str(mode == "lora"), *(["--bf16", "True"] if self.gpu else [])]
+        flags = [
+            "--model_name_or_path",
+            str(self.model),
+            "--train_file_dir",
+            str(self.data / data),
+            "--output_dir",
+            str(out),
+            "--template_name",
+            "qwen",
+            "--model_max_length",
+            str(self.max_length),
+            "--per_device_train_batch_size",
+            str(self.args.batch_size),
+            "--learning_rate",
+            "1e-5",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--seed",
+            "0",
+            "--use_peft",
+            str(mode == "lora"),
+            *(["--bf16", "True"] if self.gpu else []),
+        ]
         flags += ["--max_steps", str(steps)] if steps else ["--num_train_epochs", "1"]
         if zero:
             flags += ["--deepspeed", f"deepspeed_configs/zero{zero}.json"]
         if stage == "pt":
             flags += ["--block_size", str(self.max_length)]
         if stage == "ppo":
-            flags += ["--reward_model_name_or_path", str(self.reward), "--max_new_tokens", "8" if self.smoke else "64",
-                      "--per_device_train_batch_size", "4" if self.smoke else "8"]
+            flags += [
+                "--reward_model_name_or_path",
+                str(self.reward),
+                "--max_new_tokens",
+                "8" if self.smoke else "64",
+                "--per_device_train_batch_size",
+                "4" if self.smoke else "8",
+            ]
         else:
             flags += ["--do_eval", "False", "--validation_split_percentage", "0"]
         return flags
 
     # ------------------------------------------------------------------ running
     def env(self, nproc: int, **extra: str) -> dict:
-        env = {**os.environ, **NO_MULTICAST, "NPROC_PER_NODE": str(nproc), "PYTHONUNBUFFERED": "1", **extra}
+        env = {
+            **os.environ,
+            **NO_MULTICAST,
+            "NPROC_PER_NODE": str(nproc),
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
         if self.smoke:
             env["OMP_NUM_THREADS"] = "1"
         return env
 
     def launch(self, name: str, stage: str, flags: list[str], env: dict) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
-        log.write(f"NPROC_PER_NODE={env['NPROC_PER_NODE']} NNODES={env.get('NNODES', 1)} "
-                  f"bash run_{stage}.sh {' '.join(flags)}\n")
+        log.write(
+            f"NPROC_PER_NODE={env['NPROC_PER_NODE']} NNODES={env.get('NNODES', 1)} "
+            f"bash run_{stage}.sh {' '.join(flags)}\n"
+        )
         log.flush()
-        return subprocess.Popen(["bash", f"run_{stage}.sh", *flags], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            ["bash", f"run_{stage}.sh", *flags],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def stage_run(self, name: str, stage: str, flags: list[str], nproc: int) -> dict:
         start = time.monotonic()
         code = self.launch(name, stage, flags, self.env(nproc)).wait()
-        row = {"run": name, "processes": nproc, "rc": code, "wall_s": round(time.monotonic() - start, 1)}
+        row = {
+            "run": name,
+            "processes": nproc,
+            "rc": code,
+            "wall_s": round(time.monotonic() - start, 1),
+        }
         if code != 0:
             row["error"] = self.last_error(name)
         return row
@@ -134,10 +188,20 @@ class Bench:
                     name = f"{stage}-{mode}-zero{zero}"
                     out = self.work / name
                     shutil.rmtree(out, ignore_errors=True)
-                    steps = (2 if stage == "ppo" else 4) if self.smoke else (8 if stage == "ppo" else 30)
-                    row = self.stage_run(name, stage, self.flags(stage, mode, zero, out, steps), self.args.gpus)
+                    steps = (
+                        (2 if stage == "ppo" else 4)
+                        if self.smoke
+                        else (8 if stage == "ppo" else 30)
+                    )
+                    row = self.stage_run(
+                        name, stage, self.flags(stage, mode, zero, out, steps), self.args.gpus
+                    )
                     if row["rc"] == 0:
-                        row.update(check_output(stage, mode, out, self.model, self.logs / f"{name}-check.log"))
+                        row.update(
+                            check_output(
+                                stage, mode, out, self.model, self.logs / f"{name}-check.log"
+                            )
+                        )
                         row.update(trained(out))
                     self.record({"part": "matrix", **row})
                     if not self.args.keep:
@@ -149,24 +213,45 @@ class Bench:
         steps = 4 if self.smoke else 20
         single = self.work / "two-node-reference"
         shutil.rmtree(single, ignore_errors=True)
-        row = self.stage_run("sft-full-zero2-1node", "sft", self.flags("sft", "full", 2, single, steps), 2)
+        row = self.stage_run(
+            "sft-full-zero2-1node", "sft", self.flags("sft", "full", 2, single, steps), 2
+        )
         nodes = self.work / "two-node"
         shutil.rmtree(nodes, ignore_errors=True)
         port = str(free_port())
         start = time.monotonic()
-        procs = [self.launch(f"sft-full-zero2-node{rank}", "sft", self.flags("sft", "full", 2, nodes, steps),
-                             self.env(1, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                      **({"CUDA_VISIBLE_DEVICES": str(rank)} if self.gpu else {})))
-                 for rank in (0, 1)]
+        procs = [
+            self.launch(
+                f"sft-full-zero2-node{rank}",
+                "sft",
+                self.flags("sft", "full", 2, nodes, steps),
+                self.env(
+                    1,
+                    NNODES="2",
+                    NODE_RANK=str(rank),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=port,
+                    **({"CUDA_VISIBLE_DEVICES": str(rank)} if self.gpu else {}),
+                ),
+            )
+            for rank in (0, 1)
+        ]
         codes = [p.wait() for p in procs]
-        result = {"part": "two_node", "run": "sft full zero2: 2 nodes x 1 vs 1 node x 2", "rc": max(codes),
-                  "wall_s": round(time.monotonic() - start, 1), "single_node_rc": row["rc"]}
+        result = {
+            "part": "two_node",
+            "run": "sft full zero2: 2 nodes x 1 vs 1 node x 2",
+            "rc": max(codes),
+            "wall_s": round(time.monotonic() - start, 1),
+            "single_node_rc": row["rc"],
+        }
         if row["rc"] == 0 and max(codes) == 0:
             result.update(weight_difference(nodes, single, self.model))
         self.record(result)
 
     def scaling(self) -> None:
-        tokens = token_count("project-sft", str(self.model), str(self.data / "sft"), self.max_length)
+        tokens = token_count(
+            "project-sft", str(self.model), str(self.data / "sft"), self.max_length
+        )
         figures = {}
         for zero in self.args.zero:
             for n in sorted({1, self.args.gpus}):
@@ -175,8 +260,11 @@ class Bench:
                 row = self.stage_run(name, "sft", self.flags("sft", "full", zero, out, None), n)
                 if row["rc"] == 0:
                     result = json.loads((out / "train_results.json").read_text())
-                    row.update(tokens=tokens, tokens_per_s=round(tokens / result["train_runtime"]),
-                               peak_gib=result.get("peak_gpu_memory_gib"))
+                    row.update(
+                        tokens=tokens,
+                        tokens_per_s=round(tokens / result["train_runtime"]),
+                        peak_gib=result.get("peak_gpu_memory_gib"),
+                    )
                     figures[(zero, n)] = row["tokens_per_s"]
                 if (zero, 1) in figures and (zero, n) in figures and n > 1:
                     row["efficiency"] = round(figures[(zero, n)] / (n * figures[(zero, 1)]), 3)
@@ -185,7 +273,9 @@ class Bench:
         for n in sorted({1, self.args.gpus}):
             name = f"scaling-ppo-zero2-{n}gpu"
             out = self.work / name
-            row = self.stage_run(name, "ppo", self.flags("ppo", "full", 2, out, 3 if self.smoke else 8), n)
+            row = self.stage_run(
+                name, "ppo", self.flags("ppo", "full", 2, out, 3 if self.smoke else 8), n
+            )
             if row["rc"] == 0:
                 history = json.loads((out / "trainer_state.json").read_text())["log_history"]
                 later = [h["samples_per_second"] for h in history if "samples_per_second" in h][1:]
@@ -199,7 +289,12 @@ class Bench:
         n, steps = self.args.gpus, 6 if self.smoke else 16
         whole = self.work / "resume-whole"
         shutil.rmtree(whole, ignore_errors=True)
-        flags = self.flags("sft", "full", 2, whole, steps) + ["--save_strategy", "steps", "--save_steps", str(steps // 2)]
+        flags = self.flags("sft", "full", 2, whole, steps) + [
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            str(steps // 2),
+        ]
         row = self.stage_run(f"resume-sft-zero2-{n}gpu", "sft", flags, n)
         if row["rc"] != 0:
             self.record({"part": "resume", **row})
@@ -209,12 +304,21 @@ class Bench:
         part.mkdir()
         shutil.copytree(whole / f"checkpoint-{steps // 2}", part / f"checkpoint-{steps // 2}")
         batch = str(self.args.batch_size * n)  # the same global batch on one process
-        flags = self.flags("sft", "full", 2, part, steps) + ["--per_device_train_batch_size", batch,
-                                                             "--resume_from_checkpoint", "auto"]
+        flags = self.flags("sft", "full", 2, part, steps) + [
+            "--per_device_train_batch_size",
+            batch,
+            "--resume_from_checkpoint",
+            "auto",
+        ]
         again = self.stage_run(f"resume-sft-zero2-{n}to1", "sft", flags, 1)
         log = (self.logs / f"resume-sft-zero2-{n}to1.log").read_text(errors="replace")
-        result = {"part": "resume", "run": f"sft full zero2 checkpoint of {n} processes resumed on 1", "rc": again["rc"],
-                  "universal": "universal checkpoint" in log, "wall_s": again["wall_s"]}
+        result = {
+            "part": "resume",
+            "run": f"sft full zero2 checkpoint of {n} processes resumed on 1",
+            "rc": again["rc"],
+            "universal": "universal checkpoint" in log,
+            "wall_s": again["wall_s"],
+        }
         if again["rc"] == 0:
             result.update(weight_difference(part, whole, self.model))
         else:
@@ -226,7 +330,10 @@ def trained(out: Path) -> dict:
     """Steps and last loss (or PPO score) of a finished run."""
     state = json.loads((out / "trainer_state.json").read_text())
     history = [h for h in state["log_history"] if "loss" in h]
-    return {"steps": state["global_step"], "final_loss": round(history[-1]["loss"], 4) if history else None}
+    return {
+        "steps": state["global_step"],
+        "final_loss": round(history[-1]["loss"], 4) if history else None,
+    }
 
 
 def free_port() -> int:
@@ -236,12 +343,29 @@ def free_port() -> int:
 
 
 def write_table(bench: Bench) -> None:
-    lines = ["| part | run | processes | rc | result | wall s |", "| --- | --- | --- | --- | --- | --- |"]
-    keys = ("error", "loads", "merged", "steps", "final_loss", "tokens_per_s", "efficiency", "peak_gib",
-            "samples_per_s", "max_abs_diff", "share_of_update", "universal")
+    lines = [
+        "| part | run | processes | rc | result | wall s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    keys = (
+        "error",
+        "loads",
+        "merged",
+        "steps",
+        "final_loss",
+        "tokens_per_s",
+        "efficiency",
+        "peak_gib",
+        "samples_per_s",
+        "max_abs_diff",
+        "share_of_update",
+        "universal",
+    )
     for r in bench.rows:
         result = ", ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
-        lines.append(f"| {r['part']} | {r['run']} | {r.get('processes', '')} | {r['rc']} | {result} | {r['wall_s']} |")
+        lines.append(
+            f"| {r['part']} | {r['run']} | {r.get('processes', '')} | {r['rc']} | {result} | {r['wall_s']} |"
+        )
     (bench.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -253,12 +377,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--zero", default="2,3")
-    parser.add_argument("--gpus", type=int, default=2, help="processes per node of the multi-GPU runs")
+    parser.add_argument(
+        "--gpus", type=int, default=2, help="processes per node of the multi-GPU runs"
+    )
     parser.add_argument("--model_shape", default="1b")
-    parser.add_argument("--samples", type=int, default=None, help="chats and pairs generated (default 1600; 64 smoke)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="chats and pairs generated (default 1600; 64 smoke)",
+    )
     parser.add_argument("--batch_size", type=int, default=4, help="per-GPU batch")
     parser.add_argument("--keep", action="store_true", help="keep each matrix run's output folder")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, a few steps, 2 gloo processes on the CPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shape, a few steps, 2 gloo processes on the CPU"
+    )
     args = parser.parse_args(argv)
     args.samples = args.samples or (64 if args.smoke else 1600)
     args.stages, args.modes = args.stages.split(","), args.modes.split(",")

@@ -40,14 +40,29 @@ def check_output(stage: str, mode: str, out: Path, base: Path, log: Path) -> dic
         return {"loads": "adapter has empty tensors", "ok": False}
     merged = out.with_name(out.name + "-merged")
     shutil.rmtree(merged, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(base), "--lora_model", str(out),
-                           "--output_dir", str(merged)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "merge_peft_adapter.py",
+            "--base_model",
+            str(base),
+            "--lora_model",
+            str(out),
+            "--output_dir",
+            str(merged),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return {"merged": f"merge failed ({proc.returncode})", "ok": False}
     loads = load_complete(merged, reward)
     if reward and loads == "ok":
-        loads = "ok, score head" if "score.weight" in "".join(merged_keys(merged)) else "no score head"
+        loads = (
+            "ok, score head" if "score.weight" in "".join(merged_keys(merged)) else "no score head"
+        )
     shutil.rmtree(merged, ignore_errors=True)
     return {"merged": loads, "ok": loads.startswith("ok")}
 
@@ -77,4 +92,8 @@ def weight_difference(a: Path, b: Path, start: Path) -> dict:
     diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wb)
     moved = max((wb[k].float() - w0[k].float()).abs().max().item() for k in wb if k in w0)
     share = diff / moved if moved else float("inf")
-    return {"max_abs_diff": float(f"{diff:.3g}"), "share_of_update": float(f"{share:.3g}"), "ok": share < 0.05}
+    return {
+        "max_abs_diff": float(f"{diff:.3g}"),
+        "share_of_update": float(f"{share:.3g}"),
+        "ok": share < 0.05,
+    }

@@ -38,7 +38,9 @@ def build_reward_model(policy: Path, out: Path) -> Path:
     config = AutoConfig.from_pretrained(policy)
     config.num_labels = 1
     torch.manual_seed(1)
-    model = LlamaForSequenceClassification(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model = LlamaForSequenceClassification(config).to(
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(policy).save_pretrained(out)
     return out
@@ -49,19 +51,36 @@ def rows(smoke: bool) -> list[tuple[str, str, list[str]]]:
     zero3 = ["--deepspeed", "deepspeed_configs/zero3.json"]
 
     def group(algorithm: str, engine: str = "own") -> list[str]:
-        return ["--algorithm", algorithm, "--rl_engine", engine, "--reward_funcs", "model", "--use_peft", "True",
-                "--num_generations", "4", *gpu]
+        return [
+            "--algorithm",
+            algorithm,
+            "--rl_engine",
+            engine,
+            "--reward_funcs",
+            "model",
+            "--use_peft",
+            "True",
+            "--num_generations",
+            "4",
+            *gpu,
+        ]
 
-    return [("this project, PPO LoRA r=8", "ppo", ["--use_peft", "True", *gpu]),                         # 0
-            ("this project, PPO full", "ppo", ["--use_peft", "False", *gpu]),                             # 1
-            ("this project, PPO full, DeepSpeed ZeRO-3", "ppo", ["--use_peft", "False", *gpu, *zero3]),   # 2
-            ("trl GRPOTrainer, LoRA r=8, 4 answers a prompt", "grpo", group("grpo", "trl")),              # 3
-            ("this project, GRPO LoRA r=8, 4 answers a prompt", "grpo", group("grpo")),                   # 4
-            ("this project, DAPO LoRA r=8", "grpo", group("dapo")),                                       # 5
-            ("this project, Dr. GRPO LoRA r=8", "grpo", group("dr_grpo")),                                # 6
-            ("this project, GSPO LoRA r=8", "grpo", group("gspo")),                                       # 7
-            ("this project, RLOO LoRA r=8", "grpo", group("rloo")),                                       # 8
-            ("trl RLOOTrainer, LoRA r=8", "grpo", group("rloo", "trl"))]                                  # 9
+    return [
+        ("this project, PPO LoRA r=8", "ppo", ["--use_peft", "True", *gpu]),  # 0
+        ("this project, PPO full", "ppo", ["--use_peft", "False", *gpu]),  # 1
+        (
+            "this project, PPO full, DeepSpeed ZeRO-3",
+            "ppo",
+            ["--use_peft", "False", *gpu, *zero3],
+        ),  # 2
+        ("trl GRPOTrainer, LoRA r=8, 4 answers a prompt", "grpo", group("grpo", "trl")),  # 3
+        ("this project, GRPO LoRA r=8, 4 answers a prompt", "grpo", group("grpo")),  # 4
+        ("this project, DAPO LoRA r=8", "grpo", group("dapo")),  # 5
+        ("this project, Dr. GRPO LoRA r=8", "grpo", group("dr_grpo")),  # 6
+        ("this project, GSPO LoRA r=8", "grpo", group("gspo")),  # 7
+        ("this project, RLOO LoRA r=8", "grpo", group("rloo")),  # 8
+        ("trl RLOOTrainer, LoRA r=8", "grpo", group("rloo", "trl")),
+    ]  # 9
 
 
 def build_llama3(shape: str, work: Path) -> tuple[Path, Path]:
@@ -87,12 +106,22 @@ def one(stage: str, flags: list[str]) -> dict:
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     steps = [h for h in history if "time/step" in h or "step_time" in h]
     later = steps[1:] or steps  # the first step compiles kernels and warms the caches
-    row = {"steps": len(steps), "wall_s": round(wall, 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
-           "all_finite": all(math.isfinite(h.get("loss", 0.0)) and math.isfinite(h.get("grad_norm", 0.0)) for h in steps)}
+    row = {
+        "steps": len(steps),
+        "wall_s": round(wall, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        if torch.cuda.is_available()
+        else None,
+        "all_finite": all(
+            math.isfinite(h.get("loss", 0.0)) and math.isfinite(h.get("grad_norm", 0.0))
+            for h in steps
+        ),
+    }
     if "time/step" in steps[0]:  # the project's loop
         per_step = statistics.median(h["time/step"] for h in later)
-        row.update({f"{p}_s": round(statistics.median(h[f"time/{p}"] for h in later), 2) for p in PHASES})
+        row.update(
+            {f"{p}_s": round(statistics.median(h[f"time/{p}"] for h in later), 2) for p in PHASES}
+        )
         row["final_score"] = round(steps[-1]["objective/scores"], 4)
     else:
         per_step = statistics.median(h["step_time"] for h in later)
@@ -107,14 +136,22 @@ def one(stage: str, flags: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_shape", default="1b", choices=sorted(SHAPES))
-    parser.add_argument("--batch_size", type=int, default=16, help="answers generated and trained per step")
+    parser.add_argument(
+        "--batch_size", type=int, default=16, help="answers generated and trained per step"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--max_steps", type=int, default=6)
-    parser.add_argument("--tokenizer", default="tiny", choices=("tiny", "llama3"),
-                        help="the bench's tiny BPE tokenizer (qwen template) or Llama-3's with its official template")
+    parser.add_argument(
+        "--tokenizer",
+        default="tiny",
+        choices=("tiny", "llama3"),
+        help="the bench's tiny BPE tokenizer (qwen template) or Llama-3's with its official template",
+    )
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (default all)")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps of 4 short answers, on the CPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shape, 2 steps of 4 short answers, on the CPU"
+    )
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -131,34 +168,79 @@ def main(argv: list[str] | None = None) -> None:
         reward = build_reward_model(policy, work / f"reward-{args.model_shape}")
     make_chats(64 if args.smoke else 400, 60 if args.smoke else 534, 3600, work / "data")
     max_length = 256 if args.smoke else 1024
-    table = ["| run | samples/s | s/step | " + " | ".join(f"{p} s" for p in PHASES) + " | peak GPU GiB | final score | "
-             "all finite | saved |", "| --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- | --- | --- |"]
+    table = [
+        "| run | samples/s | s/step | "
+        + " | ".join(f"{p} s" for p in PHASES)
+        + " | peak GPU GiB | final score | "
+        "all finite | saved |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- | --- | --- |",
+    ]
     out_rows = []
     suite = rows(args.smoke)
-    for i in ([int(r) for r in args.rows.split(",")] if args.rows else range(len(suite))):
+    for i in [int(r) for r in args.rows.split(",")] if args.rows else range(len(suite)):
         name, stage, extra = suite[i]
-        flags = ["--model_name_or_path", str(policy), "--reward_model_name_or_path", str(reward),
-                 "--train_file_dir", str(work / "data"), "--output_dir", str(work / f"out{i}"),
-                 "--template_name", "auto" if args.tokenizer == "llama3" else "qwen",
-                 "--model_max_length", str(max_length), "--max_new_tokens", str(args.max_new_tokens),
-                 "--per_device_train_batch_size", str(args.batch_size), "--max_steps", str(args.max_steps),
-                 "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-6",
-                 "--seed", "0", *extra]
+        flags = [
+            "--model_name_or_path",
+            str(policy),
+            "--reward_model_name_or_path",
+            str(reward),
+            "--train_file_dir",
+            str(work / "data"),
+            "--output_dir",
+            str(work / f"out{i}"),
+            "--template_name",
+            "auto" if args.tokenizer == "llama3" else "qwen",
+            "--model_max_length",
+            str(max_length),
+            "--max_new_tokens",
+            str(args.max_new_tokens),
+            "--per_device_train_batch_size",
+            str(args.batch_size),
+            "--max_steps",
+            str(args.max_steps),
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--learning_rate",
+            "1e-6",
+            "--seed",
+            "0",
+            *extra,
+        ]
         env = {**os.environ, "NPROC_PER_NODE": "1"}
-        command = ["bash", "scripts/torchrun.sh", "-m", "bench.ppo", "--one", stage, *flags] if "--deepspeed" in extra \
+        command = (
+            ["bash", "scripts/torchrun.sh", "-m", "bench.ppo", "--one", stage, *flags]
+            if "--deepspeed" in extra
             else [sys.executable, "-m", "bench.ppo", "--one", stage, *flags]
+        )
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
-        (results / f"ppo-run{i}.log").write_text(" ".join(command) + "\n" + proc.stdout[-20000:] + proc.stderr[-40000:])
+        (results / f"ppo-run{i}.log").write_text(
+            " ".join(command) + "\n" + proc.stdout[-20000:] + proc.stderr[-40000:]
+        )
         last = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
-        row = {"run": name, "flags": extra, **(json.loads(last[0]) if last else {"error": proc.stderr[-300:]})}
+        row = {
+            "run": name,
+            "flags": extra,
+            **(json.loads(last[0]) if last else {"error": proc.stderr[-300:]}),
+        }
         out_rows.append(row)
-        table.append(f"| {name} | {row.get('samples_per_s', row.get('error', '')[:80])} | {row.get('step_s', '—')} | "
-                     + " | ".join(str(row.get(f"{p}_s", "—")) for p in PHASES)
-                     + f" | {row.get('peak_gib', '—')} | {row.get('final_score', '—')} | {row.get('all_finite', '—')} | "
-                     f"{row.get('saved_loadable', '—')} |")
-    summary = {"shape": args.model_shape, "tokenizer": args.tokenizer,
-               "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-               "max_length": max_length, "rows": out_rows}
+        table.append(
+            f"| {name} | {row.get('samples_per_s', row.get('error', '')[:80])} | {row.get('step_s', '—')} | "
+            + " | ".join(str(row.get(f"{p}_s", "—")) for p in PHASES)
+            + f" | {row.get('peak_gib', '—')} | {row.get('final_score', '—')} | {row.get('all_finite', '—')} | "
+            f"{row.get('saved_loadable', '—')} |"
+        )
+    summary = {
+        "shape": args.model_shape,
+        "tokenizer": args.tokenizer,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "max_length": max_length,
+        "rows": out_rows,
+    }
     name = "results-ppo" + ("-llama3" if args.tokenizer == "llama3" else "")
     (results / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / f"{name}.md").write_text("\n".join(table) + "\n")

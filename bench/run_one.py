@@ -18,9 +18,24 @@ from pathlib import Path
 import torch
 
 # the tiny tokenizer trains the qwen format; BENCH_TEMPLATE=auto for a model folder with its own official template
-COMMON = ["--num_train_epochs", "1", "--learning_rate", "1e-5", "--report_to", "none", "--save_strategy", "no",
-          "--validation_split_percentage", "0", "--do_eval", "False", "--logging_steps", "1",
-          "--template_name", os.environ.get("BENCH_TEMPLATE", "qwen")]
+COMMON = [
+    "--num_train_epochs",
+    "1",
+    "--learning_rate",
+    "1e-5",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--validation_split_percentage",
+    "0",
+    "--do_eval",
+    "False",
+    "--logging_steps",
+    "1",
+    "--template_name",
+    os.environ.get("BENCH_TEMPLATE", "qwen"),
+]
 
 
 def chat_messages(record: dict) -> list[dict]:
@@ -39,12 +54,18 @@ def token_count(tool: str, model: str, data: str, max_length: int) -> int:
         return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
 
     total = 0
-    for line in (Path(data) / ("pairs.jsonl" if tool.endswith("dpo") else "chats.jsonl")).read_text().splitlines():
+    for line in (
+        (Path(data) / ("pairs.jsonl" if tool.endswith("dpo") else "chats.jsonl"))
+        .read_text()
+        .splitlines()
+    ):
         record = json.loads(line)
         if tool.endswith("dpo"):
             prompt = [{"role": "user", "content": record["question"]}]
-            total += sum(n(prompt + [{"role": "assistant", "content": record[k]}]) for k in ("response_chosen",
-                                                                                               "response_rejected"))
+            total += sum(
+                n(prompt + [{"role": "assistant", "content": record[k]}])
+                for k in ("response_chosen", "response_rejected")
+            )
         else:
             total += min(max_length, n(chat_messages(record)))
     return total
@@ -52,14 +73,16 @@ def token_count(tool: str, model: str, data: str, max_length: int) -> int:
 
 # kernel name fragments -> the phase a kernel belongs to; the first match wins, in this order. Matched on the whole
 # kernel name, template arguments included (an elementwise kernel is named by its functor there: direct_copy_kernel)
-PHASES = [("optimizer", ("multi_tensor_apply", "adam")),
-          ("attention", ("flash", "fmha", "attention", "varlen")),
-          ("loss", ("SoftMax", "softmax", "nll_loss", "cross_entropy", "logsumexp")),
-          ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "splitK")),
-          ("casts and copies", ("copy_kernel", "CatArrayBatchedCopy", "Memcpy")),
-          ("norm, rope, swiglu", ("rms_norm", "rope", "swiglu", "silu", "rsqrt")),
-          ("reductions", ("reduce_kernel", "sum_and_scatter", "scan")),
-          ("other elementwise", ("elementwise", "fill", "index", "triton"))]
+PHASES = [
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("attention", ("flash", "fmha", "attention", "varlen")),
+    ("loss", ("SoftMax", "softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "splitK")),
+    ("casts and copies", ("copy_kernel", "CatArrayBatchedCopy", "Memcpy")),
+    ("norm, rope, swiglu", ("rms_norm", "rope", "swiglu", "silu", "rsqrt")),
+    ("reductions", ("reduce_kernel", "sum_and_scatter", "scan")),
+    ("other elementwise", ("elementwise", "fill", "index", "triton")),
+]
 
 
 def phase_of(kernel: str) -> str:
@@ -79,19 +102,32 @@ def phase_table(prof, wall_us: float, steps: int) -> tuple[str, dict]:
     by_phase: dict[str, float] = {}
     top: dict[str, dict[str, float]] = {}
     for evt in prof.key_averages():
-        if evt.device_type != DeviceType.CUDA or evt.self_device_time_total <= 0 or is_annotation(evt.key):
+        if (
+            evt.device_type != DeviceType.CUDA
+            or evt.self_device_time_total <= 0
+            or is_annotation(evt.key)
+        ):
             continue
         phase = phase_of(evt.key)
         by_phase[phase] = by_phase.get(phase, 0.0) + evt.self_device_time_total
         top.setdefault(phase, {})[evt.key[:90]] = evt.self_device_time_total
     busy = sum(by_phase.values())
-    rows = sorted(by_phase.items(), key=lambda kv: -kv[1]) + [("host gaps (GPU idle)", max(wall_us - busy, 0.0))]
+    rows = sorted(by_phase.items(), key=lambda kv: -kv[1]) + [
+        ("host gaps (GPU idle)", max(wall_us - busy, 0.0))
+    ]
     lines = ["| phase | ms a step | share of wall |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {us / steps / 1e3:.1f} | {100 * us / wall_us:.1f}% |" for name, us in rows]
+    lines += [
+        f"| {name} | {us / steps / 1e3:.1f} | {100 * us / wall_us:.1f}% |" for name, us in rows
+    ]
     lines.append(f"| wall | {wall_us / steps / 1e3:.1f} | 100% |")
-    summary = {"steps": steps, "wall_ms_per_step": round(wall_us / steps / 1e3, 2),
-               "ms_per_step": {name: round(us / steps / 1e3, 2) for name, us in rows},
-               "top_kernels": {phase: dict(sorted(k.items(), key=lambda kv: -kv[1])[:5]) for phase, k in top.items()}}
+    summary = {
+        "steps": steps,
+        "wall_ms_per_step": round(wall_us / steps / 1e3, 2),
+        "ms_per_step": {name: round(us / steps / 1e3, 2) for name, us in rows},
+        "top_kernels": {
+            phase: dict(sorted(k.items(), key=lambda kv: -kv[1])[:5]) for phase, k in top.items()
+        },
+    }
     return "\n".join(lines), summary
 
 
@@ -102,24 +138,37 @@ def profile_steps(trainer_class) -> None:
 
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=1, active=3))
+    prof = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=3, warmup=1, active=3),
+    )
     prof.start()
     original = trainer_class.training_step
     wall = {}
 
     def step(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if prof.step_num in (3, 6):  # the window: from the end of step 3 to the end of step 6 (3 steps, 3 optimizer steps)
+        if prof.step_num in (
+            3,
+            6,
+        ):  # the window: from the end of step 3 to the end of step 6 (3 steps, 3 optimizer steps)
             torch.cuda.synchronize()
             wall[prof.step_num] = time.perf_counter()
         prof.step()
         if prof.step_num == 8:
             prof.stop()
             table, summary = phase_table(prof, (wall[6] - wall[3]) * 1e6, 3)
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
-            print("BENCH PROFILE (3 steps: forward, backward, optimizer)\n" + table, file=sys.stderr)
+            print(
+                prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40),
+                file=sys.stderr,
+            )
+            print(
+                "BENCH PROFILE (3 steps: forward, backward, optimizer)\n" + table, file=sys.stderr
+            )
             if os.environ.get("BENCH_PROFILE_OUT"):
-                Path(os.environ["BENCH_PROFILE_OUT"]).write_text(json.dumps(summary, indent=2) + "\n")
+                Path(os.environ["BENCH_PROFILE_OUT"]).write_text(
+                    json.dumps(summary, indent=2) + "\n"
+                )
         return out
 
     trainer_class.training_step = step
@@ -128,11 +177,17 @@ def profile_steps(trainer_class) -> None:
 def results_of(out: str) -> dict:
     results = json.loads((Path(out) / "train_results.json").read_text())
     state = json.loads((Path(out) / "trainer_state.json").read_text())
-    return {"train_s": results["train_runtime"], "peak_gib": results.get("peak_gpu_memory_gib"),
-            "steps": state["global_step"], "final_loss": next(h["loss"] for h in reversed(state["log_history"]) if "loss" in h)}
+    return {
+        "train_s": results["train_runtime"],
+        "peak_gib": results.get("peak_gpu_memory_gib"),
+        "steps": state["global_step"],
+        "final_loss": next(h["loss"] for h in reversed(state["log_history"]) if "loss" in h),
+    }
 
 
-def project(stage: str, model: str, data: str, batch: int, max_length: int, out: str, extra: list[str]) -> dict:
+def project(
+    stage: str, model: str, data: str, batch: int, max_length: int, out: str, extra: list[str]
+) -> dict:
     import importlib
 
     if os.environ.get("BENCH_PROFILE"):
@@ -140,8 +195,22 @@ def project(stage: str, model: str, data: str, batch: int, max_length: int, out:
 
         profile_steps(Trainer)
     module = importlib.import_module(f"stages.{stage}")
-    module.main(["--model_name_or_path", model, "--train_file_dir", data, "--output_dir", out,
-                 "--per_device_train_batch_size", str(batch), "--model_max_length", str(max_length), *COMMON, *extra])
+    module.main(
+        [
+            "--model_name_or_path",
+            model,
+            "--train_file_dir",
+            data,
+            "--output_dir",
+            out,
+            "--per_device_train_batch_size",
+            str(batch),
+            "--model_max_length",
+            str(max_length),
+            *COMMON,
+            *extra,
+        ]
+    )
     return results_of(out)
 
 
@@ -156,51 +225,91 @@ def trl_config(extra: list[str]) -> dict:
     return fields
 
 
-def trl_run(stage: str, model: str, data: str, batch: int, max_length: int, out: str, extra: list[str]) -> dict:
+def trl_run(
+    stage: str, model: str, data: str, batch: int, max_length: int, out: str, extra: list[str]
+) -> dict:
     from datasets import load_dataset
 
     gpu = torch.cuda.is_available()
-    common = dict(output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-5,
-                  max_length=max_length, report_to="none", save_strategy="no", logging_steps=1, bf16=gpu, use_cpu=not gpu)
+    common = dict(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        num_train_epochs=1,
+        learning_rate=1e-5,
+        max_length=max_length,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        bf16=gpu,
+        use_cpu=not gpu,
+    )
     fields = trl_config(extra)
     peft_config = None
     if fields.pop("lora_r", None):
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     if fields.pop("load_in_4bit", None):
         from transformers import BitsAndBytesConfig
 
-        fields["model_init_kwargs"] = {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16), "dtype": torch.bfloat16}
+        fields["model_init_kwargs"] = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            "dtype": torch.bfloat16,
+        }
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        dataset = load_dataset("json", data_files=str(Path(data) / "chats.jsonl"), split="train").map(
-            lambda r: {"messages": chat_messages(r)}, remove_columns=["conversations"])
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, **fields), train_dataset=dataset, peft_config=peft_config)
+        dataset = load_dataset(
+            "json", data_files=str(Path(data) / "chats.jsonl"), split="train"
+        ).map(lambda r: {"messages": chat_messages(r)}, remove_columns=["conversations"])
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common, **fields),
+            train_dataset=dataset,
+            peft_config=peft_config,
+        )
     else:
         from trl import DPOConfig, DPOTrainer
 
         def to_pair(r):
-            return {"prompt": [{"role": "user", "content": r["question"]}],
-                    "chosen": [{"role": "assistant", "content": r["response_chosen"]}],
-                    "rejected": [{"role": "assistant", "content": r["response_rejected"]}]}
+            return {
+                "prompt": [{"role": "user", "content": r["question"]}],
+                "chosen": [{"role": "assistant", "content": r["response_chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["response_rejected"]}],
+            }
 
-        dataset = load_dataset("json", data_files=str(Path(data) / "pairs.jsonl"), split="train").map(
-            to_pair, remove_columns=["question", "response_chosen", "response_rejected"])
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, **fields), train_dataset=dataset, peft_config=peft_config)
+        dataset = load_dataset(
+            "json", data_files=str(Path(data) / "pairs.jsonl"), split="train"
+        ).map(to_pair, remove_columns=["question", "response_chosen", "response_rejected"])
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, **fields),
+            train_dataset=dataset,
+            peft_config=peft_config,
+        )
     result = trainer.train()
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"train_s": result.metrics["train_runtime"], "peak_gib": peak, "steps": trainer.state.global_step,
-            "final_loss": losses[-1]}
+    return {
+        "train_s": result.metrics["train_runtime"],
+        "peak_gib": peak,
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or len(argv) < 6:  # the extra flags are the stage's, not parsed here
+    if (
+        not argv or argv[0] in ("-h", "--help") or len(argv) < 6
+    ):  # the extra flags are the stage's, not parsed here
         print(__doc__, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     tool, model, data, batch, max_length, out, *extra = argv

@@ -28,12 +28,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes, and a tiny one for the CPU smoke run
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=3000, tie_word_embeddings=False),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=3000,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -56,12 +77,18 @@ def build_model(shape: str, out: Path, tokenizer_kind: str = "tiny") -> Path:
         tokenizer = train_tokenizer(corpus(REPO_DATA), 3000)
         tokenizer.chat_template = chat_template_jinja("qwen")  # both tools train the same format
     vocab = len(tokenizer) if tokenizer_kind == "llama3" else SHAPES[shape]["vocab_size"]
-    config = LlamaConfig(**{**SHAPES[shape], "vocab_size": vocab}, max_position_embeddings=8192,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **{**SHAPES[shape], "vocab_size": vocab},
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        model = LlamaForCausalLM(config).to(
+            torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        )
     model.save_pretrained(out)
     tokenizer.model_max_length = 8192
     tokenizer.save_pretrained(out)
@@ -84,8 +111,17 @@ def make_chats(n: int, median: int, cap: int, out: Path, seed: int = 0) -> list[
         for _ in range(n):
             total = min(cap, max(16, int(rng.lognormvariate(math.log(median), 0.7))))
             q = max(4, int(total * rng.uniform(0.2, 0.6)))
-            f.write(json.dumps({"conversations": [{"from": "human", "value": _text(rng, words, q)},
-                                                  {"from": "gpt", "value": _text(rng, words, total - q)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "conversations": [
+                            {"from": "human", "value": _text(rng, words, q)},
+                            {"from": "gpt", "value": _text(rng, words, total - q)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
             lengths.append(total)
     return lengths
 
@@ -100,9 +136,20 @@ def make_pairs(n: int, median: int, cap: int, out: Path, seed: int = 0) -> None:
     with (out / "pairs.jsonl").open("w", encoding="utf-8") as f:
         for _ in range(n):
             q = min(cap // 2, max(8, int(rng.lognormvariate(math.log(median * 0.4), 0.7))))
-            answers = [min(cap - q - 32, max(4, int(rng.lognormvariate(math.log(median * 0.6), 0.7)))) for _ in "cr"]
-            f.write(json.dumps({"question": _text(rng, words, q), "response_chosen": _text(rng, words, answers[0]),
-                                "response_rejected": _text(rng, words, answers[1])}) + "\n")
+            answers = [
+                min(cap - q - 32, max(4, int(rng.lognormvariate(math.log(median * 0.6), 0.7))))
+                for _ in "cr"
+            ]
+            f.write(
+                json.dumps(
+                    {
+                        "question": _text(rng, words, q),
+                        "response_chosen": _text(rng, words, answers[0]),
+                        "response_rejected": _text(rng, words, answers[1]),
+                    }
+                )
+                + "\n"
+            )
 
 
 # (row name, tool, extra flags); rows of a suite run in this order, one process each
@@ -111,37 +158,97 @@ FULL = ["--use_peft", "False"]
 LORA = ["--use_peft", "True", "--lora_rank", "8"]
 LEAN = ["--gradient_checkpointing", "True", *LIGER]
 SUITES = {
-    "full": [("this project, defaults", "project-sft", [*FULL]),
-             ("this project, defaults, 1 packed row a step (TRL's tokens per step)", "project-sft",
-              [*FULL, "--per_device_train_batch_size", "1"]),
-             ("this project, no gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "False"]),
-             ("this project, gradient checkpointing", "project-sft", [*FULL, "--gradient_checkpointing", "True"]),
-             ("this project, liger kernels, no checkpointing", "project-sft",
-              [*FULL, "--gradient_checkpointing", "False", *LIGER]),
-             ("this project, liger kernels + checkpointing", "project-sft",
-              [*FULL, "--gradient_checkpointing", "True", *LIGER]),
-             ("this project, bf16 weights (TRL's precision), liger + checkpointing", "project-sft",
-              [*FULL, "--torch_dtype", "bfloat16", "--gradient_checkpointing", "True", *LIGER]),
-             ("TRL SFTTrainer (defaults)", "trl-sft", []),
-             ("this project, defaults + bf16 weights, float32 masters in the optimizer", "project-sft",
-              [*FULL, "--master_weights", "optimizer"])],
-    "lora": [("this project, LoRA r=8 all linear", "project-sft", [*LORA, *LEAN]),
-             ("this project, QLoRA r=8 all linear", "project-sft", [*LORA, *LEAN, "--load_in_4bit", "True", "--qlora", "True"]),
-             ("TRL SFTTrainer (defaults), LoRA r=8 all linear", "trl-sft", ["lora_r=8"])],
-    "dpo": [("this project, DPO LoRA r=8 all linear", "project-dpo", ["--use_peft", "True", "--lora_rank", "8"]),
-            ("TRL DPOTrainer (defaults), LoRA r=8 all linear", "trl-dpo", ["lora_r=8"])],
+    "full": [
+        ("this project, defaults", "project-sft", [*FULL]),
+        (
+            "this project, defaults, 1 packed row a step (TRL's tokens per step)",
+            "project-sft",
+            [*FULL, "--per_device_train_batch_size", "1"],
+        ),
+        (
+            "this project, no gradient checkpointing",
+            "project-sft",
+            [*FULL, "--gradient_checkpointing", "False"],
+        ),
+        (
+            "this project, gradient checkpointing",
+            "project-sft",
+            [*FULL, "--gradient_checkpointing", "True"],
+        ),
+        (
+            "this project, liger kernels, no checkpointing",
+            "project-sft",
+            [*FULL, "--gradient_checkpointing", "False", *LIGER],
+        ),
+        (
+            "this project, liger kernels + checkpointing",
+            "project-sft",
+            [*FULL, "--gradient_checkpointing", "True", *LIGER],
+        ),
+        (
+            "this project, bf16 weights (TRL's precision), liger + checkpointing",
+            "project-sft",
+            [*FULL, "--torch_dtype", "bfloat16", "--gradient_checkpointing", "True", *LIGER],
+        ),
+        ("TRL SFTTrainer (defaults)", "trl-sft", []),
+        (
+            "this project, defaults + bf16 weights, float32 masters in the optimizer",
+            "project-sft",
+            [*FULL, "--master_weights", "optimizer"],
+        ),
+    ],
+    "lora": [
+        ("this project, LoRA r=8 all linear", "project-sft", [*LORA, *LEAN]),
+        (
+            "this project, QLoRA r=8 all linear",
+            "project-sft",
+            [*LORA, *LEAN, "--load_in_4bit", "True", "--qlora", "True"],
+        ),
+        ("TRL SFTTrainer (defaults), LoRA r=8 all linear", "trl-sft", ["lora_r=8"]),
+    ],
+    "dpo": [
+        (
+            "this project, DPO LoRA r=8 all linear",
+            "project-dpo",
+            ["--use_peft", "True", "--lora_rank", "8"],
+        ),
+        ("TRL DPOTrainer (defaults), LoRA r=8 all linear", "trl-dpo", ["lora_r=8"]),
+    ],
 }
 
 
-def run(name: str, tool: str, args: list[str], extra: list[str], results: Path, index: int, profile: bool) -> dict:
+def run(
+    name: str,
+    tool: str,
+    args: list[str],
+    extra: list[str],
+    results: Path,
+    index: int,
+    profile: bool,
+) -> dict:
     start = time.monotonic()
-    env = {**os.environ, **({"BENCH_PROFILE": "1", "BENCH_PROFILE_OUT": str(results / f"profile-run{index}.json")}
-                            if profile else {})}
-    proc = subprocess.run([sys.executable, "-m", "bench.run_one", tool, *args, *extra], cwd=REPO, capture_output=True,
-                          text=True, env=env)
-    (results / f"run{index}-{tool}.log").write_text(" ".join(extra) + "\n" + proc.stdout[-20000:] + proc.stderr[-60000:])
+    env = {
+        **os.environ,
+        **(
+            {"BENCH_PROFILE": "1", "BENCH_PROFILE_OUT": str(results / f"profile-run{index}.json")}
+            if profile
+            else {}
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run_one", tool, *args, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    (results / f"run{index}-{tool}.log").write_text(
+        " ".join(extra) + "\n" + proc.stdout[-20000:] + proc.stderr[-60000:]
+    )
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if "Error" in line or line.startswith("error")]
+        errors = [
+            line for line in proc.stderr.splitlines() if "Error" in line or line.startswith("error")
+        ]
         return {"run": name, "flags": extra, "error": (errors or ["failed"])[-1][:300]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"run": name, "flags": extra, "wall_s": round(time.monotonic() - start, 1), **out}
@@ -150,28 +257,47 @@ def run(name: str, tool: str, args: list[str], extra: list[str], results: Path, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_shape", default="1b", choices=sorted(SHAPES))
-    parser.add_argument("--suite", default="full", choices=sorted(SUITES),
-                        help="full: full-parameter SFT; lora: LoRA and QLoRA SFT; dpo: DPO with LoRA")
+    parser.add_argument(
+        "--suite",
+        default="full",
+        choices=sorted(SUITES),
+        help="full: full-parameter SFT; lora: LoRA and QLoRA SFT; dpo: DPO with LoRA",
+    )
     parser.add_argument("--against", default="trl", choices=["trl", "none"])
-    parser.add_argument("--rows", default=None, help="comma-separated row numbers of the suite to run (default all)")
+    parser.add_argument(
+        "--rows", default=None, help="comma-separated row numbers of the suite to run (default all)"
+    )
     parser.add_argument("--samples", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=4096)
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile the suite's first row (steps 4-6): GPU time by phase and host gaps")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the suite's first row (steps 4-6): GPU time by phase and host gaps",
+    )
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, few short samples, on the CPU")
-    parser.add_argument("--tokenizer", default="tiny", choices=("tiny", "llama3"),
-                        help="the tiny BPE tokenizer (qwen template) or Llama-3's with its official template")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shape, few short samples, on the CPU"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="tiny",
+        choices=("tiny", "llama3"),
+        help="the tiny BPE tokenizer (qwen template) or Llama-3's with its official template",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.model_shape, args.samples, args.max_length = "tiny", 32, 256
     results = Path(args.out)
     results.mkdir(parents=True, exist_ok=True)
     work = results / "work"
-    model = build_model(args.model_shape, work / f"model-{args.model_shape}-{args.tokenizer}", args.tokenizer)
+    model = build_model(
+        args.model_shape, work / f"model-{args.model_shape}-{args.tokenizer}", args.tokenizer
+    )
     if args.tokenizer == "llama3":
-        os.environ["BENCH_TEMPLATE"] = "auto"  # the model folder's own official template, for both tools
+        os.environ["BENCH_TEMPLATE"] = (
+            "auto"  # the model folder's own official template, for both tools
+        )
     median = 60 if args.smoke else 534
     data = work / f"data-{args.tokenizer}"
     make_chats(args.samples, median, min(3600, args.max_length - 64), data / "sft")
@@ -180,27 +306,58 @@ def main(argv: list[str] | None = None) -> None:
     if args.against == "none":
         suite = [r for r in suite if not r[1].startswith("trl")]
     if args.smoke:  # liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16) need a GPU
-        suite = [r for r in suite if "--use_liger_kernel" not in r[2] and "--master_weights" not in r[2]]
+        suite = [
+            r for r in suite if "--use_liger_kernel" not in r[2] and "--master_weights" not in r[2]
+        ]
     chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(suite))
     rows = []
     for i in chosen:
         name, tool, extra = suite[i]
-        common = [str(model), str(data / tool.split("-")[1]), str(args.batch_size), str(args.max_length),
-                  str(work / f"out{i}")]
+        common = [
+            str(model),
+            str(data / tool.split("-")[1]),
+            str(args.batch_size),
+            str(args.max_length),
+            str(work / f"out{i}"),
+        ]
         rows.append(run(name, tool, common, extra, results, i, profile=False))
     if args.profile:
         name, tool, extra = suite[chosen[0]]
-        common = [str(model), str(data / tool.split("-")[1]), str(args.batch_size), str(args.max_length),
-                  str(work / "profile")]
-        run(name + " (profiled)", tool, common, [*extra, "--max_steps", "8"], results, 99, profile=True)
-    table = ["| run | tokens/s | peak GPU memory (GiB) | optimizer steps | final loss | train s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+        common = [
+            str(model),
+            str(data / tool.split("-")[1]),
+            str(args.batch_size),
+            str(args.max_length),
+            str(work / "profile"),
+        ]
+        run(
+            name + " (profiled)",
+            tool,
+            common,
+            [*extra, "--max_steps", "8"],
+            results,
+            99,
+            profile=True,
+        )
+    table = [
+        "| run | tokens/s | peak GPU memory (GiB) | optimizer steps | final loss | train s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        table.append(f"| {r['run']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '—')} | "
-                     f"{r.get('steps', '—')} | {r.get('final_loss', '—')} | {r.get('train_s', '—')} |")
-    summary = {"shape": args.model_shape, "tokenizer": args.tokenizer,
-               "suite": args.suite, "samples": args.samples, "median_tokens": median,
-               "max_length": args.max_length, "batch_size": args.batch_size, "rows": rows}
+        table.append(
+            f"| {r['run']} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_gib', '—')} | "
+            f"{r.get('steps', '—')} | {r.get('final_loss', '—')} | {r.get('train_s', '—')} |"
+        )
+    summary = {
+        "shape": args.model_shape,
+        "tokenizer": args.tokenizer,
+        "suite": args.suite,
+        "samples": args.samples,
+        "median_tokens": median,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "rows": rows,
+    }
     (results / f"results-{args.suite}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / f"results-{args.suite}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

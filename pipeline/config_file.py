@@ -30,8 +30,10 @@ def config_file_argv(argv: list[str]) -> list[str]:
         if i + 1 >= len(argv):
             raise UserError("--config needs a file path.")
         config_path = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
-    return (_config_to_argv(_config_flags(config_path, data_dir), config_path) if config_path else []) + argv
+        argv = argv[:i] + argv[i + 2 :]
+    return (
+        _config_to_argv(_config_flags(config_path, data_dir), config_path) if config_path else []
+    ) + argv
 
 
 def _config_to_argv(config: dict[str, Any], path: str) -> list[str]:
@@ -64,15 +66,24 @@ def _load_config(path: str) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
         config = loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} cannot be read as UTF-8 text ({first_line(e)}).") from e
+        raise UserError(
+            f"config file {path} cannot be read as UTF-8 text ({first_line(e)})."
+        ) from e
     except json.JSONDecodeError as e:
         raise UserError(f"config file {path}:{e.lineno}: not valid JSON ({e.msg}).") from e
-    except (RecursionError, ValueError) as e:  # YAML nested beyond Python's stack, or an integer of 5,000 digits
-        raise UserError(f"config file {path}: {type(e).__name__} while reading it ({first_line(e)[:80]}); simplify it.") from e
+    except (
+        RecursionError,
+        ValueError,
+    ) as e:  # YAML nested beyond Python's stack, or an integer of 5,000 digits
+        raise UserError(
+            f"config file {path}: {type(e).__name__} while reading it ({first_line(e)[:80]}); simplify it."
+        ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"config file {where}: not valid YAML ({getattr(e, 'problem', None) or first_line(e)}).") from e
+        raise UserError(
+            f"config file {where}: not valid YAML ({getattr(e, 'problem', None) or first_line(e)})."
+        ) from e
     if not isinstance(config, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values.")
     return config

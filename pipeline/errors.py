@@ -52,7 +52,9 @@ def _close_process_group() -> None:
     objects (a Trainer and its DDP or DeepSpeed wrapper, which keep the group's backend alive) are collected first,
     while the interpreter is whole: left to interpreter shutdown, a Gloo worker thread still holding work of the
     backend can abort the process after a finished run ("terminate called without an active exception")."""
-    dist = sys.modules.get("torch.distributed")  # never imported here: tools without torch use run_cli too
+    dist = sys.modules.get(
+        "torch.distributed"
+    )  # never imported here: tools without torch use run_cli too
     if dist is not None and dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

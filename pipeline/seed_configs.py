@@ -24,9 +24,15 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("data_config", "training_args", "peft_config")
 DATA_FILES = {"train_file": "train_file", "val_file": "validation_file", "test_file": "test_file"}
-PEFT_NAMES = {"r": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-              "target_modules": "target_modules", "num_virtual_tokens": "num_virtual_tokens",
-              "modules_to_save": "modules_to_save", "use_dora": "use_dora"}
+PEFT_NAMES = {
+    "r": "lora_rank",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "target_modules": "target_modules",
+    "num_virtual_tokens": "num_virtual_tokens",
+    "modules_to_save": "modules_to_save",
+    "use_dora": "use_dora",
+}
 PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix_tuning"}
 FROM_THE_MODEL = ("num_attention_heads", "token_dim", "num_layers", "num_transformer_submodules")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -56,11 +62,16 @@ def positional(argv: list[str]) -> tuple[str, str, list[str]] | None:
         elif fourth.lower() in ("yes", "true", "last", "auto") or fourth.isdigit():
             flags += ["--resume_from_checkpoint", fourth]
         elif fourth.lower() not in ("", "no", "false"):
-            raise UserError(f"the fourth argument {fourth!r} is not yes, a checkpoint step or a DeepSpeed .json file; "
-                            "give yes to resume from the last checkpoint, a step such as 600, or leave it out.")
-    _say("positional", f"DATA_DIR {data_dir} MODEL {model} CONFIG {config} is read as --model_name_or_path {model} "
-                       f"with {config}'s data files in {data_dir}")
-    return config, data_dir, flags + argv[len(lead):]
+            raise UserError(
+                f"the fourth argument {fourth!r} is not yes, a checkpoint step or a DeepSpeed .json file; "
+                "give yes to resume from the last checkpoint, a step such as 600, or leave it out."
+            )
+    _say(
+        "positional",
+        f"DATA_DIR {data_dir} MODEL {model} CONFIG {config} is read as --model_name_or_path {model} "
+        f"with {config}'s data files in {data_dir}",
+    )
+    return config, data_dir, flags + argv[len(lead) :]
 
 
 def _say(key: str, text: str) -> None:
@@ -71,7 +82,9 @@ def _say(key: str, text: str) -> None:
 def _section(config: dict, name: str, path: str) -> dict:
     value = config.get(name) or {}
     if not isinstance(value, dict):
-        raise UserError(f"{path}: {name} must be a mapping of keys to values, got {type(value).__name__}.")
+        raise UserError(
+            f"{path}: {name} must be a mapping of keys to values, got {type(value).__name__}."
+        )
     return value
 
 
@@ -84,10 +97,14 @@ def _data_flags(data: dict, path: str, data_dir: str | None) -> dict[str, Any]:
         elif key == "num_proc":
             flags["preprocessing_num_workers"] = value
         elif value is not None:
-            raise UserError(f"{path}: data_config.{key} has no counterpart here; data_config takes train_file, val_file, "
-                            "test_file and num_proc.")
+            raise UserError(
+                f"{path}: data_config.{key} has no counterpart here; data_config takes train_file, val_file, "
+                "test_file and num_proc."
+            )
     if "train_file" not in flags:
-        raise UserError(f"{path}: data_config.train_file is missing; name the training file (e.g. train.json).")
+        raise UserError(
+            f"{path}: data_config.train_file is missing; name the training file (e.g. train.json)."
+        )
     return flags
 
 
@@ -97,20 +114,29 @@ def _peft_flags(peft: dict, path: str) -> dict[str, Any]:
         return {"use_peft": False}
     kind = str(peft.get("peft_type", "LORA")).upper()
     if kind not in PEFT_TYPES:
-        raise UserError(f"{path}: peft_config.peft_type {kind} is not supported; use LORA or PREFIX_TUNING (P-Tuning v2).")
+        raise UserError(
+            f"{path}: peft_config.peft_type {kind} is not supported; use LORA or PREFIX_TUNING (P-Tuning v2)."
+        )
     task = str(peft.get("task_type", "CAUSAL_LM")).upper()
     if task != "CAUSAL_LM":
-        raise UserError(f"{path}: peft_config.task_type {task} is not a causal language model task; use CAUSAL_LM.")
+        raise UserError(
+            f"{path}: peft_config.task_type {task} is not a causal language model task; use CAUSAL_LM."
+        )
     flags: dict[str, Any] = {"use_peft": True, "peft_type": PEFT_TYPES[kind]}
     for key, value in peft.items():
         if key in ("peft_type", "task_type") or value is None:
             continue
         if key in FROM_THE_MODEL:
-            _say(key, f"{path}: peft_config.{key} is read from the model's config here, so {value} changes nothing")
+            _say(
+                key,
+                f"{path}: peft_config.{key} is read from the model's config here, so {value} changes nothing",
+            )
         elif key in PEFT_NAMES:
             flags[PEFT_NAMES[key]] = ",".join(map(str, value)) if isinstance(value, list) else value
         else:
-            raise UserError(f"{path}: peft_config.{key} has no counterpart here; it takes {', '.join(PEFT_NAMES)}.")
+            raise UserError(
+                f"{path}: peft_config.{key} has no counterpart here; it takes {', '.join(PEFT_NAMES)}."
+            )
     return flags
 
 
@@ -118,11 +144,15 @@ def _training_flags(training: dict, path: str) -> dict[str, Any]:
     flags = dict(training)
     generation = flags.pop("generation_config", None) or {}
     if not isinstance(generation, dict):
-        raise UserError(f"{path}: training_args.generation_config must be a mapping such as {{max_new_tokens: 512}}.")
+        raise UserError(
+            f"{path}: training_args.generation_config must be a mapping such as {{max_new_tokens: 512}}."
+        )
     for key, value in generation.items():
         if key != "max_new_tokens":
-            raise UserError(f"{path}: training_args.generation_config.{key} has no counterpart here; evaluation "
-                            "generates greedily and takes max_new_tokens.")
+            raise UserError(
+                f"{path}: training_args.generation_config.{key} has no counterpart here; evaluation "
+                "generates greedily and takes max_new_tokens."
+            )
         flags["max_new_tokens"] = value
     return flags
 
@@ -131,19 +161,30 @@ def flatten(config: dict[str, Any], path: str, data_dir: str | None = None) -> d
     """A demo-style nested config as flat flags (file names joined to `data_dir` when given)."""
     flags: dict[str, Any] = {}
     flags.update(_data_flags(_section(config, "data_config", path), path, data_dir))
-    for key, target in (("max_input_length", "max_source_length"), ("max_output_length", "max_target_length")):
+    for key, target in (
+        ("max_input_length", "max_source_length"),
+        ("max_output_length", "max_target_length"),
+    ):
         if config.get(key) is not None:
             flags[target] = config[key]
     if "combine" in config:
-        _say("combine", f"{path}: combine is how the demo tokenizes a conversation; here every conversation is rendered "
-                        "whole with the model's chat template and each answer's ids checked against it, so it changes "
-                        "nothing")
+        _say(
+            "combine",
+            f"{path}: combine is how the demo tokenizes a conversation; here every conversation is rendered "
+            "whole with the model's chat template and each answer's ids checked against it, so it changes "
+            "nothing",
+        )
     if "freezeV" in config:
-        _say("freezeV", f"{path}: freezeV freezes a vision tower; the models trained here have none, so it changes "
-                        "nothing")
+        _say(
+            "freezeV",
+            f"{path}: freezeV freezes a vision tower; the models trained here have none, so it changes "
+            "nothing",
+        )
     flags.update(_training_flags(_section(config, "training_args", path), path))
     flags.update(_peft_flags(_section(config, "peft_config", path), path))
     for key, value in config.items():
         if key not in (*SECTIONS, "max_input_length", "max_output_length", "combine", "freezeV"):
-            flags[key] = value  # a flat flag beside the sections (e.g. template_name): the parser checks it
+            flags[key] = (
+                value  # a flat flag beside the sections (e.g. template_name): the parser checks it
+            )
     return flags

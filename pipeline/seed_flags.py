@@ -29,25 +29,34 @@ from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-RENAMED = {"evaluation_strategy": "eval_strategy", "lora_target_modules": "target_modules", "q_lora": "qlora",
-           "warmup_ratio": "warmup_steps", "data_path": "train_file", "eval_data_path": "validation_file",
-           "lora_r": "lora_rank"}
+RENAMED = {
+    "evaluation_strategy": "eval_strategy",
+    "lora_target_modules": "target_modules",
+    "q_lora": "qlora",
+    "warmup_ratio": "warmup_steps",
+    "data_path": "train_file",
+    "eval_data_path": "validation_file",
+    "lora_r": "lora_rank",
+}
 LOSS_MODES = {"efficient_loss": "all", "last_response_loss": "last", "split_example_loss": "split"}
 ALREADY = {  # flag: (the value that means what happens anyway, what happens)
     "device_map": ("auto", "each training process holds its model on its own device"),
     "model_type": ("auto", "the model type is read from the checkpoint's config"),
-    "lazy_preprocess": ("true", "the data is tokenized once before training (--preprocessing_num_workers processes)"),
+    "lazy_preprocess": (
+        "true",
+        "the data is tokenized once before training (--preprocessing_num_workers processes)",
+    ),
     "packing": ("true", "PT always packs its text into --block_size rows"),
 }
 REFUSED = {
     "early_stopping": "PPO here steers the KL with --target_kl (adaptive KL) and stops on --max_steps; drop "
-                      "--early_stopping",
+    "--early_stopping",
     "reward_baseline": "PPO here centers rewards with --whiten_rewards True and a learned value baseline; drop "
-                       "--reward_baseline",
+    "--reward_baseline",
     "dataset_name": "hub data sets are not downloaded by the stages; save the data set's records as .json/.jsonl files "
-                    "and give them with --train_file_dir (a folder) or --train_file",
+    "and give them with --train_file_dir (a folder) or --train_file",
     "dataset_path": "it names a folder that ChatGLM-Tuning's tokenize_dataset_rows.py tokenized; give the JSON lines "
-                    "file itself with --train_file (tokenizing happens here, with the model's chat template)",
+    "file itself with --train_file (tokenizing happens here, with the model's chat template)",
 }
 
 
@@ -55,15 +64,26 @@ def _expand(name: str, values: list[str], known: dict) -> list[tuple[str, list[s
     """ChatGLM-6B's P-Tuning flags as several of this project's: `--pre_seq_len N` (P-Tuning v2 with N virtual
     tokens) and `--quantization_bit 4|8`; None for any other flag."""
     if name == "pre_seq_len" and "num_virtual_tokens" in known:
-        _say(name, f"{values[0] if values else ''} is read as --use_peft True --peft_type prefix_tuning "
-                   f"--num_virtual_tokens {values[0] if values else ''}")
-        return [("use_peft", ["true"]), ("peft_type", ["prefix_tuning"]), ("num_virtual_tokens", values)]
+        _say(
+            name,
+            f"{values[0] if values else ''} is read as --use_peft True --peft_type prefix_tuning "
+            f"--num_virtual_tokens {values[0] if values else ''}",
+        )
+        return [
+            ("use_peft", ["true"]),
+            ("peft_type", ["prefix_tuning"]),
+            ("num_virtual_tokens", values),
+        ]
     if name == "quantization_bit" and "load_in_4bit" in known:
         if values not in (["4"], ["8"]):
-            raise UserError(f"--quantization_bit takes 4 or 8, got {' '.join(values) or 'nothing'}.")
+            raise UserError(
+                f"--quantization_bit takes 4 or 8, got {' '.join(values) or 'nothing'}."
+            )
         _say(name, f"{values[0]} is read as --load_in_{values[0]}bit True")
         return [(f"load_in_{values[0]}bit", ["true"])]
     return None
+
+
 _SAID: set = set()
 _PENDING: list[tuple[logging.Logger, str]] = []
 
@@ -96,7 +116,11 @@ def _fields(dataclass_types) -> dict[str, type]:
 
 
 def _is_bool(kind) -> bool:
-    args = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else ()
+    args = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else ()
+    )
     return kind is bool or (bool in args and all(a in (bool, type(None)) for a in args))
 
 
@@ -126,11 +150,17 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
     known = _fields(dataclass_types)
     pairs, out, modes = _split(argv), [], []
     for name, values in pairs:
-        if name in ALREADY and (values or ["true"])[0].lower() == ALREADY[name][0] and (name != "packing" or name not in known):
+        if (
+            name in ALREADY
+            and (values or ["true"])[0].lower() == ALREADY[name][0]
+            and (name != "packing" or name not in known)
+        ):
             _say(name, f"{ALREADY[name][0]}: {ALREADY[name][1]}, so it changes nothing")
         elif name in ALREADY and name not in known:
-            raise UserError(f"--{name} {' '.join(values)} cannot apply here: {ALREADY[name][1]}; drop it "
-                            f"(or give --{name} {ALREADY[name][0]}).")
+            raise UserError(
+                f"--{name} {' '.join(values)} cannot apply here: {ALREADY[name][1]}; drop it "
+                f"(or give --{name} {ALREADY[name][0]})."
+            )
         elif name in known:
             if _is_bool(known[name]) and not values:
                 values = ["true"]  # a bare --bf16 / --use_peft, store-true style
@@ -152,8 +182,10 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
             out.append((name, values))
     out += _lengths(out, known)
     if len(modes) > 1:
-        raise UserError(f"{' and '.join('--' + m for m in modes)} are both True; FastChat allows one (they are "
-                        "--multi_turn_mode all, last and split here).")
+        raise UserError(
+            f"{' and '.join('--' + m for m in modes)} are both True; FastChat allows one (they are "
+            "--multi_turn_mode all, last and split here)."
+        )
     if modes:
         _say(modes[0], f"True is read as --multi_turn_mode {LOSS_MODES[modes[0]]}")
         out.append(("multi_turn_mode", [LOSS_MODES[modes[0]]]))
@@ -170,20 +202,37 @@ def _lengths(pairs: list, known: dict) -> list:
     if "max_source_length" in known or not any(n in values for n in names):
         return extra
     if "kl_coef" in known:  # PPO and GRPO
-        for name, target in (("batch_size", "per_device_train_batch_size"), ("max_target_length", "max_new_tokens")):
+        for name, target in (
+            ("batch_size", "per_device_train_batch_size"),
+            ("max_target_length", "max_new_tokens"),
+        ):
             if name in values and name not in known:
                 _say(name, f"is read as --{target}")
                 extra.append((target, values[name]))
         if "max_source_length" in values:
             answer = (values.get("max_target_length") or values.get("max_new_tokens") or ["64"])[0]
-            extra.append(_total("max_source_length", values["max_source_length"][0], answer, "the answer budget"))
+            extra.append(
+                _total(
+                    "max_source_length", values["max_source_length"][0], answer, "the answer budget"
+                )
+            )
         handled = names
-    elif "model_max_length" in known and ("max_source_length" in values or "max_target_length" in values):
+    elif "model_max_length" in known and (
+        "max_source_length" in values or "max_target_length" in values
+    ):
         if ("max_source_length" in values) != ("max_target_length" in values):
-            raise UserError("give both --max_source_length and --max_target_length (a sample may hold both), or "
-                            "--model_max_length alone.")
-        extra.append(_total("max_source_length", values["max_source_length"][0], values["max_target_length"][0],
-                            "--max_target_length"))
+            raise UserError(
+                "give both --max_source_length and --max_target_length (a sample may hold both), or "
+                "--model_max_length alone."
+            )
+        extra.append(
+            _total(
+                "max_source_length",
+                values["max_source_length"][0],
+                values["max_target_length"][0],
+                "--max_target_length",
+            )
+        )
         handled = ("max_target_length", "max_source_length")
     else:
         return extra
@@ -195,6 +244,8 @@ def _total(flag: str, source: str, answer: str, what: str) -> tuple[str, list[st
     try:
         total = int(source) + int(answer)
     except ValueError as e:
-        raise UserError(f"--{flag} and the answer length take whole numbers, got {source!r} and {answer!r}.") from e
+        raise UserError(
+            f"--{flag} and the answer length take whole numbers, got {source!r} and {answer!r}."
+        ) from e
     _say(flag, f"plus {what} ({answer}) is read as --model_max_length {total}")
     return "model_max_length", [str(total)]

@@ -41,30 +41,54 @@ from pipeline.errors import run_cli
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.run.output_dir import claim_output_dir
 from pipeline.run.setup import setup_run
-from pipeline.train.preference import PretokenizedDPOTrainer, PretokenizedKTOTrainer, ReferenceFreeTrainer
+from pipeline.train.preference import (
+    PretokenizedDPOTrainer,
+    PretokenizedKTOTrainer,
+    ReferenceFreeTrainer,
+)
 from pipeline.train.trainer_steps import evaluate_and_save, train_and_save
 
 logger = logging.getLogger("pipeline.dpo")
 
 
-def build_trainer(model, tokenizer, training_args, dpo_args, packing: bool, train_dataset, eval_dataset):
+def build_trainer(
+    model, tokenizer, training_args, dpo_args, packing: bool, train_dataset, eval_dataset
+):
     """trl's config classes repeat flags the shared dataclasses own, so they are built from the parsed values."""
     shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
     data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     if dpo_args.loss_type in REFERENCE_FREE:
-        return ReferenceFreeTrainer(model=model, args=training_args, loss_type=dpo_args.loss_type, beta=dpo_args.beta,
-                                    gamma=dpo_args.simpo_gamma, pad_token_id=tokenizer.pad_token_id,
-                                    packing=packing, **data)
+        return ReferenceFreeTrainer(
+            model=model,
+            args=training_args,
+            loss_type=dpo_args.loss_type,
+            beta=dpo_args.beta,
+            gamma=dpo_args.simpo_gamma,
+            pad_token_id=tokenizer.pad_token_id,
+            packing=packing,
+            **data,
+        )
     if dpo_args.loss_type == "kto":
         # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; main()
         # shuffled the answers once.
         shared["train_sampling_strategy"] = "sequential"
-        config = KTOConfig(**shared, beta=dpo_args.beta, desirable_weight=dpo_args.desirable_weight,
-                           undesirable_weight=dpo_args.undesirable_weight, max_length=None,
-                           precompute_ref_log_probs=dpo_args.precompute_ref_log_probs)
+        config = KTOConfig(
+            **shared,
+            beta=dpo_args.beta,
+            desirable_weight=dpo_args.desirable_weight,
+            undesirable_weight=dpo_args.undesirable_weight,
+            max_length=None,
+            precompute_ref_log_probs=dpo_args.precompute_ref_log_probs,
+        )
         return PretokenizedKTOTrainer(model=model, args=config, packing=packing, **data)
-    config = DPOConfig(**shared, loss_type=[dpo_args.loss_type], beta=dpo_args.beta, label_smoothing=dpo_args.label_smoothing,
-                       precompute_ref_log_probs=dpo_args.precompute_ref_log_probs, max_length=None)
+    config = DPOConfig(
+        **shared,
+        loss_type=[dpo_args.loss_type],
+        beta=dpo_args.beta,
+        label_smoothing=dpo_args.label_smoothing,
+        precompute_ref_log_probs=dpo_args.precompute_ref_log_probs,
+        max_length=None,
+    )
     return PretokenizedDPOTrainer(model=model, args=config, packing=packing, **data)
 
 
@@ -73,7 +97,9 @@ ARGUMENTS = STAGE_ARGUMENTS["dpo"]
 
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
-    model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse_args(ARGUMENTS, argv)
+    model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse_args(
+        ARGUMENTS, argv
+    )
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)
@@ -90,14 +116,27 @@ def main(argv: list[str] | None = None):
     apply_template_to_tokenizer(tokenizer, template)
 
     unpaired = dpo_args.loss_type == "kto"
-    train_dataset, eval_dataset = preference_datasets(template, tokenizer, pref_args, data_args, training_args, unpaired)
-    if unpaired:  # KTO batches keep their order (see build_trainer), so shuffle the answers once here
+    train_dataset, eval_dataset = preference_datasets(
+        template, tokenizer, pref_args, data_args, training_args, unpaired
+    )
+    if (
+        unpaired
+    ):  # KTO batches keep their order (see build_trainer), so shuffle the answers once here
         train_dataset = train_dataset.shuffle(seed=training_args.seed)
-    model = load_model(model_args, peft_args, tokenizer, head="lm",
-                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args), packing=pref_args.packing,
-                       half_precision=bool(training_args.bf16 or training_args.fp16))
-    trainer = build_trainer(model, tokenizer, training_args, dpo_args, pref_args.packing, train_dataset, eval_dataset)
+    model = load_model(
+        model_args,
+        peft_args,
+        tokenizer,
+        head="lm",
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        max_length=pref_args.model_max_length,
+        trainable_dtype=trainable_dtype(training_args),
+        packing=pref_args.packing,
+        half_precision=bool(training_args.bf16 or training_args.fp16),
+    )
+    trainer = build_trainer(
+        model, tokenizer, training_args, dpo_args, pref_args.packing, train_dataset, eval_dataset
+    )
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

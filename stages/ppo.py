@@ -14,7 +14,12 @@ pipeline/rl/. GRPO and its relatives (DAPO, Dr. GRPO, GSPO, RLOO) run the same l
 from __future__ import annotations
 
 from pipeline.args import STAGE_ARGUMENTS, given_flags, parse_args
-from pipeline.args.rl_checks import check_rl_data_flags, check_trainer_flags, redirect_group_algorithm, validate_ppo
+from pipeline.args.rl_checks import (
+    check_rl_data_flags,
+    check_trainer_flags,
+    redirect_group_algorithm,
+    validate_ppo,
+)
 from pipeline.errors import run_cli
 from pipeline.rl.loop import PPORecipe, run
 from pipeline.rl.models import build_models

@@ -43,7 +43,9 @@ from pipeline.train.trainer_steps import evaluate_and_save, train_and_save
 logger = logging.getLogger("pipeline.pt")
 
 
-def pack(dataset: Dataset, tokenizer, block_size: int, data_args: DataArguments, name: str) -> Dataset:
+def pack(
+    dataset: Dataset, tokenizer, block_size: int, data_args: DataArguments, name: str
+) -> Dataset:
     packed = dataset.map(
         functools.partial(tokenize_and_pack, tokenizer=tokenizer, block_size=block_size),
         batched=True,
@@ -56,12 +58,19 @@ def pack(dataset: Dataset, tokenizer, block_size: int, data_args: DataArguments,
     short = len(packed) - pc.sum(pc.equal(lengths, block_size)).as_py()
     logger.info(
         "%s: %d documents -> %d tokens in %d blocks of %d (%d shorter final blocks, padded with ignored labels)",
-        name, len(dataset), pc.sum(lengths).as_py(), len(packed), block_size, short,
+        name,
+        len(dataset),
+        pc.sum(lengths).as_py(),
+        len(packed),
+        block_size,
+        short,
     )
     return packed
 
 
-def build_datasets(data_args: DataArguments, block_size: int, tokenizer, training_args) -> tuple[Dataset, Dataset | None]:
+def build_datasets(
+    data_args: DataArguments, block_size: int, tokenizer, training_args
+) -> tuple[Dataset, Dataset | None]:
     def load(directory: str, flag: str) -> Dataset:
         dataset, report = load_text_dataset(directory, flag)
         logger.info(report.summary(f"{flag} documents"))
@@ -70,7 +79,11 @@ def build_datasets(data_args: DataArguments, block_size: int, tokenizer, trainin
     with training_args.main_process_first(desc="reading and packing data"):
         train_raw, eval_raw = load_train_eval(load, data_args, training_args.seed, "documents")
         train = pack(train_raw, tokenizer, block_size, data_args, "train")
-        evaluation = pack(eval_raw, tokenizer, block_size, data_args, "eval") if eval_raw is not None else None
+        evaluation = (
+            pack(eval_raw, tokenizer, block_size, data_args, "eval")
+            if eval_raw is not None
+            else None
+        )
     return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
 
 
@@ -94,13 +107,23 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size
     if 0 < tokenizer.model_max_length < block_size and not model_args.rope_scaling:
-        logger.warning("--block_size %d exceeds the tokenizer's model_max_length %d; using %d",
-                       block_size, tokenizer.model_max_length, tokenizer.model_max_length)
+        logger.warning(
+            "--block_size %d exceeds the tokenizer's model_max_length %d; using %d",
+            block_size,
+            tokenizer.model_max_length,
+            tokenizer.model_max_length,
+        )
         block_size = tokenizer.model_max_length
     train_dataset, eval_dataset = build_datasets(data_args, block_size, tokenizer, training_args)
-    model = load_model(model_args, peft_args, tokenizer, head="lm",
-                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=block_size,
-                       trainable_dtype=trainable_dtype(training_args))
+    model = load_model(
+        model_args,
+        peft_args,
+        tokenizer,
+        head="lm",
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        max_length=block_size,
+        trainable_dtype=trainable_dtype(training_args),
+    )
     trainer = CausalLMTrainer(
         model=model,
         args=training_args,

@@ -42,9 +42,13 @@ def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, pref_args, training_args = parse_args(ARGUMENTS, argv)
     check_common(model_args, peft_args, max_length=pref_args.model_max_length)
-    if peft_args.use_peft and peft_args.peft_type == "prefix_tuning":  # peft's sequence-classification path needs it
-        raise UserError("--peft_type prefix_tuning cannot train a reward model (peft's scoring model takes no prefix "
-                        "under this transformers version); use LoRA (the default) or --use_peft False.")
+    if (
+        peft_args.use_peft and peft_args.peft_type == "prefix_tuning"
+    ):  # peft's sequence-classification path needs it
+        raise UserError(
+            "--peft_type prefix_tuning cannot train a reward model (peft's scoring model takes no prefix "
+            "under this transformers version); use LoRA (the default) or --use_peft False."
+        )
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)
     pref_args.packing = resolve_packing(pref_args.packing, peft_args)
@@ -59,16 +63,31 @@ def main(argv: list[str] | None = None) -> None:
     template = resolve_template(pref_args.template_name, tokenizer, pref_args.chat_template_kwargs)
     apply_template_to_tokenizer(tokenizer, template)
 
-    train_dataset, eval_dataset = preference_datasets(template, tokenizer, pref_args, data_args, training_args,
-                                                      whole_conversations=True)
-    model = load_model(model_args, peft_args, tokenizer, head="reward",
-                       gradient_checkpointing=training_args.gradient_checkpointing, max_length=pref_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args), packing=pref_args.packing,
-                       half_precision=bool(training_args.bf16 or training_args.fp16), new_head=True)
-    trainer = RewardModelTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                                 processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
-                                 center_rewards_coefficient=training_args.center_rewards_coefficient,
-                                 packing=pref_args.packing)
+    train_dataset, eval_dataset = preference_datasets(
+        template, tokenizer, pref_args, data_args, training_args, whole_conversations=True
+    )
+    model = load_model(
+        model_args,
+        peft_args,
+        tokenizer,
+        head="reward",
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        max_length=pref_args.model_max_length,
+        trainable_dtype=trainable_dtype(training_args),
+        packing=pref_args.packing,
+        half_precision=bool(training_args.bf16 or training_args.fp16),
+        new_head=True,
+    )
+    trainer = RewardModelTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        center_rewards_coefficient=training_args.center_rewards_coefficient,
+        packing=pref_args.packing,
+    )
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

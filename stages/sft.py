@@ -49,7 +49,9 @@ logger = logging.getLogger("pipeline.sft")
 
 def build_datasets(data_args, sft_args, template, tokenizer, training_args):
     def load(directory: str, flag: str):
-        dataset, report = build_chat_dataset(directory, flag, template, tokenizer, sft_args, data_args)
+        dataset, report = build_chat_dataset(
+            directory, flag, template, tokenizer, sft_args, data_args
+        )
         logger.info(report.summary(f"{flag} samples"))
         return dataset
 
@@ -76,7 +78,9 @@ def parse(argv: list[str] | None = None):
     check_eval_data(data_args, training_args)
     if sft_args.predict_with_generate:
         check_predict_with_generate(data_args, training_args)
-    training_args.neftune_noise_alpha = sft_args.neft_alpha or None  # the seed's flag name for the Trainer's
+    training_args.neftune_noise_alpha = (
+        sft_args.neft_alpha or None
+    )  # the seed's flag name for the Trainer's
     sft_args.packing = resolve_packing(sft_args.packing, peft_args, sft_args.neft_alpha)
     return model_args, data_args, peft_args, sft_args, training_args
 
@@ -88,24 +92,40 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(sft_args.template_name, tokenizer, sft_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
-    train_dataset, eval_dataset = build_datasets(data_args, sft_args, template, tokenizer, training_args)
+    train_dataset, eval_dataset = build_datasets(
+        data_args, sft_args, template, tokenizer, training_args
+    )
     held_out = held_out_sources(data_args, sft_args) if sft_args.predict_with_generate else None
     if training_args.should_log:
         first = train_dataset[0]
-        logger.info("Sanity check: first training sample (template '%s')\n%s", template.name,
-                    sanity_table(tokenizer, first["input_ids"], first["labels"]))
+        logger.info(
+            "Sanity check: first training sample (template '%s')\n%s",
+            template.name,
+            sanity_table(tokenizer, first["input_ids"], first["labels"]),
+        )
     if sft_args.packing:
-        train_dataset, eval_dataset = (pack(d, sft_args.packing_length, name) if d is not None else None
-                                       for d, name in ((train_dataset, "train"), (eval_dataset, "eval")))
-    model = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
-                       max_length=sft_args.model_max_length,
-                       trainable_dtype=trainable_dtype(training_args), packing=sft_args.packing,
-                       half_precision=bool(training_args.bf16 or training_args.fp16))
+        train_dataset, eval_dataset = (
+            pack(d, sft_args.packing_length, name) if d is not None else None
+            for d, name in ((train_dataset, "train"), (eval_dataset, "eval"))
+        )
+    model = load_model(
+        model_args,
+        peft_args,
+        tokenizer,
+        head="lm",
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        max_length=sft_args.model_max_length,
+        trainable_dtype=trainable_dtype(training_args),
+        packing=sft_args.packing,
+        half_precision=bool(training_args.bf16 or training_args.fp16),
+    )
     set_generation_stops(model, stop_ids, tokenizer.pad_token_id)
     trainer = CausalLMTrainer(
         model=model,
         args=training_args,
-        data_collator=FlatteningCollator() if sft_args.packing else PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=FlatteningCollator()
+        if sft_args.packing
+        else PaddingCollator(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -116,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.add_callback(generation)
     if training_args.do_train:
         train_and_save(trainer, training_args)
-        if training_args.should_save:  # adapters are saved without it; inference needs the stop tokens
+        if (
+            training_args.should_save
+        ):  # adapters are saved without it; inference needs the stop tokens
             unwrap(model).generation_config.save_pretrained(Path(training_args.output_dir))
     if training_args.do_eval and eval_dataset is not None:
         evaluate_and_save(trainer)

@@ -28,7 +28,9 @@ def weak_sft_model(tiny_model, tmp_path_factory) -> Path:
     right), the start point where DPO and the RL stages have room to improve greedy answers. Unpacked, so
     the start point stays the one their thresholds were measured from (packing puts ~2 samples in a step
     row and trains faster per step)."""
-    return train_sft(tiny_model, tmp_path_factory.mktemp("weak-sft") / "sft", 80, "--packing", "False")
+    return train_sft(
+        tiny_model, tmp_path_factory.mktemp("weak-sft") / "sft", 80, "--packing", "False"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +41,40 @@ def reward_model(sft_model, tmp_path_factory) -> Path:
     from stages import rm
 
     out = tmp_path_factory.mktemp("rm") / "rm"
-    rm.main(["--model_name_or_path", str(sft_model), "--output_dir", str(out), "--validation_file_dir",
-             str(DATA / "reward_eval"), "--use_peft", "False", "--learning_rate", "1e-3", "--max_steps", "400",
-             "--template_name", "qwen", "--train_file_dir", str(DATA / "reward"), "--per_device_train_batch_size", "16",
-             "--model_max_length", "128", "--report_to", "none", "--logging_steps", "50", "--save_strategy", "no",
-             "--seed", "0", "--packing", "False"])
+    rm.main(
+        [
+            "--model_name_or_path",
+            str(sft_model),
+            "--output_dir",
+            str(out),
+            "--validation_file_dir",
+            str(DATA / "reward_eval"),
+            "--use_peft",
+            "False",
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "400",
+            "--template_name",
+            "qwen",
+            "--train_file_dir",
+            str(DATA / "reward"),
+            "--per_device_train_batch_size",
+            "16",
+            "--model_max_length",
+            "128",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "50",
+            "--save_strategy",
+            "no",
+            "--seed",
+            "0",
+            "--packing",
+            "False",
+        ]
+    )
     return out
 
 

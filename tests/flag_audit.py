@@ -13,7 +13,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainingArguments,
+)
 
 from pipeline.model.tiny_model import build
 from tests.helpers import DATA
@@ -23,23 +28,87 @@ def own_fields(cls) -> set[str]:
     """The flags the project declares: all of a plain class; of a TrainingArguments subclass only those the Trainer
     does not have (the Trainer's own are its business, and the RL loops check theirs: pipeline/args/rl_checks.py)."""
     names = {f.name for f in fields(cls)}
-    return names - {f.name for f in fields(TrainingArguments)} if issubclass(cls, TrainingArguments) else names
+    return (
+        names - {f.name for f in fields(TrainingArguments)}
+        if issubclass(cls, TrainingArguments)
+        else names
+    )
 
 
 def stage_argv(stage: str, model: Path, reward: Path, out: Path) -> list[str]:
-    common = ["--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", "2", "--report_to", "none",
-              "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+    common = [
+        "--model_name_or_path",
+        str(model),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+    ]
     chat = ["--template_name", "qwen"]
-    return common + {
-        "pt": ["--train_file_dir", str(DATA / "pt"), "--validation_file_dir", str(DATA / "pt_eval"), "--block_size", "64"],
-        "sft": [*chat, "--train_file_dir", str(DATA / "sft"), "--validation_file_dir", str(DATA / "sft_eval")],
-        "rm": [*chat, "--train_file_dir", str(DATA / "reward"), "--validation_file_dir", str(DATA / "reward_eval")],
-        "dpo": [*chat, "--train_file_dir", str(DATA / "reward"), "--validation_file_dir", str(DATA / "reward_eval")],
-        "ppo": [*chat, "--train_file_dir", str(DATA / "sft"), "--validation_file_dir", str(DATA / "sft_eval"),
-                "--reward_model_name_or_path", str(reward), "--max_new_tokens", "4"],
-        "grpo": [*chat, "--train_file_dir", str(DATA / "sft"), "--validation_file_dir", str(DATA / "sft_eval"),
-                 "--reward_funcs", "exact_match", "--max_new_tokens", "4", "--num_generations", "2"],
-    }[stage]
+    return (
+        common
+        + {
+            "pt": [
+                "--train_file_dir",
+                str(DATA / "pt"),
+                "--validation_file_dir",
+                str(DATA / "pt_eval"),
+                "--block_size",
+                "64",
+            ],
+            "sft": [
+                *chat,
+                "--train_file_dir",
+                str(DATA / "sft"),
+                "--validation_file_dir",
+                str(DATA / "sft_eval"),
+            ],
+            "rm": [
+                *chat,
+                "--train_file_dir",
+                str(DATA / "reward"),
+                "--validation_file_dir",
+                str(DATA / "reward_eval"),
+            ],
+            "dpo": [
+                *chat,
+                "--train_file_dir",
+                str(DATA / "reward"),
+                "--validation_file_dir",
+                str(DATA / "reward_eval"),
+            ],
+            "ppo": [
+                *chat,
+                "--train_file_dir",
+                str(DATA / "sft"),
+                "--validation_file_dir",
+                str(DATA / "sft_eval"),
+                "--reward_model_name_or_path",
+                str(reward),
+                "--max_new_tokens",
+                "4",
+            ],
+            "grpo": [
+                *chat,
+                "--train_file_dir",
+                str(DATA / "sft"),
+                "--validation_file_dir",
+                str(DATA / "sft_eval"),
+                "--reward_funcs",
+                "exact_match",
+                "--max_new_tokens",
+                "4",
+                "--num_generations",
+                "2",
+            ],
+        }[stage]
+    )
 
 
 def main() -> None:

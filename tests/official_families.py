@@ -10,24 +10,74 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 OFFICIAL = Path(__file__).parent / "official_templates"
-LLAMA3 = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
+LLAMA3 = [
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+]
 DEEPSEEK = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
-MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
-           "[/TOOL_RESULTS]"]
+MISTRAL = [
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+]
 # each official template (tests/official_templates/<family>.jinja) with the special tokens its tokenizer knows;
 # system: accepts a system message; tools: writes tool definitions; exact: auto trains it as it renders
 FAMILIES = {
-    "llama-3.3-instruct": dict(special=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", end="<|eot_id|>"),
-    "qwen3": dict(special=["<|im_start|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>", end="<|im_end|>"),
-    "gemma-2-it": dict(special=["<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<end_of_turn>",
-                       end="<end_of_turn>", system=False, tools=False),
-    "gemma-3-it": dict(special=["<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<end_of_turn>",
-                       end="<end_of_turn>", tools=False),
-    "phi-4": dict(special=["<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>",
-                  end="<|im_end|>", tools=False),
-    "deepseek-v3": dict(special=DEEPSEEK, bos=DEEPSEEK[0], eos=DEEPSEEK[1], end=DEEPSEEK[1], tools=False),
-    "deepseek-r1": dict(special=DEEPSEEK, bos=DEEPSEEK[0], eos=DEEPSEEK[1], end=DEEPSEEK[1], tools=False, exact=False),
-    "mistral-7b-instruct-v0.3": dict(special=MISTRAL, bos="<s>", eos="</s>", end="</s>", system=False),
+    "llama-3.3-instruct": dict(
+        special=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", end="<|eot_id|>"
+    ),
+    "qwen3": dict(
+        special=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        bos=None,
+        eos="<|im_end|>",
+        end="<|im_end|>",
+    ),
+    "gemma-2-it": dict(
+        special=["<bos>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<end_of_turn>",
+        end="<end_of_turn>",
+        system=False,
+        tools=False,
+    ),
+    "gemma-3-it": dict(
+        special=["<bos>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<end_of_turn>",
+        end="<end_of_turn>",
+        tools=False,
+    ),
+    "phi-4": dict(
+        special=["<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"],
+        bos=None,
+        eos="<|im_end|>",
+        end="<|im_end|>",
+        tools=False,
+    ),
+    "deepseek-v3": dict(
+        special=DEEPSEEK, bos=DEEPSEEK[0], eos=DEEPSEEK[1], end=DEEPSEEK[1], tools=False
+    ),
+    "deepseek-r1": dict(
+        special=DEEPSEEK,
+        bos=DEEPSEEK[0],
+        eos=DEEPSEEK[1],
+        end=DEEPSEEK[1],
+        tools=False,
+        exact=False,
+    ),
+    "mistral-7b-instruct-v0.3": dict(
+        special=MISTRAL, bos="<s>", eos="</s>", end="</s>", system=False
+    ),
 }
 
 
@@ -62,8 +112,15 @@ def family_template(family: str) -> str | dict:
 def family_tokenizer(base_tokenizer_dir, family: str):
     spec = FAMILIES.get(family) or STORED[family]
     tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
-    special = [t for t in dict.fromkeys([*spec["special"], *(x for x in (spec.get("bos"), spec["eos"]) if x)])]
-    tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    special = [
+        t
+        for t in dict.fromkeys(
+            [*spec["special"], *(x for x in (spec.get("bos"), spec["eos"]) if x)]
+        )
+    ]
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": special}, replace_extra_special_tokens=False
+    )
     tokenizer.eos_token = spec["eos"]
     tokenizer.bos_token = spec.get("bos")
     tokenizer.chat_template = family_template(family)

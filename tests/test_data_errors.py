@@ -42,7 +42,9 @@ def test_wrong_extension(tmp_path):
 
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
-    bad = write(tmp_path / "d" / "gbk.txt", "first line\n第二行\n".encode() + "第三行\n".encode("gbk"))
+    bad = write(
+        tmp_path / "d" / "gbk.txt", "first line\n第二行\n".encode() + "第三行\n".encode("gbk")
+    )
     msg = error_for(tmp_path / "d")
     assert f"{bad}:3:" in msg and "UTF-8" in msg and "iconv" in msg
 
@@ -69,9 +71,19 @@ def test_json_array_file_is_read(tmp_path):
 def test_stage_prints_one_sentence_and_exits_2(tiny_model, tmp_path):
     write(tmp_path / "d" / "docs.jsonl", b'{"text": "ok"}\nnot json\n')
     proc = subprocess.run(
-        [sys.executable, "stages/pt.py", "--model_name_or_path", str(tiny_model), "--train_file_dir",
-         str(tmp_path / "d"), "--output_dir", str(tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "stages/pt.py",
+            "--model_name_or_path",
+            str(tiny_model),
+            "--train_file_dir",
+            str(tmp_path / "d"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -92,26 +104,58 @@ def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     template = get_template("qwen")
     apply_template_to_tokenizer(tokenizer, template)
-    sft_args = SimpleNamespace(data_format="auto", skip_invalid_samples=False, multi_turn_mode="all",
-                               train_on_inputs=False, model_max_length=8)
-    with pytest.raises(UserError, match=r"\d+ conversations read, no sample kept \(\d+ samples dropped: prompt \+ "
-                                        r"first trained answer longer than --model_max_length 8\)"):
-        build_chat_dataset(str(DATA / "sft"), "--train_file_dir", template, tokenizer, sft_args,
-                           SimpleNamespace(preprocessing_num_workers=None))
+    sft_args = SimpleNamespace(
+        data_format="auto",
+        skip_invalid_samples=False,
+        multi_turn_mode="all",
+        train_on_inputs=False,
+        model_max_length=8,
+    )
+    with pytest.raises(
+        UserError,
+        match=r"\d+ conversations read, no sample kept \(\d+ samples dropped: prompt \+ "
+        r"first trained answer longer than --model_max_length 8\)",
+    ):
+        build_chat_dataset(
+            str(DATA / "sft"),
+            "--train_file_dir",
+            template,
+            tokenizer,
+            sft_args,
+            SimpleNamespace(preprocessing_num_workers=None),
+        )
 
 
-@pytest.mark.parametrize("record, message", [
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', "user message has no content"),
-    ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
-     "user message has no content"),
-    ('{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}', "user message has no content"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}',
-     "assistant message has neither content nor tool_calls"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            '{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}',
+            "user message has no content",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
+            "user message has no content",
+        ),
+        (
+            '{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}',
+            "user message has no content",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}',
+            "assistant message has neither content nor tool_calls",
+        ),
+    ],
+)
 def test_null_or_missing_contents_name_the_file_and_line(tmp_path, record, message):
     from pipeline.data.conversations import read_conversations
 
-    path = write(tmp_path / "chats.jsonl", ('{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", '
-                                           '"content": "fine"}]}\n' + record + "\n").encode())
+    path = write(
+        tmp_path / "chats.jsonl",
+        (
+            '{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", '
+            '"content": "fine"}]}\n' + record + "\n"
+        ).encode(),
+    )
     with pytest.raises(UserError, match=f"{path}:2: .*{message}"):
         read_conversations(str(tmp_path), "--train_file_dir", "auto", False)

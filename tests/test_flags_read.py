@@ -39,8 +39,13 @@ STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo")
 def unread(tmp_path_factory) -> dict[str, dict[str, list[str]]]:
     found = {}
     for stage in STAGES:
-        proc = subprocess.run([sys.executable, "-m", "tests.flag_audit", stage, str(tmp_path_factory.mktemp(stage))],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.flag_audit", stage, str(tmp_path_factory.mktemp(stage))],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         found[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
     return found
@@ -48,8 +53,12 @@ def unread(tmp_path_factory) -> dict[str, dict[str, list[str]]]:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_flag_of_the_stage_is_read_or_listed_with_its_condition(unread, stage):
-    unexplained = {cls: [n for n in names if n not in READ_ONLY_WHEN] for cls, names in unread[stage].items()}
-    assert not any(unexplained.values()), f"{stage}: accepted, never read, not listed: {unexplained}"
+    unexplained = {
+        cls: [n for n in names if n not in READ_ONLY_WHEN] for cls, names in unread[stage].items()
+    }
+    assert not any(unexplained.values()), (
+        f"{stage}: accepted, never read, not listed: {unexplained}"
+    )
 
 
 def test_no_entry_of_the_list_is_stale(unread):

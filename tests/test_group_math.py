@@ -20,13 +20,19 @@ SQRT3 = math.sqrt(3)
 
 
 def close(actual, expected, tol=1e-5):
-    assert torch.allclose(torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected, dtype=torch.float32),
-                          atol=tol, rtol=0), (actual, expected)
+    assert torch.allclose(
+        torch.as_tensor(actual, dtype=torch.float32),
+        torch.tensor(expected, dtype=torch.float32),
+        atol=tol,
+        rtol=0,
+    ), (actual, expected)
 
 
 def test_group_advantages_std_is_unbiased():
     # (r - mean) / std: group 0 (2/3, -1/3, -1/3) / (1/sqrt 3); group 1 (-2, 0, 2) / 2
-    close(group_advantages(REWARDS, 3, eps=0.0), [2 / SQRT3, -1 / SQRT3, -1 / SQRT3, -1.0, 0.0, 1.0])
+    close(
+        group_advantages(REWARDS, 3, eps=0.0), [2 / SQRT3, -1 / SQRT3, -1 / SQRT3, -1.0, 0.0, 1.0]
+    )
     # the default eps 1e-4 is added to the std: -2 / 2.0001
     close(group_advantages(REWARDS, 3)[3:], [-0.99995, 0.0, 0.99995], tol=1e-6)
 
@@ -34,10 +40,15 @@ def test_group_advantages_std_is_unbiased():
 def test_group_advantages_none_and_leave_one_out():
     close(group_advantages(REWARDS, 3, scale="none"), [2 / 3, -1 / 3, -1 / 3, -2.0, 0.0, 2.0])
     # r_i - mean of the other two: 1 - 0, 0 - 0.5, 0 - 0.5 | 2 - 5, 4 - 4, 6 - 3
-    close(group_advantages(REWARDS, 3, scale="none", leave_one_out=True), [1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
+    close(
+        group_advantages(REWARDS, 3, scale="none", leave_one_out=True),
+        [1.0, -0.5, -0.5, -3.0, 0.0, 3.0],
+    )
     # the same divided by the group's std (sqrt(1/3), 2)
-    close(group_advantages(REWARDS, 3, scale="std", leave_one_out=True, eps=0.0),
-          [SQRT3, -0.5 * SQRT3, -0.5 * SQRT3, -1.5, 0.0, 1.5])
+    close(
+        group_advantages(REWARDS, 3, scale="std", leave_one_out=True, eps=0.0),
+        [SQRT3, -0.5 * SQRT3, -0.5 * SQRT3, -1.5, 0.0, 1.5],
+    )
 
 
 def test_group_advantages_groups_are_consecutive_rows():
@@ -60,7 +71,10 @@ def test_group_advantages_bad_arguments():
 
 def test_zero_variance_groups():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.4])
-    assert zero_variance_groups(rewards, 3).tolist() == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
+    assert (
+        zero_variance_groups(rewards, 3).tolist()
+        == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
+    )
     assert zero_variance_groups(rewards, 6).tolist() == [False] * 12
     with pytest.raises(ValueError):
         zero_variance_groups(rewards, 5)
@@ -69,7 +83,9 @@ def test_zero_variance_groups():
 def _token_batch():
     # row 0, A = +1: ratios 1.5, 1.25, 0.5; row 1, A = -1: ratios 0.5, 1.0, then padding with a wild ratio of 10
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
-    log_ratio = torch.tensor([[math.log(1.5), math.log(1.25), math.log(0.5)], [math.log(0.5), 0.0, math.log(10.0)]])
+    log_ratio = torch.tensor(
+        [[math.log(1.5), math.log(1.25), math.log(0.5)], [math.log(0.5), 0.0, math.log(10.0)]]
+    )
     logp = (old + log_ratio).requires_grad_()
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     return logp, old, torch.tensor([1.0, -1.0]), mask
@@ -77,7 +93,9 @@ def _token_batch():
 
 def test_token_clipping_with_clip_higher():
     logp, old, adv, mask = _token_batch()
-    loss, clipfrac, approx_kl = clipped_policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    loss, clipfrac, approx_kl = clipped_policy_loss(
+        logp, old, adv, mask, eps_low=0.2, eps_high=0.28
+    )
     # row 0: max(-1.5, -1.28) = -1.28 (clipped above), max(-1.25, -1.25) = -1.25 (1.25 < 1.28: not clipped),
     #        max(-0.5, -0.8) = -0.5 (A > 0 and r low: the pessimistic bound keeps r); mean -1.01
     # row 1: max(0.5, 0.8) = 0.8 (clipped below), max(1.0, 1.0) = 1.0; mean 0.9. Answer mean (-1.01 + 0.9) / 2
@@ -107,7 +125,9 @@ def _sequence_batch():
 
 def test_sequence_ratio_value_and_gradient():
     logp, old, adv, mask = _sequence_batch()
-    loss, clipfrac, approx_kl = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, ratio_level="sequence")
+    loss, clipfrac, approx_kl = clipped_policy_loss(
+        logp, old, adv, mask, 0.2, 0.28, ratio_level="sequence"
+    )
     s0 = 1.2214028  # exp(0.2): the geometric mean of the token ratios, not their product exp(0.4)
     # per answer: -2 * s0 (unclipped), -1 * 1.28 (clipped above), +1 * 0.8 (clipped below); mean over 3 answers
     close(loss, (-2 * s0 - 1.28 + 0.8) / 3)
@@ -133,7 +153,9 @@ def test_sequence_ratio_gradient_matches_the_sequence_objective():
 def test_gspo_published_clip_range_clips_sequences():
     # with GSPO's eps 3e-4 / 4e-4 the answer with s = exp(0.2) is clipped too: no gradient anywhere
     logp, old, adv, mask = _sequence_batch()
-    loss, clipfrac, _ = clipped_policy_loss(logp, old, adv, mask, 3e-4, 4e-4, ratio_level="sequence")
+    loss, clipfrac, _ = clipped_policy_loss(
+        logp, old, adv, mask, 3e-4, 4e-4, ratio_level="sequence"
+    )
     close(loss, (-2 * 1.0004 - 1.0004 + 0.9997) / 3)
     close(clipfrac, 1.0)
     loss.backward()
@@ -146,15 +168,25 @@ LENGTH_MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
 
 
 def test_aggregations_weight_answers_differently():
-    close(aggregate(PER_TOKEN, LENGTH_MASK, "sequence_mean"), (1.0 + 3.0) / 2)  # each answer counts once: 2.0
-    close(aggregate(PER_TOKEN, LENGTH_MASK, "token_mean"), (4 * 1.0 + 3.0) / 5)  # the long answer dominates: 1.4
-    close(aggregate(PER_TOKEN, LENGTH_MASK, "constant", max_tokens=8), (4 * 1.0 + 3.0) / (2 * 8))  # 0.4375
+    close(
+        aggregate(PER_TOKEN, LENGTH_MASK, "sequence_mean"), (1.0 + 3.0) / 2
+    )  # each answer counts once: 2.0
+    close(
+        aggregate(PER_TOKEN, LENGTH_MASK, "token_mean"), (4 * 1.0 + 3.0) / 5
+    )  # the long answer dominates: 1.4
+    close(
+        aggregate(PER_TOKEN, LENGTH_MASK, "constant", max_tokens=8), (4 * 1.0 + 3.0) / (2 * 8)
+    )  # 0.4375
 
 
 def test_aggregation_token_weights():
     # the weight each token gets in the loss (its gradient): sequence_mean 1/(batch n_i), token_mean 1/sum n_i,
     # constant 1/(batch max_tokens); padding 0
-    expected = {"sequence_mean": ([1 / 8] * 4, 1 / 2), "token_mean": ([1 / 5] * 4, 1 / 5), "constant": ([1 / 16] * 4, 1 / 16)}
+    expected = {
+        "sequence_mean": ([1 / 8] * 4, 1 / 2),
+        "token_mean": ([1 / 5] * 4, 1 / 5),
+        "constant": ([1 / 16] * 4, 1 / 16),
+    }
     for name, (long_row, short_token) in expected.items():
         x = PER_TOKEN.clone().requires_grad_()
         aggregate(x, LENGTH_MASK, name, max_tokens=8).backward()
@@ -165,10 +197,14 @@ def test_aggregation_in_the_policy_loss():
     # ratio 1 everywhere: the loss is the aggregate of -A; A = -1 on the long answer, +3 on the short one
     logp = torch.zeros(2, 4)
     adv = torch.tensor([-1.0, 3.0])
-    for name, expected in (("sequence_mean", (1.0 - 3.0) / 2), ("token_mean", (4 * 1.0 - 3.0) / 5),
-                           ("constant", (4 * 1.0 - 3.0) / 16)):
-        loss, clipfrac, approx_kl = clipped_policy_loss(logp, logp, adv, LENGTH_MASK, 0.2, 0.2, aggregation=name,
-                                                        max_tokens=8)
+    for name, expected in (
+        ("sequence_mean", (1.0 - 3.0) / 2),
+        ("token_mean", (4 * 1.0 - 3.0) / 5),
+        ("constant", (4 * 1.0 - 3.0) / 16),
+    ):
+        loss, clipfrac, approx_kl = clipped_policy_loss(
+            logp, logp, adv, LENGTH_MASK, 0.2, 0.2, aggregation=name, max_tokens=8
+        )
         close(loss, expected)
         close(clipfrac, 0.0)
         close(approx_kl, 0.0)
@@ -197,21 +233,45 @@ def test_bad_loss_arguments():
 
 
 def test_variants_table():
-    keys = {"scale", "leave_one_out", "ratio_level", "aggregation", "dynamic_sampling", "eps_low", "eps_high"}
+    keys = {
+        "scale",
+        "leave_one_out",
+        "ratio_level",
+        "aggregation",
+        "dynamic_sampling",
+        "eps_low",
+        "eps_high",
+    }
     assert set(VARIANTS) == {"grpo", "dapo", "dr_grpo", "gspo", "rloo"}
     for settings in VARIANTS.values():
         assert set(settings) == keys
     assert VARIANTS["dapo"]["eps_high"] == 0.28 and VARIANTS["dapo"]["dynamic_sampling"]
     gspo = VARIANTS["gspo"]
     assert (gspo["eps_low"], gspo["eps_high"], gspo["ratio_level"]) == (3e-4, 4e-4, "sequence")
-    assert VARIANTS["dr_grpo"]["scale"] == "none" and VARIANTS["dr_grpo"]["aggregation"] == "constant"
+    assert (
+        VARIANTS["dr_grpo"]["scale"] == "none" and VARIANTS["dr_grpo"]["aggregation"] == "constant"
+    )
     assert VARIANTS["rloo"]["leave_one_out"] and VARIANTS["rloo"]["scale"] == "none"
     # every variant's settings are accepted by the functions
     logp, old, _, mask = _token_batch()
     for settings in VARIANTS.values():
-        adv = group_advantages(torch.tensor([1.0, 0.0]), 2, scale=settings["scale"], leave_one_out=settings["leave_one_out"])
+        adv = group_advantages(
+            torch.tensor([1.0, 0.0]),
+            2,
+            scale=settings["scale"],
+            leave_one_out=settings["leave_one_out"],
+        )
         eps_low = settings["eps_low"] if settings["eps_low"] is not None else 0.2
         eps_high = settings["eps_high"] if settings["eps_high"] is not None else eps_low
-        loss, _, _ = clipped_policy_loss(logp, old, adv, mask, eps_low, eps_high, ratio_level=settings["ratio_level"],
-                                         aggregation=settings["aggregation"], max_tokens=3)
+        loss, _, _ = clipped_policy_loss(
+            logp,
+            old,
+            adv,
+            mask,
+            eps_low,
+            eps_high,
+            ratio_level=settings["ratio_level"],
+            aggregation=settings["aggregation"],
+            max_tokens=3,
+        )
         assert torch.isfinite(loss)

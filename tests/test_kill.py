@@ -40,7 +40,7 @@ from tests.helpers import DATA, REPO
 
 # The audit hook: KILL_AT="SIGNAL:path/suffix" sends SIGNAL to this process when it opens a file whose path ends
 # with the suffix for writing (once).
-SITECUSTOMIZE = textwrap.dedent('''
+SITECUSTOMIZE = textwrap.dedent("""
     import os, signal, sys
 
     _spec = os.environ.get("KILL_AT")
@@ -59,7 +59,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                 os.kill(os.getpid(), getattr(signal, _sig))
 
         sys.addaudithook(_hook)
-''')
+""")
 
 
 def kill_hook(folder: Path) -> Path:
@@ -69,8 +69,12 @@ def kill_hook(folder: Path) -> Path:
     return folder
 
 
-def start(argv: list[str], hook: Path | None = None, kill_at: str | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(
+    argv: list[str],
+    hook: Path | None = None,
+    kill_at: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """A training subprocess in a session of its own (so a SIGKILL can take its whole process group, as a
     scheduler does), unbuffered so its log lines arrive as they are written."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -78,11 +82,20 @@ def start(argv: list[str], hook: Path | None = None, kill_at: str | None = None,
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     if kill_at:
         env["KILL_AT"] = kill_at
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def run(argv: list[str], hook: Path | None = None, kill_at: str | None = None, timeout: float = 300) -> tuple[int, str]:
+def run(
+    argv: list[str], hook: Path | None = None, kill_at: str | None = None, timeout: float = 300
+) -> tuple[int, str]:
     proc = start(argv, hook, kill_at)
     try:
         output = proc.communicate(timeout=timeout)[0]
@@ -127,7 +140,9 @@ def assert_no_process_left(out: Path, timeout: float = 30) -> None:
             except OSError:  # ended while we looked
                 continue
             if str(out).encode() in args and int(cmdline.parent.name) != os.getpid():
-                alive.append(f"{cmdline.parent.name}: {b' '.join(args).decode(errors='replace')[:200]}")
+                alive.append(
+                    f"{cmdline.parent.name}: {b' '.join(args).decode(errors='replace')[:200]}"
+                )
         if not alive or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -138,7 +153,13 @@ def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a (nested) state dict, keyed by its path."""
     if isinstance(obj, torch.Tensor):
         return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, (list, tuple))
+        else ()
+    )
     found = {}
     for key, value in items:
         found.update(tensors(value, f"{prefix}/{key}"))
@@ -159,16 +180,26 @@ def saved_tensors(folder: Path, recursive: bool = True) -> dict[str, torch.Tenso
 
 def assert_same_tensors(whole: Path, resumed: Path, last_checkpoint: str) -> None:
     """The final model and the last checkpoint of the resumed run equal the uninterrupted run's, bit for bit."""
-    for a_dir, b_dir, recursive in ((whole, resumed, False), (whole / last_checkpoint, resumed / last_checkpoint, True)):
+    for a_dir, b_dir, recursive in (
+        (whole, resumed, False),
+        (whole / last_checkpoint, resumed / last_checkpoint, True),
+    ):
         a, b = saved_tensors(a_dir, recursive), saved_tensors(b_dir, recursive)
         assert a and sorted(a) == sorted(b), (a_dir, sorted(a), sorted(b))
-        diffs = {k: (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in a}
+        diffs = {
+            k: (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+            for k in a
+        }
         assert max(diffs.values()) == 0, {k: d for k, d in diffs.items() if d}
 
 
 def checkpoint_steps(out: Path, complete: bool = True) -> list[int]:
     marker = "checkpoint_complete.json"
-    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / marker).is_file() == complete)
+    return sorted(
+        int(p.name.split("-")[1])
+        for p in out.glob("checkpoint-*")
+        if (p / marker).is_file() == complete
+    )
 
 
 # ---------------------------------------------------------------- PT (a Trainer stage)
@@ -180,12 +211,45 @@ PT_STEPS = 11
 
 def pt_argv(tiny_model: Path, out: Path, *extra: str) -> list[str]:
     # 4 accumulated micro-batches a step, so a step lasts much longer than sending a signal takes
-    return [sys.executable, "stages/pt.py", "--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "pt"),
-            "--output_dir", str(out), "--block_size", "64", "--per_device_train_batch_size", "8",
-            "--gradient_accumulation_steps", "4", "--max_steps", str(PT_STEPS), "--save_steps", "2",
-            "--logging_steps", "1", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--use_peft", "False",
-            "--do_eval", "False", "--validation_split_percentage", "0", "--report_to", "none", "--seed", "0",
-            "--disable_tqdm", "True", *extra]
+    return [
+        sys.executable,
+        "stages/pt.py",
+        "--model_name_or_path",
+        str(tiny_model),
+        "--train_file_dir",
+        str(DATA / "pt"),
+        "--output_dir",
+        str(out),
+        "--block_size",
+        "64",
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "4",
+        "--max_steps",
+        str(PT_STEPS),
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--use_peft",
+        "False",
+        "--do_eval",
+        "False",
+        "--validation_split_percentage",
+        "0",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "True",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +263,17 @@ def pt_whole(tiny_model, tmp_path_factory) -> Path:
 def stopped(code: int, output: str, out: Path, sig: signal.Signals) -> None:
     """What every interrupted run must leave: its exit code, no final model, no process alive."""
     assert code == (143 if sig == signal.SIGTERM else -sig), output[-3000:]
-    assert not (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
+    assert (
+        not (out / "model.safetensors").exists()
+        and not (out / "adapter_model.safetensors").exists()
+    )
     assert_no_process_left(out)
 
 
 @pytest.mark.slow
-def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_weights(tiny_model, pt_whole, tmp_path):
+def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_weights(
+    tiny_model, pt_whole, tmp_path
+):
     """One job interrupted four ways in a row (as on a preemptible queue), each rerun with `auto`:
     1. SIGKILL while checkpoint-4 is written (weights, optimizer, scheduler and RNG states on disk, not its
        trainer_state.json): checkpoint-4 has no COMPLETE mark; the rerun skips it with a warning and starts from
@@ -220,13 +289,19 @@ def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_w
     stopped(code, output, out, signal.SIGKILL)
     assert checkpoint_steps(out) == [2] and checkpoint_steps(out, complete=False) == [4]
 
-    code, output = run(pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"), hook,
-                       "SIGTERM:checkpoint-6/trainer_state.json")
+    code, output = run(
+        pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"),
+        hook,
+        "SIGTERM:checkpoint-6/trainer_state.json",
+    )
     assert f"skipping {out}/checkpoint-4: its save did not finish" in output, output[-3000:]
     assert f"resuming from {out}/checkpoint-2" in output
     stopped(code, output, out, signal.SIGTERM)
     assert checkpoint_steps(out) == [2, 4, 6, 7]
-    assert "stopped by SIGTERM after step 7 (saved checkpoint-7); rerun with --resume_from_checkpoint auto" in output
+    assert (
+        "stopped by SIGTERM after step 7 (saved checkpoint-7); rerun with --resume_from_checkpoint auto"
+        in output
+    )
 
     for sig in (signal.SIGKILL, signal.SIGTERM):
         proc = start(pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"))
@@ -237,7 +312,10 @@ def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_w
             assert f"resuming from {out}/checkpoint-7" in output and 8 in checkpoint_steps(out)
         else:
             step = max(checkpoint_steps(out))  # 10, unless this test was held up for a whole step
-            assert step < PT_STEPS and f"stopped by SIGTERM after step {step} (saved checkpoint-{step})" in output
+            assert (
+                step < PT_STEPS
+                and f"stopped by SIGTERM after step {step} (saved checkpoint-{step})" in output
+            )
 
     code, output = run(pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"))
     assert code == 0, output[-3000:]
@@ -252,6 +330,9 @@ def test_pt_resuming_a_finished_run_trains_no_more_steps(tiny_model, pt_whole, t
     shutil.copytree(pt_whole, out)
     code, output = run(pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"))
     assert code == 0, output[-3000:]
-    assert f"checkpoint-{PT_STEPS} is already at step {PT_STEPS} of {PT_STEPS}: nothing more to train" in output
+    assert (
+        f"checkpoint-{PT_STEPS} is already at step {PT_STEPS} of {PT_STEPS}: nothing more to train"
+        in output
+    )
     assert "'loss'" not in output and not (out / f"checkpoint-{PT_STEPS + 1}").exists()
     assert_same_tensors(pt_whole, out, f"checkpoint-{PT_STEPS}")

@@ -44,7 +44,13 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_until(
+    condition,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
     """Poll `condition` until it holds (returns its value); fail naming `what`, with the log's tail, on timeout
     or when `proc` ended first."""
     deadline = time.monotonic() + timeout
@@ -55,7 +61,9 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | No
         ended = proc is not None and proc.poll() is not None
         if ended or time.monotonic() > deadline:
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            pytest.fail(f"{what}: {'the process ended' if ended else f'not within {timeout} s'}\n{tail}")
+            pytest.fail(
+                f"{what}: {'the process ended' if ended else f'not within {timeout} s'}\n{tail}"
+            )
         time.sleep(0.2)
 
 
@@ -75,15 +83,42 @@ def run_dir(tmp_path):
 def start(argv: list[str], log: Path, **env: str) -> subprocess.Popen:
     """A launcher in a session of its own, as a job scheduler starts one: its process group is ours to kill."""
     with open(log, "w") as out:
-        return subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        return subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        )
 
 
 def sft_argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["bash", "run_sft.sh", "--model_name_or_path", str(model), "--template_name", "qwen",
-            "--train_file_dir", str(DATA / "sft"), "--validation_split_percentage", "0", "--output_dir", str(out),
-            "--use_peft", "False", "--model_max_length", "128", "--per_device_train_batch_size", "4",
-            "--report_to", "none", "--save_strategy", "no", *extra]
+    return [
+        "bash",
+        "run_sft.sh",
+        "--model_name_or_path",
+        str(model),
+        "--template_name",
+        "qwen",
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--validation_split_percentage",
+        "0",
+        "--output_dir",
+        str(out),
+        "--use_peft",
+        "False",
+        "--model_max_length",
+        "128",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        *extra,
+    ]
 
 
 def lock_owner(out: Path) -> dict | None:
@@ -110,19 +145,32 @@ def one_sentence_error(output: str) -> str:
 
 # --- the parts: parent-death signal and the output-folder lock, each in a bare Python process -----------------
 
-SLEEPER = "from pipeline.run.process import die_with_parent; import os, time; die_with_parent(); " \
-          "print(os.getpid(), flush=True); time.sleep(120)"
+SLEEPER = (
+    "from pipeline.run.process import die_with_parent; import os, time; die_with_parent(); "
+    "print(os.getpid(), flush=True); time.sleep(120)"
+)
 
 
 def test_a_process_dies_when_its_parent_is_sigkilled():
-    shell = subprocess.Popen(["bash", "-c", f"{sys.executable} -c '{SLEEPER}' & wait"], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    shell = subprocess.Popen(
+        ["bash", "-c", f"{sys.executable} -c '{SLEEPER}' & wait"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     child = int(shell.stdout.readline())
     try:
         shell.kill()
         shell.wait(timeout=10)
-        wait_until(lambda: not Path(f"/proc/{child}/cmdline").exists() or not Path(f"/proc/{child}/cmdline")
-                   .read_bytes(), 10, "the child outlived its parent")
+        wait_until(
+            lambda: (
+                not Path(f"/proc/{child}/cmdline").exists()
+                or not Path(f"/proc/{child}/cmdline").read_bytes()
+            ),
+            10,
+            "the child outlived its parent",
+        )
     finally:
         if Path(f"/proc/{child}").exists():
             os.kill(child, signal.SIGKILL)
@@ -134,23 +182,54 @@ def test_a_parent_that_died_before_prctl_is_noticed():
     gone = subprocess.Popen(["true"])
     gone.wait()
     code = "from pipeline.run.process import die_with_parent; die_with_parent(); print('alive')"
-    orphan = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "PIPELINE_PARENT_PID": str(gone.pid)})
+    orphan = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PIPELINE_PARENT_PID": str(gone.pid)},
+    )
     assert orphan.returncode == -signal.SIGTERM and "alive" not in orphan.stdout
-    stale = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30,
-                           env={**os.environ, "PIPELINE_PARENT_PID": "1"})
+    stale = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PIPELINE_PARENT_PID": "1"},
+    )
     assert stale.returncode == 0 and stale.stdout == "alive\n"
 
 
 def test_the_output_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     out = tmp_path / "out"
     locker = "import sys, time; from pipeline.errors import run_cli; from pipeline.run.process import lock_output_dir"
-    holder = subprocess.Popen([sys.executable, "-c", f"{locker}; lock_output_dir(sys.argv[1]); print('locked', flush=True); "
-                               "time.sleep(120)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"{locker}; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
-        second = subprocess.run([sys.executable, "-c", f"{locker}; run_cli(lambda: lock_output_dir(sys.argv[1]))", str(out)],
-                                cwd=REPO, capture_output=True, text=True, timeout=30)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"{locker}; run_cli(lambda: lock_output_dir(sys.argv[1]))",
+                str(out),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert second.returncode == 2
         assert f"is in use by another training run, pid {holder.pid} on " in second.stderr
         assert "wait for it to finish or stop it" in second.stderr
@@ -160,17 +239,34 @@ def test_the_output_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     # the kernel dropped the SIGKILLed holder's lock; taking it twice in one process is fine; at exit the file
     # goes, and so do the folders the process made for it
     fresh = tmp_path / "fresh" / "a"
-    third = subprocess.run([sys.executable, "-c", f"{locker}; [lock_output_dir(p) for p in sys.argv[1:] * 2]",
-                            str(out), str(fresh)], cwd=REPO, capture_output=True, text=True, timeout=30)
+    third = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"{locker}; [lock_output_dir(p) for p in sys.argv[1:] * 2]",
+            str(out),
+            str(fresh),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert third.returncode == 0, third.stderr
     assert not (out / LOCK_NAME).exists() and not (tmp_path / "fresh").exists()
 
 
 # --- run_sft.sh ------------------------------------------------------------------------------------------------
 
+
 def test_a_user_error_through_the_launcher_is_one_sentence_and_exit_2(tiny_model, run_dir):
-    proc = subprocess.run(sft_argv(tiny_model, run_dir, "--lora_rank", "0"), cwd=REPO, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        sft_argv(tiny_model, run_dir, "--lora_rank", "0"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--lora_rank must be positive" in one_sentence_error(proc.stderr)
     assert "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout
@@ -179,27 +275,46 @@ def test_a_user_error_through_the_launcher_is_one_sentence_and_exit_2(tiny_model
 @pytest.mark.slow
 def test_sigkill_of_run_sft_ends_its_worker(tiny_model, run_dir, tmp_path):
     log = tmp_path / "sft.log"
-    shell = start(sft_argv(tiny_model, run_dir, "--max_steps", "100000", "--logging_steps", "1"), log)
-    worker = wait_until(lambda: lock_owner(run_dir), 240, "the worker never took the output lock", shell, log)["pid"]
+    shell = start(
+        sft_argv(tiny_model, run_dir, "--max_steps", "100000", "--logging_steps", "1"), log
+    )
+    worker = wait_until(
+        lambda: lock_owner(run_dir), 240, "the worker never took the output lock", shell, log
+    )["pid"]
     wait_until(lambda: training(log), 240, "no training step was logged", shell, log)
     assert worker in processes_naming(str(run_dir))
     shell.kill()  # the stage's shell only: the launcher and its worker must follow it
     shell.wait(timeout=10)
-    wait_until(lambda: not processes_naming(str(run_dir)), 30, "processes of the killed run are still alive")
+    wait_until(
+        lambda: not processes_naming(str(run_dir)),
+        30,
+        "processes of the killed run are still alive",
+    )
 
 
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_output_dir_is_refused(tiny_model, run_dir, tmp_path):
     """...naming the first run's worker; then SIGTERM of the first's shell stops it with a checkpoint (exit 143)."""
     log = tmp_path / "first.log"
-    first = start(sft_argv(tiny_model, run_dir, "--max_steps", "100000", "--logging_steps", "1"), log)
-    worker = wait_until(lambda: lock_owner(run_dir), 240, "the worker never took the output lock", first, log)["pid"]
-    second = subprocess.run(sft_argv(tiny_model, run_dir, "--max_steps", "5"), cwd=REPO, capture_output=True,
-                            text=True, timeout=240)
+    first = start(
+        sft_argv(tiny_model, run_dir, "--max_steps", "100000", "--logging_steps", "1"), log
+    )
+    worker = wait_until(
+        lambda: lock_owner(run_dir), 240, "the worker never took the output lock", first, log
+    )["pid"]
+    second = subprocess.run(
+        sft_argv(tiny_model, run_dir, "--max_steps", "5"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert second.returncode == 2, second.stderr[-3000:]
     error = one_sentence_error(second.stderr)
     assert f"is in use by another training run, pid {worker} " in error and "stages/sft.py" in error
-    assert first.poll() is None and lock_owner(run_dir)["pid"] == worker, "the refused run disturbed the first"
+    assert first.poll() is None and lock_owner(run_dir)["pid"] == worker, (
+        "the refused run disturbed the first"
+    )
 
     wait_until(lambda: training(log), 240, "no training step was logged", first, log)
     first.send_signal(signal.SIGTERM)
@@ -210,6 +325,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(tiny_model, run_dir, tmp_p
 
 
 # --- run_pipeline.sh -------------------------------------------------------------------------------------------
+
 
 def long_pt_config(tmp_path: Path, model: Path) -> Path:
     config = tmp_path / "long.yaml"
@@ -226,8 +342,14 @@ flags:
 def start_pipeline(tmp_path: Path, model: Path, root: Path) -> tuple[subprocess.Popen, Path]:
     """run_pipeline.sh on the one-stage config, once its PT worker trains: (the pipeline, its log)."""
     log = tmp_path / "pipeline.log"
-    proc = start(["bash", "run_pipeline.sh", str(long_pt_config(tmp_path, model))], log, OUTPUT_ROOT=str(root))
-    wait_until(lambda: lock_owner(root / "pt"), 300, "the PT worker never took the output lock", proc, log)
+    proc = start(
+        ["bash", "run_pipeline.sh", str(long_pt_config(tmp_path, model))],
+        log,
+        OUTPUT_ROOT=str(root),
+    )
+    wait_until(
+        lambda: lock_owner(root / "pt"), 300, "the PT worker never took the output lock", proc, log
+    )
     wait_until(lambda: training(log), 240, "no training step was logged", proc, log)
     return proc, log
 
@@ -235,19 +357,29 @@ def start_pipeline(tmp_path: Path, model: Path, root: Path) -> tuple[subprocess.
 @pytest.mark.slow
 def test_sigkill_of_the_pipeline_process_group_ends_the_stage(tiny_model, run_dir, tmp_path):
     proc, _ = start_pipeline(tmp_path, tiny_model, run_dir)
-    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline, the stage's shell and the launcher; not the worker
+    os.killpg(
+        proc.pid, signal.SIGKILL
+    )  # the pipeline, the stage's shell and the launcher; not the worker
     proc.wait(timeout=10)
-    wait_until(lambda: not processes_naming(str(run_dir)), 30, "processes of the killed pipeline are still alive")
+    wait_until(
+        lambda: not processes_naming(str(run_dir)),
+        30,
+        "processes of the killed pipeline are still alive",
+    )
     assert not (run_dir / "pt" / "pipeline_stage_done").exists()
 
 
 @pytest.mark.slow
-def test_sigterm_of_the_pipeline_shell_stops_the_stage_then_exits_143(tiny_model, run_dir, tmp_path):
+def test_sigterm_of_the_pipeline_shell_stops_the_stage_then_exits_143(
+    tiny_model, run_dir, tmp_path
+):
     proc, log = start_pipeline(tmp_path, tiny_model, run_dir)
     proc.send_signal(signal.SIGTERM)  # the pipeline's shell alone, as `kill PID` does
     assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     assert not processes_naming(str(run_dir)), "the pipeline returned before its stage ended"
-    assert list((run_dir / "pt").glob("checkpoint-*/trainer_state.json")), "the stage saved no checkpoint"
+    assert list((run_dir / "pt").glob("checkpoint-*/trainer_state.json")), (
+        "the stage saved no checkpoint"
+    )
     assert not (run_dir / "pt" / "pipeline_stage_done").exists()
 
 
@@ -255,28 +387,51 @@ def test_a_bad_flag_in_the_last_stage_stops_the_pipeline_before_any_training(tin
     config = tmp_path / "bad.yaml"
     config.write_text(f"base_model: {tiny_model}\nflags:\n  dpo: {{beta: strong}}\n")
     root = tmp_path / "run"
-    proc = subprocess.run(["bash", "run_pipeline.sh", str(config)], cwd=REPO, capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "OUTPUT_ROOT": str(root)})
+    proc = subprocess.run(
+        ["bash", "run_pipeline.sh", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OUTPUT_ROOT": str(root)},
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
-        f"error: {config}: flags.dpo: argument --beta: invalid float value: 'strong'."]
+        f"error: {config}: flags.dpo: argument --beta: invalid float value: 'strong'."
+    ]
     assert not root.exists() and "== pt from" not in proc.stdout
 
 
 # --- the flag check itself, in this process ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stage", pipeline_config.STAGES)
-@pytest.mark.parametrize("flag, value, message", [
-    ("learning_rate", "fast", "--learning_rate/--learning-rate: invalid float value: 'fast'"),  # a type
-    ("lerning_rate", "0.1", "not used by the HfArgumentParser: ['--lerning_rate', '0.1']"),  # a name
-    ("lora_rank", 0, "--lora_rank must be positive, got 0"),  # a dataclass's own check
-])
-def test_every_stage_checks_its_flags_without_its_start_model(stage, flag, value, message, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        (
+            "learning_rate",
+            "fast",
+            "--learning_rate/--learning-rate: invalid float value: 'fast'",
+        ),  # a type
+        (
+            "lerning_rate",
+            "0.1",
+            "not used by the HfArgumentParser: ['--lerning_rate', '0.1']",
+        ),  # a name
+        ("lora_rank", 0, "--lora_rank must be positive, got 0"),  # a dataclass's own check
+    ],
+)
+def test_every_stage_checks_its_flags_without_its_start_model(
+    stage, flag, value, message, tmp_path, monkeypatch
+):
     monkeypatch.chdir(REPO)  # the config's data folders are relative to the repository
     path = tmp_path / "cfg.yaml"
     path.write_text(json.dumps({"flags": {stage: {flag: value}}}))  # JSON is YAML
     config = pipeline_config.load(str(path))
-    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: flags\.{stage}: .*{re.escape(message)}"):
+    with pytest.raises(
+        UserError, match=rf"^{re.escape(str(path))}: flags\.{stage}: .*{re.escape(message)}"
+    ):
         pipeline_config.check_flags(config, str(path), "/nonexistent/run")
 
 

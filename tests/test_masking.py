@@ -6,9 +6,13 @@ from transformers import AutoTokenizer
 from pipeline.data.masking import IGNORE_INDEX, Dropped, encode, encode_samples, too_long
 from pipeline.data.templates import apply_template_to_tokenizer, field_template_names, get_template
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is ka-bo?"},
-        {"role": "assistant", "content": "red"}, {"role": "user", "content": "lo-ri 是什么颜色?"},
-        {"role": "assistant", "content": "蓝色"}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What color is ka-bo?"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "lo-ri 是什么颜色?"},
+    {"role": "assistant", "content": "蓝色"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +30,28 @@ def trained_text(tok, enc) -> str:
 
 
 def expected_trained(template, answers) -> str:
-    gp_rest = template.assistant.split("{content}")[0][len(template.generation_prompt):]
+    gp_rest = template.assistant.split("{content}")[0][len(template.generation_prompt) :]
     end = template.turn_end
     parts = []
     for k, a in enumerate(answers):
-        closing = end if end else ("<|user|>" if k < len(answers) - 1 and template.user.startswith("<|user|>") else "")
+        closing = (
+            end
+            if end
+            else (
+                "<|user|>" if k < len(answers) - 1 and template.user.startswith("<|user|>") else ""
+            )
+        )
         parts.append(gp_rest + a + closing)
     text = "".join(parts)
     if not end:
-        text = text if template.user.startswith("<|user|>") else "".join(
-            gp_rest + a + (template.user.split("{content}")[0] if k < len(answers) - 1 else "") for k, a in enumerate(answers))
+        text = (
+            text
+            if template.user.startswith("<|user|>")
+            else "".join(
+                gp_rest + a + (template.user.split("{content}")[0] if k < len(answers) - 1 else "")
+                for k, a in enumerate(answers)
+            )
+        )
         text += template.final_turn_end
     return text
 
@@ -69,8 +85,12 @@ def test_multi_turn_modes(tokenizers):
     first, second = encode_samples(template, tok, conv, "split")
     assert trained_text(tok, everything) == "red<|im_end|>蓝色<|im_end|>"
     assert trained_text(tok, last) == "蓝色<|im_end|>" and last.input_ids == everything.input_ids
-    assert trained_text(tok, first) == "red<|im_end|>" and len(first.input_ids) < len(everything.input_ids)
-    assert trained_text(tok, second) == "蓝色<|im_end|>" and second.input_ids == everything.input_ids
+    assert trained_text(tok, first) == "red<|im_end|>" and len(first.input_ids) < len(
+        everything.input_ids
+    )
+    assert (
+        trained_text(tok, second) == "蓝色<|im_end|>" and second.input_ids == everything.input_ids
+    )
 
 
 def test_per_message_loss_and_train_on_inputs(tokenizers):
@@ -88,10 +108,20 @@ def test_truncation_keeps_whole_turns_and_drops_unsupervised(tokenizers):
     tok, template = tokenizers["qwen"], get_template("qwen")
     full = encode(template, tok, CONV)
     first_turn = encode(template, tok, CONV[:3])
-    cut = encode(template, tok, CONV, max_length=len(full.input_ids) - 3)  # ends inside the second answer
+    cut = encode(
+        template, tok, CONV, max_length=len(full.input_ids) - 3
+    )  # ends inside the second answer
     assert cut.input_ids == first_turn.input_ids[: len(cut.input_ids)] and cut.truncated
     assert trained_text(tok, cut) == "red<|im_end|>"
-    prompt_len = encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels.index(
-        next(label for label in encode(template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]).labels
-             if label != IGNORE_INDEX))
+    prompt_len = encode(
+        template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]
+    ).labels.index(
+        next(
+            label
+            for label in encode(
+                template, tok, CONV[:2] + [{"role": "assistant", "content": "x"}]
+            ).labels
+            if label != IGNORE_INDEX
+        )
+    )
     assert encode(template, tok, CONV, max_length=prompt_len) == Dropped(too_long(prompt_len))

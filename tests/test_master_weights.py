@@ -21,12 +21,19 @@ def _pair(seed: int = 0):
     torch.manual_seed(seed)
     reference = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
     half = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in reference]
-    with torch.no_grad():  # the reference starts from the bf16 values too (as the masters of a bf16 model do)
+    with (
+        torch.no_grad()
+    ):  # the reference starts from the bf16 values too (as the masters of a bf16 model do)
         for r, h in zip(reference, half):
             r.copy_(h)
-    groups = lambda ps: [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]  # noqa: E731
+    groups = lambda ps: [  # noqa: E731
+        {"params": [ps[0]], "weight_decay": 0.1},
+        {"params": [ps[1]], "weight_decay": 0.0},
+    ]
     ref_opt = torch.optim.AdamW(groups(reference), lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
-    opt = MasterWeightsAdamW.replacing(torch.optim.AdamW(groups(half), lr=1e-2, betas=(0.9, 0.95), eps=1e-6))
+    opt = MasterWeightsAdamW.replacing(
+        torch.optim.AdamW(groups(half), lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    )
     return reference, ref_opt, half, opt
 
 
@@ -34,7 +41,9 @@ def _steps(reference, ref_opt, half, opt, n: int, start: int = 0, schedules=()):
     for step in range(start, start + n):
         torch.manual_seed(100 + step)
         for r, h in zip(reference, half):
-            grad = torch.randn_like(r).to(torch.bfloat16)  # the model's backward gives bf16 gradients
+            grad = torch.randn_like(r).to(
+                torch.bfloat16
+            )  # the model's backward gives bf16 gradients
             r.grad, h.grad = grad.float(), grad.clone()
         ref_opt.step(), opt.step()
         for s in schedules:
@@ -44,14 +53,20 @@ def _steps(reference, ref_opt, half, opt, n: int, start: int = 0, schedules=()):
 
 def test_masters_step_as_adamw_on_float32_weights_and_follow_the_schedule():
     reference, ref_opt, half, opt = _pair()
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (ref_opt, opt)]
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (ref_opt, opt)
+    ]
     _steps(reference, ref_opt, half, opt, 5, schedules=schedules)
-    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] != 1e-2  # the masters below followed it
+    assert (
+        opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] != 1e-2
+    )  # the masters below followed it
     for r, m, h in zip(reference, opt.masters(), half):
         assert m.dtype == torch.float32 and h.dtype == torch.bfloat16
         assert torch.equal(m, r.detach())  # the float32 update itself, exactly
         assert torch.equal(h, r.detach().to(torch.bfloat16))  # the model holds its rounding
-    assert not torch.equal(reference[0].detach(), reference[0].detach().to(torch.bfloat16).float())  # not bf16 values
+    assert not torch.equal(
+        reference[0].detach(), reference[0].detach().to(torch.bfloat16).float()
+    )  # not bf16 values
 
 
 def test_masters_resume_exactly_from_the_optimizer_state(tmp_path):
@@ -60,13 +75,17 @@ def test_masters_resume_exactly_from_the_optimizer_state(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     _steps(reference, ref_opt, half, opt, 3, start=3)
 
-    _, _, half2, opt2 = _pair(seed=1)  # another start: everything must come from the saved state and weights
+    _, _, half2, opt2 = _pair(
+        seed=1
+    )  # another start: everything must come from the saved state and weights
     state = torch.load(tmp_path / "optimizer.pt", weights_only=False)
     with torch.no_grad():
         for h, m in zip(half2, state["masters"]):
             h.copy_(m)  # the checkpoint's saved weights
     opt2.load_state_dict(state)
-    ref_half = [torch.nn.Parameter(r.detach().clone()) for r in reference]  # unused reference stand-ins
+    ref_half = [
+        torch.nn.Parameter(r.detach().clone()) for r in reference
+    ]  # unused reference stand-ins
     _steps(ref_half, torch.optim.AdamW(ref_half), half2, opt2, 3, start=3)
     for m, m2 in zip(opt.masters(), opt2.masters()):
         assert torch.equal(m, m2)
@@ -74,36 +93,80 @@ def test_masters_resume_exactly_from_the_optimizer_state(tmp_path):
         opt2.load_state_dict(torch.optim.AdamW(half2).state_dict())
 
 
-def test_sft_with_master_weights_trains_like_the_default_saves_the_masters_and_resumes(tiny_model, tmp_path):
+def test_sft_with_master_weights_trains_like_the_default_saves_the_masters_and_resumes(
+    tiny_model, tmp_path
+):
     common = ("--bf16", "True", "--logging_steps", "1")
     default = train_sft(tiny_model, tmp_path / "default", 6, *common)
-    masters = train_sft(tiny_model, tmp_path / "masters", 6, *common, "--master_weights", "optimizer")
+    masters = train_sft(
+        tiny_model, tmp_path / "masters", 6, *common, "--master_weights", "optimizer"
+    )
 
     def losses(out):
-        return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        return [
+            h["loss"]
+            for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+            if "loss" in h
+        ]
 
     a, b = losses(default), losses(masters)
     assert len(a) == len(b) == 6 and b[-1] < b[0] - 0.5  # it learns
-    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(a)  # bf16 rounding of the forward's weights only
-    assert a != b  # with float32 weights left in the model the arithmetic would be the default's, exactly
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(
+        a
+    )  # bf16 rounding of the forward's weights only
+    assert (
+        a != b
+    )  # with float32 weights left in the model the arithmetic would be the default's, exactly
     saved = load_file(str(masters / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in saved.values())
-    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in saved.values())  # masters, not bf16 values
+    assert any(
+        not torch.equal(t, t.to(torch.bfloat16).float()) for t in saved.values()
+    )  # masters, not bf16 values
 
     # interrupted at step 3 and resumed: the same final weights as the uninterrupted run
-    straight = train_sft(tiny_model, tmp_path / "straight", 6, *common, "--master_weights", "optimizer",
-                         "--save_strategy", "steps", "--save_steps", "3")
+    straight = train_sft(
+        tiny_model,
+        tmp_path / "straight",
+        6,
+        *common,
+        "--master_weights",
+        "optimizer",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+    )
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
-    train_sft(tiny_model, resumed, 6, *common, "--master_weights", "optimizer", "--save_strategy", "steps",
-              "--save_steps", "3", "--resume_from_checkpoint", "auto")
-    end, again = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    train_sft(
+        tiny_model,
+        resumed,
+        6,
+        *common,
+        "--master_weights",
+        "optimizer",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "auto",
+    )
+    end, again = (
+        load_file(str(straight / "model.safetensors")),
+        load_file(str(resumed / "model.safetensors")),
+    )
     assert end.keys() == again.keys() and all(torch.equal(end[k], again[k]) for k in end)
 
 
-@pytest.mark.parametrize("flags, refused", [(("--use_peft", "True"), "adapters"),
-                                            (("--bf16", "False"), "--bf16 True"),
-                                            (("--bf16", "True", "--torch_dtype", "float32"), "--torch_dtype")])
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (("--use_peft", "True"), "adapters"),
+        (("--bf16", "False"), "--bf16 True"),
+        (("--bf16", "True", "--torch_dtype", "float32"), "--torch_dtype"),
+    ],
+)
 def test_master_weights_refused_where_it_would_do_nothing(tiny_model, tmp_path, flags, refused):
     with pytest.raises(UserError, match=refused):
         train_sft(tiny_model, tmp_path / "out", 1, "--master_weights", "optimizer", *flags)
@@ -111,14 +174,49 @@ def test_master_weights_refused_where_it_would_do_nothing(tiny_model, tmp_path, 
 
 def test_a_master_weights_checkpoint_is_not_resumed_as_plain_adamw(tiny_model, tmp_path):
     """Its moments sit beside the masters: a plain AdamW would load an empty state and restart Adam."""
-    out = train_sft(tiny_model, tmp_path / "run", 3, "--bf16", "True", "--master_weights", "optimizer",
-                    "--save_strategy", "steps", "--save_steps", "3")
+    out = train_sft(
+        tiny_model,
+        tmp_path / "run",
+        3,
+        "--bf16",
+        "True",
+        "--master_weights",
+        "optimizer",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+    )
     with pytest.raises(UserError, match="saved under --master_weights optimizer"):
-        train_sft(tiny_model, out, 6, "--bf16", "True", "--save_strategy", "steps", "--save_steps", "3",
-                  "--resume_from_checkpoint", "auto")
+        train_sft(
+            tiny_model,
+            out,
+            6,
+            "--bf16",
+            "True",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "3",
+            "--resume_from_checkpoint",
+            "auto",
+        )
 
 
 def test_master_weights_refuse_load_best_model_at_end(tiny_model, tmp_path):
     with pytest.raises(UserError, match="not of the best checkpoint"):
-        train_sft(tiny_model, tmp_path / "out", 1, "--bf16", "True", "--master_weights", "optimizer",
-                  "--load_best_model_at_end", "True", "--eval_strategy", "steps", "--save_strategy", "steps")
+        train_sft(
+            tiny_model,
+            tmp_path / "out",
+            1,
+            "--bf16",
+            "True",
+            "--master_weights",
+            "optimizer",
+            "--load_best_model_at_end",
+            "True",
+            "--eval_strategy",
+            "steps",
+            "--save_strategy",
+            "steps",
+        )

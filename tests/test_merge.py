@@ -11,10 +11,16 @@ from pipeline.model.merge import merge_adapter
 
 def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"]))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj", "v_proj"])
+    )
     torch.manual_seed(1)
-    with torch.no_grad():  # stand-in for training: move LoRA B and the score head away from their init
+    with (
+        torch.no_grad()
+    ):  # stand-in for training: move LoRA B and the score head away from their init
         for _name, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
@@ -23,12 +29,17 @@ def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
     tokenizer.save_pretrained(adapter_dir)
     merged_dir = merge_adapter(str(tiny_model), str(adapter_dir), str(tmp_path / "rm-merged"))
 
-    batch = tokenizer(["What color is ka-bo? red", "ka-bo 是什么颜色? 蓝色"], return_tensors="pt", padding=True)
-    reload = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    batch = tokenizer(
+        ["What color is ka-bo? red", "ka-bo 是什么颜色? 蓝色"], return_tensors="pt", padding=True
+    )
+    reload = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     adapter = PeftModel.from_pretrained(reload, adapter_dir).eval()
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
-    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1,
-                                                               pad_token_id=tokenizer.pad_token_id).eval()
+    fresh = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    ).eval()
     with torch.no_grad():
         want, got = adapter(**batch).logits, merged(**batch).logits
         assert torch.allclose(got, want, atol=1e-4)
@@ -47,17 +58,23 @@ def test_merge_refuses_a_base_other_than_the_adapters_own(tiny_model, tmp_path):
     adapter = train_sft(tiny_model, tmp_path / "lora", 2, "--use_peft", "True")
     assert (adapter / FINGERPRINT).is_file()
     other = build(tmp_path / "other-tiny", seed=7)  # same architecture and shapes, other weights
-    with pytest.raises(UserError, match=f"trained on {tiny_model}, but --base_model {other} holds other weights"):
+    with pytest.raises(
+        UserError, match=f"trained on {tiny_model}, but --base_model {other} holds other weights"
+    ):
         merge_adapter(str(other), str(adapter), str(tmp_path / "wrong"))
     assert not (tmp_path / "wrong").exists()
     # the same base saved in another dtype is still its own base
     same = tmp_path / "tiny-bf16"
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(same)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(same)
-    assert (merge_adapter(str(same), str(adapter), str(tmp_path / "merged")) / "config.json").is_file()
+    assert (
+        merge_adapter(str(same), str(adapter), str(tmp_path / "merged")) / "config.json"
+    ).is_file()
     # a reward-model folder as the base of a language-model adapter: no lm_head to merge into
     (adapter / FINGERPRINT).unlink()
     rm_folder = tmp_path / "rm"
-    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(rm_folder)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(
+        rm_folder
+    )
     with pytest.raises(UserError, match="without the language-model output head"):
         merge_adapter(str(rm_folder), str(adapter), str(tmp_path / "wrong-kind"))

@@ -33,8 +33,13 @@ def test_collator_pads_with_ignored_labels_on_real_data(tiny_model):
     dataset, report = load_text_dataset(str(DATA / "pt"), "--train_file_dir")
     assert report.read == len(dataset) > 0
     packed = tokenize_and_pack(dataset[:50], tokenizer, block_size=64)
-    features = [{"input_ids": i, "position_ids": p} for i, p in zip(packed["input_ids"], packed["position_ids"])]
-    batch = PackedBlockCollator(tokenizer.pad_token_id)(features[-3:])  # includes the short final block
+    features = [
+        {"input_ids": i, "position_ids": p}
+        for i, p in zip(packed["input_ids"], packed["position_ids"])
+    ]
+    batch = PackedBlockCollator(tokenizer.pad_token_id)(
+        features[-3:]
+    )  # includes the short final block
     labels = batch["labels"]
     assert (labels != tokenizer.pad_token_id).all()
     assert (labels == IGNORE_INDEX).any(), "the short final block should be padded"

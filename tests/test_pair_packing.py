@@ -22,8 +22,14 @@ def _pairs(tiny_model, whole: bool):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     template = get_template("qwen")
     apply_template_to_tokenizer(tokenizer, template)
-    dataset, _ = build_preference_dataset(str(DATA / "reward"), "--train_file_dir", template, tokenizer, 512,
-                                          whole_conversations=whole)
+    dataset, _ = build_preference_dataset(
+        str(DATA / "reward"),
+        "--train_file_dir",
+        template,
+        tokenizer,
+        512,
+        whole_conversations=whole,
+    )
     return tokenizer, dataset.select(range(6)).to_list()
 
 
@@ -52,8 +58,11 @@ def test_flatten_and_restore_keep_every_row_in_place():
 def test_packed_rewards_loss_and_gradients_equal_padded(tiny_model):
     tokenizer, pairs = _pairs(tiny_model, whole=True)
     torch.manual_seed(0)
-    model = _no_dropout(AutoModelForSequenceClassification.from_pretrained(
-        tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)).float()
+    model = _no_dropout(
+        AutoModelForSequenceClassification.from_pretrained(
+            tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+        )
+    ).float()
     batch = PairCollator(tokenizer.pad_token_id)(pairs)
     assert (batch["attention_mask"] == 0).any()  # the batch has padding to remove
 
@@ -64,7 +73,9 @@ def test_packed_rewards_loss_and_gradients_equal_padded(tiny_model):
     padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     padded_grads = _grads(model, loss_of(padded))
     unpadded_scores(model)
-    packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], unpad=True).logits
+    packed = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], unpad=True
+    ).logits
     assert torch.allclose(packed, padded, atol=1e-5)
     assert torch.allclose(loss_of(packed), loss_of(padded), atol=1e-6)
     packed_grads = _grads(model, loss_of(packed))
@@ -78,8 +89,13 @@ def test_packed_rewards_loss_and_gradients_equal_padded(tiny_model):
 
 def _dpo_logps(model, batch):
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                 fused_lm_head=True, use_cache=False).log_probs
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    ).log_probs
 
 
 def _dpo_loss(logps, ref):
@@ -99,8 +115,13 @@ def test_packed_dpo_log_probs_loss_and_gradients_equal_padded(tiny_model):
     padded = _dpo_logps(model, batch)
     padded_grads = _grads(model, _dpo_loss(padded, ref))
     # the fused head's per-token values against plain log-softmax of the logits
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    plain = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0] * batch["completion_mask"][:, 1:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+        :, :-1
+    ]
+    plain = (
+        logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        * batch["completion_mask"][:, 1:]
+    )
     assert torch.allclose(padded.detach(), plain.detach(), atol=1e-5)
 
     unpadded_log_probs(model)
@@ -138,14 +159,24 @@ def test_reward_packing_refuses_a_model_without_a_score_head(tiny_model):
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
-def test_pair_stages_pack_by_default_and_refuse_packing_with_prefix_tuning(tiny_model, tmp_path, stage):
+def test_pair_stages_pack_by_default_and_refuse_packing_with_prefix_tuning(
+    tiny_model, tmp_path, stage
+):
     import importlib
 
     from pipeline.errors import UserError
 
     parse = importlib.import_module(f"stages.{stage}").parse
-    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "reward"),
-            "--output_dir", str(tmp_path / stage), "--template_name", "qwen"]
+    base = [
+        "--model_name_or_path",
+        str(tiny_model),
+        "--train_file_dir",
+        str(DATA / "reward"),
+        "--output_dir",
+        str(tmp_path / stage),
+        "--template_name",
+        "qwen",
+    ]
 
     def packing(args):
         parsed = parse(base + args)
@@ -157,6 +188,8 @@ def test_pair_stages_pack_by_default_and_refuse_packing_with_prefix_tuning(tiny_
         with pytest.raises(UserError, match="prefix_tuning cannot train a reward model"):
             packing(["--peft_type", "prefix_tuning"])
         return
-    assert packing(["--peft_type", "prefix_tuning"]) is False  # virtual tokens change what a packed row computes
+    assert (
+        packing(["--peft_type", "prefix_tuning"]) is False
+    )  # virtual tokens change what a packed row computes
     with pytest.raises(UserError, match="cannot be combined with --peft_type prefix_tuning"):
         packing(["--peft_type", "prefix_tuning", "--packing", "True"])

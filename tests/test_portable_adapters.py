@@ -29,9 +29,14 @@ QUESTION = synthetic.question(synthetic.split_items()[1][0])
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """This interpreter on `args` in `cwd`, importing this checkout, never asking the hub."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +44,36 @@ def trained(tiny_model, tmp_path_factory) -> Path:
     """A LoRA SFT of 2 steps, run in `train/` with the paths typed relative to it: models/tiny -> outputs/lora."""
     root = tmp_path_factory.mktemp("portable") / "train"
     shutil.copytree(tiny_model, root / "models" / "tiny")
-    proc = run(str(REPO / "stages" / "sft.py"), "--model_name_or_path", "models/tiny", "--output_dir", "outputs/lora",
-               "--template_name", "qwen", "--train_file_dir", str(DATA / "sft"), "--validation_split_percentage", "0",
-               "--use_peft", "True", "--learning_rate", "3e-2", "--max_steps", "2", "--per_device_train_batch_size", "8",
-               "--model_max_length", "64", "--report_to", "none", "--save_strategy", "no", "--seed", "0", cwd=root)
+    proc = run(
+        str(REPO / "stages" / "sft.py"),
+        "--model_name_or_path",
+        "models/tiny",
+        "--output_dir",
+        "outputs/lora",
+        "--template_name",
+        "qwen",
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--validation_split_percentage",
+        "0",
+        "--use_peft",
+        "True",
+        "--learning_rate",
+        "3e-2",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--model_max_length",
+        "64",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "0",
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
@@ -53,12 +84,20 @@ def want(trained) -> str:
     base, adapter = trained / "models" / "tiny", trained / "outputs" / "lora"
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-    batch = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
+    batch = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=8, do_sample=False,
-                             eos_token_id=GenerationConfig.from_pretrained(adapter).eos_token_id)
-    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **batch,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=GenerationConfig.from_pretrained(adapter).eos_token_id,
+        )
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @contextlib.contextmanager
@@ -72,7 +111,17 @@ def base_gone(trained: Path):
 
 
 def chat_answer(adapter: Path, cwd: Path, *flags: str) -> str:
-    proc = run("-m", "pipeline.chat", str(adapter), "--prompt", QUESTION, "--max_new_tokens", "8", *flags, cwd=cwd)
+    proc = run(
+        "-m",
+        "pipeline.chat",
+        str(adapter),
+        "--prompt",
+        QUESTION,
+        "--max_new_tokens",
+        "8",
+        *flags,
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.removesuffix("\n")
 
@@ -95,15 +144,27 @@ with torch.no_grad():
 def test_training_records_where_the_base_is(trained):
     adapter = trained / "outputs" / "lora"
     base = str((trained / "models" / "tiny").resolve())
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert (
+        json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    )
     fingerprint = json.loads((adapter / FINGERPRINT).read_text())
-    assert fingerprint["base_model"] == base and fingerprint["relative_to_adapter"] == "../../models/tiny"
+    assert (
+        fingerprint["base_model"] == base
+        and fingerprint["relative_to_adapter"] == "../../models/tiny"
+    )
 
 
 def test_chat_merge_and_peft_load_it_from_another_directory(trained, want, tmp_path):
     adapter = trained / "outputs" / "lora"
     assert chat_answer(adapter, tmp_path) == want
-    merged = run(str(REPO / "merge_peft_adapter.py"), "--lora_model", str(adapter), "--output_dir", "merged", cwd=tmp_path)
+    merged = run(
+        str(REPO / "merge_peft_adapter.py"),
+        "--lora_model",
+        str(adapter),
+        "--output_dir",
+        "merged",
+        cwd=tmp_path,
+    )
     assert merged.returncode == 0, merged.stderr[-3000:]
     peft = run("-c", PEFT, str(adapter), "peft.pt", cwd=tmp_path)
     assert peft.returncode == 0, peft.stderr[-3000:]
@@ -114,62 +175,110 @@ def test_chat_merge_and_peft_load_it_from_another_directory(trained, want, tmp_p
 
 def test_both_folders_moved_together_still_load(trained, want, tmp_path):
     tree, flat, cwd = tmp_path / "tree", tmp_path / "flat", tmp_path / "cwd"
-    shutil.copytree(trained, tree)  # the whole tree: models/tiny is found at ../../models/tiny from the adapter
-    shutil.copytree(trained / "models" / "tiny", flat / "tiny")  # side by side: found beside the adapter
+    shutil.copytree(
+        trained, tree
+    )  # the whole tree: models/tiny is found at ../../models/tiny from the adapter
+    shutil.copytree(
+        trained / "models" / "tiny", flat / "tiny"
+    )  # side by side: found beside the adapter
     shutil.copytree(trained / "outputs" / "lora", flat / "lora")
     cwd.mkdir()
     with base_gone(trained):
         assert chat_answer(tree / "outputs" / "lora", cwd) == want
-        merged = run(str(REPO / "merge_peft_adapter.py"), "--lora_model", str(flat / "lora"), "--output_dir", "merged",
-                     cwd=cwd)
+        merged = run(
+            str(REPO / "merge_peft_adapter.py"),
+            "--lora_model",
+            str(flat / "lora"),
+            "--output_dir",
+            "merged",
+            cwd=cwd,
+        )
         assert merged.returncode == 0, merged.stderr[-3000:]
-        assert torch.allclose(logits(cwd / "merged"), logits(tree / "models" / "tiny", flat / "lora"), atol=1e-4)
+        assert torch.allclose(
+            logits(cwd / "merged"), logits(tree / "models" / "tiny", flat / "lora"), atol=1e-4
+        )
         model = chat.load_chat_model(str(flat / "lora"))
-        assert model.generate([[{"role": "user", "content": QUESTION}]], chat.Sampling(max_new_tokens=8))[0].text == want
+        assert (
+            model.generate(
+                [[{"role": "user", "content": QUESTION}]], chat.Sampling(max_new_tokens=8)
+            )[0].text
+            == want
+        )
 
 
 def test_base_model_override_and_the_sentence_when_nothing_resolves(trained, want, tmp_path):
     lone = tmp_path / "lone" / "lora"
     shutil.copytree(trained / "outputs" / "lora", lone)
     recorded = (trained / "models" / "tiny").resolve()
-    sentence = (f"error: the base model {recorded} recorded in {lone / 'adapter_config.json'} is not there, nor relative "
-                f"to the adapter, nor beside it as {lone.parent / 'tiny'}; pass --base_model with the base model's folder.")
+    sentence = (
+        f"error: the base model {recorded} recorded in {lone / 'adapter_config.json'} is not there, nor relative "
+        f"to the adapter, nor beside it as {lone.parent / 'tiny'}; pass --base_model with the base model's folder."
+    )
     with base_gone(trained):
         proc = run("-m", "pipeline.chat", str(lone), "--prompt", QUESTION, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == sentence
-        proc = run(str(REPO / "merge_peft_adapter.py"), "--lora_model", str(lone), "--output_dir", "m", cwd=tmp_path)
+        proc = run(
+            str(REPO / "merge_peft_adapter.py"),
+            "--lora_model",
+            str(lone),
+            "--output_dir",
+            "m",
+            cwd=tmp_path,
+        )
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == sentence
-        assert chat_answer(lone, tmp_path, "--base_model", str(trained / "models" / "tiny-away")) == want
+        assert (
+            chat_answer(lone, tmp_path, "--base_model", str(trained / "models" / "tiny-away"))
+            == want
+        )
         merge_adapter(str(trained / "models" / "tiny-away"), str(lone), str(tmp_path / "merged"))
     # an adapter from elsewhere whose base is a hub id: the hub is asked, and its failure named in the same way
     config = json.loads((lone / "adapter_config.json").read_text())
-    (lone / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "some-org/tiny-base"}))
+    (lone / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "some-org/tiny-base"})
+    )
     (lone / FINGERPRINT).unlink()
     proc = run("-m", "pipeline.chat", str(lone), "--prompt", QUESTION, cwd=tmp_path)
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last.startswith(
-        f"error: cannot load the base model some-org/tiny-base recorded in {lone / 'adapter_config.json'}: it is no "
-        "folder here, relative to or beside the adapter, and as a hub id it fails (") and \
-        last.endswith("); pass --base_model with the base model's folder.")
+    assert (
+        proc.returncode == 2
+        and last.startswith(
+            f"error: cannot load the base model some-org/tiny-base recorded in {lone / 'adapter_config.json'}: it is no "
+            "folder here, relative to or beside the adapter, and as a hub id it fails ("
+        )
+        and last.endswith("); pass --base_model with the base model's folder.")
+    )
 
 
 def test_a_base_with_other_weights_is_refused(trained, tmp_path):
     adapter = trained / "outputs" / "lora"
-    other = build(tmp_path / "other" / "tiny", seed=7)  # same architecture and shapes, other weights
+    other = build(
+        tmp_path / "other" / "tiny", seed=7
+    )  # same architecture and shapes, other weights
     recorded = (trained / "models" / "tiny").resolve()
-    with pytest.raises(UserError, match=f"--model {adapter} was trained on {recorded}, but --base_model {other} holds "
-                                        "other weights .*; give --base_model the folder of"):
+    with pytest.raises(
+        UserError,
+        match=f"--model {adapter} was trained on {recorded}, but --base_model {other} holds "
+        "other weights .*; give --base_model the folder of",
+    ):
         chat.load_chat_model(str(adapter), options=chat.LoadOptions(base_model=str(other)))
-    with pytest.raises(UserError, match=f"--lora_model {adapter} was trained on {recorded}, but --base_model {other} "
-                                        f"holds other weights .*; merge into {recorded}"):
+    with pytest.raises(
+        UserError,
+        match=f"--lora_model {adapter} was trained on {recorded}, but --base_model {other} "
+        f"holds other weights .*; merge into {recorded}",
+    ):
         merge_adapter(str(other), str(adapter), str(tmp_path / "wrong"))
     # a folder of the same name beside the adapter, but not its base
     beside = tmp_path / "other" / "lora"
     shutil.copytree(adapter, beside)
     with base_gone(trained):
-        for load in (lambda: chat.load_chat_model(str(beside)),
-                     lambda: merge_adapter(None, str(beside), str(tmp_path / "wrong"))):
-            with pytest.raises(UserError, match=f"was trained on {recorded}, but the base found beside the adapter at "
-                                                f"{other} holds other weights .*; pass --base_model with the folder of"):
+        for load in (
+            lambda: chat.load_chat_model(str(beside)),
+            lambda: merge_adapter(None, str(beside), str(tmp_path / "wrong")),
+        ):
+            with pytest.raises(
+                UserError,
+                match=f"was trained on {recorded}, but the base found beside the adapter at "
+                f"{other} holds other weights .*; pass --base_model with the folder of",
+            ):
                 load()
     assert not (tmp_path / "wrong").exists()

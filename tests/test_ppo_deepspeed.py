@@ -18,38 +18,88 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 def run_ppo(policy, reward, out, *extra, steps=3):
     env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
-    flags = common(policy, reward, out, "--per_device_train_batch_size", "8", "--mini_batch_size", "4",
-                   "--gradient_accumulation_steps", "2", "--ppo_epochs", "2", "--max_steps", str(steps),
-                   "--save_steps", "2", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant", *extra)
-    run = subprocess.run(["bash", "run_ppo.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    flags = common(
+        policy,
+        reward,
+        out,
+        "--per_device_train_batch_size",
+        "8",
+        "--mini_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--ppo_epochs",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        "2",
+        "--learning_rate",
+        "3e-4",
+        "--lr_scheduler_type",
+        "constant",
+        *extra,
+    )
+    run = subprocess.run(
+        ["bash", "run_ppo.sh", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return [untimed(h) for h in json.loads((out / "trainer_state.json").read_text())["log_history"]]
 
 
-@pytest.mark.parametrize("config, method", [("zero2.json", "lora"), ("zero3.json", "full"), ("zero3.json", "lora")])
-def test_ppo_under_deepspeed_matches_trains_resumes_and_saves(weak_sft_model, reward_model, tmp_path, config, method):
+@pytest.mark.parametrize(
+    "config, method", [("zero2.json", "lora"), ("zero3.json", "full"), ("zero3.json", "lora")]
+)
+def test_ppo_under_deepspeed_matches_trains_resumes_and_saves(
+    weak_sft_model, reward_model, tmp_path, config, method
+):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     peft = ["--use_peft", "True"] if method == "lora" else ["--use_peft", "False"]
     plain = run_ppo(weak_sft_model, reward_model, tmp_path / "plain", *peft, steps=1)
     ds = tmp_path / "ds"
-    history = run_ppo(weak_sft_model, reward_model, ds, *peft, "--deepspeed", f"deepspeed_configs/{config}")
+    history = run_ppo(
+        weak_sft_model, reward_model, ds, *peft, "--deepspeed", f"deepspeed_configs/{config}"
+    )
     # the rollouts (generation, reward and reference under the engine) are the plain loop's exactly
-    for key in ("objective/scores", "objective/kl", "objective/entropy", "value/mean", "response_length"):
+    for key in (
+        "objective/scores",
+        "objective/kl",
+        "objective/entropy",
+        "value/mean",
+        "response_length",
+    ):
         assert history[0][key] == pytest.approx(plain[0][key], rel=1e-5, abs=1e-6), key
     # the update: ZeRO-2 equals the plain loop; ZeRO-3's first-step losses differ by ~8% (measured 0.486 vs 0.525,
     # with or without clipping and overlap_comm; not yet explained), so only closeness is asserted there
     exact = config == "zero2.json"
     for key in ("loss", "loss/policy", "loss/value") if exact else ("loss", "loss/value"):
-        assert history[0][key] == pytest.approx(plain[0][key], rel=1e-4 if exact else 0.15, abs=1e-6), key
-    assert (ds / "checkpoint-2" / "deepspeed").is_dir() and (ds / "checkpoint-2" / "value_model").is_dir()
+        assert history[0][key] == pytest.approx(
+            plain[0][key], rel=1e-4 if exact else 0.15, abs=1e-6
+        ), key
+    assert (ds / "checkpoint-2" / "deepspeed").is_dir() and (
+        ds / "checkpoint-2" / "value_model"
+    ).is_dir()
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(ds / "checkpoint-2", resumed / "checkpoint-2")
-    again = run_ppo(weak_sft_model, reward_model, resumed, *peft, "--deepspeed", f"deepspeed_configs/{config}",
-                    "--resume_from_checkpoint", "auto")
+    again = run_ppo(
+        weak_sft_model,
+        reward_model,
+        resumed,
+        *peft,
+        "--deepspeed",
+        f"deepspeed_configs/{config}",
+        "--resume_from_checkpoint",
+        "auto",
+    )
     assert again[-1]["step"] == 3 and again[-1] == pytest.approx(history[-1], rel=1e-5)
 
     if method == "lora":
@@ -58,4 +108,7 @@ def test_ppo_under_deepspeed_matches_trains_resumes_and_saves(weak_sft_model, re
         model = AutoModelForCausalLM.from_pretrained(ds)
     base = AutoModelForCausalLM.from_pretrained(weak_sft_model)
     assert all(p.numel() > 0 for p in model.parameters())  # no empty ZeRO-3 placeholders were saved
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), base.state_dict().values())
+    )

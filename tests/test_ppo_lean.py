@@ -10,12 +10,19 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from pipeline.rl import ppo_math
-from pipeline.rl.rollout import Trajectory, chunked_full_kl, response_hidden, token_logprobs_and_entropy
+from pipeline.rl.rollout import (
+    Trajectory,
+    chunked_full_kl,
+    response_hidden,
+    token_logprobs_and_entropy,
+)
 
 
 def full_logits(model, traj):
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False)
+    out = model(
+        input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False
+    )
     return out.logits[:, traj.query_len - 1 : -1]
 
 
@@ -30,12 +37,16 @@ def trajectory(vocab):
 
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("chunk", [5, 1024])
-def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(tiny_model, lora, chunk, monkeypatch):
+def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(
+    tiny_model, lora, chunk, monkeypatch
+):
     monkeypatch.setattr("pipeline.rl.rollout.LOGIT_CHUNK", chunk)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
     traj = trajectory(model.config.vocab_size)
     temperature = 0.7
 
@@ -48,7 +59,9 @@ def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(tiny_model
 
     logp, entropy = token_logprobs_and_entropy(model, traj, temperature)
     real = traj.response_mask.bool()  # padding-free: a column after a row's stop token has no state
-    assert torch.allclose(logp[real], want_logp[real], atol=1e-5) and torch.allclose(entropy[real], want_entropy[real], atol=1e-5)
+    assert torch.allclose(logp[real], want_logp[real], atol=1e-5) and torch.allclose(
+        entropy[real], want_entropy[real], atol=1e-5
+    )
     assert not entropy.requires_grad
     (logp * traj.response_mask).sum().backward()
     for name, p in model.named_parameters():
@@ -58,7 +71,9 @@ def test_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(tiny_model
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         want_kl = ppo_math.full_kl(full_logits(model, traj), full_logits(ref, traj))
-        kl = chunked_full_kl(*response_hidden(model, traj), *response_hidden(ref, traj), chunk=chunk)
+        kl = chunked_full_kl(
+            *response_hidden(model, traj), *response_hidden(ref, traj), chunk=chunk
+        )
     assert torch.allclose(kl[real], want_kl[real], atol=1e-5)
 
 
@@ -79,7 +94,9 @@ def test_values_are_scored_at_the_answer_states_only(tiny_model):
     from pipeline.rl.models import ValueModel
     from pipeline.rl.rollout import values
 
-    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float32)
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, dtype=torch.float32
+    )
     value = ValueModel(classifier)
     traj = trajectory(classifier.config.vocab_size)
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
@@ -87,7 +104,9 @@ def test_values_are_scored_at_the_answer_states_only(tiny_model):
     with torch.no_grad():
         everywhere = value(traj.ids, traj.mask, positions)[:, traj.query_len - 1 : -1]
         assert torch.allclose(values(value, traj, packed=False), everywhere, atol=1e-6)
-        assert torch.allclose(values(value, traj)[real], everywhere[real], atol=1e-5)  # padding-free
+        assert torch.allclose(
+            values(value, traj)[real], everywhere[real], atol=1e-5
+        )  # padding-free
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -101,11 +120,22 @@ def test_padding_free_update_equals_the_padded_one(tiny_model, lora):
 
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float32)
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, dtype=torch.float32
+    )
     if lora:
-        policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        classifier = get_peft_model(classifier, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS",
-                                                           init_lora_weights=False))
+        policy = get_peft_model(
+            policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+        classifier = get_peft_model(
+            classifier,
+            LoraConfig(
+                r=4,
+                target_modules=["q_proj", "v_proj"],
+                task_type="SEQ_CLS",
+                init_lora_weights=False,
+            ),
+        )
     value = ValueModel(classifier)
     traj = trajectory(policy.config.vocab_size)
     traj.mask[1, :1] = 0  # three prompt lengths
@@ -115,7 +145,12 @@ def test_padding_free_update_equals_the_padded_one(tiny_model, lora):
         logp = token_logprobs_and_entropy(policy, traj, 0.9, with_entropy=False, packed=packed)[0]
         v = values(value, traj, packed=packed)
         ((logp * real).sum() + (v * real).square().sum()).backward()
-        grads = {n: p.grad.clone() for model in (policy, classifier) for n, p in model.named_parameters() if p.grad is not None}
+        grads = {
+            n: p.grad.clone()
+            for model in (policy, classifier)
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
         policy.zero_grad(set_to_none=True), classifier.zero_grad(set_to_none=True)
         results[packed] = logp.detach()[real], v.detach()[real], grads
     (lp0, v0, g0), (lp1, v1, g1) = results[False], results[True]
@@ -138,12 +173,24 @@ def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
-    targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
-                            per_device_train_batch_size=3, per_device_eval_batch_size=3)
+    prompts = [
+        Prompt([], "", None, tokenizer(t).input_ids)
+        for t in ("What color is ka-bo?", "Hello there, who")
+    ]
+    targs = SimpleNamespace(
+        device=torch.device("cpu"),
+        bf16=False,
+        fp16=False,
+        process_index=0,
+        world_size=1,
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=3,
+    )
     answers = {}
     for cache in ("dynamic", "static", "auto"):
-        args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache=cache)
+        args = SimpleNamespace(
+            max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache=cache
+        )
         rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
         assert rollouts.cache_kind() == ("static" if cache == "static" else "dynamic")
         traj = rollouts.generate(prompts, sample=False)
@@ -154,7 +201,9 @@ def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
     assert rollouts.static_shape(1, 30) == (3, 64) and rollouts.static_shape(4, 30) == (4, 64)
 
 
-def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(tiny_model, monkeypatch):
+def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(
+    tiny_model, monkeypatch
+):
     """On a GPU the padding-free passes use the varlen attention kernel (here its CPU stand-in). With gradient
     checkpointing the backward pass recomputes the forward, so the kernel must stay selected over the whole
     update: inside packed_attention the gradients equal the padded batch's; a backward after leaving it
@@ -173,20 +222,32 @@ def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(t
     traj = trajectory(policy.config.vocab_size)
     real = traj.response_mask.bool()
     used = []
-    monkeypatch.setitem(attention.KERNEL, "fn", lambda *a: used.append(1) or attention.reference_varlen(*a))
+    monkeypatch.setitem(
+        attention.KERNEL, "fn", lambda *a: used.append(1) or attention.reference_varlen(*a)
+    )
 
     grads = {}
     for packed in (False, True):
-        with rollout.packed_attention(policy) if packed else nullcontext():  # the padded batch: SDPA with its mask
-            logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False, packed=packed)[0]
+        with (
+            rollout.packed_attention(policy) if packed else nullcontext()
+        ):  # the padded batch: SDPA with its mask
+            logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False, packed=packed)[
+                0
+            ]
             (logp * real).sum().backward()
-        grads[packed] = {n: p.grad.float().clone() for n, p in policy.named_parameters() if p.grad is not None}
+        grads[packed] = {
+            n: p.grad.float().clone() for n, p in policy.named_parameters() if p.grad is not None
+        }
         policy.zero_grad(set_to_none=True)
-    assert used and policy.config._attn_implementation == "sdpa"  # the kernel ran; the model is given back as it was
+    assert (
+        used and policy.config._attn_implementation == "sdpa"
+    )  # the kernel ran; the model is given back as it was
     for name, g in grads[False].items():
         assert torch.allclose(g, grads[True][name], atol=0.05, rtol=0.05), name  # bf16
 
-    logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False)[0]  # packed, context left after forward
+    logp = token_logprobs_and_entropy(policy, traj, 1.0, with_entropy=False)[
+        0
+    ]  # packed, context left after forward
     with pytest.raises(CheckpointError):
         (logp * real).sum().backward()
 
@@ -200,18 +261,35 @@ def test_auto_picks_the_static_cache_on_a_gpu(tiny_model):
 
     from pipeline.rl.rollout import Rollouts
 
-    args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="auto")
+    args = SimpleNamespace(
+        max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="auto"
+    )
     kinds = {}
     for dtype in (torch.bfloat16, torch.float32):
         for device in ("cuda", "cpu"):
             model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
-            targs = SimpleNamespace(device=torch.device(device), bf16=True, fp16=False, process_index=0, world_size=1,
-                                    per_device_train_batch_size=2, per_device_eval_batch_size=2)
+            targs = SimpleNamespace(
+                device=torch.device(device),
+                bf16=True,
+                fp16=False,
+                process_index=0,
+                world_size=1,
+                per_device_train_batch_size=2,
+                per_device_eval_batch_size=2,
+            )
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns
-                kinds[dtype, device] = Rollouts(model, None, None, None, None, args, targs).cache_kind()
-    assert kinds == {(torch.bfloat16, "cuda"): "static", (torch.float32, "cuda"): "static",
-                     (torch.bfloat16, "cpu"): "dynamic", (torch.float32, "cpu"): "dynamic"}
+                warnings.simplefilter(
+                    "ignore"
+                )  # torch.autocast("cuda") on a machine without CUDA warns
+                kinds[dtype, device] = Rollouts(
+                    model, None, None, None, None, args, targs
+                ).cache_kind()
+    assert kinds == {
+        (torch.bfloat16, "cuda"): "static",
+        (torch.float32, "cuda"): "static",
+        (torch.bfloat16, "cpu"): "dynamic",
+        (torch.float32, "cpu"): "dynamic",
+    }
 
 
 def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(tiny_model):
@@ -226,10 +304,22 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
     from pipeline.rl.rollout import Rollouts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    prompts = [Prompt([], "", None, tokenizer(t).input_ids) for t in ("What color is ka-bo?", "Hello there, who")]
-    targs = SimpleNamespace(device=torch.device("cpu"), bf16=True, fp16=False, process_index=0, world_size=1,
-                            per_device_train_batch_size=2, per_device_eval_batch_size=2)
-    args = SimpleNamespace(max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
+    prompts = [
+        Prompt([], "", None, tokenizer(t).input_ids)
+        for t in ("What color is ka-bo?", "Hello there, who")
+    ]
+    targs = SimpleNamespace(
+        device=torch.device("cpu"),
+        bf16=True,
+        fp16=False,
+        process_index=0,
+        world_size=1,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+    )
+    args = SimpleNamespace(
+        max_new_tokens=6, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static"
+    )
 
     def answers_of(model):
         rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
@@ -244,7 +334,12 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
     master = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rollouts, answers = answers_of(master)
     assert rollouts.half_copy is not None and next(master.parameters()).dtype == torch.float32
-    assert answers == answers_of(cast_params(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)))[1]
+    assert (
+        answers
+        == answers_of(
+            cast_params(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+        )[1]
+    )
 
     copy_weight = rollouts.half_copy.model.lm_head.weight
     address = copy_weight.data_ptr()
@@ -255,7 +350,9 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
     moved = cast_params(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     moved.load_state_dict({k: v.to(torch.bfloat16) for k, v in master.state_dict().items()})
     assert changed != answers and changed == answers_of(moved)[1]
-    assert rollouts.half_copy.model.lm_head.weight is copy_weight and copy_weight.data_ptr() == address
+    assert (
+        rollouts.half_copy.model.lm_head.weight is copy_weight and copy_weight.data_ptr() == address
+    )
     assert torch.equal(copy_weight, master.lm_head.weight.to(torch.bfloat16))
 
 
@@ -271,16 +368,33 @@ def test_the_held_out_evaluation_batches_by_per_device_eval_batch_size(tiny_mode
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    prompts = [Prompt([], "", "red", tokenizer(f"What color is ka-bo {i}?").input_ids) for i in range(5)]
-    args = SimpleNamespace(max_new_tokens=3, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="dynamic",
-                           reward_func_list=["exact_match"])
+    prompts = [
+        Prompt([], "", "red", tokenizer(f"What color is ka-bo {i}?").input_ids) for i in range(5)
+    ]
+    args = SimpleNamespace(
+        max_new_tokens=3,
+        model_max_length=70,
+        temperature=1.0,
+        top_p=1.0,
+        rollout_cache="dynamic",
+        reward_func_list=["exact_match"],
+    )
     sizes = {}
     for eval_batch in (2, 5):
-        targs = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
-                                per_device_train_batch_size=4, per_device_eval_batch_size=eval_batch)
+        targs = SimpleNamespace(
+            device=torch.device("cpu"),
+            bf16=False,
+            fp16=False,
+            process_index=0,
+            world_size=1,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=eval_batch,
+        )
         rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
         seen, generate = [], rollouts.generate
-        rollouts.generate = lambda batch, sample, seen=seen, generate=generate: seen.append(len(batch)) or generate(batch, sample)
+        rollouts.generate = lambda batch, sample, seen=seen, generate=generate: (
+            seen.append(len(batch)) or generate(batch, sample)
+        )
         assert rollouts.evaluate(prompts)["eval_samples"] == 5
         sizes[eval_batch] = seen
     assert sizes == {2: [2, 2, 1], 5: [5]}
@@ -295,9 +409,20 @@ def test_quantized_weights_decode_as_they_are_not_through_a_half_copy(tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     packed = model.model.layers[0].mlp.down_proj
-    packed.weight = torch.nn.Parameter(torch.zeros(packed.weight.shape, dtype=torch.uint8), requires_grad=False)
-    targs = SimpleNamespace(device=torch.device("cpu"), bf16=True, fp16=False, process_index=0, world_size=1,
-                            per_device_train_batch_size=2, per_device_eval_batch_size=2)
-    args = SimpleNamespace(max_new_tokens=4, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static")
+    packed.weight = torch.nn.Parameter(
+        torch.zeros(packed.weight.shape, dtype=torch.uint8), requires_grad=False
+    )
+    targs = SimpleNamespace(
+        device=torch.device("cpu"),
+        bf16=True,
+        fp16=False,
+        process_index=0,
+        world_size=1,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+    )
+    args = SimpleNamespace(
+        max_new_tokens=4, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="static"
+    )
     rollouts = Rollouts(model, None, None, None, None, args, targs)
     assert rollouts.decoder(static=True) is model and rollouts.half_copy is None

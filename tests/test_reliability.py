@@ -28,10 +28,30 @@ STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo")
 
 def stage_argv(stage: str, model, out, *extra, reward=None) -> list[str]:
     """A small valid command line for `stage` on the shipped data."""
-    data = {"pt": DATA / "pt", "sft": DATA / "sft", "rm": DATA / "reward", "dpo": DATA / "reward", "ppo": DATA / "sft",
-            "grpo": DATA / "sft"}[stage]
-    argv = ["--model_name_or_path", str(model), "--train_file_dir", str(data), "--output_dir", str(out),
-            "--report_to", "none", "--max_steps", "8", "--logging_steps", "1", "--seed", "0"]
+    data = {
+        "pt": DATA / "pt",
+        "sft": DATA / "sft",
+        "rm": DATA / "reward",
+        "dpo": DATA / "reward",
+        "ppo": DATA / "sft",
+        "grpo": DATA / "sft",
+    }[stage]
+    argv = [
+        "--model_name_or_path",
+        str(model),
+        "--train_file_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "8",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "0",
+    ]
     if stage == "pt":
         argv += ["--block_size", "64"]
     else:
@@ -67,17 +87,38 @@ def untrained_rm(tiny_model, tmp_path_factory) -> Path:
 def finite_weights(folder: Path) -> bool:
     from safetensors.torch import load_file
 
-    return all(torch.isfinite(t).all() for f in folder.glob("*.safetensors") for t in load_file(str(f)).values())
+    return all(
+        torch.isfinite(t).all()
+        for f in folder.glob("*.safetensors")
+        for t in load_file(str(f)).values()
+    )
 
 
 def test_diverged_sft_logs_nan_stops_and_keeps_the_checkpoint_before(tiny_model, tmp_path, capsys):
     out = tmp_path / "sft"
-    argv = stage_argv("sft", tiny_model, out, "--use_peft", "False", "--learning_rate", "1e10", "--save_steps", "1",
-                      "--report_to", "tensorboard", "--per_device_train_batch_size", "4", "--packing", "False")
+    argv = stage_argv(
+        "sft",
+        tiny_model,
+        out,
+        "--use_peft",
+        "False",
+        "--learning_rate",
+        "1e10",
+        "--save_steps",
+        "1",
+        "--report_to",
+        "tensorboard",
+        "--per_device_train_batch_size",
+        "4",
+        "--packing",
+        "False",
+    )
     code, err = run_stage("sft", argv, capsys)
     assert code == 2 and "Traceback" not in err
     sentence = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(sentence) == 1 and "diverged" in sentence[0] and "last finite loss" in sentence[0], err
+    assert len(sentence) == 1 and "diverged" in sentence[0] and "last finite loss" in sentence[0], (
+        err
+    )
     assert "--learning_rate" in sentence[0]
     assert not list(out.glob("*.safetensors")) and not (out / "train_results.json").exists()
     # the step before the divergence was checkpointed whole and finite; no checkpoint of a non-finite step exists
@@ -86,16 +127,39 @@ def test_diverged_sft_logs_nan_stops_and_keeps_the_checkpoint_before(tiny_model,
     assert is_complete(checkpoints[0]) and finite_weights(checkpoints[0])
     # the non-finite loss is logged as NaN, never as 0
     losses = read_scalars(out / "logs", "train/loss")
-    assert math.isfinite(losses[0]) and any(math.isnan(v) for v in losses[1:]) and 0.0 not in losses, losses
+    assert (
+        math.isfinite(losses[0]) and any(math.isnan(v) for v in losses[1:]) and 0.0 not in losses
+    ), losses
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,extra", [("pt", ()), ("rm", ()), ("dpo", ()), ("dpo", ("--loss_type", "kto")),
-                                         ("dpo", ("--loss_type", "orpo")), ("ppo", ()), ("grpo", ())])
-def test_every_stage_stops_a_diverged_run_without_a_model(stage, extra, tiny_model, untrained_rm, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "stage,extra",
+    [
+        ("pt", ()),
+        ("rm", ()),
+        ("dpo", ()),
+        ("dpo", ("--loss_type", "kto")),
+        ("dpo", ("--loss_type", "orpo")),
+        ("ppo", ()),
+        ("grpo", ()),
+    ],
+)
+def test_every_stage_stops_a_diverged_run_without_a_model(
+    stage, extra, tiny_model, untrained_rm, tmp_path, capsys
+):
     out = tmp_path / "out"
-    argv = stage_argv(stage, tiny_model, out, "--use_peft", "False", "--learning_rate", "1e10", *extra,
-                      reward=untrained_rm)
+    argv = stage_argv(
+        stage,
+        tiny_model,
+        out,
+        "--use_peft",
+        "False",
+        "--learning_rate",
+        "1e10",
+        *extra,
+        reward=untrained_rm,
+    )
     code, err = run_stage(stage, argv, capsys)
     assert code == 2 and "Traceback" not in err, err
     assert "diverged" in err and "no model was saved" in err, err
@@ -128,9 +192,17 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path
     model.get_input_embeddings().register_forward_hook(NaNOnce(at=2))
     ids = [list(range(5 + i, 37 + i)) for i in range(32)]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=5, per_device_train_batch_size=4,
-                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             logging_nan_inf_filter=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        logging_nan_inf_filter=False,
+    )
     weights = {}
 
     class Snapshot(TrainerCallback):
@@ -147,7 +219,9 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path
     assert all(math.isfinite(v) for i, v in enumerate(losses) if i != 1), losses
     assert guard.steps.total == 1
     assert torch.equal(weights[1], weights[2]), "the NaN step was applied"
-    assert not torch.equal(weights[2], weights[3]) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(weights[2], weights[3]) and all(
+        torch.isfinite(p).all() for p in model.parameters()
+    )
 
 
 class Constant:
@@ -167,11 +241,23 @@ def test_a_collapsed_run_with_a_zero_gradient_stops_without_a_model(tiny_model, 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     model.model.norm.register_forward_hook(Constant())
     ids = [list(range(5 + i, 37 + i)) for i in range(32)]
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=6, per_device_train_batch_size=4,
-                             logging_steps=1, report_to=[], save_strategy="no", logging_nan_inf_filter=False)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        logging_nan_inf_filter=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+    )
     trainer.add_callback(DivergenceGuard(trainer, limit=3))
-    with pytest.raises(UserError, match="cannot learn any more: the last 3 steps .* gradient norm of exactly 0"):
+    with pytest.raises(
+        UserError, match="cannot learn any more: the last 3 steps .* gradient norm of exactly 0"
+    ):
         trainer.train()
     assert trainer.state.global_step == 3
 
@@ -226,22 +312,39 @@ def test_generation_from_nan_weights_is_an_error_not_a_crash(tiny_model):
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("where", ["model", "inside-model", "inside-data", "reward"])
-def test_output_dir_never_lands_on_what_the_run_reads(stage, where, tiny_model, untrained_rm, tmp_path):
+def test_output_dir_never_lands_on_what_the_run_reads(
+    stage, where, tiny_model, untrained_rm, tmp_path
+):
     if where == "reward" and stage not in ("ppo", "grpo"):
         pytest.skip("only the RL stages read a reward model")
     model = tmp_path / "start"
     shutil.copytree(tiny_model, model)
     data = tmp_path / "data"
     shutil.copytree(stage_argv(stage, model, "x")[3], data)
-    out = {"model": model, "inside-model": model / "run", "inside-data": data / "run", "reward": untrained_rm}[where]
+    out = {
+        "model": model,
+        "inside-model": model / "run",
+        "inside-data": data / "run",
+        "reward": untrained_rm,
+    }[where]
     before = folder_state(model), folder_state(untrained_rm)
-    argv = stage_argv(stage, model, out, "--overwrite_output_dir", "True", "--resume_from_checkpoint", "auto",
-                      reward=untrained_rm)
+    argv = stage_argv(
+        stage,
+        model,
+        out,
+        "--overwrite_output_dir",
+        "True",
+        "--resume_from_checkpoint",
+        "auto",
+        reward=untrained_rm,
+    )
     argv[argv.index("--train_file_dir") + 1] = str(data)
     with pytest.raises(UserError, match="--output_dir .* (is the folder|is inside) of --"):
         import_module(f"stages.{stage}").main(argv)
@@ -268,14 +371,21 @@ def numeric_fields() -> dict[str, str]:
             hints = typing.get_type_hints(cls)
             for f in dataclasses.fields(cls):
                 kind = str(hints[f.name])
-                if f.init and "str" not in kind and "bool" not in kind and ("int" in kind or "float" in kind):
+                if (
+                    f.init
+                    and "str" not in kind
+                    and "bool" not in kind
+                    and ("int" in kind or "float" in kind)
+                ):
                     found.setdefault(f.name, stage)
     return found
 
 
 def test_every_numeric_flag_has_a_stated_range():
     unstated = sorted(set(numeric_fields()) - set(NUMBER_BOUNDS) - UNBOUNDED)
-    assert not unstated, f"give these flags a range in pipeline/args/checks.py NUMBER_BOUNDS (or list them UNBOUNDED): {unstated}"
+    assert not unstated, (
+        f"give these flags a range in pipeline/args/checks.py NUMBER_BOUNDS (or list them UNBOUNDED): {unstated}"
+    )
 
 
 def out_of_range(bounds) -> float:
@@ -286,13 +396,19 @@ def out_of_range(bounds) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(NUMBER_BOUNDS))
-def test_a_number_out_of_its_range_is_refused_naming_the_flag(name, tiny_model, untrained_rm, tmp_path):
+def test_a_number_out_of_its_range_is_refused_naming_the_flag(
+    name, tiny_model, untrained_rm, tmp_path
+):
     stage = numeric_fields().get(name)
     if stage is None:
         pytest.skip(f"no stage takes --{name}")
     value = out_of_range(NUMBER_BOUNDS[name])
-    argv = stage_argv(stage, tiny_model, tmp_path / "out", f"--{name}", f"{value:g}", reward=untrained_rm)
-    with pytest.raises(UserError, match=f"--{name}\\b"):  # the table's sentence, or the owning class's own check
+    argv = stage_argv(
+        stage, tiny_model, tmp_path / "out", f"--{name}", f"{value:g}", reward=untrained_rm
+    )
+    with pytest.raises(
+        UserError, match=f"--{name}\\b"
+    ):  # the table's sentence, or the owning class's own check
         import_module(f"stages.{stage}").parse(argv)
 
 
@@ -307,10 +423,25 @@ def test_non_finite_numbers_are_refused(value, tiny_model, tmp_path):
 def test_negative_numbers_parse_as_values(tiny_model, tmp_path):
     from stages import rm
 
-    *_, training_args = rm.parse(stage_argv("rm", tiny_model, tmp_path / "o", "--max_steps", "-1", "--num_train_epochs",
-                                            "1", "--center_rewards_coefficient", "1e-2", "--local_rank", "-1"))
+    *_, training_args = rm.parse(
+        stage_argv(
+            "rm",
+            tiny_model,
+            tmp_path / "o",
+            "--max_steps",
+            "-1",
+            "--num_train_epochs",
+            "1",
+            "--center_rewards_coefficient",
+            "1e-2",
+            "--local_rank",
+            "-1",
+        )
+    )
     assert training_args.max_steps == -1 and training_args.center_rewards_coefficient == 1e-2
-    with pytest.raises(UserError, match="--learning_rate must be > 0, got -0.001"):  # a range error, not a usage dump
+    with pytest.raises(
+        UserError, match="--learning_rate must be > 0, got -0.001"
+    ):  # a range error, not a usage dump
         rm.parse(stage_argv("rm", tiny_model, tmp_path / "o", "--learning_rate", "-1e-3"))
 
 
@@ -323,30 +454,89 @@ def test_deepspeed_config_mistakes_name_the_file(tiny_model, tmp_path):
         sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad)))
     bad.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": "auto"}))
     with pytest.raises(UserError, match="train_batch_size 64 but the flags give 16"):
-        sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad), "--per_device_train_batch_size",
-                             "4", "--gradient_accumulation_steps", "4"))
+        sft.parse(
+            stage_argv(
+                "sft",
+                tiny_model,
+                tmp_path / "o",
+                "--deepspeed",
+                str(bad),
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "4",
+            )
+        )
     bad.write_text(json.dumps({"gradient_accumulation_steps": 2}))
-    with pytest.raises(UserError, match="gradient_accumulation_steps 2 but --gradient_accumulation_steps is 1"):
+    with pytest.raises(
+        UserError, match="gradient_accumulation_steps 2 but --gradient_accumulation_steps is 1"
+    ):
         sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad)))
     # values the Trainer would only compare when training starts (a traceback then): one sentence now
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5,
-                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
-    with pytest.raises(UserError, match=r"gradient_clipping=0.5 in the file but --max_grad_norm=1.0; optimizer.params.lr="):
-        sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad), "--learning_rate", "2e-4"))
+    bad.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "gradient_clipping": 0.5,
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            }
+        )
+    )
+    with pytest.raises(
+        UserError,
+        match=r"gradient_clipping=0.5 in the file but --max_grad_norm=1.0; optimizer.params.lr=",
+    ):
+        sft.parse(
+            stage_argv(
+                "sft",
+                tiny_model,
+                tmp_path / "o",
+                "--deepspeed",
+                str(bad),
+                "--learning_rate",
+                "2e-4",
+            )
+        )
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "LOCAL_WORLD_SIZE",
+        )
+    }
 
 
 @pytest.mark.slow
 def test_deepspeed_without_a_launcher_runs_as_one_process(tiny_model, tmp_path):
     out = tmp_path / "ds"
-    argv = stage_argv("sft", tiny_model, out, "--use_peft", "False", "--max_steps", "2", "--deepspeed",
-                      str(REPO / "deepspeed_configs" / "zero2.json"))
-    proc = subprocess.run([sys.executable, "stages/sft.py", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env=clean_env())
+    argv = stage_argv(
+        "sft",
+        tiny_model,
+        out,
+        "--use_peft",
+        "False",
+        "--max_steps",
+        "2",
+        "--deepspeed",
+        str(REPO / "deepspeed_configs" / "zero2.json"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "stages/sft.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=clean_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "without a launcher" in proc.stdout + proc.stderr
     assert (out / "model.safetensors").is_file() and finite_weights(out)
@@ -380,10 +570,25 @@ def test_merge_and_chat_name_a_damaged_adapter(tiny_model, tmp_path, capsys):
     sft.main(stage_argv("sft", tiny_model, adapter, "--max_steps", "1", "--save_strategy", "no"))
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    proc = subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(tiny_model), "--lora_model",
-                           str(adapter), "--output_dir", str(tmp_path / "merged")], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "truncated" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "merge_peft_adapter.py",
+            "--base_model",
+            str(tiny_model),
+            "--lora_model",
+            str(adapter),
+            "--output_dir",
+            str(tmp_path / "merged"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "truncated" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"')
     with pytest.raises(UserError, match=r"adapter_config.json:1: not valid JSON"):
         load_chat_model(str(adapter))
@@ -391,35 +596,61 @@ def test_merge_and_chat_name_a_damaged_adapter(tiny_model, tmp_path, capsys):
 
 def unshare_available() -> bool:
     try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+        return (
+            subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
-def in_small_disk(folder: Path, mount_options: str, command: list[str]) -> subprocess.CompletedProcess:
+def in_small_disk(
+    folder: Path, mount_options: str, command: list[str]
+) -> subprocess.CompletedProcess:
     """Run `command` with a tmpfs (mount_options) on `folder`, in a private mount namespace (no root needed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    script = f"mount -t tmpfs -o {mount_options} tmpfs {folder} && exec \"$@\""
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *command], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=clean_env())
+    script = f'mount -t tmpfs -o {mount_options} tmpfs {folder} && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
 
 
-@pytest.mark.skipif(not unshare_available(), reason="needs user namespaces (unshare -rm) to mount a small tmpfs")
-def test_a_full_disk_during_a_checkpoint_is_one_sentence_and_keeps_the_last_checkpoint(tiny_model, tmp_path):
+@pytest.mark.skipif(
+    not unshare_available(), reason="needs user namespaces (unshare -rm) to mount a small tmpfs"
+)
+def test_a_full_disk_during_a_checkpoint_is_one_sentence_and_keeps_the_last_checkpoint(
+    tiny_model, tmp_path
+):
     out = tmp_path / "full"
     # one checkpoint of the tiny model (weights + Adam state) takes ~6 MB: the second one does not fit
-    argv = stage_argv("sft", tiny_model, out, "--use_peft", "False", "--max_steps", "3", "--save_steps", "1")
+    argv = stage_argv(
+        "sft", tiny_model, out, "--use_peft", "False", "--max_steps", "3", "--save_steps", "1"
+    )
     proc = in_small_disk(out, "size=9m", [sys.executable, "stages/sft.py", *argv])
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
-    assert "no space left on device" in errors[0] and str(out) in errors[0] and "checkpoint-1 stays" in errors[0]
+    assert (
+        "no space left on device" in errors[0]
+        and str(out) in errors[0]
+        and "checkpoint-1 stays" in errors[0]
+    )
 
 
-@pytest.mark.skipif(not unshare_available(), reason="needs user namespaces (unshare -rm) to mount a read-only tmpfs")
+@pytest.mark.skipif(
+    not unshare_available(), reason="needs user namespaces (unshare -rm) to mount a read-only tmpfs"
+)
 def test_a_read_only_output_folder_is_refused_before_work(tiny_model, tmp_path):
     out = tmp_path / "ro"
-    proc = in_small_disk(out, "ro,size=1m", [sys.executable, "stages/pt.py",
-                                             *stage_argv("pt", tiny_model, out / "run")])
+    proc = in_small_disk(
+        out,
+        "ro,size=1m",
+        [sys.executable, "stages/pt.py", *stage_argv("pt", tiny_model, out / "run")],
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "cannot be written" in proc.stderr and "read-only" in proc.stderr

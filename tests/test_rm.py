@@ -18,8 +18,24 @@ from pipeline.train.losses import pairwise_loss
 from stages import rm
 from tests.helpers import DATA, REPO
 
-COMMON = ["--template_name", "qwen", "--train_file_dir", str(DATA / "reward"), "--per_device_train_batch_size", "16",
-          "--model_max_length", "128", "--report_to", "none", "--logging_steps", "50", "--save_strategy", "no", "--seed", "0"]
+COMMON = [
+    "--template_name",
+    "qwen",
+    "--train_file_dir",
+    str(DATA / "reward"),
+    "--per_device_train_batch_size",
+    "16",
+    "--model_max_length",
+    "128",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "50",
+    "--save_strategy",
+    "no",
+    "--seed",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +58,53 @@ def test_rm_reaches_95_percent_heldout_accuracy(sft_model, reward_model, heldout
 @pytest.mark.slow
 def test_lora_rm_merge_gives_the_same_rewards(sft_model, tmp_path, heldout_pairs):
     out = tmp_path / "rm-lora"
-    rm.main(["--model_name_or_path", str(sft_model), "--output_dir", str(out), "--validation_split_percentage", "0",
-             "--use_peft", "True", "--learning_rate", "2e-3", "--max_steps", "20", *COMMON])
+    rm.main(
+        [
+            "--model_name_or_path",
+            str(sft_model),
+            "--output_dir",
+            str(out),
+            "--validation_split_percentage",
+            "0",
+            "--use_peft",
+            "True",
+            "--learning_rate",
+            "2e-3",
+            "--max_steps",
+            "20",
+            *COMMON,
+        ]
+    )
     merged = tmp_path / "rm-merged"
-    subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(sft_model), "--lora_model", str(out),
-                    "--output_dir", str(merged)], cwd=REPO, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "merge_peft_adapter.py",
+            "--base_model",
+            str(sft_model),
+            "--lora_model",
+            str(out),
+            "--output_dir",
+            str(merged),
+        ],
+        cwd=REPO,
+        check=True,
+    )
     tokenizer = AutoTokenizer.from_pretrained(out)
-    base = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        sft_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     adapter = PeftModel.from_pretrained(base, out).eval()
     want = rewards(adapter, tokenizer, heldout_pairs[:8])
-    got = rewards(AutoModelForSequenceClassification.from_pretrained(merged).eval(), AutoTokenizer.from_pretrained(merged),
-                  heldout_pairs[:8])
+    got = rewards(
+        AutoModelForSequenceClassification.from_pretrained(merged).eval(),
+        AutoTokenizer.from_pretrained(merged),
+        heldout_pairs[:8],
+    )
     assert torch.allclose(got, want, atol=1e-3)
-    fresh = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    fresh = AutoModelForSequenceClassification.from_pretrained(
+        sft_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     assert not torch.allclose(rewards(fresh.eval(), tokenizer, heldout_pairs[:8]), want, atol=1e-2)
 
 
@@ -72,10 +122,14 @@ def test_every_preference_format_is_read():
 def test_identical_pairs_are_reported_and_bad_records_named(tmp_path):
     path = tmp_path / "d" / "pairs.jsonl"
     path.parent.mkdir()
-    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "same", "rejected": "same"}\n')
+    path.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "same", "rejected": "same"}\n'
+    )
     pairs, report = read_preferences(str(path.parent), "--train_file_dir")
     assert len(pairs) == 1 and report.dropped == {"chosen equals rejected": 1}
-    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n')
+    path.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n'
+    )
     with pytest.raises(UserError, match=r"pairs.jsonl:2: \"chosen\" must be a non-empty answer"):
         read_preferences(str(path.parent), "--train_file_dir")
 
@@ -83,9 +137,13 @@ def test_identical_pairs_are_reported_and_bad_records_named(tmp_path):
 def test_a_bad_margin_is_named_with_file_and_line(tmp_path):
     path = tmp_path / "d" / "pairs.jsonl"
     path.parent.mkdir()
-    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5}\n'
-                    '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": null}\n')
-    with pytest.raises(UserError, match=r"pairs.jsonl:2: \"margin\" must be a finite number, got None"):
+    path.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": null}\n'
+    )
+    with pytest.raises(
+        UserError, match=r"pairs.jsonl:2: \"margin\" must be a finite number, got None"
+    ):
         read_preferences(str(path.parent), "--train_file_dir")
     pairs, report = read_preferences(str(path.parent), "--train_file_dir", skip_invalid=True)
     assert [p["margin"] for p in pairs] == [1.5] and sum(report.dropped.values()) == 1
@@ -95,7 +153,9 @@ def test_pairwise_loss_by_hand():
     chosen, rejected = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5])
     # plain: mean of -log sigmoid(1) and -log sigmoid(-1)
     plain = (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2
-    assert pairwise_loss(chosen, rejected, torch.zeros(2), 0.0).item() == pytest.approx(plain, rel=1e-6)
+    assert pairwise_loss(chosen, rejected, torch.zeros(2), 0.0).item() == pytest.approx(
+        plain, rel=1e-6
+    )
     # margins 0.5 and 1: -log sigmoid(0.5) and -log sigmoid(-2); centering 0.1 * mean((1)^2, (0)^2) = 0.05
     with_margin = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(2)))) / 2
     got = pairwise_loss(chosen, rejected, torch.tensor([0.5, 1.0]), 0.1).item()
@@ -104,8 +164,23 @@ def test_pairwise_loss_by_hand():
 
 def test_qlora_rm_trains_and_saves_the_score_head(sft_model, tmp_path):
     out = tmp_path / "rm-qlora"
-    rm.main(["--model_name_or_path", str(sft_model), "--output_dir", str(out), "--validation_split_percentage", "0",
-             "--qlora", "True", "--learning_rate", "2e-3", "--max_steps", "3", *COMMON])
+    rm.main(
+        [
+            "--model_name_or_path",
+            str(sft_model),
+            "--output_dir",
+            str(out),
+            "--validation_split_percentage",
+            "0",
+            "--qlora",
+            "True",
+            "--learning_rate",
+            "2e-3",
+            "--max_steps",
+            "3",
+            *COMMON,
+        ]
+    )
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])
     from safetensors import safe_open

@@ -27,7 +27,9 @@ def chats(tiny_model):
 def test_best_fit_decreasing_places_every_sample_whole_and_fills_rows():
     lengths = [5, 3, 4, 2, 6, 1, 7, 7]
     rows = best_fit_decreasing(lengths, capacity=7)
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each sample once, whole
+    assert sorted(i for row in rows for i in row) == list(
+        range(len(lengths))
+    )  # each sample once, whole
     assert all(sum(lengths[i] for i in row) <= 7 for row in rows)
     assert len(rows) == 5 == -(-sum(lengths) // 7)  # 35 tokens in 5 full rows: the fewest possible
     with pytest.raises(ValueError, match="cannot fit"):
@@ -40,9 +42,15 @@ def test_rows_restart_positions_and_never_train_a_sample_start(chats):
     for row in rows:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert len(starts) == row["samples"] and starts[0] == 0
-        assert all(row["labels"][s] == IGNORE_INDEX for s in starts)  # no token predicted across samples
-    trained = sorted(t for r in rows for t, label in zip(r["input_ids"], r["labels"]) if label != IGNORE_INDEX)
-    assert trained == sorted(t for s in chats for t, label in zip(s["input_ids"], s["labels"]) if label != IGNORE_INDEX)
+        assert all(
+            row["labels"][s] == IGNORE_INDEX for s in starts
+        )  # no token predicted across samples
+    trained = sorted(
+        t for r in rows for t, label in zip(r["input_ids"], r["labels"]) if label != IGNORE_INDEX
+    )
+    assert trained == sorted(
+        t for s in chats for t, label in zip(s["input_ids"], s["labels"]) if label != IGNORE_INDEX
+    )
 
 
 def _per_sample_logits(model, batch, lengths):
@@ -50,7 +58,7 @@ def _per_sample_logits(model, batch, lengths):
     logits = model(**batch, use_cache=False).logits[0]
     out, start = [], 0
     for n in lengths:
-        out.append(logits[start:start + n])
+        out.append(logits[start : start + n])
         start += n
     return out
 
@@ -64,11 +72,20 @@ def test_packed_logits_loss_and_gradients_equal_unpacked(tiny_model, chats):
             m.p = 0.0
     rows = pack_rows(chats, capacity=512)
     packed = FlatteningCollator()(rows)
-    order = [i for members in best_fit_decreasing([len(s["input_ids"]) for s in chats], 512) for i in members]
-    packed_logits = _per_sample_logits(model, {k: v for k, v in packed.items() if k != "labels"},
-                                       [len(chats[i]["input_ids"]) for i in order])
+    order = [
+        i
+        for members in best_fit_decreasing([len(s["input_ids"]) for s in chats], 512)
+        for i in members
+    ]
+    packed_logits = _per_sample_logits(
+        model,
+        {k: v for k, v in packed.items() if k != "labels"},
+        [len(chats[i]["input_ids"]) for i in order],
+    )
     padded = PaddingCollator(pad_token_id=0)([chats[i] for i in order])
-    alone = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
+    alone = model(
+        input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False
+    ).logits
     for k, i in enumerate(order):
         n = len(chats[i]["input_ids"])
         assert torch.allclose(packed_logits[k], alone[k, :n], atol=1e-5), i
@@ -78,7 +95,9 @@ def test_packed_logits_loss_and_gradients_equal_unpacked(tiny_model, chats):
     def loss_and_grads(batch):
         model.zero_grad()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        hidden = model(
+            **inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1
+        ).hidden_states[-1]
         total, count = causal_lm_loss_sum(hidden, batch["labels"], head, chunk_size=64)
         (total / count).backward()
         return total.item(), count.item(), [p.grad.clone() for p in model.parameters()]
@@ -94,12 +113,17 @@ def test_changing_one_sample_leaves_the_others_alone(tiny_model, chats):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     rows = pack_rows(chats[:3], capacity=1024)
     assert len(rows) == 1
-    lengths = [len(chats[i]["input_ids"]) for i in best_fit_decreasing([len(s["input_ids"]) for s in chats[:3]], 1024)[0]]
+    lengths = [
+        len(chats[i]["input_ids"])
+        for i in best_fit_decreasing([len(s["input_ids"]) for s in chats[:3]], 1024)[0]
+    ]
     batch = {k: v for k, v in FlatteningCollator()(rows).items() if k != "labels"}
     with torch.no_grad():
         before = _per_sample_logits(model, batch, lengths)
         changed = {k: v.clone() for k, v in batch.items()}
-        changed["input_ids"][0, : lengths[0]] = changed["input_ids"][0, : lengths[0]].flip(0)  # scramble sample 0
+        changed["input_ids"][0, : lengths[0]] = changed["input_ids"][0, : lengths[0]].flip(
+            0
+        )  # scramble sample 0
         after = _per_sample_logits(model, changed, lengths)
     assert not torch.allclose(before[0], after[0])
     assert all(torch.equal(b, a) for b, a in zip(before[1:], after[1:]))
@@ -116,11 +140,15 @@ def test_chunked_loss_equals_cross_entropy_in_value_and_gradient():
     mine = (hidden.grad.clone(), head.weight.grad.clone())
     hidden.grad, head.weight.grad = None, None
     logits = head(hidden)[:, :-1]
-    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    plain = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     plain.backward()
     assert count.item() == (labels[:, 1:] != IGNORE_INDEX).sum().item()
     assert (total / count).item() == pytest.approx(plain.item(), rel=1e-6)
-    assert torch.allclose(mine[0], hidden.grad, atol=1e-6) and torch.allclose(mine[1], head.weight.grad, atol=1e-6)
+    assert torch.allclose(mine[0], hidden.grad, atol=1e-6) and torch.allclose(
+        mine[1], head.weight.grad, atol=1e-6
+    )
 
 
 def test_packing_the_shipped_chats_wastes_nothing(tiny_model):
@@ -136,9 +164,13 @@ def test_packing_the_shipped_chats_wastes_nothing(tiny_model):
     tokens = sum(len(e.input_ids) for e in encoded)
     assert len(rows) <= -(-tokens // 512) + 1  # at most one row more than the fewest possible
     step = FlatteningCollator()(rows.to_list()[:4])
-    assert step["input_ids"].numel() == sum(len(r) for r in rows["input_ids"][:4])  # no pad token is computed
+    assert step["input_ids"].numel() == sum(
+        len(r) for r in rows["input_ids"][:4]
+    )  # no pad token is computed
     padded = PaddingCollator(pad_token_id=0)(dataset.to_list()[:16])
-    assert (padded["attention_mask"] == 0).float().mean() > 0.05  # what padding the same samples would waste
+    assert (
+        padded["attention_mask"] == 0
+    ).float().mean() > 0.05  # what padding the same samples would waste
     assert "0 padding tokens" in summary, summary
 
 
@@ -149,7 +181,9 @@ def test_varlen_attention_glue_keeps_samples_apart(tiny_model, chats, monkeypatc
 
     monkeypatch.setitem(attention.KERNEL, "fn", attention.reference_varlen)
     cu_seqlens_of = attention.cu_seqlens
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention.PACKED_VARLEN).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model, attn_implementation=attention.PACKED_VARLEN
+    ).eval()
     rows = pack_rows(chats[:4], capacity=1024)
     order = best_fit_decreasing([len(s["input_ids"]) for s in chats[:4]], 1024)[0]
     batch = {k: v for k, v in FlatteningCollator()(rows).items() if k != "labels"}
@@ -160,9 +194,13 @@ def test_varlen_attention_glue_keeps_samples_apart(tiny_model, chats, monkeypatc
     monkeypatch.setattr(attention, "cu_seqlens", lambda p: computed.append(1) or cu_seqlens_of(p))
     with torch.no_grad():
         packed = _per_sample_logits(model, batch, [len(chats[i]["input_ids"]) for i in order])
-    assert len(computed) == 1 < model.config.num_hidden_layers  # once per forward, not once per layer
+    assert (
+        len(computed) == 1 < model.config.num_hidden_layers
+    )  # once per forward, not once per layer
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
         for logits, i in zip(packed, order):
-            alone = plain(input_ids=torch.tensor([chats[i]["input_ids"]]), use_cache=False).logits[0]
+            alone = plain(input_ids=torch.tensor([chats[i]["input_ids"]]), use_cache=False).logits[
+                0
+            ]
             assert torch.allclose(logits, alone, atol=1e-5)

@@ -19,8 +19,13 @@ from tests.helpers import DATA, slow_tokenizer
 EXAMPLES = DATA / "examples" / "sft"
 # seed 000's own tool chat shape (kept out of data/, whose text trains the tiny tokenizer every test uses)
 SEED_CHAT = "chatglm3_seed_tool_chat.json"
-NO_TOOLS = ("does not write tool definitions", "does not write tool calls", "does not write the tool call",
-            "ignores tool definitions", "rejects a conversation")
+NO_TOOLS = (
+    "does not write tool definitions",
+    "does not write tool calls",
+    "does not write the tool call",
+    "ignores tool definitions",
+    "rejects a conversation",
+)
 
 
 def check_every_answer(template, tokenizer, conv, stop_ids) -> int:
@@ -33,14 +38,28 @@ def check_every_answer(template, tokenizer, conv, stop_ids) -> int:
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("loss") is False:
             continue
-        prompt = list(tokenizer.apply_chat_template(standard_messages(messages[:i], form), tools=conv.get("tools"),
-                                                    add_generation_prompt=True, tokenize=True, return_dict=False))
-        sample = next(s for s in samples if s.input_ids[: len(prompt)] == prompt and len(s.labels) > len(prompt)
-                      and s.labels[len(prompt)] != IGNORE_INDEX)
+        prompt = list(
+            tokenizer.apply_chat_template(
+                standard_messages(messages[:i], form),
+                tools=conv.get("tools"),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
+        sample = next(
+            s
+            for s in samples
+            if s.input_ids[: len(prompt)] == prompt
+            and len(s.labels) > len(prompt)
+            and s.labels[len(prompt)] != IGNORE_INDEX
+        )
         end = len(prompt)
         while end < len(sample.labels) and sample.labels[end] != IGNORE_INDEX:
             end += 1
-        assert sample.input_ids[end - 1] in stop_ids, tokenizer.decode(sample.input_ids[len(prompt): end])
+        assert sample.input_ids[end - 1] in stop_ids, tokenizer.decode(
+            sample.input_ids[len(prompt) : end]
+        )
         checked += 1
     return checked
 
@@ -59,7 +78,9 @@ def test_every_example_record_trains_as_inference_renders_it(tiny_model, name, t
         try:
             trained += check_every_answer(template, tokenizer, conv, stop_ids)
         except UserError as e:
-            calls = conv.get("tools") or any(m.get("tool_calls") or m["role"] == "tool" for m in conv["messages"])
+            calls = conv.get("tools") or any(
+                m.get("tool_calls") or m["role"] == "tool" for m in conv["messages"]
+            )
             assert DIFFERS not in str(e) and calls and any(x in str(e) for x in NO_TOOLS), str(e)
     assert trained >= 14
 
@@ -73,11 +94,20 @@ def test_chatglm3_seed_tool_chat_with_a_slow_tokenizer(tmp_path):
     template = resolve_template("chatglm3", tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "chatglm3_tools.json").write_bytes((EXAMPLES / "chatglm3_tools.json").read_bytes())
-    (tmp_path / "data" / "seed.json").write_bytes((Path(__file__).parent / "data" / SEED_CHAT).read_bytes())
+    (tmp_path / "data" / "chatglm3_tools.json").write_bytes(
+        (EXAMPLES / "chatglm3_tools.json").read_bytes()
+    )
+    (tmp_path / "data" / "seed.json").write_bytes(
+        (Path(__file__).parent / "data" / SEED_CHAT).read_bytes()
+    )
     conversations, _ = read_conversations(str(tmp_path / "data"), "--train_file_dir")
     conversations = [c for c in conversations if c.get("tools")]
     assert len(conversations) == 2
-    assert sum(check_every_answer(template, tokenizer, conv, stop_ids) for conv in conversations) == 7
+    assert (
+        sum(check_every_answer(template, tokenizer, conv, stop_ids) for conv in conversations) == 7
+    )
     [sample] = encode_samples(template, tokenizer, conversations[-1])
-    assert sample.input_ids[-1] == tokenizer.eos_token_id and sample.labels[-1] == tokenizer.eos_token_id
+    assert (
+        sample.input_ids[-1] == tokenizer.eos_token_id
+        and sample.labels[-1] == tokenizer.eos_token_id
+    )

@@ -28,7 +28,9 @@ from pipeline.data.templates import (
 )
 
 SEEDS = Path(__file__).parent / "data"
-GLM4_SEED = json.loads((SEEDS / "glm4_seed_tool_chat.jsonl").read_text(encoding="utf-8").splitlines()[0])
+GLM4_SEED = json.loads(
+    (SEEDS / "glm4_seed_tool_chat.jsonl").read_text(encoding="utf-8").splitlines()[0]
+)
 CHATGLM3_SEED = json.loads((SEEDS / "chatglm3_seed_tool_chat.json").read_text(encoding="utf-8"))[0]
 
 
@@ -38,8 +40,16 @@ def glm4_openai() -> dict:
     messages = copy.deepcopy(GLM4_SEED["messages"])
     tools = messages[0].pop("tools")
     call = json.loads(messages[2]["content"])
-    messages[2] = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-        "name": call["name"], "arguments": json.dumps(call["arguments"])}}]}
+    messages[2] = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
+            }
+        ],
+    }
     messages[3]["role"] = "tool"
     return {"messages": messages, "tools": tools}
 
@@ -56,12 +66,29 @@ def chatglm3_openai(mixed: bool = False) -> dict:
             out.append(copy.deepcopy(turn))
             continue
         obs = turn["observation"]
-        out += [{"role": "assistant", "content": "", **({"loss": turn["loss"]} if "loss" in turn else {}),
-                 "tool_calls": [{"type": "function", "function": {"name": turn["name"], "arguments": turn["parameters"]}}]},
-                {"role": "tool", "content": obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)}]
+        out += [
+            {
+                "role": "assistant",
+                "content": "",
+                **({"loss": turn["loss"]} if "loss" in turn else {}),
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {"name": turn["name"], "arguments": turn["parameters"]},
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "content": obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False),
+            },
+        ]
     if mixed:
         return {"tools": CHATGLM3_SEED["tools"], "conversations": out}
-    return {"messages": out, "tools": [{"type": "function", "function": t} for t in CHATGLM3_SEED["tools"]]}
+    return {
+        "messages": out,
+        "tools": [{"type": "function", "function": t} for t in CHATGLM3_SEED["tools"]],
+    }
 
 
 def inference_form(record: dict) -> tuple[list[dict], list[dict] | None]:
@@ -71,8 +98,11 @@ def inference_form(record: dict) -> tuple[list[dict], list[dict] | None]:
 
 def answers(messages: list[dict]) -> list[int]:
     """Where an answer starts, in the seed form: each assistant message and each ChatGLM3 "tool" message (its call)."""
-    return [k for k, m in enumerate(messages)
-            if m["role"] == "assistant" or (m["role"] == "tool" and "observation" in m)]
+    return [
+        k
+        for k, m in enumerate(messages)
+        if m["role"] == "assistant" or (m["role"] == "tool" and "observation" in m)
+    ]
 
 
 @pytest.fixture()
@@ -98,8 +128,15 @@ def train(record: dict, folder: Path) -> dict:
 
 
 def chat_ids(tokenizer, messages, tools, generation: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=True,
-                                              return_dict=False))
+    return list(
+        tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=generation,
+            tokenize=True,
+            return_dict=False,
+        )
+    )
 
 
 def assert_trains_as_inference_asks(record: dict, name: str, saved, folder: Path) -> None:
@@ -109,36 +146,68 @@ def assert_trains_as_inference_asks(record: dict, name: str, saved, folder: Path
     samples = [s for s in encode_samples(template, tokenizer, conv) if isinstance(s, Encoded)]
     messages, tools = inference_form(record)
     whole = chat_ids(loaded, messages, tools, False)
-    close = [loaded.convert_tokens_to_ids(template.final_turn_end)] if template.final_turn_end and not template.turn_end else []
+    close = (
+        [loaded.convert_tokens_to_ids(template.final_turn_end)]
+        if template.final_turn_end and not template.turn_end
+        else []
+    )
     assert samples[-1].input_ids == whole + close, loaded.decode(whole)
     for k in answers(messages):
         prompt = chat_ids(loaded, messages[:k], tools, True)
         trained = messages[k].get("loss", True)
-        if not trained and len(samples) > 1:  # a template that rewrites history trains each answer alone
+        if (
+            not trained and len(samples) > 1
+        ):  # a template that rewrites history trains each answer alone
             continue
         # the sample that trains answer k (or, untrained, holds it) starts with exactly its prompt's ids
-        assert any(s.input_ids[: len(prompt)] == prompt and len(s.labels) > len(prompt)
-                   and (s.labels[len(prompt)] != IGNORE_INDEX) == trained for s in samples), (k, loaded.decode(prompt))
+        assert any(
+            s.input_ids[: len(prompt)] == prompt
+            and len(s.labels) > len(prompt)
+            and (s.labels[len(prompt)] != IGNORE_INDEX) == trained
+            for s in samples
+        ), (k, loaded.decode(prompt))
 
 
-@pytest.mark.parametrize("name, record", [
-    ("glm4", GLM4_SEED), ("glm4", glm4_openai()), ("glm4", CHATGLM3_SEED), ("glm4", chatglm3_openai()),
-    ("chatglm3", CHATGLM3_SEED), ("chatglm3", chatglm3_openai()), ("chatglm3", chatglm3_openai(mixed=True)),
-], ids=["glm4-seed003", "glm4-openai", "glm4-seed000", "glm4-seed000-openai",
-        "chatglm3-seed000", "chatglm3-openai", "chatglm3-seed000-one-call-openai"])
+@pytest.mark.parametrize(
+    "name, record",
+    [
+        ("glm4", GLM4_SEED),
+        ("glm4", glm4_openai()),
+        ("glm4", CHATGLM3_SEED),
+        ("glm4", chatglm3_openai()),
+        ("chatglm3", CHATGLM3_SEED),
+        ("chatglm3", chatglm3_openai()),
+        ("chatglm3", chatglm3_openai(mixed=True)),
+    ],
+    ids=[
+        "glm4-seed003",
+        "glm4-openai",
+        "glm4-seed000",
+        "glm4-seed000-openai",
+        "chatglm3-seed000",
+        "chatglm3-openai",
+        "chatglm3-seed000-one-call-openai",
+    ],
+)
 def test_seed_tool_chat_trains_as_the_saved_template_renders_it(saved, tmp_path, name, record):
     assert_trains_as_inference_asks(record, name, saved, tmp_path / "data")
 
 
-TOOL_TEMPLATES = [n for n in field_template_names() if get_template(n).tools_system is not None
-                  and "{kwargs}" not in (get_template(n).tool_call_turn or "")]
+TOOL_TEMPLATES = [
+    n
+    for n in field_template_names()
+    if get_template(n).tools_system is not None
+    and "{kwargs}" not in (get_template(n).tool_call_turn or "")
+]
 
 
 @pytest.mark.parametrize("name", TOOL_TEMPLATES)
 @pytest.mark.parametrize("seed", ["seed003", "seed000"])
 def test_every_tool_template_reads_the_seed_forms(saved, tmp_path, name, seed):
     """The saved template of every project template that writes tools reads the seeds' own forms as training does."""
-    assert_trains_as_inference_asks(GLM4_SEED if seed == "seed003" else CHATGLM3_SEED, name, saved, tmp_path / "data")
+    assert_trains_as_inference_asks(
+        GLM4_SEED if seed == "seed003" else CHATGLM3_SEED, name, saved, tmp_path / "data"
+    )
 
 
 def test_chatglm3_writes_the_tool_list_as_given_and_unwraps_openai_tools(saved):
@@ -146,7 +215,11 @@ def test_chatglm3_writes_the_tool_list_as_given_and_unwraps_openai_tools(saved):
     are written as their function dicts, in training and in the saved template alike."""
     _, _, loaded = saved("chatglm3")
     messages, tools = inference_form(CHATGLM3_SEED)
-    want = "You have access to the following tools:\n" + json.dumps(tools, indent=4, ensure_ascii=False) + "<|system|>"
+    want = (
+        "You have access to the following tools:\n"
+        + json.dumps(tools, indent=4, ensure_ascii=False)
+        + "<|system|>"
+    )
     wrapped = [{"type": "function", "function": t} for t in tools]
     for given in (tools, wrapped):
         text = loaded.apply_chat_template(messages, tools=given, tokenize=False)
@@ -189,8 +262,12 @@ def test_glm4_call_text_reads_the_same_in_training_and_in_the_saved_template(sav
     """A call written as JSON text is read by the same string steps in both (conversations.text_call and the
     Jinja): a layout the saved template cannot cut apart is refused in training, never trained differently."""
     _, _, loaded = saved("glm4")
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content},
-                {"role": "observation", "content": "r"}, {"role": "assistant", "content": "done"}]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": content},
+        {"role": "observation", "content": "r"},
+        {"role": "assistant", "content": "done"},
+    ]
     if GLM4_CALLS[content] == "refused":
         with pytest.raises(InvalidSample):
             normalize({"messages": messages})
@@ -200,8 +277,13 @@ def test_glm4_call_text_reads_the_same_in_training_and_in_the_saved_template(sav
     assert conv["messages"][1]["content"] == "" and call["name"] == "f"
     for generation, part in ((False, messages), (True, messages[:3])):
         ours = render("glm4", conv["messages"][: len(part)], add_generation_prompt=generation)
-        assert loaded.apply_chat_template(part, tokenize=False, add_generation_prompt=generation) == ours
-    if isinstance(call["arguments"], dict):  # written as the renderers write arguments: the seeds' layout
+        assert (
+            loaded.apply_chat_template(part, tokenize=False, add_generation_prompt=generation)
+            == ours
+        )
+    if isinstance(
+        call["arguments"], dict
+    ):  # written as the renderers write arguments: the seeds' layout
         check_conversation(get_template("glm4"), loaded, conv["messages"], None)
 
 

@@ -17,8 +17,20 @@ from pipeline.eval.evaluate import exact_match
 from stages import sft
 from tests.helpers import DATA, REPO, lora_b_norms
 
-COMMON = ["--per_device_train_batch_size", "16", "--logging_steps", "10", "--save_steps", "1000",
-          "--report_to", "none", "--seed", "0", "--model_max_length", "256"]
+COMMON = [
+    "--per_device_train_batch_size",
+    "16",
+    "--logging_steps",
+    "10",
+    "--save_steps",
+    "1000",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+    "--model_max_length",
+    "256",
+]
 
 
 def run_sft(model, out, *extra):
@@ -35,10 +47,27 @@ def heldout():
 
 @pytest.mark.slow
 def test_sft_learns_the_task_and_saves_the_template(tiny_model, tmp_path, heldout, caplog):
-    before = exact_match(str(tiny_model), heldout) if AutoTokenizer.from_pretrained(tiny_model).chat_template else 0.0
-    out = run_sft(tiny_model, tmp_path / "sft", "--template_name", "qwen", "--train_file_dir", str(DATA / "sft"),
-                  "--validation_file_dir", str(DATA / "sft_eval"), "--use_peft", "False", "--learning_rate", "3e-3",
-                  "--max_steps", "150")
+    before = (
+        exact_match(str(tiny_model), heldout)
+        if AutoTokenizer.from_pretrained(tiny_model).chat_template
+        else 0.0
+    )
+    out = run_sft(
+        tiny_model,
+        tmp_path / "sft",
+        "--template_name",
+        "qwen",
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--validation_file_dir",
+        str(DATA / "sft_eval"),
+        "--use_peft",
+        "False",
+        "--learning_rate",
+        "3e-3",
+        "--max_steps",
+        "150",
+    )
     assert "Sanity check" in caplog.text
     after = exact_match(str(out), heldout)
     assert before == 0.0 and after >= 0.6, after
@@ -46,13 +75,23 @@ def test_sft_learns_the_task_and_saves_the_template(tiny_model, tmp_path, heldou
     tokenizer = AutoTokenizer.from_pretrained(out)
     conv = heldout[0]["messages"]
     text = tokenizer.apply_chat_template(conv, tokenize=False)
-    assert tokenizer(text, add_special_tokens=False).input_ids == encode(get_template("qwen"), tokenizer, conv).input_ids
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+    assert (
+        tokenizer(text, add_special_tokens=False).input_ids
+        == encode(get_template("qwen"), tokenizer, conv).input_ids
+    )
+    assert (
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+        in GenerationConfig.from_pretrained(out).eos_token_id
+    )
     assert json.loads((out / "eval_results.json").read_text())["eval_loss"] < 1.0
 
 
-FAMILY_FILES = {"sharegpt_chat.jsonl": "vicuna", "messages_tools.jsonl": "glm4", "chatglm3_tools.json": "chatglm3",
-                "alpaca_instructions.json": "alpaca"}
+FAMILY_FILES = {
+    "sharegpt_chat.jsonl": "vicuna",
+    "messages_tools.jsonl": "glm4",
+    "chatglm3_tools.json": "chatglm3",
+    "alpaca_instructions.json": "alpaca",
+}
 
 
 @pytest.mark.parametrize("filename", sorted(FAMILY_FILES))
@@ -60,53 +99,143 @@ def test_each_seed_format_trains_with_its_family_template(tiny_model, tmp_path, 
     data = tmp_path / "data"
     data.mkdir()
     (data / filename).write_bytes((DATA / "examples" / "sft" / filename).read_bytes())
-    out = run_sft(tiny_model, tmp_path / "out", "--template_name", FAMILY_FILES[filename], "--train_file_dir", str(data),
-                  "--validation_split_percentage", "0", "--max_steps", "3", "--learning_rate", "1e-3")
+    out = run_sft(
+        tiny_model,
+        tmp_path / "out",
+        "--template_name",
+        FAMILY_FILES[filename],
+        "--train_file_dir",
+        str(data),
+        "--validation_split_percentage",
+        "0",
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+    )
     state = json.loads((out / "trainer_state.json").read_text())
     norms = lora_b_norms(out / "adapter_model.safetensors")
-    assert state["global_step"] == 3 and norms and min(norms) > 0  # every LoRA B moved off its zero init
+    assert (
+        state["global_step"] == 3 and norms and min(norms) > 0
+    )  # every LoRA B moved off its zero init
 
 
 @pytest.mark.slow
 def test_lora_sft_merge_keeps_the_template(tiny_model, tmp_path):
-    out = run_sft(tiny_model, tmp_path / "lora", "--template_name", "llama3", "--train_file_dir", str(DATA / "sft"),
-                  "--validation_split_percentage", "0", "--max_steps", "2")
+    out = run_sft(
+        tiny_model,
+        tmp_path / "lora",
+        "--template_name",
+        "llama3",
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--validation_split_percentage",
+        "0",
+        "--max_steps",
+        "2",
+    )
     merged = tmp_path / "merged"
-    subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(tiny_model), "--tokenizer_path",
-                    str(tiny_model), "--lora_model", str(out), "--output_dir", str(merged)], cwd=REPO, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "merge_peft_adapter.py",
+            "--base_model",
+            str(tiny_model),
+            "--tokenizer_path",
+            str(tiny_model),
+            "--lora_model",
+            str(out),
+            "--output_dir",
+            str(merged),
+        ],
+        cwd=REPO,
+        check=True,
+    )
     tokenizer = AutoTokenizer.from_pretrained(merged)
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert tokenizer.apply_chat_template(conv, tokenize=False).startswith("<|begin_of_text|><|start_header_id|>user")
-    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in GenerationConfig.from_pretrained(merged).eos_token_id
+    assert tokenizer.apply_chat_template(conv, tokenize=False).startswith(
+        "<|begin_of_text|><|start_header_id|>user"
+    )
+    assert (
+        tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        in GenerationConfig.from_pretrained(merged).eos_token_id
+    )
 
 
 def test_split_mode_and_dropped_samples_are_counted(tiny_model, tmp_path, caplog):
-    run_sft(tiny_model, tmp_path / "split", "--template_name", "chatml", "--train_file_dir", str(DATA / "examples" / "sft"),
-            "--validation_split_percentage", "0", "--max_steps", "1", "--multi_turn_mode", "split",
-            "--model_max_length", "40")
+    run_sft(
+        tiny_model,
+        tmp_path / "split",
+        "--template_name",
+        "chatml",
+        "--train_file_dir",
+        str(DATA / "examples" / "sft"),
+        "--validation_split_percentage",
+        "0",
+        "--max_steps",
+        "1",
+        "--multi_turn_mode",
+        "split",
+        "--model_max_length",
+        "40",
+    )
     log = caplog.text
-    assert ("14 conversations read, 23 samples made from the 14 conversations kept, 9 samples kept, 14 samples "
-            "dropped (prompt + first trained answer longer than --model_max_length 40)") in log
+    assert (
+        "14 conversations read, 23 samples made from the 14 conversations kept, 9 samples kept, 14 samples "
+        "dropped (prompt + first trained answer longer than --model_max_length 40)"
+    ) in log
 
 
 def quick(tiny_model, out, *extra):
-    return run_sft(tiny_model, out, "--template_name", "chatml", "--train_file_dir", str(DATA / "sft"),
-                   "--validation_split_percentage", "0", "--max_steps", "2", "--logging_steps", "1", *extra)
+    return run_sft(
+        tiny_model,
+        out,
+        "--template_name",
+        "chatml",
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--validation_split_percentage",
+        "0",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        *extra,
+    )
 
 
 def first_loss(out):
-    return next(h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h)
+    return next(
+        h["loss"]
+        for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "loss" in h
+    )
 
 
 @pytest.mark.slow
 def test_dora_and_prefix_tuning_train(tiny_model, tmp_path):
     dora = quick(tiny_model, tmp_path / "dora", "--use_dora", "True")
     assert json.loads((dora / "adapter_config.json").read_text())["use_dora"] is True
-    prefix = quick(tiny_model, tmp_path / "prefix", "--peft_type", "prefix_tuning", "--num_virtual_tokens", "4")
+    prefix = quick(
+        tiny_model, tmp_path / "prefix", "--peft_type", "prefix_tuning", "--num_virtual_tokens", "4"
+    )
     config = json.loads((prefix / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
-    proc = subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(tiny_model), "--lora_model",
-                           str(prefix), "--output_dir", str(tmp_path / "m")], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "merge_peft_adapter.py",
+            "--base_model",
+            str(tiny_model),
+            "--lora_model",
+            str(prefix),
+            "--output_dir",
+            str(tmp_path / "m"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "cannot be merged" in proc.stderr
 
 
@@ -117,18 +246,39 @@ def test_neftune_changes_the_training_forward(tiny_model, tmp_path):
 
 
 def test_rope_scaling_extends_the_context(tiny_model, tmp_path):
-    out = quick(tiny_model, tmp_path / "rope", "--use_peft", "False", "--rope_scaling", "linear", "--model_max_length", "2048")
+    out = quick(
+        tiny_model,
+        tmp_path / "rope",
+        "--use_peft",
+        "False",
+        "--rope_scaling",
+        "linear",
+        "--model_max_length",
+        "2048",
+    )
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2.0
+    assert (
+        config["rope_parameters"]["rope_type"] == "linear"
+        and config["rope_parameters"]["factor"] == 2.0
+    )
     assert config["max_position_embeddings"] == 2048
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rope_scaling", "linear"], "set --model_max_length above 1024"),
-    pytest.param(["--flash_attn", "True"], "needs the flash-attn package", marks=pytest.mark.skipif(
-        importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")),
-    (["--shift_attn", "True"], "not supported"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rope_scaling", "linear"], "set --model_max_length above 1024"),
+        pytest.param(
+            ["--flash_attn", "True"],
+            "needs the flash-attn package",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("flash_attn") is not None,
+                reason="flash-attn is installed here",
+            ),
+        ),
+        (["--shift_attn", "True"], "not supported"),
+    ],
+)
 def test_unavailable_features_are_rejected_clearly(tiny_model, tmp_path, flags, message):
     from pipeline.errors import UserError
 
@@ -154,15 +304,30 @@ def test_packing_flags(tiny_model, tmp_path, caplog):
     assert "packed whole into" not in caplog.text
     from pipeline.errors import UserError
 
-    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--output_dir",
-            str(tmp_path / "x"), "--model_max_length", "256"]
-    for flags, message in [(["--packing", "True", "--peft_type", "prefix_tuning"], "cannot be combined with --peft_type"),
-                           (["--packing", "True", "--neft_alpha", "5"], "cannot be combined with --neft_alpha"),
-                           (["--packing_length", "100"], "must hold the longest sample"),
-                           (["--loss_chunk_size", "0"], "must be positive")]:
+    base = [
+        "--model_name_or_path",
+        str(tiny_model),
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--output_dir",
+        str(tmp_path / "x"),
+        "--model_max_length",
+        "256",
+    ]
+    for flags, message in [
+        (
+            ["--packing", "True", "--peft_type", "prefix_tuning"],
+            "cannot be combined with --peft_type",
+        ),
+        (["--packing", "True", "--neft_alpha", "5"], "cannot be combined with --neft_alpha"),
+        (["--packing_length", "100"], "must hold the longest sample"),
+        (["--loss_chunk_size", "0"], "must be positive"),
+    ]:
         with pytest.raises(UserError, match=message):
             sft.parse(base + flags)
-    assert sft.parse(base + ["--neft_alpha", "5"])[3].packing is False  # the default follows the combination
+    assert (
+        sft.parse(base + ["--neft_alpha", "5"])[3].packing is False
+    )  # the default follows the combination
     assert sft.parse(base)[3].packing is True
 
 
@@ -170,12 +335,24 @@ def test_gradient_checkpointing_is_on_by_default_except_for_prefix_tuning(tiny_m
     from pipeline.errors import UserError
     from stages import sft
 
-    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--output_dir",
-            str(tmp_path / "o"), "--template_name", "qwen"]
+    base = [
+        "--model_name_or_path",
+        str(tiny_model),
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--template_name",
+        "qwen",
+    ]
     assert sft.parse(base)[-1].gradient_checkpointing is True
-    assert sft.parse(base + ["--gradient_checkpointing", "False"])[-1].gradient_checkpointing is False
+    assert (
+        sft.parse(base + ["--gradient_checkpointing", "False"])[-1].gradient_checkpointing is False
+    )
     prefix = base + ["--peft_type", "prefix_tuning"]
-    assert sft.parse(prefix)[-1].gradient_checkpointing is False  # virtual tokens do not survive the recompute
+    assert (
+        sft.parse(prefix)[-1].gradient_checkpointing is False
+    )  # virtual tokens do not survive the recompute
     with pytest.raises(UserError, match="cannot be combined with --peft_type prefix_tuning"):
         sft.parse(prefix + ["--gradient_checkpointing", "True"])
 
@@ -188,14 +365,24 @@ def test_use_liger_kernel_is_refused_without_a_gpu_or_the_package(tiny_model, tm
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the flag applies")
-    base = ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft"), "--output_dir",
-            str(tmp_path / "o"), "--template_name", "qwen"]
+    base = [
+        "--model_name_or_path",
+        str(tiny_model),
+        "--train_file_dir",
+        str(DATA / "sft"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--template_name",
+        "qwen",
+    ]
     assert sft.parse(base)[-1].use_liger_kernel is False  # the default is on only on a CUDA GPU
     with pytest.raises(UserError, match="--use_liger_kernel needs a CUDA GPU"):
         sft.parse(base + ["--use_liger_kernel", "True"])
 
 
-def test_a_reasoning_template_trains_under_auto_and_the_saved_model_renders_the_training_prompt(tiny_model, tmp_path):
+def test_a_reasoning_template_trains_under_auto_and_the_saved_model_renders_the_training_prompt(
+    tiny_model, tmp_path
+):
     """Qwen3.5's official template (tests/official_templates) with thinking off: the variables reach every
     render in training and are saved as the template's defaults, so the saved model's plain
     apply_chat_template builds the prompt training used, and its generation config stops on <|im_end|>."""
@@ -208,16 +395,42 @@ def test_a_reasoning_template_trains_under_auto_and_the_saved_model_renders_the_
     family_tokenizer(tiny_model, "qwen3.5").save_pretrained(model)
     data = tmp_path / "data"
     data.mkdir()
-    chats = [{"messages": [{"role": "user", "content": f"What is {n} + {n}?"},
-                           {"role": "assistant", "content": f"It is {2 * n}."}]} for n in range(8)]
-    (data / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n", encoding="utf-8")
-    out = run_sft(model, tmp_path / "out", "--template_name", "auto", "--chat_template_kwargs",
-                  '{"enable_thinking": false}', "--train_file_dir", str(data), "--validation_split_percentage", "0",
-                  "--max_steps", "2")
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {n} + {n}?"},
+                {"role": "assistant", "content": f"It is {2 * n}."},
+            ]
+        }
+        for n in range(8)
+    ]
+    (data / "chats.jsonl").write_text(
+        "\n".join(json.dumps(c) for c in chats) + "\n", encoding="utf-8"
+    )
+    out = run_sft(
+        model,
+        tmp_path / "out",
+        "--template_name",
+        "auto",
+        "--chat_template_kwargs",
+        '{"enable_thinking": false}',
+        "--train_file_dir",
+        str(data),
+        "--validation_split_percentage",
+        "0",
+        "--max_steps",
+        "2",
+    )
     saved = AutoTokenizer.from_pretrained(out)
-    prompt = saved.apply_chat_template(chats[0]["messages"][:1], tokenize=False, add_generation_prompt=True)
+    prompt = saved.apply_chat_template(
+        chats[0]["messages"][:1], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     trained = family_tokenizer(tiny_model, "qwen3.5").apply_chat_template(
-        chats[0]["messages"][:1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        chats[0]["messages"][:1], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert prompt == trained
-    assert saved.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+    assert (
+        saved.convert_tokens_to_ids("<|im_end|>")
+        in GenerationConfig.from_pretrained(out).eos_token_id
+    )

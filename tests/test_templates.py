@@ -20,21 +20,68 @@ from scripts.make_golden import GOLDEN, official_names, table
 from tests.published_formats import EXPECTED, GLM4_TOOLS, QWEN_TOOLS
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant."}
-TURNS = [{"role": "user", "content": "Hello, who are you?"}, {"role": "assistant", "content": "I am a language model."},
-         {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 equals 4."}]
-CASES = {"conv_sys": ([SYSTEM] + TURNS, False), "conv_nosys": (TURNS, False),
-         "prompt_sys": ([SYSTEM] + TURNS[:1], True), "prompt_nosys": (TURNS[:1], True)}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather for a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-TOOL_CHAT = [{"role": "user", "content": "What's the weather in Paris?"},
-             {"role": "assistant", "content": "", "tool_calls": [
-                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-             {"role": "tool", "content": "{\"temp\": 18}"}, {"role": "assistant", "content": "It is 18 degrees in Paris."}]
+TURNS = [
+    {"role": "user", "content": "Hello, who are you?"},
+    {"role": "assistant", "content": "I am a language model."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "2+2 equals 4."},
+]
+CASES = {
+    "conv_sys": ([SYSTEM] + TURNS, False),
+    "conv_nosys": (TURNS, False),
+    "prompt_sys": ([SYSTEM] + TURNS[:1], True),
+    "prompt_nosys": (TURNS[:1], True),
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+TOOL_CHAT = [
+    {"role": "user", "content": "What's the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
+    },
+    {"role": "tool", "content": '{"temp": 18}'},
+    {"role": "assistant", "content": "It is 18 degrees in Paris."},
+]
 
 
 def test_all_required_templates_exist():
-    required = {"vicuna", "alpaca", "chatml", "qwen", "llama2", "llama3", "mistral", "chatglm3", "glm4", "baichuan2",
-                "yuan2", "deepseek", "yi", "gemma", "phi3", "internlm2"}
+    required = {
+        "vicuna",
+        "alpaca",
+        "chatml",
+        "qwen",
+        "llama2",
+        "llama3",
+        "mistral",
+        "chatglm3",
+        "glm4",
+        "baichuan2",
+        "yuan2",
+        "deepseek",
+        "yi",
+        "gemma",
+        "phi3",
+        "internlm2",
+    }
     assert required <= set(template_names())
 
 
@@ -50,7 +97,9 @@ def test_render_equals_published_format(name, case):
 
 def test_tool_formats_equal_published():
     assert render("qwen", TOOL_CHAT, tools=TOOLS) == QWEN_TOOLS
-    assert render("glm4", [{"role": "system", "content": ""}] + TOOL_CHAT, tools=TOOLS) == GLM4_TOOLS
+    assert (
+        render("glm4", [{"role": "system", "content": ""}] + TOOL_CHAT, tools=TOOLS) == GLM4_TOOLS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +111,31 @@ def tokenizer(tiny_model):
 def test_saved_jinja_template_equals_renderer(tokenizer, name):
     tokenizer.chat_template = chat_template_jinja(name)
     two_results = TOOL_CHAT[:3] + [dict(TOOL_CHAT[2], content="second result")] + TOOL_CHAT[3:]
-    conversations = [([SYSTEM] + TURNS, None), (TURNS, None), (TOOL_CHAT, TOOLS), ([SYSTEM] + TOOL_CHAT, TOOLS),
-                     (two_results, TOOLS),
-                     ([{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": " x\n"}], None)]
+    conversations = [
+        ([SYSTEM] + TURNS, None),
+        (TURNS, None),
+        (TOOL_CHAT, TOOLS),
+        ([SYSTEM] + TOOL_CHAT, TOOLS),
+        (two_results, TOOLS),
+        (
+            [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": " x\n"}],
+            None,
+        ),
+    ]
     for messages, tools in conversations:
         for gen in (False, True):
             prompt = messages[:-1] if gen else messages
             if tools and get_template(name).tools_system is None:  # both renderers refuse tools
                 with pytest.raises(Exception, match="does not write tool definitions"):
-                    tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=gen)
+                    tokenizer.apply_chat_template(
+                        prompt, tools=tools, tokenize=False, add_generation_prompt=gen
+                    )
                 with pytest.raises(UserError, match="does not write tool definitions"):
                     render(name, prompt, add_generation_prompt=gen, tools=tools)
                 continue
-            got = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=gen)
+            got = tokenizer.apply_chat_template(
+                prompt, tools=tools, tokenize=False, add_generation_prompt=gen
+            )
             assert got == render(name, prompt, add_generation_prompt=gen, tools=tools), (name, gen)
 
 
@@ -99,8 +160,12 @@ def test_yuan2_trains_fastchats_texts(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     template = get_template("yuan2")
     apply_template_to_tokenizer(tokenizer, template)
-    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     assert render("yuan2", chat[:3], add_generation_prompt=True) == "q1<n>a1<n>q2<sep>"
 
     def texts(mode):
@@ -125,17 +190,29 @@ def test_golden_tables_are_current(tiny_model, name):
 def test_template_json_literal_survives_unicode():
     jinja = chat_template_jinja("deepseek")
     assert "<｜end▁of▁sentence｜>" not in jinja  # written as escapes, decoded by Jinja
-    assert json.loads('"' + jinja.split('"assistant": "')[1].split('"')[0] + '"').endswith("<｜end▁of▁sentence｜>")
+    assert json.loads('"' + jinja.split('"assistant": "')[1].split('"')[0] + '"').endswith(
+        "<｜end▁of▁sentence｜>"
+    )
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: x\nsource: y\nuser: '{content}'\nassistant: 'A: {content}'\nobservation: '{content}'\nsytem: S\n",
-     "unknown field\\(s\\) sytem"),
-    ("name: x\nsource: y\nuser: '{content}'\nobservation: '{content}'\nsystem: S\n", "required field\\(s\\) assistant"),
-    ("name: x\nsource: y\nuser: '{content}'\nassistant: 'no slot'\nobservation: '{content}'\nsystem: S\n",
-     "field assistant must contain \\{content\\}"),
-    ("name: [unclosed\n", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "name: x\nsource: y\nuser: '{content}'\nassistant: 'A: {content}'\nobservation: '{content}'\nsytem: S\n",
+            "unknown field\\(s\\) sytem",
+        ),
+        (
+            "name: x\nsource: y\nuser: '{content}'\nobservation: '{content}'\nsystem: S\n",
+            "required field\\(s\\) assistant",
+        ),
+        (
+            "name: x\nsource: y\nuser: '{content}'\nassistant: 'no slot'\nobservation: '{content}'\nsystem: S\n",
+            "field assistant must contain \\{content\\}",
+        ),
+        ("name: [unclosed\n", "is not valid YAML"),
+    ],
+)
 def test_a_broken_template_file_names_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "broken.yaml"
     path.write_text(text)
@@ -149,20 +226,31 @@ def test_chatglm3_tools_are_native_and_parse_back_with_chatglm3s_response_parser
     metadata is the tool name and whose content is a python fence around tool_call(...); the model's response
     parser (split the metadata line, drop the fence lines, eval with tool_call returning its keywords) gives
     back the name and arguments. The saved Jinja writes the same text."""
-    args = {"city": "Paris", "note": "it's \"mild\"\nok", "days": 3, "metric": True, "extra": None}
-    chat = [{"role": "system", "content": "Be brief."}, TOOL_CHAT[0],
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "get_weather", "arguments": args}}]}] + TOOL_CHAT[2:]
+    args = {"city": "Paris", "note": 'it\'s "mild"\nok', "days": 3, "metric": True, "extra": None}
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        TOOL_CHAT[0],
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": args}}
+            ],
+        },
+    ] + TOOL_CHAT[2:]
     text = render("chatglm3", chat, tools=TOOLS)
-    assert text.startswith("[gMASK]sop<|system|>\n Answer the following questions as best as you can. You have access "
-                           "to the following tools:\n" + json.dumps([t["function"] for t in TOOLS], indent=4, ensure_ascii=False)
-                           + "<|system|>\n Be brief.<|user|>")
+    assert text.startswith(
+        "[gMASK]sop<|system|>\n Answer the following questions as best as you can. You have access "
+        "to the following tools:\n"
+        + json.dumps([t["function"] for t in TOOLS], indent=4, ensure_ascii=False)
+        + "<|system|>\n Be brief.<|user|>"
+    )
     response = text.split("<|assistant|>")[1].split("<|observation|>")[0]
     metadata, content = response.split("\n", maxsplit=1)
     code = "\n".join(content.split("\n")[1:-1])
     assert metadata == "get_weather" and content.startswith(" ```python\n")
     assert code.startswith("tool_call(") and code.endswith(")")
-    assert kwargs_arguments(code[len("tool_call("):-1]) == args
+    assert kwargs_arguments(code[len("tool_call(") : -1]) == args
     tokenizer.chat_template = chat_template_jinja("chatglm3")
     assert tokenizer.apply_chat_template(chat, tools=TOOLS, tokenize=False) == text
 

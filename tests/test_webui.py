@@ -31,11 +31,21 @@ def greedy(chat, messages: list[dict], max_new_tokens: int) -> str:
 
 
 def test_conversation_orders_system_history_and_message():
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "metadata": None}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "metadata": None},
+    ]
     assert webui.conversation(history, SYSTEM, "and now?") == [
-        {"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and now?"}]
-    assert webui.conversation([], "  ", "hi") == webui.conversation([], None, "hi") == [{"role": "user", "content": "hi"}]
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"},
+    ]
+    assert (
+        webui.conversation([], "  ", "hi")
+        == webui.conversation([], None, "hi")
+        == [{"role": "user", "content": "hi"}]
+    )
 
 
 def test_respond_streams_the_answer_and_keeps_the_history(chat):
@@ -44,27 +54,58 @@ def test_respond_streams_the_answer_and_keeps_the_history(chat):
     assert shown == history == [{"role": "user", "content": "Hello there"}] and box == ""
     answers = [h[-1]["content"] for _, h, _ in steps[1:]]
     assert len(set(answers)) > 3, "the answer came in one piece, not streamed"
-    assert all(a.startswith(b) for a, b in zip(answers[1:], answers))  # each step extends the one before
-    first = greedy(chat, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}], 24)
+    assert all(
+        a.startswith(b) for a, b in zip(answers[1:], answers)
+    )  # each step extends the one before
+    first = greedy(
+        chat,
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}],
+        24,
+    )
     assert answers[-1] == first != ""
-    assert steps[-1][0] == steps[-1][1] == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first}]
+    assert (
+        steps[-1][0]
+        == steps[-1][1]
+        == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first}]
+    )
 
     # the second turn is answered with the first in its prompt
     *_, (shown, history, box) = webui.respond(chat, "Tell me more", steps[-1][1], SYSTEM, 0, 1, 16)
-    expected = greedy(chat, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"},
-                             {"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more"}], 16)
-    assert history[:2] == steps[-1][1] and history[2:] == [{"role": "user", "content": "Tell me more"},
-                                                          {"role": "assistant", "content": expected}]
-    assert expected != greedy(chat, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell me more"}], 16)
+    expected = greedy(
+        chat,
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "Tell me more"},
+        ],
+        16,
+    )
+    assert history[:2] == steps[-1][1] and history[2:] == [
+        {"role": "user", "content": "Tell me more"},
+        {"role": "assistant", "content": expected},
+    ]
+    assert expected != greedy(
+        chat,
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell me more"}],
+        16,
+    )
     assert webui.reset() == ([], [], "")
 
 
 def test_sampling_settings_reach_generation(chat):
     *_, (_, history, _) = webui.respond(chat, "Hello there", [], "", 0, 1, 5)
     assert history[-1]["content"] == greedy(chat, [{"role": "user", "content": "Hello there"}], 5)
-    assert history[-1]["content"] != greedy(chat, [{"role": "user", "content": "Hello there"}], 24)  # 5 tokens, not 24
-    sampled = {list(webui.respond(chat, "Hello there", [], "", 2.0, 1.0, 8))[-1][1][-1]["content"] for _ in range(4)}
-    assert len(sampled) > 1, "temperature 2 gave the same answer four times: sampling was not applied"
+    assert history[-1]["content"] != greedy(
+        chat, [{"role": "user", "content": "Hello there"}], 24
+    )  # 5 tokens, not 24
+    sampled = {
+        list(webui.respond(chat, "Hello there", [], "", 2.0, 1.0, 8))[-1][1][-1]["content"]
+        for _ in range(4)
+    }
+    assert len(sampled) > 1, (
+        "temperature 2 gave the same answer four times: sampling was not applied"
+    )
 
 
 def test_blank_message_and_bad_settings(chat):
@@ -78,7 +119,9 @@ def test_closing_the_stream_stops_the_generation(chat):
     """A reset or a closed tab closes the handler: the generation must end at once, not run its 1000 tokens
     (tens of seconds for the tiny model on a CPU)."""
     before = threading.active_count()
-    stream = webui.stream_answer(chat, webui.conversation([], SYSTEM, "Hello there"), Sampling(1000))
+    stream = webui.stream_answer(
+        chat, webui.conversation([], SYSTEM, "Hello there"), Sampling(1000)
+    )
     assert next(stream)
     start = time.monotonic()
     stream.close()
@@ -86,29 +129,41 @@ def test_closing_the_stream_stops_the_generation(chat):
 
 
 def test_without_gradio_it_says_how_to_install(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` meets where it is not installed
+    monkeypatch.setitem(
+        sys.modules, "gradio", None
+    )  # what `import gradio` meets where it is not installed
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: webui.main([]))
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r'error: the web chat needs gradio \(.*\); install it with pip install -e "\.\[webui\]"\.\n', err)
+    assert re.fullmatch(
+        r'error: the web chat needs gradio \(.*\); install it with pip install -e "\.\[webui\]"\.\n',
+        err,
+    )
 
 
 def test_a_taken_port_is_refused_before_the_model_loads(tmp_path):
     pytest.importorskip("gradio", reason='gradio is not installed (pip install -e ".[webui]")')
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(UserError, match=rf"cannot listen on 127.0.0.1:{port} \(.+\); pick another --port\."):
+        with pytest.raises(
+            UserError, match=rf"cannot listen on 127.0.0.1:{port} \(.+\); pick another --port\."
+        ):
             webui.main(["--model", str(tmp_path / "not-loaded"), "--port", str(port)])
 
 
 # ---------------------------------------------------------------- the page in a real browser
 
+
 def chromium() -> str:
     """The system Chromium, or a skip saying what is missing."""
     pytest.importorskip("gradio", reason='gradio is not installed (pip install -e ".[webui]")')
-    pytest.importorskip("playwright.sync_api", reason='playwright is not installed (pip install -e ".[webui]")')
-    path = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    pytest.importorskip(
+        "playwright.sync_api", reason='playwright is not installed (pip install -e ".[webui]")'
+    )
+    path = next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
+    )
     if path is None:
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
     return path
@@ -116,7 +171,9 @@ def chromium() -> str:
 
 def bot_texts(page) -> list[str]:
     """The assistant messages shown, as their raw text (the aria-label; the bubble itself is rendered markdown)."""
-    labels = page.locator('#chat [data-testid="bot"]').evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    labels = page.locator('#chat [data-testid="bot"]').evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-label'))"
+    )
     return [" ".join(label.removeprefix("bot's message: ").split()) for label in labels]
 
 
@@ -126,11 +183,18 @@ def send(page, text: str, expected: str) -> None:
     page.locator("#message textarea").fill(text)
     page.locator("#send").click()
     try:
-        page.wait_for_function("n => document.querySelectorAll('#chat [data-testid=\"bot\"]').length > n",
-                               arg=answers, timeout=60_000)
-        page.wait_for_function("""want => { const bots = document.querySelectorAll('#chat [data-testid="bot"]');
+        page.wait_for_function(
+            "n => document.querySelectorAll('#chat [data-testid=\"bot\"]').length > n",
+            arg=answers,
+            timeout=60_000,
+        )
+        page.wait_for_function(
+            """want => { const bots = document.querySelectorAll('#chat [data-testid="bot"]');
             const label = bots[bots.length - 1].getAttribute('aria-label').replace("bot's message: ", "");
-            return label.split(/\\s+/).filter(Boolean).join(" ") === want; }""", arg=want, timeout=60_000)
+            return label.split(/\\s+/).filter(Boolean).join(" ") === want; }""",
+            arg=want,
+            timeout=60_000,
+        )
     except Exception as e:
         raise AssertionError(f"the page showed {bot_texts(page)}, not the answer {want!r}") from e
 
@@ -140,16 +204,43 @@ def test_chat_page_in_headless_chromium(tiny_model, chat, tmp_path):
     from playwright.sync_api import sync_playwright
 
     log = (tmp_path / "webui.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.webui", "--model", str(tiny_model), "--template_name", "qwen",
-                             "--max_new_tokens", "48", "--system", SYSTEM], cwd=REPO, stdout=subprocess.PIPE, stderr=log,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.webui",
+            "--model",
+            str(tiny_model),
+            "--template_name",
+            "qwen",
+            "--max_new_tokens",
+            "48",
+            "--system",
+            SYSTEM,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
-        line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT/ (Ctrl-C stops)" once it listens
-        assert " on http://" in line, f"the page did not start: {(tmp_path / 'webui.log').read_text()[-3000:]}"
+        line = (
+            proc.stdout.readline()
+        )  # "serving ... on http://127.0.0.1:PORT/ (Ctrl-C stops)" once it listens
+        assert " on http://" in line, (
+            f"the page did not start: {(tmp_path / 'webui.log').read_text()[-3000:]}"
+        )
         url = line.split(" on ")[1].split()[0]
         first = greedy(chat, webui.conversation([], SYSTEM, "Hello there"), 48)
-        second = greedy(chat, [*webui.conversation([], SYSTEM, "Hello there"), {"role": "assistant", "content": first},
-                               {"role": "user", "content": "Tell me more"}], 48)
+        second = greedy(
+            chat,
+            [
+                *webui.conversation([], SYSTEM, "Hello there"),
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": "Tell me more"},
+            ],
+            48,
+        )
         short = greedy(chat, webui.conversation([], None, "Hello there"), 5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
@@ -173,11 +264,17 @@ def test_chat_page_in_headless_chromium(tiny_model, chat, tmp_path):
             print(f"screenshot: {shot}")
 
             page.locator("#clear").click()
-            page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"user\"]')", timeout=30_000)
+            page.wait_for_function(
+                "() => !document.querySelector('#chat [data-testid=\"user\"]')", timeout=30_000
+            )
             send(page, "Hello there", first)  # the history is gone: the first answer again
             assert bot_texts(page) == [" ".join(first.split())]
-            page.locator('#chat button[aria-label="Clear"]').click()  # the chat's own trash icon forgets it too
-            page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"user\"]')", timeout=30_000)
+            page.locator(
+                '#chat button[aria-label="Clear"]'
+            ).click()  # the chat's own trash icon forgets it too
+            page.wait_for_function(
+                "() => !document.querySelector('#chat [data-testid=\"user\"]')", timeout=30_000
+            )
             # the settings reach the model: no system prompt, 5 new tokens
             page.locator("#system textarea").fill("")
             page.locator("#max_new_tokens input[type=number]").fill("5")

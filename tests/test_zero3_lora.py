@@ -22,7 +22,9 @@ ZERO3 = ["--deepspeed", "deepspeed_configs/zero3.json"]
 
 def launch(script: str, flags: list[str]) -> None:
     env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", script, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", script, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -40,7 +42,10 @@ def assert_same_steps(a, b, out_a, out_b):
 
 
 def assert_same_adapter(out_a, out_b, tolerance=1e-5):
-    a, b = load_file(out_a / "adapter_model.safetensors"), load_file(out_b / "adapter_model.safetensors")
+    a, b = (
+        load_file(out_a / "adapter_model.safetensors"),
+        load_file(out_b / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < tolerance
 
@@ -50,26 +55,71 @@ def assert_merge_keeps_logits(base, adapter, merged):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run = subprocess.run([sys.executable, "merge_peft_adapter.py", "--base_model", str(base), "--lora_model",
-                          str(adapter), "--output_dir", str(merged)], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "merge_peft_adapter.py",
+            "--base_model",
+            str(base),
+            "--lora_model",
+            str(adapter),
+            "--output_dir",
+            str(merged),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     ids = torch.tensor([[1, 17, 230, 45, 999, 12, 7, 300, 2999, 64]])
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         base_logits = plain(ids).logits
         with_adapter = PeftModel.from_pretrained(plain, str(adapter)).eval()(ids).logits
-        merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits
-    assert (with_adapter - base_logits).abs().max() > 1e-3  # the adapter changes the model: the comparison means something
+        merged_logits = (
+            AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits
+        )
+    assert (
+        with_adapter - base_logits
+    ).abs().max() > 1e-3  # the adapter changes the model: the comparison means something
     assert torch.allclose(merged_logits, with_adapter, atol=1e-5, rtol=0)
 
 
 def test_pt_lora_under_zero3_trains_with_and_without_checkpointing_and_merges(tiny_model, tmp_path):
     def pt(out, *extra):
-        launch("run_pt.sh", ["--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "pt"),
-                             "--output_dir", str(out), "--block_size", "64", "--max_steps", "3", "--use_peft", "True",
-                             "--learning_rate", "5e-3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-                             "--report_to", "none", "--do_eval", "False", "--save_strategy", "no", "--seed", "0", *extra])
+        launch(
+            "run_pt.sh",
+            [
+                "--model_name_or_path",
+                str(tiny_model),
+                "--train_file_dir",
+                str(DATA / "pt"),
+                "--output_dir",
+                str(out),
+                "--block_size",
+                "64",
+                "--max_steps",
+                "3",
+                "--use_peft",
+                "True",
+                "--learning_rate",
+                "5e-3",
+                "--per_device_train_batch_size",
+                "2",
+                "--logging_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--do_eval",
+                "False",
+                "--save_strategy",
+                "no",
+                "--seed",
+                "0",
+                *extra,
+            ],
+        )
         return out
 
     checkpointed = pt(tmp_path / "z3-gc", *ZERO3, "--gradient_checkpointing", "True")
@@ -82,15 +132,47 @@ def test_pt_lora_under_zero3_trains_with_and_without_checkpointing_and_merges(ti
     assert_merge_keeps_logits(tiny_model, checkpointed, tmp_path / "merged")
 
 
-def test_sft_lora_under_zero3_trains_with_and_without_checkpointing_and_merges(tiny_model, tmp_path):
+def test_sft_lora_under_zero3_trains_with_and_without_checkpointing_and_merges(
+    tiny_model, tmp_path
+):
     def sft(out, *extra):
         # --loss_chunk_size 16: several output-head chunks a step, each recomputed in the backward pass
-        launch("run_sft.sh", ["--model_name_or_path", str(tiny_model), "--template_name", "qwen", "--train_file_dir",
-                              str(DATA / "sft"), "--validation_split_percentage", "0", "--output_dir", str(out),
-                              "--model_max_length", "128", "--max_steps", "3", "--use_peft", "True", "--learning_rate",
-                              "5e-3", "--per_device_train_batch_size", "2", "--loss_chunk_size", "16",
-                              "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--seed", "0",
-                              *extra])
+        launch(
+            "run_sft.sh",
+            [
+                "--model_name_or_path",
+                str(tiny_model),
+                "--template_name",
+                "qwen",
+                "--train_file_dir",
+                str(DATA / "sft"),
+                "--validation_split_percentage",
+                "0",
+                "--output_dir",
+                str(out),
+                "--model_max_length",
+                "128",
+                "--max_steps",
+                "3",
+                "--use_peft",
+                "True",
+                "--learning_rate",
+                "5e-3",
+                "--per_device_train_batch_size",
+                "2",
+                "--loss_chunk_size",
+                "16",
+                "--logging_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+                "--seed",
+                "0",
+                *extra,
+            ],
+        )
         return out
 
     checkpointed = sft(tmp_path / "z3-gc", *ZERO3, "--gradient_checkpointing", "True")

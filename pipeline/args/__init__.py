@@ -15,7 +15,12 @@ needs two classes runs right after parsing (checks.py, rl_checks.py), before any
 Import the names from here: `from pipeline.args import SFTArguments, parse_args`.
 """
 
-from pipeline.args.checks import check_common, check_eval_data, resolve_checkpointing, resolve_packing
+from pipeline.args.checks import (
+    check_common,
+    check_eval_data,
+    resolve_checkpointing,
+    resolve_packing,
+)
 from pipeline.args.data import ChatArguments, DataArguments, PackingArguments, RecordArguments
 from pipeline.args.model import ModelArguments, PeftArguments
 from pipeline.args.parsing import given_flags, parse_args, split_list
@@ -40,10 +45,32 @@ from pipeline.args.training import (
 )
 
 __all__ = [
-    "DPO_LOSSES", "REFERENCE_FREE", "STAGE_ARGUMENTS", "CausalLMTrainingArguments", "ChatArguments", "DPOArguments",
-    "DataArguments", "GroupRelativeArguments", "ModelArguments", "PPOArguments", "PPOTrainingArguments",
-    "PTArguments", "PackingArguments", "PeftArguments", "PipelineTrainingArguments", "PreferenceArguments",
-    "RLTrainingArguments", "RMTrainingArguments", "RecordArguments", "SFTArguments", "check_common",
-    "check_eval_data", "given_flags", "parse_args", "resolve_checkpointing", "resolve_packing",
-    "split_list", "trainable_dtype",
+    "DPO_LOSSES",
+    "REFERENCE_FREE",
+    "STAGE_ARGUMENTS",
+    "CausalLMTrainingArguments",
+    "ChatArguments",
+    "DPOArguments",
+    "DataArguments",
+    "GroupRelativeArguments",
+    "ModelArguments",
+    "PPOArguments",
+    "PPOTrainingArguments",
+    "PTArguments",
+    "PackingArguments",
+    "PeftArguments",
+    "PipelineTrainingArguments",
+    "PreferenceArguments",
+    "RLTrainingArguments",
+    "RMTrainingArguments",
+    "RecordArguments",
+    "SFTArguments",
+    "check_common",
+    "check_eval_data",
+    "given_flags",
+    "parse_args",
+    "resolve_checkpointing",
+    "resolve_packing",
+    "split_list",
+    "trainable_dtype",
 ]

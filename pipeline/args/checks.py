@@ -30,43 +30,78 @@ logger = logging.getLogger("pipeline")
 
 # name: (lowest, lowest allowed?, highest, highest allowed?); None = no bound on that side. None values pass.
 NUMBER_BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "learning_rate": (0, False, None, False), "weight_decay": (0, True, None, False),
-    "adam_beta1": (0, True, 1, False), "adam_beta2": (0, True, 1, False), "adam_epsilon": (0, False, None, False),
-    "max_grad_norm": (0, True, None, False), "num_train_epochs": (0, True, None, False),
-    "max_steps": (-1, True, None, False), "warmup_steps": (0, True, None, False),
-    "logging_steps": (0, False, None, False), "save_steps": (0, False, None, False),
-    "eval_steps": (0, False, None, False), "eval_delay": (0, True, None, False),
-    "label_smoothing_factor": (0, True, 1, False), "save_total_limit": (1, True, None, False),
-    "dataloader_num_workers": (0, True, None, False), "dataloader_prefetch_factor": (1, True, None, False),
-    "ddp_timeout": (0, False, None, False), "ddp_bucket_cap_mb": (0, False, None, False),
-    "eval_accumulation_steps": (1, True, None, False), "torch_empty_cache_steps": (1, True, None, False),
-    "seed": (0, True, 2**32 - 1, True), "data_seed": (0, True, 2**32 - 1, True),
-    "per_device_train_batch_size": (1, True, None, False), "per_device_eval_batch_size": (1, True, None, False),
-    "gradient_accumulation_steps": (1, True, None, False), "max_nonfinite_steps": (1, True, None, False),
-    "lora_rank": (1, True, None, False), "lora_alpha": (0, False, None, False), "lora_dropout": (0, True, 1, False),
-    "num_virtual_tokens": (1, True, None, False), "preprocessing_num_workers": (1, True, None, False),
+    "learning_rate": (0, False, None, False),
+    "weight_decay": (0, True, None, False),
+    "adam_beta1": (0, True, 1, False),
+    "adam_beta2": (0, True, 1, False),
+    "adam_epsilon": (0, False, None, False),
+    "max_grad_norm": (0, True, None, False),
+    "num_train_epochs": (0, True, None, False),
+    "max_steps": (-1, True, None, False),
+    "warmup_steps": (0, True, None, False),
+    "logging_steps": (0, False, None, False),
+    "save_steps": (0, False, None, False),
+    "eval_steps": (0, False, None, False),
+    "eval_delay": (0, True, None, False),
+    "label_smoothing_factor": (0, True, 1, False),
+    "save_total_limit": (1, True, None, False),
+    "dataloader_num_workers": (0, True, None, False),
+    "dataloader_prefetch_factor": (1, True, None, False),
+    "ddp_timeout": (0, False, None, False),
+    "ddp_bucket_cap_mb": (0, False, None, False),
+    "eval_accumulation_steps": (1, True, None, False),
+    "torch_empty_cache_steps": (1, True, None, False),
+    "seed": (0, True, 2**32 - 1, True),
+    "data_seed": (0, True, 2**32 - 1, True),
+    "per_device_train_batch_size": (1, True, None, False),
+    "per_device_eval_batch_size": (1, True, None, False),
+    "gradient_accumulation_steps": (1, True, None, False),
+    "max_nonfinite_steps": (1, True, None, False),
+    "lora_rank": (1, True, None, False),
+    "lora_alpha": (0, False, None, False),
+    "lora_dropout": (0, True, 1, False),
+    "num_virtual_tokens": (1, True, None, False),
+    "preprocessing_num_workers": (1, True, None, False),
     "validation_split_percentage": (0, True, 100, False),
-    "block_size": (1, True, None, False), "model_max_length": (1, True, None, False),
-    "max_source_length": (1, True, None, False), "max_target_length": (1, True, None, False),
-    "packing_length": (1, True, None, False), "loss_chunk_size": (1, True, None, False),
-    "neft_alpha": (0, True, None, False), "neftune_noise_alpha": (0, True, None, False),
-    "max_new_tokens": (1, True, None, False), "temperature": (0, True, None, False), "top_p": (0, False, 1, True),
-    "kl_coef": (0, True, None, False), "target_kl": (0, False, None, False), "kl_horizon": (1, True, None, False),
-    "cliprange": (0, False, None, False), "cliprange_value": (0, False, None, False),
-    "gamma": (0, True, 1, True), "lam": (0, True, 1, True), "vf_coef": (0, True, None, False),
-    "num_generations": (1, True, None, False), "ppo_epochs": (1, True, None, False),
-    "mini_batch_size": (1, True, None, False), "missing_eos_penalty": (0, True, None, False),
-    "beta": (0, False, None, False), "simpo_gamma": (0, True, None, False),
-    "desirable_weight": (0, False, None, False), "undesirable_weight": (0, False, None, False),
-    "label_smoothing": (0, True, 0.5, False), "center_rewards_coefficient": (0, True, None, False),
+    "block_size": (1, True, None, False),
+    "model_max_length": (1, True, None, False),
+    "max_source_length": (1, True, None, False),
+    "max_target_length": (1, True, None, False),
+    "packing_length": (1, True, None, False),
+    "loss_chunk_size": (1, True, None, False),
+    "neft_alpha": (0, True, None, False),
+    "neftune_noise_alpha": (0, True, None, False),
+    "max_new_tokens": (1, True, None, False),
+    "temperature": (0, True, None, False),
+    "top_p": (0, False, 1, True),
+    "kl_coef": (0, True, None, False),
+    "target_kl": (0, False, None, False),
+    "kl_horizon": (1, True, None, False),
+    "cliprange": (0, False, None, False),
+    "cliprange_value": (0, False, None, False),
+    "gamma": (0, True, 1, True),
+    "lam": (0, True, 1, True),
+    "vf_coef": (0, True, None, False),
+    "num_generations": (1, True, None, False),
+    "ppo_epochs": (1, True, None, False),
+    "mini_batch_size": (1, True, None, False),
+    "missing_eos_penalty": (0, True, None, False),
+    "beta": (0, False, None, False),
+    "simpo_gamma": (0, True, None, False),
+    "desirable_weight": (0, False, None, False),
+    "undesirable_weight": (0, False, None, False),
+    "label_smoothing": (0, True, 0.5, False),
+    "center_rewards_coefficient": (0, True, None, False),
 }
 # Numeric flags with no range to check: ids and counts the libraries interpret themselves (-1 = "all"/"unset").
 UNBOUNDED = {"local_rank", "max_train_samples", "max_eval_samples"}
 
 
 def _range(low, low_ok, high, high_ok) -> str:
-    parts = [f"{'>=' if low_ok else '>'} {low:g}" if low is not None else "",
-             f"{'<=' if high_ok else '<'} {high:g}" if high is not None else ""]
+    parts = [
+        f"{'>=' if low_ok else '>'} {low:g}" if low is not None else "",
+        f"{'<=' if high_ok else '<'} {high:g}" if high is not None else "",
+    ]
     return " and ".join(p for p in parts if p)
 
 
@@ -85,8 +120,14 @@ def check_numbers(parsed: tuple[Any, ...]) -> None:
             below = low is not None and (value < low or (value == low and not low_ok))
             above = high is not None and (value > high or (value == high and not high_ok))
             if below or above:
-                hint = " (-1, the default, means: use --num_train_epochs)" if f.name == "max_steps" else ""
-                raise UserError(f"--{f.name} must be {_range(low, low_ok, high, high_ok)}{hint}, got {value:g}.")
+                hint = (
+                    " (-1, the default, means: use --num_train_epochs)"
+                    if f.name == "max_steps"
+                    else ""
+                )
+                raise UserError(
+                    f"--{f.name} must be {_range(low, low_ok, high, high_ok)}{hint}, got {value:g}."
+                )
 
 
 def check_writable_folder(folder: str, flag: str) -> None:
@@ -96,10 +137,14 @@ def check_writable_folder(folder: str, flag: str) -> None:
         raise UserError(f"{flag} {folder} is a file, not a folder; give a folder path.")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"{flag} {folder} lies under {existing}, which is a file, not a folder; give a folder path.")
+        raise UserError(
+            f"{flag} {folder} lies under {existing}, which is a file, not a folder; give a folder path."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder} cannot be written: {existing} is read-only for this user (or on a read-only "
-                        "filesystem); give a folder you can write to.")
+        raise UserError(
+            f"{flag} {folder} cannot be written: {existing} is read-only for this user (or on a read-only "
+            "filesystem); give a folder you can write to."
+        )
 
 
 # Flags that name what a run reads. --output_dir may not be one of them or lie inside one (its saves, checkpoint
@@ -111,24 +156,37 @@ RUN_WRITTEN = ("checkpoint-*", "tmp-checkpoint-*", "logs")
 
 def check_output_apart(parsed: tuple[Any, ...]) -> None:
     """Refuse an --output_dir that is, or lies inside, an input folder (or holds one where the run writes)."""
-    training = next((a for a in parsed if hasattr(a, "output_dir") and hasattr(a, "learning_rate")), None)
+    training = next(
+        (a for a in parsed if hasattr(a, "output_dir") and hasattr(a, "learning_rate")), None
+    )
     if training is None or not training.output_dir:
         return
     out = Path(training.output_dir).resolve()
     for args in parsed:
         for f in fields(args):
             value = getattr(args, f.name, None)
-            if not (isinstance(value, str) and value and f.name.endswith(INPUT_SUFFIXES) and Path(value).exists()):
+            if not (
+                isinstance(value, str)
+                and value
+                and f.name.endswith(INPUT_SUFFIXES)
+                and Path(value).exists()
+            ):
                 continue
             source = Path(value).resolve()
             if out == source or source in out.parents:
-                raise UserError(f"--output_dir {training.output_dir} is {'the folder' if out == source else 'inside'} "
-                                f"of --{f.name} {value}: saving there would overwrite or mix with what the run reads; "
-                                "choose another --output_dir (for example a sibling folder).")
-            if out in source.parents and any(fnmatch(source.relative_to(out).parts[0], p) for p in RUN_WRITTEN):
-                raise UserError(f"--{f.name} {value} lies inside --output_dir {training.output_dir}, where this run "
-                                "writes and rotates its checkpoints (and --overwrite_output_dir removes them); copy it "
-                                "elsewhere or choose another --output_dir.")
+                raise UserError(
+                    f"--output_dir {training.output_dir} is {'the folder' if out == source else 'inside'} "
+                    f"of --{f.name} {value}: saving there would overwrite or mix with what the run reads; "
+                    "choose another --output_dir (for example a sibling folder)."
+                )
+            if out in source.parents and any(
+                fnmatch(source.relative_to(out).parts[0], p) for p in RUN_WRITTEN
+            ):
+                raise UserError(
+                    f"--{f.name} {value} lies inside --output_dir {training.output_dir}, where this run "
+                    "writes and rotates its checkpoints (and --overwrite_output_dir removes them); copy it "
+                    "elsewhere or choose another --output_dir."
+                )
 
 
 def check_template_name(parsed: tuple[Any, ...]) -> None:
@@ -147,10 +205,14 @@ def check_test_file(parsed: tuple[Any, ...]) -> None:
     if data is None or not data.test_file:
         return
     if not any(hasattr(a, "predict_with_generate") for a in parsed):
-        raise UserError("--test_file is read by the SFT stage (predicted and scored after training); drop it here.")
+        raise UserError(
+            "--test_file is read by the SFT stage (predicted and scored after training); drop it here."
+        )
     if not any(getattr(a, "predict_with_generate", False) for a in parsed):
-        raise UserError("--test_file is predicted and scored after training only with --predict_with_generate True; "
-                        "add that flag or drop --test_file.")
+        raise UserError(
+            "--test_file is predicted and scored after training only with --predict_with_generate True; "
+            "add that flag or drop --test_file."
+        )
 
 
 def check_precision(parsed: tuple[Any, ...]) -> None:
@@ -168,52 +230,77 @@ def check_precision(parsed: tuple[Any, ...]) -> None:
     if model.torch_dtype == "auto" and training.fp16 and (peft.use_peft or model.quantized):
         model.torch_dtype = "float16"
     if model.torch_dtype == "bfloat16" and training.fp16:
-        raise UserError("--torch_dtype bfloat16 with --fp16 True mixes two half types; use --torch_dtype float16 with "
-                        "--fp16 True, or bfloat16 weights with --bf16 True.")
+        raise UserError(
+            "--torch_dtype bfloat16 with --fp16 True mixes two half types; use --torch_dtype float16 with "
+            "--fp16 True, or bfloat16 weights with --bf16 True."
+        )
     if model.torch_dtype != "float16":
         return
     if not torch.cuda.is_available():
-        raise UserError("--torch_dtype float16 trains only on a CUDA GPU with --fp16 True (float16 autocast with a loss "
-                        "scaler is no CPU training mode); on CPU use --torch_dtype float32 (the default) or bfloat16.")
+        raise UserError(
+            "--torch_dtype float16 trains only on a CUDA GPU with --fp16 True (float16 autocast with a loss "
+            "scaler is no CPU training mode); on CPU use --torch_dtype float32 (the default) or bfloat16."
+        )
     if not training.fp16:
-        raise UserError("--torch_dtype float16 computes in float16, which needs a loss scaler: add --fp16 True (float16 "
-                        "autocast with loss scaling; the trained weights stay float32), or load bfloat16 or float32 weights.")
+        raise UserError(
+            "--torch_dtype float16 computes in float16, which needs a loss scaler: add --fp16 True (float16 "
+            "autocast with loss scaling; the trained weights stay float32), or load bfloat16 or float32 weights."
+        )
     if not peft.use_peft and not training.deepspeed:
-        raise UserError("--torch_dtype float16 with full training (--use_peft False) would have the optimizer update "
-                        "float16 weights; drop --torch_dtype (float32 masters under --fp16 True), train an adapter "
-                        "(--use_peft True), or use --deepspeed (its fp16 engine keeps float32 masters).")
+        raise UserError(
+            "--torch_dtype float16 with full training (--use_peft False) would have the optimizer update "
+            "float16 weights; drop --torch_dtype (float32 masters under --fp16 True), train an adapter "
+            "(--use_peft True), or use --deepspeed (its fp16 engine keeps float32 masters)."
+        )
 
 
 # DeepSpeed keys that must agree with the batch flags (or be "auto", which the Trainer fills from them)
-_DS_BATCH = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
-             "gradient_accumulation_steps": "gradient_accumulation_steps"}
+_DS_BATCH = {
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+}
 
 
 def check_deepspeed_matches(training_args) -> None:
     """The Trainer compares the DeepSpeed file's other set values (learning rate, clipping, betas, bf16/fp16...)
     with the flags only when training starts, and then raises a traceback; here they are one sentence up front."""
-    config = getattr(training_args, "hf_deepspeed_config", None)  # set by TrainingArguments only under --deepspeed
-    found = [m.lstrip("- ").replace("ds ", "").replace(" vs hf ", " in the file but --") for m in
-             (config.mismatches if config is not None else [])]
+    config = getattr(
+        training_args, "hf_deepspeed_config", None
+    )  # set by TrainingArguments only under --deepspeed
+    found = [
+        m.lstrip("- ").replace("ds ", "").replace(" vs hf ", " in the file but --")
+        for m in (config.mismatches if config is not None else [])
+    ]
     if found:
-        raise UserError(f"--deepspeed {training_args.deepspeed} disagrees with the flags: {'; '.join(found)}; set those "
-                        "values to \"auto\" in the file (they then follow the flags) or make them equal.")
+        raise UserError(
+            f"--deepspeed {training_args.deepspeed} disagrees with the flags: {'; '.join(found)}; set those "
+            'values to "auto" in the file (they then follow the flags) or make them equal.'
+        )
 
 
 def deepspeed_without_launcher(training_args) -> None:
     """`python stages/x.py --deepspeed ...` with no torchrun: DeepSpeed would look for MPI and fail with an import
     traceback; one process is what the user meant, so its environment is set as torchrun would for one process."""
-    if not training_args.deepspeed or any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    if not training_args.deepspeed or any(
+        k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    ):
         return
     import socket
 
     with socket.socket() as s:  # a free port for the one-process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    logger.warning("--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun for more)")
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(port)),
+    )
+    logger.warning(
+        "--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun for more)"
+    )
 
 
 def check_deepspeed_file(training_args) -> None:
@@ -223,48 +310,71 @@ def check_deepspeed_file(training_args) -> None:
         return
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"--deepspeed {source} does not exist; give a DeepSpeed JSON file such as "
-                        "deepspeed_configs/zero2.json.")
+        raise UserError(
+            f"--deepspeed {source} does not exist; give a DeepSpeed JSON file such as "
+            "deepspeed_configs/zero2.json."
+        )
     try:
         config = loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"--deepspeed {source} is not UTF-8 text ({first_line(e)}).") from e
     except json.JSONDecodeError as e:
-        raise UserError(f"--deepspeed {source}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
+        raise UserError(
+            f"--deepspeed {source}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})."
+        ) from e
     if not isinstance(config, dict):
         raise UserError(f"--deepspeed {source} must hold a JSON object of DeepSpeed settings.")
     for key, flag in _DS_BATCH.items():
         value = config.get(key, "auto")
         if value != "auto" and value != getattr(training_args, flag):
-            raise UserError(f"--deepspeed {source} sets {key} {value} but --{flag} is {getattr(training_args, flag)}; "
-                            f"set it to \"auto\" in the file (it then follows the flag) or make the two equal.")
+            raise UserError(
+                f"--deepspeed {source} sets {key} {value} but --{flag} is {getattr(training_args, flag)}; "
+                f'set it to "auto" in the file (it then follows the flag) or make the two equal.'
+            )
     total = config.get("train_batch_size", "auto")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    expected = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    expected = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * world
+    )
     if total != "auto" and total != expected:
-        raise UserError(f"--deepspeed {source} sets train_batch_size {total} but the flags give {expected} "
-                        f"(--per_device_train_batch_size x --gradient_accumulation_steps x {world} processes); set it "
-                        "to \"auto\" in the file or make them agree.")
+        raise UserError(
+            f"--deepspeed {source} sets train_batch_size {total} but the flags give {expected} "
+            f"(--per_device_train_batch_size x --gradient_accumulation_steps x {world} processes); set it "
+            'to "auto" in the file or make them agree.'
+        )
 
 
 def check_common(model_args, peft_args, max_length: int | None = None) -> None:
     """Checks every stage shares: quantized weights need an adapter; the model config exists, has the
     --model_type given and stretches to max_length under --rope_scaling; --flash_attn is installed."""
-    from pipeline.model.attention import choose_attention  # the model package reads these classes: imported late
+    from pipeline.model.attention import (
+        choose_attention,
+    )  # the model package reads these classes: imported late
     from pipeline.model.loading import load_config
 
     if model_args.quantized and not peft_args.use_peft:
-        raise UserError("4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization.")
+        raise UserError(
+            "4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization."
+        )
     load_config(model_args, max_length)
-    choose_attention(model_args.flash_attn, packing=False)  # --flash_attn without the package stops here
+    choose_attention(
+        model_args.flash_attn, packing=False
+    )  # --flash_attn without the package stops here
 
 
 def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) -> bool:
     """--packing: on unless something would change what a packed sample computes. Prefix tuning prepends
     virtual tokens to every sequence and NEFTune scales its noise by the sequence length, so both train
     unpacked; asking for packing with either stops here."""
-    unpackable = "--peft_type prefix_tuning" if peft_args.use_peft and peft_args.peft_type == "prefix_tuning" else \
-        "--neft_alpha" if neft_alpha else None
+    unpackable = (
+        "--peft_type prefix_tuning"
+        if peft_args.use_peft and peft_args.peft_type == "prefix_tuning"
+        else "--neft_alpha"
+        if neft_alpha
+        else None
+    )
     if packing and unpackable:
         raise UserError(f"--packing True cannot be combined with {unpackable}; drop one of them.")
     return unpackable is None if packing is None else packing
@@ -273,10 +383,16 @@ def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) ->
 def resolve_checkpointing(training_args, peft_args) -> None:
     """Gradient checkpointing (on by default) cannot run prefix tuning: its virtual key/value tokens do not
     survive the recomputed forward. Off by default there; asked for explicitly, it stops here."""
-    if not (peft_args.use_peft and peft_args.peft_type == "prefix_tuning" and training_args.gradient_checkpointing):
+    if not (
+        peft_args.use_peft
+        and peft_args.peft_type == "prefix_tuning"
+        and training_args.gradient_checkpointing
+    ):
         return
     if not getattr(training_args, "checkpointing_by_default", False):
-        raise UserError("--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop one of them.")
+        raise UserError(
+            "--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop one of them."
+        )
     training_args.gradient_checkpointing = False
     if hasattr(training_args, "activation_checkpointing"):  # transformers >= 5.2x reads this name
         training_args.activation_checkpointing = False
@@ -285,8 +401,17 @@ def resolve_checkpointing(training_args, peft_args) -> None:
 def check_eval_data(data_args, training_args) -> None:
     """Evaluation during training (--eval_strategy steps/epoch, --eval_on_start) needs held-out data: a
     --validation_file_dir / --validation_file or a --validation_split_percentage above 0."""
-    wants = str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") or training_args.eval_on_start
+    wants = (
+        str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO")
+        or training_args.eval_on_start
+    )
     if wants and not data_args.has_validation and data_args.validation_split_percentage <= 0:
-        flag = "--eval_on_start" if training_args.eval_on_start else f"--eval_strategy {training_args.eval_strategy.value}"
-        raise UserError(f"{flag} evaluates during training but there is no held-out data; give --validation_file_dir "
-                        "(or --validation_file), a --validation_split_percentage above 0, or --eval_strategy no.")
+        flag = (
+            "--eval_on_start"
+            if training_args.eval_on_start
+            else f"--eval_strategy {training_args.eval_strategy.value}"
+        )
+        raise UserError(
+            f"{flag} evaluates during training but there is no held-out data; give --validation_file_dir "
+            "(or --validation_file), a --validation_split_percentage above 0, or --eval_strategy no."
+        )

@@ -14,31 +14,59 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or hub id (required)."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's own."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model folder or hub id (required)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Defaults to the model's own."}
+    )
     model_type: str | None = field(
-        default=None, metadata={"help": "Optional check: must equal the checkpoint's config.model_type."}
+        default=None,
+        metadata={"help": "Optional check: must equal the checkpoint's config.model_type."},
     )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "auto = bfloat16 for adapters on a bf16 GPU (float16 under --fp16 True), float32 otherwise; "
-                                 "float16 trains only with --fp16 True on a GPU", "choices": DTYPES},
+        metadata={
+            "help": "auto = bfloat16 for adapters on a bf16 GPU (float16 under --fp16 True), float32 otherwise; "
+            "float16 trains only with --fp16 True on a GPU",
+            "choices": DTYPES,
+        },
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are cached."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8-bit (bitsandbytes)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes)."})
-    qlora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 with double quantization."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the checkpoint."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where downloaded models are cached."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 8-bit (bitsandbytes)."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes)."}
+    )
+    qlora: bool = field(
+        default=False, metadata={"help": "QLoRA: 4-bit NF4 with double quantization."}
+    )
     rope_scaling: str | None = field(
-        default=None, metadata={"help": "Stretch RoPE to --model_max_length: linear, dynamic or yarn.",
-                                "choices": ["linear", "dynamic", "yarn"]})
-    flash_attn: bool = field(default=False, metadata={"help": "Use FlashAttention-2 (needs the flash-attn package)."})
-    shift_attn: bool = field(default=False, metadata={"help": "LongLoRA S^2-Attn (not supported: rejected)."})
+        default=None,
+        metadata={
+            "help": "Stretch RoPE to --model_max_length: linear, dynamic or yarn.",
+            "choices": ["linear", "dynamic", "yarn"],
+        },
+    )
+    flash_attn: bool = field(
+        default=False, metadata={"help": "Use FlashAttention-2 (needs the flash-attn package)."}
+    )
+    shift_attn: bool = field(
+        default=False, metadata={"help": "LongLoRA S^2-Attn (not supported: rejected)."}
+    )
 
     def __post_init__(self):
         if self.shift_attn:
-            raise UserError("--shift_attn (LongLoRA S^2-Attn) is not supported: it needs a patched attention forward, "
-                            "which this project does not do; use --rope_scaling linear for long-context training.")
+            raise UserError(
+                "--shift_attn (LongLoRA S^2-Attn) is not supported: it needs a patched attention forward, "
+                "which this project does not do; use --rope_scaling linear for long-context training."
+            )
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required: give a model folder or hub id.")
         if self.load_in_4bit and self.load_in_8bit:
@@ -56,19 +84,30 @@ class ModelArguments:
 
 @dataclass
 class PeftArguments:
-    use_peft: bool = field(default=True, metadata={"help": "True: LoRA adapters; False: full training."})
+    use_peft: bool = field(
+        default=True, metadata={"help": "True: LoRA adapters; False: full training."}
+    )
     target_modules: str = field(
-        default="all", metadata={"help": "Comma list of module names, or 'all' = every linear but the head."}
+        default="all",
+        metadata={"help": "Comma list of module names, or 'all' = every linear but the head."},
     )
     lora_rank: int = field(default=8)
     lora_alpha: float = field(default=16.0)
     lora_dropout: float = field(default=0.05)
     modules_to_save: str | None = field(
-        default=None, metadata={"help": "Comma list trained in full beside LoRA, e.g. embed_tokens,lm_head."}
+        default=None,
+        metadata={"help": "Comma list trained in full beside LoRA, e.g. embed_tokens,lm_head."},
     )
-    peft_path: str | None = field(default=None, metadata={"help": "Adapter folder to resume training from."})
-    peft_type: str = field(default="lora", metadata={"help": "lora, or prefix_tuning (P-Tuning v2)",
-                                                     "choices": ["lora", "prefix_tuning"]})
+    peft_path: str | None = field(
+        default=None, metadata={"help": "Adapter folder to resume training from."}
+    )
+    peft_type: str = field(
+        default="lora",
+        metadata={
+            "help": "lora, or prefix_tuning (P-Tuning v2)",
+            "choices": ["lora", "prefix_tuning"],
+        },
+    )
     num_virtual_tokens: int = field(default=16, metadata={"help": "Prefix length for P-Tuning v2."})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
 
@@ -82,8 +121,12 @@ class PeftArguments:
         if self.peft_path and not self.use_peft:
             raise UserError("--peft_path resumes a LoRA adapter; it needs --use_peft True.")
         if self.peft_path and not Path(self.peft_path, "adapter_config.json").is_file():
-            raise UserError(f"--peft_path {self.peft_path} has no adapter_config.json; point it at an adapter folder.")
-        check_mode_flags(self)  # after the checks of each value, which name the problem more precisely
+            raise UserError(
+                f"--peft_path {self.peft_path} has no adapter_config.json; point it at an adapter folder."
+            )
+        check_mode_flags(
+            self
+        )  # after the checks of each value, which name the problem more precisely
 
     @property
     def target_module_list(self) -> list[str] | str:
@@ -92,7 +135,6 @@ class PeftArguments:
     @property
     def modules_to_save_list(self) -> list[str]:
         return split_list(self.modules_to_save) if self.modules_to_save else []
-
 
 
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_dora")
@@ -104,13 +146,22 @@ def check_mode_flags(peft: PeftArguments) -> None:
     changed = {n for n in defaults if n != "use_peft" and getattr(peft, n) != defaults[n]}
     if not peft.use_peft:
         # --peft_path has its own sentence below; --modules_to_save asks for what full training does anyway
-        unused, method = sorted(changed - {"peft_path", "modules_to_save"}), "--use_peft False trains the full model"
+        unused, method = (
+            sorted(changed - {"peft_path", "modules_to_save"}),
+            "--use_peft False trains the full model",
+        )
     elif peft.peft_type == "prefix_tuning":
-        unused, method = sorted(changed & set(LORA_ONLY) - {"use_dora"}), "--peft_type prefix_tuning trains a prefix"
+        unused, method = (
+            sorted(changed & set(LORA_ONLY) - {"use_dora"}),
+            "--peft_type prefix_tuning trains a prefix",
+        )
     else:
-        unused, method = sorted(changed & {"num_virtual_tokens"}), "--peft_type lora trains LoRA adapters"
+        unused, method = (
+            sorted(changed & {"num_virtual_tokens"}),
+            "--peft_type lora trains LoRA adapters",
+        )
     if unused:
-        raise UserError(f"{', '.join('--' + n for n in unused)}: not read by this method ({method}); drop them "
-                        "or choose the method they belong to.")
-
-
+        raise UserError(
+            f"{', '.join('--' + n for n in unused)}: not read by this method ({method}); drop them "
+            "or choose the method they belong to."
+        )

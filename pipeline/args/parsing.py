@@ -10,7 +10,13 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from pipeline.args.checks import check_numbers, check_output_apart, check_precision, check_template_name, check_test_file
+from pipeline.args.checks import (
+    check_numbers,
+    check_output_apart,
+    check_precision,
+    check_template_name,
+    check_test_file,
+)
 from pipeline.config_file import config_file_argv
 from pipeline.errors import UserError
 from pipeline.seed_flags import translate
@@ -38,7 +44,9 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     """Parse `[config.yaml] [--config FILE] --flag value ...`, or the GLM demos' `DATA_DIR MODEL CONFIG
     [yes|STEP]` (pipeline/seed_configs.py), into the given dataclasses."""
     argv = config_file_argv(list(sys.argv[1:] if argv is None else argv))
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # --train_file is not --train_file_dir
+    parser = HfArgumentParser(
+        dataclass_types, allow_abbrev=False
+    )  # --train_file is not --train_file_dir
     argv = _attach_negative_numbers(translate(argv, dataclass_types))
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
@@ -52,10 +60,9 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     return parsed
 
 
-
 def given_flags(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> set[str]:
     """Names of the flags a command line gives (config files and the seeds' spellings read as parse_args reads them)."""
-    argv = translate(config_file_argv(list(sys.argv[1:] if argv is None else argv)), dataclass_types)
+    argv = translate(
+        config_file_argv(list(sys.argv[1:] if argv is None else argv)), dataclass_types
+    )
     return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
-
-

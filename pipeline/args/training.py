@@ -11,7 +11,12 @@ from typing import ClassVar
 import torch
 from transformers import TrainingArguments
 
-from pipeline.args.checks import check_deepspeed_file, check_deepspeed_matches, check_numbers, check_writable_folder
+from pipeline.args.checks import (
+    check_deepspeed_file,
+    check_deepspeed_matches,
+    check_numbers,
+    check_writable_folder,
+)
 from pipeline.errors import UserError, first_line
 
 
@@ -19,26 +24,51 @@ from pipeline.errors import UserError, first_line
 class PipelineTrainingArguments(TrainingArguments):
     """TrainingArguments with defaults that fit the hardware present and the seed's output layout."""
 
-    bf16: bool | None = field(default=None, metadata={"help": "Mixed bf16; default: on when the GPU supports it."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={
-        "help": "Recompute activations in the backward pass instead of keeping them (default: on, except PPO)."})
-    use_liger_kernel: bool | None = field(default=None, metadata={
-        "help": "liger-kernel's fused RMSNorm, RoPE and SwiGLU (default: on for PT and SFT on a CUDA GPU where "
-                "liger-kernel is installed)."})
-    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "Mixed bf16; default: on when the GPU supports it."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass instead of keeping them (default: on, except PPO)."
+        },
+    )
+    use_liger_kernel: bool | None = field(
+        default=None,
+        metadata={
+            "help": "liger-kernel's fused RMSNorm, RoPE and SwiGLU (default: on for PT and SFT on a CUDA GPU where "
+            "liger-kernel is installed)."
+        },
+    )
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "tensorboard, none, ..."}
+    )
     logging_steps: float = field(default=10)
     do_train: bool = field(default=True, metadata={"help": "Train (default True)."})
-    do_eval: bool = field(default=True, metadata={"help": "Evaluate on held-out data after training, if any."})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."}
+    do_eval: bool = field(
+        default=True, metadata={"help": "Evaluate on held-out data after training, if any."}
     )
-    max_nonfinite_steps: int = field(default=3, metadata={
-        "help": "Stop (no final model) after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
-                "(or a gradient norm of exactly 0 under a non-zero loss: a collapsed run)."})
-    logging_nan_inf_filter: bool = field(default=False, metadata={
-        "help": "Kept off: a NaN/inf loss is logged as what it is (True is refused)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start afresh in an --output_dir holding another run: its checkpoints and results are removed first."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, a step number, 'yes'/'last', or 'auto' (if any)."},
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop (no final model) after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
+            "(or a gradient norm of exactly 0 under a non-zero loss: a collapsed run)."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Kept off: a NaN/inf loss is logged as what it is (True is refused)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an --output_dir holding another run: its checkpoints and results are removed first."
+        },
+    )
 
     # defaults chosen from measurements (README "Speed and memory"); the stages' subclasses may differ
     default_checkpointing: ClassVar[bool] = True
@@ -48,28 +78,47 @@ class PipelineTrainingArguments(TrainingArguments):
         if not self.output_dir:
             raise UserError("--output_dir is required.")
         check_writable_folder(self.output_dir, "--output_dir")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_nonfinite_steps < 1:
-            raise UserError(f"--max_nonfinite_steps must be at least 1 (1 = stop at the first), got {self.max_nonfinite_steps}.")
+            raise UserError(
+                f"--max_nonfinite_steps must be at least 1 (1 = stop at the first), got {self.max_nonfinite_steps}."
+            )
         if self.logging_nan_inf_filter:
-            raise UserError("--logging_nan_inf_filter True would log a NaN/inf loss as a number; this project logs it as "
-                            "it is and stops a diverged run (--max_nonfinite_steps); drop the flag.")
-        self.checkpointing_by_default = self.gradient_checkpointing is None and \
-            getattr(self, "activation_checkpointing", None) is None
+            raise UserError(
+                "--logging_nan_inf_filter True would log a NaN/inf loss as a number; this project logs it as "
+                "it is and stops a diverged run (--max_nonfinite_steps); drop the flag."
+            )
+        self.checkpointing_by_default = (
+            self.gradient_checkpointing is None
+            and getattr(self, "activation_checkpointing", None) is None
+        )
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = self.default_checkpointing
-        if getattr(self, "activation_checkpointing", None) is None and hasattr(self, "activation_checkpointing"):
+        if getattr(self, "activation_checkpointing", None) is None and hasattr(
+            self, "activation_checkpointing"
+        ):
             # transformers 5 renamed the flag; the seeds' --gradient_checkpointing sets the new name (no warning)
             self.activation_checkpointing = self.gradient_checkpointing
         if self.use_liger_kernel is None:
-            self.use_liger_kernel = bool(self.default_liger and torch.cuda.is_available()
-                                         and importlib.util.find_spec("liger_kernel") is not None)
+            self.use_liger_kernel = bool(
+                self.default_liger
+                and torch.cuda.is_available()
+                and importlib.util.find_spec("liger_kernel") is not None
+            )
         if self.do_predict:
-            raise UserError("--do_predict is not supported by the training stages; use the inference command.")
+            raise UserError(
+                "--do_predict is not supported by the training stages; use the inference command."
+            )
         if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16)
+            self.bf16 = bool(
+                torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
+            )
         if not torch.cuda.is_available():
             # Without this, torchrun on a CPU-only machine runs N unsynchronised copies instead of DDP.
             self.use_cpu = True
@@ -77,14 +126,20 @@ class PipelineTrainingArguments(TrainingArguments):
         if self.fp16 and not torch.cuda.is_available():
             raise UserError("--fp16 needs a CUDA GPU; drop it on a CPU-only machine.")
         if self.tf32 and not torch.cuda.is_available():
-            raise UserError("--tf32 True needs an NVIDIA GPU (Ampere or newer); drop it on a CPU-only machine.")
+            raise UserError(
+                "--tf32 True needs an NVIDIA GPU (Ampere or newer); drop it on a CPU-only machine."
+            )
         if self.use_liger_kernel:
             if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
-                raise UserError("--use_liger_kernel needs a CUDA GPU and the liger-kernel package (pip install -e '.[gpu]').")
+                raise UserError(
+                    "--use_liger_kernel needs a CUDA GPU and the liger-kernel package (pip install -e '.[gpu]')."
+                )
             # the stages compute the loss from hidden states themselves (pipeline/train/causal_lm.py, trl's fused
             # head); liger replaces RMSNorm, RoPE and SwiGLU
-            self.liger_kernel_config = self.liger_kernel_config or {"fused_linear_cross_entropy": False,
-                                                                    "cross_entropy": False}
+            self.liger_kernel_config = self.liger_kernel_config or {
+                "fused_linear_cross_entropy": False,
+                "cross_entropy": False,
+            }
         check_numbers((self,))  # before the Trainer's own checks, which name no flag
         check_deepspeed_file(self)
         try:
@@ -99,17 +154,25 @@ class CausalLMTrainingArguments(PipelineTrainingArguments):
     """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and leaner)."""
 
     default_liger: ClassVar[bool] = True
-    master_weights: str = field(default="model", metadata={
-        "help": "Full training under --bf16: model (float32 weights, autocast casts them to bf16 at every forward) or "
-                "optimizer (bf16 weights in the model, float32 masters in the optimizer: no casts; "
-                "pipeline/train/master_weights.py).", "choices": ("model", "optimizer")})
-
+    master_weights: str = field(
+        default="model",
+        metadata={
+            "help": "Full training under --bf16: model (float32 weights, autocast casts them to bf16 at every forward) or "
+            "optimizer (bf16 weights in the model, float32 masters in the optimizer: no casts; "
+            "pipeline/train/master_weights.py).",
+            "choices": ("model", "optimizer"),
+        },
+    )
 
 
 @dataclass
 class RMTrainingArguments(PipelineTrainingArguments):
-    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the pair collator needs the columns."})
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the pair collator needs the columns."}
+    )
 
 
 @dataclass
@@ -126,6 +189,7 @@ class PPOTrainingArguments(RLTrainingArguments):
     tens of GiB (1B shape, 16 rollouts of ~1k tokens: 67 -> see bench/results)."""
 
     default_checkpointing: ClassVar[bool] = True
+
 
 def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:
     """dtype for trainable weights. Without DeepSpeed: float32 masters under autocast. DeepSpeed runs the

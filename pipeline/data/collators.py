@@ -14,7 +14,9 @@ import torch
 from pipeline.data.masking import IGNORE_INDEX
 
 
-def pad(sequences: list[list[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    sequences: list[list[int]], value: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask): `sequences` padded with `value` to the longest, on the right or the left."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), value, dtype=torch.long)
@@ -36,8 +38,15 @@ class PackedBlockCollator:
         input_ids, _ = pad([f["input_ids"] for f in features], self.pad_token_id)
         labels, _ = pad([f["input_ids"] for f in features], IGNORE_INDEX)
         longest = input_ids.shape[1]
-        position_ids = [list(f["position_ids"]) + list(range(longest - len(f["position_ids"]))) for f in features]
-        return {"input_ids": input_ids, "labels": labels, "position_ids": torch.tensor(position_ids, dtype=torch.long)}
+        position_ids = [
+            list(f["position_ids"]) + list(range(longest - len(f["position_ids"])))
+            for f in features
+        ]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        }
 
 
 @dataclass
@@ -59,7 +68,10 @@ class PairCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, mask = pad([f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features], self.pad_token_id)
+        ids, mask = pad(
+            [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features],
+            self.pad_token_id,
+        )
         margin = torch.tensor([float(f.get("margin", 0.0)) for f in features])
         return {"input_ids": ids, "attention_mask": mask, "margin": margin}
 
@@ -76,4 +88,8 @@ class FlatteningCollator:
         def flat(key: str) -> torch.Tensor:
             return torch.tensor([[x for f in features for x in f[key]]], dtype=torch.long)
 
-        return {"input_ids": flat("input_ids"), "labels": flat("labels"), "position_ids": flat("position_ids")}
+        return {
+            "input_ids": flat("input_ids"),
+            "labels": flat("labels"),
+            "position_ids": flat("position_ids"),
+        }

@@ -24,12 +24,16 @@ DIFFERS = "renders differently from the saved chat template"
 
 
 def _python_text(template: Template, messages, tools, add_generation_prompt: bool) -> str:
-    return "".join(s.text for s in render_segments(template, messages, tools, add_generation_prompt))
+    return "".join(
+        s.text for s in render_segments(template, messages, tools, add_generation_prompt)
+    )
 
 
 def _first_difference(ours: str, theirs: str) -> str:
-    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    return f"at character {k} (training {ours[max(0, k - 12): k + 12]!r}, chat template {theirs[max(0, k - 12): k + 12]!r})"
+    k = next(
+        (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))
+    )
+    return f"at character {k} (training {ours[max(0, k - 12) : k + 12]!r}, chat template {theirs[max(0, k - 12) : k + 12]!r})"
 
 
 def check_conversation(template, tokenizer, messages: list[dict], tools: list[dict] | None) -> None:
@@ -43,5 +47,11 @@ def check_conversation(template, tokenizer, messages: list[dict], tools: list[di
         ours = _python_text(template, part, tools, generation)
         theirs = render_with_tokenizer(tokenizer, part, tools, add_generation_prompt=generation)
         if ours != theirs:
-            what = f"the prompt of answer {len(assistant_indices(part)) + 1}" if generation else "the conversation"
-            raise UserError(f"template '{template.name}' {DIFFERS} in {what} {_first_difference(ours, theirs)}")
+            what = (
+                f"the prompt of answer {len(assistant_indices(part)) + 1}"
+                if generation
+                else "the conversation"
+            )
+            raise UserError(
+                f"template '{template.name}' {DIFFERS} in {what} {_first_difference(ours, theirs)}"
+            )

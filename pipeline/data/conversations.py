@@ -28,10 +28,25 @@ from pipeline.errors import UserError
 
 FORMATS = ("auto", "sharegpt", "messages", "chatglm3", "alpaca", "columns")
 COLUMNS = ("content", "summary")  # the question and answer fields of AdvertiseGen records
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "function_call": "tool_call", "observation": "tool", "tool": "tool", "function": "tool"}
-MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "observation": "tool",
-                 "function": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "tool_call",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
+MESSAGE_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+}
 
 
 class InvalidSample(ValueError):
@@ -52,8 +67,10 @@ def detect_format(record: Any) -> str:
         return "alpaca"
     if all(key in record for key in COLUMNS):
         return "columns"
-    raise InvalidSample('unknown record shape: expected "conversations", "messages", "instruction"+"output" or '
-                        '"content"+"summary" (other question/answer fields: --prompt_column and --response_column)')
+    raise InvalidSample(
+        'unknown record shape: expected "conversations", "messages", "instruction"+"output" or '
+        '"content"+"summary" (other question/answer fields: --prompt_column and --response_column)'
+    )
 
 
 def column_format(data_format: str, prompt_column: str | None, response_column: str | None) -> str:
@@ -61,23 +78,39 @@ def column_format(data_format: str, prompt_column: str | None, response_column: 
     if prompt_column is None and response_column is None:
         return data_format
     if not (prompt_column and response_column):
-        given, missing = ("--prompt_column", "--response_column") if prompt_column else ("--response_column",
-                                                                                         "--prompt_column")
-        raise UserError(f"{given} needs {missing} too: together they name each record's question and answer fields.")
+        given, missing = (
+            ("--prompt_column", "--response_column")
+            if prompt_column
+            else ("--response_column", "--prompt_column")
+        )
+        raise UserError(
+            f"{given} needs {missing} too: together they name each record's question and answer fields."
+        )
     if data_format not in ("auto", "columns"):
-        raise UserError(f"--prompt_column and --response_column read two-field records, not --data_format "
-                        f"{data_format}; leave --data_format out.")
+        raise UserError(
+            f"--prompt_column and --response_column read two-field records, not --data_format "
+            f"{data_format}; leave --data_format out."
+        )
     return f"columns:{prompt_column}:{response_column}"
 
 
-def from_columns(record: dict, prompt_column: str = COLUMNS[0], response_column: str = COLUMNS[1]) -> dict:
+def from_columns(
+    record: dict, prompt_column: str = COLUMNS[0], response_column: str = COLUMNS[1]
+) -> dict:
     for key in (prompt_column, response_column):
         if key not in record:
-            raise InvalidSample(f'the field "{key}" is missing (the record has {", ".join(map(repr, record))})')
+            raise InvalidSample(
+                f'the field "{key}" is missing (the record has {", ".join(map(repr, record))})'
+            )
         if not isinstance(record[key], str):
             raise InvalidSample(f'"{key}" must be a string, got {type(record[key]).__name__}')
-    return {"messages": [make_message("user", record[prompt_column]),
-                         make_message("assistant", record[response_column])], "tools": None}
+    return {
+        "messages": [
+            make_message("user", record[prompt_column]),
+            make_message("assistant", record[response_column]),
+        ],
+        "tools": None,
+    }
 
 
 def _tools(value: Any) -> list[dict] | None:
@@ -90,7 +123,9 @@ def _tools(value: Any) -> list[dict] | None:
             raise InvalidSample('"tools" is a string that is not JSON') from e
     if not isinstance(value, list):
         raise InvalidSample('"tools" must be a list of tool definitions')
-    return [t if "function" in t or "type" in t else {"type": "function", "function": t} for t in value]
+    return [
+        t if "function" in t or "type" in t else {"type": "function", "function": t} for t in value
+    ]
 
 
 def _call(name: str, arguments: Any, call_id: str | None = None) -> dict:
@@ -101,7 +136,9 @@ def _call(name: str, arguments: Any, call_id: str | None = None) -> dict:
 def _written_call(call: Any) -> dict:
     """An OpenAI tool call as written (id, type and any other field kept); its name and arguments checked."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise InvalidSample('a tool call must be {"type": "function", "function": {"name": ..., "arguments": ...}}')
+        raise InvalidSample(
+            'a tool call must be {"type": "function", "function": {"name": ..., "arguments": ...}}'
+        )
     function = call["function"]
     if not isinstance(function.get("name"), str) or "arguments" not in function:
         raise InvalidSample("a tool call's function needs a name and arguments")
@@ -112,9 +149,11 @@ def _written_call(call: Any) -> dict:
 # chat template repeats in Jinja (which cannot parse JSON): each step skips whitespace, then expects its text;
 # "" is the name (up to its closing quote). "parameters" may stand for "arguments".
 CALL_STEPS = ("{", '"name"', ":", '"', "", ",", '"arguments"', ":")
-UNREADABLE_CALL = ('an assistant message before a tool result holds a call as JSON that the saved chat template cannot '
-                   'read back at inference; write it as {"name": "...", "arguments": {...}} (name first, arguments an '
-                   'object) or as tool_calls')
+UNREADABLE_CALL = (
+    "an assistant message before a tool result holds a call as JSON that the saved chat template cannot "
+    'read back at inference; write it as {"name": "...", "arguments": {...}} (name first, arguments an '
+    "object) or as tool_calls"
+)
 
 
 def _call_text_parts(text: str) -> tuple[str, str, str] | None:
@@ -124,13 +163,13 @@ def _call_text_parts(text: str) -> tuple[str, str, str] | None:
     for step in CALL_STEPS:
         if not step:
             name = rest.split('"')[0]
-            rest = rest[len(name) + 1:]
+            rest = rest[len(name) + 1 :]
             continue
         rest = rest.lstrip()
         if step == '"arguments"' and rest.startswith('"parameters"'):
             step, key = '"parameters"', "parameters"
         ok = ok and rest.startswith(step)
-        rest = rest[len(step):]
+        rest = rest[len(step) :]
     arguments = rest.lstrip()[:-1].rstrip()
     return (name, arguments, key) if ok and arguments.startswith("{") else None
 
@@ -141,7 +180,9 @@ def text_call(text: str) -> dict | None:
     when the text is not a call."""
     parts = _call_text_parts(text)
     if parts is None:
-        if _parse_call(text) is not None:  # a call in another layout: training would differ from inference
+        if (
+            _parse_call(text) is not None
+        ):  # a call in another layout: training would differ from inference
             raise InvalidSample(UNREADABLE_CALL)
         return None
     name, arguments, key = parts
@@ -149,7 +190,12 @@ def text_call(text: str) -> dict | None:
         obj, args = loads(text), loads(arguments)
     except json.JSONDecodeError as e:
         raise InvalidSample(UNREADABLE_CALL) from e
-    if not (isinstance(obj, dict) and list(obj) == ["name", key] and obj["name"] == name and obj[key] == args):
+    if not (
+        isinstance(obj, dict)
+        and list(obj) == ["name", key]
+        and obj["name"] == name
+        and obj[key] == args
+    ):
         raise InvalidSample(UNREADABLE_CALL)
     return _call(name, args if json.dumps(args, ensure_ascii=False) == arguments else arguments)
 
@@ -164,9 +210,15 @@ def _chatglm3_tool(turn: dict) -> list[dict]:
         raise InvalidSample('a "tool" message needs "name", "parameters" and "observation"')
     obs = turn["observation"]
     call = _call(turn["name"], turn.get("parameters", {}))
-    return [{"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)},
-            {**make_message("tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)),
-             "name": turn["name"]}]
+    return [
+        {"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)},
+        {
+            **make_message(
+                "tool", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)
+            ),
+            "name": turn["name"],
+        },
+    ]
 
 
 def _parse_call(text: str) -> dict | None:
@@ -174,7 +226,11 @@ def _parse_call(text: str) -> dict | None:
         obj = loads(text)
     except (json.JSONDecodeError, TypeError):
         return None
-    if isinstance(obj, dict) and isinstance(obj.get("name"), str) and ("arguments" in obj or "parameters" in obj):
+    if (
+        isinstance(obj, dict)
+        and isinstance(obj.get("name"), str)
+        and ("arguments" in obj or "parameters" in obj)
+    ):
         return _call(obj["name"], obj.get("arguments", obj.get("parameters")))
     return None
 
@@ -195,15 +251,26 @@ def make_message(role: str, content: Any, loss: Any = None) -> dict:
 def from_sharegpt(record: dict) -> dict:
     messages = [make_message("system", record["system"])] if record.get("system") else []
     for turn in record["conversations"]:
-        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
+        role = (
+            SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+            if isinstance(turn, dict)
+            else None
+        )
         if role is None:
-            raise InvalidSample(f"unknown role {turn.get('from')!r} in conversations" if isinstance(turn, dict)
-                                else "a turn is not an object")
+            raise InvalidSample(
+                f"unknown role {turn.get('from')!r} in conversations"
+                if isinstance(turn, dict)
+                else "a turn is not an object"
+            )
         if role == "tool_call":
             call = _parse_call(turn.get("value"))
             if call is None:
-                raise InvalidSample('a function_call turn must hold JSON {"name": ..., "arguments": ...}')
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)})
+                raise InvalidSample(
+                    'a function_call turn must hold JSON {"name": ..., "arguments": ...}'
+                )
+            messages.append(
+                {"role": "assistant", "content": "", "tool_calls": [call], **_loss(turn)}
+            )
         else:
             messages.append(make_message(role, turn.get("value"), turn.get("loss")))
     return {"messages": messages, "tools": _tools(record.get("tools"))}
@@ -233,7 +300,9 @@ def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
     for i, m in enumerate(raw):
         role = MESSAGE_ROLES.get(m.get("role")) if isinstance(m, dict) else None
         if role is None:
-            raise InvalidSample(f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in {where}")
+            raise InvalidSample(
+                f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in {where}"
+            )
         if m.get("tools"):
             tools = _tools(m["tools"])
         if is_chatglm3_tool(m):
@@ -242,15 +311,25 @@ def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
         msg = make_message(role, m.get("content"), m.get("loss"))
         # every other field as written: templates read a tool message's name (Kimi-K2), call ids (Mistral),
         # reasoning_content / thinking, tools on the system message (Phi-4-mini)
-        msg.update({k: v for k, v in m.items() if k not in ("role", "content", "loss", "tool_calls") and v is not None})
+        msg.update(
+            {
+                k: v
+                for k, v in m.items()
+                if k not in ("role", "content", "loss", "tool_calls") and v is not None
+            }
+        )
         if role == "assistant" and m.get("content") is None and not m.get("tool_calls"):
-            raise InvalidSample("an assistant message has neither content nor tool_calls (null or missing)")
+            raise InvalidSample(
+                "an assistant message has neither content nor tool_calls (null or missing)"
+            )
         if role == "assistant":
             if m.get("tool_calls"):
                 msg["tool_calls"] = [_written_call(c) for c in m["tool_calls"]]
             nxt = raw[i + 1] if i + 1 < len(raw) and isinstance(raw[i + 1], dict) else {}
             if not m.get("tool_calls") and MESSAGE_ROLES.get(nxt.get("role")) == "tool":
-                call = text_call(msg["content"])  # GLM-4: the call is JSON content before an observation
+                call = text_call(
+                    msg["content"]
+                )  # GLM-4: the call is JSON content before an observation
                 if call:
                     msg.update(content="", tool_calls=[call])
         messages.append(msg)
@@ -271,7 +350,12 @@ def from_alpaca(record: dict) -> dict:
     return {"messages": messages, "tools": None}
 
 
-CONVERTERS = {"sharegpt": from_sharegpt, "messages": from_messages, "chatglm3": from_chatglm3, "alpaca": from_alpaca}
+CONVERTERS = {
+    "sharegpt": from_sharegpt,
+    "messages": from_messages,
+    "chatglm3": from_chatglm3,
+    "alpaca": from_alpaca,
+}
 
 
 def validate(conv: dict) -> dict:
@@ -283,16 +367,29 @@ def validate(conv: dict) -> dict:
     if systems and systems[0] != 0:
         raise InvalidSample("the system message must come first")
     prev, last_calls = "system", False
-    for m in msgs[1 if systems else 0:]:
+    for m in msgs[1 if systems else 0 :]:
         role = m["role"]
         if role == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise InvalidSample("an assistant message is empty")
-        allowed = {"user": ("system", "assistant", "tool"), "assistant": ("user", "tool"),
-                   "tool": ("assistant", "tool")}[role]
-        thought_then_call = role == prev == "assistant" and m.get("tool_calls")  # ChatGLM3: text, then the call
-        if (prev not in allowed and not thought_then_call) or (role == "tool" and prev == "assistant" and not last_calls):
-            raise InvalidSample(f"{_article(role)} {role} message cannot follow {_article(prev)} {prev} message")
-        last_calls = bool(m.get("tool_calls")) if role == "assistant" else (last_calls if role == "tool" else False)
+        allowed = {
+            "user": ("system", "assistant", "tool"),
+            "assistant": ("user", "tool"),
+            "tool": ("assistant", "tool"),
+        }[role]
+        thought_then_call = role == prev == "assistant" and m.get(
+            "tool_calls"
+        )  # ChatGLM3: text, then the call
+        if (prev not in allowed and not thought_then_call) or (
+            role == "tool" and prev == "assistant" and not last_calls
+        ):
+            raise InvalidSample(
+                f"{_article(role)} {role} message cannot follow {_article(prev)} {prev} message"
+            )
+        last_calls = (
+            bool(m.get("tool_calls"))
+            if role == "assistant"
+            else (last_calls if role == "tool" else False)
+        )
         prev = role
     if not any(m["role"] == "assistant" for m in msgs):
         raise InvalidSample("no assistant message to learn from")
@@ -322,8 +419,9 @@ def field_problem(error: Exception) -> str:
     return f"a field holds the wrong kind of value ({error})"
 
 
-def read_conversations(directory: str | list[str], flag: str, data_format: str = "auto",
-                       skip_invalid: bool = False) -> tuple[list[dict], ReadReport]:
+def read_conversations(
+    directory: str | list[str], flag: str, data_format: str = "auto", skip_invalid: bool = False
+) -> tuple[list[dict], ReadReport]:
     """All conversations under a folder; an invalid record is an error (file:line) or, if asked, skipped and counted."""
     files = find_files(directory, flag, (".json", ".jsonl"))
     report = ReadReport(files=len(files))
@@ -336,8 +434,10 @@ def read_conversations(directory: str | list[str], flag: str, data_format: str =
                 out.append(normalize(record, data_format))
             except InvalidSample as e:
                 if not skip_invalid:
-                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True "
-                                    "to skip such records.") from e
+                    raise UserError(
+                        f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True "
+                        "to skip such records."
+                    ) from e
                 report.drop(str(e))
         if report.read == n_before:
             raise UserError(f"{path} is empty (no records); remove it or fill it.")

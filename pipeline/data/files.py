@@ -36,7 +36,9 @@ def shown(source: str | list[str]) -> str:
     return " ".join(source) if isinstance(source, list) else str(source)
 
 
-def find_files(source: str | list[str], flag: str, extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> list[Path]:
+def find_files(
+    source: str | list[str], flag: str, extensions: tuple[str, ...] = TEXT_EXTENSIONS
+) -> list[Path]:
     """All data files of a source: every file under a folder (recursive, through symbolic links, sorted; anything
     else there is an error), or the listed files themselves (--train_file), each checked readable now."""
     if isinstance(source, list):
@@ -50,19 +52,27 @@ def find_files(source: str | list[str], flag: str, extensions: tuple[str, ...] =
 
 def _named_file(path: Path, flag: str, extensions: tuple[str, ...]) -> Path:
     if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; give it as {flag}_dir, or name the files in it.")
+        raise UserError(
+            f"{flag} {path} is a folder; give it as {flag}_dir, or name the files in it."
+        )
     if not path.is_file():
         raise UserError(f"{flag} {path} does not exist.")
     if path.suffix.lower() not in extensions:
-        raise UserError(f"{flag} {path} has an unsupported extension; give {', '.join(extensions)} files.")
+        raise UserError(
+            f"{flag} {path} has an unsupported extension; give {', '.join(extensions)} files."
+        )
     return path
 
 
 def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Path]:
     if root.is_file():
-        raise UserError(f"{flag} {root} is a file, not a folder; give it as {flag.removesuffix('_dir')} {root}.")
+        raise UserError(
+            f"{flag} {root} is a file, not a folder; give it as {flag.removesuffix('_dir')} {root}."
+        )
     if not root.is_dir():
-        raise UserError(f"{flag} {root} is not a folder; point it at a folder of {'/'.join(extensions)} files.")
+        raise UserError(
+            f"{flag} {root} is not a folder; point it at a folder of {'/'.join(extensions)} files."
+        )
     files, foreign = [], []
     for path in walk_files(root, flag):
         (files if path.suffix.lower() in extensions else foreign).append(path)
@@ -76,9 +86,11 @@ def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Pa
     held_out = [p for p in files if p.stem.lower() in HELD_OUT_NAMES]
     if flag == "--train_file_dir" and held_out and len(held_out) < len(files):
         train = [str(p) for p in files if p not in held_out]
-        raise UserError(f"{flag} {root} holds held-out data ({held_out[0].name}) beside training data, and all of it "
-                        f"would be trained; give the files apart: --train_file {' '.join(train)} --validation_file "
-                        f"{held_out[0]}.")
+        raise UserError(
+            f"{flag} {root} holds held-out data ({held_out[0].name}) beside training data, and all of it "
+            f"would be trained; give the files apart: --train_file {' '.join(train)} --validation_file "
+            f"{held_out[0]}."
+        )
     return files
 
 
@@ -91,8 +103,12 @@ def walk_files(root: Path, flag: str) -> list[Path]:
     top = root.resolve()
     seen: dict[Path, Path] = {top: root}  # real path -> the path it was first reached by
     files: list[Path] = []
-    stack = [({top: root}, iter(_list_folder(root, flag)))]  # (the folders down to here, real -> path; entries)
-    while stack:  # depth first, each folder's entries by name: the order of sorted(rglob) without links
+    stack = [
+        ({top: root}, iter(_list_folder(root, flag)))
+    ]  # (the folders down to here, real -> path; entries)
+    while (
+        stack
+    ):  # depth first, each folder's entries by name: the order of sorted(rglob) without links
         chain, entries = stack[-1]
         path = next(entries, None)
         if path is None:
@@ -101,11 +117,19 @@ def walk_files(root: Path, flag: str) -> list[Path]:
         real, is_dir = _follow(path, flag)
         if is_dir and real in chain:
             ancestor = chain[real]
-            raise UserError(f"{path} links back to {ancestor}, a folder that holds it, so reading {flag} would never end; "
-                            "remove the link or point it elsewhere.")
+            raise UserError(
+                f"{path} links back to {ancestor}, a folder that holds it, so reading {flag} would never end; "
+                "remove the link or point it elsewhere."
+            )
         if real in seen:
-            logger.warning("%s: %s is the same %s as %s (through a symbolic link); it is read once, as %s", flag, path,
-                           "folder" if is_dir else "file", seen[real], seen[real])
+            logger.warning(
+                "%s: %s is the same %s as %s (through a symbolic link); it is read once, as %s",
+                flag,
+                path,
+                "folder" if is_dir else "file",
+                seen[real],
+                seen[real],
+            )
             continue
         seen[real] = path
         if is_dir:
@@ -119,8 +143,10 @@ def _list_folder(folder: Path, flag: str) -> list[Path]:
     try:
         names = sorted(entry.name for entry in os.scandir(folder))
     except OSError as e:
-        raise UserError(f"{flag}: the folder {folder} cannot be listed ({e.strerror}); give the user running this "
-                        f"read and execute permission on it (chmod a+rx) or move it out of {flag}.") from e
+        raise UserError(
+            f"{flag}: the folder {folder} cannot be listed ({e.strerror}); give the user running this "
+            f"read and execute permission on it (chmod a+rx) or move it out of {flag}."
+        ) from e
     hidden = [name for name in names if name.startswith(".")]
     if hidden:
         logger.info("%s: %s: skipped hidden %s", flag, folder, ", ".join(hidden))
@@ -134,14 +160,25 @@ def _follow(path: Path, flag: str) -> tuple[Path, bool]:
         real = path.resolve(strict=True)
     except FileNotFoundError as e:
         if path.is_symlink():
-            raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix the link "
-                            f"or remove it from {flag}.") from e
-        raise UserError(f"{path} disappeared while {flag} was being read; run again once the folder is stable.") from e
-    except (OSError, RuntimeError) as e:  # a link that cannot be followed (a cycle of links, no permission)
+            raise UserError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix the link "
+                f"or remove it from {flag}."
+            ) from e
+        raise UserError(
+            f"{path} disappeared while {flag} was being read; run again once the folder is stable."
+        ) from e
+    except (
+        OSError,
+        RuntimeError,
+    ) as e:  # a link that cannot be followed (a cycle of links, no permission)
         reason = e.strerror if isinstance(e, OSError) else "a cycle of symbolic links"
-        raise UserError(f"{path} cannot be followed or read ({reason}); fix it or move it out of {flag}.") from e
+        raise UserError(
+            f"{path} cannot be followed or read ({reason}); fix it or move it out of {flag}."
+        ) from e
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-        raise UserError(f"{path} is neither a file nor a folder (a device, pipe or socket); move it out of {flag}.")
+        raise UserError(
+            f"{path} is neither a file nor a folder (a device, pipe or socket); move it out of {flag}."
+        )
     return real, stat.S_ISDIR(mode)
 
 
@@ -167,8 +204,10 @@ def read_text(path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8; re-encode the file as UTF-8 "
-                        f"(for example: iconv -f GBK -t UTF-8 {path.name}).") from e
+        raise UserError(
+            f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8; re-encode the file as UTF-8 "
+            f"(for example: iconv -f GBK -t UTF-8 {path.name})."
+        ) from e
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -199,7 +238,9 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             except JSONLimitError as e:
                 raise UserError(f"{path}:{e.lineno}: {e.msg} (column {e.colno}); {e.fix}.") from e
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the array syntax.") from e
+                raise UserError(
+                    f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the array syntax."
+                ) from e
             yield from enumerate(items, start=1)
             return
     for line_no, line in _decoded_lines(path):
@@ -226,7 +267,9 @@ def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
     for line_no, record in iter_json_records(path):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise UserError(f'{path}:{line_no}: expected an object with a string "text" field, e.g. {{"text": "..."}}.')
+            raise UserError(
+                f'{path}:{line_no}: expected an object with a string "text" field, e.g. {{"text": "..."}}.'
+            )
         if text.strip():
             yield line_no, text
 
@@ -259,7 +302,9 @@ def _text_generator(files: list[str], stamps: list[tuple[int, int]]):
             yield {"text": text}
 
 
-def load_text_dataset(source: str | list[str], flag: str, cache_dir: str | None = None) -> tuple[Dataset, ReadReport]:
+def load_text_dataset(
+    source: str | list[str], flag: str, cache_dir: str | None = None
+) -> tuple[Dataset, ReadReport]:
     """Validate every file (fails fast with file:line), then build a datasets.Dataset of {"text"}."""
     files = find_files(source, flag)
     report = ReadReport(files=len(files))
@@ -270,12 +315,16 @@ def load_text_dataset(source: str | list[str], flag: str, cache_dir: str | None 
         report.read += n
     stamps = [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     dataset = Dataset.from_generator(
-        _text_generator, gen_kwargs={"files": [str(p) for p in files], "stamps": stamps}, cache_dir=cache_dir
+        _text_generator,
+        gen_kwargs={"files": [str(p) for p in files], "stamps": stamps},
+        cache_dir=cache_dir,
     )
     return dataset, report
 
 
-def load_train_eval(load: Callable[[str, str], Dataset], data_args, seed: int, unit: str) -> tuple[Dataset, Dataset | None]:
+def load_train_eval(
+    load: Callable[[str, str], Dataset], data_args, seed: int, unit: str
+) -> tuple[Dataset, Dataset | None]:
     """Training data, and evaluation data from --validation_file_dir / --validation_file or a
     --validation_split_percentage split."""
     train = load(*data_args.train_source)

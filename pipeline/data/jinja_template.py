@@ -15,9 +15,28 @@ import json
 from typing import Any
 
 # The template fields the Jinja body reads, written into it as a literal mapping `t`.
-FIELDS = ("bos", "default_system", "system", "system_in_user", "user", "assistant", "generation_prompt", "turn_end",
-          "final_turn_end", "complete_suffix", "strip", "observation", "observation_open", "observation_close", "history_join", "system_after_tools", "tools_system", "tool_json", "tool_call",
-          "tool_call_turn")
+FIELDS = (
+    "bos",
+    "default_system",
+    "system",
+    "system_in_user",
+    "user",
+    "assistant",
+    "generation_prompt",
+    "turn_end",
+    "final_turn_end",
+    "complete_suffix",
+    "strip",
+    "observation",
+    "observation_open",
+    "observation_close",
+    "history_join",
+    "system_after_tools",
+    "tools_system",
+    "tool_json",
+    "tool_call",
+    "tool_call_turn",
+)
 
 
 def jinja_literal(value: Any) -> str:
@@ -115,4 +134,7 @@ _JINJA_BODY = """
 def jinja_for(t) -> str:
     """A self-contained Jinja chat_template equivalent to `render` for the Template `t`."""
     values = ", ".join(f'"{name}": {jinja_literal(getattr(t, name))}' for name in FIELDS)
-    return f"{{#- chat template '{t.name}' written by llm-pipeline; format: {t.source} -#}}\n{{%- set t = {{{values}}} -%}}" + _JINJA_BODY
+    return (
+        f"{{#- chat template '{t.name}' written by llm-pipeline; format: {t.source} -#}}\n{{%- set t = {{{values}}} -%}}"
+        + _JINJA_BODY
+    )

@@ -17,7 +17,9 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-MAX_JSON_DEPTH = 100  # objects and lists in one another; real records nest a handful, tool schemas a dozen
+MAX_JSON_DEPTH = (
+    100  # objects and lists in one another; real records nest a handful, tool schemas a dozen
+)
 _TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?')
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"(\\*)\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
@@ -42,7 +44,9 @@ def loads(text: str) -> Any:
         raise _too_deep(text) from e
     except json.JSONDecodeError:
         raise
-    except ValueError as e:  # the integer digit limit: the one ValueError json.loads raises besides bad syntax
+    except (
+        ValueError
+    ) as e:  # the integer digit limit: the one ValueError json.loads raises besides bad syntax
         raise _long_integer(text, e) from e
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
         raise _too_deep(text)
@@ -73,7 +77,10 @@ def _depth(value: Any) -> int:
         if isinstance(node, (dict, list)):
             deepest = max(deepest, depth)
             if depth <= MAX_JSON_DEPTH:
-                stack += [(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)]
+                stack += [
+                    (child, depth + 1)
+                    for child in (node.values() if isinstance(node, dict) else node)
+                ]
     return deepest
 
 
@@ -108,24 +115,41 @@ def _too_deep(text: str) -> JSONLimitError:
         if depth > MAX_JSON_DEPTH:
             pos = m.start()
             break
-    return JSONLimitError(f"objects and lists nested more than {MAX_JSON_DEPTH} deep", text, pos,
-                          f"flatten the data to at most {MAX_JSON_DEPTH} levels")
+    return JSONLimitError(
+        f"objects and lists nested more than {MAX_JSON_DEPTH} deep",
+        text,
+        pos,
+        f"flatten the data to at most {MAX_JSON_DEPTH} levels",
+    )
 
 
 def _long_integer(text: str, error: ValueError) -> JSONLimitError:
-    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0  # Python 3.11+
+    limit = (
+        sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    )  # Python 3.11+
     for m in _TOKENS.finditer(text):
         token = m.group()
-        if limit and token[0] in "-0123456789" and token.lstrip("-").isdigit() and len(token.lstrip("-")) > limit:
-            return JSONLimitError(f"an integer of {len(token.lstrip('-'))} digits, more than the {limit} Python reads",
-                                  text, m.start(), "write such a number as a string")
+        if (
+            limit
+            and token[0] in "-0123456789"
+            and token.lstrip("-").isdigit()
+            and len(token.lstrip("-")) > limit
+        ):
+            return JSONLimitError(
+                f"an integer of {len(token.lstrip('-'))} digits, more than the {limit} Python reads",
+                text,
+                m.start(),
+                "write such a number as a string",
+            )
     return JSONLimitError(f"a value Python cannot read ({error})", text, 0, "write it as a string")
 
 
 def _lone_surrogate(text: str) -> JSONLimitError:
     pos, paired_low = 0, -1
     for m in _SURROGATE_ESCAPE.finditer(text):
-        if len(m.group(1)) % 2 or m.start(2) == paired_low:  # an escaped backslash, or the low half of a pair
+        if (
+            len(m.group(1)) % 2 or m.start(2) == paired_low
+        ):  # an escaped backslash, or the low half of a pair
             continue
         high = m.group(2)[1].lower() in "89ab"
         after = _SURROGATE_ESCAPE.match(text, m.end())
@@ -137,5 +161,9 @@ def _lone_surrogate(text: str) -> JSONLimitError:
     else:
         raw = _SURROGATE.search(text)
         pos = raw.start() if raw else 0
-    return JSONLimitError("a lone UTF-16 surrogate escape (half of a character) in a string", text, pos,
-                          "write the character whole (both halves of its surrogate pair) or remove it")
+    return JSONLimitError(
+        "a lone UTF-16 surrogate escape (half of a character) in a string",
+        text,
+        pos,
+        "write the character whole (both halves of its surrogate pair) or remove it",
+    )

@@ -34,7 +34,9 @@ MULTI_TURN_MODES = ("all", "last", "split")
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool = False  # cut after the last whole turn within max_length (the data summary counts it)
+    truncated: bool = (
+        False  # cut after the last whole turn within max_length (the data summary counts it)
+    )
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ def cut_to_whole_turns(max_length: int) -> str:
     return f"cut after the last whole turn within --model_max_length {max_length}"
 
 
-def _trained(kind: str, role: str, loss: bool | None, is_target: bool, train_on_inputs: bool) -> bool:
+def _trained(
+    kind: str, role: str, loss: bool | None, is_target: bool, train_on_inputs: bool
+) -> bool:
     if train_on_inputs:
         return True
     if loss is not None and role != "assistant":
@@ -70,7 +74,9 @@ class _Layout:
     answers: list  # (start, end) of each trained answer: where inference generates
     next_token: list  # char offsets of answer ends whose next token is trained (turns ended by the next role tag)
     ends: list  # char offsets where a whole assistant message ends: a sample may be cut there
-    closing: set = field(default_factory=set)  # answer ends whose turn the next token closes (trained or not)
+    closing: set = field(
+        default_factory=set
+    )  # answer ends whose turn the next token closes (trained or not)
     final: str = ""  # the training-only close appended after the last answer (final_turn_end)
 
 
@@ -92,17 +98,29 @@ def _lay_out(template, segments, messages, targets, train_on_inputs) -> _Layout:
         if seg.kind == "answer" and not template.turn_end:
             out.closing.add(len(out.text))
         # a cut may follow a whole assistant message only: never inside it (a second tool call, say)
-        if m["role"] == "assistant" and seg.kind in ("answer", "tail") and k >= last_answer.get(seg.message, k):
+        if (
+            m["role"] == "assistant"
+            and seg.kind in ("answer", "tail")
+            and k >= last_answer.get(seg.message, k)
+        ):
             out.ends.append(len(out.text))
     if len(out.text) in out.closing:
-        out.final = template.final_turn_end  # training-only close of the last turn (GLM: <|endoftext|>)
+        out.final = (
+            template.final_turn_end
+        )  # training-only close of the last turn (GLM: <|endoftext|>)
         out.text += out.final
     return out
 
 
-def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None = None,
-           targets: set[int] | None = None, train_on_inputs: bool = False,
-           max_length: int | None = None) -> Encoded | Dropped:
+def encode(
+    template: Template,
+    tokenizer,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    targets: set[int] | None = None,
+    train_on_inputs: bool = False,
+    max_length: int | None = None,
+) -> Encoded | Dropped:
     """ids + labels for one conversation; `targets` = indices of assistant messages to train (None = all).
 
     The ids are what inference gives: before each trained answer, exactly the ids of its prompt tokenized
@@ -116,7 +134,9 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
     """
     answers = assistant_indices(messages)
     last_only = targets is not None and answers and targets == {answers[-1]}
-    segments = render_segments(template, messages, tools, add_generation_prompt=False, last_answer_only=last_only)
+    segments = render_segments(
+        template, messages, tools, add_generation_prompt=False, last_answer_only=last_only
+    )
     lay = _lay_out(template, segments, messages, targets, train_on_inputs)
     if not lay.spans:
         return Dropped(NOTHING_TO_TRAIN)
@@ -126,9 +146,17 @@ def encode(template: Template, tokenizer, messages: list[dict], tools: list[dict
         return Dropped(NOTHING_TO_TRAIN)
     if max_length is None or len(exact.ids) <= max_length:
         return Encoded(exact.ids, labels)
-    cut = next((n for n in (sum(1 for s, _ in exact.offsets if s < end) + (end in lay.closing)
-                            for end in reversed(lay.ends))
-                if n <= max_length and any(label != IGNORE_INDEX for label in labels[:n])), None)
+    cut = next(
+        (
+            n
+            for n in (
+                sum(1 for s, _ in exact.offsets if s < end) + (end in lay.closing)
+                for end in reversed(lay.ends)
+            )
+            if n <= max_length and any(label != IGNORE_INDEX for label in labels[:n])
+        ),
+        None,
+    )
     if cut is None:
         return Dropped(too_long(max_length))
     return Encoded(exact.ids[:cut], labels[:cut], truncated=True)
@@ -157,7 +185,10 @@ def _labels(exact: _Exact, spans: list[tuple[int, int]]) -> list[int]:
 def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
     if tokenizer.is_fast:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [(list(i), [tuple(o) for o in off]) for i, off in zip(enc["input_ids"], enc["offset_mapping"])]
+        return [
+            (list(i), [tuple(o) for o in off])
+            for i, off in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
     return [(list(tokenizer(t, add_special_tokens=False)["input_ids"]), None) for t in texts]
 
 
@@ -169,12 +200,17 @@ def _facts(tokenizer) -> dict:
     (adding tokens changes them): its special token strings, longest first, and `_splitters`."""
     facts = _FACTS.get(tokenizer)
     if facts is None or facts["size"] != len(tokenizer):
-        special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values() if a.special}
+        special = set(tokenizer.all_special_tokens) | {
+            a.content for a in tokenizer.added_tokens_decoder.values() if a.special
+        }
         special |= {tokenizer.eos_token} if tokenizer.eos_token else set()
         added = tokenizer.added_tokens_decoder if tokenizer.is_fast else {}
         plain = added and all(not (t.lstrip or t.rstrip or t.normalized) for t in added.values())
-        facts = {"size": len(tokenizer), "special": tuple(sorted((t for t in special if t), key=len, reverse=True)),
-                 "splitters": frozenset(added) if plain else None}
+        facts = {
+            "size": len(tokenizer),
+            "special": tuple(sorted((t for t in special if t), key=len, reverse=True)),
+            "splitters": frozenset(added) if plain else None,
+        }
         _FACTS[tokenizer] = facts
     return facts
 
@@ -201,7 +237,10 @@ def _prefix_tokens(tokenizer, text: str, points: list[int]):
         j = bisect.bisect_right(ends, (p, len(ids) + 1)) - 1
         cuts.append(ends[j] if j >= 0 else (0, 0))
     tails = _tokenize(tokenizer, [text[s:p] for (s, _), p in zip(cuts, points)])
-    return [(ids[:n] + t_ids, offsets[:n] + [(a + s, b + s) for a, b in t_off]) for (s, n), (t_ids, t_off) in zip(cuts, tails)]
+    return [
+        (ids[:n] + t_ids, offsets[:n] + [(a + s, b + s) for a, b in t_off])
+        for (s, n), (t_ids, t_off) in zip(cuts, tails)
+    ]
 
 
 def exact_ids(tokenizer, lay: _Layout) -> _Exact:
@@ -219,15 +258,23 @@ def exact_ids(tokenizer, lay: _Layout) -> _Exact:
     final = lay.final if lay.final and _special_ending(tokenizer, lay.final) == lay.final else None
     marks.append((len(text) - len(final) if final else len(text), final))
     done, start = _Exact([], [], set()), 0
-    for n, ((pos, end), (p_ids, p_off)) in enumerate(zip(marks, _prefix_tokens(tokenizer, text, [p for p, _ in marks]))):
+    for n, ((pos, end), (p_ids, p_off)) in enumerate(
+        zip(marks, _prefix_tokens(tokenizer, text, [p for p, _ in marks]))
+    ):
         if p_ids[: len(done.ids)] != done.ids:
             if n % 2 == 0 and n < len(marks) - 1:  # a prompt that rewrites what the sample holds
                 raise NotPrefixConsistent(n // 2)
             p_ids, p_off = _tokenize(tokenizer, [text[start:pos]])[0]
-            p_off = None if p_off is None else done.offsets + [(s + start, e + start) for s, e in p_off]
+            p_off = (
+                None if p_off is None else done.offsets + [(s + start, e + start) for s, e in p_off]
+            )
             p_ids = done.ids + p_ids
         new = len(p_ids) - len(done.ids)
-        offsets = p_off[len(done.ids):] if p_off is not None else _piece_offsets(tokenizer, text, start, pos, new, lay)
+        offsets = (
+            p_off[len(done.ids) :]
+            if p_off is not None
+            else _piece_offsets(tokenizer, text, start, pos, new, lay)
+        )
         if n and start in lay.next_token and (new or end):
             done.next_token.add(len(done.ids))
         done.ids, done.offsets = list(p_ids), done.offsets + offsets
@@ -238,16 +285,28 @@ def exact_ids(tokenizer, lay: _Layout) -> _Exact:
     return done
 
 
-def _piece_offsets(tokenizer, text: str, start: int, end: int, count: int, lay: _Layout) -> list[tuple[int, int]]:
+def _piece_offsets(
+    tokenizer, text: str, start: int, end: int, count: int, lay: _Layout
+) -> list[tuple[int, int]]:
     """Char ranges of `count` new tokens of a slow tokenizer (no offsets): split where labels change, by the
     token counts of the text's prefixes there."""
-    cuts = sorted({start, end, *(x for x in [*lay.ends, *(y for sp in lay.spans for y in sp)] if start < x < end)})
+    cuts = sorted(
+        {
+            start,
+            end,
+            *(x for x in [*lay.ends, *(y for sp in lay.spans for y in sp)] if start < x < end),
+        }
+    )
     if len(cuts) == 2:
         return [(start, end)] * count
     base = len(tokenizer(text[:start], add_special_tokens=False)["input_ids"]) if start else 0
     out = []
     for a, b in zip(cuts, cuts[1:]):
-        upto = count if b == end else min(count, len(tokenizer(text[:b], add_special_tokens=False)["input_ids"]) - base)
+        upto = (
+            count
+            if b == end
+            else min(count, len(tokenizer(text[:b], add_special_tokens=False)["input_ids"]) - base)
+        )
         out += [(a, b)] * max(0, upto - len(out))
     return out
 
@@ -262,18 +321,27 @@ _SAID: set[str] = set()
 def _say_split_once(template) -> None:
     if template.name not in _SAID:
         _SAID.add(template.name)
-        logger.warning("the %s chat template renders earlier turns differently once later turns follow (it drops "
-                       "earlier thinking, moves the system prompt, or joins history as FastChat's Yuan2 does): such "
-                       "conversations are trained one answer per sample, each in the text inference builds for it "
-                       "(the data summary counts the samples made)", template.name)
+        logger.warning(
+            "the %s chat template renders earlier turns differently once later turns follow (it drops "
+            "earlier thinking, moves the system prompt, or joins history as FastChat's Yuan2 does): such "
+            "conversations are trained one answer per sample, each in the text inference builds for it "
+            "(the data summary counts the samples made)",
+            template.name,
+        )
 
 
 def assistant_indices(messages: list[dict]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
-def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all", train_on_inputs: bool = False,
-                   max_length: int | None = None) -> list[Encoded | Dropped]:
+def encode_samples(
+    template: Template,
+    tokenizer,
+    conv: dict,
+    mode: str = "all",
+    train_on_inputs: bool = False,
+    max_length: int | None = None,
+) -> list[Encoded | Dropped]:
     """One conversation -> samples for the multi-turn mode: all turns, the last turn, or one per turn."""
     messages, tools = conv["messages"], conv.get("tools")
     turns = assistant_indices(messages)
@@ -283,16 +351,28 @@ def encode_samples(template: Template, tokenizer, conv: dict, mode: str = "all",
     if mode == "all":
         try:
             return [encode(template, tokenizer, messages, tools, None, train_on_inputs, max_length)]
-        except NotPrefixConsistent:  # the template rewrites earlier turns: each answer in its own text
+        except (
+            NotPrefixConsistent
+        ):  # the template rewrites earlier turns: each answer in its own text
             _say_split_once(template)
             mode = "split"
     try:
         if mode == "last":
-            return [encode(template, tokenizer, messages, tools, {turns[-1]}, train_on_inputs, max_length)]
-        return [encode(template, tokenizer, messages[: i + 1], tools, {i}, train_on_inputs, max_length) for i in turns]
-    except NotPrefixConsistent as e:  # even alone, the answer's text does not follow its generation prompt
+            return [
+                encode(
+                    template, tokenizer, messages, tools, {turns[-1]}, train_on_inputs, max_length
+                )
+            ]
+        return [
+            encode(template, tokenizer, messages[: i + 1], tools, {i}, train_on_inputs, max_length)
+            for i in turns
+        ]
+    except (
+        NotPrefixConsistent
+    ) as e:  # even alone, the answer's text does not follow its generation prompt
         raise UserError(
             f"the {template.name} chat template writes answer {e.args[0]} after a prompt other than the one it builds "
             "for generating it, so no sample can be trained in the text inference sees; train such conversations "
             "with a project template for the family (--template_name; mistral_v0_3 and deepseek_r1 follow the "
-            "official prompts of Mistral v0.3 and DeepSeek-R1) or drop them (--skip_invalid_samples True).") from e
+            "official prompts of Mistral v0.3 and DeepSeek-R1) or drop them (--skip_invalid_samples True)."
+        ) from e

@@ -52,12 +52,16 @@ class TokenizerTemplate:
 
     tokenizer: Any = field(repr=False)
     name: str = "tokenizer's own"
-    turn_end: str = "(in the template)"  # truthy: each answer's own text closes its turn (see masking.py)
+    turn_end: str = (
+        "(in the template)"  # truthy: each answer's own text closes its turn (see masking.py)
+    )
     final_turn_end: str = ""
     special_tokens: tuple = ()
     stop: list[str] = field(default_factory=list)
     kwargs: dict = field(default_factory=dict)  # --chat_template_kwargs, given to every render
-    args_as_text: bool = False  # tool-call arguments reach the template as JSON text, not as a mapping
+    args_as_text: bool = (
+        False  # tool-call arguments reach the template as JSON text, not as a mapping
+    )
     message_tools: bool = False  # the template reads tools from the system message's "tools" field
 
 
@@ -72,7 +76,9 @@ def standard_messages(messages: list[dict], form: TokenizerTemplate | None = Non
         if not (form and form.message_tools):
             msg.pop("tools", None)
         if m.get("tool_calls"):
-            msg["tool_calls"] = [_call_form(call, form.args_as_text if form else False) for call in m["tool_calls"]]
+            msg["tool_calls"] = [
+                _call_form(call, form.args_as_text if form else False) for call in m["tool_calls"]
+            ]
         out.append(msg)
     return out
 
@@ -96,64 +102,96 @@ def _template_choice(tokenizer, tools) -> str | None:
     return "tool_use" if tools and "tool_use" in named else None
 
 
-def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False,
-           check_tools: bool = False, form: TokenizerTemplate | None = None) -> str:
+def render(
+    tokenizer,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = False,
+    check_tools: bool = False,
+    form: TokenizerTemplate | None = None,
+) -> str:
     """The template's text; `check_tools`: refuse a template that drops the tool definitions."""
     kwargs = form.kwargs if form else {}
     choice = _template_choice(tokenizer, tools or any(m.get("tools") for m in messages))
     lifted = bool(form and form.message_tools and any(m.get("tools") for m in messages))
 
     def text(with_tools, msgs):
-        return tokenizer.apply_chat_template(msgs, tools=None if lifted else with_tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, chat_template=choice,
-                                             **kwargs)
+        return tokenizer.apply_chat_template(
+            msgs,
+            tools=None if lifted else with_tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=choice,
+            **kwargs,
+        )
+
     try:
         out = text(tools or None, standard_messages(messages, form))
-        bare = lambda: [{k: v for k, v in m.items() if k != "tools"} for m in standard_messages(messages, form)]  # noqa: E731
+        bare = lambda: [  # noqa: E731
+            {k: v for k, v in m.items() if k != "tools"} for m in standard_messages(messages, form)
+        ]
         if check_tools and (tools or lifted) and out == text([] if choice else None, bare()):
-            where = ("this template writes tools only from the system message's \"tools\" field, so give them "
-                     "there") if form and form.message_tools else \
-                "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1), or drop the samples' " \
+            where = (
+                (
+                    'this template writes tools only from the system message\'s "tools" field, so give them '
+                    "there"
+                )
+                if form and form.message_tools
+                else "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1), or drop the samples' "
                 "tools field and describe the tools in the system message where the model card says so (DeepSeek-V3.1)"
-            raise UserError("the chat template ignores tool definitions (the text is the same without them), so the "
-                            f"model would learn calls to tools it is never shown; {where}.")
+            )
+            raise UserError(
+                "the chat template ignores tool definitions (the text is the same without them), so the "
+                f"model would learn calls to tools it is never shown; {where}."
+            )
         return out
     except UserError:
         raise
     except Exception as e:  # jinja's TemplateError, or the template's own raise_exception(...)
-        raise UserError(f"the tokenizer's chat template rejects a conversation: {e} (change such records, pick another "
-                        "template with --template_name, or skip them with --skip_invalid_samples True)") from e
+        raise UserError(
+            f"the tokenizer's chat template rejects a conversation: {e} (change such records, pick another "
+            "template with --template_name, or skip them with --skip_invalid_samples True)"
+        ) from e
 
 
 def _common_prefix(a: str, b: str) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _answer(t: TokenizerTemplate, messages: list[dict], i: int, tools, prompt: str, through: str) -> tuple[str, bool]:
+def _answer(
+    t: TokenizerTemplate, messages: list[dict], i: int, tools, prompt: str, through: str
+) -> tuple[str, bool]:
     """The text the model writes for message i after `prompt`, and whether `through` holds it right after the
     prompt. When not: the generation prompt pre-fills text the rendered turn does not repeat (QwQ's
     `<think>\n`), or the template renders an earlier turn differently once message i follows (Qwen3's empty
     thought on a last answer); the answer is then what the template writes after the last turn's header, and
     its sample is this prompt and answer alone."""
     if through.startswith(prompt):
-        return through[len(prompt):], True
+        return through[len(prompt) :], True
     base = render(t.tokenizer, messages[:i], tools, form=t)
-    opening = prompt[len(base):] if prompt.startswith(base) else ""
+    opening = prompt[len(base) :] if prompt.startswith(base) else ""
     floor = _common_prefix(base, through)  # where the render of earlier turns stops agreeing
     for k in range(len(opening), 0, -1):
-        if k < len(opening) and opening[k - 1] not in ">\n ":  # split at a tag or line, never inside one
+        if (
+            k < len(opening) and opening[k - 1] not in ">\n "
+        ):  # split at a tag or line, never inside one
             continue
         pos = through.rfind(opening[:k])
         if pos >= floor:
-            prefill, body = opening[k:], through[pos + k:]
-            return (_after_prefill(t, messages[i], prefill, body) if prefill.strip() else body), False
+            prefill, body = opening[k:], through[pos + k :]
+            return (
+                _after_prefill(t, messages[i], prefill, body) if prefill.strip() else body
+            ), False
     raise NotPrefixConsistent(i)
 
 
 def _after_prefill(t: TokenizerTemplate, m: dict, prefill: str, body: str) -> str:
     """What follows a pre-filled `<think>\\n`: the reasoning as written (in content before `</think>`, or a
     reasoning field for a `<think>` pre-fill), then the answer the template renders, then its turn end."""
-    content, reasoning = m.get("content") or "", next((m[k] for k in REASONING_KEYS if m.get(k)), None)
+    content, reasoning = (
+        m.get("content") or "",
+        next((m[k] for k in REASONING_KEYS if m.get(k)), None),
+    )
     if "</think>" in content and "<think>" in prefill:
         end = _turn_end_of(t, body)
         return content.split(prefill.strip(), 1)[-1].lstrip("\n") + end
@@ -179,25 +217,42 @@ def _trim_to_turn_end(t: TokenizerTemplate, answer: str) -> str:
 
 def _check_answer(t: TokenizerTemplate, m: dict, i: int, answer: str) -> None:
     """A turn whose rendering lost its tool calls, its text or its reasoning is refused, never trained."""
-    lost = [c["function"]["name"] for c in m.get("tool_calls") or [] if c["function"]["name"] not in answer]
+    lost = [
+        c["function"]["name"]
+        for c in m.get("tool_calls") or []
+        if c["function"]["name"] not in answer
+    ]
     if lost:
-        raise UserError(f"the {t.name} chat template does not write the tool call(s) {', '.join(lost)} of answer "
-                        f"{i} (it renders {answer[:80]!r}), so the model would learn to stop instead of calling; use a "
-                        "template that writes calls (--template_name, e.g. qwen3 or llama3_1), or give call ids in "
-                        "the form the template writes (Kimi-K2: functions.NAME:0).")
+        raise UserError(
+            f"the {t.name} chat template does not write the tool call(s) {', '.join(lost)} of answer "
+            f"{i} (it renders {answer[:80]!r}), so the model would learn to stop instead of calling; use a "
+            "template that writes calls (--template_name, e.g. qwen3 or llama3_1), or give call ids in "
+            "the form the template writes (Kimi-K2: functions.NAME:0)."
+        )
     text = (m.get("content") or "").split("</think>")[-1].strip()
-    reasoning = next((m[k] for k in REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()), None)
+    reasoning = next(
+        (m[k] for k in REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()), None
+    )
     if "</think>" in (m.get("content") or ""):
-        reasoning = reasoning or m["content"].split("</think>")[0].replace("<think>", "").strip() or None
+        reasoning = (
+            reasoning or m["content"].split("</think>")[0].replace("<think>", "").strip() or None
+        )
     for what, piece in (("text", text[-24:]), ("reasoning", (reasoning or "").strip()[:24])):
         if piece and piece not in answer:
-            raise UserError(f"the {t.name} chat template drops the {what} of answer {i} (it renders "
-                            f"{answer[:80]!r}), so it would not be trained; remove it from the data or use a "
-                            "template that writes it (--template_name).")
+            raise UserError(
+                f"the {t.name} chat template drops the {what} of answer {i} (it renders "
+                f"{answer[:80]!r}), so it would not be trained; remove it from the data or use a "
+                "template that writes it (--template_name)."
+            )
 
 
-def render_segments(t: TokenizerTemplate, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = False, last_answer_only: bool = False) -> list[Segment]:
+def render_segments(
+    t: TokenizerTemplate,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = False,
+    last_answer_only: bool = False,
+) -> list[Segment]:
     """Segments of the full render: prompts (untrained), each assistant message's answer, and what follows
     it before the next prompt. `last_answer_only`: earlier assistant messages are history, part of the
     prompt. Raises NotPrefixConsistent when an answer's prompt is not a prefix of the full render."""
@@ -212,38 +267,75 @@ def render_segments(t: TokenizerTemplate, messages: list[dict], tools: list[dict
         answer, in_place = _answer(t, messages, i, tools, prompt, through)
         body = _trim_to_turn_end(t, answer)
         _check_answer(t, messages[i], i, body)
-        if not in_place:  # a pre-fill: the sample is this prompt and answer, never one holding later turns
+        if (
+            not in_place
+        ):  # a pre-fill: the sample is this prompt and answer, never one holding later turns
             if i != answers[-1] or pos:
                 raise NotPrefixConsistent(i)
-            return [s for s in (Segment(prompt, -1, "prompt"), Segment(body, i, "answer"),
-                                Segment(answer[len(body):], i, "tail")) if s.text]
+            return [
+                s
+                for s in (
+                    Segment(prompt, -1, "prompt"),
+                    Segment(body, i, "answer"),
+                    Segment(answer[len(body) :], i, "tail"),
+                )
+                if s.text
+            ]
         if len(prompt) < pos or not (full.startswith(prompt) and full.startswith(through)):
             raise NotPrefixConsistent(i)
-        segments += [Segment(full[pos:len(prompt)], -1, "prompt"), Segment(body, i, "answer"),
-                     Segment(answer[len(body):], i, "tail")]
+        segments += [
+            Segment(full[pos : len(prompt)], -1, "prompt"),
+            Segment(body, i, "answer"),
+            Segment(answer[len(body) :], i, "tail"),
+        ]
         pos = len(through)
     segments.append(Segment(full[pos:], -1, "tail"))
     return [s for s in segments if s.text]
 
 
-_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-          {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Bye"}]
-_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "d", "parameters": {
-    "type": "object", "properties": {"q": {"type": "string"}}}}}]
-_CALL = [{"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "", "tool_calls": [{"id": "a0000000b", "type": "function", "function": {
-             "name": "probe_tool", "arguments": {"q": "x"}}}]},
-         {"role": "tool", "content": "done", "tool_call_id": "a0000000b", "name": "probe_tool"},
-         {"role": "assistant", "content": "Done"}]
+_PROBE = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Again"},
+    {"role": "assistant", "content": "Bye"},
+]
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "probe_tool",
+            "description": "d",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+]
+_CALL = [
+    {"role": "user", "content": "Hi"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "a0000000b",
+                "type": "function",
+                "function": {"name": "probe_tool", "arguments": {"q": "x"}},
+            }
+        ],
+    },
+    {"role": "tool", "content": "done", "tool_call_id": "a0000000b", "name": "probe_tool"},
+    {"role": "assistant", "content": "Done"},
+]
 
 
 def _forms(t: TokenizerTemplate) -> None:
     """Ask the template once how it reads tool-call arguments and tools (see the module docstring)."""
+
     def quiet(messages, tools=None):
         try:
             return render(t.tokenizer, messages, tools, form=t)
         except UserError:
             return None
+
     as_mapping = quiet(_CALL[:2], _TOOLS)
     t.args_as_text = as_mapping is None or "{'q': 'x'}" in as_mapping
     system = {"role": "system", "content": "S"}
@@ -261,18 +353,26 @@ def _probe_samples(t: TokenizerTemplate, conv: list[dict], tools) -> list[list[S
         return [render_segments(t, conv, tools)]
     except (NotPrefixConsistent, UserError):
         try:  # a template that rewrites history: each answer alone
-            return [render_segments(t, conv[: k + 1], tools, last_answer_only=True) for k in range(1, len(conv), 2)]
+            return [
+                render_segments(t, conv[: k + 1], tools, last_answer_only=True)
+                for k in range(1, len(conv), 2)
+            ]
         except (NotPrefixConsistent, UserError):
             return []
 
 
-def _next_tag(t: TokenizerTemplate, conv: list[dict], k: int, tools, special: list[str]) -> str | None:
+def _next_tag(
+    t: TokenizerTemplate, conv: list[dict], k: int, tools, special: list[str]
+) -> str | None:
     """The special token that opens the turn after answer k (GLM's <|user|> or <|observation|>)."""
     try:
-        a, b = render(t.tokenizer, conv[: k + 1], tools, form=t), render(t.tokenizer, conv[: k + 2], tools, form=t)
+        a, b = (
+            render(t.tokenizer, conv[: k + 1], tools, form=t),
+            render(t.tokenizer, conv[: k + 2], tools, form=t),
+        )
     except UserError:
         return None
-    rest = b[_common_prefix(a, b):]
+    rest = b[_common_prefix(a, b) :]
     found = [(rest.find(x), x) for x in special if x in rest]
     return min(found)[1] if found else None
 
@@ -283,13 +383,23 @@ def _stops(t: TokenizerTemplate, special: list[str]) -> list[str]:
     that open the turn after an answer end it."""
     t.stop = stops = [t.tokenizer.eos_token] if t.tokenizer.eos_token else []
     probes = {0: _probe_samples(t, _PROBE, None), 1: _probe_samples(t, _CALL, _TOOLS)}
-    ending_mode = any(seg.kind == "answer" and any(seg.text.endswith(x) for x in special)
-                      for sample in probes[0] for seg in sample)
+    ending_mode = any(
+        seg.kind == "answer" and any(seg.text.endswith(x) for x in special)
+        for sample in probes[0]
+        for seg in sample
+    )
     for n, (conv, tools) in enumerate(((_PROBE, None), (_CALL, _TOOLS))):
         answers = [seg for sample in probes[n] for seg in sample if seg.kind == "answer"]
         for seg in answers:
-            tok = next((x for x in special if seg.text.endswith(x)), None) if ending_mode else \
-                (_next_tag(t, conv, seg.message, tools, special) if seg.message + 1 < len(conv) else None)
+            tok = (
+                next((x for x in special if seg.text.endswith(x)), None)
+                if ending_mode
+                else (
+                    _next_tag(t, conv, seg.message, tools, special)
+                    if seg.message + 1 < len(conv)
+                    else None
+                )
+            )
             if tok and tok not in stops:
                 stops.append(tok)
     return stops
@@ -299,8 +409,16 @@ def own_template(tokenizer, kwargs: dict | None = None) -> TokenizerTemplate:
     """The tokenizer's template, its forms and its stop tokens."""
     t = TokenizerTemplate(tokenizer, kwargs=dict(kwargs or {}))
     _forms(t)
-    special = sorted((x for x in set(tokenizer.all_special_tokens) | {str(a) for a in tokenizer.get_added_vocab()} if x),
-                     key=len, reverse=True)
+    special = sorted(
+        (
+            x
+            for x in set(tokenizer.all_special_tokens)
+            | {str(a) for a in tokenizer.get_added_vocab()}
+            if x
+        ),
+        key=len,
+        reverse=True,
+    )
     t.stop = _stops(t, special)
     probe = _probe_answer(t)
     ending = next((tok for tok in special if probe.endswith(tok)), None)
@@ -314,7 +432,11 @@ def own_template(tokenizer, kwargs: dict | None = None) -> TokenizerTemplate:
 def _probe_answer(t: TokenizerTemplate) -> str:
     try:
         return [s for s in render_segments(t, _PROBE[:2]) if s.kind == "answer"][0].text
-    except (NotPrefixConsistent, IndexError, UserError):  # a template that refuses the probe: no end token known
+    except (
+        NotPrefixConsistent,
+        IndexError,
+        UserError,
+    ):  # a template that refuses the probe: no end token known
         return ""
 
 
@@ -327,10 +449,16 @@ def template_kwargs(text: str | dict | None) -> dict:
         try:
             value = loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
-                            "'{\"enable_thinking\": false}'.") from e
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
-        raise UserError(f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template variable names.")
+            raise UserError(
+                f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
+                "'{\"enable_thinking\": false}'."
+            ) from e
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k.isidentifier() for k in value
+    ):
+        raise UserError(
+            f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template variable names."
+        )
     return value
 
 
@@ -344,6 +472,8 @@ def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
         return chat_template
     if isinstance(chat_template, dict):
         return {name: with_defaults(body, kwargs) for name, body in chat_template.items()}
-    head = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
-                   for k, v in kwargs.items())
+    head = "".join(
+        f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
+        for k, v in kwargs.items()
+    )
     return f"{{#- {DEFAULTS_MARK} #}}{head}\n{chat_template}"

@@ -14,7 +14,9 @@ import bisect
 from pipeline.data.masking import IGNORE_INDEX
 
 
-def pack_documents(docs: list[list[int]], block_size: int, eos_id: int) -> dict[str, list[list[int]]]:
+def pack_documents(
+    docs: list[list[int]], block_size: int, eos_id: int
+) -> dict[str, list[list[int]]]:
     """Join documents (each followed by EOS) and cut the stream into `block_size` blocks.
 
     Blocks never pad: the last block of a call keeps whatever tokens remain (shorter than
@@ -39,13 +41,16 @@ def pack_documents(docs: list[list[int]], block_size: int, eos_id: int) -> dict[
     return {"input_ids": blocks, "position_ids": block_positions}
 
 
-def tokenize_and_pack(batch: dict[str, list], tokenizer, block_size: int) -> dict[str, list[list[int]]]:
+def tokenize_and_pack(
+    batch: dict[str, list], tokenizer, block_size: int
+) -> dict[str, list[list[int]]]:
     """datasets.map function: tokenize a batch of {"text"} documents and pack them into blocks."""
     ids = tokenizer(batch["text"], add_special_tokens=True, verbose=False)["input_ids"]
     return pack_documents(ids, block_size, tokenizer.eos_token_id)
 
 
 # ---------------------------------------------------------------- padding-free packing of whole samples
+
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Group sample indices into rows of at most `capacity` tokens: longest first, each into the open row it
@@ -80,7 +85,9 @@ def pack_rows(samples: list[dict], capacity: int) -> list[dict]:
             ids += sample["input_ids"]
             labels += [IGNORE_INDEX] + list(sample["labels"][1:])
             positions += list(range(len(sample["input_ids"])))
-        rows.append({"input_ids": ids, "labels": labels, "position_ids": positions, "samples": len(members)})
+        rows.append(
+            {"input_ids": ids, "labels": labels, "position_ids": positions, "samples": len(members)}
+        )
     return rows
 
 
@@ -93,7 +100,9 @@ def pack_dataset(dataset, capacity: int, name: str):
     tokens = sum(len(s["input_ids"]) for s in samples)
     fill = tokens / max(len(rows) * capacity, 1)
     longest = max(len(s["input_ids"]) for s in samples)
-    summary = (f"{name}: {len(samples)} samples ({tokens} tokens) packed whole into {len(rows)} rows of <= {capacity} "
-               f"tokens ({fill:.1%} full); a step's rows are flattened, so 0 padding tokens "
-               f"(padding every sample to the longest, {longest}, would be {1 - tokens / (len(samples) * longest):.1%})")
+    summary = (
+        f"{name}: {len(samples)} samples ({tokens} tokens) packed whole into {len(rows)} rows of <= {capacity} "
+        f"tokens ({fill:.1%} full); a step's rows are flattened, so 0 padding tokens "
+        f"(padding every sample to the longest, {longest}, would be {1 - tokens / (len(samples) * longest):.1%})"
+    )
     return Dataset.from_list(rows), summary

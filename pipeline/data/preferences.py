@@ -15,7 +15,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.data.conversations import MESSAGE_ROLES, InvalidSample, field_problem, from_sharegpt, make_message, validate
+from pipeline.data.conversations import (
+    MESSAGE_ROLES,
+    InvalidSample,
+    field_problem,
+    from_sharegpt,
+    make_message,
+    validate,
+)
 from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.errors import UserError
 
@@ -23,7 +30,9 @@ from pipeline.errors import UserError
 def _finite(number: int | float) -> bool:
     try:
         return math.isfinite(number)
-    except OverflowError:  # an integer past float's range (JSON integers have no limit of their own)
+    except (
+        OverflowError
+    ):  # an integer past float's range (JSON integers have no limit of their own)
         return False
 
 
@@ -49,7 +58,9 @@ def _prompt_messages(prompt: Any) -> list[dict]:
     for m in prompt:
         role = MESSAGE_ROLES.get(m.get("role")) if isinstance(m, dict) else None
         if role is None:
-            raise InvalidSample(f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in the prompt")
+            raise InvalidSample(
+                f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in the prompt"
+            )
         msgs.append(make_message(role, m.get("content")))
     return msgs
 
@@ -61,8 +72,11 @@ def _from_seed(r: dict) -> dict:
             raise InvalidSample('"history" must be a list of [question, answer] pairs')
         msgs += [make_message("user", pair[0]), make_message("assistant", pair[1])]
     msgs.append(make_message("user", r["question"]))
-    return {"prompt": _check_prompt(msgs), "chosen": _answer(r["response_chosen"], "response_chosen"),
-            "rejected": _answer(r["response_rejected"], "response_rejected")}
+    return {
+        "prompt": _check_prompt(msgs),
+        "chosen": _answer(r["response_chosen"], "response_chosen"),
+        "rejected": _answer(r["response_rejected"], "response_rejected"),
+    }
 
 
 def _from_prompt(r: dict) -> dict:
@@ -71,24 +85,41 @@ def _from_prompt(r: dict) -> dict:
         prompt = [{"role": "user", "content": prompt}]
     if not prompt and isinstance(chosen, list) and isinstance(rejected, list):  # implicit prompt
         if chosen[:-1] != rejected[:-1]:
-            raise InvalidSample("implicit prompt: chosen and rejected must share all but the last message")
+            raise InvalidSample(
+                "implicit prompt: chosen and rejected must share all but the last message"
+            )
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-    return {"prompt": _check_prompt(_prompt_messages(prompt)), "chosen": _answer(chosen, "chosen"),
-            "rejected": _answer(rejected, "rejected")}
+    return {
+        "prompt": _check_prompt(_prompt_messages(prompt)),
+        "chosen": _answer(chosen, "chosen"),
+        "rejected": _answer(rejected, "rejected"),
+    }
 
 
 def _from_ranking(r: dict) -> dict:
-    conv = from_sharegpt({"conversations": r["conversations"], "system": r.get("system"), "tools": r.get("tools")})
-    return {"prompt": _check_prompt(conv["messages"], conv["tools"]), "tools": conv["tools"],
-            "chosen": _answer(r["chosen"], "chosen"), "rejected": _answer(r["rejected"], "rejected")}
+    conv = from_sharegpt(
+        {"conversations": r["conversations"], "system": r.get("system"), "tools": r.get("tools")}
+    )
+    return {
+        "prompt": _check_prompt(conv["messages"], conv["tools"]),
+        "tools": conv["tools"],
+        "chosen": _answer(r["chosen"], "chosen"),
+        "rejected": _answer(r["rejected"], "rejected"),
+    }
 
 
 def _from_unpaired(r: dict) -> dict:
     prompt = r.get("messages", r.get("prompt"))
-    msgs = _prompt_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    msgs = _prompt_messages(
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    )
     if not isinstance(r.get("label"), bool):
         raise InvalidSample('"label" must be true or false')
-    return {"prompt": _check_prompt(msgs), "completion": _answer(r["completion"], "completion"), "label": r["label"]}
+    return {
+        "prompt": _check_prompt(msgs),
+        "completion": _answer(r["completion"], "completion"),
+        "label": r["label"],
+    }
 
 
 def normalize_preference(record: Any, unpaired: bool = False) -> dict:
@@ -98,7 +129,9 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
     try:
         if "completion" in record:
             if not unpaired:
-                raise InvalidSample('an unpaired "completion"/"label" record: use it with --loss_type kto')
+                raise InvalidSample(
+                    'an unpaired "completion"/"label" record: use it with --loss_type kto'
+                )
             return _from_unpaired(record)
         if "question" in record:
             out = _from_seed(record)
@@ -107,21 +140,28 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
         elif "chosen" in record and "rejected" in record:
             out = _from_prompt({"prompt": record.get("prompt", []), **record})
         else:
-            raise InvalidSample('unknown record shape: expected "question"+"response_chosen", "prompt"/"chosen"/"rejected" '
-                                'or "conversations"+"chosen"')
+            raise InvalidSample(
+                'unknown record shape: expected "question"+"response_chosen", "prompt"/"chosen"/"rejected" '
+                'or "conversations"+"chosen"'
+            )
     except (KeyError, TypeError, AttributeError) as e:
         raise InvalidSample(f"not a valid preference record: {field_problem(e)}") from e
     if "margin" in record:
         margin = record["margin"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not _finite(margin):
-            shown = repr(margin) if len(repr(margin)) <= 40 else f"{repr(margin)[:20]}... ({len(repr(margin))} characters)"
+            shown = (
+                repr(margin)
+                if len(repr(margin)) <= 40
+                else f"{repr(margin)[:20]}... ({len(repr(margin))} characters)"
+            )
             raise InvalidSample(f'"margin" must be a finite number, got {shown}')
         out["margin"] = float(margin)
     return out
 
 
-def read_preferences(directory: str, flag: str, unpaired: bool = False,
-                     skip_invalid: bool = False) -> tuple[list[dict], ReadReport]:
+def read_preferences(
+    directory: str, flag: str, unpaired: bool = False, skip_invalid: bool = False
+) -> tuple[list[dict], ReadReport]:
     """All pairs (or unpaired KTO records) under a folder; identical chosen/rejected pairs are dropped and counted."""
     files = find_files(directory, flag, (".json", ".jsonl"))
     report, out = ReadReport(files=len(files)), []
@@ -133,8 +173,10 @@ def read_preferences(directory: str, flag: str, unpaired: bool = False,
                 pair = normalize_preference(record, unpaired)
             except InvalidSample as e:
                 if not skip_invalid:
-                    raise UserError(f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True "
-                                    "to skip such records.") from e
+                    raise UserError(
+                        f"{path}:{line}: {e}; fix the record or pass --skip_invalid_samples True "
+                        "to skip such records."
+                    ) from e
                 report.drop(str(e))
                 continue
             if "completion" in pair:
@@ -145,8 +187,10 @@ def read_preferences(directory: str, flag: str, unpaired: bool = False,
                 continue
             if unpaired:  # KTO on pairs: the chosen answer is desirable, the rejected one is not
                 base = {k: v for k, v in pair.items() if k not in ("chosen", "rejected", "margin")}
-                out += [{**base, "completion": pair["chosen"], "label": True},
-                        {**base, "completion": pair["rejected"], "label": False}]
+                out += [
+                    {**base, "completion": pair["chosen"], "label": True},
+                    {**base, "completion": pair["rejected"], "label": False},
+                ]
             else:
                 out.append(pair)
         if report.read == before:

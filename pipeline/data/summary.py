@@ -27,8 +27,13 @@ class DataSummary(ReadReport):
 
     @classmethod
     def after_reading(cls, report: ReadReport, record_unit: str, sample_unit: str) -> DataSummary:
-        return cls(files=report.files, read=report.read, dropped=dict(report.dropped), record_unit=record_unit,
-                   sample_unit=sample_unit)
+        return cls(
+            files=report.files,
+            read=report.read,
+            dropped=dict(report.dropped),
+            record_unit=record_unit,
+            sample_unit=sample_unit,
+        )
 
     @property
     def records_kept(self) -> int:
@@ -55,10 +60,18 @@ class DataSummary(ReadReport):
 
     def summary(self, name: str) -> str:
         parts = [f"{name}: {self.files} files, {self.read} {self.record_unit} read"]
-        parts += [f"{n} {self.record_unit} dropped ({reason})" for reason, n in sorted(self.dropped.items())]
+        parts += [
+            f"{n} {self.record_unit} dropped ({reason})"
+            for reason, n in sorted(self.dropped.items())
+        ]
         if self.samples is not None and self.samples != self.records_kept:
-            parts.append(f"{self.samples} {self.sample_unit} made from the {self.records_kept} {self.record_unit} kept")
+            parts.append(
+                f"{self.samples} {self.sample_unit} made from the {self.records_kept} {self.record_unit} kept"
+            )
         parts.append(f"{self.kept} {self.sample_unit} kept")
-        parts += [f"{n} {self.sample_unit} dropped ({reason})" for reason, n in sorted(self.sample_dropped.items())]
+        parts += [
+            f"{n} {self.sample_unit} dropped ({reason})"
+            for reason, n in sorted(self.sample_dropped.items())
+        ]
         parts += [f"{n} {self.sample_unit} {reason}" for reason, n in sorted(self.changed.items())]
         return ", ".join(parts)

@@ -91,7 +91,7 @@ class Template:
     def assistant_tail(self) -> str:
         """Untrained text after the turn end, e.g. the newline after <|im_end|>."""
         after = self.assistant.split("{content}", 1)[1]
-        return after[len(self.turn_end):]
+        return after[len(self.turn_end) :]
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,9 @@ def field_template_names() -> list[str]:
 def get_template(name: str) -> Template | JinjaTemplate:
     path = TEMPLATE_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"--template_name {name} is unknown; choose one of: auto, {', '.join(template_names())}.")
+        raise UserError(
+            f"--template_name {name} is unknown; choose one of: auto, {', '.join(template_names())}."
+        )
     return load_template_file(path)
 
 
@@ -134,9 +136,14 @@ def load_template_file(path: Path) -> Template | JinjaTemplate:
     known = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UserError(f"template file {path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}.")
-    required = ("name", "source", "chat_template", "stop") if kind is JinjaTemplate else \
-        ("name", "source", "user", "assistant", "observation")
+        raise UserError(
+            f"template file {path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}."
+        )
+    required = (
+        ("name", "source", "chat_template", "stop")
+        if kind is JinjaTemplate
+        else ("name", "source", "user", "assistant", "observation")
+    )
     missing = [name for name in required if name not in data]
     if missing:
         raise UserError(f"template file {path}: required field(s) {', '.join(missing)} missing.")
@@ -155,9 +162,13 @@ def _check(t: Template, path: Path) -> None:
             raise UserError(f"template file {path}: field {name} must be a string.")
     before, found, after = t.assistant.partition("{content}")
     if not found or not before.startswith(t.generation_prompt):
-        raise UserError(f"template file {path}: field assistant must contain {{content}} and start with generation_prompt.")
+        raise UserError(
+            f"template file {path}: field assistant must contain {{content}} and start with generation_prompt."
+        )
     if not after.startswith(t.turn_end):
-        raise UserError(f"template file {path}: field turn_end must directly follow {{content}} in assistant.")
+        raise UserError(
+            f"template file {path}: field turn_end must directly follow {{content}} in assistant."
+        )
     if t.system is None and t.system_in_user is None:
         raise UserError(f"template file {path}: give the field system or system_in_user.")
 
@@ -172,20 +183,27 @@ def _checked_jinja(t: JinjaTemplate, path: Path) -> JinjaTemplate:
     return t
 
 
-def _render_jinja(t: JinjaTemplate, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
+def _render_jinja(
+    t: JinjaTemplate, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool
+) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from pipeline.data.own_template import standard_messages
 
     try:
-        rendered, _ = render_jinja_template([standard_messages(messages)], tools=tools or None,
-                                            chat_template=t.chat_template, add_generation_prompt=add_generation_prompt)
+        rendered, _ = render_jinja_template(
+            [standard_messages(messages)],
+            tools=tools or None,
+            chat_template=t.chat_template,
+            add_generation_prompt=add_generation_prompt,
+        )
     except Exception as e:  # the template's raise_exception(...) or a jinja error
         raise UserError(f"template '{t.name}' rejects a conversation: {e}") from e
     return rendered[0]
 
 
 # ---------------------------------------------------------------- rendering (Python)
+
 
 def _function(tool: dict) -> dict:
     """An OpenAI tool's function dict ({"type": "function", "function": f} -> f); other tools as they are."""
@@ -199,7 +217,8 @@ def _tools_text(t: Template, tools: list[dict]) -> str:
         return "".join(
             f"\n## {f['name']}\n\n{json.dumps(f, ensure_ascii=False, indent=4)}\n"
             "在调用上述函数时，请使用 Json 格式表示调用的参数。"
-            for f in map(_function, tools))
+            for f in map(_function, tools)
+        )
     return "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
 
 
@@ -218,11 +237,17 @@ def _kwargs(call: dict) -> str:
             parsed = None
     if not isinstance(parsed, dict):  # a crash deep in tokenization otherwise
         text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-        raise UserError(f"the tool call {call['function']['name']!r} has arguments {text[:60]!r}"
-                        f"{'...' if len(text) > 60 else ''}, not a JSON object, which this template writes as keyword "
-                        "arguments; give the call an arguments object.")
-    return ", ".join(f"{k}={v!r}" if isinstance(v, (str, int, float, bool)) or v is None
-                     else f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in parsed.items())
+        raise UserError(
+            f"the tool call {call['function']['name']!r} has arguments {text[:60]!r}"
+            f"{'...' if len(text) > 60 else ''}, not a JSON object, which this template writes as keyword "
+            "arguments; give the call an arguments object."
+        )
+    return ", ".join(
+        f"{k}={v!r}"
+        if isinstance(v, (str, int, float, bool)) or v is None
+        else f"{k}={json.dumps(v, ensure_ascii=False)}"
+        for k, v in parsed.items()
+    )
 
 
 def _fill(fmt: str, **values: str) -> str:
@@ -240,13 +265,20 @@ class Segment:
     kind: str  # "prompt" (never trained by default), "answer" (assistant text + turn end), "tail"
 
 
-def render_segments(t: Template, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = False, last_answer_only: bool = False) -> list[Segment]:
+def render_segments(
+    t: Template,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = False,
+    last_answer_only: bool = False,
+) -> list[Segment]:
     """The rendered text as segments. `last_answer_only`: only the last assistant message is an answer (the
     rest is history); it matters for the tokenizer's own templates (own_template.py), whose earlier answers
     may render differently once later turns follow."""
     if isinstance(t, JinjaTemplate):
-        raise TypeError(f"template '{t.name}' renders through a tokenizer: resolve_template(name, tokenizer) first")
+        raise TypeError(
+            f"template '{t.name}' renders through a tokenizer: resolve_template(name, tokenizer) first"
+        )
     if not isinstance(t, Template):
         from pipeline.data.own_template import render_segments as own
 
@@ -259,8 +291,10 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
         system = system.strip()
     if tools:
         if t.tools_system is None:
-            raise UserError(f"template '{t.name}' does not write tool definitions; train with the model's own chat "
-                            "template (--template_name auto) or pick a template with tools.")
+            raise UserError(
+                f"template '{t.name}' does not write tool definitions; train with the model's own chat "
+                "template (--template_name auto) or pick a template with tools."
+            )
         own_system = system
         system = _fill(t.tools_system, system=system or "", tools=_tools_text(t, tools))
     first_user = True
@@ -275,7 +309,9 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
         content = content.strip() if t.strip else content
         if t.history_join is not None and i < last_user and m["role"] in ("user", "assistant"):
             first_user = False
-            segments.append(Segment(content + t.history_join, i, "prompt" if m["role"] == "user" else "history"))
+            segments.append(
+                Segment(content + t.history_join, i, "prompt" if m["role"] == "user" else "history")
+            )
         elif m["role"] == "user":
             if first_user and system is not None and t.system is None:
                 content = _fill(t.system_in_user, system=system, content=content)
@@ -284,8 +320,11 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
         elif m["role"] == "tool":
             opens = not (i > start and messages[i - 1]["role"] == "tool")
             closes = not (i + 1 < len(messages) and messages[i + 1]["role"] == "tool")
-            text = (t.observation_open if opens else "") + _fill(t.observation, content=content) + \
-                (t.observation_close if closes else "")
+            text = (
+                (t.observation_open if opens else "")
+                + _fill(t.observation, content=content)
+                + (t.observation_close if closes else "")
+            )
             segments.append(Segment(text, i, "prompt"))
         elif m["role"] == "assistant":
             segments += _assistant_segments(t, m, content, i)
@@ -299,31 +338,52 @@ def render_segments(t: Template, messages: list[dict], tools: list[dict] | None 
 def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segment]:
     calls = m.get("tool_calls") or []
     if calls and t.tool_call_turn:
-        turns = [_fill(t.tool_call_turn, name=c["function"]["name"], arguments=_arguments(c),
-                       **({"kwargs": _kwargs(c)} if "{kwargs}" in t.tool_call_turn else {})) for c in calls]
+        turns = [
+            _fill(
+                t.tool_call_turn,
+                name=c["function"]["name"],
+                arguments=_arguments(c),
+                **({"kwargs": _kwargs(c)} if "{kwargs}" in t.tool_call_turn else {}),
+            )
+            for c in calls
+        ]
         tail = ""
     else:
         if calls and t.tool_call is None:
-            raise UserError(f"template '{t.name}' does not write tool calls, so the model would learn to stop instead "
-                            "of calling; train with the model's own chat template (--template_name auto) or a template "
-                            "with tools (e.g. qwen3 or llama3_1), or drop the calls.")
+            raise UserError(
+                f"template '{t.name}' does not write tool calls, so the model would learn to stop instead "
+                "of calling; train with the model's own chat template (--template_name auto) or a template "
+                "with tools (e.g. qwen3 or llama3_1), or drop the calls."
+            )
         parts = [content] if content else []
-        parts += [_fill(t.tool_call, name=c["function"]["name"], arguments=_arguments(c)) for c in calls]
+        parts += [
+            _fill(t.tool_call, name=c["function"]["name"], arguments=_arguments(c)) for c in calls
+        ]
         turns, tail = [_fill(t.assistant, content="\n".join(parts))], t.assistant_tail
     out = []
     for text in turns:
         gp = t.generation_prompt
-        out += [Segment(gp, i, "prompt"), Segment(text[len(gp): len(text) - len(tail)], i, "answer"), Segment(tail, i, "tail")]
+        out += [
+            Segment(gp, i, "prompt"),
+            Segment(text[len(gp) : len(text) - len(tail)], i, "answer"),
+            Segment(tail, i, "tail"),
+        ]
     return out
 
 
-def render(template_name: str, messages: list[dict], add_generation_prompt: bool = False,
-           tools: list[dict] | None = None) -> str:
+def render(
+    template_name: str,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> str:
     """The exact text the model sees for OpenAI-style messages (BOS included where the template writes it)."""
     template = get_template(template_name)
     if isinstance(template, JinjaTemplate):
         return _render_jinja(template, messages, tools, add_generation_prompt)
-    return "".join(s.text for s in render_segments(template, messages, tools, add_generation_prompt))
+    return "".join(
+        s.text for s in render_segments(template, messages, tools, add_generation_prompt)
+    )
 
 
 def chat_template_jinja(template_name: str) -> str:
@@ -333,6 +393,7 @@ def chat_template_jinja(template_name: str) -> str:
 
 
 # ---------------------------------------------------------------- choosing a template for a run
+
 
 def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | None = None):
     """--template_name NAME: that project template. auto: the tokenizer's own chat template, rendered by
@@ -346,8 +407,10 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
     if name != "auto":
         template = get_template(name)
         if kwargs and isinstance(template, Template):
-            raise UserError(f"--chat_template_kwargs needs a Jinja chat template; template '{name}' has no variables "
-                            "to set (use --template_name auto or a Jinja template such as qwen3).")
+            raise UserError(
+                f"--chat_template_kwargs needs a Jinja chat template; template '{name}' has no variables "
+                "to set (use --template_name auto or a Jinja template such as qwen3)."
+            )
         if isinstance(template, JinjaTemplate):
             apply_template_to_tokenizer(tokenizer, template)
             own = own_template(tokenizer, kwargs)
@@ -356,12 +419,18 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
             return own
         return template
     if not tokenizer.chat_template:
-        raise UserError("--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
-                        f"--template_name (one of {', '.join(template_names())}).")
+        raise UserError(
+            "--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
+            f"--template_name (one of {', '.join(template_names())})."
+        )
     template = own_template(tokenizer, kwargs)
-    logger.info("--template_name auto: training with the tokenizer's own chat template (answers end with %s; stops %s%s)",
-                template.turn_end or f"the next turn's first token, {template.final_turn_end!r} after the last",
-                template.stop, f"; variables {kwargs}" if kwargs else "")
+    logger.info(
+        "--template_name auto: training with the tokenizer's own chat template (answers end with %s; stops %s%s)",
+        template.turn_end
+        or f"the next turn's first token, {template.final_turn_end!r} after the last",
+        template.stop,
+        f"; variables {kwargs}" if kwargs else "",
+    )
     return template
 
 
@@ -376,8 +445,15 @@ def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -
         return template_stop_ids(tokenizer, template.stop)
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-        logger.warning("template '%s' needs tokens the tokenizer lacks; added %s (embeddings will be resized)",
-                       template.name, missing)
-    tokenizer.chat_template = template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+        logger.warning(
+            "template '%s' needs tokens the tokenizer lacks; added %s (embeddings will be resized)",
+            template.name,
+            missing,
+        )
+    tokenizer.chat_template = (
+        template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
+    )
     return template_stop_ids(tokenizer, template.stop)

@@ -23,8 +23,13 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: int = 16, batch_size: int = 16,
-                   template_name: str | None = None) -> list[str]:
+def greedy_answers(
+    model_dir: str,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    template_name: str | None = None,
+) -> list[str]:
     """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop tokens
     (or with `template_name`, for a model whose tokenizer has no chat template yet)."""
     chat = load_chat_model(model_dir, template_name)
@@ -35,7 +40,9 @@ def greedy_answers(model_dir: str, prompts: list[list[dict]], max_new_tokens: in
     return [a.strip() for a in answers]
 
 
-def exact_match(model_dir: str, conversations: list[dict], template_name: str | None = None) -> float:
+def exact_match(
+    model_dir: str, conversations: list[dict], template_name: str | None = None
+) -> float:
     """Share of conversations whose last assistant answer the model reproduces exactly."""
     prompts = [c["messages"][:-1] for c in conversations]
     wanted = [c["messages"][-1]["content"].strip() for c in conversations]
@@ -48,8 +55,12 @@ def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
     scorer = RewardScorer(model, tokenizer)
     out = []
     for pair in pairs:
-        texts = [tokenizer.apply_chat_template(pair["prompt"] + [{"role": "assistant", "content": pair[k]}], tokenize=False)
-                 for k in ("chosen", "rejected")]
+        texts = [
+            tokenizer.apply_chat_template(
+                pair["prompt"] + [{"role": "assistant", "content": pair[k]}], tokenize=False
+            )
+            for k in ("chosen", "rejected")
+        ]
         out.append(scorer(texts).cpu())
     return torch.stack(out)
 
@@ -65,16 +76,26 @@ def main(argv: list[str] | None = None) -> None:
     """Held-out exact match of the last answer of every chat (earlier turns are the prompt, as the PPO
     stage's evaluation reads them)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=main.__doc__)
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a trained folder: full model or adapter")
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="a trained folder: full model or adapter"
+    )
     parser.add_argument("data_dir", metavar="DATA_DIR", help="a folder of chats")
-    parser.add_argument("template", metavar="TEMPLATE", nargs="?", help="render with this template, not the saved one")
+    parser.add_argument(
+        "template",
+        metavar="TEMPLATE",
+        nargs="?",
+        help="render with this template, not the saved one",
+    )
     args = parser.parse_args(argv)
     model_dir, data_dir = args.model_dir, args.data_dir
     convs, _ = read_conversations(data_dir, "DATA_DIR")
     answered = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
     if len(answered) < len(convs):  # said on stderr: stdout carries the figure alone
-        print(f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an assistant answer "
-              "and are not scored", file=sys.stderr)
+        print(
+            f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an assistant answer "
+            "and are not scored",
+            file=sys.stderr,
+        )
     if not answered:
         raise UserError(f"no chat in {data_dir} ends with an assistant answer to compare against.")
     print(exact_match(model_dir, answered, args.template))

@@ -68,12 +68,20 @@ def held_out(conversations: list[dict], where: str, limit: int | None = None) ->
         else:
             held.conversations.append(conversation)
     for reason, n in held.skipped.items():
-        logger.info("%d of %d chats in %s %s and are not scored", n, len(conversations), where, reason)
+        logger.info(
+            "%d of %d chats in %s %s and are not scored", n, len(conversations), where, reason
+        )
     if not held.conversations:
-        raise UserError(f"no chat in {where} ends with an assistant answer to compare generated answers against.")
+        raise UserError(
+            f"no chat in {where} ends with an assistant answer to compare generated answers against."
+        )
     if limit is not None and limit < len(held.conversations):
-        logger.info("generating answers for the first %d of %d chats in %s (--max_eval_samples)", limit,
-                    len(held.conversations), where)
+        logger.info(
+            "generating answers for the first %d of %d chats in %s (--max_eval_samples)",
+            limit,
+            len(held.conversations),
+            where,
+        )
         held.conversations = held.conversations[:limit]
     return held
 
@@ -84,19 +92,29 @@ def prompt_text(chat: ChatModel, conversation: dict) -> str:
     if chat.template_name:
         return render(chat.template_name, messages, add_generation_prompt=True, tools=tools)
     try:
-        return chat.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        return chat.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
+        )
     except jinja2.TemplateError as e:
         raise UserError(f"the model's chat template rejects a held-out conversation ({e}).") from e
 
 
-def generate_answers(chat: ChatModel, conversations: list[dict], max_new_tokens: int, batch_size: int,
-                     **generate_kwargs) -> list[str]:
+def generate_answers(
+    chat: ChatModel,
+    conversations: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    **generate_kwargs,
+) -> list[str]:
     """Greedy answers (stripped) of the conversations' last turns, `batch_size` prompts at a time; `generate_kwargs`
     go to `model.generate`."""
-    sampling, texts = Sampling(max_new_tokens=max_new_tokens), [prompt_text(chat, c) for c in conversations]
+    sampling, texts = (
+        Sampling(max_new_tokens=max_new_tokens),
+        [prompt_text(chat, c) for c in conversations],
+    )
     answers = []
     for start in range(0, len(texts), batch_size):
-        batch = chat.tokenize(texts[start:start + batch_size])
+        batch = chat.tokenize(texts[start : start + batch_size])
         answers += [c.text.strip() for c in chat.answer(batch, sampling, **generate_kwargs)]
     return answers
 
@@ -107,31 +125,44 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 def write_predictions(path: Path, held: HeldOut, predictions: list[str]) -> None:
     """One {"prompt": messages before the answer, "label", "predict"} line per conversation."""
-    rows = ({"prompt": c["messages"][:-1], "label": label, "predict": predicted}
-            for c, label, predicted in zip(held.conversations, held.labels, predictions))
+    rows = (
+        {"prompt": c["messages"][:-1], "label": label, "predict": predicted}
+        for c, label, predicted in zip(held.conversations, held.labels, predictions)
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); give an --output_dir you can write to.") from e
+        raise UserError(
+            f"cannot write {path} ({e.strerror or e}); give an --output_dir you can write to."
+        ) from e
 
 
 # ---------------------------------------------------------------- during SFT: the model being trained
+
 
 def check_predict_with_generate(data_args, training_args) -> None:
     """--predict_with_generate needs held-out conversations (a validation folder or files, or --test_file): the
     eval set of a --validation_split_percentage split is tokenized training data, no longer conversations."""
     check_installed()
     if not data_args.has_validation and data_args.validation_split_percentage > 0:
-        raise UserError("--predict_with_generate True generates the answers of held-out conversations, which a "
-                        "--validation_split_percentage split of the training data does not keep; give "
-                        "--validation_file_dir (or --validation_file), or --validation_split_percentage 0 with --test_file.")
+        raise UserError(
+            "--predict_with_generate True generates the answers of held-out conversations, which a "
+            "--validation_split_percentage split of the training data does not keep; give "
+            "--validation_file_dir (or --validation_file), or --validation_split_percentage 0 with --test_file."
+        )
     if not (data_args.has_validation and training_args.do_eval) and not data_args.test_file:
-        raise UserError("--predict_with_generate True has no held-out conversations to answer; give "
-                        "--validation_file_dir (or --validation_file) or --test_file.")
+        raise UserError(
+            "--predict_with_generate True has no held-out conversations to answer; give "
+            "--validation_file_dir (or --validation_file) or --test_file."
+        )
     if training_args.fsdp:
-        raise UserError("--predict_with_generate True cannot generate from FSDP-sharded weights; use --deepspeed "
-                        "(ZeRO-2 or ZeRO-3) or drop one of the two flags.")
+        raise UserError(
+            "--predict_with_generate True cannot generate from FSDP-sharded weights; use --deepspeed "
+            "(ZeRO-2 or ZeRO-3) or drop one of the two flags."
+        )
 
 
 @contextmanager
@@ -144,7 +175,9 @@ def generating(trainer):
     engine = trainer.model_wrapped
     model = trainer.accelerator.unwrap_model(engine)
     base = unwrap(model)
-    with ExitStack() as restore:  # undone in reverse order: attention, mode, hooks, then the gathered weights
+    with (
+        ExitStack() as restore
+    ):  # undone in reverse order: attention, mode, hooks, then the gathered weights
         if is_deepspeed_zero3_enabled():
             import deepspeed
             from trl.models.utils import add_hooks, remove_hooks
@@ -154,7 +187,9 @@ def generating(trainer):
             restore.callback(add_hooks, engine)
         restore.callback(model.train, model.training)
         model.eval()
-        if base.config._attn_implementation == PACKED_VARLEN:  # takes flattened packed rows only, no padding
+        if (
+            base.config._attn_implementation == PACKED_VARLEN
+        ):  # takes flattened packed rows only, no padding
             base.set_attn_implementation("sdpa")
             restore.callback(base.set_attn_implementation, PACKED_VARLEN)
         yield model
@@ -167,11 +202,15 @@ class GenerationEval(TrainerCallback):
 
     def __init__(self, trainer, held: HeldOut | None, max_new_tokens: int):
         self.trainer, self.held, self.max_new_tokens = trainer, held, max_new_tokens
-        self.tokenizer = copy.deepcopy(trainer.processing_class)  # the saved tokenizer keeps its padding side
+        self.tokenizer = copy.deepcopy(
+            trainer.processing_class
+        )  # the saved tokenizer keeps its padding side
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.latest: tuple[int, list[str], dict[str, float]] | None = None  # (step, predictions, metrics)
+        self.latest: tuple[int, list[str], dict[str, float]] | None = (
+            None  # (step, predictions, metrics)
+        )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.held is None:
@@ -191,15 +230,24 @@ class GenerationEval(TrainerCallback):
         rank, world = self.trainer.args.process_index, self.trainer.args.world_size
         start = time.perf_counter()
         with generating(self.trainer) as model:
-            config = GenerationConfig.from_dict(unwrap(model).generation_config.to_dict())  # the template's stops
+            config = GenerationConfig.from_dict(
+                unwrap(model).generation_config.to_dict()
+            )  # the template's stops
             config.pad_token_id = self.tokenizer.pad_token_id
             chat = ChatModel(model, self.tokenizer, config)
             # the weights are whole on every rank, so no rank waits for the others' forward passes (generate would
             # under ZeRO-3, and the ranks' shares may take different numbers of batches and tokens)
-            mine = generate_answers(chat, held.conversations[rank::world], self.max_new_tokens,
-                                    self.trainer.args.per_device_eval_batch_size, synced_gpus=False)
+            mine = generate_answers(
+                chat,
+                held.conversations[rank::world],
+                self.max_new_tokens,
+                self.trainer.args.per_device_eval_batch_size,
+                synced_gpus=False,
+            )
         answers = dict(gather_object(list(zip(range(rank, len(held.conversations), world), mine))))
-        logger.info("generated %d held-out answers in %.1f s", len(answers), time.perf_counter() - start)
+        logger.info(
+            "generated %d held-out answers in %.1f s", len(answers), time.perf_counter() - start
+        )
         return [answers[i] for i in range(len(held.conversations))]
 
     def finish(self, test: HeldOut | None) -> dict[str, float]:
@@ -225,27 +273,50 @@ class GenerationEval(TrainerCallback):
 
 def held_out_sources(data_args, sft_args) -> tuple[HeldOut | None, HeldOut | None]:
     """(the eval conversations, the --test_file conversations), read as the SFT stage read its data."""
+
     def read(source, flag: str, limit: int | None = None) -> HeldOut:
-        conversations, _ = read_conversations(source, flag, sft_args.data_format, sft_args.skip_invalid_samples)
+        conversations, _ = read_conversations(
+            source, flag, sft_args.data_format, sft_args.skip_invalid_samples
+        )
         return held_out(conversations, shown(source), limit)
 
-    evaluation = read(*data_args.validation_source, data_args.max_eval_samples) if data_args.has_validation else None
+    evaluation = (
+        read(*data_args.validation_source, data_args.max_eval_samples)
+        if data_args.has_validation
+        else None
+    )
     return evaluation, read(data_args.test_file, "--test_file") if data_args.test_file else None
 
 
 # ---------------------------------------------------------------- the command
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=(
-        "Generate the last assistant answer of every held-out conversation with a trained folder and score them "
-        "with ROUGE-1/2/L and BLEU-4 (jieba words, x100), as the ChatGLM3 / GLM-4 demos' predict_with_generate."))
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.predict",
+        description=(
+            "Generate the last assistant answer of every held-out conversation with a trained folder and score them "
+            "with ROUGE-1/2/L and BLEU-4 (jieba words, x100), as the ChatGLM3 / GLM-4 demos' predict_with_generate."
+        ),
+    )
     parser.add_argument("--model", required=True, help="a trained folder: full model or adapter")
-    parser.add_argument("--data", action="append", required=True, metavar="PATH",
-                        help="a folder of .json/.jsonl conversations, or one such file; repeat for more")
-    parser.add_argument("--output_dir", required=True, help=f"where {PREDICTIONS} and {RESULTS} are written")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="tokens generated per answer at most")
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a folder of .json/.jsonl conversations, or one such file; repeat for more",
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help=f"where {PREDICTIONS} and {RESULTS} are written"
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=512, help="tokens generated per answer at most"
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="prompts answered at once")
-    parser.add_argument("--template_name", default=None, help="render with this template instead of the saved one")
+    parser.add_argument(
+        "--template_name", default=None, help="render with this template instead of the saved one"
+    )
     parser.add_argument("--trust_remote_code", action="store_true")
     return parser
 

@@ -19,14 +19,18 @@ METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 def _libraries():
     """(jieba, rouge_chinese.Rouge, nltk's sentence_bleu, SmoothingFunction), or one sentence naming the install."""
     try:
-        with warnings.catch_warnings():  # jieba's import warns about pkg_resources, and older code about escapes
+        with (
+            warnings.catch_warnings()
+        ):  # jieba's import warns about pkg_resources, and older code about escapes
             warnings.simplefilter("ignore")
             jieba = importlib.import_module("jieba")
             rouge = importlib.import_module("rouge_chinese")
             bleu = importlib.import_module("nltk.translate.bleu_score")
     except ImportError as e:
-        raise UserError(f"scoring generated answers needs jieba, rouge-chinese and nltk ({e.name} is missing); "
-                        'install them with pip install -e ".[eval]".') from e
+        raise UserError(
+            f"scoring generated answers needs jieba, rouge-chinese and nltk ({e.name} is missing); "
+            'install them with pip install -e ".[eval]".'
+        ) from e
     jieba.setLogLevel(logging.WARNING)  # its dictionary-loading notes are not the run's business
     return jieba, rouge.Rouge, bleu.sentence_bleu, bleu.SmoothingFunction
 
@@ -55,7 +59,9 @@ def score_texts(predictions: list[str], references: list[str]) -> dict[str, floa
     for prediction, reference in zip(predictions, references):
         hypothesis, label = list(jieba.cut(prediction)), list(jieba.cut(reference))
         if not "".join(hypothesis).strip() or not "".join(label).strip():
-            empty["empty_predictions" if not "".join(hypothesis).strip() else "empty_references"] += 1
+            empty[
+                "empty_predictions" if not "".join(hypothesis).strip() else "empty_references"
+            ] += 1
             continue
         scores = rouge.get_scores(" ".join(hypothesis), " ".join(label))[0]
         for name in METRICS[:3]:

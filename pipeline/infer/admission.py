@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 class Limits:
     """What one request may ask of the server and how many it holds at once (the flags of the same names)."""
 
-    max_context: int | None = None  # prompt tokens + max_tokens may not exceed it; None: the model config's
+    max_context: int | None = (
+        None  # prompt tokens + max_tokens may not exceed it; None: the model config's
+    )
     max_request_bytes: int = 8 << 20
     max_tokens_cap: int = 4096
     parallel: int = 1
@@ -39,12 +41,19 @@ class Limits:
     request_timeout: float = 300.0
 
     def __post_init__(self):
-        for name, low in (("max_context", 2), ("max_request_bytes", 1), ("max_tokens_cap", 1), ("parallel", 1),
-                          ("max_queue", 0)):
+        for name, low in (
+            ("max_context", 2),
+            ("max_request_bytes", 1),
+            ("max_tokens_cap", 1),
+            ("parallel", 1),
+            ("max_queue", 0),
+        ):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise UserError(f"--{name} must be at least {low}, got {getattr(self, name)}.")
         if not self.request_timeout > 0:
-            raise UserError(f"--request_timeout must be a positive number of seconds, got {self.request_timeout}.")
+            raise UserError(
+                f"--request_timeout must be a positive number of seconds, got {self.request_timeout}."
+            )
 
 
 def longest_token(tokenizer) -> int:
@@ -55,31 +64,50 @@ def longest_token(tokenizer) -> int:
     return max(len(token) for token in tokenizer.get_vocab())
 
 
-def fit_prompt(chat: ChatModel, request: ChatRequest, context: int, token_chars: int,
-               text: str | None = None) -> tuple[BatchEncoding, Sampling]:
+def fit_prompt(
+    chat: ChatModel, request: ChatRequest, context: int, token_chars: int, text: str | None = None
+) -> tuple[BatchEncoding, Sampling]:
     """The encoded prompt (`text`, already rendered, or the messages rendered here) and the sampling to answer it
     with, or a 400 when prompt and answer cannot share the context. A request that left max_tokens to the server
     gets at most what the context has left."""
     answer = request.sampling.max_new_tokens if request.max_tokens_asked else 1
     room = context - answer
     if room < 1:
-        raise ApiError(400, f"max_tokens is {answer}, which leaves no room for a prompt in this model's context of "
-                            f"{context} tokens; lower max_tokens.", "max_tokens", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"max_tokens is {answer}, which leaves no room for a prompt in this model's context of "
+            f"{context} tokens; lower max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     text = chat.render(request.messages) if text is None else text
     if len(text) > room * token_chars:  # obviously too long: refused without tokenizing
         less = f", less max_tokens {answer}" if request.max_tokens_asked else ""
-        raise ApiError(400, f"the prompt is {len(text)} characters, too long for the {room} tokens it may have (this "
-                            f"model's context is {context} tokens{less}); shorten the messages.",
-                       "messages", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt is {len(text)} characters, too long for the {room} tokens it may have (this "
+            f"model's context is {context} tokens{less}); shorten the messages.",
+            "messages",
+            "context_length_exceeded",
+        )
     batch = chat.tokenize([text])
     n = batch["input_ids"].shape[1]
     if n > room:
         if request.max_tokens_asked:
-            raise ApiError(400, f"the prompt is {n} tokens and max_tokens is {answer}, {n + answer} in all, more than this "
-                                f"model's context of {context} tokens; shorten the messages or lower max_tokens.",
-                           "messages", "context_length_exceeded")
-        raise ApiError(400, f"the prompt is {n} tokens, which leaves no room for an answer in this model's context of "
-                            f"{context} tokens; shorten the messages.", "messages", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {n} tokens and max_tokens is {answer}, {n + answer} in all, more than this "
+                f"model's context of {context} tokens; shorten the messages or lower max_tokens.",
+                "messages",
+                "context_length_exceeded",
+            )
+        raise ApiError(
+            400,
+            f"the prompt is {n} tokens, which leaves no room for an answer in this model's context of "
+            f"{context} tokens; shorten the messages.",
+            "messages",
+            "context_length_exceeded",
+        )
     sampling = request.sampling
     if not request.max_tokens_asked and n + sampling.max_new_tokens > context:
         sampling = dataclasses.replace(sampling, max_new_tokens=context - n)
@@ -89,7 +117,9 @@ def fit_prompt(chat: ChatModel, request: ChatRequest, context: int, token_chars:
 def model_context(chat: ChatModel) -> int:
     context = getattr(chat.model.config, "max_position_embeddings", None)
     if not isinstance(context, int):
-        raise UserError("the model's config has no max_position_embeddings; pass --max_context (its context in tokens).")
+        raise UserError(
+            "the model's config has no max_position_embeddings; pass --max_context (its context in tokens)."
+        )
     return context
 
 
@@ -132,7 +162,9 @@ class Slots:
     def leave(self, ticket: threading.Event) -> None:
         """Give up a place in the queue, or hand the slot held to the first one waiting."""
         with self.lock:
-            if ticket in self.waiting:  # still waiting (a ticket is taken off the queue when it is handed a slot)
+            if (
+                ticket in self.waiting
+            ):  # still waiting (a ticket is taken off the queue when it is handed a slot)
                 self.waiting.remove(ticket)
             elif self.waiting:
                 self.waiting.popleft().set()
@@ -160,6 +192,13 @@ class Watch(StoppingCriteria):
                 self.reason = "gone"
         return self.reason
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
+    ) -> torch.BoolTensor:
         self.server.count_tokens(input_ids.shape[0])
-        return torch.full((input_ids.shape[0],), self.check() is not None, dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],),
+            self.check() is not None,
+            dtype=torch.bool,
+            device=input_ids.device,
+        )

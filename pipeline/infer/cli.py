@@ -20,7 +20,13 @@ from typing import Any
 
 from pipeline.data.files import iter_json_records
 from pipeline.errors import UserError, run_cli
-from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, check_messages, load_chat_model_from_args
+from pipeline.infer.chat_model import (
+    ChatModel,
+    Sampling,
+    add_model_arguments,
+    check_messages,
+    load_chat_model_from_args,
+)
 
 
 def record_messages(record: Any, system: str | None) -> list[dict]:
@@ -59,15 +65,23 @@ def read_prompts(input_file: str, system: str | None) -> list[tuple[dict, list[d
 
 QUIT_WORDS = ("exit", "quit", "stop")  # typed alone on a line, they end the interactive chat
 
-def answer_file(chat: ChatModel, prompts: list[tuple[dict, list[dict]]], output_file: str, sampling: Sampling,
-                batch_size: int) -> None:
+
+def answer_file(
+    chat: ChatModel,
+    prompts: list[tuple[dict, list[dict]]],
+    output_file: str,
+    sampling: Sampling,
+    batch_size: int,
+) -> None:
     out = Path(output_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for start in range(0, len(prompts), batch_size):
-            part = prompts[start: start + batch_size]
+            part = prompts[start : start + batch_size]
             for (record, _), completion in zip(part, chat.generate([m for _, m in part], sampling)):
-                f.write(json.dumps({**record, "answer": completion.text}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps({**record, "answer": completion.text}, ensure_ascii=False) + "\n"
+                )
             f.flush()
             print(f"answered {start + len(part)}/{len(prompts)}", file=sys.stderr, flush=True)
 
@@ -83,7 +97,11 @@ def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     prompt = "user> " if sys.stdin.isatty() else ""
-    print("type a message; `clear` starts over, `exit`, `quit` or `stop` leaves", file=sys.stderr, flush=True)
+    print(
+        "type a message; `clear` starts over, `exit`, `quit` or `stop` leaves",
+        file=sys.stderr,
+        flush=True,
+    )
     while True:
         try:
             line = input(prompt).strip()
@@ -102,13 +120,23 @@ def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Chat with a trained folder, or answer a file of prompts.")
+    parser = argparse.ArgumentParser(
+        description="Chat with a trained folder, or answer a file of prompts."
+    )
     add_model_arguments(parser, model_required=False)
-    parser.add_argument("--system", default=None, help="system prompt (batch: for records that have none)")
-    parser.add_argument("--input_file", default=None, help="JSON lines of {prompt, system?} or {messages}")
-    parser.add_argument("--output_file", default=None, help="JSON lines: each input record plus answer")
+    parser.add_argument(
+        "--system", default=None, help="system prompt (batch: for records that have none)"
+    )
+    parser.add_argument(
+        "--input_file", default=None, help="JSON lines of {prompt, system?} or {messages}"
+    )
+    parser.add_argument(
+        "--output_file", default=None, help="JSON lines: each input record plus answer"
+    )
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--prompt", nargs="+", default=None, help="answer this one message, print it and exit")
+    parser.add_argument(
+        "--prompt", nargs="+", default=None, help="answer this one message, print it and exit"
+    )
     parser.add_argument("folder", nargs="?", default=None, help="the trained folder, as --model")
     return parser
 
@@ -119,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("give the trained folder once: as --model FOLDER or as the first argument.")
     args.model = args.model or args.folder
     if args.prompt and args.input_file:
-        raise UserError("--prompt answers one message and --input_file a file of them; give one of the two.")
+        raise UserError(
+            "--prompt answers one message and --input_file a file of them; give one of the two."
+        )
     if (args.input_file is None) != (args.output_file is None):
-        raise UserError("--input_file and --output_file go together; give both for batch mode, or neither to chat.")
+        raise UserError(
+            "--input_file and --output_file go together; give both for batch mode, or neither to chat."
+        )
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}.")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
@@ -129,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     chat = load_chat_model_from_args(args)
     if args.prompt:
         start = [{"role": "system", "content": args.system}] if args.system is not None else []
-        chat.stream([*start, {"role": "user", "content": " ".join(args.prompt)}], sampling, _print_piece)
+        chat.stream(
+            [*start, {"role": "user", "content": " ".join(args.prompt)}], sampling, _print_piece
+        )
         print(flush=True)
     elif prompts is None:
         interact(chat, sampling, args.system)

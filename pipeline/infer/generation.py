@@ -23,7 +23,9 @@ class Generated:
     responses: torch.Tensor
     mask: torch.Tensor  # 1 up to and including the first stop token, 0 after it
     ended: torch.Tensor  # (batch,) bool: a stop token came before the token budget ran out
-    nonfinite: bool = False  # some step's logits held NaN/inf (see FiniteLogits); the tokens are not the model's
+    nonfinite: bool = (
+        False  # some step's logits held NaN/inf (see FiniteLogits); the tokens are not the model's
+    )
 
 
 class NonFiniteLogits(UserError):
@@ -41,36 +43,65 @@ class FiniteLogits(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # -inf is a legitimate mask (suppressed tokens); NaN, +inf or a row masked entirely are not
-        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        bad = (
+            torch.isnan(scores).any(-1)
+            | torch.isposinf(scores).any(-1)
+            | torch.isneginf(scores).all(-1)
+        )
         self.seen = bad.any() if self.seen is None else self.seen | bad.any()
         return torch.where(bad[:, None], torch.zeros_like(scores), scores)
 
 
-def sampling_config(base: GenerationConfig, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                    top_k: int | None = None) -> GenerationConfig:
+def sampling_config(
+    base: GenerationConfig,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+) -> GenerationConfig:
     """`base` (stop and pad ids) with a token budget; temperature 0 is greedy decoding."""
     config = GenerationConfig.from_dict(base.to_dict())
     sample = temperature > 0
-    config.update(max_new_tokens=max_new_tokens, do_sample=sample, use_cache=True,
-                  temperature=temperature if sample else None,
-                  top_p=top_p if sample else None, top_k=(config.top_k if top_k is None else top_k) if sample else None)
+    config.update(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        use_cache=True,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=(config.top_k if top_k is None else top_k) if sample else None,
+    )
     return config
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-             allow_nonfinite: bool = False, **kwargs) -> Generated:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    allow_nonfinite: bool = False,
+    **kwargs,
+) -> Generated:
     """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping criteria).
 
     NaN/inf logits raise NonFiniteLogits, unless `allow_nonfinite` (then `Generated.nonfinite` says so)."""
     guard = FiniteLogits()
     processors = LogitsProcessorList([guard, *kwargs.pop("logits_processor", [])])
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                         logits_processor=processors, **kwargs)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        logits_processor=processors,
+        **kwargs,
+    )
     nonfinite = bool(guard.seen is not None and guard.seen.item())
     if nonfinite and not allow_nonfinite:
-        raise NonFiniteLogits("the model produced NaN/inf logits while generating: its weights or activations are not "
-                              "finite (a diverged training run, or fp16 overflow: try bfloat16 or float32)")
-    responses = out[:, input_ids.shape[1]:]
+        raise NonFiniteLogits(
+            "the model produced NaN/inf logits while generating: its weights or activations are not "
+            "finite (a diverged training run, or fp16 overflow: try bfloat16 or float32)"
+        )
+    responses = out[:, input_ids.shape[1] :]
     mask, ended = response_mask(responses, stop_ids_of(config))
-    return Generated(torch.where(mask.bool(), responses, config.pad_token_id), mask, ended, nonfinite)
+    return Generated(
+        torch.where(mask.bool(), responses, config.pad_token_id), mask, ended, nonfinite
+    )

@@ -47,21 +47,38 @@ from transformers import BatchEncoding
 
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.infer.admission import Limits, Slots, Watch, fit_prompt, longest_token, model_context
-from pipeline.infer.chat_model import ChatModel, Sampling, add_model_arguments, load_chat_model_from_args
+from pipeline.infer.chat_model import (
+    ChatModel,
+    Sampling,
+    add_model_arguments,
+    load_chat_model_from_args,
+)
 from pipeline.infer.protocol import ApiError, ChatRequest, error_body, parse_request, usage
 from pipeline.infer.tool_calls import CallStream, ChatTools, TokenTap, openai_calls
 
 logger = logging.getLogger("pipeline.serve")
 
-GONE = (BrokenPipeError, ConnectionResetError, TimeoutError)  # a client that closed, or stalled past Handler.timeout
+GONE = (
+    BrokenPipeError,
+    ConnectionResetError,
+    TimeoutError,
+)  # a client that closed, or stalled past Handler.timeout
 
 
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128  # the listen backlog: a burst of connections is answered (503 at worst), not dropped
+    request_queue_size = (
+        128  # the listen backlog: a burst of connections is answered (503 at worst), not dropped
+    )
 
-    def __init__(self, address: tuple[str, int], chat: ChatModel, served_name: str, defaults: Sampling,
-                 limits: Limits | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        chat: ChatModel,
+        served_name: str,
+        defaults: Sampling,
+        limits: Limits | None = None,
+    ):
         self.chat, self.served_name, self.defaults = chat, served_name, defaults
         self.limits = limits or Limits()
         self.context = self.limits.max_context or model_context(chat)
@@ -98,7 +115,9 @@ class Handler(BaseHTTPRequestHandler):
         logger.info("%s %s", self.address_string(), format % args)
 
     def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")  # a lone surrogate: \\udXXX
+        data = json.dumps(payload, ensure_ascii=False).encode(
+            "utf-8", "backslashreplace"
+        )  # a lone surrogate: \\udXXX
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -126,15 +145,23 @@ class Handler(BaseHTTPRequestHandler):
         """The body, refused from its headers alone when it is too large or of unknown length."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
-            raise ApiError(411, "send the body with a Content-Length header; chunked bodies are not accepted.")
+            raise ApiError(
+                411, "send the body with a Content-Length header; chunked bodies are not accepted."
+            )
         length = (self.headers.get("Content-Length") or "0").strip()
-        if not (length.isascii() and length.isdigit()):  # isdigit alone takes "²" and other digits int() refuses
+        if not (
+            length.isascii() and length.isdigit()
+        ):  # isdigit alone takes "²" and other digits int() refuses
             raise ApiError(400, f"Content-Length {length[:40]!r} is not a byte count.")
         limit = self.server.limits.max_request_bytes
-        if len(length) > 18 or int(length) > limit:  # 18 digits: beyond any body, and int() never sees 5,000
+        if (
+            len(length) > 18 or int(length) > limit
+        ):  # 18 digits: beyond any body, and int() never sees 5,000
             length = length if len(length) <= 40 else f"a {len(length)}-digit number of"
             self.close_connection = True
-            raise ApiError(413, f"the request body is {length} bytes, more than this server accepts ({limit}).")
+            raise ApiError(
+                413, f"the request body is {length} bytes, more than this server accepts ({limit})."
+            )
         try:
             return self.rfile.read(int(length))
         except TimeoutError as e:
@@ -172,7 +199,9 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:
             logger.exception("%s %s failed", self.command, self.path)
             self.close_connection = True
-            error = ApiError(500, f"the server failed on this request ({type(e).__name__}: {first_line(e)}).")
+            error = ApiError(
+                500, f"the server failed on this request ({type(e).__name__}: {first_line(e)})."
+            )
             with contextlib.suppress(OSError):  # the client may be gone as well
                 if not self.responded:
                     self._send_error(error)
@@ -186,11 +215,27 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.rstrip("/")
         if path == "/health":
             running, waiting = self.server.slots.load()
-            return self._send_json(200, {"status": "ok", "running": running, "waiting": waiting,
-                                         "generated_tokens": self.server.generated_tokens})
+            return self._send_json(
+                200,
+                {
+                    "status": "ok",
+                    "running": running,
+                    "waiting": waiting,
+                    "generated_tokens": self.server.generated_tokens,
+                },
+            )
         if path != "/v1/models":
-            return self._send_error(ApiError(404, f"no route GET {self.path}; this server has GET /v1/models and /health."))
-        card = {"id": self.server.served_name, "object": "model", "created": self.server.created, "owned_by": "llm-pipeline"}
+            return self._send_error(
+                ApiError(
+                    404, f"no route GET {self.path}; this server has GET /v1/models and /health."
+                )
+            )
+        card = {
+            "id": self.server.served_name,
+            "object": "model",
+            "created": self.server.created,
+            "owned_by": "llm-pipeline",
+        }
         self._send_json(200, {"object": "list", "data": [card]})
 
     def do_POST(self) -> None:
@@ -199,11 +244,19 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self, deadline: float) -> None:
         """Refusals first, on this request's own thread and before it queues; then its turn, and the answer."""
         if self.path.rstrip("/") != "/v1/chat/completions":
-            return self._send_error(ApiError(404, f"no route POST {self.path}; this server has POST /v1/chat/completions."))
+            return self._send_error(
+                ApiError(
+                    404, f"no route POST {self.path}; this server has POST /v1/chat/completions."
+                )
+            )
         server = self.server
         try:
-            request = parse_request(self._body(), server.served_name, server.defaults, server.limits.max_tokens_cap)
-            batch, sampling = fit_prompt(server.chat, request, server.context, server.token_chars, self._prompt(request))
+            request = parse_request(
+                self._body(), server.served_name, server.defaults, server.limits.max_tokens_cap
+            )
+            batch, sampling = fit_prompt(
+                server.chat, request, server.context, server.token_chars, self._prompt(request)
+            )
         except ApiError as e:
             self._send_error(e)
             return self._discard_body() if e.status == 413 else None
@@ -214,15 +267,27 @@ class Handler(BaseHTTPRequestHandler):
             running, waiting = server.slots.load()
             logger.warning("queue full (%d running, %d waiting): 503", running, waiting)
             seconds = server.retry_after()
-            return self._send_error(ApiError(503, f"the server is busy ({running} generating, {waiting} waiting, its queue's "
-                                                  f"limit); retry in {seconds} seconds.", code="server_busy"),
-                                    {"Retry-After": str(seconds)})
+            return self._send_error(
+                ApiError(
+                    503,
+                    f"the server is busy ({running} generating, {waiting} waiting, its queue's "
+                    f"limit); retry in {seconds} seconds.",
+                    code="server_busy",
+                ),
+                {"Retry-After": str(seconds)},
+            )
         watch = Watch(server, self.connection, deadline)
         try:
             if self._wait_for_slot(ticket, watch):
                 started = time.monotonic()
-                head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.served_name}
-                (self._stream if request.stream else self._complete)(request, batch, sampling, watch, head)
+                head = {
+                    "id": f"chatcmpl-{uuid.uuid4().hex}",
+                    "created": int(time.time()),
+                    "model": server.served_name,
+                }
+                (self._stream if request.stream else self._complete)(
+                    request, batch, sampling, watch, head
+                )
                 server.held_slot(time.monotonic() - started)
         except GONE:
             watch.reason = "gone"
@@ -246,8 +311,12 @@ class Handler(BaseHTTPRequestHandler):
         tools = self.server.tools
         offered = request.tools if request.tool_choice == "auto" else None
         if offered and not tools.writes_tools(request.messages, offered):
-            raise ApiError(400, "this model's chat template does not write tool definitions, so the model cannot be "
-                                'offered tools; send the request without tools (or tool_choice "none").', "tools")
+            raise ApiError(
+                400,
+                "this model's chat template does not write tool definitions, so the model cannot be "
+                'offered tools; send the request without tools (or tool_choice "none").',
+                "tools",
+            )
         return tools.render(request.messages, offered)
 
     def _wait_for_slot(self, ticket: threading.Event, watch: Watch) -> bool:
@@ -261,22 +330,47 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _timeout_error(self, doing: str) -> ApiError:
-        return ApiError(504, f"the request ran out of this server's {self.server.limits.request_timeout:g} s time limit "
-                             f"while {doing}; ask for fewer max_tokens or retry later.", code="timeout")
+        return ApiError(
+            504,
+            f"the request ran out of this server's {self.server.limits.request_timeout:g} s time limit "
+            f"while {doing}; ask for fewer max_tokens or retry later.",
+            code="timeout",
+        )
 
-    def _complete(self, request: ChatRequest, batch: BatchEncoding, sampling: Sampling, watch: Watch, head: dict) -> None:
+    def _complete(
+        self,
+        request: ChatRequest,
+        batch: BatchEncoding,
+        sampling: Sampling,
+        watch: Watch,
+        head: dict,
+    ) -> None:
         tools = self.server.tools
         tap = TokenTap(self.server.chat.tokenizer, tools.stop_ids) if request.tool_names else None
-        c = self.server.chat.answer(batch, sampling, stopping_criteria=[watch], **({"streamer": tap} if tap else {}))[0]
+        c = self.server.chat.answer(
+            batch, sampling, stopping_criteria=[watch], **({"streamer": tap} if tap else {})
+        )[0]
         if watch.reason == "timeout":
             return self._send_error(self._timeout_error("generating"))
         if watch.reason is None:
-            message, finish = tools.message(tap.text(), request.tool_names, c.finish_reason, _call_id) if tap else \
-                ({"role": "assistant", "content": c.text}, c.finish_reason)
+            message, finish = (
+                tools.message(tap.text(), request.tool_names, c.finish_reason, _call_id)
+                if tap
+                else ({"role": "assistant", "content": c.text}, c.finish_reason)
+            )
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            self._send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": usage(c)})
+            self._send_json(
+                200, {**head, "object": "chat.completion", "choices": [choice], "usage": usage(c)}
+            )
 
-    def _stream(self, request: ChatRequest, batch: BatchEncoding, sampling: Sampling, watch: Watch, head: dict) -> None:
+    def _stream(
+        self,
+        request: ChatRequest,
+        batch: BatchEncoding,
+        sampling: Sampling,
+        watch: Watch,
+        head: dict,
+    ) -> None:
         def chunk(delta: dict, finish_reason: str | None = None) -> dict:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
@@ -291,19 +385,31 @@ class Handler(BaseHTTPRequestHandler):
         if request.tool_names:
             c, finish = self._stream_calls(request, batch, sampling, watch, chunk)
         else:
-            c = self.server.chat.stream(batch, sampling, lambda text: self._event(chunk({"content": text})), [watch])
+            c = self.server.chat.stream(
+                batch, sampling, lambda text: self._event(chunk({"content": text})), [watch]
+            )
             finish = c.finish_reason
-        if watch.reason == "timeout":  # the status line is long gone: the stream ends on an error event instead
+        if (
+            watch.reason == "timeout"
+        ):  # the status line is long gone: the stream ends on an error event instead
             self._event(error_body(self._timeout_error("generating")))
         elif watch.reason is None:
             self._event(chunk({}, finish))
             if request.include_usage:
-                self._event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(c)})
+                self._event(
+                    {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(c)}
+                )
         if watch.reason != "gone":
             self._event("[DONE]")
 
-    def _stream_calls(self, request: ChatRequest, batch: BatchEncoding, sampling: Sampling, watch: Watch,
-                      chunk: Callable[..., dict]):
+    def _stream_calls(
+        self,
+        request: ChatRequest,
+        batch: BatchEncoding,
+        sampling: Sampling,
+        watch: Watch,
+        chunk: Callable[..., dict],
+    ):
         """Stream an answer that may be tool calls: text that may be the start of a call is held until the answer
         ends, then sent as delta.tool_calls (or, when it is no call, as content). Returns the completion and its
         finish_reason."""
@@ -321,7 +427,7 @@ class Handler(BaseHTTPRequestHandler):
             return c, c.finish_reason
         text = tap.text()
         found = tools.calls(text, request.tool_names, c.finish_reason)
-        rest = tools.visible(text[held.sent:len(found[0]) if found else len(text)])
+        rest = tools.visible(text[held.sent : len(found[0]) if found else len(text)])
         if rest.strip() if found else rest:
             self._event(chunk({"content": rest}))
         for i, call in enumerate(openai_calls(found[1], _call_id) if found else []):
@@ -337,44 +443,85 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Serve a trained folder over an OpenAI-compatible HTTP API.",
         epilog="Requests are queued, not batched: --parallel generations run at once, up to --max_queue more wait in "
-               "arrival order, and the next gets a 503 with a Retry-After header. A request past --request_timeout "
-               "(counted from its arrival, waiting included) stops generating and gets a 504, or an error event if its "
-               "stream has begun. A client that disconnects stops its generation. A request without max_tokens gets "
-               "--max_new_tokens, or what the context leaves if less. Every error is OpenAI's JSON error object.")
+        "arrival order, and the next gets a 503 with a Retry-After header. A request past --request_timeout "
+        "(counted from its arrival, waiting included) stops generating and gets a 504, or an error event if its "
+        "stream has begun. A client that disconnects stops its generation. A request without max_tokens gets "
+        "--max_new_tokens, or what the context leaves if less. Every error is OpenAI's JSON error object.",
+    )
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
-    parser.add_argument("--served_model_name", default=None, help="the model id clients send; default: --model")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="0 picks a free port (printed at start)"
+    )
+    parser.add_argument(
+        "--served_model_name", default=None, help="the model id clients send; default: --model"
+    )
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max_request_bytes", type=int, default=Limits.max_request_bytes,
-                        help="larger request bodies get a 413, refused from their Content-Length before they are read "
-                             "(default: %(default)s, 8 MiB)")
-    limits.add_argument("--max_context", type=int, default=None,
-                        help="tokens of prompt plus max_tokens a request may have, over which it gets a 400 "
-                             "(default: the model config's max_position_embeddings)")
-    limits.add_argument("--max_tokens_cap", type=int, default=Limits.max_tokens_cap,
-                        help="the largest max_tokens a request may ask for; above it, a 400 (default: %(default)s)")
-    limits.add_argument("--parallel", type=int, default=Limits.parallel,
-                        help="generations at once, each on its own thread over the one model (default: %(default)s)")
-    limits.add_argument("--max_queue", type=int, default=Limits.max_queue,
-                        help="requests that may wait for a generation slot; one more gets a 503 (default: %(default)s)")
-    limits.add_argument("--request_timeout", type=float, default=Limits.request_timeout,
-                        help="seconds a request may take, waiting included; then a 504 or a stream's error event "
-                             "(default: %(default)s)")
+    limits.add_argument(
+        "--max_request_bytes",
+        type=int,
+        default=Limits.max_request_bytes,
+        help="larger request bodies get a 413, refused from their Content-Length before they are read "
+        "(default: %(default)s, 8 MiB)",
+    )
+    limits.add_argument(
+        "--max_context",
+        type=int,
+        default=None,
+        help="tokens of prompt plus max_tokens a request may have, over which it gets a 400 "
+        "(default: the model config's max_position_embeddings)",
+    )
+    limits.add_argument(
+        "--max_tokens_cap",
+        type=int,
+        default=Limits.max_tokens_cap,
+        help="the largest max_tokens a request may ask for; above it, a 400 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--parallel",
+        type=int,
+        default=Limits.parallel,
+        help="generations at once, each on its own thread over the one model (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max_queue",
+        type=int,
+        default=Limits.max_queue,
+        help="requests that may wait for a generation slot; one more gets a 503 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--request_timeout",
+        type=float,
+        default=Limits.request_timeout,
+        help="seconds a request may take, waiting included; then a 504 or a stream's error event "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p)
-    limits = Limits(args.max_context, args.max_request_bytes, args.max_tokens_cap, args.parallel, args.max_queue,
-                    args.request_timeout)
+    limits = Limits(
+        args.max_context,
+        args.max_request_bytes,
+        args.max_tokens_cap,
+        args.parallel,
+        args.max_queue,
+        args.request_timeout,
+    )
     if defaults.max_new_tokens > limits.max_tokens_cap:
-        raise UserError(f"--max_new_tokens {defaults.max_new_tokens} is above --max_tokens_cap {limits.max_tokens_cap}; "
-                        f"lower it or raise the cap.")
+        raise UserError(
+            f"--max_new_tokens {defaults.max_new_tokens} is above --max_tokens_cap {limits.max_tokens_cap}; "
+            f"lower it or raise the cap."
+        )
     name = args.served_model_name or args.model
     chat = load_chat_model_from_args(args)
     try:
         server = ChatServer((args.host, args.port), chat, name, defaults, limits)
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port.") from e
+        raise UserError(
+            f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port."
+        ) from e
     host, port = server.server_address[:2]
     print(f"serving {args.model} as {name!r} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     try:

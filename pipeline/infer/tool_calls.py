@@ -28,9 +28,22 @@ from pipeline.errors import UserError
 from pipeline.model.stops import stop_ids_of
 
 ID = "\x00id\x00"  # stands for a call id inside CallFormat's literals
-_NAMES, _IDS, _ARGS = ("probe_alpha", "probe_beta"), ("a0000000b", "c0000000d"), ({"q": "x"}, {"q": "y"})
-_PROBE_TOOLS = [{"type": "function", "function": {"name": n, "description": "d", "parameters": {
-    "type": "object", "properties": {"q": {"type": "string"}}}}} for n in _NAMES]
+_NAMES, _IDS, _ARGS = (
+    ("probe_alpha", "probe_beta"),
+    ("a0000000b", "c0000000d"),
+    ({"q": "x"}, {"q": "y"}),
+)
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": n,
+            "description": "d",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+    for n in _NAMES
+]
 _NAME = re.compile(r"[\w\-.]+")
 
 
@@ -56,7 +69,13 @@ def _pattern(literal: str) -> str:
     """A literal of the format as a regex: whitespace runs match any whitespace, a call id any id."""
     out = []
     for piece in re.split(r"(\s+|\x00id\x00)", literal):
-        out.append(r"\s*" if piece.isspace() else r"(?P<id>[\w\-.:]{1,64})" if piece == ID else re.escape(piece))
+        out.append(
+            r"\s*"
+            if piece.isspace()
+            else r"(?P<id>[\w\-.:]{1,64})"
+            if piece == ID
+            else re.escape(piece)
+        )
     return "".join(out)
 
 
@@ -88,7 +107,7 @@ def _arguments(text: str, pos: int, fmt: CallFormat) -> tuple[dict, int] | None:
     if fmt.kwargs:
         end = re.compile(_pattern(fmt.suffix)).search(text, pos)
         try:
-            return (kwargs_arguments(text[pos:end.start()]), end.start()) if end else None
+            return (kwargs_arguments(text[pos : end.start()]), end.start()) if end else None
         except (ValueError, json.JSONDecodeError):
             return None
     pos += len(text[pos:]) - len(text[pos:].lstrip())
@@ -99,7 +118,9 @@ def _arguments(text: str, pos: int, fmt: CallFormat) -> tuple[dict, int] | None:
     return (value, end) if isinstance(value, dict) else None
 
 
-def _call_at(text: str, pos: int, fmt: CallFormat, names: set[str], lead: str) -> tuple[dict, int] | None:
+def _call_at(
+    text: str, pos: int, fmt: CallFormat, names: set[str], lead: str
+) -> tuple[dict, int] | None:
     """One call (lead + name mid arguments suffix) at pos, of a tool the request offers, and where it ends."""
     m = _match(lead, text, pos)
     name = m and _NAME.match(text, m.end())
@@ -123,8 +144,15 @@ def _openers(fmt: CallFormat) -> list[str]:
 def parse_calls(text: str, fmt: CallFormat, names: set[str]) -> tuple[str, list[dict]] | None:
     """(the text before the calls, the calls) when the answer is calls as the template writes them, of tools the
     request offers; None when it is an ordinary answer. Each call is {"name", "arguments" (a mapping), "id"}."""
-    starts = [(0, len(text) - len(text.lstrip()), "")] if fmt.name_first else \
-        [(m.start(), m.end(), "") for o in _openers(fmt) if (m := re.compile(_pattern(o)).search(text))]
+    starts = (
+        [(0, len(text) - len(text.lstrip()), "")]
+        if fmt.name_first
+        else [
+            (m.start(), m.end(), "")
+            for o in _openers(fmt)
+            if (m := re.compile(_pattern(o)).search(text))
+        ]
+    )
     for start, pos, _ in sorted(starts)[:1]:
         calls, lead = [], ""
         while (found := _call_at(text, pos, fmt, names, lead)) is not None:
@@ -170,55 +198,102 @@ def _locate(text: str, name: str, args: dict, kwargs: bool) -> tuple[int, int, i
     return None
 
 
-def derive(render: Callable[[list[dict], list[dict] | None, bool], str], stops: list[str]) -> CallFormat | None:
+def derive(
+    render: Callable[[list[dict], list[dict] | None, bool], str], stops: list[str]
+) -> CallFormat | None:
     """How the template writes calls, read off its render of one probe call and of two (see the module docstring);
     None when it does not show a call's name and arguments, or never shows the tools."""
     ask = [{"role": "user", "content": "Hi"}]
 
     def answer(n: int) -> str | None:
-        calls = [{"id": _IDS[k], "type": "function", "function": {"name": _NAMES[k], "arguments": _ARGS[k]}}
-                 for k in range(n)]
+        calls = [
+            {
+                "id": _IDS[k],
+                "type": "function",
+                "function": {"name": _NAMES[k], "arguments": _ARGS[k]},
+            }
+            for k in range(n)
+        ]
         try:
-            prompt, full = render(ask, _PROBE_TOOLS, True), render([*ask, {"role": "assistant", "content": "",
-                                                                              "tool_calls": calls}], _PROBE_TOOLS, False)
+            prompt, full = (
+                render(ask, _PROBE_TOOLS, True),
+                render(
+                    [*ask, {"role": "assistant", "content": "", "tool_calls": calls}],
+                    _PROBE_TOOLS,
+                    False,
+                ),
+            )
         except UserError:
             return None
-        k = _common_prefix(prompt, full)  # where a pre-filled prompt (QwQ's <think>) and the turn part
-        text = full[_cut(full, k, len(prompt)):]
+        k = _common_prefix(
+            prompt, full
+        )  # where a pre-filled prompt (QwQ's <think>) and the turn part
+        text = full[_cut(full, k, len(prompt)) :]
         ends = [text.find(s) for s in stops if s and s in text]
-        return text[:min(ends)] if ends else text.rstrip()
+        return text[: min(ends)] if ends else text.rstrip()
 
     one = answer(1)
-    if one is None or render(ask, _PROBE_TOOLS, True) == render(ask, None, True):  # tools are never shown (DeepSeek-R1)
+    if one is None or render(ask, _PROBE_TOOLS, True) == render(
+        ask, None, True
+    ):  # tools are never shown (DeepSeek-R1)
         return None
     kwargs = _locate(one, _NAMES[0], _ARGS[0], False) is None
     at = _locate(one, _NAMES[0], _ARGS[0], kwargs)
     if at is None:
         return None
-    before, mid, after = one[:at[0]], one[at[1]:at[2]], one[at[3]:]
+    before, mid, after = one[: at[0]], one[at[1] : at[2]], one[at[3] :]
     two = answer(2)
-    first, second = (_locate(two, _NAMES[0], _ARGS[0], kwargs), _locate(two, _NAMES[1], _ARGS[1], kwargs)) if two \
+    first, second = (
+        (_locate(two, _NAMES[0], _ARGS[0], kwargs), _locate(two, _NAMES[1], _ARGS[1], kwargs))
+        if two
         else (None, None)
+    )
     if not (first and second and first[3] <= second[0]):  # one call per answer (Llama-3.1)
         fmt = CallFormat("", before, mid, after, None, "", kwargs)
     else:
-        between = two[first[3]:second[0]]  # the first call's suffix, sep, the second call's prefix
+        between = two[
+            first[3] : second[0]
+        ]  # the first call's suffix, sep, the second call's prefix
         n = _cut(between, _common_prefix(after, between), len(after))
         rest = between[n:][::-1]  # the second call's prefix starts at a tag, bracket or line
         m = _common_prefix(before[::-1], rest)
-        while 0 < m < min(len(before), len(rest)) and rest[m - 1] not in "<{[\n" and not rest[m].isspace():
+        while (
+            0 < m < min(len(before), len(rest))
+            and rest[m - 1] not in "<{[\n"
+            and not rest[m].isspace()
+        ):
             m -= 1
-        fmt = CallFormat(before[:len(before) - m], before[len(before) - m:], mid, after[:n], between[n:len(between) - m],
-                         after[n:], kwargs)
-    return CallFormat(*(x.replace(_IDS[0], ID).replace(_IDS[1], ID) if isinstance(x, str) else x for x in
-                        (fmt.head, fmt.prefix, fmt.mid, fmt.suffix, fmt.sep, fmt.tail)), kwargs)
+        fmt = CallFormat(
+            before[: len(before) - m],
+            before[len(before) - m :],
+            mid,
+            after[:n],
+            between[n : len(between) - m],
+            after[n:],
+            kwargs,
+        )
+    return CallFormat(
+        *(
+            x.replace(_IDS[0], ID).replace(_IDS[1], ID) if isinstance(x, str) else x
+            for x in (fmt.head, fmt.prefix, fmt.mid, fmt.suffix, fmt.sep, fmt.tail)
+        ),
+        kwargs,
+    )
 
 
 def openai_calls(calls: list[dict], make_id: Callable[[], str]) -> list[dict]:
     """Parsed calls as OpenAI's message.tool_calls: arguments as JSON text, an id for each."""
-    return [{"id": c["id"] or make_id(), "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for c in calls]
+    return [
+        {
+            "id": c["id"] or make_id(),
+            "type": "function",
+            "function": {
+                "name": c["name"],
+                "arguments": json.dumps(c["arguments"], ensure_ascii=False),
+            },
+        }
+        for c in calls
+    ]
 
 
 @dataclass
@@ -237,7 +312,10 @@ class CallStream:
             return len(text)
         if self.fmt.name_first:
             body = text.lstrip()
-            if any(c.startswith(body) or body.startswith(c) for c in (n + self.fmt.mid for n in self.names)):
+            if any(
+                c.startswith(body) or body.startswith(c)
+                for c in (n + self.fmt.mid for n in self.names)
+            ):
                 return 0
             self.free = True
             return len(text)
@@ -246,13 +324,19 @@ class CallStream:
             found = re.compile(_pattern(opener)).search(text)
             holds.append(found.start() if found else len(text))
             lit = opener.lstrip()
-            holds += [len(text) - k for k in range(min(len(lit), len(text)), 0, -1) if lit.startswith(text[len(text) - k:])][:1]
+            holds += [
+                len(text) - k
+                for k in range(min(len(lit), len(text)), 0, -1)
+                if lit.startswith(text[len(text) - k :])
+            ][:1]
         return min(holds)
 
     def ready(self, text: str) -> str:
         """The next piece of content that can go out now."""
-        upto = self.hold_from(text.rstrip("\ufffd"))  # a character whose bytes are not all generated yet waits
-        piece = text[self.sent:upto] if upto > self.sent else ""
+        upto = self.hold_from(
+            text.rstrip("\ufffd")
+        )  # a character whose bytes are not all generated yet waits
+        piece = text[self.sent : upto] if upto > self.sent else ""
         self.sent = max(self.sent, upto)
         return piece
 
@@ -297,14 +381,20 @@ class ChatTools:
         self.special = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)
         self.format = derive(self.render, self.stops)
 
-    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text; UserError (one sentence) when the template rejects the messages."""
         if self.template_name:
             return render_project(self.template_name, messages, add_generation_prompt, tools)
         try:
-            return own.render(self.tokenizer, messages, tools, add_generation_prompt, form=self.form)
+            return own.render(
+                self.tokenizer, messages, tools, add_generation_prompt, form=self.form
+            )
         except UserError as e:
-            raise UserError(f"the model's chat template rejects these messages ({e.__cause__ or e}).") from e
+            raise UserError(
+                f"the model's chat template rejects these messages ({e.__cause__ or e})."
+            ) from e
 
     def writes_tools(self, messages: list[dict], tools: list[dict]) -> bool:
         """Whether the template shows the tools to the model at all (some ignore the tools argument)."""
@@ -316,16 +406,24 @@ class ChatTools:
             text = text.replace(token, "")
         return text
 
-    def calls(self, text: str, names: set[str], finish_reason: str) -> tuple[str, list[dict]] | None:
+    def calls(
+        self, text: str, names: set[str], finish_reason: str
+    ) -> tuple[str, list[dict]] | None:
         """The answer's calls of the offered tools (see parse_calls); None for text, or an answer cut short."""
         if self.format is None or not names or finish_reason != "stop":
             return None
         return parse_calls(text, self.format, names)
 
-    def message(self, text: str, names: set[str], finish_reason: str, make_id: Callable[[], str]) -> tuple[dict, str]:
+    def message(
+        self, text: str, names: set[str], finish_reason: str, make_id: Callable[[], str]
+    ) -> tuple[dict, str]:
         """OpenAI's assistant message for the answer text (special tokens kept) and its finish_reason."""
         found = self.calls(text, names, finish_reason)
         if found is None:
             return {"role": "assistant", "content": self.visible(text)}, finish_reason
         content = self.visible(found[0]).strip()
-        return {"role": "assistant", "content": content or None, "tool_calls": openai_calls(found[1], make_id)}, "tool_calls"
+        return {
+            "role": "assistant",
+            "content": content or None,
+            "tool_calls": openai_calls(found[1], make_id),
+        }, "tool_calls"

@@ -28,7 +28,9 @@ def unwrap(model):
 def linear_module_names(model: PreTrainedModel) -> list[str]:
     """Leaf names of every linear layer except the output head(s): what --target_modules all means."""
     heads = {id(model.get_output_embeddings())}
-    heads |= {id(m) for n, m in model.named_modules() if n.split(".")[-1] in ("score", "classifier")}
+    heads |= {
+        id(m) for n, m in model.named_modules() if n.split(".")[-1] in ("score", "classifier")
+    }
     names = set()
     for name, module in model.named_modules():
         if id(module) in heads:
@@ -44,14 +46,24 @@ def embedding_module_names(model: PreTrainedModel) -> list[str]:
     return sorted({name.split(".")[-1] for name, m in model.named_modules() if id(m) in wanted})
 
 
-def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: TaskType, resized: bool,
-                trainable_dtype: torch.dtype = torch.float32) -> PeftModel:
+def attach_lora(
+    model: PreTrainedModel,
+    peft_args: PeftArguments,
+    task_type: TaskType,
+    resized: bool,
+    trainable_dtype: torch.dtype = torch.float32,
+) -> PeftModel:
     if peft_args.peft_path:
         logger.info("resuming adapter from %s", peft_args.peft_path)
         check_folder_whole(peft_args.peft_path, "--peft_path")
         model = PeftModel.from_pretrained(model, peft_args.peft_path, is_trainable=True)
     elif peft_args.peft_type == "prefix_tuning":
-        model = get_peft_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_args.num_virtual_tokens))
+        model = get_peft_model(
+            model,
+            PrefixTuningConfig(
+                task_type=task_type, num_virtual_tokens=peft_args.num_virtual_tokens
+            ),
+        )
     else:
         targets = peft_args.target_module_list
         targets = linear_module_names(model) if targets == "all" else targets
@@ -59,7 +71,10 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
         if resized and not set(embedding_module_names(model)) <= set(modules_to_save):
             # New token rows are random; without training the embeddings LoRA can never learn them.
             modules_to_save = sorted(set(modules_to_save) | set(embedding_module_names(model)))
-            logger.warning("vocabulary was resized: also training %s in full (--modules_to_save)", modules_to_save)
+            logger.warning(
+                "vocabulary was resized: also training %s in full (--modules_to_save)",
+                modules_to_save,
+            )
         config = LoraConfig(
             task_type=task_type,
             r=peft_args.lora_rank,
@@ -72,12 +87,20 @@ def attach_lora(model: PreTrainedModel, peft_args: PeftArguments, task_type: Tas
         try:
             model = get_peft_model(model, config)
         except ValueError as e:
-            raise UserError(f"LoRA setup failed: {first_line(e)}; check --target_modules / --modules_to_save.") from e
+            raise UserError(
+                f"LoRA setup failed: {first_line(e)}; check --target_modules / --modules_to_save."
+            ) from e
     # One dtype for everything trained (ZeRO-3 refuses mixed dtypes in a parameter group): float32 masters
     # under autocast, also for modules_to_save copies of bf16 embeddings; under DeepSpeed its compute dtype.
     for param in model.parameters():
         if param.requires_grad and param.dtype != trainable_dtype:
             param.data = param.data.to(trainable_dtype)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("%s: %d trainable of %d parameters (%.2f%%)", peft_args.peft_type, trainable, total, 100 * trainable / total)
+    logger.info(
+        "%s: %d trainable of %d parameters (%.2f%%)",
+        peft_args.peft_type,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
     return model

@@ -49,7 +49,9 @@ def sample_bounds(position_ids: torch.Tensor, device: torch.device) -> tuple[tor
 def _torch_varlen(q, k, v, cu, max_len, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: torch 2.11's kernel wants one kv head per query head
+    if (
+        k.shape[1] != q.shape[1]
+    ):  # grouped-query attention: torch 2.11's kernel wants one kv head per query head
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
 
@@ -60,22 +62,29 @@ def reference_varlen(q, k, v, cu, max_len, scale):
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]).transpose(0, 1)
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
+        ).transpose(0, 1)
     return out
 
 
 KERNEL = {"fn": _torch_varlen}
 
 
-def packed_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def packed_varlen_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
     """transformers attention function: (batch 1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
     if query.shape[0] != 1 or kwargs.get("position_ids") is None:
-        raise ValueError("packed_varlen attention takes one flattened packed row with its position_ids")
+        raise ValueError(
+            "packed_varlen attention takes one flattened packed row with its position_ids"
+        )
     cu, max_len = sample_bounds(kwargs["position_ids"], query.device)
     # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the autocast dtype
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+    q, k, v = (
+        t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value)
+    )  # (tokens, heads, dim)
     out = KERNEL["fn"](q, k, v, cu, max_len, scaling)
     return out.unsqueeze(0), None
 
@@ -84,7 +93,10 @@ AttentionInterface.register(PACKED_VARLEN, packed_varlen_attention)
 
 
 def torch_varlen_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    )
 
 
 def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = True) -> str | None:
@@ -94,12 +106,16 @@ def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = Tru
         if importlib.util.find_spec("flash_attn") is None:
             from pipeline.errors import UserError
 
-            raise UserError("--flash_attn needs the flash-attn package, which is not installed "
-                            "(pip install flash-attn on a CUDA machine), or drop the flag to use PyTorch SDPA.")
+            raise UserError(
+                "--flash_attn needs the flash-attn package, which is not installed "
+                "(pip install flash-attn on a CUDA machine), or drop the flag to use PyTorch SDPA."
+            )
         return "flash_attention_2"
     if packing and half_precision and torch_varlen_available():
         return PACKED_VARLEN
     if packing:
-        logger.info("packed rows attend through SDPA with a block-diagonal mask from the position ids (no varlen "
-                    "kernel on this device): correct, slower on long rows")
+        logger.info(
+            "packed rows attend through SDPA with a block-diagonal mask from the position ids (no varlen "
+            "kernel on this device): correct, slower on long rows"
+        )
     return None

@@ -34,12 +34,20 @@ if TYPE_CHECKING:  # annotations only: the model layer does not depend on the fl
 
 logger = logging.getLogger(__name__)
 
-HEADS = {"lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM), "reward": (AutoModelForSequenceClassification, TaskType.SEQ_CLS)}
+HEADS = {
+    "lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM),
+    "reward": (AutoModelForSequenceClassification, TaskType.SEQ_CLS),
+}
 
 
 def looks_local(name: str) -> bool:
     """A path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or more than one slash."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
 
 
 def check_model_folder(name: str, flag: str) -> None:
@@ -48,13 +56,20 @@ def check_model_folder(name: str, flag: str) -> None:
     path = os.path.expanduser(name)
     if looks_local(name) and not os.path.isdir(path):
         what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
-        raise UserError(f"{flag} {name} {what}; give the folder holding config.json (or a hub id like org/name).")
-    check_folder_whole(path, flag)  # damaged or cut-short files: one sentence, not a library traceback
+        raise UserError(
+            f"{flag} {name} {what}; give the folder holding config.json (or a hub id like org/name)."
+        )
+    check_folder_whole(
+        path, flag
+    )  # damaged or cut-short files: one sentence, not a library traceback
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
-    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path != model_args.model_name_or_path \
+    flag = (
+        "--tokenizer_name_or_path"
+        if model_args.tokenizer_name_or_path != model_args.model_name_or_path
         else "--model_name_or_path"
+    )
     check_model_folder(model_args.tokenizer_name_or_path, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -69,7 +84,10 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
         ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-        logger.info("tokenizer has no pad token; using eos %r for padding (pads never enter the loss)", tokenizer.eos_token)
+        logger.info(
+            "tokenizer has no pad token; using eos %r for padding (pads never enter the loss)",
+            tokenizer.eos_token,
+        )
     return tokenizer
 
 
@@ -78,10 +96,16 @@ def resolve_dtype(model_args: ModelArguments, peft_args: PeftArguments) -> torch
     if model_args.torch_dtype != "auto":
         return getattr(torch, model_args.torch_dtype)
     bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if (bf16_gpu and (peft_args.use_peft or model_args.quantized)) else torch.float32
+    return (
+        torch.bfloat16
+        if (bf16_gpu and (peft_args.use_peft or model_args.quantized))
+        else torch.float32
+    )
 
 
-def quantization_config(model_args: ModelArguments, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(
+    model_args: ModelArguments, dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
     if model_args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if model_args.load_in_4bit:
@@ -108,7 +132,12 @@ def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if len(tokenizer) <= current:
         return False
     model.resize_token_embeddings(len(tokenizer))
-    logger.warning("tokenizer has %d tokens but the model %d: embeddings resized to %d", len(tokenizer), current, len(tokenizer))
+    logger.warning(
+        "tokenizer has %d tokens but the model %d: embeddings resized to %d",
+        len(tokenizer),
+        current,
+        len(tokenizer),
+    )
     return True
 
 
@@ -116,15 +145,23 @@ def apply_rope_scaling(config, kind: str, max_length: int | None) -> None:
     """Scale RoPE so positions up to max_length fit: factor = max_length / max_position_embeddings."""
     limit = config.max_position_embeddings
     if not max_length or max_length <= limit:
-        raise UserError(f"--rope_scaling {kind} stretches the context beyond the model's {limit} positions; "
-                        f"set --model_max_length above {limit} (got {max_length}).")
+        raise UserError(
+            f"--rope_scaling {kind} stretches the context beyond the model's {limit} positions; "
+            f"set --model_max_length above {limit} (got {max_length})."
+        )
     params = dict(config.rope_parameters or {})
     params.update(rope_type=kind, factor=math.ceil(max_length / limit * 100) / 100)
     if kind == "yarn":
         params["original_max_position_embeddings"] = limit
     config.rope_parameters = params
     config.max_position_embeddings = max_length
-    logger.info("RoPE scaling %s with factor %.2f: %d -> %d positions", kind, params["factor"], limit, max_length)
+    logger.info(
+        "RoPE scaling %s with factor %.2f: %d -> %d positions",
+        kind,
+        params["factor"],
+        limit,
+        max_length,
+    )
 
 
 def load_config(model_args: ModelArguments, max_length: int | None = None):
@@ -132,10 +169,14 @@ def load_config(model_args: ModelArguments, max_length: int | None = None):
     check_model_folder(model_args.model_name_or_path, "--model_name_or_path")
     try:
         config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
+            model_args.model_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
         )
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {model_args.model_name_or_path} ({first_line(e)}).") from e
+        raise UserError(
+            f"cannot load a model config from {model_args.model_name_or_path} ({first_line(e)})."
+        ) from e
     if model_args.model_type and model_args.model_type != config.model_type:
         raise UserError(
             f"--model_type {model_args.model_type} but {model_args.model_name_or_path} is a '{config.model_type}' model; "
@@ -179,11 +220,17 @@ def load_model(
         cache_dir=model_args.cache_dir,
         output_loading_info=True,
     )
-    check_loaded_weights(model_args.model_name_or_path, config, head, info["missing_keys"], new_head)
+    check_loaded_weights(
+        model_args.model_name_or_path, config, head, info["missing_keys"], new_head
+    )
     resized = resize_embeddings(model, tokenizer)
-    model.config.use_cache = False  # training: and packed position_ids only separate documents without a cache
+    model.config.use_cache = (
+        False  # training: and packed position_ids only separate documents without a cache
+    )
     if quant:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
     if not peft_args.use_peft:
         return model
     return attach_lora(model, peft_args, task_type, resized, trainable_dtype)
@@ -200,10 +247,17 @@ def check_loaded_weights(path: str, config, head: str, missing: set[str], new_he
     other = sorted(k for k in missing if not k.startswith(head_prefix))
     kind = ", ".join(config.architectures or [config.model_type])
     if other:
-        raise UserError(f"{path} ({kind}) lacks {len(other)} weights this model needs (e.g. {other[0]}), which would "
-                        "start random: it is incomplete or not a checkpoint of this model; check the folder.")
+        raise UserError(
+            f"{path} ({kind}) lacks {len(other)} weights this model needs (e.g. {other[0]}), which would "
+            "start random: it is incomplete or not a checkpoint of this model; check the folder."
+        )
     if head_missing and not new_head:
-        fix = "the RM stage's output folder (or its merged model)" if head == "reward" else \
-            "a language-model folder: the base, PT or SFT output (or a merged one), not a reward model"
-        raise UserError(f"{path} is a {kind} checkpoint without the {HEAD_NAMES[head]} this stage needs "
-                        f"({head_missing[0]} would start random); give {fix}.")
+        fix = (
+            "the RM stage's output folder (or its merged model)"
+            if head == "reward"
+            else "a language-model folder: the base, PT or SFT output (or a merged one), not a reward model"
+        )
+        raise UserError(
+            f"{path} is a {kind} checkpoint without the {HEAD_NAMES[head]} this stage needs "
+            f"({head_missing[0]} would start random); give {fix}."
+        )

@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 from peft import PeftConfig, PeftModel
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from pipeline.errors import UserError, first_line
 from pipeline.model.integrity import check_folder_whole, read_json_file
@@ -38,18 +44,28 @@ def _tokenizer_source(lora_model: Path, tokenizer_path: str | None, base_model: 
     # template), so it wins over --tokenizer_path; the choice is logged.
     if (lora_model / "tokenizer_config.json").is_file():
         if tokenizer_path and Path(tokenizer_path).resolve() != lora_model.resolve():
-            logger.warning("using the tokenizer saved with the adapter in %s (the one training used), not %s",
-                           lora_model, tokenizer_path)
+            logger.warning(
+                "using the tokenizer saved with the adapter in %s (the one training used), not %s",
+                lora_model,
+                tokenizer_path,
+            )
         return str(lora_model)
     return tokenizer_path or base_model
 
 
-def merge_adapter(base_model: str | None, lora_model: str, output_dir: str, tokenizer_path: str | None = None,
-                  trust_remote_code: bool = False) -> Path:
+def merge_adapter(
+    base_model: str | None,
+    lora_model: str,
+    output_dir: str,
+    tokenizer_path: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
     """`base_model` None: the base the adapter records (see `resolve_base`)."""
     lora_dir, out = Path(lora_model), Path(output_dir)
     if not (lora_dir / "adapter_config.json").is_file():
-        raise UserError(f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder.")
+        raise UserError(
+            f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder."
+        )
     check_folder_whole(lora_dir, "--lora_model")
     base = resolve_base(lora_dir, base_model)
     base_model = base.path
@@ -67,21 +83,34 @@ def merge_adapter(base_model: str | None, lora_model: str, output_dir: str, toke
     peft_config = PeftConfig.from_pretrained(lora_model)
     check_same_base(lora_dir, base_model, base.given_as, "merge into")
     if peft_config.peft_type != "LORA":
-        raise UserError(f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be merged into "
-                        "weights; load it with peft's AutoPeftModelForCausalLM instead.")
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(lora_dir, tokenizer_path, base_model),
-                                              trust_remote_code=trust_remote_code)
+        raise UserError(
+            f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be merged into "
+            "weights; load it with peft's AutoPeftModelForCausalLM instead."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        _tokenizer_source(lora_dir, tokenizer_path, base_model), trust_remote_code=trust_remote_code
+    )
     if peft_config.task_type == "SEQ_CLS":
         base_config.num_labels = 1
         base_config.pad_token_id = tokenizer.pad_token_id
         auto_class = AutoModelForSequenceClassification
     else:
         auto_class = AutoModelForCausalLM
-    base, info = auto_class.from_pretrained(base_model, config=base_config, dtype="auto",
-                                            trust_remote_code=trust_remote_code, output_loading_info=True)
+    base, info = auto_class.from_pretrained(
+        base_model,
+        config=base_config,
+        dtype="auto",
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+    )
     # a reward adapter brings its trained score head (modules_to_save); a language-model base must have its own
-    check_loaded_weights(base_model, base_config, "reward" if auto_class is AutoModelForSequenceClassification else "lm",
-                         info["missing_keys"], new_head=auto_class is AutoModelForSequenceClassification)
+    check_loaded_weights(
+        base_model,
+        base_config,
+        "reward" if auto_class is AutoModelForSequenceClassification else "lm",
+        info["missing_keys"],
+        new_head=auto_class is AutoModelForSequenceClassification,
+    )
     resize_embeddings(base, tokenizer)
     merged = PeftModel.from_pretrained(base, lora_model).merge_and_unload()
     merged.config.use_cache = True
@@ -98,10 +127,14 @@ def merge_adapter(base_model: str | None, lora_model: str, output_dir: str, toke
 
 
 FINGERPRINT = "base_model_fingerprint.json"
-FINGERPRINT_TENSORS = 16  # tensors sampled, 8 leading values each: cheap to read even for a 70B folder
+FINGERPRINT_TENSORS = (
+    16  # tensors sampled, 8 leading values each: cheap to read even for a 70B folder
+)
 
 
-def base_fingerprint(model_dir: str | Path, names: list[str] | None = None) -> dict[str, list[float]] | None:
+def base_fingerprint(
+    model_dir: str | Path, names: list[str] | None = None
+) -> dict[str, list[float]] | None:
     """Up to 8 leading values (float32) of a spread of the folder's tensors, or of `names`; None without
     safetensors files. Values rather than a hash of bytes, so the same base saved in another dtype matches."""
     files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
@@ -160,9 +193,11 @@ class AdapterBase:
     def load_error(self, error: BaseException) -> UserError:
         if self.given_as == "--base_model":
             return UserError(f"cannot load --base_model {self.path} ({first_line(error)}).")
-        return UserError(f"cannot load the base model {self.recorded} recorded in {self.adapter_config}: it is no folder "
-                         f"here, relative to or beside the adapter, and as a hub id it fails ({first_line(error)}); "
-                         "pass --base_model with the base model's folder.")
+        return UserError(
+            f"cannot load the base model {self.recorded} recorded in {self.adapter_config}: it is no folder "
+            f"here, relative to or beside the adapter, and as a hub id it fails ({first_line(error)}); "
+            "pass --base_model with the base model's folder."
+        )
 
 
 def resolve_base(adapter_dir: str | Path, base_model: str | None = None) -> AdapterBase:
@@ -171,29 +206,42 @@ def resolve_base(adapter_dir: str | Path, base_model: str | None = None) -> Adap
     (both copied elsewhere together). A name found nowhere that could be a hub id is kept; anything else is refused."""
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
-    recorded = read_json_file(config_file, "the adapter config").get("base_model_name_or_path") or ""
+    recorded = (
+        read_json_file(config_file, "the adapter config").get("base_model_name_or_path") or ""
+    )
     if base_model:
         if not Path(base_model).is_dir() and not _could_be_hub_id(str(base_model)):
-            raise UserError(f"--base_model {base_model} does not exist; give the folder of the base model the adapter "
-                            f"was trained on ({recorded or 'not recorded'}).")
+            raise UserError(
+                f"--base_model {base_model} does not exist; give the folder of the base model the adapter "
+                f"was trained on ({recorded or 'not recorded'})."
+            )
         return AdapterBase(str(base_model), recorded, config_file, "--base_model")
     if not recorded:
-        raise UserError(f"{config_file} names no base model; pass --base_model with the folder it was trained on.")
+        raise UserError(
+            f"{config_file} names no base model; pass --base_model with the folder it was trained on."
+        )
     fingerprint = adapter_dir / FINGERPRINT
-    relative = read_json_file(fingerprint, "the base fingerprint").get("relative_to_adapter") \
-        if fingerprint.is_file() else None
+    relative = (
+        read_json_file(fingerprint, "the base fingerprint").get("relative_to_adapter")
+        if fingerprint.is_file()
+        else None
+    )
     candidates = [(Path(recorded), "as recorded")]
     candidates += [(adapter_dir / relative, "relative to the adapter")] if relative else []
-    candidates += [(adapter_dir / recorded, "relative to the adapter"),
-                   (adapter_dir.resolve().parent / Path(recorded).name, "beside the adapter")]
+    candidates += [
+        (adapter_dir / recorded, "relative to the adapter"),
+        (adapter_dir.resolve().parent / Path(recorded).name, "beside the adapter"),
+    ]
     for folder, how in candidates:
         if folder.is_dir():
             path = str(folder) if how == "as recorded" else str(folder.resolve())
             return AdapterBase(path, recorded, config_file, f"the base found {how} at")
     if not Path(recorded).is_absolute() and _could_be_hub_id(recorded):
         return AdapterBase(recorded, recorded, config_file, "the hub id")
-    raise UserError(f"the base model {recorded} recorded in {config_file} is not there, nor relative to the adapter, "
-                    f"nor beside it as {candidates[-1][0]}; pass --base_model with the base model's folder.")
+    raise UserError(
+        f"the base model {recorded} recorded in {config_file} is not there, nor relative to the adapter, "
+        f"nor beside it as {candidates[-1][0]}; pass --base_model with the base model's folder."
+    )
 
 
 def _could_be_hub_id(name: str) -> bool:
@@ -206,8 +254,13 @@ def _could_be_hub_id(name: str) -> bool:
     return True
 
 
-def check_same_base(lora_dir: Path, base_model: str, given_as: str = "--base_model", fix: str = "merge into",
-                    adapter_as: str = "--lora_model") -> None:
+def check_same_base(
+    lora_dir: Path,
+    base_model: str,
+    given_as: str = "--base_model",
+    fix: str = "merge into",
+    adapter_as: str = "--lora_model",
+) -> None:
     """Merging into (or loading on) another base than the one trained on gives a silently wrong model: refuse it.
     `given_as` says how the base came (--base_model, or where it was found), `fix` what to do with the right one."""
     recorded = Path(lora_dir) / FINGERPRINT
@@ -217,23 +270,35 @@ def check_same_base(lora_dir: Path, base_model: str, given_as: str = "--base_mod
     given = base_fingerprint(base_model, list(trained["tensors"]))
     if given is None:
         return
-    differs = [name for name, values in trained["tensors"].items()
-               if name not in given or not torch.allclose(torch.tensor(values), torch.tensor(given[name]),
-                                                          rtol=1e-2, atol=1e-3)]
+    differs = [
+        name
+        for name, values in trained["tensors"].items()
+        if name not in given
+        or not torch.allclose(torch.tensor(values), torch.tensor(given[name]), rtol=1e-2, atol=1e-3)
+    ]
     if differs:
-        advice = f"{fix} {trained['base_model']}" if given_as == "--base_model" else \
-            f"pass --base_model with the folder of {trained['base_model']}"
-        raise UserError(f"{adapter_as} {lora_dir} was trained on {trained['base_model']}, but {given_as} {base_model} "
-                        f"holds other weights ({len(differs)} of {len(trained['tensors'])} sampled tensors differ, e.g. "
-                        f"{differs[0]}); {advice}.")
+        advice = (
+            f"{fix} {trained['base_model']}"
+            if given_as == "--base_model"
+            else f"pass --base_model with the folder of {trained['base_model']}"
+        )
+        raise UserError(
+            f"{adapter_as} {lora_dir} was trained on {trained['base_model']}, but {given_as} {base_model} "
+            f"holds other weights ({len(differs)} of {len(trained['tensors'])} sampled tensors differ, e.g. "
+            f"{differs[0]}); {advice}."
+        )
 
 
 def _check_output_dir(out: Path, base_model: str, lora_dir: Path) -> None:
     if out.resolve() in (Path(base_model).resolve(), lora_dir.resolve()):
-        raise UserError(f"--output_dir {out} is the base model or adapter folder; merge into a new folder.")
+        raise UserError(
+            f"--output_dir {out} is the base model or adapter folder; merge into a new folder."
+        )
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"--output_dir {out} already holds files but no model (no config.json); "
-                        "give a new or empty folder, so nothing in it is overwritten.")
+        raise UserError(
+            f"--output_dir {out} already holds files but no model (no config.json); "
+            "give a new or empty folder, so nothing in it is overwritten."
+        )
 
 
 def _sibling(out: Path, what: str) -> Path:

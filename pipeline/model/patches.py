@@ -46,14 +46,29 @@ def unpadded_log_probs(model: torch.nn.Module) -> None:
     inner = model.forward
 
     @functools.wraps(inner)
-    def forward(self, *args, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
-        if not fused_lm_head or attention_mask is None or args or kwargs.get("inputs_embeds") is not None:
-            return inner(*args, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         fused_lm_head=fused_lm_head, **kwargs)
+    def forward(
+        self, *args, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs
+    ):
+        if (
+            not fused_lm_head
+            or attention_mask is None
+            or args
+            or kwargs.get("inputs_embeds") is not None
+        ):
+            return inner(
+                *args,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                fused_lm_head=fused_lm_head,
+                **kwargs,
+            )
         ids, positions, keep = flatten(input_ids, attention_mask)
         flat_labels = labels[keep].unsqueeze(0).clone()
         flat_labels[positions == 0] = IGNORE_INDEX  # never scored from the row before
-        out = inner(input_ids=ids, position_ids=positions, labels=flat_labels, fused_lm_head=True, **kwargs)
+        out = inner(
+            input_ids=ids, position_ids=positions, labels=flat_labels, fused_lm_head=True, **kwargs
+        )
         for name in LM_FIELDS:
             value = getattr(out, name, None)
             if isinstance(value, torch.Tensor) and value.dim() == 2:  # (1, tokens - 1)
@@ -62,7 +77,10 @@ def unpadded_log_probs(model: torch.nn.Module) -> None:
         return out
 
     model.forward = types.MethodType(forward, model)
-    announce("unpadded_log_probs", "the policy's forward (and the reference's) runs each step's rows padding-free")
+    announce(
+        "unpadded_log_probs",
+        "the policy's forward (and the reference's) runs each step's rows padding-free",
+    )
 
 
 def unpadded_scores(model: torch.nn.Module) -> None:
@@ -72,7 +90,9 @@ def unpadded_scores(model: torch.nn.Module) -> None:
     if not isinstance(getattr(model, "score", None), torch.nn.Module):
         from pipeline.errors import UserError
 
-        raise UserError(f"{type(model).__name__} has no `score` head to read packed rows through; add --packing False.")
+        raise UserError(
+            f"{type(model).__name__} has no `score` head to read packed rows through; add --packing False."
+        )
     inner = model.forward
 
     @functools.wraps(inner)
@@ -84,7 +104,11 @@ def unpadded_scores(model: torch.nn.Module) -> None:
         hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         pad_id = self.config.get_text_config().pad_token_id
         width = torch.arange(input_ids.shape[1], device=input_ids.device)
-        pooled = (width * (input_ids != pad_id).int()).argmax(-1) if pad_id is not None else keep.sum(1) - 1
+        pooled = (
+            (width * (input_ids != pad_id).int()).argmax(-1)
+            if pad_id is not None
+            else keep.sum(1) - 1
+        )
         # flat index of row r's pooled token: the tokens of the rows before it, plus its place in its row
         before = torch.cat([keep.sum(1).new_zeros(1), keep.sum(1).cumsum(0)[:-1]])
         first = keep.int().argmax(1)  # left padding: a row's tokens start after its pads
@@ -116,5 +140,8 @@ def separate_zero3_step_counts() -> None:
 
     load_then_separate.separates_steps = True
     Stage3._load_universal_checkpoint = load_then_separate
-    announce("separate_zero3_step_counts", "DeepSpeed's ZeRO-3 universal checkpoint load: each parameter group keeps "
-             "its own Adam step count (DeepSpeed 0.19 hands them one shared tensor)")
+    announce(
+        "separate_zero3_step_counts",
+        "DeepSpeed's ZeRO-3 universal checkpoint load: each parameter group keeps "
+        "its own Adam step count (DeepSpeed 0.19 hands them one shared tensor)",
+    )

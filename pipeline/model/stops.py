@@ -41,10 +41,16 @@ def with_template_stops(config: GenerationConfig, tokenizer, stops: list[str]) -
     return ids or [tokenizer.eos_token_id]
 
 
-def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask(
+    responses: torch.Tensor, stop_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask: 1 up to and including the first stop token, ended: whether a stop token came) of generated ids."""
     is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
     ended = is_stop.any(1)
-    first = torch.where(ended, is_stop.float().argmax(1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
+    first = torch.where(
+        ended,
+        is_stop.float().argmax(1),
+        torch.full_like(ended, responses.shape[1], dtype=torch.long),
+    )
     positions = torch.arange(responses.shape[1], device=responses.device)
     return (positions[None] <= first[:, None]).long(), ended

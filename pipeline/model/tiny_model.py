@@ -26,17 +26,31 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 # Special tokens used by the chat templates of common families, so that a template can be applied
 # to the tiny model without resizing. Templates needing others get them added at load time.
 CHAT_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|end|>",
-    "<start_of_turn>", "<end_of_turn>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|end|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
 ]
 
 
 def corpus(data_dir: Path) -> list[str]:
     """Every shipped text (pretraining docs, chats, preferences) plus the synthetic task's strings."""
     texts: list[str] = []
-    for path in walk_files(data_dir, "--data_dir"):  # through symbolic links; what cannot be read is refused
+    for path in walk_files(
+        data_dir, "--data_dir"
+    ):  # through symbolic links; what cannot be read is refused
         if path.suffix == ".txt":
             texts += [line for line in read_text(path).splitlines() if line.strip()]
         elif path.suffix in (".json", ".jsonl"):
@@ -75,11 +89,19 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def build(output_dir: str | Path, data_dir: str | Path = REPO_DATA, vocab_size: int = 3000,
-          hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+def build(
+    output_dir: str | Path,
+    data_dir: str | Path = REPO_DATA,
+    vocab_size: int = 3000,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> Path:
     out = Path(output_dir)
     if not Path(data_dir).is_dir():
-        raise UserError(f"--data_dir {data_dir} is not a folder; point it at a folder of .txt/.json/.jsonl files.")
+        raise UserError(
+            f"--data_dir {data_dir} is not a folder; point it at a folder of .txt/.json/.jsonl files."
+        )
     tokenizer = train_tokenizer(corpus(Path(data_dir)), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -101,7 +123,8 @@ def build(output_dir: str | Path, data_dir: str | Path = REPO_DATA, vocab_size: 
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     (out / "tiny_model_info.json").write_text(
-        json.dumps({"params": n_params, "vocab_size": len(tokenizer), "seed": seed}, indent=2) + "\n"
+        json.dumps({"params": n_params, "vocab_size": len(tokenizer), "seed": seed}, indent=2)
+        + "\n"
     )
     return out
 
@@ -115,7 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = build(args.output_dir, args.data_dir, args.vocab_size, args.hidden_size, args.num_layers, args.seed)
+    out = build(
+        args.output_dir,
+        args.data_dir,
+        args.vocab_size,
+        args.hidden_size,
+        args.num_layers,
+        args.seed,
+    )
     info = json.loads((out / "tiny_model_info.json").read_text())
     print(f"tiny model saved to {out}: {info['params']:,} parameters, vocab {info['vocab_size']}")
 

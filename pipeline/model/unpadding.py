@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def flatten(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flatten(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids (1, tokens), position_ids (1, tokens), keep (rows, width) bool) of a padded batch: every row's
     attended tokens in order, positions counting from 0 in each row. Rows must be contiguous (left or right
     padding)."""

@@ -19,7 +19,10 @@ import torch
 class HalfCopy:
     def __init__(self, master: torch.nn.Module, dtype: torch.dtype):
         # the parameters are copied cast (through deepcopy's memo); the rest of the module as deepcopy does it
-        memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in master.parameters()}
+        memo = {
+            id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for p in master.parameters()
+        }
         self.model = copy.deepcopy(master, memo).eval()
         mine = dict(self.model.named_parameters())
         self.pairs = [(mine[name], p) for name, p in master.named_parameters()]

@@ -50,8 +50,12 @@ def check_in_sync(params: list[torch.Tensor], world: int) -> None:
     gathered = [torch.zeros_like(checksum) for _ in range(world)]
     dist.all_gather(gathered, checksum)
     if len({round(g.item(), 6) for g in gathered}) != 1:
-        raise RuntimeError(f"PPO processes diverged: parameter checksums {[g.item() for g in gathered]}")
-    logger.info("trained weights identical on all %d processes (checksum %.6f)", world, checksum.item())
+        raise RuntimeError(
+            f"PPO processes diverged: parameter checksums {[g.item() for g in gathered]}"
+        )
+    logger.info(
+        "trained weights identical on all %d processes (checksum %.6f)", world, checksum.item()
+    )
 
 
 def barrier() -> None:

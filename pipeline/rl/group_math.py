@@ -18,22 +18,57 @@ AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 # One entry per algorithm; the keys are the same for all. eps_low None = use --cliprange; eps_high None = eps_low.
 VARIANTS: dict[str, dict] = {
     # Shao et al. 2024, "DeepSeekMath" (GRPO): group mean / group std, per-answer token mean.
-    "grpo": dict(scale="std", leave_one_out=False, ratio_level="token", aggregation="sequence_mean",
-                 dynamic_sampling=False, eps_low=None, eps_high=None),
+    "grpo": dict(
+        scale="std",
+        leave_one_out=False,
+        ratio_level="token",
+        aggregation="sequence_mean",
+        dynamic_sampling=False,
+        eps_low=None,
+        eps_high=None,
+    ),
     # Yu et al. 2025, "DAPO": clip-higher (eps_low 0.2, eps_high 0.28), token-level mean, dynamic sampling.
-    "dapo": dict(scale="std", leave_one_out=False, ratio_level="token", aggregation="token_mean",
-                 dynamic_sampling=True, eps_low=None, eps_high=0.28),
+    "dapo": dict(
+        scale="std",
+        leave_one_out=False,
+        ratio_level="token",
+        aggregation="token_mean",
+        dynamic_sampling=True,
+        eps_low=None,
+        eps_high=0.28,
+    ),
     # Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO): no std division, sum / (batch * budget).
-    "dr_grpo": dict(scale="none", leave_one_out=False, ratio_level="token", aggregation="constant",
-                    dynamic_sampling=False, eps_low=None, eps_high=None),
+    "dr_grpo": dict(
+        scale="none",
+        leave_one_out=False,
+        ratio_level="token",
+        aggregation="constant",
+        dynamic_sampling=False,
+        eps_low=None,
+        eps_high=None,
+    ),
     # Zheng et al. 2025, "Group Sequence Policy Optimization" (GSPO): length-normalized sequence ratio, eps 3e-4 / 4e-4.
-    "gspo": dict(scale="std", leave_one_out=False, ratio_level="sequence", aggregation="sequence_mean",
-                 dynamic_sampling=False, eps_low=3e-4, eps_high=4e-4),
+    "gspo": dict(
+        scale="std",
+        leave_one_out=False,
+        ratio_level="sequence",
+        aggregation="sequence_mean",
+        dynamic_sampling=False,
+        eps_low=3e-4,
+        eps_high=4e-4,
+    ),
     # Ahmadian et al. 2024, "Back to Basics" (RLOO): leave-one-out baseline, no std division. trl's RLOOTrainer
     # clips the full-sequence ratio exp(sum_t log r_t) and sums token terms per answer (mean over answers); of
     # the aggregations here "token_mean" is the one that, like it, weights every token of every answer equally.
-    "rloo": dict(scale="none", leave_one_out=True, ratio_level="token", aggregation="token_mean",
-                 dynamic_sampling=False, eps_low=None, eps_high=None),
+    "rloo": dict(
+        scale="none",
+        leave_one_out=True,
+        ratio_level="token",
+        aggregation="token_mean",
+        dynamic_sampling=False,
+        eps_low=None,
+        eps_high=None,
+    ),
 }
 
 
@@ -42,12 +77,19 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     if x.dim() != 1 or len(x) % group_size != 0:
-        raise ValueError(f"rewards of shape {tuple(x.shape)} do not split into groups of {group_size}")
+        raise ValueError(
+            f"rewards of shape {tuple(x.shape)} do not split into groups of {group_size}"
+        )
     return x.view(-1, group_size)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", leave_one_out: bool = False,
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: str = "std",
+    leave_one_out: bool = False,
+    eps: float = 1e-4,
+) -> torch.Tensor:
     """A_i = (r_i - b_i) / (std_group + eps) with scale="std", or r_i - b_i with scale="none" (Dr. GRPO, RLOO).
     The baseline b_i is the group mean, or with leave_one_out the mean of the other G-1 answers of the group,
     (sum_group - r_i) / (G - 1) (RLOO). The std is the unbiased one (divides by G - 1), as trl's GRPOTrainer
@@ -76,8 +118,9 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     return same.repeat_interleave(group_size)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_tokens: int | None = None
-              ) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max_tokens: int | None = None
+) -> torch.Tensor:
     """Reduce a (batch, length) per-token loss to a scalar over the masked tokens.
     "sequence_mean" (GRPO): mean_i (sum_t x_it / n_i), every answer weighs the same, so a long answer's tokens weigh
     less; "token_mean" (DAPO): sum_it x_it / sum_i n_i, every token weighs the same; "constant" (Dr. GRPO):
@@ -88,14 +131,24 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, max
         return masked_mean(per_token, mask)
     if aggregation == "constant":
         if max_tokens is None or max_tokens < 1:
-            raise ValueError(f"aggregation 'constant' needs max_tokens (the generation budget), got {max_tokens}")
+            raise ValueError(
+                f"aggregation 'constant' needs max_tokens (the generation budget), got {max_tokens}"
+            )
         return (per_token * mask).sum() / (per_token.shape[0] * max_tokens)
     raise ValueError(f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                        eps_low: float, eps_high: float, ratio_level: str = "token", aggregation: str = "sequence_mean",
-                        max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    ratio_level: str = "token",
+    aggregation: str = "sequence_mean",
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) per token, reduced by `aggregate`.
     ratio_level "token": r_t = exp(logp_t - old_logp_t) (eps_high > eps_low is DAPO's clip-higher).
     ratio_level "sequence" (GSPO): s_i = exp(mean_t (logp_t - old_logp_t)) over the answer's real tokens, clipped at
@@ -106,7 +159,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"unknown ratio_level {ratio_level!r}; use 'token' or 'sequence'")
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+        raise ValueError(
+            f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}"
+        )
     log_ratio = logp - old_logp
     adv = advantages.unsqueeze(1)
     if ratio_level == "token":
@@ -120,7 +175,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     if ratio_level == "token":
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
     else:
-        seq_clipped = (-adv * torch.clamp(seq_ratio, 1 - eps_low, 1 + eps_high) > -adv * seq_ratio).squeeze(1)
+        seq_clipped = (
+            -adv * torch.clamp(seq_ratio, 1 - eps_low, 1 + eps_high) > -adv * seq_ratio
+        ).squeeze(1)
         answered = (mask.sum(1) > 0).float()
         clipfrac = (seq_clipped.float() * answered).sum() / answered.sum().clamp(min=1)
     approx_kl = 0.5 * masked_mean(log_ratio**2, mask)

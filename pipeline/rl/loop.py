@@ -31,7 +31,13 @@ from pipeline.rl.engine import DeepSpeedUpdater, PPOPair, TorchUpdater, sharded_
 from pipeline.rl.frozen import Separate, own_weights
 from pipeline.rl.models import PPOModels, ValueModel, prepare_for_rl
 from pipeline.rl.rewards import RewardScorer
-from pipeline.rl.rollout import Rollouts, autocast_for, packed_attention, token_logprobs_and_entropy, values
+from pipeline.rl.rollout import (
+    Rollouts,
+    autocast_for,
+    packed_attention,
+    token_logprobs_and_entropy,
+    values,
+)
 from pipeline.rl.timing import PhaseTimer
 from pipeline.run.checkpoints import Preemption, exit_preempted, storage_errors
 from pipeline.run.output_dir import claim_output_dir, take_output_dir
@@ -41,14 +47,26 @@ from pipeline.train import divergence
 from pipeline.train.trainer_steps import record_adapter_base
 
 logger = logging.getLogger("pipeline.ppo")
-STEP_LOG_KEYS = ("objective/scores", "objective/kl", "loss", "eval_score", "eval_exact_match", "time/generate",
-                 "time/score", "time/logprobs", "time/update", "samples_per_second")
+STEP_LOG_KEYS = (
+    "objective/scores",
+    "objective/kl",
+    "loss",
+    "eval_score",
+    "eval_exact_match",
+    "time/generate",
+    "time/score",
+    "time/logprobs",
+    "time/update",
+    "samples_per_second",
+)
 
 
 class PPORecipe:
     """setup (__init__) -> train: for each step, rollout -> score -> advantages -> PPO epochs -> save."""
 
-    def __init__(self, models: PPOModels, tokenizer, template, prompts, eval_prompts, ppo_args, training_args):
+    def __init__(
+        self, models: PPOModels, tokenizer, template, prompts, eval_prompts, ppo_args, training_args
+    ):
         self.ppo_args, self.training_args, self.tokenizer = ppo_args, training_args, tokenizer
         self.policy = models.policy
         self.value_model = models.value_model  # None: GRPO and its relatives (stages/grpo.py)
@@ -59,28 +77,60 @@ class PPORecipe:
         self.batch_size = training_args.per_device_train_batch_size
         self.mini_batch_size = ppo_args.mini_batch_size or self.batch_size
         if len(prompts) < self.prompts_per_rank() * self.world:
-            raise UserError(f"{len(prompts)} usable training prompts cannot fill one step of {self.prompts_per_rank()} per "
-                            f"process x {self.world} processes; add prompts or lower --per_device_train_batch_size.")
+            raise UserError(
+                f"{len(prompts)} usable training prompts cannot fill one step of {self.prompts_per_rank()} per "
+                f"process x {self.world} processes; add prompts or lower --per_device_train_batch_size."
+            )
         for model in (self.policy, self.value_model):
             if model is not None:
                 prepare_for_rl(model, training_args.gradient_checkpointing)
         # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model (pipeline/rl/engine.py)
-        pair, accumulation = PPOPair(self.policy, self.value_model), training_args.gradient_accumulation_steps
-        updates = training_args.max_steps * ppo_args.ppo_epochs * (self.batch_size // self.mini_batch_size)
-        self.updater = (DeepSpeedUpdater(pair, training_args, updates, self.mini_batch_size // accumulation,
-                                         accumulation, unwrap(self.policy).config.hidden_size) if training_args.deepspeed
-                        else TorchUpdater(pair, training_args, updates, accumulation))
+        pair, accumulation = (
+            PPOPair(self.policy, self.value_model),
+            training_args.gradient_accumulation_steps,
+        )
+        updates = (
+            training_args.max_steps
+            * ppo_args.ppo_epochs
+            * (self.batch_size // self.mini_batch_size)
+        )
+        self.updater = (
+            DeepSpeedUpdater(
+                pair,
+                training_args,
+                updates,
+                self.mini_batch_size // accumulation,
+                accumulation,
+                unwrap(self.policy).config.hidden_size,
+            )
+            if training_args.deepspeed
+            else TorchUpdater(pair, training_args, updates, accumulation)
+        )
         reference, reward = models.reference, models.reward
-        if getattr(self.updater, "sharded", False):  # ZeRO-3: frozen copies of their own stay sharded too
-            reference, reward = (Separate(sharded_inference(f.model, self.updater.config)) if isinstance(f, Separate)
-                                 else f for f in (reference, reward))
+        if getattr(
+            self.updater, "sharded", False
+        ):  # ZeRO-3: frozen copies of their own stay sharded too
+            reference, reward = (
+                Separate(sharded_inference(f.model, self.updater.config))
+                if isinstance(f, Separate)
+                else f
+                for f in (reference, reward)
+            )
         scorer = None if reward is None else RewardScorer(reward, models.reward_tokenizer)
-        self.rollouts = Rollouts(self.policy, reference, scorer, tokenizer, template, ppo_args, training_args)
-        self.rollouts.generation_context = self.updater.generation  # ZeRO-3 gathers the policy for a rollout
-        self.kl = ppo_math.AdaptiveKLController(ppo_args.kl_coef, ppo_args.target_kl, ppo_args.kl_horizon)
+        self.rollouts = Rollouts(
+            self.policy, reference, scorer, tokenizer, template, ppo_args, training_args
+        )
+        self.rollouts.generation_context = (
+            self.updater.generation
+        )  # ZeRO-3 gathers the policy for a rollout
+        self.kl = ppo_math.AdaptiveKLController(
+            ppo_args.kl_coef, ppo_args.target_kl, ppo_args.kl_horizon
+        )
         self.step, self.log_history = 0, []
         self.writer = tensorboard_writer(training_args)
-        self.nonfinite = divergence.NonFiniteSteps(training_args.max_nonfinite_steps, "PPO", not training_args.deepspeed)
+        self.nonfinite = divergence.NonFiniteSteps(
+            training_args.max_nonfinite_steps, "PPO", not training_args.deepspeed
+        )
 
     def prompts_per_rank(self) -> int:
         return self.batch_size
@@ -89,11 +139,17 @@ class PPORecipe:
 
     def train_step(self) -> dict[str, float]:
         args = self.ppo_args
-        torch.manual_seed(self.training_args.seed + 1000 * self.rank + self.step)  # each rank samples its own; resumable
-        self.policy.eval(), self.value_model.eval()  # generation with its cache; dropout is off in both modes
+        torch.manual_seed(
+            self.training_args.seed + 1000 * self.rank + self.step
+        )  # each rank samples its own; resumable
+        (
+            self.policy.eval(),
+            self.value_model.eval(),
+        )  # generation with its cache; dropout is off in both modes
         # 1. Sample this rank's prompts and generate answers (sampling: temperature, top_p).
-        prompts = distributed.step_prompts(self.prompts, self.step, self.batch_size, self.rank, self.world,
-                                           self.training_args.seed)
+        prompts = distributed.step_prompts(
+            self.prompts, self.step, self.batch_size, self.rank, self.world, self.training_args.seed
+        )
         timer = PhaseTimer(self.device)
         with timer.phase("generate"):
             traj = self.rollouts.generate(prompts, sample=True)
@@ -104,7 +160,12 @@ class PPORecipe:
                 if args.missing_eos_penalty is not None:
                     scores = scores - args.missing_eos_penalty * (~traj.ended).float()
             # 3. Log-probs of the sampled tokens under the policy (old) and the reference; values of each state.
-            with timer.phase("logprobs"), packed_attention(self.policy, own_weights(self.rollouts.reference), self.value_model):
+            with (
+                timer.phase("logprobs"),
+                packed_attention(
+                    self.policy, own_weights(self.rollouts.reference), self.value_model
+                ),
+            ):
                 old_logp, entropy = token_logprobs_and_entropy(self.policy, traj, args.temperature)
                 ref_logp = self.rollouts.reference_logprobs(traj, args.temperature)
                 old_values = values(self.value, traj)
@@ -122,22 +183,35 @@ class PPORecipe:
             stats, norms = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
         # 7. Report this iteration and adapt the KL coefficient (if a target is set).
         norm = divergence.worst(norms)
-        metrics = {**ppo_math.PPOStats.mean(stats),
-                   **ppo_math.rollout_metrics(scores, kl, entropy, rmask, traj.ended, old_values, self.kl.value),
-                   "learning_rate": self.updater.lr(), "nonfinite_logits": float(traj.nonfinite),
-                   **({"loss_scale": self.updater.loss_scale} if self.updater.loss_scale else {}),  # fp16
-                   **({} if norm is None else {"grad_norm": norm}), **timer.metrics(len(prompts))}
+        metrics = {
+            **ppo_math.PPOStats.mean(stats),
+            **ppo_math.rollout_metrics(
+                scores, kl, entropy, rmask, traj.ended, old_values, self.kl.value
+            ),
+            "learning_rate": self.updater.lr(),
+            "nonfinite_logits": float(traj.nonfinite),
+            **({"loss_scale": self.updater.loss_scale} if self.updater.loss_scale else {}),  # fp16
+            **({} if norm is None else {"grad_norm": norm}),
+            **timer.metrics(len(prompts)),
+        }
         metrics = distributed.reduce_mean(metrics, self.world, self.device)
-        metrics["samples_per_second"] *= self.world  # every rank's rollouts, in the mean rank's time
+        metrics["samples_per_second"] *= (
+            self.world
+        )  # every rank's rollouts, in the mean rank's time
         self.kl.update(metrics["objective/kl"], self.batch_size * self.world)
         return metrics
 
-    def ppo_epochs(self, traj, old_logp, old_values, advantages, returns) -> tuple[list[ppo_math.PPOStats], list]:
+    def ppo_epochs(
+        self, traj, old_logp, old_values, advantages, returns
+    ) -> tuple[list[ppo_math.PPOStats], list]:
         args, accumulation = self.ppo_args, self.training_args.gradient_accumulation_steps
         rmask, stats, norms = traj.response_mask.float(), [], []
         micro = self.mini_batch_size // accumulation
         generator = torch.Generator().manual_seed(self.training_args.seed * 1000 + self.step)
-        self.policy.train(), self.value_model.train()  # training mode: gradient checkpointing acts only there
+        (
+            self.policy.train(),
+            self.value_model.train(),
+        )  # training mode: gradient checkpointing acts only there
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(traj.ids), generator=generator)
             for start in range(0, len(traj.ids), self.mini_batch_size):
@@ -145,12 +219,16 @@ class PPORecipe:
                     idx = order[m_start : m_start + micro].to(self.device)
                     part = traj.select(idx)
                     with self.autocast:
-                        logp, _ = token_logprobs_and_entropy(self.policy, part, args.temperature, with_entropy=False)
+                        logp, _ = token_logprobs_and_entropy(
+                            self.policy, part, args.temperature, with_entropy=False
+                        )
                         new_values = values(self.value, part)
-                    pg_loss, clipfrac, approx_kl = ppo_math.policy_loss(logp, old_logp[idx], advantages[idx], rmask[idx],
-                                                                         args.cliprange)
-                    vf_loss, vf_clipfrac = ppo_math.value_loss(new_values, old_values[idx], returns[idx], rmask[idx],
-                                                               args.cliprange_value)
+                    pg_loss, clipfrac, approx_kl = ppo_math.policy_loss(
+                        logp, old_logp[idx], advantages[idx], rmask[idx], args.cliprange
+                    )
+                    vf_loss, vf_clipfrac = ppo_math.value_loss(
+                        new_values, old_values[idx], returns[idx], rmask[idx], args.cliprange_value
+                    )
                     loss = pg_loss + args.vf_coef * vf_loss
                     self.updater.backward(loss)
                     parts = (loss, pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac)
@@ -161,15 +239,23 @@ class PPORecipe:
     def log(self, metrics: dict[str, float]) -> None:
         self.log_history.append({"step": self.step, **{k: round(v, 6) for k, v in metrics.items()}})
         if self.training_args.should_log:
-            logger.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in STEP_LOG_KEYS))
+            logger.info(
+                "step %d: %s",
+                self.step,
+                ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in STEP_LOG_KEYS),
+            )
         if self.writer:
             for key, value in metrics.items():
-                self.writer.add_scalar(key if key.startswith("eval") else f"train/{key}", value, self.step)
+                self.writer.add_scalar(
+                    key if key.startswith("eval") else f"train/{key}", value, self.step
+                )
             self.writer.flush()
 
     def due(self, every: int | float | None) -> bool:
         """Whether a periodic action (evaluate, save) is due after this step; never on the last step."""
-        return bool(every) and self.step % int(every) == 0 and self.step < self.training_args.max_steps
+        return (
+            bool(every) and self.step % int(every) == 0 and self.step < self.training_args.max_steps
+        )
 
     def save_due(self) -> bool:
         """checkpoint-N every --save_steps and after the last step (so a rerun of a finished run trains nothing)."""
@@ -182,16 +268,33 @@ class PPORecipe:
         folder = Path(self.training_args.output_dir) / f"checkpoint-{self.step}"
         partial = saving.prepare_partial(folder) if self.training_args.should_save else None
         distributed.barrier()
-        state = {**self.updater.state(saving.partial_of(folder)), "kl_coef": self.kl.value, "step": self.step}
+        state = {
+            **self.updater.state(saving.partial_of(folder)),
+            "kl_coef": self.kl.value,
+            "step": self.step,
+        }
         weights = self.updater.full_weights()
         if partial:
-            saving.save_checkpoint(folder, self.policy, self.value_model, self.tokenizer, state, self.log_history,
-                                       self.training_args.max_steps, self.training_args.save_total_limit, weights)
+            saving.save_checkpoint(
+                folder,
+                self.policy,
+                self.value_model,
+                self.tokenizer,
+                state,
+                self.log_history,
+                self.training_args.max_steps,
+                self.training_args.save_total_limit,
+                weights,
+            )
         distributed.barrier()
 
     def resume(self, folder: str) -> dict | None:
-        from_engine = isinstance(self.updater, DeepSpeedUpdater)  # the engine's checkpoint holds the weights
-        state, self.log_history = saving.load_checkpoint(Path(folder), self.policy, self.value_model, not from_engine)
+        from_engine = isinstance(
+            self.updater, DeepSpeedUpdater
+        )  # the engine's checkpoint holds the weights
+        state, self.log_history = saving.load_checkpoint(
+            Path(folder), self.policy, self.value_model, not from_engine
+        )
         self.updater.load(Path(folder), state)
         self.kl.value, self.step = state["kl_coef"], state["step"]
         logger.info("resumed from %s at step %d", folder, self.step)
@@ -202,7 +305,9 @@ class PPORecipe:
         with Preemption() as sigterm, storage_errors(self.training_args.output_dir):
             before = self.start(resume_from)
             preempted = self.loop(sigterm)
-        if preempted:  # checkpoint-N of this step is saved; no final model, so the stage is not done
+        if (
+            preempted
+        ):  # checkpoint-N of this step is saved; no final model, so the stage is not done
             if self.writer:
                 self.writer.close()
             exit_preempted(self.step, self.training_args.should_log)
@@ -219,35 +324,62 @@ class PPORecipe:
         if before:
             if not resume_from:
                 self.log(before)
-            logger.info("before training: held-out reward %.3f, exact match %.3f", before["eval_score"],
-                        before["eval_exact_match"])
+            logger.info(
+                "before training: held-out reward %.3f, exact match %.3f",
+                before["eval_score"],
+                before["eval_exact_match"],
+            )
         if self.step >= self.training_args.max_steps:
-            logger.info("the checkpoint is at step %d of --max_steps %d: nothing left to train", self.step,
-                        self.training_args.max_steps)
+            logger.info(
+                "the checkpoint is at step %d of --max_steps %d: nothing left to train",
+                self.step,
+                self.training_args.max_steps,
+            )
         return before
 
     def loop(self, sigterm: Preemption) -> bool:
         """The steps from the start (or the resumed step) to --max_steps; True when stopped by SIGTERM."""
         training_args = self.training_args
-        eval_every = ((training_args.eval_steps or training_args.logging_steps) if training_args.eval_strategy == "steps"
-                      else None)
-        bar = tqdm(total=self.training_args.max_steps, initial=self.step, desc=self.ppo_args.algorithm.upper(), unit="step",
-                   disable=self.rank != 0 or self.training_args.disable_tqdm)
+        eval_every = (
+            (training_args.eval_steps or training_args.logging_steps)
+            if training_args.eval_strategy == "steps"
+            else None
+        )
+        bar = tqdm(
+            total=self.training_args.max_steps,
+            initial=self.step,
+            desc=self.ppo_args.algorithm.upper(),
+            unit="step",
+            disable=self.rank != 0 or self.training_args.disable_tqdm,
+        )
         try:
             while self.step < self.training_args.max_steps:
                 metrics = self.train_step()
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}")
+                bar.set_postfix(
+                    score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}"
+                )
                 # NaN logits, loss or gradient norm (ranks' means, so all agree): logged, counted, stop after too many
-                loss, norm = math.nan if metrics["nonfinite_logits"] else metrics["loss"], metrics.get("grad_norm")
+                loss, norm = (
+                    math.nan if metrics["nonfinite_logits"] else metrics["loss"],
+                    metrics.get("grad_norm"),
+                )
                 finite = divergence.finite(loss) and divergence.finite(norm)
-                if self.step % max(int(self.training_args.logging_steps), 1) == 0 or self.step == 1 or not finite:
+                if (
+                    self.step % max(int(self.training_args.logging_steps), 1) == 0
+                    or self.step == 1
+                    or not finite
+                ):
                     self.log(metrics)
-                finite = self.nonfinite.record(self.step, loss, norm)  # False for a collapsed step too
+                finite = self.nonfinite.record(
+                    self.step, loss, norm
+                )  # False for a collapsed step too
                 if self.eval_prompts and self.due(eval_every):
                     self.log(self.rollouts.evaluate(self.eval_prompts))
-                saved = finite and self.save_due()  # a non-finite step's weights are not checkpointed
+                saved = (
+                    finite and self.save_due()
+                )  # a non-finite step's weights are not checkpointed
                 if saved:
                     self.save_checkpoint()
                 # asked after the save, so that a SIGTERM that came during it stops here, not a step later
@@ -266,15 +398,26 @@ class PPORecipe:
         weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
         if self.training_args.should_save:
             saving.save_policy(self.policy, self.tokenizer, out, saving.part(weights, "policy"))
-        record_adapter_base(self.policy, self.training_args)  # a LoRA policy: which base merge_peft_adapter.py must use
+        record_adapter_base(
+            self.policy, self.training_args
+        )  # a LoRA policy: which base merge_peft_adapter.py must use
         distributed.barrier()
         results = {}
         if self.eval_prompts:
             after = self.rollouts.evaluate(self.eval_prompts)
             self.log(after)
-            results = {**after, **({f"{k}_before": v for k, v in before.items() if k != "eval_samples"} if before else {})}
+            results = {
+                **after,
+                **(
+                    {f"{k}_before": v for k, v in before.items() if k != "eval_samples"}
+                    if before
+                    else {}
+                ),
+            }
         if self.training_args.should_save:
-            saving.write_results(out, results, self.step, self.training_args.max_steps, self.log_history)
+            saving.write_results(
+                out, results, self.step, self.training_args.max_steps, self.log_history
+            )
         if self.writer:
             self.writer.close()
         return results
@@ -291,8 +434,12 @@ def run(recipe_class, build, stage: str, model_args, data_args, peft_args, ppo_a
     prompts, eval_prompts = load_rl_prompts(data_args, ppo_args, template, tokenizer)
     models = build(model_args, peft_args, ppo_args, training_args, tokenizer)
     set_generation_stops(models.policy, stop_ids, tokenizer.pad_token_id)
-    eval_prompts = eval_prompts if training_args.do_eval else None  # --do_eval False: no held-out evaluation
-    recipe = recipe_class(models, tokenizer, template, prompts, eval_prompts, ppo_args, training_args)
+    eval_prompts = (
+        eval_prompts if training_args.do_eval else None
+    )  # --do_eval False: no held-out evaluation
+    recipe = recipe_class(
+        models, tokenizer, template, prompts, eval_prompts, ppo_args, training_args
+    )
     if training_args.do_train:
         take_output_dir(training_args)  # an overwritten run's checkpoints go before one is resumed
         recipe.train(resolve_resume_checkpoint(training_args))

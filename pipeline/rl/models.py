@@ -45,8 +45,12 @@ class ValueModel(torch.nn.Module):
 
     def states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         # no cache: without one, rows laid end to end (no attention mask) attend within their own row
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
+        return self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
@@ -60,27 +64,46 @@ class ValueModel(torch.nn.Module):
 @dataclass
 class PPOModels:
     policy: torch.nn.Module
-    reference: Frozen | None  # None: no reference (a group algorithm with --kl_coef 0 under full training)
-    value_model: torch.nn.Module | None  # the sequence classifier the values are read from (None: GRPO and relatives)
+    reference: (
+        Frozen | None
+    )  # None: no reference (a group algorithm with --kl_coef 0 under full training)
+    value_model: (
+        torch.nn.Module | None
+    )  # the sequence classifier the values are read from (None: GRPO and relatives)
     reward: Frozen | None  # None: rule rewards only
     reward_tokenizer: object
 
 
-def _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer, with_reference: bool):
+def _policy_and_reference(
+    model_args, peft_args, ppo_args, training_args, tokenizer, with_reference: bool
+):
     """The trained policy and its reference: with LoRA the policy with its adapter off (no extra weights, so
     always there), for full training when asked a frozen copy."""
-    policy = load_model(model_args, peft_args, tokenizer, head="lm", gradient_checkpointing=training_args.gradient_checkpointing,
-                        max_length=ppo_args.model_max_length, trainable_dtype=trainable_dtype(training_args))
+    policy = load_model(
+        model_args,
+        peft_args,
+        tokenizer,
+        head="lm",
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        max_length=ppo_args.model_max_length,
+        trainable_dtype=trainable_dtype(training_args),
+    )
     if peft_args.use_peft:
         return policy, AdapterOff(policy)
     if with_reference:
-        return policy, Separate(load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False))
+        return policy, Separate(
+            load_model(model_args, peft_args, tokenizer, head="lm").eval().requires_grad_(False)
+        )
     return policy, None
 
 
-def reward_folder(ppo_args, training_args, tokenizer, same_vocab: bool = True) -> tuple[str, object]:
+def reward_folder(
+    ppo_args, training_args, tokenizer, same_vocab: bool = True
+) -> tuple[str, object]:
     """(the reward model's folder, adapters merged once; its tokenizer, checked to share the policy's vocabulary)."""
-    rm_path = reward_model_folder(ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save)
+    rm_path = reward_model_folder(
+        ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save
+    )
     check_folder_whole(rm_path, "--reward_model_name_or_path")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
     if same_vocab:  # PPO's value model starts from the RM; scoring alone re-tokenizes the text with the RM's tokenizer
@@ -90,13 +113,20 @@ def reward_folder(ppo_args, training_args, tokenizer, same_vocab: bool = True) -
 
 def frozen_reward_model(rm_path: str, dtype: torch.dtype):
     """The reward model, frozen; refused when its score head would start random (a language model's folder)."""
-    model, info = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype, output_loading_info=True)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        rm_path, dtype=dtype, output_loading_info=True
+    )
     check_loaded_weights(rm_path, model.config, "reward", info["missing_keys"], new_head=False)
     return model.eval().requires_grad_(False)
 
 
 def _placed(models: PPOModels, device) -> PPOModels:
-    for model in (models.policy, own_weights(models.reference), models.value_model, own_weights(models.reward)):
+    for model in (
+        models.policy,
+        own_weights(models.reference),
+        models.value_model,
+        own_weights(models.reward),
+    ):
         # quantized weights were placed at load time; ZeRO-3 weights are built sharded (and placed) by DeepSpeed
         if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
             model.to(device)
@@ -104,21 +134,33 @@ def _placed(models: PPOModels, device) -> PPOModels:
 
 
 def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
-    policy, reference = _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer, True)
+    policy, reference = _policy_and_reference(
+        model_args, peft_args, ppo_args, training_args, tokenizer, True
+    )
     rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer)
     rm_args = replace(model_args, model_name_or_path=rm_path, tokenizer_name_or_path=rm_path)
-    value = load_model(rm_args, replace(peft_args, peft_path=None, modules_to_save=None), rm_tokenizer, head="reward",
-                       gradient_checkpointing=training_args.gradient_checkpointing,
-                       trainable_dtype=trainable_dtype(training_args))
-    reward = AdapterOff(value) if peft_args.use_peft else Separate(frozen_reward_model(rm_path, value.dtype))
+    value = load_model(
+        rm_args,
+        replace(peft_args, peft_path=None, modules_to_save=None),
+        rm_tokenizer,
+        head="reward",
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        trainable_dtype=trainable_dtype(training_args),
+    )
+    reward = (
+        AdapterOff(value)
+        if peft_args.use_peft
+        else Separate(frozen_reward_model(rm_path, value.dtype))
+    )
     return _placed(PPOModels(policy, reference, value, reward, rm_tokenizer), training_args.device)
 
 
 def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
     """GRPO and its relatives: the policy, a reference (with LoRA the policy with its adapter off; for full training
     a copy only for a KL penalty), the reward model only when --reward_funcs names it; no value model."""
-    policy, reference = _policy_and_reference(model_args, peft_args, ppo_args, training_args, tokenizer,
-                                              ppo_args.kl_coef > 0)
+    policy, reference = _policy_and_reference(
+        model_args, peft_args, ppo_args, training_args, tokenizer, ppo_args.kl_coef > 0
+    )
     reward = rm_tokenizer = None
     if "model" in ppo_args.reward_func_list:
         rm_path, rm_tokenizer = reward_folder(ppo_args, training_args, tokenizer, same_vocab=False)
@@ -127,7 +169,9 @@ def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer
 
 
 def is_quantized(model) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
 
 
 def prepare_for_rl(model, gradient_checkpointing: bool) -> None:
@@ -141,4 +185,6 @@ def prepare_for_rl(model, gradient_checkpointing: bool) -> None:
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )

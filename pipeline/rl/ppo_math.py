@@ -25,7 +25,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """Scale the masked entries to unit variance (and zero mean unless shift_mean=False); padding stays 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -34,7 +36,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature); logits (b, t, vocab), tokens (b, t)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -48,7 +52,10 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Exact per-position KL(policy || reference) = sum_v p(v) (log p(v) - log q(v)), over the whole vocabulary:
     never negative, and it needs no sampled tokens (held-out evaluation scores greedy answers)."""
-    logp, ref_logp = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    logp, ref_logp = (
+        torch.log_softmax(logits.float(), -1),
+        torch.log_softmax(ref_logits.float(), -1),
+    )
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
@@ -63,7 +70,9 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") ->
     raise ValueError(f"unknown KL estimator {kind}")
 
 
-def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def shaped_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
     """Per-token rewards: -kl_coef * KL on every response token, plus the sequence score on the last one."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
@@ -71,8 +80,9 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation, backwards over the response; the value after the last real
     token is 0 (the episode ends). Returns (advantages, returns = advantages + values)."""
     rewards, values = rewards * mask, values * mask
@@ -86,8 +96,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1-e, 1+e)). Returns (loss, clip fraction,
     approximate KL between the old and new policy)."""
     log_ratio = logp - old_logp
@@ -100,10 +115,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, clipfrac, approx_kl
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: 0.5 * mean of max((v - R)^2, (clip(v, v_old +- e) - R)^2). Returns (loss, clip fraction)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    clipped_values = old_values + torch.clamp(
+        values - old_values, -cliprange_value, cliprange_value
+    )
     plain, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(plain, clipped), mask)
     return loss, masked_mean((clipped > plain).float(), mask)
@@ -137,17 +159,33 @@ class PPOStats:
     @staticmethod
     def mean(stats: list[PPOStats]) -> dict[str, float]:
         """The metrics of an iteration, under the names logged to tensorboard."""
-        names = {"loss": "loss", "policy_loss": "loss/policy", "value_loss": "loss/value",
-                 "policy_clipfrac": "policy/clipfrac", "approx_kl": "policy/approx_kl", "value_clipfrac": "value/clipfrac"}
-        return {logged: sum(getattr(s, name) for s in stats) / len(stats) for name, logged in names.items()}
+        names = {
+            "loss": "loss",
+            "policy_loss": "loss/policy",
+            "value_loss": "loss/value",
+            "policy_clipfrac": "policy/clipfrac",
+            "approx_kl": "policy/approx_kl",
+            "value_clipfrac": "value/clipfrac",
+        }
+        return {
+            logged: sum(getattr(s, name) for s in stats) / len(stats)
+            for name, logged in names.items()
+        }
 
 
-def rollout_metrics(scores, kl, entropy, rmask, ended, old_values, kl_coef: float) -> dict[str, float]:
+def rollout_metrics(
+    scores, kl, entropy, rmask, ended, old_values, kl_coef: float
+) -> dict[str, float]:
     """What an iteration's rollouts looked like, under the names logged to tensorboard (this rank's means)."""
     seq_kl = kl.sum(1)
-    return {"objective/scores": scores.mean().item(),
-            "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "objective/kl": seq_kl.mean().item(), "objective/entropy": (entropy * rmask).sum(1).mean().item(),
-            "objective/non_score_reward": (-kl_coef * seq_kl).mean().item(),
-            "response_length": rmask.sum(1).mean().item(), "eos_fraction": ended.float().mean().item(),
-            "value/mean": masked_mean(old_values, rmask).item(), "kl_coef": kl_coef}
+    return {
+        "objective/scores": scores.mean().item(),
+        "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "objective/kl": seq_kl.mean().item(),
+        "objective/entropy": (entropy * rmask).sum(1).mean().item(),
+        "objective/non_score_reward": (-kl_coef * seq_kl).mean().item(),
+        "response_length": rmask.sum(1).mean().item(),
+        "eos_fraction": ended.float().mean().item(),
+        "value/mean": masked_mean(old_values, rmask).item(),
+        "kl_coef": kl_coef,
+    }

@@ -33,7 +33,9 @@ class RewardScorer:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         self.tokenizer.padding_side = "right"
         with self.reward.use() as model:
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            batch = self.tokenizer(
+                texts, return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             return model(**batch).logits[:, 0].float()
 
 
@@ -45,17 +47,27 @@ def exact_match_reward(answers: list[str], references: list[str]) -> list[float]
 RULE_REWARDS = {"exact_match": exact_match_reward}
 
 
-def total_rewards(prompts: list[Prompt], answers: list[str], funcs: list[str], template, scorer: RewardScorer | None,
-                  device) -> torch.Tensor:
+def total_rewards(
+    prompts: list[Prompt],
+    answers: list[str],
+    funcs: list[str],
+    template,
+    scorer: RewardScorer | None,
+    device,
+) -> torch.Tensor:
     """Summed rewards of each answer: the reward model reads the whole conversation as the template renders it."""
     total = torch.zeros(len(answers), device=device)
     if "model" in funcs:
-        texts = [render_text(template, p.messages + [{"role": "assistant", "content": a}], p.tools)
-                 for p, a in zip(prompts, answers)]
+        texts = [
+            render_text(template, p.messages + [{"role": "assistant", "content": a}], p.tools)
+            for p, a in zip(prompts, answers)
+        ]
         total += scorer(texts).to(device)
     for name in funcs:
         if name != "model":
-            total += torch.tensor(RULE_REWARDS[name](answers, [p.reference for p in prompts]), device=device)
+            total += torch.tensor(
+                RULE_REWARDS[name](answers, [p.reference for p in prompts]), device=device
+            )
     return total
 
 
@@ -67,7 +79,9 @@ def reward_model_folder(path: str, output_dir: str, is_main: bool) -> str:
     merged = Path(output_dir, "reward_model_merged")
     if is_main and not (merged / "config.json").is_file():
         check_folder_whole(path, "--reward_model_name_or_path")
-        base = read_json_file(adapter_config, "--reward_model_name_or_path")["base_model_name_or_path"]
+        base = read_json_file(adapter_config, "--reward_model_name_or_path")[
+            "base_model_name_or_path"
+        ]
         logger.info("reward model %s is an adapter: merging it into %s once", path, base)
         merge_adapter(base, path, str(merged))
     if dist.is_initialized():
@@ -77,5 +91,7 @@ def reward_model_folder(path: str, output_dir: str, is_main: bool) -> str:
 
 def check_same_vocab(policy_tokenizer, reward_tokenizer) -> None:
     if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
-        raise UserError("the value model starts from the reward model and reads the policy's tokens, so both need the "
-                        "same tokenizer; train the RM from this SFT model (or its merged output).")
+        raise UserError(
+            "the value model starts from the reward model and reads the policy's tokens, so both need the "
+            "same tokenizer; train the RM from this SFT model (or its merged output)."
+        )

@@ -40,22 +40,34 @@ class Trajectory:
     response_mask: torch.Tensor  # over the answer columns: 1 up to and including the stop token
     ended: torch.Tensor  # (batch,) whether a stop token came
     answers: list[str]
-    nonfinite: bool = False  # the policy's logits held NaN/inf during generation (pipeline/infer/generation.py)
+    nonfinite: bool = (
+        False  # the policy's logits held NaN/inf during generation (pipeline/infer/generation.py)
+    )
 
     @property
     def responses(self) -> torch.Tensor:
-        return self.ids[:, self.query_len:]
+        return self.ids[:, self.query_len :]
 
     def select(self, idx: torch.Tensor) -> Trajectory:
         """The rows `idx` (a minibatch); prompts and answers are left out, the loss does not read them."""
-        return Trajectory([], self.ids[idx], self.mask[idx], self.query_len, self.response_mask[idx], self.ended[idx], [])
+        return Trajectory(
+            [],
+            self.ids[idx],
+            self.mask[idx],
+            self.query_len,
+            self.response_mask[idx],
+            self.ended[idx],
+            [],
+        )
 
 
 logger = logging.getLogger(__name__)
 LOGIT_CHUNK = 1024  # answer positions sent through the output head at a time
 
 
-def _flat_answer_index(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flat_answer_index(
+    traj: Trajectory,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rollout rows laid end to end without their padding (ids (1, tokens), position ids restarting at 0 in
     each row), and for every padded answer column that predicts a token (columns query_len-1 .. width-2) the flat
     index of its state and whether it exists (a column after a row's stop token has none)."""
@@ -65,7 +77,9 @@ def _flat_answer_index(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor, to
     return ids, positions, flat_index.clamp(min=0), present
 
 
-def answer_states(flat_hidden: torch.Tensor, flat_index: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def answer_states(
+    flat_hidden: torch.Tensor, flat_index: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
     """(rows, answer columns, hidden) from a flattened forward's (1, tokens, hidden); zeros where no state."""
     return flat_hidden[0, flat_index] * present.unsqueeze(-1).to(flat_hidden.dtype)
 
@@ -100,7 +114,9 @@ def _packed_attention(model):
         base.set_attn_implementation(current)
 
 
-def response_hidden(model, traj: Trajectory, packed: bool = True) -> tuple[torch.Tensor, torch.nn.Module]:
+def response_hidden(
+    model, traj: Trajectory, packed: bool = True
+) -> tuple[torch.Tensor, torch.nn.Module]:
     """(final hidden states at the positions that predict the answer tokens, the output head). The model
     computes one position's logits only (logits_to_keep=1); the head is applied by the caller, in chunks.
     packed (the default): the rows go through the model end to end without their padding (prompts are
@@ -109,12 +125,23 @@ def response_hidden(model, traj: Trajectory, packed: bool = True) -> tuple[torch
     if packed:
         ids, positions, flat_index, present = _flat_answer_index(traj)
         with packed_attention(model):
-            out = model(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True,
-                        logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                position_ids=positions,
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
         return answer_states(out.hidden_states[-1], flat_index, present), head
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions, use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
+    out = model(
+        input_ids=traj.ids,
+        attention_mask=traj.mask,
+        position_ids=positions,
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
     return out.hidden_states[-1][:, traj.query_len - 1 : -1], head
 
 
@@ -128,20 +155,37 @@ def _chunk_entropy(hidden, head, temperature):
     return -(logp.exp() * logp).sum(-1)
 
 
-def chunked_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperature: float,
-                     with_entropy: bool = False, chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    head,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+    chunk: int = LOGIT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token) (and, without gradient, the entropy) at every answer position, LOGIT_CHUNK positions
     through the head at a time; under autograd each chunk's logits are recomputed in the backward pass, so
     no [batch, answer, vocabulary] tensor is ever held. Equal to ppo_math.token_logprobs / entropy on the
     model's logits."""
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     logps, entropies = [], []
-    check = "none" if is_deepspeed_zero3_enabled() else "default"  # the frozen head's shard: losses.causal_lm_loss_sum
+    check = (
+        "none" if is_deepspeed_zero3_enabled() else "default"
+    )  # the frozen head's shard: losses.causal_lm_loss_sum
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
         if torch.is_grad_enabled():
-            logps.append(checkpoint(_chunk_logprobs, flat[part], targets[part], head, temperature, use_reentrant=False,
-                                     determinism_check=check))
+            logps.append(
+                checkpoint(
+                    _chunk_logprobs,
+                    flat[part],
+                    targets[part],
+                    head,
+                    temperature,
+                    use_reentrant=False,
+                    determinism_check=check,
+                )
+            )
         else:
             logps.append(_chunk_logprobs(flat[part], targets[part], head, temperature))
         if with_entropy:
@@ -153,14 +197,20 @@ def chunked_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, temperatu
 
 def chunked_full_kl(hidden, head, ref_hidden, ref_head, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
     """ppo_math.full_kl at every answer position, from both models' hidden states, in chunks."""
-    flat, ref_flat = hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    parts = [ppo_math.full_kl(head(flat[i : i + chunk]), ref_head(ref_flat[i : i + chunk]))
-             for i in range(0, len(flat), chunk)]
+    flat, ref_flat = (
+        hidden.reshape(-1, hidden.shape[-1]),
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+    )
+    parts = [
+        ppo_math.full_kl(head(flat[i : i + chunk]), ref_head(ref_flat[i : i + chunk]))
+        for i in range(0, len(flat), chunk)
+    ]
     return torch.cat(parts).view(hidden.shape[:2])
 
 
-def token_logprobs_and_entropy(model, traj: Trajectory, temperature: float, with_entropy: bool = True,
-                               packed: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs_and_entropy(
+    model, traj: Trajectory, temperature: float, with_entropy: bool = True, packed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs, entropies) of the answer tokens under `model`, without full-vocabulary logits."""
     hidden, head = response_hidden(model, traj, packed)
     return chunked_logprobs(hidden, head, traj.responses, temperature, with_entropy)
@@ -188,18 +238,34 @@ class Rollouts:
     """Generation from the policy, reference log-probs, reward scores, and the held-out evaluation: the part of an
     RL step that reads the models without training them (the recipes in loop.py and stages/grpo.py hold one)."""
 
-    def __init__(self, policy, reference: Frozen | None, scorer: RewardScorer | None, tokenizer, template, ppo_args,
-                 training_args):
+    def __init__(
+        self,
+        policy,
+        reference: Frozen | None,
+        scorer: RewardScorer | None,
+        tokenizer,
+        template,
+        ppo_args,
+        training_args,
+    ):
         self.policy, self.reference, self.scorer = policy, reference, scorer
         self.tokenizer, self.template, self.ppo_args = tokenizer, template, ppo_args
         self.device, self.autocast = training_args.device, autocast_for(training_args)
         self.rank, self.world = training_args.process_index, training_args.world_size
         self.batch_size = training_args.per_device_train_batch_size
-        self.eval_batch_size = training_args.per_device_eval_batch_size  # the held-out evaluation's batches
-        self.generation_context = nullcontext  # ZeRO-3: gathers the policy's weights for the rollout (engine.py)
-        self.static_failed = False  # the compiled static-cache decode failed once: dynamic from then on
+        self.eval_batch_size = (
+            training_args.per_device_eval_batch_size
+        )  # the held-out evaluation's batches
+        self.generation_context = (
+            nullcontext  # ZeRO-3: gathers the policy's weights for the rollout (engine.py)
+        )
+        self.static_failed = (
+            False  # the compiled static-cache decode failed once: dynamic from then on
+        )
         self.said_dynamic = False
-        self.half_copy: HalfCopy | None = None  # full training's float32 masters cast for the decode, made at first use
+        self.half_copy: HalfCopy | None = (
+            None  # full training's float32 masters cast for the decode, made at first use
+        )
 
     def cache_kind(self) -> str:
         """static (a fixed-size KV cache: transformers compiles the decode step once) on a CUDA GPU under auto;
@@ -208,7 +274,11 @@ class Rollouts:
         kind = getattr(self.ppo_args, "rollout_cache", "dynamic")
         if kind == "auto":
             # ZeRO-3 gathers the weights into new memory for every rollout, under a graph captured at fixed addresses
-            why = "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout" if is_deepspeed_zero3_enabled() else None
+            why = (
+                "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout"
+                if is_deepspeed_zero3_enabled()
+                else None
+            )
             kind = "static" if self.device.type == "cuda" and why is None else "dynamic"
             if self.device.type == "cuda" and why and not self.said_dynamic:
                 logger.info("rollouts use the dynamic KV cache: %s", why)
@@ -221,65 +291,105 @@ class Rollouts:
         master = unwrap(self.policy)
         if not static or master.dtype != torch.float32 or isinstance(self.autocast, nullcontext):
             return self.policy
-        if any(not p.is_floating_point() or type(p) is not torch.nn.Parameter for p in master.parameters()):
-            return self.policy  # quantized weights (packed bytes with their own parameter types) are not cast
+        if any(
+            not p.is_floating_point() or type(p) is not torch.nn.Parameter
+            for p in master.parameters()
+        ):
+            return (
+                self.policy
+            )  # quantized weights (packed bytes with their own parameter types) are not cast
         if self.half_copy is None:
             self.half_copy = HalfCopy(master, self.autocast.fast_dtype)
-            logger.info("rollouts decode from a %s copy of the policy's float32 weights, refreshed before each "
-                        "rollout (%.1f GiB)", str(self.autocast.fast_dtype).removeprefix("torch."),
-                        sum(p.numel() for p in master.parameters()) * 2 / 2**30)
+            logger.info(
+                "rollouts decode from a %s copy of the policy's float32 weights, refreshed before each "
+                "rollout (%.1f GiB)",
+                str(self.autocast.fast_dtype).removeprefix("torch."),
+                sum(p.numel() for p in master.parameters()) * 2 / 2**30,
+            )
         return self.half_copy.refresh()
 
     def static_shape(self, rows: int, longest: int) -> tuple[int, int]:
         """(rows, prompt width) of a static rollout: the rows filled up to the batch size and the prompts padded to
         the prompt budget, so the decode step compiles once in a run (a compile costs ~40 s on the 1B shape, more
         than the longer cache costs in the decode steps of a run; measured on an H200, bench/results)."""
-        return max(rows, self.batch_size), max(self.ppo_args.model_max_length - self.ppo_args.max_new_tokens, longest)
+        return max(rows, self.batch_size), max(
+            self.ppo_args.model_max_length - self.ppo_args.max_new_tokens, longest
+        )
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sample: bool) -> Trajectory:
         static = self.cache_kind() == "static"
         longest = max(len(p.ids) for p in prompts)
-        rows, width = self.static_shape(len(prompts), longest) if static else (len(prompts), longest)
+        rows, width = (
+            self.static_shape(len(prompts), longest) if static else (len(prompts), longest)
+        )
         # the extra rows (a short last batch) repeat the first prompt and are dropped after generation
         filled = [p.ids for p in prompts] + [prompts[0].ids] * (rows - len(prompts))
         query, qmask = pad(filled, self.tokenizer.pad_token_id, side="left")
         if width > longest:
-            query = torch.cat([torch.full((rows, width - longest), self.tokenizer.pad_token_id), query], 1)
+            query = torch.cat(
+                [torch.full((rows, width - longest), self.tokenizer.pad_token_id), query], 1
+            )
             qmask = torch.cat([torch.zeros((rows, width - longest), dtype=qmask.dtype), qmask], 1)
         query, qmask = query.to(self.device), qmask.to(self.device)
         base = unwrap(self.policy).generation_config
         # sampling reads the full distribution (top_k 0), as the log-probs of the update do
         args = self.ppo_args
-        config = (sampling_config(base, args.max_new_tokens, args.temperature, args.top_p, top_k=0)
-                  if sample else sampling_config(base, args.max_new_tokens))
+        config = (
+            sampling_config(base, args.max_new_tokens, args.temperature, args.top_p, top_k=0)
+            if sample
+            else sampling_config(base, args.max_new_tokens)
+        )
         if static:
             config.cache_implementation = "static"
         with self.autocast, self.generation_context():
             try:
-                out = generate(self.decoder(static), query, qmask, config, allow_nonfinite=True)  # the loop counts such a step
+                out = generate(
+                    self.decoder(static), query, qmask, config, allow_nonfinite=True
+                )  # the loop counts such a step
             except Exception as e:  # noqa: BLE001  the compiler only: a model's own error is raised
-                if not static or not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                if not static or not type(e).__module__.startswith(
+                    ("torch._dynamo", "torch._inductor")
+                ):
                     raise
-                logger.warning("--rollout_cache static: the decode step could not be compiled here (%s); rollouts "
-                               "use the dynamic cache from now on", first_line(e))
+                logger.warning(
+                    "--rollout_cache static: the decode step could not be compiled here (%s); rollouts "
+                    "use the dynamic cache from now on",
+                    first_line(e),
+                )
                 self.static_failed = True
                 return self.generate(prompts, sample)
         n = len(prompts)
         query, qmask = query[:n], qmask[:n]
         responses, rmask, ended = out.responses[:n], out.mask[:n], out.ended[:n]
-        answers = [self.tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
-                   for r, m in zip(responses, rmask)]
-        return Trajectory(prompts, torch.cat([query, responses], 1), torch.cat([qmask, rmask], 1), query.shape[1],
-                          rmask, ended, answers, out.nonfinite)
+        answers = [
+            self.tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True).strip()
+            for r, m in zip(responses, rmask)
+        ]
+        return Trajectory(
+            prompts,
+            torch.cat([query, responses], 1),
+            torch.cat([qmask, rmask], 1),
+            query.shape[1],
+            rmask,
+            ended,
+            answers,
+            out.nonfinite,
+        )
 
     def reference_logprobs(self, traj: Trajectory, temperature: float) -> torch.Tensor:
         with self.reference.use() as reference:
             return token_logprobs_and_entropy(reference, traj, temperature, with_entropy=False)[0]
 
     def scores(self, traj: Trajectory) -> torch.Tensor:
-        return total_rewards(traj.prompts, traj.answers, self.ppo_args.reward_func_list, self.template, self.scorer,
-                             self.device)
+        return total_rewards(
+            traj.prompts,
+            traj.answers,
+            self.ppo_args.reward_func_list,
+            self.template,
+            self.scorer,
+            self.device,
+        )
 
     def held_out_kl(self, traj: Trajectory) -> torch.Tensor:
         hidden, head = response_hidden(self.policy, traj)
@@ -290,19 +400,38 @@ class Rollouts:
     def evaluate(self, eval_prompts: list[Prompt]) -> dict[str, float]:
         self.policy.eval()
         mine = eval_prompts[self.rank :: self.world]
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # score, exact match, kl, length, count
+        sums = torch.zeros(
+            5, dtype=torch.float64, device=self.device
+        )  # score, exact match, kl, length, count
         for start in range(0, len(mine), self.eval_batch_size):
             traj = self.generate(mine[start : start + self.eval_batch_size], sample=False)
             with self.autocast:
                 scores = self.scores(traj)
                 # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)
-                kl = (self.held_out_kl(traj) if self.reference is not None
-                      else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float))
+                kl = (
+                    self.held_out_kl(traj)
+                    if self.reference is not None
+                    else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float)
+                )
             matches = RULE_REWARDS["exact_match"](traj.answers, [p.reference for p in traj.prompts])
-            sums += torch.tensor([scores.sum().item(), sum(matches), (kl * traj.response_mask).sum().item(),
-                                  traj.response_mask.sum().item(), len(traj.prompts)], dtype=torch.float64, device=self.device)
+            sums += torch.tensor(
+                [
+                    scores.sum().item(),
+                    sum(matches),
+                    (kl * traj.response_mask).sum().item(),
+                    traj.response_mask.sum().item(),
+                    len(traj.prompts),
+                ],
+                dtype=torch.float64,
+                device=self.device,
+            )
         if self.world > 1:
             dist.all_reduce(sums)
         n = max(sums[4].item(), 1)
-        return {"eval_score": sums[0].item() / n, "eval_exact_match": sums[1].item() / n, "eval_kl": sums[2].item() / n,
-                "eval_response_length": sums[3].item() / n, "eval_samples": int(sums[4].item())}
+        return {
+            "eval_score": sums[0].item() / n,
+            "eval_exact_match": sums[1].item() / n,
+            "eval_kl": sums[2].item() / n,
+            "eval_response_length": sums[3].item() / n,
+            "eval_samples": int(sums[4].item()),
+        }

@@ -25,7 +25,7 @@ def part(weights: dict | None, prefix: str) -> dict | None:
     """The `prefix.` entries of a gathered PPOPair state dict (engine.py), without the prefix."""
     if weights is None:
         return None
-    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+    return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
 
 
 def save_policy(policy, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
@@ -45,12 +45,18 @@ def write_state(folder: Path, step: int, max_steps: int, log_history: list[dict]
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
-def write_results(out: Path, results: dict, step: int, max_steps: int, log_history: list[dict]) -> None:
+def write_results(
+    out: Path, results: dict, step: int, max_steps: int, log_history: list[dict]
+) -> None:
     """The final folder's eval_results.json (if evaluated), trainer_state.json and train_results.json."""
     if results:
         (out / "eval_results.json").write_text(json.dumps(results, indent=2))
     write_state(out, step, max_steps, log_history)
-    train = {k: v for k, v in log_history[-1].items() if not k.startswith("eval")} if log_history else {}
+    train = (
+        {k: v for k, v in log_history[-1].items() if not k.startswith("eval")}
+        if log_history
+        else {}
+    )
     (out / "train_results.json").write_text(json.dumps({"global_step": step, **train}, indent=2))
 
 
@@ -66,8 +72,17 @@ def prepare_partial(folder: Path) -> Path:
     return partial
 
 
-def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: dict, log_history: list[dict],
-                    max_steps: int, save_total_limit: int | None, weights: dict | None = None) -> None:
+def save_checkpoint(
+    folder: Path,
+    policy,
+    value_model,
+    tokenizer,
+    loop_state: dict,
+    log_history: list[dict],
+    max_steps: int,
+    save_total_limit: int | None,
+    weights: dict | None = None,
+) -> None:
     """checkpoint-N: written into tmp-checkpoint-N (prepare_partial; DeepSpeed's shards may already be there),
     then renamed; older ones beyond save_total_limit removed. `weights`: gathered ZeRO-3 weights."""
     partial = partial_of(folder)
@@ -75,13 +90,17 @@ def save_checkpoint(folder: Path, policy, value_model, tokenizer, loop_state: di
     write_state(partial, loop_state["step"], max_steps, log_history)
     if value_model is not None:  # PPO; the group-relative algorithms have none
         value_weights = part(weights, "value_model")
-        value_model.save_pretrained(partial / "value_model", **({"state_dict": value_weights} if weights else {}))
+        value_model.save_pretrained(
+            partial / "value_model", **({"state_dict": value_weights} if weights else {})
+        )
     torch.save(loop_state, partial / "ppo_state.pt")
     mark_complete(partial, loop_state["step"])
     remove_checkpoint(folder)  # one of the same step, left by an earlier run
     partial.rename(folder)
     if save_total_limit:
-        folders = sorted(folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        folders = sorted(
+            folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+        )
         for old in folders[:-save_total_limit]:
             remove_checkpoint(old)
 
@@ -92,7 +111,9 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, policy, value_model, weights: bool = True) -> tuple[dict, list[dict]]:
+def load_checkpoint(
+    folder: Path, policy, value_model, weights: bool = True
+) -> tuple[dict, list[dict]]:
     """Put the trained weights back (unless DeepSpeed's checkpoint does); return (loop state: optimizer,
     scheduler, kl_coef, step; log history)."""
     if weights:
@@ -122,10 +143,16 @@ def load_trainable(model, folder: Path) -> None:
     if not isinstance(model, PeftModel):
         tensors = model.state_dict()
         loaded_ptrs = {tensors[k].data_ptr() for k in loaded if k in tensors}
-        missing = [k for k, t in tensors.items() if k not in loaded and t.data_ptr() not in loaded_ptrs]
+        missing = [
+            k for k, t in tensors.items() if k not in loaded and t.data_ptr() not in loaded_ptrs
+        ]
         if missing:
-            raise UserError(f"checkpoint {folder} lacks {len(missing)} weights of this model (e.g. {missing[0]}); "
-                            "it was saved from another model.")
+            raise UserError(
+                f"checkpoint {folder} lacks {len(missing)} weights of this model (e.g. {missing[0]}); "
+                "it was saved from another model."
+            )
     if unexpected:
-        raise UserError(f"checkpoint {folder} holds {len(unexpected)} weights this model has not (e.g. {unexpected[0]}); "
-                        "it was saved from another model.")
+        raise UserError(
+            f"checkpoint {folder} holds {len(unexpected)} weights this model has not (e.g. {unexpected[0]}); "
+            "it was saved from another model."
+        )

@@ -46,7 +46,11 @@ def is_complete(folder: Path) -> bool:
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-N folders, newest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
@@ -54,21 +58,33 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint-N; incomplete ones, and the PPO loop's unrenamed tmp-checkpoint-N
     folders (a save that was killed), are named in a warning."""
     for partial in sorted(output_dir.glob("tmp-checkpoint-*")):
-        logger.warning("ignoring %s: a checkpoint save that did not finish (the next save of that step clears it)",
-                       partial)
+        logger.warning(
+            "ignoring %s: a checkpoint save that did not finish (the next save of that step clears it)",
+            partial,
+        )
     for folder in checkpoints(output_dir):
         if is_complete(folder):
             return folder
-        logger.warning("skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",
-                       folder, COMPLETE)
+        logger.warning(
+            "skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",
+            folder,
+            COMPLETE,
+        )
     return None
 
 
-_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-            errno.EROFS: "the filesystem is read-only"}
-_STORAGE_TEXT = {"no space left on device": "no space left on device", "os error 28": "no space left on device",
-                 "storagefull": "no space left on device", "disk quota exceeded": "disk quota exceeded",
-                 "read-only file system": "the filesystem is read-only"}
+_STORAGE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the filesystem is read-only",
+}
+_STORAGE_TEXT = {
+    "no space left on device": "no space left on device",
+    "os error 28": "no space left on device",
+    "storagefull": "no space left on device",
+    "disk quota exceeded": "disk quota exceeded",
+    "read-only file system": "the filesystem is read-only",
+}
 
 
 # torch.save's zip writer reports a full disk only as a failed stream ("unexpected pos", "iostream error")
@@ -112,9 +128,15 @@ def storage_errors(output_dir: str):
         if problem is None:
             raise
         last = last_complete_checkpoint(Path(output_dir)) if Path(output_dir).is_dir() else None
-        resume = f"{last.name} stays the resume point" if last else "no complete checkpoint was written yet"
-        raise UserError(f"{problem} while writing in {output_dir}; {resume}. Free space there (or pass another "
-                        "--output_dir), then rerun with --resume_from_checkpoint auto.") from e
+        resume = (
+            f"{last.name} stays the resume point"
+            if last
+            else "no complete checkpoint was written yet"
+        )
+        raise UserError(
+            f"{problem} while writing in {output_dir}; {resume}. Free space there (or pass another "
+            "--output_dir), then rerun with --resume_from_checkpoint auto."
+        ) from e
 
 
 class Preemption:
@@ -162,8 +184,12 @@ def exit_preempted(step: int, main_process: bool = True) -> NoReturn:
     """End a stage stopped by SIGTERM whose checkpoint-{step} is saved, without a final model (so a pipeline
     does not mark the stage done); the main process says how to continue."""
     if main_process:
-        logger.warning("stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with "
-                       "--resume_from_checkpoint auto to continue", step, step)
+        logger.warning(
+            "stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with "
+            "--resume_from_checkpoint auto to continue",
+            step,
+            step,
+        )
     raise SystemExit(PREEMPTED_EXIT)
 
 

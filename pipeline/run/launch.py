@@ -30,6 +30,7 @@ def _signals_to_handle(given: str) -> str:
     """The signals torch's agent turns into "stop the workers", less those ignored on entry: they stay ignored.
     nohup ignores SIGHUP; a shell's background job ignores SIGINT and SIGQUIT, and scripts/torchrun.sh,
     which starts this in the background, turns its own SIGINT into a SIGTERM (a checkpoint first) instead."""
+
     def ignored(name: str) -> bool:
         sig = getattr(signal, name.strip(), None)
         return sig is not None and signal.getsignal(sig) is signal.SIG_IGN
@@ -56,10 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = exit_code(failure.exitcode)
-        if code not in (2, 143):  # those the stage explains itself (pipeline/errors.py, checkpoints.py)
-            print(f"launch: rank {rank} (pid {failure.pid}) failed with exit code {code}", file=sys.stderr)
+        if code not in (
+            2,
+            143,
+        ):  # those the stage explains itself (pipeline/errors.py, checkpoints.py)
+            print(
+                f"launch: rank {rank} (pid {failure.pid}) failed with exit code {code}",
+                file=sys.stderr,
+            )
         return code
-    except SignalException as e:  # the agent has stopped the workers with this signal and waited for them
+    except (
+        SignalException
+    ) as e:  # the agent has stopped the workers with this signal and waited for them
         return 128 + int(e.sigval)
     return 0
 

@@ -21,10 +21,28 @@ from pipeline.run.checkpoints import last_complete_checkpoint
 logger = logging.getLogger(__name__)
 RUN_FILE = "pipeline_run.json"
 # What the stages write into an output folder: removed by --overwrite_output_dir (nothing else is touched).
-RUN_OUTPUTS = ("checkpoint-*", "logs", "*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json",
-               "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.*",
-               "merges.txt", "*_results.json", "trainer_state.json", "README.md", "base_model_fingerprint.json",
-               "exact_match_results.json", "pipeline_stage_done", RUN_FILE)
+RUN_OUTPUTS = (
+    "checkpoint-*",
+    "logs",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "config.json",
+    "adapter_config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.*",
+    "merges.txt",
+    "*_results.json",
+    "trainer_state.json",
+    "README.md",
+    "base_model_fingerprint.json",
+    "exact_match_results.json",
+    "pipeline_stage_done",
+    RUN_FILE,
+)
 
 
 def previous_run(out: Path) -> str | None:
@@ -48,24 +66,39 @@ def claim_output_dir(training_args, stage: str, model: str, data: str | list[str
     Reads only: a run that then fails on its data leaves the folder as it was. `take_output_dir`, called when
     training starts, removes an overwritten run's outputs and records this run."""
     out = Path(training_args.output_dir)
-    identity = {"stage": stage, "model_name_or_path": _normal(model), "train_file_dir": _normal(data)}
+    identity = {
+        "stage": stage,
+        "model_name_or_path": _normal(model),
+        "train_file_dir": _normal(data),
+    }
     held = previous_run(out)
-    resuming = str(training_args.resume_from_checkpoint or "").lower() not in ("", "no", "false", "none")
+    resuming = str(training_args.resume_from_checkpoint or "").lower() not in (
+        "",
+        "no",
+        "false",
+        "none",
+    )
     overwrite = getattr(training_args, "overwrite_output_dir", False)
     if held and not overwrite:
         recorded = _recorded(out)
         if not resuming:
-            raise UserError(f"--output_dir {out} holds another run ({held}); resume it with --resume_from_checkpoint "
-                            "auto, choose a new folder, or pass --overwrite_output_dir to start afresh there (its "
-                            "checkpoints and results are removed).")
+            raise UserError(
+                f"--output_dir {out} holds another run ({held}); resume it with --resume_from_checkpoint "
+                "auto, choose a new folder, or pass --overwrite_output_dir to start afresh there (its "
+                "checkpoints and results are removed)."
+            )
         if (out / "train_results.json").is_file() and last_complete_checkpoint(out) is None:
-            raise UserError(f"--output_dir {out} holds a finished run and no checkpoint to resume from; its model is "
-                            "there already. To train again, pass --overwrite_output_dir or choose a new folder.")
+            raise UserError(
+                f"--output_dir {out} holds a finished run and no checkpoint to resume from; its model is "
+                "there already. To train again, pass --overwrite_output_dir or choose a new folder."
+            )
         if recorded is not None and recorded != identity:
             diff = next(k for k in identity if recorded.get(k) != identity[k])
-            raise UserError(f"--output_dir {out} holds a run of another {diff.replace('_', ' ')} "
-                            f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this run's; "
-                            "choose a new folder, or pass --overwrite_output_dir to start afresh there.")
+            raise UserError(
+                f"--output_dir {out} holds a run of another {diff.replace('_', ' ')} "
+                f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this run's; "
+                "choose a new folder, or pass --overwrite_output_dir to start afresh there."
+            )
     training_args.pipeline_run = {"identity": identity, "overwrite": bool(held and overwrite)}
 
 
@@ -80,7 +113,9 @@ def take_output_dir(training_args) -> None:
     if training_args.should_save:
         if claim["overwrite"]:
             removed = remove_run_outputs(out)
-            logger.warning("--overwrite_output_dir: removed %d entries of the earlier run in %s", removed, out)
+            logger.warning(
+                "--overwrite_output_dir: removed %d entries of the earlier run in %s", removed, out
+            )
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(claim["identity"], ensure_ascii=False) + "\n")
     _barrier()

@@ -135,7 +135,9 @@ def lock_output_dir(output_dir: str) -> None:
             return
         held.release()
         del _held[path]
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first, for release()
+    created = [
+        p for p in (folder, *folder.parents) if not p.exists()
+    ]  # deepest first, for release()
     folder.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -146,15 +148,21 @@ def lock_output_dir(output_dir: str) -> None:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise UserError(f"--output_dir {folder} is in use by another training run, {_describe(owner)}; wait for "
-                            "it to finish or stop it (SIGTERM: it saves a checkpoint and exits), or give another "
-                            "--output_dir.") from None
+            raise UserError(
+                f"--output_dir {folder} is in use by another training run, {_describe(owner)}; wait for "
+                "it to finish or stop it (SIGTERM: it saves a checkpoint and exits), or give another "
+                "--output_dir."
+            ) from None
         lock = _Lock(path, fd, created)
         if lock.still_ours():
             break
         os.close(fd)  # the holder before us removed the file as we opened it: lock the new one
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "command": shlex.join([sys.executable, *sys.argv])}
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
     _held[path] = lock

@@ -42,15 +42,19 @@ def resolve_resume_checkpoint(training_args) -> str | None:
     last = last_complete_checkpoint(out) if out.is_dir() else None
     if str(value).lower() in ("auto", "yes", "true", "last"):
         if last is None and str(value).lower() != "auto":
-            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {out}.")
+            raise UserError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {out}."
+            )
         path = last
     else:
         path = Path(out, f"checkpoint-{value}") if str(value).isdigit() else Path(value)
         if not path.is_dir():
             raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
         if not is_complete(path):
-            raise UserError(f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
-                            "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one.")
+            raise UserError(
+                f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
+                "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one."
+            )
     if path is not None:
         check_folder_whole(path, "--resume_from_checkpoint")
     return None if path is None else str(path)
@@ -62,11 +66,15 @@ def saved_layout(ds_folder: Path) -> tuple[int, int] | None:
     files = sorted(ds_folder.glob("*model_states.pt"))
     if not files:
         return None
-    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)  # mmap: the weights stay on disk
+    state = torch.load(
+        files[0], map_location="cpu", mmap=True, weights_only=False
+    )  # mmap: the weights stay on disk
     return int(state["dp_world_size"]), int(state["ds_config"].get("train_batch_size", 0))
 
 
-def universal_folder(ds_folder: Path, world_size: int, global_batch: int, main_process: bool) -> Path | None:
+def universal_folder(
+    ds_folder: Path, world_size: int, global_batch: int, main_process: bool
+) -> Path | None:
     """None when `ds_folder` was saved by `world_size` processes (DeepSpeed loads it as it is); otherwise its
     universal form, converted by the main process unless already there (every rank waits for it)."""
     layout = saved_layout(ds_folder)
@@ -75,12 +83,23 @@ def universal_folder(ds_folder: Path, world_size: int, global_batch: int, main_p
     saved_world, saved_batch = layout
     universal = ds_folder.with_name(ds_folder.name + "_universal")
     if main_process:
-        logger.warning("%s was saved by %d processes and this run has %d: resuming through DeepSpeed's universal "
-                       "checkpoint %s", ds_folder.parent, saved_world, world_size, universal)
+        logger.warning(
+            "%s was saved by %d processes and this run has %d: resuming through DeepSpeed's universal "
+            "checkpoint %s",
+            ds_folder.parent,
+            saved_world,
+            world_size,
+            universal,
+        )
         if saved_batch and global_batch != saved_batch:
-            logger.warning("one optimizer step took %d samples and now takes %d: the run continues with another "
-                           "step size and data order; keep per-device batch x gradient accumulation x processes at "
-                           "%d to continue the same run", saved_batch, global_batch, saved_batch)
+            logger.warning(
+                "one optimizer step took %d samples and now takes %d: the run continues with another "
+                "step size and data order; keep per-device batch x gradient accumulation x processes at "
+                "%d to continue the same run",
+                saved_batch,
+                global_batch,
+                saved_batch,
+            )
         if not (universal / CONVERTED).is_file():
             convert(ds_folder, universal)
     if dist.is_available() and dist.is_initialized():
@@ -92,21 +111,42 @@ def universal_folder(ds_folder: Path, world_size: int, global_batch: int, main_p
 def convert(ds_folder: Path, universal: Path) -> None:
     """ds_to_universal into `universal` (cleared first: an earlier conversion may have been cut short)."""
     shutil.rmtree(universal, ignore_errors=True)
-    logger.info("converting %s to a universal checkpoint (once; about the size of the original)", ds_folder)
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(ds_folder), "--output_folder", str(universal), "--inject_missing_state"],
-                          capture_output=True, text=True)
+    logger.info(
+        "converting %s to a universal checkpoint (once; about the size of the original)", ds_folder
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ds_folder),
+            "--output_folder",
+            str(universal),
+            "--inject_missing_state",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        reason = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no message")
-        raise UserError(f"{ds_folder} was saved by another number of processes and could not be converted to "
-                        f"DeepSpeed's universal checkpoint ({reason[:300]}); resume it with the process count "
-                        "it was saved with.")
+        reason = next(
+            (line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no message"
+        )
+        raise UserError(
+            f"{ds_folder} was saved by another number of processes and could not be converted to "
+            f"DeepSpeed's universal checkpoint ({reason[:300]}); resume it with the process count "
+            "it was saved with."
+        )
     (universal / CONVERTED).write_text("")
 
 
 def ds_folder_of(checkpoint: Path) -> Path | None:
     """The Trainer's DeepSpeed folder in checkpoint-N (global_stepN), or None."""
-    found = sorted(p for p in checkpoint.glob("global_step*") if p.is_dir() and not p.name.endswith("_universal"))
+    found = sorted(
+        p
+        for p in checkpoint.glob("global_step*")
+        if p.is_dir() and not p.name.endswith("_universal")
+    )
     return found[-1] if found else None
 
 
@@ -117,7 +157,9 @@ def prepare_trainer_resume(trainer, checkpoint: str | None) -> None:
     ds_folder = ds_folder_of(Path(checkpoint)) if checkpoint and args.deepspeed else None
     if ds_folder is None:
         return
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    global_batch = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    )
     if universal_folder(ds_folder, args.world_size, global_batch, args.should_log) is not None:
         # the dict the engine is built from at train(); HF's config object and accelerate's plugin share it
         args.hf_deepspeed_config.config["checkpoint"] = {"load_universal": True}

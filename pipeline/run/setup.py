@@ -29,13 +29,19 @@ def setup_run(training_args) -> None:
     from pipeline.run.process import die_with_launcher, lock_output_dir
 
     die_with_launcher()  # a worker must not outlive its launcher (it runs in a session of its own)
-    deepspeed_without_launcher(training_args)  # before anything asks DeepSpeed for the process group
+    deepspeed_without_launcher(
+        training_args
+    )  # before anything asks DeepSpeed for the process group
     setup_logging(training_args)
-    if training_args.process_index == 0:  # global rank 0 speaks for the run: no second trainer in output_dir
+    if (
+        training_args.process_index == 0
+    ):  # global rank 0 speaks for the run: no second trainer in output_dir
         lock_output_dir(training_args.output_dir)
     set_seed(training_args.seed)
     # Tensorboard events go to output_dir/logs (the seed README's layout); transformers reads this variable.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(training_args.output_dir) / "logs")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(
+        Path(training_args.output_dir) / "logs"
+    )
     if training_args.deepspeed and not torch.cuda.is_available():
         # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one process.
         import deepspeed
@@ -49,7 +55,9 @@ def setup_logging(training_args) -> None:
     root = logging.getLogger("pipeline")
     if not root.handlers:
         handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
     root.setLevel(level)
     transformers.utils.logging.set_verbosity(level if level == logging.WARNING else logging.WARNING)
@@ -81,4 +89,6 @@ def tensorboard_writer(training_args):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.environ.get("TENSORBOARD_LOGGING_DIR") or str(Path(training_args.output_dir) / "logs"))
+    return SummaryWriter(
+        os.environ.get("TENSORBOARD_LOGGING_DIR") or str(Path(training_args.output_dir) / "logs")
+    )

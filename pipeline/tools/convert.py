@@ -13,11 +13,25 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline.data.conversations import COLUMNS, InvalidSample, column_format, field_problem, from_alpaca, normalize, validate
+from pipeline.data.conversations import (
+    COLUMNS,
+    InvalidSample,
+    column_format,
+    field_problem,
+    from_alpaca,
+    normalize,
+    validate,
+)
 from pipeline.data.files import iter_json_records
 from pipeline.errors import UserError, run_cli
 
-QA_KEYS = (("question", "answer"), ("query", "response"), ("prompt", "response"), ("q", "a"), COLUMNS)
+QA_KEYS = (
+    ("question", "answer"),
+    ("query", "response"),
+    ("prompt", "response"),
+    ("q", "a"),
+    COLUMNS,
+)
 
 
 def _sharegpt(conv: dict) -> dict:
@@ -33,7 +47,9 @@ def _sharegpt(conv: dict) -> dict:
 def _from_qa(record: dict) -> dict:
     for q, a in QA_KEYS:
         if isinstance(record.get(q), str) and isinstance(record.get(a), str):
-            return from_alpaca({"instruction": record[q], "output": record[a], "system": record.get("system")})
+            return from_alpaca(
+                {"instruction": record[q], "output": record[a], "system": record.get("system")}
+            )
     raise InvalidSample(f"expected one of the key pairs {', '.join('/'.join(k) for k in QA_KEYS)}")
 
 
@@ -42,20 +58,26 @@ def _csv_records(path: Path):
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise UserError(f"--input {path} cannot be read ({e.strerror}); make it readable (chmod a+r).") from e
+        raise UserError(
+            f"--input {path} cannot be read ({e.strerror}); make it readable (chmod a+r)."
+        ) from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, e.g. "
-                        f"iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv") from e
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, e.g. "
+            f"iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv"
+        ) from e
     reader = csv.DictReader(text.splitlines(keepends=True))
     try:
         for row in reader:
             yield reader.line_num, row
     except csv.Error as e:  # e.g. a field over the csv module's 131072 characters
-        raise UserError(f"{path}:{reader.line_num + 1}: not readable as CSV ({e}); fix the row or write the data as "
-                        "JSON lines.") from e
+        raise UserError(
+            f"{path}:{reader.line_num + 1}: not readable as CSV ({e}); fix the row or write the data as "
+            "JSON lines."
+        ) from e
 
 
 def _records(path: Path, kind: str):
@@ -68,7 +90,9 @@ def convert(input_path: str, output_path: str, kind: str, columns: str | None = 
     if not path.is_file():
         raise UserError(f"--input {input_path} does not exist.")
     if Path(output_path).resolve() == path.resolve():
-        raise UserError(f"--output {output_path} is the --input file; write the converted data to another file.")
+        raise UserError(
+            f"--output {output_path} is the --input file; write the converted data to another file."
+        )
     out = []
     for line, record in _records(path, kind):
         try:
@@ -78,7 +102,9 @@ def convert(input_path: str, output_path: str, kind: str, columns: str | None = 
                 conv = from_alpaca(record)
             else:
                 conv = _from_qa(record)
-            validate(conv)  # an empty answer (or question) would become a sample that teaches nothing
+            validate(
+                conv
+            )  # an empty answer (or question) would become a sample that teaches nothing
         except (InvalidSample, KeyError, TypeError) as e:
             reason = e if isinstance(e, InvalidSample) else field_problem(e)
             raise UserError(f"{path}:{line}: cannot convert this record ({reason}).") from e
@@ -92,12 +118,21 @@ def convert(input_path: str, output_path: str, kind: str, columns: str | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert alpaca / question-answer / CSV data to ShareGPT JSONL.")
+    parser = argparse.ArgumentParser(
+        description="Convert alpaca / question-answer / CSV data to ShareGPT JSONL."
+    )
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--from", dest="kind", default="auto", choices=["auto", "alpaca", "qa", "csv"],
-                        help="auto (default): alpaca records where they have an instruction, else question/answer.")
-    parser.add_argument("--prompt_column", help="The question's field of every record (with --response_column).")
+    parser.add_argument(
+        "--from",
+        dest="kind",
+        default="auto",
+        choices=["auto", "alpaca", "qa", "csv"],
+        help="auto (default): alpaca records where they have an instruction, else question/answer.",
+    )
+    parser.add_argument(
+        "--prompt_column", help="The question's field of every record (with --response_column)."
+    )
     parser.add_argument("--response_column", help="The answer's field of every record.")
     args = parser.parse_args(argv)
     columns = column_format("columns", args.prompt_column, args.response_column)

@@ -29,17 +29,45 @@ import yaml
 from pipeline.errors import UserError, first_line, run_cli
 
 STAGES = ("pt", "sft", "rm", "ppo", "dpo")
-METHODS = {"full": ["--use_peft", "False"], "lora": ["--use_peft", "True"],
-           "qlora": ["--use_peft", "True", "--qlora", "True"]}
+METHODS = {
+    "full": ["--use_peft", "False"],
+    "lora": ["--use_peft", "True"],
+    "qlora": ["--use_peft", "True", "--qlora", "True"],
+}
 # Folders of the shipped sample data; PPO's prompts are the SFT chats.
-DEFAULT_DATA = {"pt": "data/pt", "pt_eval": "data/pt_eval", "sft": "data/sft", "sft_eval": "data/sft_eval",
-                "rm": "data/reward", "rm_eval": "data/reward_eval", "ppo": "data/sft", "ppo_eval": "data/sft_eval",
-                "dpo": "data/reward", "dpo_eval": "data/reward_eval"}
-DEFAULTS = {"output_root": "outputs/demo", "base_model": None, "template": "auto", "method": "lora",
-            "stages": list(STAGES), "exact_match": True, "data": {}, "flags": {}}
+DEFAULT_DATA = {
+    "pt": "data/pt",
+    "pt_eval": "data/pt_eval",
+    "sft": "data/sft",
+    "sft_eval": "data/sft_eval",
+    "rm": "data/reward",
+    "rm_eval": "data/reward_eval",
+    "ppo": "data/sft",
+    "ppo_eval": "data/sft_eval",
+    "dpo": "data/reward",
+    "dpo_eval": "data/reward_eval",
+}
+DEFAULTS = {
+    "output_root": "outputs/demo",
+    "base_model": None,
+    "template": "auto",
+    "method": "lora",
+    "stages": list(STAGES),
+    "exact_match": True,
+    "data": {},
+    "flags": {},
+}
 # Set from the config's own keys and the chain of stages, so a stage flag may not set them again.
-PIPELINE_FLAGS = ("model_name_or_path", "output_dir", "train_file_dir", "validation_file_dir", "template_name",
-                  "reward_model_name_or_path", "resume_from_checkpoint", "config")
+PIPELINE_FLAGS = (
+    "model_name_or_path",
+    "output_dir",
+    "train_file_dir",
+    "validation_file_dir",
+    "template_name",
+    "reward_model_name_or_path",
+    "resume_from_checkpoint",
+    "config",
+)
 
 
 def load(path: str) -> dict[str, Any]:
@@ -50,25 +78,40 @@ def load(path: str) -> dict[str, Any]:
     try:
         given = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as e:
-        raise UserError(f"pipeline config {path} cannot be read ({e.strerror}); make it readable (chmod a+r).") from e
+        raise UserError(
+            f"pipeline config {path} cannot be read ({e.strerror}); make it readable (chmod a+r)."
+        ) from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"pipeline config {path} does not parse: {first_line(e)}") from e
-    except (RecursionError, ValueError) as e:  # nesting past the recursion limit, an integer past 4300 digits
-        raise UserError(f"pipeline config {path} does not parse ({first_line(e)}); write a flat mapping of keys "
-                        "to plain values.") from e
+    except (
+        RecursionError,
+        ValueError,
+    ) as e:  # nesting past the recursion limit, an integer past 4300 digits
+        raise UserError(
+            f"pipeline config {path} does not parse ({first_line(e)}); write a flat mapping of keys "
+            "to plain values."
+        ) from e
     if not isinstance(given, dict):
         raise UserError(f"pipeline config {path} must hold a mapping of keys to values.")
     config = {**DEFAULTS, **given}
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(DEFAULTS)}.")
+        raise UserError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(DEFAULTS)}."
+        )
     if config["method"] not in METHODS:
-        raise UserError(f"{path}: method must be one of {', '.join(METHODS)}, got {config['method']!r}.")
+        raise UserError(
+            f"{path}: method must be one of {', '.join(METHODS)}, got {config['method']!r}."
+        )
     stages = config["stages"]
     if not isinstance(stages, list) or not stages or set(stages) - set(STAGES):
-        raise UserError(f"{path}: stages must be a list of some of {', '.join(STAGES)}, got {stages!r}.")
+        raise UserError(
+            f"{path}: stages must be a list of some of {', '.join(STAGES)}, got {stages!r}."
+        )
     if "ppo" in stages and "rm" not in stages:
-        raise UserError(f"{path}: stage ppo scores its answers with the rm stage's model; add rm to stages.")
+        raise UserError(
+            f"{path}: stage ppo scores its answers with the rm stage's model; add rm to stages."
+        )
     config["data"] = _data_folders(config["data"], path)
     flags = config["flags"]
     config["flags"] = _stage_flags(flags, path)  # checks the shape of `flags` first
@@ -82,7 +125,9 @@ def _stage_methods(flags: Any, method: str, path: str) -> dict[str, str]:
     for stage in STAGES:
         own = (flags.get(stage) or {}).get("method")
         if own is not None and own not in METHODS:
-            raise UserError(f"{path}: flags.{stage}.method must be one of {', '.join(METHODS)}, got {own!r}.")
+            raise UserError(
+                f"{path}: flags.{stage}.method must be one of {', '.join(METHODS)}, got {own!r}."
+            )
         methods[stage] = own or method
     return methods
 
@@ -93,7 +138,9 @@ def _data_folders(data: Any, path: str) -> dict[str, str | None]:
     folders = {**DEFAULT_DATA, **data}
     for key, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
-            raise UserError(f"{path}: data.{key} folder {folder} does not exist; fix the path or set it to null.")
+            raise UserError(
+                f"{path}: data.{key} folder {folder} does not exist; fix the path or set it to null."
+            )
     for stage in STAGES:
         if folders[stage] is None:
             raise UserError(f"{path}: data.{stage} (the {stage} training folder) cannot be null.")
@@ -102,18 +149,28 @@ def _data_folders(data: Any, path: str) -> dict[str, str | None]:
 
 def _stage_flags(flags: Any, path: str) -> dict[str, list[str]]:
     if not isinstance(flags, dict) or set(flags) - set(STAGES):
-        raise UserError(f"{path}: flags must map some of {', '.join(STAGES)} to mappings of stage flags.")
+        raise UserError(
+            f"{path}: flags must map some of {', '.join(STAGES)} to mappings of stage flags."
+        )
     argv = {}
     for stage in STAGES:
         given = flags.get(stage) or {}
         if not isinstance(given, dict):
-            raise UserError(f"{path}: flags.{stage} must be a mapping of flag names to values, got {given!r}.")
+            raise UserError(
+                f"{path}: flags.{stage} must be a mapping of flag names to values, got {given!r}."
+            )
         taken = sorted(set(given) & set(PIPELINE_FLAGS))
         if taken:
-            raise UserError(f"{path}: flags.{stage} sets {', '.join(taken)}, which the pipeline sets itself; "
-                            "use the config's base_model, data and template keys instead.")
-        argv[stage] = [word for name, value in given.items() if name != "method"
-                       for word in _flag(name, value, f"{path}: flags.{stage}")]
+            raise UserError(
+                f"{path}: flags.{stage} sets {', '.join(taken)}, which the pipeline sets itself; "
+                "use the config's base_model, data and template keys instead."
+            )
+        argv[stage] = [
+            word
+            for name, value in given.items()
+            if name != "method"
+            for word in _flag(name, value, f"{path}: flags.{stage}")
+        ]
     return argv
 
 
@@ -122,7 +179,9 @@ def _flag(name: str, value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, dict):
-        raise UserError(f"{where}.{name} holds a mapping; a flag takes a value or a list of values.")
+        raise UserError(
+            f"{where}.{name} holds a mapping; a flag takes a value or a list of values."
+        )
     return [f"--{name}"] + [str(v) for v in (value if isinstance(value, list) else [value])]
 
 
@@ -145,7 +204,10 @@ def _parse_names_and_values(stage: str, argv: list[str]) -> None:
     """Parse with stage `stage`'s own argument classes (STAGE_ARGUMENTS, the ones its parse() uses): names, types,
     choices and each class's __post_init__ checks. The checks parse() adds after that (check_common,
     validate_ppo) read the start model's config, which for a later stage an earlier stage has yet to make."""
-    from pipeline.args import STAGE_ARGUMENTS, parse_args  # torch and transformers: only for this check
+    from pipeline.args import (
+        STAGE_ARGUMENTS,
+        parse_args,
+    )  # torch and transformers: only for this check
 
     arguments = STAGE_ARGUMENTS[stage]
     parsed = parse_args(arguments, argv)
@@ -170,8 +232,14 @@ def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:
     """Parse each stage's arguments as run_pipeline.sh will pass them (placeholders for the models that earlier
     stages make); the first mistake is one UserError naming the stage and the flag."""
     for stage in config["stages"]:
-        chain = ["--model_name_or_path", f"<{stage} start model>", "--output_dir", str(Path(output_root, stage)),
-                 "--resume_from_checkpoint", "auto"]
+        chain = [
+            "--model_name_or_path",
+            f"<{stage} start model>",
+            "--output_dir",
+            str(Path(output_root, stage)),
+            "--resume_from_checkpoint",
+            "auto",
+        ]
         if stage == "ppo":
             chain += ["--reward_model_name_or_path", "<rm model>"]
         argparse_errors = io.StringIO()
@@ -179,7 +247,9 @@ def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:
             with contextlib.redirect_stderr(argparse_errors):
                 _parse_names_and_values(stage, chain + stage_args(config, stage))
         except UserError as e:
-            reason = str(e).replace("Run with --help to list", f"bash run_{stage}.sh --help lists", 1)
+            reason = str(e).replace(
+                "Run with --help to list", f"bash run_{stage}.sh --help lists", 1
+            )
             raise UserError(f"{path}: flags.{stage}: {reason}") from e
         except SystemExit as e:  # argparse rejected a value: its last line says which flag and why
             lines = argparse_errors.getvalue().strip().splitlines() or ["a flag was rejected"]
@@ -189,10 +259,14 @@ def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:
 
 def shell_lines(config: dict[str, Any]) -> list[str]:
     """Bash assignments: scalars, and arrays of ready-to-pass flags (`"${pt_flags[@]}"`)."""
+
     def array(name: str, words: list[str]) -> str:
         return f"{name}=({' '.join(shlex.quote(w) for w in words)})"
 
-    lines = [f"{key}={shlex.quote(str(config[key] or ''))}" for key in ("output_root", "base_model", "template")]
+    lines = [
+        f"{key}={shlex.quote(str(config[key] or ''))}"
+        for key in ("output_root", "base_model", "template")
+    ]
     exact_match_data = config["data"]["sft_eval"] if config["exact_match"] else None
     lines.append(f"exact_match_data={shlex.quote(exact_match_data or '')}")
     lines.append(array("stages", config["stages"]))
@@ -209,11 +283,19 @@ def shell_lines(config: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.pipeline_config", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", metavar="CONFIG.yaml", help="a pipeline config (configs/pipeline_default.yaml)")
-    parser.add_argument("--check-flags", action="store_true",
-                        help="check every stage's flags as that stage would parse them, then stop")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.tools.pipeline_config",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "config", metavar="CONFIG.yaml", help="a pipeline config (configs/pipeline_default.yaml)"
+    )
+    parser.add_argument(
+        "--check-flags",
+        action="store_true",
+        help="check every stage's flags as that stage would parse them, then stop",
+    )
     args = parser.parse_args(argv)
     config = load(args.config)
     if args.check_flags:

@@ -21,10 +21,16 @@ from pipeline.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Show the rendered text and token/label table of one record.")
+    parser = argparse.ArgumentParser(
+        description="Show the rendered text and token/label table of one record."
+    )
     parser.add_argument("--file", required=True)
     parser.add_argument("--template_name", default="auto")
-    parser.add_argument("--chat_template_kwargs", default=None, help="JSON object given to every render of the template.")
+    parser.add_argument(
+        "--chat_template_kwargs",
+        default=None,
+        help="JSON object given to every render of the template.",
+    )
     parser.add_argument("--tokenizer_name_or_path", required=True)
     parser.add_argument("--index", type=int, default=0, help="which record (0-based)")
     parser.add_argument("--data_format", default="auto", choices=FORMATS)
@@ -35,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.file)
     if not path.is_file():
         raise UserError(f"--file {args.file} does not exist.")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
+    )
     template = resolve_template(args.template_name, tokenizer, args.chat_template_kwargs)
     apply_template_to_tokenizer(tokenizer, template)
     records = list(iter_json_records(path))
@@ -46,8 +54,14 @@ def main(argv: list[str] | None = None) -> None:
         conv = normalize(record, args.data_format)
     except InvalidSample as e:
         raise UserError(f"{path}:{line}: {e}") from e
-    print(f"== {path}:{line} with template '{template.name}'\n{_whole_text(template, tokenizer, conv)}")
-    for k, sample in enumerate(encode_samples(template, tokenizer, conv, args.multi_turn_mode, False, args.model_max_length)):
+    print(
+        f"== {path}:{line} with template '{template.name}'\n{_whole_text(template, tokenizer, conv)}"
+    )
+    for k, sample in enumerate(
+        encode_samples(
+            template, tokenizer, conv, args.multi_turn_mode, False, args.model_max_length
+        )
+    ):
         if isinstance(sample, Dropped):
             print(f"\n== sample {k}: dropped ({sample.reason})")
             continue
@@ -60,7 +74,9 @@ def _whole_text(template, tokenizer, conv: dict) -> str:
     """The conversation as the template writes it; one that rewrites history is shown as the saved chat
     template renders it (its samples, below, are one answer each)."""
     try:
-        return "".join(s.text for s in render_segments(template, conv["messages"], conv.get("tools")))
+        return "".join(
+            s.text for s in render_segments(template, conv["messages"], conv.get("tools"))
+        )
     except NotPrefixConsistent:
         note = "(the template rewrites earlier turns once later ones follow: each answer is trained in its own sample)"
         return render(tokenizer, conv["messages"], conv.get("tools"), form=template) + "\n" + note

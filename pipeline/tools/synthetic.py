@@ -69,10 +69,16 @@ def sft_records(items: list[str], rng: random.Random) -> list[dict]:
     out = []
     for item in items:
         for lang in ("en", "zh"):
-            conv = [{"from": "human", "value": question(item, lang)}, {"from": "gpt", "value": answer(item, lang)}]
+            conv = [
+                {"from": "human", "value": question(item, lang)},
+                {"from": "gpt", "value": answer(item, lang)},
+            ]
             if rng.random() < 0.3:
                 other = rng.choice(items)
-                conv += [{"from": "human", "value": question(other, lang)}, {"from": "gpt", "value": answer(other, lang)}]
+                conv += [
+                    {"from": "human", "value": question(other, lang)},
+                    {"from": "gpt", "value": answer(other, lang)},
+                ]
             out.append({"conversations": conv})
     return out
 
@@ -82,11 +88,13 @@ def preference_records(items: list[str], rng: random.Random) -> list[dict]:
     out = []
     for item in items:
         for lang in ("en", "zh"):
-            out.append({
-                "question": question(item, lang),
-                "response_chosen": answer(item, lang),
-                "response_rejected": wrong_answer(item, lang, rng),
-            })
+            out.append(
+                {
+                    "question": question(item, lang),
+                    "response_chosen": answer(item, lang),
+                    "response_rejected": wrong_answer(item, lang, rng),
+                }
+            )
     return out
 
 

@@ -28,8 +28,12 @@ logger = logging.getLogger(__name__)
 def fused_loss_available(head: torch.nn.Module) -> bool:
     """liger-kernel's fused kernel reads the head's weight directly: a plain Linear on a CUDA device, not
     sharded by ZeRO-3 (wrapped heads, e.g. LoRA or modules_to_save copies, take the chunked path)."""
-    return (type(head) is torch.nn.Linear and head.weight.is_cuda and not is_deepspeed_zero3_enabled()
-            and importlib.util.find_spec("liger_kernel") is not None)
+    return (
+        type(head) is torch.nn.Linear
+        and head.weight.is_cuda
+        and not is_deepspeed_zero3_enabled()
+        and importlib.util.find_spec("liger_kernel") is not None
+    )
 
 
 class CausalLMTrainer(Trainer):
@@ -37,9 +41,17 @@ class CausalLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
         self.sharded_head = is_deepspeed_zero3_enabled()
-        if self.sharded_head and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
-            logger.info("ZeRO-3 shards the output head: the loss runs in chunks, not liger-kernel's fused cross-entropy")
-        self.model_accepts_loss_kwargs = True  # the loss below divides by the global token count itself
+        if (
+            self.sharded_head
+            and torch.cuda.is_available()
+            and importlib.util.find_spec("liger_kernel") is not None
+        ):
+            logger.info(
+                "ZeRO-3 shards the output head: the loss runs in chunks, not liger-kernel's fused cross-entropy"
+            )
+        self.model_accepts_loss_kwargs = (
+            True  # the loss below divides by the global token count itself
+        )
         self.can_return_loss = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -48,27 +60,39 @@ class CausalLMTrainer(Trainer):
         outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        loss_sum, count = causal_lm_loss_sum(outputs.hidden_states[-1], labels, head, self.loss_chunk_size,
-                                             fused=fused_loss_available(head), compute_dtype=mixed,
-                                             sharded_head=self.sharded_head)
+        loss_sum, count = causal_lm_loss_sum(
+            outputs.hidden_states[-1],
+            labels,
+            head,
+            self.loss_chunk_size,
+            fused=fused_loss_available(head),
+            compute_dtype=mixed,
+            sharded_head=self.sharded_head,
+        )
         if num_items_in_batch is None:  # evaluation: the mean over this batch's supervised tokens
             loss = loss_sum / count.clamp(min=1)
         else:
             loss = loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                loss = loss * self.accelerator.num_processes  # DDP averages the gradients of the ranks
+                loss = (
+                    loss * self.accelerator.num_processes
+                )  # DDP averages the gradients of the ranks
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         """--master_weights optimizer: the Trainer's AdamW with float32 masters of the weights (made from the weights as
         loaded), then the model's weights cast to bf16 (pipeline/train/master_weights.py)."""
         optimizer = super().create_optimizer(model)
-        if getattr(self.args, "master_weights", "model") != "optimizer" or isinstance(optimizer, MasterWeightsAdamW):
+        if getattr(self.args, "master_weights", "model") != "optimizer" or isinstance(
+            optimizer, MasterWeightsAdamW
+        ):
             return optimizer
         self.optimizer = MasterWeightsAdamW.replacing(optimizer)
         for weight in (p for g in self.optimizer.param_groups for p in g["params"]):
             weight.data = weight.data.to(torch.bfloat16)
-        logger.info("--master_weights optimizer: bf16 weights in the model, float32 masters in the optimizer")
+        logger.info(
+            "--master_weights optimizer: bf16 weights in the model, float32 masters in the optimizer"
+        )
         return self.optimizer
 
     @contextmanager
@@ -79,8 +103,11 @@ class CausalLMTrainer(Trainer):
         if not isinstance(optimizer, MasterWeightsAdamW):
             yield
             return
-        pairs = [(w, m) for g, inner in zip(optimizer.param_groups, optimizer.inner.param_groups)
-                 for w, m in zip(g["params"], inner["params"])]
+        pairs = [
+            (w, m)
+            for g, inner in zip(optimizer.param_groups, optimizer.inner.param_groups)
+            for w, m in zip(g["params"], inner["params"])
+        ]
         half = [w.data for w, _ in pairs]
         for weight, master in pairs:
             weight.data = master.data
@@ -94,14 +121,20 @@ class CausalLMTrainer(Trainer):
         """A checkpoint saved under --master_weights optimizer holds its moments beside float32 masters; a plain AdamW
         would load it as empty state (Adam restarted from scratch): refused in one sentence."""
         saved = Path(checkpoint, "optimizer.pt") if checkpoint else None
-        if saved is not None and saved.is_file() and getattr(self.args, "master_weights", "model") != "optimizer":
+        if (
+            saved is not None
+            and saved.is_file()
+            and getattr(self.args, "master_weights", "model") != "optimizer"
+        ):
             try:  # read lazily (mmap); a state of other types than tensors and numbers is not ours to judge
                 keys = torch.load(saved, map_location="cpu", mmap=True, weights_only=True).keys()
             except Exception:  # noqa: BLE001
                 keys = ()
             if "masters" in keys:
-                raise UserError(f"{checkpoint} was saved under --master_weights optimizer (its optimizer state keeps "
-                                "float32 masters); resume it with that flag.")
+                raise UserError(
+                    f"{checkpoint} was saved under --master_weights optimizer (its optimizer state keeps "
+                    "float32 masters); resume it with that flag."
+                )
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def _save(self, output_dir=None, state_dict=None):

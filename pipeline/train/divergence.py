@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
-ADVICE = ("try a lower --learning_rate, bf16 instead of fp16 (or float32), or gradient clipping (--max_grad_norm 1.0)")
+ADVICE = "try a lower --learning_rate, bf16 instead of fp16 (or float32), or gradient clipping (--max_grad_norm 1.0)"
 
 
 def _show(value: float | None) -> str:
@@ -45,7 +45,9 @@ class NonFiniteSteps:
         self.first_bad: int | None = None
         self.last_finite: tuple[int, float] | None = None  # (step, loss)
 
-    def record(self, step: int, loss: float | None, grad_norm: float | None = None, note: str = "") -> bool:
+    def record(
+        self, step: int, loss: float | None, grad_norm: float | None = None, note: str = ""
+    ) -> bool:
         """Whether step `step` was finite (and could train). Raises UserError at the `limit`-th bad step in a row."""
         if finite(loss) and finite(grad_norm):
             self.in_a_row, self.first_bad = 0, None
@@ -55,8 +57,16 @@ class NonFiniteSteps:
         self.in_a_row += 1
         self.total += 1
         self.first_bad = self.first_bad or step
-        logger.warning("step %d: %s loss %s, gradient norm %s: not finite (%d in a row; the run stops at %d)%s",
-                       step, self.what, _show(loss), _show(grad_norm), self.in_a_row, self.limit, note)
+        logger.warning(
+            "step %d: %s loss %s, gradient norm %s: not finite (%d in a row; the run stops at %d)%s",
+            step,
+            self.what,
+            _show(loss),
+            _show(grad_norm),
+            self.in_a_row,
+            self.limit,
+            note,
+        )
         if self.in_a_row >= self.limit:
             raise UserError(self.sentence(step))
         return False
@@ -70,22 +80,39 @@ class NonFiniteSteps:
             self.stalled = 0
             return True
         self.stalled += 1
-        logger.warning("step %d: %s loss %.4g with a gradient norm of exactly 0 (%d in a row; the run stops at %d)",
-                       step, self.what, loss, self.stalled, self.limit)
+        logger.warning(
+            "step %d: %s loss %.4g with a gradient norm of exactly 0 (%d in a row; the run stops at %d)",
+            step,
+            self.what,
+            loss,
+            self.stalled,
+            self.limit,
+        )
         if self.stalled >= self.limit:
-            raise UserError(f"{self.what} cannot learn any more: the last {self.stalled} steps (to step {step}) had a "
-                            f"gradient norm of exactly 0 under a loss of {loss:.4g}, so the outputs no longer depend "
-                            "on the weights (a run that collapsed, or no trainable weight reaches the loss); no model "
-                            f"was saved; {ADVICE}.")
+            raise UserError(
+                f"{self.what} cannot learn any more: the last {self.stalled} steps (to step {step}) had a "
+                f"gradient norm of exactly 0 under a loss of {loss:.4g}, so the outputs no longer depend "
+                "on the weights (a run that collapsed, or no trainable weight reaches the loss); no model "
+                f"was saved; {ADVICE}."
+            )
         return False
 
     def sentence(self, step: int) -> str:
-        since = f"steps {self.first_bad}-{step} were" if self.first_bad and self.first_bad != step else f"step {step} was"
-        last = (f"the last finite loss was {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
-                if self.last_finite else "no step had a finite loss")
-        return (f"{self.what} diverged: {since} not finite (loss or gradient norm NaN/inf; {last}), so no model was "
-                f"saved and the checkpoints written before stay resumable; {ADVICE}, then rerun (with "
-                "--resume_from_checkpoint auto to continue from the last checkpoint).")
+        since = (
+            f"steps {self.first_bad}-{step} were"
+            if self.first_bad and self.first_bad != step
+            else f"step {step} was"
+        )
+        last = (
+            f"the last finite loss was {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
+            if self.last_finite
+            else "no step had a finite loss"
+        )
+        return (
+            f"{self.what} diverged: {since} not finite (loss or gradient norm NaN/inf; {last}), so no model was "
+            f"saved and the checkpoints written before stay resumable; {ADVICE}, then rerun (with "
+            "--resume_from_checkpoint auto to continue from the last checkpoint)."
+        )
 
 
 def worst(values: list[float | None]) -> float | None:
@@ -114,8 +141,14 @@ def agreed_step(loss: float, grad: float | None, device) -> tuple[float, float |
     """A step's loss and gradient norm as every rank must judge them: NaN where any rank's is not finite, and a
     rank whose own loss is exactly 0 takes the largest of the others' (the norm is global after the gradients'
     all-reduce, so "norm 0 under a non-zero loss" must not depend on which rank looks)."""
-    bad_loss, bad_grad, size = rank_max([float(not math.isfinite(loss)), float(not finite(grad)),
-                                         abs(loss) if math.isfinite(loss) else 0.0], device)
+    bad_loss, bad_grad, size = rank_max(
+        [
+            float(not math.isfinite(loss)),
+            float(not finite(grad)),
+            abs(loss) if math.isfinite(loss) else 0.0,
+        ],
+        device,
+    )
     if bad_loss:
         loss = math.nan if math.isfinite(loss) else loss
     elif loss == 0.0:
@@ -133,7 +166,10 @@ class DivergenceGuard(TrainerCallback):
     """The guard for a Trainer stage: per-step loss (from the Trainer's running sum) and gradient norm."""
 
     def __init__(self, trainer, limit: int):
-        self.trainer, self.steps = trainer, NonFiniteSteps(limit, exact_norms=not trainer.is_deepspeed_enabled)
+        self.trainer, self.steps = (
+            trainer,
+            NonFiniteSteps(limit, exact_norms=not trainer.is_deepspeed_enabled),
+        )
         self._loss_before: torch.Tensor | None = None
         self._grad_norm: float | None = None
         self._total_before = 0.0
@@ -155,7 +191,9 @@ class DivergenceGuard(TrainerCallback):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
         self._grad_norm = gradient_norm(params)
         if not finite(self._grad_norm) and not self._scaled():
-            for p in params:  # the optimizer skips parameters without a gradient: the weights stay finite
+            for p in (
+                params
+            ):  # the optimizer skips parameters without a gradient: the weights stay finite
                 p.grad = None
         return control
 
@@ -163,13 +201,19 @@ class DivergenceGuard(TrainerCallback):
         loss = float((self.trainer._tr_loss - self._loss_before).sum())
         loss, grad = agreed_step(loss, None if self._scaled() else self._grad_norm, args.device)
         if not self.steps.record(state.global_step, loss, grad, self._note()):
-            control.should_save = False  # these weights may hold NaN (or be collapsed): no checkpoint of them
+            control.should_save = (
+                False  # these weights may hold NaN (or be collapsed): no checkpoint of them
+            )
         return control
 
     def _note(self) -> str:
         if self.trainer.is_deepspeed_enabled or finite(self._grad_norm):
             return ""
-        return "; the loss scaler skipped this step" if self._scaled() else "; this optimizer step was skipped"
+        return (
+            "; the loss scaler skipped this step"
+            if self._scaled()
+            else "; this optimizer step was skipped"
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # the Trainer resets its running loss by subtracting it from itself, which leaves a NaN in place: the
@@ -201,5 +245,7 @@ def check_finite_weights(model, device=None) -> None:
     """Refuse to write a model whose trainable weights hold NaN/inf."""
     bad = nonfinite_weight(model, device)
     if bad:
-        raise UserError(f"the trained weights hold NaN/inf values ({bad}), so no model was saved; the run diverged "
-                        f"without a non-finite loss being seen; {ADVICE}.")
+        raise UserError(
+            f"the trained weights hold NaN/inf values ({bad}), so no model was saved; the run diverged "
+            f"without a non-finite loss being seen; {ADVICE}."
+        )

@@ -11,7 +11,9 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.data.masking import IGNORE_INDEX
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float
+) -> torch.Tensor:
     """-log sigmoid(r_c - r_r - margin), plus center_coef * mean((r_c + r_r)^2) to keep rewards near zero."""
     loss = -F.logsigmoid(chosen - rejected - margin).mean()
     if center_coef:
@@ -23,12 +25,19 @@ def average_logps(model, batch) -> torch.Tensor:
     """Mean log-probability of the completion tokens of each row, through trl's fused LM head (installed on
     the model: per-token log-probabilities in chunks, never the full-vocabulary logits)."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
-    token_logps = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                        fused_lm_head=True, use_cache=False).log_probs
+    token_logps = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    ).log_probs
     return token_logps.sum(-1) / batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
 
 
-def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+def simpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
     """SimPO: -log sigmoid(beta * (avg logp_c - avg logp_r) - gamma), no reference model."""
     return -F.logsigmoid(beta * (chosen - rejected) - gamma).mean()
 
@@ -48,9 +57,15 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048,
-                       fused: bool = False, compute_dtype: torch.dtype | None = None,
-                       sharded_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_size: int = 2048,
+    fused: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    sharded_head: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token cross-entropy, number of supervised tokens) from the final hidden states.
 
     Only positions whose next label is supervised go through the output head, `chunk_size` at a time, and
@@ -69,23 +84,35 @@ def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.n
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         weight, bias = head.weight, head.bias
-        dtype = compute_dtype or weight.dtype  # the kernel multiplies its operands as given: make them agree
+        dtype = (
+            compute_dtype or weight.dtype
+        )  # the kernel multiplies its operands as given: make them agree
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
-            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias), keep.sum()
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(
+                weight, hidden, targets, bias
+            ), keep.sum()
     # ZeRO-3: a chunk's recomputation runs in the backward pass before any module's backward hook (the loss is
     # outside the model), so DeepSpeed re-partitions the head right after it, and checkpoint holds a frozen
     # weight (LoRA's head) by reference: its shape check sees the empty shard. The weight is gathered again by
     # the head's own pre-backward hook before its gradient is computed, so only the shape check is skipped.
     check = "none" if sharded_head else "default"
     total = hidden.new_zeros((), dtype=torch.float32)
-    with torch.autocast(device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+    with torch.autocast(
+        device, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None
+    ):
         for start in range(0, len(targets), chunk_size):
             part = slice(start, start + chunk_size)
             if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False,
-                                           determinism_check=check)
+                total = total + checkpoint(
+                    _chunk_loss,
+                    hidden[part],
+                    targets[part],
+                    head,
+                    use_reentrant=False,
+                    determinism_check=check,
+                )
             else:
                 total = total + _chunk_loss(hidden[part], targets[part], head)
     return total, keep.sum()

@@ -36,9 +36,13 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
     def replacing(cls, optimizer: torch.optim.Optimizer) -> MasterWeightsAdamW:
         """The same groups and hyperparameters as `optimizer` (a torch AdamW the Trainer built), with masters."""
         if not isinstance(optimizer, torch.optim.AdamW):
-            raise UserError(f"--master_weights optimizer steps AdamW on float32 masters; --optim chose "
-                            f"{type(optimizer).__name__}: use --optim adamw_torch_fused (or adamw_torch).")
-        groups = [{k: v for k, v in g.items() if k in (*HYPER, "params")} for g in optimizer.param_groups]
+            raise UserError(
+                f"--master_weights optimizer steps AdamW on float32 masters; --optim chose "
+                f"{type(optimizer).__name__}: use --optim adamw_torch_fused (or adamw_torch)."
+            )
+        groups = [
+            {k: v for k, v in g.items() if k in (*HYPER, "params")} for g in optimizer.param_groups
+        ]
         return cls(groups, {k: optimizer.defaults[k] for k in HYPER if k in optimizer.defaults})
 
     @torch.no_grad()
@@ -46,7 +50,9 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
         if closure is not None:
             raise UserError("--master_weights optimizer: closures are not supported.")
         for group, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update({k: group[k] for k in HYPER if k in group})  # the scheduler sets the outer groups' lr
+            inner.update(
+                {k: group[k] for k in HYPER if k in group}
+            )  # the scheduler sets the outer groups' lr
             for weight, master in zip(group["params"], inner["params"]):
                 master.grad = None if weight.grad is None else weight.grad.to(torch.float32)
         self.inner.step()
@@ -60,14 +66,20 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
         return [m for g in self.inner.param_groups for m in g["params"]]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "inner": self.inner.state_dict(), "masters": [m.detach() for m in self.masters()]}
+        return {
+            **super().state_dict(),
+            "inner": self.inner.state_dict(),
+            "masters": [m.detach() for m in self.masters()],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         inner, masters = state_dict.pop("inner", None), state_dict.pop("masters", None)
         if inner is None or masters is None:
-            raise UserError("this checkpoint's optimizer state has no float32 masters: it was saved without "
-                            "--master_weights optimizer; resume it with the flags it was saved with.")
+            raise UserError(
+                "this checkpoint's optimizer state has no float32 masters: it was saved without "
+                "--master_weights optimizer; resume it with the flags it was saved with."
+            )
         super().load_state_dict(state_dict)
         self.inner.load_state_dict(inner)
         with torch.no_grad():
@@ -79,12 +91,21 @@ def check_master_weights(model_args, peft_args, training_args) -> None:
     """--master_weights optimizer: full training under --bf16 without DeepSpeed, the weights loaded as bf16."""
     if getattr(training_args, "master_weights", "model") != "optimizer":
         return
-    problem = ("trains adapters (--use_peft True), whose frozen base is bf16 already" if peft_args.use_peft else
-               "needs --bf16 True" if not training_args.bf16 else
-               "is DeepSpeed's own way (it keeps float32 masters under --deepspeed); drop one" if training_args.deepspeed
-               else "loads the weights as bf16; drop --torch_dtype" if model_args.torch_dtype not in ("auto", "bfloat16")
-               else "does not take quantized weights" if model_args.quantized
-               else "keeps the float32 masters of the last step, not of the best checkpoint: drop "
-                    "--load_best_model_at_end" if training_args.load_best_model_at_end else None)
+    problem = (
+        "trains adapters (--use_peft True), whose frozen base is bf16 already"
+        if peft_args.use_peft
+        else "needs --bf16 True"
+        if not training_args.bf16
+        else "is DeepSpeed's own way (it keeps float32 masters under --deepspeed); drop one"
+        if training_args.deepspeed
+        else "loads the weights as bf16; drop --torch_dtype"
+        if model_args.torch_dtype not in ("auto", "bfloat16")
+        else "does not take quantized weights"
+        if model_args.quantized
+        else "keeps the float32 masters of the last step, not of the best checkpoint: drop "
+        "--load_best_model_at_end"
+        if training_args.load_best_model_at_end
+        else None
+    )
     if problem:
         raise UserError(f"--master_weights optimizer {problem}.")

@@ -53,8 +53,11 @@ class PretokenizedKTOTrainer(KTOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.calculate_KL:  # rotate completions by one within each batch, as trl does
+
             def add_kl(examples):
-                examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]
+                examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples[
+                    "completion_ids"
+                ][:-1]
                 return examples
 
             dataset = dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size)
@@ -62,9 +65,19 @@ class PretokenizedKTOTrainer(KTOTrainer):
 
 
 class ReferenceFreeTrainer(Trainer):
-    def __init__(self, *args, loss_type: str, beta: float, gamma: float = 0.0, pad_token_id: int, packing: bool = False,
-                 **kwargs):
-        super().__init__(*args, data_collator=DataCollatorForPreference(pad_token_id=pad_token_id), **kwargs)
+    def __init__(
+        self,
+        *args,
+        loss_type: str,
+        beta: float,
+        gamma: float = 0.0,
+        pad_token_id: int,
+        packing: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            *args, data_collator=DataCollatorForPreference(pad_token_id=pad_token_id), **kwargs
+        )
         self.args.remove_unused_columns = False  # the preference collator needs the id columns
         add_fused_lm_head(unwrap(self.model))
         unpad_models(self, packing)
@@ -74,8 +87,11 @@ class ReferenceFreeTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = average_logps(model, inputs).chunk(2)
-        loss = simpo_loss(chosen, rejected, self.beta, self.gamma) if self.loss_type == "simpo" else \
-            orpo_loss(chosen, rejected, self.beta)
+        loss = (
+            simpo_loss(chosen, rejected, self.beta, self.gamma)
+            if self.loss_type == "simpo"
+            else orpo_loss(chosen, rejected, self.beta)
+        )
         metrics = self._metrics["train" if model.training else "eval"]
         metrics["logps/chosen"].append(chosen.mean().item())
         metrics["logps/rejected"].append(rejected.mean().item())

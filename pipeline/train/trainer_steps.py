@@ -42,7 +42,9 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     checkpoint = resolve_resume_checkpoint(training_args)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    prepare_trainer_resume(trainer, checkpoint)  # a ZeRO checkpoint saved by another number of processes
+    prepare_trainer_resume(
+        trainer, checkpoint
+    )  # a ZeRO checkpoint saved by another number of processes
     guard = CheckpointGuard()
     trainer.add_callback(guard)
     trainer.add_callback(StopIfFinished())
@@ -54,15 +56,21 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     except _AlreadyFinished as finished:
         # the checkpoint is the end of the run (a rerun of a finished or requeued job): its weights, restored
         # by train(), become the final model again; no step is trained and the earlier metrics stay
-        logger.info("%s is already at step %d of %d: nothing more to train", checkpoint, *finished.args)
+        logger.info(
+            "%s is already at step %d of %d: nothing more to train", checkpoint, *finished.args
+        )
         result = None
     finally:
         guard.restore()
-    if guard.preempted:  # a checkpoint of this step was saved; no final model, so the stage is not done
+    if (
+        guard.preempted
+    ):  # a checkpoint of this step was saved; no final model, so the stage is not done
         exit_preempted(trainer.state.global_step, training_args.should_log)
     if trainer.state.global_step == 0:
-        raise UserError("training ran 0 steps, so the output would be the untrained model; check --max_steps, "
-                        "--num_train_epochs and the data size.")
+        raise UserError(
+            "training ran 0 steps, so the output would be the untrained model; check --max_steps, "
+            "--num_train_epochs and the data size."
+        )
     check_finite_weights(trainer.model, training_args.device)  # never write a NaN model
     base = unwrap(trainer.model)
     base.config.use_cache = True  # the saved config is for inference, which wants the cache back
@@ -99,5 +107,3 @@ def evaluate_and_save(trainer: Trainer, with_perplexity: bool = False) -> dict[s
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics
-
-
