@@ -2,10 +2,12 @@
 
     python merge_peft_adapter.py --base_model outputs/base --tokenizer_path outputs/base \
         --lora_model outputs/pt --output_dir outputs/pt-merged
-    python merge_peft_adapter.py --lora_model outputs/pt --output_dir outputs/pt-merged   # the base it recorded
+    python merge_peft_adapter.py --lora_model outputs/pt \
+        --output_dir outputs/pt-merged   # the base it recorded
 
-Without --base_model the adapter's recorded base is used: the folder named in its adapter_config.json, or that
-path relative to the adapter, or a folder of the same name beside it (both folders copied elsewhere together).
+Without --base_model the adapter's recorded base is used: the folder named in its
+adapter_config.json, or that path relative to the adapter, or a folder of the same name beside it
+(both folders copied elsewhere together).
 """
 
 import argparse
@@ -20,12 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base_model",
         default=None,
-        help="Base model folder or hub id the adapter was trained on (default: the one it records).",
+        help="Base model folder or hub id the adapter was trained on "
+        "(default: the one it records).",
     )
     parser.add_argument(
         "--tokenizer_path",
         default=None,
-        help="Tokenizer to save with the merged model; the adapter folder's own tokenizer wins if present.",
+        help="Tokenizer to save with the merged model; "
+        "the adapter folder's own tokenizer wins if present.",
     )
     parser.add_argument(
         "--lora_model", required=True, help="Adapter folder (holds adapter_config.json)."

@@ -1,14 +1,16 @@
-"""What the training/inference contract costs: encoding N chats into SFT samples with every conversation
-checked (each answer after exactly its prompt's ids), against the code before that check (the first 4
-conversations checked, one tokenization of the whole text), one process, CPU.
+"""What the training/inference contract costs: encoding N chats into SFT samples with every
+conversation checked (each answer after exactly its prompt's ids), against the code before that
+check (the first 4 conversations checked, one tokenization of the whole text), one process, CPU.
 
     python -m bench.contract_cost --chats 100000 --out bench/results
-    python -m bench.contract_cost --chats 100000 --code /path/to/an/older/checkout   # the same on other code
+    python -m bench.contract_cost --chats 100000 \
+        --code /path/to/an/older/checkout   # the same on other code
 
-The chats are multi-turn (1 to 4 answers, a fifth of them with a tool call and its result), with words from
-the repository's text, lengths log-normal around 80 words a message. The tokenizer is Llama-3's
-(bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py) with its official template for `auto`; the
-project template `qwen` (rendered in Python, checked against its Jinja form) runs on the same tokenizer.
+The chats are multi-turn (1 to 4 answers, a fifth of them with a tool call and its result), with
+words from the repository's text, lengths log-normal around 80 words a message. The tokenizer is
+Llama-3's (bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py) with its official template
+for `auto`; the project template `qwen` (rendered in Python, checked against its Jinja form) runs on
+the same tokenizer.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def main() -> None:
     if args.code:  # the same measurement in a child whose pipeline is the other checkout's
         env = {**os.environ, "PYTHONPATH": f"{Path(args.code).resolve()}:{REPO}"}
         code = (
-            f"import importlib.util, json, sys; sys.path[:0] = [{str(Path(args.code).resolve())!r}, {str(REPO)!r}]\n"
+            "import importlib.util, json, sys; sys.path[:0] = "
+            f"[{str(Path(args.code).resolve())!r}, {str(REPO)!r}]\n"
             f"spec = importlib.util.spec_from_file_location('cost', {__file__!r})\n"
             "cost = importlib.util.module_from_spec(spec); spec.loader.exec_module(cost)\n"
             f"chats = cost.make_chats({args.chats})\n"

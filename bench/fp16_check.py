@@ -1,10 +1,11 @@
-"""fp16 on every stage, on one CUDA GPU: each stage trains a few steps with --fp16 True (float16 autocast and a
-loss scaler; LoRA over float16 weights loaded with --torch_dtype float16, or full training on float32 masters),
-in its own process; the check records exit code, first/last loss (finite?), steps/s, the dtype of the saved
-trained weights and, for PPO, the loss scale. One run writes fp16-check.json, fp16-check.md and the stages' log
-tails (logs.txt) under --out. Not a test: CI has no GPU (tests/test_fp16.py holds the CPU side).
+"""fp16 on every stage, on one CUDA GPU: each stage trains a few steps with --fp16 True (float16
+autocast and a loss scaler; LoRA over float16 weights loaded with --torch_dtype float16, or full
+training on float32 masters), in its own process; the check records exit code, first/last loss
+(finite?), steps/s, the dtype of the saved trained weights and, for PPO, the loss scale. One run
+writes fp16-check.json, fp16-check.md and the stages' log tails (logs.txt) under --out. Not a test:
+CI has no GPU (tests/test_fp16.py holds the CPU side).
 
-    python -m bench.fp16_check --out results/         # on the GPU machine (about 5 minutes on one H200)
+    python -m bench.fp16_check --out results/  # on the GPU machine (about 5 minutes on one H200)
     python -m bench.fp16_check --out r/ --only ppo_lora_fp16,sft_lora_fp16
 """
 
@@ -120,7 +121,8 @@ def runs(model: Path, work: Path) -> dict[str, tuple[str, list[str]]]:
                 *LORA16,
             ],
         ),
-        # the set-up of the seed's run_ppo.sh before the fix: float16 weights without --fp16 (refused now, at parse)
+        # the set-up of the seed's run_ppo.sh before the fix: float16 weights without --fp16
+        # (refused now, at parse)
         "ppo_lora_float16_no_fp16": (
             "ppo",
             [*ppo, "--use_peft", "True", "--torch_dtype", "float16"],
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         table.append(
             f"| {r['run']} | {r['exit']} | {r['steps']} | {r['first_loss']} | {r['last_loss']} | "
-            f"{r['all_finite']} | {r.get('steps_per_s', '')} | {', '.join(r.get('saved_dtypes', []))} | {note} |"
+            f"{r['all_finite']} | {r.get('steps_per_s', '')} | "
+            f"{', '.join(r.get('saved_dtypes', []))} | {note} |"
         )
     (out / "fp16-check.md").write_text(
         f"{header['date']}, {header['gpu']}, torch {header['torch']}, {header['model']}\n\n"

@@ -1,6 +1,7 @@
-"""Where a rollout's time goes: model.generate of the 1B shape (random weights, 128k vocabulary), 16 prompts of
-512 tokens, 128 new tokens, sampled: eager with the dynamic cache, with LoRA (unmerged / merged), and a static
-cache with the compiled decode step. Prints seconds per rollout and per new token.
+"""Where a rollout's time goes: model.generate of the 1B shape (random weights, 128k vocabulary), 16
+prompts of 512 tokens, 128 new tokens, sampled: eager with the dynamic cache, with LoRA (unmerged /
+merged), and a static cache with the compiled decode step. Prints seconds per rollout and per new
+token.
 
     python -m bench.generate_check
 """

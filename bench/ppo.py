@@ -1,17 +1,21 @@
-"""RL throughput and memory: this project's loop (PPO LoRA/full/ZeRO-3; GRPO, DAPO, Dr. GRPO, GSPO, RLOO) against
-trl's GRPOTrainer (stages/grpo.py --rl_engine trl), same policy shape, prompts, answers per step and answer
-length, one process each, in one run.
+"""RL throughput and memory: this project's loop (PPO LoRA/full/ZeRO-3; GRPO, DAPO, Dr. GRPO, \
+GSPO, RLOO) against
+trl's GRPOTrainer (stages/grpo.py --rl_engine trl), same policy shape, prompts, answers per step
+and answer length, one process each, in one run.
 
-    python -m bench.ppo --model_shape 1b --out bench/results                       # on a GPU, the tiny tokenizer
-    python -m bench.ppo --model_shape 1b --tokenizer llama3 --out bench/results    # Llama-3's tokenizer and template
-    python -m bench.ppo --smoke                                                    # tiny shape on the CPU
+    python -m bench.ppo --model_shape 1b --out bench/results      # on a GPU, the tiny tokenizer
+    python -m bench.ppo --model_shape 1b --tokenizer llama3 --out bench/results \
+                                                                  # Llama-3's tokenizer and template
+    python -m bench.ppo --smoke                                   # tiny shape on the CPU
 
-The policy and the reward model are built from a config with random weights and the real vocabulary size;
-the prompts are the questions of the SFT bench's chat mix (kept when prompt + answer fit --model_max_length).
---tokenizer llama3: Llama-3's tokenizer.json (bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py), pad
-<|reserved_special_token_0|>, the official Llama-3.x template (--template_name auto). Each row reports samples/s
-(answers generated and trained per second, after the first step, which compiles), peak GPU memory, the median
-seconds of each phase of a step from trainer_state.json, the final score and whether every step was finite.
+The policy and the reward model are built from a config with random weights and the real vocabulary
+size; the prompts are the questions of the SFT bench's chat mix (kept when prompt + answer fit
+--model_max_length). --tokenizer llama3: Llama-3's tokenizer.json
+(bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py), pad <|reserved_special_token_0|>,
+the official Llama-3.x template (--template_name auto). Each row reports samples/s (answers
+generated and trained per second, after the first step, which compiles), peak GPU memory, the median
+seconds of each phase of a step from trainer_state.json, the final score and whether every step was
+finite.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def rows(smoke: bool) -> list[tuple[str, str, list[str]]]:
 
 
 def build_llama3(shape: str, work: Path) -> tuple[Path, Path]:
-    """The policy with Llama-3's tokenizer and official template, and a same-shape reward model (fresh score head)."""
+    """The policy with Llama-3's tokenizer and official template, and a same-shape reward model
+    (fresh score head)."""
     policy = build_model(shape, work / f"policy-{shape}-llama3", "llama3")
     reward = work / f"reward-{shape}-llama3"
     if not (reward / "config.json").is_file():
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         "--tokenizer",
         default="tiny",
         choices=("tiny", "llama3"),
-        help="the bench's tiny BPE tokenizer (qwen template) or Llama-3's with its official template",
+        help="the bench's tiny BPE tokenizer (qwen template) or Llama-3's with its official "
+        "template",
     )
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (default all)")
     parser.add_argument("--out", default="bench/results")
@@ -228,10 +234,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         out_rows.append(row)
         table.append(
-            f"| {name} | {row.get('samples_per_s', row.get('error', '')[:80])} | {row.get('step_s', '—')} | "
+            f"| {name} | {row.get('samples_per_s', row.get('error', '')[:80])} | "
+            f"{row.get('step_s', '—')} | "
             + " | ".join(str(row.get(f"{p}_s", "—")) for p in PHASES)
-            + f" | {row.get('peak_gib', '—')} | {row.get('final_score', '—')} | {row.get('all_finite', '—')} | "
-            f"{row.get('saved_loadable', '—')} |"
+            + f" | {row.get('peak_gib', '—')} | {row.get('final_score', '—')} | "
+            f"{row.get('all_finite', '—')} | {row.get('saved_loadable', '—')} |"
         )
     summary = {
         "shape": args.model_shape,

@@ -1,11 +1,13 @@
-"""One benchmark run in its own process (so peak memory is its own): one of this project's stages, or the
-TRL trainer it is compared with, on a model folder and a data folder. Prints one JSON line of results.
+"""One benchmark run in its own process (so peak memory is its own): one of this project's stages,
+or the TRL trainer it is compared with, on a model folder and a data folder. Prints one JSON line of
+results.
 
     python -m bench.run_one TOOL MODEL DATA BATCH_SIZE MAX_LENGTH OUTPUT_DIR [extra flags ...]
 
-TOOL: project-sft | trl-sft | project-dpo | trl-dpo. Extra flags go to the project stage as they are; for
-TRL they are `key=value` fields of its config (values parsed as JSON where they parse). BENCH_PROFILE=1
-profiles training steps 4-6 and prints where the GPU time goes (by kernel) to stderr.
+TOOL: project-sft | trl-sft | project-dpo | trl-dpo. Extra flags go to the project stage as they
+are; for TRL they are `key=value` fields of its config (values parsed as JSON where they parse).
+BENCH_PROFILE=1 profiles training steps 4-6 and prints where the GPU time goes (by kernel) to
+stderr.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-# the tiny tokenizer trains the qwen format; BENCH_TEMPLATE=auto for a model folder with its own official template
+# the tiny tokenizer trains the qwen format; BENCH_TEMPLATE=auto for a model folder with its own
+# official template
 COMMON = [
     "--num_train_epochs",
     "1",
@@ -44,8 +47,8 @@ def chat_messages(record: dict) -> list[dict]:
 
 
 def token_count(tool: str, model: str, data: str, max_length: int) -> int:
-    """Tokens the step computes on, as the template renders them (what every tool trains on): each chat
-    capped at max_length; for DPO, prompt + chosen and prompt + rejected of each pair."""
+    """Tokens the step computes on, as the template renders them (what every tool trains on): each
+    chat capped at max_length; for DPO, prompt + chosen and prompt + rejected of each pair."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -71,8 +74,9 @@ def token_count(tool: str, model: str, data: str, max_length: int) -> int:
     return total
 
 
-# kernel name fragments -> the phase a kernel belongs to; the first match wins, in this order. Matched on the whole
-# kernel name, template arguments included (an elementwise kernel is named by its functor there: direct_copy_kernel)
+# kernel name fragments -> the phase a kernel belongs to; the first match wins, in this order.
+# Matched on the whole kernel name, template arguments included (an elementwise kernel is named by
+# its functor there: direct_copy_kernel)
 PHASES = [
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("attention", ("flash", "fmha", "attention", "varlen")),
@@ -90,13 +94,14 @@ def phase_of(kernel: str) -> str:
 
 
 def is_annotation(name: str) -> bool:
-    """Ranges the profiler shows on the GPU row that are not kernels (their time is their kernels' time again)."""
+    """Ranges the profiler shows on the GPU row that are not kernels (their time is their kernels'
+    time again)."""
     return name.startswith(("ProfilerStep", "Optimizer.", "## "))
 
 
 def phase_table(prof, wall_us: float, steps: int) -> tuple[str, dict]:
-    """GPU time of the profiled steps by phase (kernels classified by name), and the host gaps: the wall time the
-    GPU ran no kernel (wall minus the kernels' time, streams serial)."""
+    """GPU time of the profiled steps by phase (kernels classified by name), and the host gaps: the
+    wall time the GPU ran no kernel (wall minus the kernels' time, streams serial)."""
     from torch.autograd import DeviceType
 
     by_phase: dict[str, float] = {}
@@ -132,8 +137,8 @@ def phase_table(prof, wall_us: float, steps: int) -> tuple[str, dict]:
 
 
 def profile_steps(trainer_class) -> None:
-    """Profile training steps 4-6 (after warm-up) of every trainer of `trainer_class`: the kernels by phase and the
-    host gaps, to stderr (and to BENCH_PROFILE_OUT as JSON when set)."""
+    """Profile training steps 4-6 (after warm-up) of every trainer of `trainer_class`: the kernels
+    by phase and the host gaps, to stderr (and to BENCH_PROFILE_OUT as JSON when set)."""
     import time
 
     from torch.profiler import ProfilerActivity, profile, schedule

@@ -1,17 +1,22 @@
-"""SFT throughput and memory: this project's stage against TRL's SFTTrainer, same model shape, data and
-global batch, one process each, in one run.
+"""SFT throughput and memory: this project's stage against TRL's SFTTrainer, same model shape, data
+and global batch, one process each, in one run.
 
-    python -m bench.sft --model_shape 1b --suite full --out bench/results      # on a GPU: full SFT rows
-    python -m bench.sft --model_shape 8b --suite lora --batch_size 4 --max_length 2048   # LoRA, QLoRA
-    python -m bench.sft --model_shape 1b --suite dpo --batch_size 4 --max_length 2048    # DPO with LoRA
-    python -m bench.sft --smoke [--suite ...]                                  # tiny shape on the CPU
+    python -m bench.sft --model_shape 1b --suite full \
+        --out bench/results      # on a GPU: full SFT rows
+    python -m bench.sft --model_shape 8b --suite lora \
+        --batch_size 4 --max_length 2048   # LoRA, QLoRA
+    python -m bench.sft --model_shape 1b --suite dpo \
+        --batch_size 4 --max_length 2048    # DPO with LoRA
+    python -m bench.sft --smoke [--suite ...] \
+        # tiny shape on the CPU
 
-The model is built from a config with random weights (no download) with the real vocabulary size (the
-logits dominate memory); the tokenizer is the tiny BPE one (ids only), or with --tokenizer llama3 Llama-3's own
-(bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py) with its official template, so that the token
-counts and lengths are those users see (figures on the two have differed by 25%). The data is a chat mix with a
-long-tailed length distribution (median ~530 tokens, up to ~3.6k), and preference pairs drawn the same way.
-Writes results-SUITE.json and results-SUITE.md, and each run's log.
+The model is built from a config with random weights (no download) with the real vocabulary size
+(the logits dominate memory); the tokenizer is the tiny BPE one (ids only), or with --tokenizer
+llama3 Llama-3's own (bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py) with its
+official template, so that the token counts and lengths are those users see (figures on the two have
+differed by 25%). The data is a chat mix with a long-tailed length distribution (median ~530 tokens,
+up to ~3.6k), and preference pairs drawn the same way. Writes results-SUITE.json and
+results-SUITE.md, and each run's log.
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes, and a tiny one for the CPU s
 
 
 def build_model(shape: str, out: Path, tokenizer_kind: str = "tiny") -> Path:
-    """A random-init Llama of `shape` with the tiny BPE tokenizer (qwen template) or Llama-3's (official template),
-    saved to `out` (reused when already there)."""
+    """A random-init Llama of `shape` with the tiny BPE tokenizer (qwen template) or Llama-3's
+    (official template), saved to `out` (reused when already there)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -100,7 +105,8 @@ def _text(rng: random.Random, words: list[str], tokens: int) -> str:  # about tw
 
 
 def make_chats(n: int, median: int, cap: int, out: Path, seed: int = 0) -> list[int]:
-    """ShareGPT chats whose token lengths follow a log-normal mix; returns the approximate lengths."""
+    """ShareGPT chats whose token lengths follow a log-normal mix; returns the approximate
+    lengths."""
     from pipeline.model.tiny_model import REPO_DATA, corpus
 
     words = " ".join(corpus(REPO_DATA)).split()
@@ -127,7 +133,8 @@ def make_chats(n: int, median: int, cap: int, out: Path, seed: int = 0) -> list[
 
 
 def make_pairs(n: int, median: int, cap: int, out: Path, seed: int = 0) -> None:
-    """Preference pairs (question, chosen, rejected) with long-tailed lengths; each sequence <= cap tokens."""
+    """Preference pairs (question, chosen, rejected) with long-tailed lengths; each sequence <= cap
+    tokens."""
     from pipeline.model.tiny_model import REPO_DATA, corpus
 
     words = " ".join(corpus(REPO_DATA)).split()
@@ -305,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     suite = SUITES[args.suite]
     if args.against == "none":
         suite = [r for r in suite if not r[1].startswith("trl")]
-    if args.smoke:  # liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16) need a GPU
+    # liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16) need a GPU
+    if args.smoke:
         suite = [
             r for r in suite if "--use_liger_kernel" not in r[2] and "--master_weights" not in r[2]
         ]

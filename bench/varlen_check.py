@@ -1,5 +1,6 @@
-"""GPU check of the packed path: packed_varlen attention (torch's varlen kernel) gives each sample the logits
-it has alone under SDPA, and the fused (liger) loss equals the chunked one. Prints one JSON line."""
+"""GPU check of the packed path: packed_varlen attention (torch's varlen kernel) gives each sample
+the logits it has alone under SDPA, and the fused (liger) loss equals the chunked one. Prints one
+JSON line."""
 
 from __future__ import annotations
 

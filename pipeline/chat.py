@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.chat` runs pipeline.infer.cli (see that module for the flags)."""
+"""Command alias: `python -m pipeline.chat` runs pipeline.infer.cli (see that module for the
+flags)."""
 
 from pipeline.infer.cli import main
 

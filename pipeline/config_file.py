@@ -1,6 +1,7 @@
-"""A stage's config file (YAML or JSON) as flags: `stage.py config.yaml --flag value`, `--config FILE`, or the
-GLM demos' positional `DATA_DIR MODEL CONFIG [yes|STEP]` with their nested sections (pipeline/seed_configs.py).
-The file's flags come first, so the command line overrides them."""
+"""A stage's config file (YAML or JSON) as flags: `stage.py config.yaml --flag value`,
+`--config FILE`, or the GLM demos' positional `DATA_DIR MODEL CONFIG [yes|STEP]` with their nested
+sections (pipeline/seed_configs.py). The file's flags come first, so the command line overrides
+them."""
 
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def _config_to_argv(config: dict[str, Any], path: str) -> list[str]:
 
 
 def _config_flags(path: str, data_dir: str | None) -> dict[str, Any]:
-    """A config file's flags; the GLM demos' nested form flattened; DATA_DIR of the positional form is the
-    training folder of a flat config."""
+    """A config file's flags; the GLM demos' nested form flattened; DATA_DIR of the positional form
+    is the training folder of a flat config."""
     config = _load_config(path)
     if is_nested(config):
         return flatten(config, path, data_dir)
@@ -76,7 +77,8 @@ def _load_config(path: str) -> dict[str, Any]:
         ValueError,
     ) as e:  # YAML nested beyond Python's stack, or an integer of 5,000 digits
         raise UserError(
-            f"config file {path}: {type(e).__name__} while reading it ({first_line(e)[:80]}); simplify it."
+            f"config file {path}: {type(e).__name__} while reading it ({first_line(e)[:80]}); "
+            "simplify it."
         ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)

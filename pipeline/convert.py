@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.convert` runs pipeline.tools.convert (see that module for the flags)."""
+"""Command alias: `python -m pipeline.convert` runs pipeline.tools.convert (see that module for the
+flags)."""
 
 from pipeline.tools.convert import main
 

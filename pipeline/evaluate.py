@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.evaluate` runs pipeline.eval.evaluate (see that module for the flags)."""
+"""Command alias: `python -m pipeline.evaluate` runs pipeline.eval.evaluate (see that module for the
+flags)."""
 
 from pipeline.eval.evaluate import main
 

@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.predict` runs pipeline.eval.predict (see that module for the flags)."""
+"""Command alias: `python -m pipeline.predict` runs pipeline.eval.predict (see that module for the
+flags)."""
 
 from pipeline.eval.predict import main
 

@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.preview` runs pipeline.tools.preview (see that module for the flags)."""
+"""Command alias: `python -m pipeline.preview` runs pipeline.tools.preview (see that module for the
+flags)."""
 
 from pipeline.tools.preview import main
 

@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.report` runs pipeline.eval.report (see that module for the flags)."""
+"""Command alias: `python -m pipeline.report` runs pipeline.eval.report (see that module for the
+flags)."""
 
 from pipeline.eval.report import main
 

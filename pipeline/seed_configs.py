@@ -1,14 +1,17 @@
-"""The ChatGLM3 and GLM-4 fine-tuning demos' config files and command line, read as this project's flags.
+"""The ChatGLM3 and GLM-4 fine-tuning demos' config files and command line, read as this project's
+flags.
 
-Their config files (`lora.yaml`, `ptuning_v2.yaml`, `sft.yaml`) are nested: a `data_config` section (file
-names relative to the data folder, `num_proc`), `max_input_length`/`max_output_length`, `combine`/`freezeV`,
-a `training_args` section (transformers' flags, with a nested `generation_config`) and a `peft_config`
-section (peft's own names: `peft_type: LORA`, `r`, `target_modules: [...]`; absent means full fine-tuning).
-`flatten` turns such a mapping into flat flags, saying once what each demo key became; a key that cannot
-mean anything here is refused in one sentence.
+Their config files (`lora.yaml`, `ptuning_v2.yaml`, `sft.yaml`) are nested: a `data_config` section
+(file names relative to the data folder, `num_proc`), `max_input_length`/`max_output_length`,
+`combine`/`freezeV`, a `training_args` section (transformers' flags, with a nested
+`generation_config`) and a `peft_config` section (peft's own names: `peft_type: LORA`, `r`,
+`target_modules: [...]`; absent means full fine-tuning). `flatten` turns such a mapping into flat
+flags, saying once what each demo key became; a key that cannot mean anything here is refused in one
+sentence.
 
-Their command line is positional, `finetune DATA_DIR MODEL CONFIG [yes|STEP|ds_config.json]`; every stage
-script takes it as well (`python stages/sft.py data/AdvertiseGen THUDM/glm-4-9b-chat configs/glm4/lora.yaml yes`).
+Their command line is positional, `finetune DATA_DIR MODEL CONFIG [yes|STEP|ds_config.json]`; every
+stage script takes it as well
+(`python stages/sft.py data/AdvertiseGen THUDM/glm-4-9b-chat configs/glm4/lora.yaml yes`).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ def is_nested(config: dict[str, Any]) -> bool:
 
 
 def positional(argv: list[str]) -> tuple[str, str, list[str]] | None:
-    """`DATA_DIR MODEL CONFIG [yes|STEP|ds_config.json] [--flag value ...]` as (config path, data folder, flags),
-    or None when argv does not start that way."""
+    """`DATA_DIR MODEL CONFIG [yes|STEP|ds_config.json] [--flag value ...]` as (config path, data
+    folder, flags), or None when argv does not start that way."""
     lead = []
     for token in argv:
         if token.startswith("-"):
@@ -63,13 +66,14 @@ def positional(argv: list[str]) -> tuple[str, str, list[str]] | None:
             flags += ["--resume_from_checkpoint", fourth]
         elif fourth.lower() not in ("", "no", "false"):
             raise UserError(
-                f"the fourth argument {fourth!r} is not yes, a checkpoint step or a DeepSpeed .json file; "
-                "give yes to resume from the last checkpoint, a step such as 600, or leave it out."
+                f"the fourth argument {fourth!r} is not yes, a checkpoint step or a "
+                "DeepSpeed .json file; give yes to resume from the last checkpoint, a step such "
+                "as 600, or leave it out."
             )
     _say(
         "positional",
-        f"DATA_DIR {data_dir} MODEL {model} CONFIG {config} is read as --model_name_or_path {model} "
-        f"with {config}'s data files in {data_dir}",
+        f"DATA_DIR {data_dir} MODEL {model} CONFIG {config} is read as "
+        f"--model_name_or_path {model} with {config}'s data files in {data_dir}",
     )
     return config, data_dir, flags + argv[len(lead) :]
 
@@ -98,8 +102,8 @@ def _data_flags(data: dict, path: str, data_dir: str | None) -> dict[str, Any]:
             flags["preprocessing_num_workers"] = value
         elif value is not None:
             raise UserError(
-                f"{path}: data_config.{key} has no counterpart here; data_config takes train_file, val_file, "
-                "test_file and num_proc."
+                f"{path}: data_config.{key} has no counterpart here; data_config takes train_file, "
+                "val_file, test_file and num_proc."
             )
     if "train_file" not in flags:
         raise UserError(
@@ -115,12 +119,14 @@ def _peft_flags(peft: dict, path: str) -> dict[str, Any]:
     kind = str(peft.get("peft_type", "LORA")).upper()
     if kind not in PEFT_TYPES:
         raise UserError(
-            f"{path}: peft_config.peft_type {kind} is not supported; use LORA or PREFIX_TUNING (P-Tuning v2)."
+            f"{path}: peft_config.peft_type {kind} is not supported; "
+            "use LORA or PREFIX_TUNING (P-Tuning v2)."
         )
     task = str(peft.get("task_type", "CAUSAL_LM")).upper()
     if task != "CAUSAL_LM":
         raise UserError(
-            f"{path}: peft_config.task_type {task} is not a causal language model task; use CAUSAL_LM."
+            f"{path}: peft_config.task_type {task} is not a causal language model task; "
+            "use CAUSAL_LM."
         )
     flags: dict[str, Any] = {"use_peft": True, "peft_type": PEFT_TYPES[kind]}
     for key, value in peft.items():
@@ -129,13 +135,15 @@ def _peft_flags(peft: dict, path: str) -> dict[str, Any]:
         if key in FROM_THE_MODEL:
             _say(
                 key,
-                f"{path}: peft_config.{key} is read from the model's config here, so {value} changes nothing",
+                f"{path}: peft_config.{key} is read from the model's config here, so {value} "
+                "changes nothing",
             )
         elif key in PEFT_NAMES:
             flags[PEFT_NAMES[key]] = ",".join(map(str, value)) if isinstance(value, list) else value
         else:
             raise UserError(
-                f"{path}: peft_config.{key} has no counterpart here; it takes {', '.join(PEFT_NAMES)}."
+                f"{path}: peft_config.{key} has no counterpart here; it takes "
+                f"{', '.join(PEFT_NAMES)}."
             )
     return flags
 
@@ -145,13 +153,14 @@ def _training_flags(training: dict, path: str) -> dict[str, Any]:
     generation = flags.pop("generation_config", None) or {}
     if not isinstance(generation, dict):
         raise UserError(
-            f"{path}: training_args.generation_config must be a mapping such as {{max_new_tokens: 512}}."
+            f"{path}: training_args.generation_config must be a mapping such as "
+            "{max_new_tokens: 512}."
         )
     for key, value in generation.items():
         if key != "max_new_tokens":
             raise UserError(
-                f"{path}: training_args.generation_config.{key} has no counterpart here; evaluation "
-                "generates greedily and takes max_new_tokens."
+                f"{path}: training_args.generation_config.{key} has no counterpart here; "
+                "evaluation generates greedily and takes max_new_tokens."
             )
         flags["max_new_tokens"] = value
     return flags
@@ -170,15 +179,15 @@ def flatten(config: dict[str, Any], path: str, data_dir: str | None = None) -> d
     if "combine" in config:
         _say(
             "combine",
-            f"{path}: combine is how the demo tokenizes a conversation; here every conversation is rendered "
-            "whole with the model's chat template and each answer's ids checked against it, so it changes "
-            "nothing",
+            f"{path}: combine is how the demo tokenizes a conversation; here every conversation is "
+            "rendered whole with the model's chat template and each answer's ids checked against "
+            "it, so it changes nothing",
         )
     if "freezeV" in config:
         _say(
             "freezeV",
-            f"{path}: freezeV freezes a vision tower; the models trained here have none, so it changes "
-            "nothing",
+            f"{path}: freezeV freezes a vision tower; the models trained here have none, so it "
+            "changes nothing",
         )
     flags.update(_training_flags(_section(config, "training_args", path), path))
     flags.update(_peft_flags(_section(config, "peft_config", path), path))

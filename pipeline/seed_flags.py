@@ -1,20 +1,23 @@
-"""The flags the seed documents' readers type (the staged README, FastChat's Yuan2 scripts, the ChatGLM and
-GLM-4 demos), read as this project's flags before parsing. Each translation is logged once with the flag it
-becomes; a flag that cannot mean anything here is refused in one sentence naming what to use.
+"""The flags the seed documents' readers type (the staged README, FastChat's Yuan2 scripts, the
+ChatGLM and GLM-4 demos), read as this project's flags before parsing. Each translation is logged
+once with the flag it becomes; a flag that cannot mean anything here is refused in one sentence
+naming what to use.
 
-- renamed: `--evaluation_strategy` (transformers' old name), `--lora_target_modules` (comma or space list),
-  `--q_lora`, `--warmup_ratio` (transformers 5 reads a `--warmup_steps` below 1 as a ratio);
+- renamed: `--evaluation_strategy` (transformers' old name), `--lora_target_modules` (comma or space
+  list), `--q_lora`, `--warmup_ratio` (transformers 5 reads a `--warmup_steps` below 1 as a ratio);
 - FastChat's multi-turn loss switches: `--efficient_loss True` / `--last_response_loss True` /
   `--split_example_loss True` are `--multi_turn_mode all|last|split` (exactly one may be True);
-- PPO's `--batch_size` (prompts a step), `--max_target_length` (answer budget) and `--max_source_length`
-  (prompt budget: `--model_max_length` is prompt + answer); SFT's `--max_source_length` +
-  `--max_target_length` (the GLM demos' max_input_length/max_output_length) as `--model_max_length`;
-- FastChat's `--data_path` / `--eval_data_path` (one JSON file each) are `--train_file` / `--validation_file`;
+- PPO's `--batch_size` (prompts a step), `--max_target_length` (answer budget) and
+  `--max_source_length` (prompt budget: `--model_max_length` is prompt + answer); SFT's
+  `--max_source_length` + `--max_target_length` (the GLM demos' max_input_length/max_output_length)
+  as `--model_max_length`;
+- FastChat's `--data_path` / `--eval_data_path` (one JSON file each) are `--train_file` /
+  `--validation_file`;
 - what training already does: `--device_map auto` (each process holds its model on its own device),
-  `--model_type auto` (detected from the checkpoint), `--lazy_preprocess True` (data is tokenized once, up
-  front), PT's `--packing True` (PT always packs);
-- ChatGLM-6B's P-Tuning `--pre_seq_len N` (P-Tuning v2, N virtual tokens) and `--quantization_bit 4|8`;
-  FastChat's `--lora_r`;
+  `--model_type auto` (detected from the checkpoint), `--lazy_preprocess True` (data is tokenized
+  once, up front), PT's `--packing True` (PT always packs);
+- ChatGLM-6B's P-Tuning `--pre_seq_len N` (P-Tuning v2, N virtual tokens) and
+  `--quantization_bit 4|8`; FastChat's `--lora_r`;
 - a bare boolean (`--bf16`, `--use_peft`) means True.
 """
 
@@ -49,20 +52,21 @@ ALREADY = {  # flag: (the value that means what happens anyway, what happens)
     "packing": ("true", "PT always packs its text into --block_size rows"),
 }
 REFUSED = {
-    "early_stopping": "PPO here steers the KL with --target_kl (adaptive KL) and stops on --max_steps; drop "
-    "--early_stopping",
-    "reward_baseline": "PPO here centers rewards with --whiten_rewards True and a learned value baseline; drop "
-    "--reward_baseline",
-    "dataset_name": "hub data sets are not downloaded by the stages; save the data set's records as .json/.jsonl files "
-    "and give them with --train_file_dir (a folder) or --train_file",
-    "dataset_path": "it names a folder that ChatGLM-Tuning's tokenize_dataset_rows.py tokenized; give the JSON lines "
-    "file itself with --train_file (tokenizing happens here, with the model's chat template)",
+    "early_stopping": "PPO here steers the KL with --target_kl (adaptive KL) and stops on "
+    "--max_steps; drop --early_stopping",
+    "reward_baseline": "PPO here centers rewards with --whiten_rewards True and a learned value "
+    "baseline; drop --reward_baseline",
+    "dataset_name": "hub data sets are not downloaded by the stages; save the data set's records "
+    "as .json/.jsonl files and give them with --train_file_dir (a folder) or --train_file",
+    "dataset_path": "it names a folder that ChatGLM-Tuning's tokenize_dataset_rows.py tokenized; "
+    "give the JSON lines file itself with --train_file "
+    "(tokenizing happens here, with the model's chat template)",
 }
 
 
 def _expand(name: str, values: list[str], known: dict) -> list[tuple[str, list[str]]] | None:
-    """ChatGLM-6B's P-Tuning flags as several of this project's: `--pre_seq_len N` (P-Tuning v2 with N virtual
-    tokens) and `--quantization_bit 4|8`; None for any other flag."""
+    """ChatGLM-6B's P-Tuning flags as several of this project's: `--pre_seq_len N` (P-Tuning v2 with
+    N virtual tokens) and `--quantization_bit 4|8`; None for any other flag."""
     if name == "pre_seq_len" and "num_virtual_tokens" in known:
         _say(
             name,
@@ -89,8 +93,8 @@ _PENDING: list[tuple[logging.Logger, str]] = []
 
 
 def note(log: logging.Logger, key, text: str) -> None:
-    """Queue `text` once per process (per `key`). Parsing has no side effects and runs before logging is set up,
-    so the queued notes are said by say_notes(), which setup_logging calls."""
+    """Queue `text` once per process (per `key`). Parsing has no side effects and runs before
+    logging is set up, so the queued notes are said by say_notes(), which setup_logging calls."""
     if key not in _SAID:
         _SAID.add(key)
         _PENDING.append((log, text))
@@ -125,7 +129,8 @@ def _is_bool(kind) -> bool:
 
 
 def _split(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """argv as (flag, values) pairs; `--flag=value` split; a leading non-flag token kept as ("", [token])."""
+    """argv as (flag, values) pairs; `--flag=value` split; a leading non-flag token kept as ("",
+    [token])."""
     out: list[tuple[str, list[str]]] = []
     for token in argv:
         if token.startswith("--"):
@@ -193,10 +198,10 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
 
 
 def _lengths(pairs: list, known: dict) -> list:
-    """The seeds' length flags where the stage has no field of that name (RM and DPO read them themselves):
-    PPO's --batch_size (prompts a step), --max_target_length (answer budget) and --max_source_length (prompt
-    budget); SFT's --max_source_length + --max_target_length (the GLM demos' max_input_length and
-    max_output_length), which bound a sample together."""
+    """The seeds' length flags where the stage has no field of that name (RM and DPO read them
+    themselves): PPO's --batch_size (prompts a step), --max_target_length (answer budget) and
+    --max_source_length (prompt budget); SFT's --max_source_length + --max_target_length (the GLM
+    demos' max_input_length and max_output_length), which bound a sample together."""
     extra, values = [], {name: vals for name, vals in pairs}
     names = ("batch_size", "max_target_length", "max_source_length")
     if "max_source_length" in known or not any(n in values for n in names):
@@ -222,8 +227,8 @@ def _lengths(pairs: list, known: dict) -> list:
     ):
         if ("max_source_length" in values) != ("max_target_length" in values):
             raise UserError(
-                "give both --max_source_length and --max_target_length (a sample may hold both), or "
-                "--model_max_length alone."
+                "give both --max_source_length and --max_target_length (a sample may hold both), "
+                "or --model_max_length alone."
             )
         extra.append(
             _total(

@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.serve` runs pipeline.infer.server (see that module for the flags)."""
+"""Command alias: `python -m pipeline.serve` runs pipeline.infer.server (see that module for the
+flags)."""
 
 from pipeline.infer.server import main
 

@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.synthetic` runs pipeline.tools.synthetic (see that module for the flags)."""
+"""Command alias: `python -m pipeline.synthetic` runs pipeline.tools.synthetic (see that module for
+the flags)."""
 
 from pipeline.tools.synthetic import main
 

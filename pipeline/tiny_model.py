@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.tiny_model` runs pipeline.model.tiny_model (see that module for the flags)."""
+"""Command alias: `python -m pipeline.tiny_model` runs pipeline.model.tiny_model (see that module
+for the flags)."""
 
 from pipeline.errors import run_cli
 from pipeline.model.tiny_model import main

@@ -1,4 +1,5 @@
-"""Command alias: `python -m pipeline.webui` runs pipeline.infer.webui (see that module for the flags)."""
+"""Command alias: `python -m pipeline.webui` runs pipeline.infer.webui (see that module for the
+flags)."""
 
 from pipeline.infer.webui import main
 

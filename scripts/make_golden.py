@@ -1,5 +1,6 @@
-"""Regenerate tests/golden/<template>.tsv: the token/label table of one fixed conversation per template,
-encoded with the tiny tokenizer. Any change to rendering or masking shows up in review as a diff.
+"""Regenerate tests/golden/<template>.tsv: the token/label table of one fixed conversation per
+template, encoded with the tiny tokenizer. Any change to rendering or masking shows up in review as
+a diff.
 
     python scripts/make_golden.py
 """
@@ -50,8 +51,9 @@ def table(name: str, base_tokenizer_dir: str) -> str:
 
 
 def official_names() -> list[str]:
-    """auto-FAMILY for each official template (tests/official_families.py) that trains this conversation: all but
-    those that refuse a system message or move it once an answer follows (their refusal is tested elsewhere)."""
+    """auto-FAMILY for each official template (tests/official_families.py) that trains this
+    conversation: all but those that refuse a system message or move it once an answer follows
+    (their refusal is tested elsewhere)."""
     from tests.official_families import all_families
 
     refuse = {"gemma-2-it", "mistral-7b-instruct-v0.3", "mistral-nemo-2407"}

@@ -3,11 +3,11 @@
 --loss_type sigmoid (DPO), ipo, hinge, robust (with --label_smoothing) run on trl's DPOTrainer; kto
 (unpaired answers; pairs are split into a desirable and an undesirable one) on trl's KTOTrainer;
 simpo and orpo (reference-free) on the project's own small trainer. All take the project's data
-layer: pairs are rendered with the SFT template and tokenized exactly as SFT trains (prompt up to the
-generation prompt; answer + the token ending the turn). With LoRA the reference is the starting
+layer: pairs are rendered with the SFT template and tokenized exactly as SFT trains (prompt up to
+the generation prompt; answer + the token ending the turn). With LoRA the reference is the starting
 adapter state (trl keeps a frozen copy of the small adapter; the base weights exist once); full
-training keeps an explicit frozen reference, or none with --precompute_ref_log_probs. Chosen/rejected
-rewards, accuracy and margin are logged to tensorboard.
+training keeps an explicit frozen reference, or none with --precompute_ref_log_probs.
+Chosen/rejected rewards, accuracy and margin are logged to tensorboard.
 
     python stages/dpo.py --model_name_or_path outputs/sft-merged --template_name qwen \
         --train_file_dir data/reward --validation_file_dir data/reward_eval --output_dir outputs/dpo
@@ -54,7 +54,8 @@ logger = logging.getLogger("pipeline.dpo")
 def build_trainer(
     model, tokenizer, training_args, dpo_args, packing: bool, train_dataset, eval_dataset
 ):
-    """trl's config classes repeat flags the shared dataclasses own, so they are built from the parsed values."""
+    """trl's config classes repeat flags the shared dataclasses own, so they are built from the
+    parsed values."""
     shared = {f.name: getattr(training_args, f.name) for f in fields(TrainingArguments) if f.init}
     data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     if dpo_args.loss_type in REFERENCE_FREE:
@@ -69,8 +70,8 @@ def build_trainer(
             **data,
         )
     if dpo_args.loss_type == "kto":
-        # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order; main()
-        # shuffled the answers once.
+        # KTO's KL estimate pairs each answer with its batch neighbour, so batches keep their order;
+        # main() shuffled the answers once.
         shared["train_sampling_strategy"] = "sequential"
         config = KTOConfig(
             **shared,

@@ -1,22 +1,26 @@
-"""Stage 4a', GRPO and its relatives: group-relative RL without a value model. Each prompt gets --num_generations
-answers; an answer's advantage is its reward against its group's. Rewards: the reward model and/or rule rewards.
+"""Stage 4a', GRPO and its relatives: group-relative RL without a value model. Each prompt gets
+--num_generations answers; an answer's advantage is its reward against its group's. Rewards: the
+reward model and/or rule rewards.
 
 --algorithm (pipeline/rl/group_math.py holds each one's arithmetic, with hand-computed tests):
   grpo     group mean and std, clipped token ratios, each answer's tokens averaged (DeepSeekMath)
-  dapo     clip-higher (0.2 / 0.28), every token of the batch weighed alike, groups whose answers all scored
-           the same dropped from the update (DAPO's dynamic sampling, without its refill)
+  dapo     clip-higher (0.2 / 0.28), every token of the batch weighed alike, groups whose answers
+           all scored the same dropped from the update (DAPO's dynamic sampling, without its refill)
   dr_grpo  no std division, token sum over batch x --max_new_tokens (Dr. GRPO)
   gspo     one length-normalized ratio per answer, clipped at 3e-4 / 4e-4 (GSPO)
   rloo     leave-one-out baseline (RLOO)
 
---rl_engine own (default): the project's own loop, shared with PPO (stages/ppo.py: compiled static-cache
-rollouts on a GPU, padding-free updates, checkpoints, resume, SIGTERM, the divergence guard, DeepSpeed).
+--rl_engine own (default): the project's own loop, shared with PPO (stages/ppo.py: compiled
+static-cache rollouts on a GPU, padding-free updates, checkpoints, resume, SIGTERM, the divergence
+guard, DeepSpeed).
 --rl_engine trl: trl's GRPOTrainer / RLOOTrainer for grpo and rloo (--ppo_epochs -> num_iterations,
 --cliprange -> epsilon, --kl_coef -> beta). bench/ppo.py measures both side by side.
 The PPO-only flags (GAE, value clipping, adaptive KL...) are refused.
 
-    python stages/grpo.py --algorithm grpo --model_name_or_path outputs/sft-merged --reward_funcs exact_match \
-        --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/grpo
+    python stages/grpo.py --algorithm grpo --model_name_or_path outputs/sft-merged \
+        --reward_funcs exact_match \
+        --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval \
+        --output_dir outputs/grpo
     torchrun --nproc_per_node 8 stages/grpo.py ...      # or: bash run_grpo.sh ...
 """
 
@@ -63,8 +67,9 @@ from pipeline.train.trainer_steps import train_and_save
 
 
 class GroupRecipe(PPORecipe):
-    """PPO's loop (rollouts, checkpoints, resume, evaluation) with group-relative advantages and no value model:
-    for each step, rollout G answers a prompt -> score -> group advantages -> clipped policy epochs -> save."""
+    """PPO's loop (rollouts, checkpoints, resume, evaluation) with group-relative advantages and no
+    value model: for each step, rollout G answers a prompt -> score -> group advantages -> clipped
+    policy epochs -> save."""
 
     def __init__(self, models, tokenizer, template, prompts, eval_prompts, args, training_args):
         super().__init__(models, tokenizer, template, prompts, eval_prompts, args, training_args)
@@ -83,7 +88,8 @@ class GroupRecipe(PPORecipe):
         args, variant, group = self.ppo_args, self.variant, self.ppo_args.num_generations
         torch.manual_seed(self.training_args.seed + 1000 * self.rank + self.step)
         self.policy.eval()
-        # 1. This rank's prompts, each --num_generations times in consecutive rows (a group stays on one rank).
+        # 1. This rank's prompts, each --num_generations times in consecutive rows (a group stays on
+        # one rank).
         prompts = distributed.step_prompts(
             self.prompts,
             self.step,
@@ -98,7 +104,8 @@ class GroupRecipe(PPORecipe):
         with torch.no_grad(), self.autocast:
             with timer.phase("score"):
                 scores = self.rollouts.scores(traj)
-            # 2. Old log-probs (needed when the policy moves before the last minibatch) and the reference's.
+            # 2. Old log-probs (needed when the policy moves before the last minibatch) and the
+            # reference's.
             with (
                 timer.phase("logprobs"),
                 packed_attention(
@@ -203,7 +210,8 @@ CLIPRANGE_DEFAULT = next(f.default for f in fields(PPOArguments) if f.name == "c
 
 
 def rule_reward(name: str):
-    """A trl reward function over the completions of a batch, from one of the project's rule rewards."""
+    """A trl reward function over the completions of a batch, from one of the project's rule
+    rewards."""
 
     def reward(prompts, completions, reference, **_):
         return RULE_REWARDS[name]([c[-1]["content"] for c in completions], reference)
@@ -213,7 +221,8 @@ def rule_reward(name: str):
 
 
 def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_model, rm_tokenizer):
-    """trl's config classes repeat flags the shared dataclasses own, so they are built from the parsed values."""
+    """trl's config classes repeat flags the shared dataclasses own, so they are built from the
+    parsed values."""
     funcs = [reward_model if f == "model" else rule_reward(f) for f in ppo_args.reward_func_list]
     processors = [rm_tokenizer if f == "model" else None for f in ppo_args.reward_func_list]
     dataset = Dataset.from_list([{"prompt": p.messages, "reference": p.reference} for p in prompts])
@@ -225,7 +234,8 @@ def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_mo
         temperature=ppo_args.temperature,
         top_p=ppo_args.top_p,
         beta=ppo_args.kl_coef,
-        # NaN/inf logits of a diverging policy: sampled from, not a device assert; the guard then stops the run
+        # NaN/inf logits of a diverging policy: sampled from, not a device assert; the guard then
+        # stops the run
         generation_kwargs={"remove_invalid_values": True},
         **{trl_name: getattr(ppo_args, name) for name, trl_name in GROUP_RELATIVE_FLAGS.items()},
     )

@@ -1,12 +1,15 @@
-"""Stage 4a, PPO: reinforcement learning from the trained reward model (and/or a rule reward), our own loop.
+"""Stage 4a, PPO: reinforcement learning from the trained reward model (and/or a rule reward), our
+own loop.
 
 One iteration = one step: roll out answers, score them, shape rewards with the KL to the reference,
 GAE advantages, then PPO epochs of clipped policy + value updates. The loop is PPORecipe in
 pipeline/rl/loop.py (read it top to bottom: train_step is the recipe); its parts are beside it in
 pipeline/rl/. GRPO and its relatives (DAPO, Dr. GRPO, GSPO, RLOO) run the same loop: stages/grpo.py.
 
-    python stages/ppo.py --model_name_or_path outputs/sft-merged --reward_model_name_or_path outputs/rm-merged \
-        --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/ppo \
+    python stages/ppo.py --model_name_or_path outputs/sft-merged \
+        --reward_model_name_or_path outputs/rm-merged \
+        --template_name qwen --train_file_dir data/sft --validation_file_dir data/sft_eval \
+        --output_dir outputs/ppo \
         --max_steps 100
     torchrun --nproc_per_node 8 stages/ppo.py ...      # or: bash run_ppo.sh ...
 """

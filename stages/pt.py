@@ -5,11 +5,13 @@ Reads .txt (one document per line), .json and .jsonl ({"text": ...}) files found
 position_ids restart at every document, so documents do not attend to each other.
 
     python stages/pt.py --model_name_or_path M --train_file_dir data/pt --output_dir outputs/pt
-    torchrun --nproc_per_node 8 stages/pt.py --model_name_or_path M ... --deepspeed deepspeed_configs/zero2.json
-    bash run_pt.sh --model_name_or_path M ...         # the same, with NNODES/NODE_RANK/... from the environment
+    torchrun --nproc_per_node 8 stages/pt.py --model_name_or_path M ... \
+        --deepspeed deepspeed_configs/zero2.json
+    bash run_pt.sh --model_name_or_path M ... \
+        # the same, with NNODES/NODE_RANK/... from the environment
 
-Vocabulary expansion: give --tokenizer_name_or_path a tokenizer larger than the model; embeddings are
-resized and, with LoRA, trained in full (--modules_to_save embed_tokens,lm_head).
+Vocabulary expansion: give --tokenizer_name_or_path a tokenizer larger than the model; embeddings
+are resized and, with LoRA, trained in full (--modules_to_save embed_tokens,lm_head).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def pack(
     lengths = pc.list_value_length(packed.data.column("input_ids"))
     short = len(packed) - pc.sum(pc.equal(lengths, block_size)).as_py()
     logger.info(
-        "%s: %d documents -> %d tokens in %d blocks of %d (%d shorter final blocks, padded with ignored labels)",
+        "%s: %d documents -> %d tokens in %d blocks of %d (%d shorter final blocks, "
+        "padded with ignored labels)",
         name,
         len(dataset),
         pc.sum(lengths).as_py(),

@@ -1,8 +1,10 @@
-"""Stage 3, RM: a pairwise reward model on top of a causal-LM checkpoint (usually the merged SFT output).
+"""Stage 3, RM: a pairwise reward model on top of a causal-LM checkpoint (usually the merged SFT
+output).
 
-AutoModelForSequenceClassification(num_labels=1) reads the reward at the last token of prompt+answer,
-rendered with the SFT template. Loss: -log sigmoid(r_chosen - r_rejected - margin), plus optional
-reward centering. Evaluation reports pairwise accuracy and mean margin on the validation set.
+AutoModelForSequenceClassification(num_labels=1) reads the reward at the last token of
+prompt+answer, rendered with the SFT template. Loss: -log sigmoid(r_chosen - r_rejected - margin),
+plus optional reward centering. Evaluation reports pairwise accuracy and mean margin on the
+validation set.
 
     python stages/rm.py --model_name_or_path outputs/sft-merged --template_name qwen \
         --train_file_dir data/reward --validation_file_dir data/reward_eval --output_dir outputs/rm
@@ -46,8 +48,8 @@ def parse(argv: list[str] | None = None):
         peft_args.use_peft and peft_args.peft_type == "prefix_tuning"
     ):  # peft's sequence-classification path needs it
         raise UserError(
-            "--peft_type prefix_tuning cannot train a reward model (peft's scoring model takes no prefix "
-            "under this transformers version); use LoRA (the default) or --use_peft False."
+            "--peft_type prefix_tuning cannot train a reward model (peft's scoring model takes no "
+            "prefix under this transformers version); use LoRA (the default) or --use_peft False."
         )
     resolve_checkpointing(training_args, peft_args)
     check_eval_data(data_args, training_args)

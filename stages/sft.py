@@ -1,13 +1,14 @@
 """Stage 2, SFT: supervised fine-tuning on multi-turn chats and tool calls with assistant-only loss.
 
-Data: .json/.jsonl under --train_file_dir in ShareGPT, OpenAI/GLM-4 messages, ChatGLM3 or Alpaca form
-(detected per record). Each conversation is rendered with --template_name and only the assistant
-answers plus the token that ends each answer are trained. The saved tokenizer carries the template as
-its chat_template and the generation config stops on the template's end-of-turn tokens. Samples are
-packed whole into rows (--packing, default on) and a step's rows are flattened into one padding-free
-sequence; the loss is computed without full-vocabulary logits (pipeline/train/causal_lm.py). With
---predict_with_generate True the held-out answers are generated and scored with ROUGE/BLEU at every evaluation
-and after training, --test_file's too (pipeline/eval/predict.py).
+Data: .json/.jsonl under --train_file_dir in ShareGPT, OpenAI/GLM-4 messages, ChatGLM3 or Alpaca
+form (detected per record). Each conversation is rendered with --template_name and only the
+assistant answers plus the token that ends each answer are trained. The saved tokenizer carries the
+template as its chat_template and the generation config stops on the template's end-of-turn tokens.
+Samples are packed whole into rows (--packing, default on) and a step's rows are flattened into one
+padding-free sequence; the loss is computed without full-vocabulary logits
+(pipeline/train/causal_lm.py). With --predict_with_generate True the held-out answers are generated
+and scored with ROUGE/BLEU at every evaluation and after training, --test_file's too
+(pipeline/eval/predict.py).
 
     python stages/sft.py --model_name_or_path outputs/pt-merged --template_name qwen \
         --train_file_dir data/sft --validation_file_dir data/sft_eval --output_dir outputs/sft

@@ -1,6 +1,6 @@
-"""Run one stage for 2 steps on the tiny model and print, as JSON, the flags it accepts that the run never read after
-parsing: {class name: [field, ...]}. Run by tests/test_flags_read.py in its own process (it patches the argument
-classes' attribute access).
+"""Run one stage for 2 steps on the tiny model and print, as JSON, the flags it accepts that the run
+never read after parsing: {class name: [field, ...]}. Run by tests/test_flags_read.py in its own
+process (it patches the argument classes' attribute access).
 
     python -m tests.flag_audit STAGE WORK_DIR
 """
@@ -25,8 +25,9 @@ from tests.helpers import DATA
 
 
 def own_fields(cls) -> set[str]:
-    """The flags the project declares: all of a plain class; of a TrainingArguments subclass only those the Trainer
-    does not have (the Trainer's own are its business, and the RL loops check theirs: pipeline/args/rl_checks.py)."""
+    """The flags the project declares: all of a plain class; of a TrainingArguments subclass only
+    those the Trainer does not have (the Trainer's own are its business, and the RL loops check
+    theirs: pipeline/args/rl_checks.py)."""
     names = {f.name for f in fields(cls)}
     return (
         names - {f.name for f in fields(TrainingArguments)}

@@ -22,7 +22,8 @@ def read_scalars(logdir: Path, tag: str) -> list[float]:
 
 
 def train_sft(model: Path, out: Path, steps: int, *extra: str) -> Path:
-    """Full SFT of `model` on the learnable task (qwen template) for `steps` steps; returns `out`."""
+    """Full SFT of `model` on the learnable task (qwen template) for `steps` steps; returns
+    `out`."""
     from stages import sft
 
     sft.main(
@@ -60,7 +61,8 @@ def train_sft(model: Path, out: Path, steps: int, *extra: str) -> Path:
 
 
 def changed_parameters(model, reference_state: dict) -> list[str]:
-    """Names of the trainable parameters of `model` that differ from `reference_state` (name -> tensor)."""
+    """Names of the trainable parameters of `model` that differ from `reference_state` (name ->
+    tensor)."""
     return [
         name
         for name, p in model.named_parameters()
@@ -71,7 +73,8 @@ def changed_parameters(model, reference_state: dict) -> list[str]:
 
 
 def lora_b_norms(adapter_file: Path) -> list[float]:
-    """Norms of the LoRA B matrices saved in an adapter file (they start at zero, so > 0 means trained)."""
+    """Norms of the LoRA B matrices saved in an adapter file (they start at zero, so > 0 means
+    trained)."""
     from safetensors.torch import load_file
 
     return [
@@ -82,9 +85,10 @@ def lora_b_norms(adapter_file: Path) -> list[float]:
 
 
 def slow_tokenizer(folder, special: list[str] | None = None):
-    """A real SentencePiece tokenizer without offsets (transformers' Python SentencePiece backend, as the
-    remote-code tokenizers of ChatGLM3, Baichuan2, Yuan2 and InternLM2 are), trained on the repository's text
-    the way Llama-2's model was (identity normalization, a dummy prefix, whitespace kept)."""
+    """A real SentencePiece tokenizer without offsets (transformers' Python SentencePiece backend,
+    as the remote-code tokenizers of ChatGLM3, Baichuan2, Yuan2 and InternLM2 are), trained on the
+    repository's text the way Llama-2's model was (identity normalization, a dummy prefix,
+    whitespace kept)."""
     import sentencepiece as spm
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 

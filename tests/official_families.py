@@ -1,8 +1,9 @@
-"""The official chat templates stored in tests/official_templates/ (SOURCES.md names where each comes from) and
-a tokenizer for each: the tiny test tokenizer given the family's special tokens, BOS/EOS and that template.
+"""The official chat templates stored in tests/official_templates/ (SOURCES.md names where each
+comes from) and a tokenizer for each: the tiny test tokenizer given the family's special tokens,
+BOS/EOS and that template.
 
-FAMILIES holds the first eight (their spec written here); `families-2026.json` and `more/families.json` hold
-the rest, each with its model, special tokens and source."""
+FAMILIES holds the first eight (their spec written here); `families-2026.json` and
+`more/families.json` hold the rest, each with its model, special tokens and source."""
 
 import json
 from pathlib import Path
@@ -30,8 +31,9 @@ MISTRAL = [
     "[TOOL_RESULTS]",
     "[/TOOL_RESULTS]",
 ]
-# each official template (tests/official_templates/<family>.jinja) with the special tokens its tokenizer knows;
-# system: accepts a system message; tools: writes tool definitions; exact: auto trains it as it renders
+# each official template (tests/official_templates/<family>.jinja) with the special tokens its
+# tokenizer knows; system: accepts a system message; tools: writes tool definitions; exact: auto
+# trains it as it renders
 FAMILIES = {
     "llama-3.3-instruct": dict(
         special=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", end="<|eot_id|>"

@@ -1,4 +1,5 @@
-"""Argument parsing: seed flag names, config file + CLI overrides, unknown flags, CPU defaults, resume."""
+"""Argument parsing: seed flag names, config file + CLI overrides, unknown flags, CPU defaults,
+resume."""
 
 import os
 import subprocess
@@ -136,7 +137,8 @@ def test_parsing_has_no_side_effects(tmp_path, monkeypatch):
     ],
 )
 def test_cross_flag_checks_run_at_parse_time(tiny_model, tmp_path, flags, message):
-    """The validation pass stops a wrong combination before any tokenizer, data or weights are loaded."""
+    """The validation pass stops a wrong combination before any tokenizer, data or weights are
+    loaded."""
     from stages import sft
 
     argv = [
@@ -195,8 +197,9 @@ def _flag_classes() -> set[type]:
 
 
 def test_each_flag_is_declared_once_in_the_args_package():
-    """A flag two stages share lives in one class they both take or inherit: its name, default and help are
-    written once. The Trainer's own flags the project re-declares (defaults it changes) count as the project's."""
+    """A flag two stages share lives in one class they both take or inherit: its name, default and
+    help are written once. The Trainer's own flags the project re-declares (defaults it changes)
+    count as the project's."""
     import typing
 
     declared: dict[str, list[str]] = {}
@@ -218,7 +221,8 @@ def test_each_flag_is_declared_once_in_the_args_package():
 
 
 def test_stages_parse_the_table_and_declare_no_flags():
-    """stages/*.py hold no argument classes: each parses the classes STAGE_ARGUMENTS names for it."""
+    """stages/*.py hold no argument classes: each parses the classes STAGE_ARGUMENTS names for
+    it."""
     import ast
     import importlib
 
@@ -237,8 +241,8 @@ def test_stages_parse_the_table_and_declare_no_flags():
 
 
 def test_shared_flags_keep_each_stages_default():
-    """One declaration, each stage's own default: SFT's held-out answers 512 tokens, PPO's rollouts 64; the
-    algorithm ppo in stages/ppo.py, grpo in stages/grpo.py."""
+    """One declaration, each stage's own default: SFT's held-out answers 512 tokens, PPO's rollouts
+    64; the algorithm ppo in stages/ppo.py, grpo in stages/grpo.py."""
     from pipeline.args import GroupRelativeArguments, PPOArguments, SFTArguments
 
     assert SFTArguments(predict_with_generate=True).max_new_tokens == 512

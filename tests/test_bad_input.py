@@ -1,8 +1,9 @@
-"""The bad-input corpus: each kind of mistake a user makes ends in one sentence naming the flag or the
-file:line and the fix, with exit code 2 and no traceback, before any training.
+"""The bad-input corpus: each kind of mistake a user makes ends in one sentence naming the flag or
+the file:line and the fix, with exit code 2 and no traceback, before any training.
 
-Most cases call a stage's entry point in this process (as `run_cli` does for the command line: fast);
-`test_through_the_launcher` runs some of them through `run_sft.sh` / `python` as the user would.
+Most cases call a stage's entry point in this process (as `run_cli` does for the command line:
+fast); `test_through_the_launcher` runs some of them through `run_sft.sh` / `python` as the user
+would.
 """
 
 from __future__ import annotations
@@ -605,7 +606,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def reward_folder(tiny_model, tmp_path_factory) -> Path:
-    """A reward-model folder (score head, no language-model head) built from the tiny model, untrained."""
+    """A reward-model folder (score head, no language-model head) built from the tiny model,
+    untrained."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path_factory.mktemp("rm-folder") / "rm"
@@ -667,7 +669,8 @@ def test_bad_input_ends_in_one_sentence(case, tiny_model, reward_folder, tmp_pat
     "case", ["unknown-flag", "batch-size-0", "null-user-content", "sft-from-a-reward-model"]
 )
 def test_through_the_launcher(case, tiny_model, reward_folder, tmp_path):
-    """The same mistakes through run_sft.sh (torchrun, one process): one sentence, exit 2, no traceback."""
+    """The same mistakes through run_sft.sh (torchrun, one process): one sentence, exit 2, no
+    traceback."""
     build, fragments = CASES[case]
     entry, argv = build(Env(tmp_path, tiny_model, reward_folder))
     proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""bench/: the SFT benchmark runs end to end in its CPU smoke mode (the GPU figures come from device runs)."""
+"""bench/: the SFT benchmark runs end to end in its CPU smoke mode (the GPU figures come from device
+runs)."""
 
 import json
 import subprocess
@@ -63,25 +64,32 @@ def test_ppo_bench_smoke_reports_phases_for_the_loop_and_trls_grpo(tmp_path):
 
 
 def test_profile_phases_of_kernels_seen_on_an_h200():
-    """bench.run_one's profile sorts kernels into phases by name (names as the H200 profile of the SFT bench showed
-    them, template arguments included); annotations are not kernels and are not counted twice."""
+    """bench.run_one's profile sorts kernels into phases by name (names as the H200 profile of the
+    SFT bench showed them, template arguments included); annotations are not kernels and are not
+    counted twice."""
     from bench.run_one import is_annotation, phase_of
 
     seen = {
         "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN": "matmul",
-        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false>>": "attention",
-        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, at::native::"
-        "(anonymous namespace)::LogSoftMaxForwardEpilogue>": "loss",
-        "void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>": "loss",
-        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::"
+        "void pytorch_flash::flash_fwd_kernel<"
+        "Flash_fwd_kernel_traits<64, 128, 128, 4, false, false>>": "attention",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+        "at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>": "loss",
+        "void at::native::(anonymous namespace)::"
+        "nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>": "loss",
+        "void at::native::vectorized_elementwise_kernel<8, "
+        "at::native::bfloat16_copy_kernel_cuda(at::"
         "TensorIteratorBase&)::{lambda(float)#1}>": "casts and copies",
-        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+        "void at::native::elementwise_kernel<128, 4, "
+        "at::native::gpu_kernel_impl_nocast<at::native::"
         "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>": "casts and copies",
-        "void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>, "
-        "TrivialOffsetCalculator<2, unsigned int>, memory::LoadWithCast<2>, memory::StoreWithCast<1>>": "other elementwise",
-        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
-        "FusedAdamMathFunctor>": "optimizer",
-        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>": "reductions",
+        "void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, "
+        "std::array<char*, 3ul>, TrivialOffsetCalculator<2, unsigned int>, "
+        "memory::LoadWithCast<2>, memory::StoreWithCast<1>>": "other elementwise",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<"
+        "at::native::(anonymous namespace)::FusedAdamMathFunctor>": "optimizer",
+        "void at::native::reduce_kernel<512, 1, "
+        "at::native::ReduceOp<float, at::native::MeanOps<float, float>>>": "reductions",
         "Memcpy DtoD (Device -> Device)": "casts and copies",
     }
     assert {name: phase_of(name) for name in seen} == seen

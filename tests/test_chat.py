@@ -1,5 +1,6 @@
-"""pipeline.chat: interactive chat over piped stdin streams the trained model's greedy answers, batch files
-go in and out (a broken line stops with file:line), and an adapter folder answers like base + adapter in peft."""
+"""pipeline.chat: interactive chat over piped stdin streams the trained model's greedy answers,
+batch files go in and out (a broken line stops with file:line), and an adapter folder answers like
+base + adapter in peft."""
 
 import json
 import shutil
@@ -123,11 +124,13 @@ def test_batch_file_in_and_out(sft_model, tmp_path):
         ('{"prompt": ["a"]}', "must be strings"),
         ('{"messages": [{"role": "bot", "content": "a"}]}', "needs a role"),
         (
-            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            '{"messages": [{"role": "user", "content": "a"}, '
+            '{"role": "assistant", "content": "b"}]}',
             "last message must be from the user",
         ),
         (
-            '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]}',
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
+            '{"role": "user", "content": "c"}]}',
             "only the first message",
         ),
     ],
@@ -179,7 +182,8 @@ def test_base_model_with_template_name(tiny_model):
 
 
 def plain_peft_answers(base_dir, adapter_dir, prompts: list[list[dict]]) -> list[str]:
-    """What a user gets with plain transformers + peft: base model, adapter, adapter's tokenizer and stop tokens."""
+    """What a user gets with plain transformers + peft: base model, adapter, adapter's tokenizer and
+    stop tokens."""
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir
@@ -236,7 +240,8 @@ def test_adapter_folder_answers_like_base_plus_adapter(sft_model, tmp_path):
             "0",
         ]
     )
-    # an adapter folder with only the adapter: tokenizer, template and stop tokens come from the base
+    # an adapter folder with only the adapter: tokenizer, template and stop tokens come from the
+    # base
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):

@@ -134,7 +134,8 @@ def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model
             "user message has no content",
         ),
         (
-            '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
+            '{"messages": [{"role": "user", "content": null}, '
+            '{"role": "assistant", "content": "a"}]}',
             "user message has no content",
         ),
         (
@@ -142,7 +143,8 @@ def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model
             "user message has no content",
         ),
         (
-            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}',
+            '{"messages": [{"role": "user", "content": "q"}, '
+            '{"role": "assistant", "content": null}]}',
             "assistant message has neither content nor tool_calls",
         ),
     ],

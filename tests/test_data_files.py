@@ -1,8 +1,8 @@
-"""No data is skipped without a word: data folders are read through symbolic links (each folder and file once),
-and what cannot be read (a folder that cannot be listed, a file that cannot be opened, a dangling or looping
-link, a pipe) stops the run with one sentence naming it; JSON past what Python parses (nesting 100,000 deep,
-a 5,000-digit integer, half a character) is a `file:line:` error, not a traceback. Through the readers the
-stages call, and one real stage."""
+"""No data is skipped without a word: data folders are read through symbolic links (each folder and
+file once), and what cannot be read (a folder that cannot be listed, a file that cannot be opened, a
+dangling or looping link, a pipe) stops the run with one sentence naming it; JSON past what Python
+parses (nesting 100,000 deep, a 5,000-digit integer, half a character) is a `file:line:` error, not
+a traceback. Through the readers the stages call, and one real stage."""
 
 import csv
 import logging
@@ -99,12 +99,14 @@ def test_what_cannot_be_read_is_refused_naming_it(tmp_path, make, says):
     assert str(d) in msg and says in msg and "\n" not in msg
 
 
-# ---------------------------------------------------------------- permissions (root reads everything: drop it)
+# ---------------------------------------------------------------- permissions
+# (root reads everything: drop it)
 
 
 @pytest.fixture
 def shared_dir():
-    """A folder any user may enter (pytest's tmp_path is private to its owner); emptied even where chmod 000 was."""
+    """A folder any user may enter (pytest's tmp_path is private to its owner); emptied even where
+    chmod 000 was."""
     path = Path(tempfile.mkdtemp(prefix="pipeline-perm-"))
     path.chmod(0o755)
     yield path
@@ -116,8 +118,9 @@ def shared_dir():
 
 
 def unprivileged(fn) -> str:
-    """fn() in a forked child without root's power to read anything (uid/gid 65534 when the tests run as root,
-    the test's own user otherwise): "ok: <result>", "UserError: <sentence>", or "<Exception>: <message>"."""
+    """fn() in a forked child without root's power to read anything (uid/gid 65534 when the tests
+    run as root, the test's own user otherwise): "ok: <result>", "UserError: <sentence>", or
+    "<Exception>: <message>"."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no pytest machinery from here on, and os._exit
@@ -154,9 +157,9 @@ def test_a_folder_that_cannot_be_listed_is_refused(shared_dir):
     (shared_dir / "locked").chmod(0)
     result = unprivileged(lambda: find_files(str(shared_dir), "--train_file_dir"))
     assert result == (
-        f"UserError: --train_file_dir: the folder {shared_dir / 'locked'} cannot be listed (Permission "
-        "denied); give the user running this read and execute permission on it (chmod a+rx) or move it "
-        "out of --train_file_dir."
+        f"UserError: --train_file_dir: the folder {shared_dir / 'locked'} cannot be listed "
+        "(Permission denied); give the user running this read and execute permission on it "
+        "(chmod a+rx) or move it out of --train_file_dir."
     )
 
 
@@ -165,9 +168,9 @@ def test_a_file_that_cannot_be_read_is_refused(shared_dir):
     locked = docs(shared_dir / "sub" / "b.jsonl", 32, "locked")
     locked.chmod(0)
     result = unprivileged(lambda: find_files(str(shared_dir), "--train_file_dir"))
-    assert (
-        result
-        == f"UserError: {locked} cannot be read (Permission denied); make it readable (chmod a+r) or move it away."
+    assert result == (
+        f"UserError: {locked} cannot be read (Permission denied); "
+        "make it readable (chmod a+r) or move it away."
     )
     result = unprivileged(
         lambda: list(iter_json_records(locked))
@@ -183,7 +186,8 @@ def test_a_file_that_cannot_be_read_is_refused(shared_dir):
     [
         (
             DEEP,
-            f"objects and lists nested more than {MAX_JSON_DEPTH} deep (column {MAX_JSON_DEPTH + 1}); flatten",
+            f"objects and lists nested more than {MAX_JSON_DEPTH} deep "
+            f"(column {MAX_JSON_DEPTH + 1}); flatten",
         ),
         (
             '{"text": "x", "n": ' + LONG_INT + "}",

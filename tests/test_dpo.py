@@ -1,5 +1,6 @@
-"""DPO stage: from a partly trained SFT policy, raises the chosen-over-rejected margin against the reference
-on held-out pairs and improves greedy answers; every loss variant trains; LoRA keeps one copy of the base."""
+"""DPO stage: from a partly trained SFT policy, raises the chosen-over-rejected margin against the
+reference on held-out pairs and improves greedy answers; every loss variant trains; LoRA keeps one
+copy of the base."""
 
 import json
 import math
@@ -268,7 +269,8 @@ def test_rm_and_dpo_train_under_torchrun_with_two_processes(sft_model, tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
-    # 144 pairs, 2 processes x 8 pairs per step: 2 steps are 32/144 of an epoch (one process: half that)
+    # 144 pairs, 2 processes x 8 pairs per step: 2 steps are 32/144 of an epoch (one process: half
+    # that)
     assert state["global_step"] == 2 and state["log_history"][-1]["epoch"] == pytest.approx(
         32 / 144, rel=1e-3
     )

@@ -1,8 +1,9 @@
-"""No flag is accepted and ignored: a real run of each stage (2 steps, tiny model, held-out data) reads every flag the
-project declares for it, except those listed here with the condition under which they are read or refused.
-tests/flag_audit.py runs the stage with its argument classes instrumented; a new flag that nothing reads fails here,
-and so does an entry below that went stale. (The Trainer's own flags: the Trainer stages are the Trainer's; the own
-RL loops refuse those they do not implement, tests/test_rl_flags.py.)"""
+"""No flag is accepted and ignored: a real run of each stage (2 steps, tiny model, held-out data)
+reads every flag the project declares for it, except those listed here with the condition under
+which they are read or refused. tests/flag_audit.py runs the stage with its argument classes
+instrumented; a new flag that nothing reads fails here, and so does an entry below that went stale.
+(The Trainer's own flags: the Trainer stages are the Trainer's; the own RL loops refuse those they
+do not implement, tests/test_rl_flags.py.)"""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import pytest
 from tests.helpers import REPO
 
 READ_ONLY_WHEN = {
-    "qlora": "acts at parse (4-bit NF4 with double quantization) and when the 4-bit weights are loaded",
+    "qlora": "acts at parse (4-bit NF4 with double quantization) "
+    "and when the 4-bit weights are loaded",
     "shift_attn": "refused at parse when set",
     "overwrite_cache": "PT only; the other stages never cache tokenization (its help says so)",
-    "test_file": "SFT with --predict_with_generate True; refused at parse elsewhere (arg_checks.check_test_file)",
-    "validation_split_percentage": "read when no validation folder or files are given; the RL stages refuse it",
+    "test_file": "SFT with --predict_with_generate True; "
+    "refused at parse elsewhere (arg_checks.check_test_file)",
+    "validation_split_percentage": "read when no validation folder or files are given; "
+    "the RL stages refuse it",
     "num_virtual_tokens": "prefix tuning only; refused at parse under LoRA or full training",
     "max_new_tokens": "SFT: with --predict_with_generate True only, refused at parse without it",
     "prompt_column": "acts at parse: chooses the two-text-field record format",

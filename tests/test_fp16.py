@@ -1,7 +1,8 @@
-"""fp16 on every stage (the GPU side is recorded in bench/results/h200-2026-12-04-fp16): on a CPU-only machine
---fp16 True and --torch_dtype float16 are refused at parse time in one sentence by every stage; the float16 rules
-(pipeline/args/checks.check_precision); and the PPO loop's own fp16 pieces on real models: the value head over a
-frozen float16 backbone (the cause of "Half != float"), float32 trained weights, and the loss scaler."""
+"""fp16 on every stage (the GPU side is recorded in bench/results/h200-2026-12-04-fp16): on a
+CPU-only machine --fp16 True and --torch_dtype float16 are refused at parse time in one sentence by
+every stage; the float16 rules (pipeline/args/checks.check_precision); and the PPO loop's own fp16
+pieces on real models: the value head over a frozen float16 backbone (the cause of "Half != float"),
+float32 trained weights, and the loss scaler."""
 
 import math
 import re
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def reward_folder(tiny_model, tmp_path_factory):
-    """An RM-shaped checkpoint (the tiny model with a one-logit score head) for the PPO value model."""
+    """An RM-shaped checkpoint (the tiny model with a one-logit score head) for the PPO value
+    model."""
     out = tmp_path_factory.mktemp("rm16") / "rm"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     model.config.pad_token_id = model.config.eos_token_id
@@ -99,10 +101,13 @@ MAINS = {
     "ppo": ppo.main,
     "grpo": grpo.main,
 }
-# stages/pt.py and stages/sft.py do not call check_precision yet (see the report of this change): strict xfail, so
-# the day they do, these cells fail and the marks must go
+# stages/pt.py and stages/sft.py do not call check_precision yet (see the report of this change):
+# strict xfail, so the day they do, these cells fail and the marks must go
 STAGES = ["rm", "dpo", "ppo", "grpo", "pt", "sft"]
-CPU_FLOAT16 = r"^--torch_dtype float16 trains only on a CUDA GPU with --fp16 True .*; on CPU use --torch_dtype float32"
+CPU_FLOAT16 = (
+    r"^--torch_dtype float16 trains only on a CUDA GPU with --fp16 True .*; "
+    r"on CPU use --torch_dtype float32"
+)
 
 
 def refused(stage: str, argv: list[str], out) -> str:
@@ -117,7 +122,8 @@ def refused(stage: str, argv: list[str], out) -> str:
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("peft", ["True", "False"])
 def test_float16_weights_are_refused_on_cpu_by_every_stage(stage, peft, tiny_model, tmp_path):
-    """Before: LoRA RM and PPO stopped with "Half != float", the others trained float16 weights with no loss scaler."""
+    """Before: LoRA RM and PPO stopped with "Half != float", the others trained float16 weights with
+    no loss scaler."""
     out = tmp_path / "out"
     message = refused(
         stage,
@@ -134,11 +140,12 @@ def test_fp16_flag_is_refused_on_cpu_by_every_stage(stage, tiny_model, tmp_path)
     assert message == "--fp16 needs a CUDA GPU; drop it on a CPU-only machine."
 
 
-# ---------------------------------------------------------------- the float16 rules (GPU branches, decided on CPU)
+# ------------------------------------------------ the float16 rules (GPU branches, decided on CPU)
 
 
 def precision(training, model, dtype: str, use_peft: bool, fp16: bool, deepspeed=None) -> str:
-    """check_precision on real argument classes; --fp16 is set after construction (it is refused on CPU there)."""
+    """check_precision on real argument classes; --fp16 is set after construction (it is refused on
+    CPU there)."""
     model_args = ModelArguments(model_name_or_path=str(model), torch_dtype=dtype)
     training.fp16, training.deepspeed = fp16, deepspeed
     check_precision((model_args, PeftArguments(use_peft=use_peft), training))
@@ -192,7 +199,7 @@ def test_ppo_loop_takes_fp16_but_not_under_deepspeed(tmp_path):
         check_loop_flags(training)
 
 
-# ---------------------------------------------------------------- the PPO value model and policy, float16 load
+# ------------------------------------------------ the PPO value model and policy, float16 load
 
 
 def value_model(reward_folder, dtype: str):
@@ -204,8 +211,9 @@ def value_model(reward_folder, dtype: str):
 
 
 def test_value_head_reads_float16_states_without_autocast(reward_folder):
-    """The cause of "Half != float": LoRA trains a float32 copy of the score head beside a frozen float16 backbone,
-    and the loop ran no autocast; the head now reads the states in its own dtype, in any autocast scope."""
+    """The cause of "Half != float": LoRA trains a float32 copy of the score head beside a frozen
+    float16 backbone, and the loop ran no autocast; the head now reads the states in its own dtype,
+    in any autocast scope."""
     half, tokenizer = value_model(reward_folder, "float16")
     trained = {p.dtype for p in half.parameters() if p.requires_grad}
     frozen = {p.dtype for p in half.parameters() if not p.requires_grad}
@@ -246,8 +254,9 @@ def ppo_training(tmp_path, fp16: bool) -> PPOTrainingArguments:
 
 
 def test_ppo_update_scales_the_loss_and_skips_overflow(reward_folder, tiny_model, tmp_path):
-    """The plain loop under --fp16: a GradScaler, gradients unscaled before clipping (the norm is the true one), an
-    overflowing step skipped with the weights unchanged and the scale halved, the scale saved and resumed."""
+    """The plain loop under --fp16: a GradScaler, gradients unscaled before clipping (the norm is
+    the true one), an overflowing step skipped with the weights unchanged and the scale halved, the
+    scale saved and resumed."""
     value, tokenizer = value_model(reward_folder, "float16")
     policy = load_model(
         ModelArguments(model_name_or_path=str(tiny_model), torch_dtype="float16"),
@@ -295,8 +304,8 @@ def test_ppo_update_scales_the_loss_and_skips_overflow(reward_folder, tiny_model
 
 
 def test_ppo_update_refuses_float16_trained_weights(tiny_model, tmp_path):
-    """Full training on a float16 load would have AdamW update float16 weights (check_precision refuses the flags;
-    the updater guards the models as built)."""
+    """Full training on a float16 load would have AdamW update float16 weights (check_precision
+    refuses the flags; the updater guards the models as built)."""
     args = ModelArguments(model_name_or_path=str(tiny_model), torch_dtype="float16")
     policy = load_model(args, PeftArguments(use_peft=False), load_tokenizer(args), head="lm")
     with pytest.raises(

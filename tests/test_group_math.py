@@ -1,4 +1,5 @@
-"""Hand-computed checks of pipeline/rl/group_math.py (GRPO, Dr. GRPO, DAPO, GSPO, RLOO arithmetic)."""
+"""Hand-computed checks of pipeline/rl/group_math.py (GRPO, Dr. GRPO, DAPO, GSPO, RLOO
+arithmetic)."""
 
 import math
 
@@ -14,7 +15,8 @@ from pipeline.rl.group_math import (
     zero_variance_groups,
 )
 
-# two groups of 3: group 0 mean 1/3, unbiased std sqrt(1/3); group 1 mean 4, unbiased std 2 (population std 1.633)
+# two groups of 3: group 0 mean 1/3, unbiased std sqrt(1/3); group 1 mean 4, unbiased std 2
+# (population std 1.633)
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 6.0])
 SQRT3 = math.sqrt(3)
 
@@ -81,7 +83,8 @@ def test_zero_variance_groups():
 
 
 def _token_batch():
-    # row 0, A = +1: ratios 1.5, 1.25, 0.5; row 1, A = -1: ratios 0.5, 1.0, then padding with a wild ratio of 10
+    # row 0, A = +1: ratios 1.5, 1.25, 0.5; row 1, A = -1: ratios 0.5, 1.0, then padding with a wild
+    # ratio of 10
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
     log_ratio = torch.tensor(
         [[math.log(1.5), math.log(1.25), math.log(0.5)], [math.log(0.5), 0.0, math.log(10.0)]]
@@ -96,17 +99,21 @@ def test_token_clipping_with_clip_higher():
     loss, clipfrac, approx_kl = clipped_policy_loss(
         logp, old, adv, mask, eps_low=0.2, eps_high=0.28
     )
-    # row 0: max(-1.5, -1.28) = -1.28 (clipped above), max(-1.25, -1.25) = -1.25 (1.25 < 1.28: not clipped),
+    # row 0: max(-1.5, -1.28) = -1.28 (clipped above),
+    #        max(-1.25, -1.25) = -1.25 (1.25 < 1.28: not clipped),
     #        max(-0.5, -0.8) = -0.5 (A > 0 and r low: the pessimistic bound keeps r); mean -1.01
-    # row 1: max(0.5, 0.8) = 0.8 (clipped below), max(1.0, 1.0) = 1.0; mean 0.9. Answer mean (-1.01 + 0.9) / 2
+    # row 1: max(0.5, 0.8) = 0.8 (clipped below), max(1.0, 1.0) = 1.0; mean 0.9.
+    # Answer mean (-1.01 + 0.9) / 2
     close(loss, -0.055)
     close(clipfrac, 2 / 5)
     close(approx_kl, 0.5 * (0.4054651**2 + 0.2231436**2 + 0.6931472**2 + 0.6931472**2 + 0.0) / 5)
     loss.backward()
-    # d/dlogp of -A r / n_i / batch where unclipped (r * 1/3 * 1/2 in row 0, r * 1/2 * 1/2 in row 1), 0 where clipped
+    # d/dlogp of -A r / n_i / batch where unclipped (r * 1/3 * 1/2 in row 0, r * 1/2 * 1/2 in
+    # row 1), 0 where clipped
     close(logp.grad, [[0.0, -1.25 / 6, -0.5 / 6], [0.0, 1.0 / 4, 0.0]])
 
-    # symmetric clipping (eps_high = eps_low = 0.2) also clips the ratio 1.25: row 0 mean (-1.2 - 1.2 - 0.5) / 3
+    # symmetric clipping (eps_high = eps_low = 0.2) also clips the ratio 1.25:
+    # row 0 mean (-1.2 - 1.2 - 0.5) / 3
     loss, clipfrac, _ = clipped_policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2)
     close(loss, ((-1.2 - 1.2 - 0.5) / 3 + 0.9) / 2)
     close(clipfrac, 3 / 5)
@@ -129,19 +136,22 @@ def test_sequence_ratio_value_and_gradient():
         logp, old, adv, mask, 0.2, 0.28, ratio_level="sequence"
     )
     s0 = 1.2214028  # exp(0.2): the geometric mean of the token ratios, not their product exp(0.4)
-    # per answer: -2 * s0 (unclipped), -1 * 1.28 (clipped above), +1 * 0.8 (clipped below); mean over 3 answers
+    # per answer: -2 * s0 (unclipped), -1 * 1.28 (clipped above), +1 * 0.8 (clipped below); mean
+    # over 3 answers
     close(loss, (-2 * s0 - 1.28 + 0.8) / 3)
     close(clipfrac, 2 / 3)  # answers, not tokens (that would be 5 / 7)
     close(approx_kl, 0.5 * (0.01 + 0.09 + 0.04 + 0.16 + 0.36 + 0.25 + 0.25) / 7)
     loss.backward()
-    # unclipped answer: d loss / d logp_t = -(1/batch) * s_i * A * (1/n_i) = -(1/3) * 1.2214028 * 2 * (1/2) on each
-    # real token, the same for both though their own ratios differ; clipped answers and padding: 0
+    # unclipped answer: d loss / d logp_t = -(1/batch) * s_i * A * (1/n_i)
+    # = -(1/3) * 1.2214028 * 2 * (1/2) on each real token, the same for both though their own
+    # ratios differ; clipped answers and padding: 0
     g = -s0 * 2 / 2 / 3
     close(logp.grad, [[g, g, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
 
 
 def test_sequence_ratio_gradient_matches_the_sequence_objective():
-    # the token form's gradient is that of the sequence objective -A * exp(mean_t log r_t), computed directly
+    # the token form's gradient is that of the sequence objective -A * exp(mean_t log r_t), computed
+    # directly
     logp, old, adv, mask = _sequence_batch()
     clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, ratio_level="sequence")[0].backward()
     direct = logp.detach().clone().requires_grad_()
@@ -162,7 +172,8 @@ def test_gspo_published_clip_range_clips_sequences():
     close(logp.grad, torch.zeros(3, 3).tolist())
 
 
-# answers of different lengths: 4 tokens each worth 1, and 1 token worth 3 (padding holds 100, never counted)
+# answers of different lengths: 4 tokens each worth 1, and 1 token worth 3 (padding holds 100, never
+# counted)
 PER_TOKEN = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 100.0, 100.0, 100.0]])
 LENGTH_MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
 
@@ -180,8 +191,8 @@ def test_aggregations_weight_answers_differently():
 
 
 def test_aggregation_token_weights():
-    # the weight each token gets in the loss (its gradient): sequence_mean 1/(batch n_i), token_mean 1/sum n_i,
-    # constant 1/(batch max_tokens); padding 0
+    # the weight each token gets in the loss (its gradient): sequence_mean 1/(batch n_i), token_mean
+    # 1/sum n_i, constant 1/(batch max_tokens); padding 0
     expected = {
         "sequence_mean": ([1 / 8] * 4, 1 / 2),
         "token_mean": ([1 / 5] * 4, 1 / 5),
@@ -194,7 +205,8 @@ def test_aggregation_token_weights():
 
 
 def test_aggregation_in_the_policy_loss():
-    # ratio 1 everywhere: the loss is the aggregate of -A; A = -1 on the long answer, +3 on the short one
+    # ratio 1 everywhere: the loss is the aggregate of -A; A = -1 on the long answer, +3 on the
+    # short one
     logp = torch.zeros(2, 4)
     adv = torch.tensor([-1.0, 3.0])
     for name, expected in (

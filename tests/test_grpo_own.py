@@ -1,7 +1,8 @@
-"""GRPO and its relatives in the project's own loop (stages/grpo.py --rl_engine own, the default): every variant
-trains the policy from the reward model's scores, DAPO leaves groups that all scored alike out of the update, a
-run resumes from its checkpoint (which holds no value model), and the flags are checked. The arithmetic of each
-variant is hand-checked in test_group_math.py; learning on the synthetic task in test_ppo.py."""
+"""GRPO and its relatives in the project's own loop (stages/grpo.py --rl_engine own, the default):
+every variant trains the policy from the reward model's scores, DAPO leaves groups that all scored
+alike out of the update, a run resumes from its checkpoint (which holds no value model), and the
+flags are checked. The arithmetic of each variant is hand-checked in test_group_math.py; learning on
+the synthetic task in test_ppo.py."""
 
 import json
 import math
@@ -54,7 +55,8 @@ def flags(policy, out, *extra, reward=None):
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model, tmp_path_factory):
-    """A reward model with a fresh score head on the tiny model: different scores for different answers."""
+    """A reward model with a fresh score head on the tiny model: different scores for different
+    answers."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -108,8 +110,8 @@ def test_each_variant_trains_the_adapter_from_reward_model_scores(
 
 
 def test_dapo_drops_groups_that_all_scored_alike(tiny_model, tmp_path):
-    """exact_match with an untrained policy cut at 2 tokens: every answer scores 0, every group alike, nothing to
-    learn from: DAPO keeps no group and the adapter stays at its zero init."""
+    """exact_match with an untrained policy cut at 2 tokens: every answer scores 0, every group
+    alike, nothing to learn from: DAPO keeps no group and the adapter stays at its zero init."""
     out = tmp_path / "dapo"
     grpo.main(
         flags(
@@ -231,7 +233,8 @@ def test_ppo_script_sends_a_group_algorithm_to_its_script(tiny_model, tmp_path):
 
 
 def test_ppo_refuses_num_generations_which_belongs_to_the_group_algorithms(tiny_model, tmp_path):
-    """PPO samples one answer per prompt: --num_generations is stages/grpo.py's flag, an unknown flag to PPO."""
+    """PPO samples one answer per prompt: --num_generations is stages/grpo.py's flag, an unknown
+    flag to PPO."""
     from stages import ppo
 
     with pytest.raises(UserError, match="--num_generations"):

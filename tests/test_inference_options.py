@@ -1,6 +1,7 @@
-"""Inference as the seed documents do it: 4/8-bit weights with bitsandbytes (answers on this machine, and one sentence
-where bitsandbytes is missing), --rope_scaling carried into the loaded model's config and its rotary embedding, the
-flags on chat and serve, and `exit` / `quit` / `stop` leaving the interactive chat."""
+"""Inference as the seed documents do it: 4/8-bit weights with bitsandbytes (answers on this
+machine, and one sentence where bitsandbytes is missing), --rope_scaling carried into the loaded
+model's config and its rotary embedding, the flags on chat and serve, and `exit` / `quit` / `stop`
+leaving the interactive chat."""
 
 import io
 import json
@@ -123,8 +124,8 @@ def test_quantized_weights_answer(tiny_model, adapter, options, layer):
 
 
 def test_quantization_refused_where_bitsandbytes_cannot(tiny_model, tmp_path):
-    """An interpreter whose packages are this one's but bitsandbytes: the flag is refused in one sentence, before
-    anything loads."""
+    """An interpreter whose packages are this one's but bitsandbytes: the flag is refused in one
+    sentence, before anything loads."""
     packages = tmp_path / "site-packages"
     packages.mkdir()
     for entry in Path(site.getsitepackages()[0]).iterdir():
@@ -179,7 +180,8 @@ def test_rope_scaling_reaches_the_loaded_model(tiny_model, adapter):
         last_logits(linear), last_logits(plain), atol=1e-4
     )  # positions are interpolated
     assert linear.generate([QUESTION], chat.Sampling(max_new_tokens=4))[0].completion_tokens >= 1
-    # dynamic (the seed documents' choice at inference), by default to twice the context; on an adapter's base
+    # dynamic (the seed documents' choice at inference), by default to twice the context; on an
+    # adapter's base
     dynamic = chat.load_chat_model(
         str(adapter), "qwen", options=chat.LoadOptions(rope_scaling="dynamic")
     )
@@ -243,8 +245,9 @@ def test_chat_command_takes_the_flags(adapter, tmp_path):
 
 
 def test_serve_takes_the_flags(tiny_model, adapter, tmp_path):
-    """pipeline.serve loads through the same function: an adapter whose recorded base is gone, on --base_model, in
-    4-bit, with RoPE stretched to 2048 positions, answers a prompt the unstretched 1024 would refuse."""
+    """pipeline.serve loads through the same function: an adapter whose recorded base is gone, on
+    --base_model, in 4-bit, with RoPE stretched to 2048 positions, answers a prompt the unstretched
+    1024 would refuse."""
     moved = tmp_path / "lora"
     moved.mkdir()
     for name in ("adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):

@@ -1,24 +1,25 @@
-"""Killed and preempted training resumes to the same weights: SIGKILL and SIGTERM, mid-step and inside a
-checkpoint save, for a Trainer stage (PT) here and for the PPO loop in tests/test_ppo_kill.py (which uses the
-helpers of this file).
+"""Killed and preempted training resumes to the same weights: SIGKILL and SIGTERM, mid-step and
+inside a checkpoint save, for a Trainer stage (PT) here and for the PPO loop in
+tests/test_ppo_kill.py (which uses the helpers of this file).
 
 Every run is a subprocess (`python stages/<stage>.py`), killed for real, then resumed with
-`--resume_from_checkpoint auto`; the resumed run must end with every saved tensor (final model, and the last
-checkpoint: weights, optimizer and scheduler state) equal to an uninterrupted run's, max abs difference 0, and
-no process of the killed run may be left.
+`--resume_from_checkpoint auto`; the resumed run must end with every saved tensor (final model, and
+the last checkpoint: weights, optimizer and scheduler state) equal to an uninterrupted run's, max
+abs difference 0, and no process of the killed run may be left.
 
-How a kill lands inside a save, deterministically: the subprocess gets a sitecustomize module from this test
-(a folder put first on its PYTHONPATH; nothing in the project reads it) that installs a CPython audit hook
-(sys.addaudithook, the interpreter's own observation API). Audit hooks see every file Python opens; when the
-process opens the chosen file of the checkpoint being written (e.g. checkpoint-4/trainer_state.json, after
-the weights and optimizer state, before the state and the COMPLETE mark), the hook sends the process the
-signal itself.
-So a real SIGKILL or SIGTERM reaches the real, unchanged save at a chosen point, and what is on disk is what
-a kill there leaves. The alternatives are weaker: waiting from outside for checkpoint-4/ to appear without its
-COMPLETE mark races with a save that takes milliseconds with the tiny model, and damaging a copy of a finished
-checkpoint tests the resume logic on a state the saver may never produce (the PPO loop writes tmp-checkpoint-N
-and renames it, so a kill never leaves a checkpoint-N without its mark there). Mid-step kills come from
-outside, right after a step's log line: the next step takes far longer than sending the signal.
+How a kill lands inside a save, deterministically: the subprocess gets a sitecustomize module from
+this test (a folder put first on its PYTHONPATH; nothing in the project reads it) that installs a
+CPython audit hook (sys.addaudithook, the interpreter's own observation API). Audit hooks see every
+file Python opens; when the process opens the chosen file of the checkpoint being written (e.g.
+checkpoint-4/trainer_state.json, after the weights and optimizer state, before the state and the
+COMPLETE mark), the hook sends the process the signal itself.
+So a real SIGKILL or SIGTERM reaches the real, unchanged save at a chosen point, and what is on disk
+is what a kill there leaves. The alternatives are weaker: waiting from outside for checkpoint-4/ to
+appear without its COMPLETE mark races with a save that takes milliseconds with the tiny model, and
+damaging a copy of a finished checkpoint tests the resume logic on a state the saver may never
+produce (the PPO loop writes tmp-checkpoint-N and renames it, so a kill never leaves a checkpoint-N
+without its mark there). Mid-step kills come from outside, right after a step's log line: the next
+step takes far longer than sending the signal.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import DATA, REPO
 
-# The audit hook: KILL_AT="SIGNAL:path/suffix" sends SIGNAL to this process when it opens a file whose path ends
-# with the suffix for writing (once).
+# The audit hook: KILL_AT="SIGNAL:path/suffix" sends SIGNAL to this process when it opens a file
+# whose path ends with the suffix for writing (once).
 SITECUSTOMIZE = textwrap.dedent("""
     import os, signal, sys
 
@@ -59,7 +60,7 @@ SITECUSTOMIZE = textwrap.dedent("""
                 os.kill(os.getpid(), getattr(signal, _sig))
 
         sys.addaudithook(_hook)
-""")
+""")  # noqa: E501 - the hook's source is written to a file as it is
 
 
 def kill_hook(folder: Path) -> Path:
@@ -75,8 +76,8 @@ def start(
     kill_at: str | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """A training subprocess in a session of its own (so a SIGKILL can take its whole process group, as a
-    scheduler does), unbuffered so its log lines arrive as they are written."""
+    """A training subprocess in a session of its own (so a SIGKILL can take its whole process group,
+    as a scheduler does), unbuffered so its log lines arrive as they are written."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if hook:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
@@ -106,7 +107,8 @@ def run(
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, count: int = 1, timeout: float = 240) -> str:
-    """Read the subprocess's output until the `count`-th line that holds `needle`; return what was read."""
+    """Read the subprocess's output until the `count`-th line that holds `needle`; return what was
+    read."""
     seen, deadline = [], time.monotonic() + timeout
     for line in proc.stdout:
         seen.append(line)
@@ -120,8 +122,8 @@ def wait_for_line(proc: subprocess.Popen, needle: str, count: int = 1, timeout: 
 
 
 def interrupt(proc: subprocess.Popen, sig: signal.Signals, timeout: float = 240) -> str:
-    """SIGKILL: the whole process group, as a scheduler kills a job; SIGTERM: the launched process only (a
-    launcher forwards it). Returns the rest of the output once the process has ended."""
+    """SIGKILL: the whole process group, as a scheduler kills a job; SIGTERM: the launched process
+    only (a launcher forwards it). Returns the rest of the output once the process has ended."""
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)
     else:
@@ -167,7 +169,8 @@ def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def saved_tensors(folder: Path, recursive: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor a folder's safetensors and torch files hold (weights, optimizer, scheduler, loop state)."""
+    """Every tensor a folder's safetensors and torch files hold (weights, optimizer, scheduler, loop
+    state)."""
     found = {}
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         name = str(path.relative_to(folder))
@@ -179,7 +182,8 @@ def saved_tensors(folder: Path, recursive: bool = True) -> dict[str, torch.Tenso
 
 
 def assert_same_tensors(whole: Path, resumed: Path, last_checkpoint: str) -> None:
-    """The final model and the last checkpoint of the resumed run equal the uninterrupted run's, bit for bit."""
+    """The final model and the last checkpoint of the resumed run equal the uninterrupted run's, bit
+    for bit."""
     for a_dir, b_dir, recursive in (
         (whole, resumed, False),
         (whole / last_checkpoint, resumed / last_checkpoint, True),
@@ -204,8 +208,9 @@ def checkpoint_steps(out: Path, complete: bool = True) -> list[int]:
 
 # ---------------------------------------------------------------- PT (a Trainer stage)
 
-# 3 steps per data epoch: the resumes start inside and at the end of epochs; 11 is not a whole number of
-# epochs, where the Trainer alone would train past --max_steps when a finished run is resumed
+# 3 steps per data epoch: the resumes start inside and at the end of epochs; 11 is not a whole
+# number of epochs, where the Trainer alone would train past --max_steps when a finished run is
+# resumed
 PT_STEPS = 11
 
 
@@ -275,11 +280,12 @@ def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_w
     tiny_model, pt_whole, tmp_path
 ):
     """One job interrupted four ways in a row (as on a preemptible queue), each rerun with `auto`:
-    1. SIGKILL while checkpoint-4 is written (weights, optimizer, scheduler and RNG states on disk, not its
-       trainer_state.json): checkpoint-4 has no COMPLETE mark; the rerun skips it with a warning and starts from
-       checkpoint-2 (the Trainer alone would take it and restart at step 0, its state file missing).
-    2. SIGTERM while checkpoint-6 is written: the save finishes, the Trainer trains the next step (7), saves it,
-       exits 143 and says how to resume.
+    1. SIGKILL while checkpoint-4 is written (weights, optimizer, scheduler and RNG states on disk,
+       not its trainer_state.json): checkpoint-4 has no COMPLETE mark; the rerun skips it with a
+       warning and starts from checkpoint-2 (the Trainer alone would take it and restart at step 0,
+       its state file missing).
+    2. SIGTERM while checkpoint-6 is written: the save finishes, the Trainer trains the next step
+       (7), saves it, exits 143 and says how to resume.
     3. SIGKILL of the process group mid-step (right after step 9's log line, so in step 10).
     4. SIGTERM mid-step (after the next step's log line): that step finishes and is saved, exit 143.
     The last rerun ends with every saved tensor equal to the uninterrupted run's."""
@@ -299,9 +305,9 @@ def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_w
     stopped(code, output, out, signal.SIGTERM)
     assert checkpoint_steps(out) == [2, 4, 6, 7]
     assert (
-        "stopped by SIGTERM after step 7 (saved checkpoint-7); rerun with --resume_from_checkpoint auto"
-        in output
-    )
+        "stopped by SIGTERM after step 7 (saved checkpoint-7); "
+        "rerun with --resume_from_checkpoint auto"
+    ) in output
 
     for sig in (signal.SIGKILL, signal.SIGTERM):
         proc = start(pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"))
@@ -324,8 +330,9 @@ def test_pt_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_w
 
 @pytest.mark.slow
 def test_pt_resuming_a_finished_run_trains_no_more_steps(tiny_model, pt_whole, tmp_path):
-    """Resuming at checkpoint-11 of 11 (not a whole number of epochs): the Trainer alone re-enters the last
-    epoch and trains step 12 before it checks --max_steps; the stage trains nothing and writes the same model."""
+    """Resuming at checkpoint-11 of 11 (not a whole number of epochs): the Trainer alone re-enters
+    the last epoch and trains step 12 before it checks --max_steps; the stage trains nothing and
+    writes the same model."""
     out = tmp_path / "again"
     shutil.copytree(pt_whole, out)
     code, output = run(pt_argv(tiny_model, out, "--resume_from_checkpoint", "auto"))

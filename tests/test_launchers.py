@@ -1,11 +1,12 @@
-"""The launchers as a user runs them: nothing of a stage outlives its shell (SIGKILL or SIGTERM of run_sft.sh, of
-run_pipeline.sh's process group, or SIGTERM of run_pipeline.sh's shell), a second trainer on a busy output
-folder is refused, every stage's flags are checked before the pipeline's first stage trains, and an error
-through a launcher is one sentence with exit code 2.
+"""The launchers as a user runs them: nothing of a stage outlives its shell (SIGKILL or SIGTERM of
+run_sft.sh, of run_pipeline.sh's process group, or SIGTERM of run_pipeline.sh's shell), a second
+trainer on a busy output folder is refused, every stage's flags are checked before the pipeline's
+first stage trains, and an error through a launcher is one sentence with exit code 2.
 
-Real processes throughout: the real launchers, pipeline.run.launch (torch's elastic agent) and the tiny model. A
-run's processes are found by scanning /proc for command lines that name its output folder, which is unique
-to the test, so the check also catches a worker that was reparented or lost from the process tree.
+Real processes throughout: the real launchers, pipeline.run.launch (torch's elastic agent) and the
+tiny model. A run's processes are found by scanning /proc for command lines that name its output
+folder, which is unique to the test, so the check also catches a worker that was reparented or lost
+from the process tree.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def processes_naming(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (zombies have an empty one and are left out)."""
+    """Live processes whose command line contains `text` (zombies have an empty one and are left
+    out)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -51,8 +53,8 @@ def wait_until(
     proc: subprocess.Popen | None = None,
     log: Path | None = None,
 ):
-    """Poll `condition` until it holds (returns its value); fail naming `what`, with the log's tail, on timeout
-    or when `proc` ended first."""
+    """Poll `condition` until it holds (returns its value); fail naming `what`, with the log's tail,
+    on timeout or when `proc` ended first."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -69,8 +71,8 @@ def wait_until(
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A unique folder for one run's outputs; whatever still names it at the end is killed, so a failing test
-    leaves no trainer behind."""
+    """A unique folder for one run's outputs; whatever still names it at the end is killed, so a
+    failing test leaves no trainer behind."""
     folder = tmp_path / "run"
     yield folder
     for pid in processes_naming(str(folder)):
@@ -81,7 +83,8 @@ def run_dir(tmp_path):
 
 
 def start(argv: list[str], log: Path, **env: str) -> subprocess.Popen:
-    """A launcher in a session of its own, as a job scheduler starts one: its process group is ours to kill."""
+    """A launcher in a session of its own, as a job scheduler starts one: its process group is ours
+    to kill."""
     with open(log, "w") as out:
         return subprocess.Popen(
             argv,
@@ -143,7 +146,7 @@ def one_sentence_error(output: str) -> str:
     return errors[0]
 
 
-# --- the parts: parent-death signal and the output-folder lock, each in a bare Python process -----------------
+# --- the parts: parent-death signal and the output-folder lock, each in a bare Python process -----
 
 SLEEPER = (
     "from pipeline.run.process import die_with_parent; import os, time; die_with_parent(); "
@@ -177,8 +180,9 @@ def test_a_process_dies_when_its_parent_is_sigkilled():
 
 
 def test_a_parent_that_died_before_prctl_is_noticed():
-    """PIPELINE_PARENT_PID names the parent it should have: already gone, so the signal is raised at once. A
-    named process that is alive but is not the parent (a value inherited from elsewhere) is left alone."""
+    """PIPELINE_PARENT_PID names the parent it should have: already gone, so the signal is raised at
+    once. A named process that is alive but is not the parent (a value inherited from elsewhere) is
+    left alone."""
     gone = subprocess.Popen(["true"])
     gone.wait()
     code = "from pipeline.run.process import die_with_parent; die_with_parent(); print('alive')"
@@ -204,7 +208,10 @@ def test_a_parent_that_died_before_prctl_is_noticed():
 
 def test_the_output_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     out = tmp_path / "out"
-    locker = "import sys, time; from pipeline.errors import run_cli; from pipeline.run.process import lock_output_dir"
+    locker = (
+        "import sys, time; from pipeline.errors import run_cli; "
+        "from pipeline.run.process import lock_output_dir"
+    )
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -236,8 +243,8 @@ def test_the_output_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    # the kernel dropped the SIGKILLed holder's lock; taking it twice in one process is fine; at exit the file
-    # goes, and so do the folders the process made for it
+    # the kernel dropped the SIGKILLed holder's lock; taking it twice in one process is fine; at
+    # exit the file goes, and so do the folders the process made for it
     fresh = tmp_path / "fresh" / "a"
     third = subprocess.run(
         [
@@ -256,7 +263,7 @@ def test_the_output_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     assert not (out / LOCK_NAME).exists() and not (tmp_path / "fresh").exists()
 
 
-# --- run_sft.sh ------------------------------------------------------------------------------------------------
+# --- run_sft.sh -----------------------------------------------------------------------------------
 
 
 def test_a_user_error_through_the_launcher_is_one_sentence_and_exit_2(tiny_model, run_dir):
@@ -294,7 +301,8 @@ def test_sigkill_of_run_sft_ends_its_worker(tiny_model, run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_output_dir_is_refused(tiny_model, run_dir, tmp_path):
-    """...naming the first run's worker; then SIGTERM of the first's shell stops it with a checkpoint (exit 143)."""
+    """...naming the first run's worker; then SIGTERM of the first's shell stops it with a
+    checkpoint (exit 143)."""
     log = tmp_path / "first.log"
     first = start(
         sft_argv(tiny_model, run_dir, "--max_steps", "100000", "--logging_steps", "1"), log
@@ -324,7 +332,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(tiny_model, run_dir, tmp_p
     assert not (run_dir / LOCK_NAME).exists()
 
 
-# --- run_pipeline.sh -------------------------------------------------------------------------------------------
+# --- run_pipeline.sh ------------------------------------------------------------------------------
 
 
 def long_pt_config(tmp_path: Path, model: Path) -> Path:
@@ -333,14 +341,16 @@ def long_pt_config(tmp_path: Path, model: Path) -> Path:
 base_model: {model}
 stages: [pt]
 flags:
-  pt: {{block_size: 64, per_device_train_batch_size: 4, max_steps: 100000, logging_steps: 1, save_strategy: "no",
+  pt: {{block_size: 64, per_device_train_batch_size: 4, max_steps: 100000, \
+logging_steps: 1, save_strategy: "no",
         report_to: none, eval_strategy: "no"}}
 """)
     return config
 
 
 def start_pipeline(tmp_path: Path, model: Path, root: Path) -> tuple[subprocess.Popen, Path]:
-    """run_pipeline.sh on the one-stage config, once its PT worker trains: (the pipeline, its log)."""
+    """run_pipeline.sh on the one-stage config, once its PT worker trains: (the pipeline, its
+    log)."""
     log = tmp_path / "pipeline.log"
     proc = start(
         ["bash", "run_pipeline.sh", str(long_pt_config(tmp_path, model))],
@@ -402,7 +412,7 @@ def test_a_bad_flag_in_the_last_stage_stops_the_pipeline_before_any_training(tin
     assert not root.exists() and "== pt from" not in proc.stdout
 
 
-# --- the flag check itself, in this process ------------------------------------------------------------------
+# --- the flag check itself, in this process -------------------------------------------------------
 
 
 @pytest.mark.parametrize("stage", pipeline_config.STAGES)
@@ -436,7 +446,8 @@ def test_every_stage_checks_its_flags_without_its_start_model(
 
 
 def test_shipped_configs_pass_the_flag_check(monkeypatch):
-    """Their models (a hub id, the tiny model yet to be built) are not there: the check must not need them."""
+    """Their models (a hub id, the tiny model yet to be built) are not there: the check must not
+    need them."""
     monkeypatch.chdir(REPO)
     from stages import sft
 

@@ -1,7 +1,7 @@
-"""Samples longer than --model_max_length: SFT cuts after the last whole turn that fits or drops the sample,
-never trains an answer cut short or without the token that ends it, and counts both in the data summary;
-preference pairs (KTO answers) and RL prompts that do not fit are dropped whole and counted; KTO's summary
-counts records read and the answers made from them."""
+"""Samples longer than --model_max_length: SFT cuts after the last whole turn that fits or drops the
+sample, never trains an answer cut short or without the token that ends it, and counts both in the
+data summary; preference pairs (KTO answers) and RL prompts that do not fit are dropped whole and
+counted; KTO's summary counts records read and the answers made from them."""
 
 import json
 from types import SimpleNamespace
@@ -32,7 +32,8 @@ CHAT = [
     {"role": "user", "content": "And mi-ta?"},
     {"role": "assistant", "content": "green"},
 ]
-# every project template, and --template_name auto with each official template it trains as it renders
+# every project template, and --template_name auto with each official template it trains as it
+# renders
 TEMPLATES = template_names() + [
     f"auto-{f}" for f in sorted(FAMILIES) if FAMILIES[f].get("exact", True)
 ]
@@ -76,7 +77,8 @@ def ends_a_turn(tokenizer, ids: list[int], stops: set[int]) -> bool:
 
 
 def check_cut(tokenizer, stops, whole, sample, max_length, train_on_inputs):
-    """A sample made under max_length is its whole form, its whole form cut after a whole turn, or dropped."""
+    """A sample made under max_length is its whole form, its whole form cut after a whole turn, or
+    dropped."""
     if isinstance(sample, Dropped):
         assert sample == Dropped(too_long(max_length)) and len(whole.input_ids) > max_length
         return 0
@@ -102,7 +104,8 @@ def check_cut(tokenizer, stops, whole, sample, max_length, train_on_inputs):
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_a_cut_sample_ends_after_a_whole_turn(tiny_model, name, train_on_inputs):
     tokenizer, template, stops = tokenizer_and_template(tiny_model, name)
-    # a template that trains each answer in its own sample (Yuan2's history, R1's reasoning) has no turn to cut after
+    # a template that trains each answer in its own sample (Yuan2's history, R1's reasoning) has no
+    # turn to cut after
     one_per_sample = len(encode_samples(template, tokenizer, {"messages": CHAT})) > 1
     cut = 0
     for mode in ("all", "last", "split"):
@@ -152,7 +155,8 @@ def test_modes_cut_or_drop_the_long_answer(tiny_model):
 
 
 def test_no_cut_between_the_tool_calls_of_one_message(tiny_model):
-    """ChatGLM3 writes each call of a message as its own assistant turn: a cut there would train one call of two."""
+    """ChatGLM3 writes each call of a message as its own assistant turn: a cut there would train one
+    call of two."""
     tokenizer, template, stops = tokenizer_and_template(tiny_model, "chatglm3")
     tools = [
         {
@@ -289,7 +293,8 @@ def test_kto_summary_counts_records_read_and_answers_made(tiny_model, tmp_path):
     dataset, report = build_preference_dataset(
         preference_files(tmp_path), "--train_file_dir", template, tokenizer, 64, unpaired=True
     )
-    # 4 records: 1 identical pair dropped; 2 pairs split into 4 answers + 1 unpaired answer; the long one dropped
+    # 4 records: 1 identical pair dropped; 2 pairs split into 4 answers + 1 unpaired answer; the
+    # long one dropped
     assert (report.read, report.records_kept, report.samples, report.kept, len(dataset)) == (
         4,
         3,
@@ -298,7 +303,8 @@ def test_kto_summary_counts_records_read_and_answers_made(tiny_model, tmp_path):
         4,
     )
     assert report.summary("--train_file_dir") == (
-        "--train_file_dir: 1 files, 4 records read, 1 records dropped (chosen equals rejected), 5 answers made from "
+        "--train_file_dir: 1 files, 4 records read, 1 records dropped (chosen equals rejected), "
+        "5 answers made from "
         "the 3 records kept, 4 answers kept, 1 answers dropped (longer than --model_max_length 64)"
     )
     assert sorted(dataset["label"]) == [False, True, True, True]
@@ -339,8 +345,9 @@ def test_kto_stage_logs_records_and_answers(tiny_model, tmp_path, caplog):
         ]
     )
     assert (
-        "--train_file_dir: 1 files, 4 records read, 1 records dropped (chosen equals rejected), 5 answers made "
-        "from the 3 records kept, 4 answers kept, 1 answers dropped (longer than --model_max_length 64)"
+        "--train_file_dir: 1 files, 4 records read, 1 records dropped (chosen equals rejected), "
+        "5 answers made from the 3 records kept, 4 answers kept, 1 answers dropped "
+        "(longer than --model_max_length 64)"
     ) in caplog.text
 
 

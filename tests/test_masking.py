@@ -1,4 +1,5 @@
-"""Masking: trained tokens are the assistant contents plus the turn end; modes, loss flags, truncation."""
+"""Masking: trained tokens are the assistant contents plus the turn end; modes, loss flags,
+truncation."""
 
 import pytest
 from transformers import AutoTokenizer
@@ -60,7 +61,8 @@ def expected_trained(template, answers) -> str:
 def test_trained_tokens_are_answers_plus_turn_end(tokenizers, name):
     tok, template = tokenizers[name], get_template(name)
     enc = encode(template, tok, CONV)
-    # a history-joining format (Yuan2) writes earlier answers as history: one sample trains its last answer
+    # a history-joining format (Yuan2) writes earlier answers as history: one sample trains its last
+    # answer
     answers = ["red", "蓝色"] if template.history_join is None else ["蓝色"]
     assert trained_text(tok, enc) == expected_trained(template, answers)
     # training ids are exactly what tokenizing the saved chat template's text gives (no double BOS)

@@ -1,7 +1,8 @@
-"""--master_weights optimizer (pipeline/train/master_weights.py): bf16 weights in the model, float32 masters in the
-optimizer. The optimizer's arithmetic equals torch's AdamW on float32 weights given the same gradients, follows the
-Trainer's learning-rate schedule and resumes exactly; an SFT run with it trains like the default, saves the masters,
-resumes from its checkpoint to the uninterrupted run's weights, and is refused where it would do nothing."""
+"""--master_weights optimizer (pipeline/train/master_weights.py): bf16 weights in the model, float32
+masters in the optimizer. The optimizer's arithmetic equals torch's AdamW on float32 weights given
+the same gradients, follows the Trainer's learning-rate schedule and resumes exactly; an SFT run
+with it trains like the default, saves the masters, resumes from its checkpoint to the uninterrupted
+run's weights, and is refused where it would do nothing."""
 
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ def test_master_weights_refused_where_it_would_do_nothing(tiny_model, tmp_path, 
 
 
 def test_a_master_weights_checkpoint_is_not_resumed_as_plain_adamw(tiny_model, tmp_path):
-    """Its moments sit beside the masters: a plain AdamW would load an empty state and restart Adam."""
+    """Its moments sit beside the masters: a plain AdamW would load an empty state and restart
+    Adam."""
     out = train_sft(
         tiny_model,
         tmp_path / "run",

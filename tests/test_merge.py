@@ -1,5 +1,5 @@
-"""merge_peft_adapter: a sequence-classification (reward) adapter keeps its trained score head; a base other
-than the adapter's own, or of the wrong kind, is refused."""
+"""merge_peft_adapter: a sequence-classification (reward) adapter keeps its trained score head; a
+base other than the adapter's own, or of the wrong kind, is refused."""
 
 import pytest
 import torch
@@ -48,8 +48,9 @@ def test_reward_adapter_merge_keeps_score_head(tiny_model, tmp_path):
 
 
 def test_merge_refuses_a_base_other_than_the_adapters_own(tiny_model, tmp_path):
-    """The adapter folder records its base's fingerprint at save; another base of the same shape is refused
-    (its merge would run and give a wrong model), and a base of the wrong kind is refused by its missing head."""
+    """The adapter folder records its base's fingerprint at save; another base of the same shape is
+    refused (its merge would run and give a wrong model), and a base of the wrong kind is refused by
+    its missing head."""
     from pipeline.errors import UserError
     from pipeline.model.merge import FINGERPRINT
     from pipeline.model.tiny_model import build

@@ -1,7 +1,7 @@
-"""README's method x stage table, checked cell by cell on the tiny model: each method either trains one step on each
-stage and saves a model that loads, or is refused in one sentence before any work. (ZeRO-2/3 cells are the
-DeepSpeed tests': test_zero3_lora.py, test_ppo_deepspeed.py, test_zero_resume.py; fp16 is test_fp16.py plus the
-recorded GPU run.)"""
+"""README's method x stage table, checked cell by cell on the tiny model: each method either trains
+one step on each stage and saves a model that loads, or is refused in one sentence before any work.
+(ZeRO-2/3 cells are the DeepSpeed tests': test_zero3_lora.py, test_ppo_deepspeed.py,
+test_zero_resume.py; fp16 is test_fp16.py plus the recorded GPU run.)"""
 
 import json
 import re

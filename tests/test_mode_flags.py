@@ -1,5 +1,6 @@
-"""Flags of another method are refused, not ignored: adapter flags under full training or the other adapter kind,
-DPO's per-loss settings under another loss, and data flags the RL stages do not read."""
+"""Flags of another method are refused, not ignored: adapter flags under full training or the other
+adapter kind, DPO's per-loss settings under another loss, and data flags the RL stages do not
+read."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""One run per output folder: --overwrite_output_dir starts afresh (the old checkpoints go), and resuming a
-finished run trains zero more steps and keeps its weights."""
+"""One run per output folder: --overwrite_output_dir starts afresh (the old checkpoints go), and
+resuming a finished run trains zero more steps and keeps its weights."""
 
 import json
 

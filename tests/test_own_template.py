@@ -1,7 +1,8 @@
-"""--template_name auto trains with the tokenizer's own chat template (pipeline/data/own_template.py): ids equal
-what `apply_chat_template` gives, labels cover exactly each answer and the token ending its turn, and templates
-that rewrite history (Qwen3's thinking) train each answer in the text inference builds for it. The official
-templates are stored in tests/official_templates/ (SOURCES.md names where each comes from)."""
+"""--template_name auto trains with the tokenizer's own chat template
+(pipeline/data/own_template.py): ids equal what `apply_chat_template` gives, labels cover exactly
+each answer and the token ending its turn, and templates that rewrite history (Qwen3's thinking)
+train each answer in the text inference builds for it. The official templates are stored in
+tests/official_templates/ (SOURCES.md names where each comes from)."""
 
 import pytest
 from transformers import AutoTokenizer
@@ -93,8 +94,9 @@ def test_auto_trains_the_official_template_exactly(tiny_model, family):
 def test_an_official_template_whose_answers_do_not_follow_their_prompt_names_the_project_template(
     tiny_model,
 ):
-    """Mistral v0.3 drops the system prompt once an answer follows it: no render holds an answer after its
-    generation prompt, so auto stops and names the project template that trains after the official prompts."""
+    """Mistral v0.3 drops the system prompt once an answer follows it: no render holds an answer
+    after its generation prompt, so auto stops and names the project template that trains after the
+    official prompts."""
     tokenizer = family_tokenizer(tiny_model, "mistral-7b-instruct-v0.3")
     with pytest.raises(UserError, match="mistral_v0_3 and deepseek_r1 follow"):
         encode_samples(resolve_template("auto", tokenizer), tokenizer, {"messages": CHAT[:3]})
@@ -184,9 +186,9 @@ def test_a_template_that_differs_from_the_saved_one_stops_the_run(tiny_model):
 
 
 def test_project_qwen_tool_prompt_equals_the_official_qwen_template(tiny_model):
-    """Qwen2.5 and Qwen3 write tools, calls and results alike (Qwen3 adds thinking only to answers after the
-    last user turn): a prompt ending in two tool results, one user turn holding both, single braces in the
-    tool instructions."""
+    """Qwen2.5 and Qwen3 write tools, calls and results alike (Qwen3 adds thinking only to answers
+    after the last user turn): a prompt ending in two tool results, one user turn holding both,
+    single braces in the tool instructions."""
     from pipeline.data.templates import render
 
     official = family_tokenizer(tiny_model, "qwen3")
@@ -305,8 +307,9 @@ def test_split_conversations_are_counted_in_the_data_summary(tiny_model, tmp_pat
         sft_args,
         SimpleNamespace(preprocessing_num_workers=None),
     )
-    # Qwen3 writes an (empty) thinking block only into answers after the last user turn, so both two-answer
-    # chats render their first answer differently once a second follows: each becomes two samples
+    # Qwen3 writes an (empty) thinking block only into answers after the last user turn, so both
+    # two-answer chats render their first answer differently once a second follows: each becomes two
+    # samples
     assert len(dataset) == 4 and report.read == 2 and report.samples == 4 and report.kept == 4
     assert (
         "2 conversations read, 4 samples made from the 2 conversations kept, 4 samples kept"
@@ -314,11 +317,12 @@ def test_split_conversations_are_counted_in_the_data_summary(tiny_model, tmp_pat
     )
 
 
-# ---------------------------------------------------------------- project templates equal the official ones
+# -------------------------------------------------------- project templates equal the official ones
 
 
 def two_results():
-    """A tool conversation with two results in a row (call ids for the families that number their calls)."""
+    """A tool conversation with two results in a row (call ids for the families that number their
+    calls)."""
     call = {
         "type": "function",
         "id": "abc123XYZ",
@@ -350,8 +354,9 @@ PROJECT_CASES = {
         None,
     ),
 }
-# project template -> the official template it equals; deepseek_r1 and mistral_v0_3 equal theirs in every prompt
-# (the official ones render a finished conversation in a text no prompt leads to; see their template files)
+# project template -> the official template it equals; deepseek_r1 and mistral_v0_3 equal theirs in
+# every prompt (the official ones render a finished conversation in a text no prompt leads to; see
+# their template files)
 PROJECT_EQUALS = [
     ("qwen3", "qwen3"),
     ("llama3_1", "llama-3.3-instruct"),
@@ -366,7 +371,8 @@ PROMPTS_ONLY = {"deepseek_r1", "mistral_v0_3"}
 
 
 def official_render(family, messages, tools, gen):
-    """The official template's text, or None where the official template refuses the conversation."""
+    """The official template's text, or None where the official template refuses the
+    conversation."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     spec = FAMILIES[family]
@@ -389,8 +395,8 @@ def official_render(family, messages, tools, gen):
 @pytest.mark.parametrize("name, family", PROJECT_EQUALS)
 @pytest.mark.parametrize("case", sorted(PROJECT_CASES))
 def test_project_template_renders_the_official_text(name, family, case):
-    """For every conversation the official template accepts: each answer's prompt (with the generation prompt)
-    and the whole conversation render byte for byte alike."""
+    """For every conversation the official template accepts: each answer's prompt (with the
+    generation prompt) and the whole conversation render byte for byte alike."""
     from pipeline.data.templates import render
 
     messages, tools = PROJECT_CASES[case]
@@ -422,8 +428,8 @@ def test_project_template_renders_the_official_text(name, family, case):
 def test_prompt_exact_project_templates_train_each_answer_after_the_official_prompt(
     tiny_model, name, family
 ):
-    """Each answer is trained after exactly the official generation prompt; R1's answer keeps its reasoning
-    (the model must learn to write it), Mistral's is ' answer</s>'."""
+    """Each answer is trained after exactly the official generation prompt; R1's answer keeps its
+    reasoning (the model must learn to write it), Mistral's is ' answer</s>'."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     template = resolve_template(name, tokenizer)
     official = family_tokenizer(tiny_model, family)
@@ -445,7 +451,8 @@ def test_prompt_exact_project_templates_train_each_answer_after_the_official_pro
 
 
 def test_a_template_that_ignores_tools_is_refused(tiny_model):
-    """Gemma's templates drop tool definitions without a word; training calls to unseen tools is refused."""
+    """Gemma's templates drop tool definitions without a word; training calls to unseen tools is
+    refused."""
     tokenizer = family_tokenizer(tiny_model, "gemma-2-it")
     template = resolve_template("auto", tokenizer)
     chat = [TOOL_CHAT[0], {"role": "assistant", "content": '{"name": "get_weather"}'}]

@@ -49,7 +49,8 @@ def test_collator_pads_with_ignored_labels_on_real_data(tiny_model):
 
 
 def test_packed_logits_equal_unpacked_logits(tiny_model):
-    """Each document in a packed row gives the same logits as when run alone: no cross-document attention."""
+    """Each document in a packed row gives the same logits as when run alone: no cross-document
+    attention."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     model.config.use_cache = False

@@ -1,6 +1,7 @@
-"""Padding-free pair stages: the reward model and DPO read each step's chosen and rejected sequences end to
-end (pipeline/model/unpadding.py). Packing removes the pads' work, never changes what a sequence computes:
-rewards, per-token log-probabilities, losses and gradients equal the padded batch's."""
+"""Padding-free pair stages: the reward model and DPO read each step's chosen and rejected sequences
+end to end (pipeline/model/unpadding.py). Packing removes the pads' work, never changes what a
+sequence computes: rewards, per-token log-probabilities, losses and gradients equal the padded
+batch's."""
 
 import pytest
 import torch

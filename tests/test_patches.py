@@ -1,5 +1,6 @@
-"""Run-time changes to libraries live in one module (pipeline/model/patches.py), each named there and logged
-once per process; their effects are tested where they act (test_pair_packing.py, test_zero_resume.py)."""
+"""Run-time changes to libraries live in one module (pipeline/model/patches.py), each named there
+and logged once per process; their effects are tested where they act (test_pair_packing.py,
+test_zero_resume.py)."""
 
 import ast
 import logging
@@ -26,7 +27,8 @@ def _library_names(tree: ast.Module) -> set[str]:
 
 
 def _patches_in(path) -> list[str]:
-    """Assignments that change library code: `<library name>.attr = ...` or `<anything>.forward = ...`."""
+    """Assignments that change library code: `<library name>.attr = ...` or
+    `<anything>.forward = ...`."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     library = _library_names(tree)
     found = []

@@ -1,6 +1,6 @@
-"""run_pipeline.sh end to end: one real run of the embedded default (every stage beats its starting point on
-held-out data), a re-run that skips it all, a run killed mid-stage that resumes from its checkpoint; plus
-the config reader's errors and the report's table on hand-made stage folders."""
+"""run_pipeline.sh end to end: one real run of the embedded default (every stage beats its starting
+point on held-out data), a re-run that skips it all, a run killed mid-stage that resumes from its
+checkpoint; plus the config reader's errors and the report's table on hand-made stage folders."""
 
 import json
 import os
@@ -100,8 +100,8 @@ def test_rerun_skips_every_finished_stage(demo):
 
 
 def kill_everything(proc: subprocess.Popen) -> None:
-    """SIGKILL, as a crash or a preempted job: the process group started with the pipeline, and torchrun's
-    workers, which run in sessions of their own."""
+    """SIGKILL, as a crash or a preempted job: the process group started with the pipeline, and
+    torchrun's workers, which run in sessions of their own."""
     workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     for worker in workers:
@@ -120,7 +120,8 @@ def test_killed_stage_resumes_from_its_checkpoint(tiny_model, tmp_path):
 base_model: {tiny_model}
 stages: [pt]
 flags:
-  pt: {{block_size: 128, per_device_train_batch_size: 8, learning_rate: 5.0e-3, max_steps: 12, save_steps: 4,
+  pt: {{block_size: 128, per_device_train_batch_size: 8, learning_rate: 5.0e-3, max_steps: 12, \
+save_steps: 4,
         logging_steps: 4, report_to: none, seed: 0}}
 """)
     root, out = tmp_path / "run", tmp_path / "run" / "pt"
@@ -205,7 +206,8 @@ def test_shipped_configs_load_and_quote_for_bash(monkeypatch):
 
 
 def test_a_stage_method_overrides_the_top_level_one(tmp_path, monkeypatch):
-    """method: qlora everywhere except flags.ppo.method: full -> PPO gets --use_peft False and no --qlora."""
+    """method: qlora everywhere except flags.ppo.method: full -> PPO gets --use_peft False and no
+    --qlora."""
     monkeypatch.chdir(REPO)
     path = tmp_path / "mixed.yaml"
     path.write_text("method: qlora\nflags: {ppo: {method: full, kl_coef: 0.1}}\n")

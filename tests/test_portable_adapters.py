@@ -1,7 +1,8 @@
-"""An adapter loads from anywhere: training records its local base folder as an absolute path (and relative to
-the adapter), so chat, merge and plain peft load it from another working directory; with both folders copied
-elsewhere together the base is found relative to the adapter or beside it; --base_model overrides; a base with
-other weights is refused by its fingerprint; and when nothing resolves, one sentence names the recorded base."""
+"""An adapter loads from anywhere: training records its local base folder as an absolute path (and
+relative to the adapter), so chat, merge and plain peft load it from another working directory; with
+both folders copied elsewhere together the base is found relative to the adapter or beside it;
+--base_model overrides; a base with other weights is refused by its fingerprint; and when nothing
+resolves, one sentence names the recorded base."""
 
 import contextlib
 import json
@@ -41,7 +42,8 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory) -> Path:
-    """A LoRA SFT of 2 steps, run in `train/` with the paths typed relative to it: models/tiny -> outputs/lora."""
+    """A LoRA SFT of 2 steps, run in `train/` with the paths typed relative to it: models/tiny ->
+    outputs/lora."""
     root = tmp_path_factory.mktemp("portable") / "train"
     shutil.copytree(tiny_model, root / "models" / "tiny")
     proc = run(
@@ -102,7 +104,8 @@ def want(trained) -> str:
 
 @contextlib.contextmanager
 def base_gone(trained: Path):
-    """The training-time base folder is not where it was (the adapter's recorded absolute path fails)."""
+    """The training-time base folder is not where it was (the adapter's recorded absolute path
+    fails)."""
     os.rename(trained / "models" / "tiny", trained / "models" / "tiny-away")
     try:
         yield
@@ -211,8 +214,9 @@ def test_base_model_override_and_the_sentence_when_nothing_resolves(trained, wan
     shutil.copytree(trained / "outputs" / "lora", lone)
     recorded = (trained / "models" / "tiny").resolve()
     sentence = (
-        f"error: the base model {recorded} recorded in {lone / 'adapter_config.json'} is not there, nor relative "
-        f"to the adapter, nor beside it as {lone.parent / 'tiny'}; pass --base_model with the base model's folder."
+        f"error: the base model {recorded} recorded in {lone / 'adapter_config.json'} is not "
+        f"there, nor relative to the adapter, nor beside it as {lone.parent / 'tiny'}; pass "
+        "--base_model with the base model's folder."
     )
     with base_gone(trained):
         proc = run("-m", "pipeline.chat", str(lone), "--prompt", QUESTION, cwd=tmp_path)
@@ -231,7 +235,8 @@ def test_base_model_override_and_the_sentence_when_nothing_resolves(trained, wan
             == want
         )
         merge_adapter(str(trained / "models" / "tiny-away"), str(lone), str(tmp_path / "merged"))
-    # an adapter from elsewhere whose base is a hub id: the hub is asked, and its failure named in the same way
+    # an adapter from elsewhere whose base is a hub id: the hub is asked, and its failure named in
+    # the same way
     config = json.loads((lone / "adapter_config.json").read_text())
     (lone / "adapter_config.json").write_text(
         json.dumps({**config, "base_model_name_or_path": "some-org/tiny-base"})
@@ -242,8 +247,9 @@ def test_base_model_override_and_the_sentence_when_nothing_resolves(trained, wan
     assert (
         proc.returncode == 2
         and last.startswith(
-            f"error: cannot load the base model some-org/tiny-base recorded in {lone / 'adapter_config.json'}: it is no "
-            "folder here, relative to or beside the adapter, and as a hub id it fails ("
+            "error: cannot load the base model some-org/tiny-base recorded in "
+            f"{lone / 'adapter_config.json'}: it is no folder here, relative to or beside the "
+            "adapter, and as a hub id it fails ("
         )
         and last.endswith("); pass --base_model with the base model's folder.")
     )

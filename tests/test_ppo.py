@@ -1,5 +1,6 @@
 """PPO stage (own loop) and GRPO/RLOO: the arithmetic against hand-computed values, learning on the
-synthetic task from a partly trained SFT policy, determinism, exact resume, LoRA sharing, torchrun."""
+synthetic task from a partly trained SFT policy, determinism, exact resume, LoRA sharing,
+torchrun."""
 
 import json
 import math
@@ -60,7 +61,8 @@ def test_gae_by_hand():
         ret, torch.ones(1, 3)
     )
     adv, _ = rl.gae(rewards, values, mask, gamma=0.9, lam=0.5)
-    # delta2 = 1 - .7 = .3; delta1 = .9*.7 - .6 = .03, A1 = .03 + .45*.3; delta0 = .9*.6 - .5 = .04, A0 = .04 + .45*A1
+    # delta2 = 1 - .7 = .3; delta1 = .9*.7 - .6 = .03, A1 = .03 + .45*.3;
+    # delta0 = .9*.6 - .5 = .04, A0 = .04 + .45*A1
     assert torch.allclose(adv, torch.tensor([[0.04 + 0.45 * 0.165, 0.165, 0.3]]))
     # padding after the last real token: its value and reward are ignored, the episode ends there
     adv, _ = rl.gae(
@@ -86,7 +88,8 @@ def test_whitening_kl_and_shaped_rewards_by_hand():
     assert rl.kl_estimate(logp, ref, "k3").item() == pytest.approx(
         -0.5 + math.log(2)
     )  # (q/p - 1) - log(q/p)
-    # exact KL over a 2-token vocabulary: p = (3/4, 1/4), q = (1/2, 1/2); and zero for equal distributions
+    # exact KL over a 2-token vocabulary: p = (3/4, 1/4), q = (1/2, 1/2); and zero for equal
+    # distributions
     p, q = torch.log(torch.tensor([[[0.75, 0.25]]])), torch.log(torch.tensor([[[0.5, 0.5]]]))
     assert rl.full_kl(p, q).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
     assert rl.full_kl(p + 3.0, p).item() == pytest.approx(
@@ -159,7 +162,8 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
         )
     )
     results = json.loads((out / "eval_results.json").read_text())
-    # measured: reward -1.05 -> 0.16, exact match 0.375 -> 0.50, KL to the reference ~0.05 nats per answer
+    # measured: reward -1.05 -> 0.16, exact match 0.375 -> 0.50, KL to the reference ~0.05 nats per
+    # answer
     assert results["eval_score"] > results["eval_score_before"] + 0.5, results
     assert results["eval_exact_match"] > results["eval_exact_match_before"], results
     kls = [
@@ -187,7 +191,8 @@ def test_ppo_raises_heldout_reward_and_accuracy(weak_sft_model, reward_model, tm
             and h["samples_per_second"] > 0
         )
     assert len(read_scalars(out / "logs", "train/time/generate")) == len(timed)
-    # the saved policy carries the template and stops on its end-of-turn token, ready to be the next stage's input
+    # the saved policy carries the template and stops on its end-of-turn token, ready to be the next
+    # stage's input
     from transformers import AutoTokenizer, GenerationConfig
 
     assert AutoTokenizer.from_pretrained(out).chat_template
@@ -285,11 +290,13 @@ def test_missing_eos_penalty_and_adaptive_kl_act_in_the_loop(
         )
     )
     first_plain, first, second = plain.log_history[0], tuned.log_history[0], tuned.log_history[1]
-    # same seed, same samples at step 1: the penalty lowers the mean score by 3 x the share cut off without a stop token
+    # same seed, same samples at step 1: the penalty lowers the mean score by 3 x the share cut off
+    # without a stop token
     assert first["eos_fraction"] < 1
     penalized = first_plain["objective/scores"] - 3.0 * (1 - first["eos_fraction"])
     assert first["objective/scores"] == pytest.approx(penalized, abs=1e-4)
-    # the coefficient used at step 2 is the controller's update from step 1's KL (32 rollouts, horizon 100)
+    # the coefficient used at step 2 is the controller's update from step 1's KL (32 rollouts,
+    # horizon 100)
     error = min(max(first["objective/kl"] / 0.01 - 1, -0.2), 0.2)
     assert first["kl_coef"] == 0.05 and second["kl_coef"] == pytest.approx(
         0.05 * (1 + error * 32 / 100), abs=1e-5

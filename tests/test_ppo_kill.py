@@ -1,12 +1,12 @@
-"""The PPO loop killed and preempted: SIGKILL and SIGTERM inside a checkpoint save and mid-step, each rerun
-with `--resume_from_checkpoint auto`, ends with every saved tensor equal to an uninterrupted run's; and a
-finished run resumed trains nothing more. How the kills land is explained in tests/test_kill.py, whose
-helpers these tests use: inside a save through an audit hook of the test's own (the loop writes
-tmp-checkpoint-N and renames it when whole, so the hook stops it while the value model is being written),
-mid-step from outside after a step's log line.
+"""The PPO loop killed and preempted: SIGKILL and SIGTERM inside a checkpoint save and mid-step,
+each rerun with `--resume_from_checkpoint auto`, ends with every saved tensor equal to an
+uninterrupted run's; and a finished run resumed trains nothing more. How the kills land is explained
+in tests/test_kill.py, whose helpers these tests use: inside a save through an audit hook of the
+test's own (the loop writes tmp-checkpoint-N and renames it when whole, so the hook stops it while
+the value model is being written), mid-step from outside after a step's log line.
 
-The fastest setup that runs every phase of a step: the tiny model as the policy (LoRA) and, with a seeded
-random score head, as the reward model; 8 rollouts of 8 tokens a step.
+The fastest setup that runs every phase of a step: the tiny model as the policy (LoRA) and, with a
+seeded random score head, as the reward model; 8 rollouts of 8 tokens a step.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ STEP_LINE = "INFO pipeline.ppo: step "
 
 @pytest.fixture(scope="module")
 def tiny_reward(tiny_model, tmp_path_factory) -> Path:
-    """The tiny model as a reward model (a seeded random score head): it scores nothing meaningful, but the loop
-    runs every phase with it, and the LoRA value model starts from it."""
+    """The tiny model as a reward model (a seeded random score head): it scores nothing meaningful,
+    but the loop runs every phase with it, and the LoRA value model starts from it."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -119,16 +119,16 @@ def test_ppo_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_
     tiny_model, tiny_reward, ppo_whole, tmp_path
 ):
     """One job interrupted four ways in a row, each rerun with `auto`:
-    1. SIGKILL while checkpoint-4 is written (the policy is in tmp-checkpoint-4, the value model half, the loop
-       state and COMPLETE mark not): the rerun names tmp-checkpoint-4 as an unfinished save, starts from
-       checkpoint-2, and its own save of step 4 replaces the leftover.
-    2. SIGTERM while checkpoint-6 is written: the save finishes and the loop stops right there (no step 7),
-       exits 143 and says how to resume.
+    1. SIGKILL while checkpoint-4 is written (the policy is in tmp-checkpoint-4, the value model
+       half, the loop state and COMPLETE mark not): the rerun names tmp-checkpoint-4 as an
+       unfinished save, starts from checkpoint-2, and its own save of step 4 replaces the leftover.
+    2. SIGTERM while checkpoint-6 is written: the save finishes and the loop stops right there (no
+       step 7), exits 143 and says how to resume.
     3. SIGKILL of the process group mid-step (right after step 7's log line, so in step 8).
-    4. SIGTERM mid-step through the launcher (run_ppo.sh, torchrun), which forwards it to the rank: the step
-       finishes, its checkpoint is saved, exit 143.
-    The last rerun ends with every saved tensor (final policy; the last checkpoint's policy, value model,
-    optimizer and scheduler state) equal to the uninterrupted run's."""
+    4. SIGTERM mid-step through the launcher (run_ppo.sh, torchrun), which forwards it to the rank:
+       the step finishes, its checkpoint is saved, exit 143.
+    The last rerun ends with every saved tensor (final policy; the last checkpoint's policy, value
+    model, optimizer and scheduler state) equal to the uninterrupted run's."""
     out, hook = tmp_path / "cut", kill_hook(tmp_path / "hook")
     args = ppo_args(tiny_model, tiny_reward, out)
     resume = [*args, "--resume_from_checkpoint", "auto"]
@@ -153,9 +153,9 @@ def test_ppo_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_
     stopped(code, output, out, signal.SIGTERM)
     assert checkpoint_steps(out) == [2, 4, 6] and not list(out.glob("tmp-*"))
     assert (
-        "stopped by SIGTERM after step 6 (saved checkpoint-6); rerun with --resume_from_checkpoint auto"
-        in output
-    )
+        "stopped by SIGTERM after step 6 (saved checkpoint-6); "
+        "rerun with --resume_from_checkpoint auto"
+    ) in output
     assert f"{STEP_LINE}7:" not in output  # stopped after the save, not a step later
 
     proc = start(ppo(*resume))
@@ -185,8 +185,8 @@ def test_ppo_killed_and_preempted_inside_saves_and_mid_step_resumes_to_the_same_
 def test_ppo_resuming_a_finished_run_trains_no_more_steps(
     tiny_model, tiny_reward, ppo_whole, tmp_path
 ):
-    """The last step is checkpointed too, so `auto` on a finished run resumes at --max_steps: no step is trained
-    and the final policy is written again, the same."""
+    """The last step is checkpointed too, so `auto` on a finished run resumes at --max_steps: no
+    step is trained and the final policy is written again, the same."""
     out = tmp_path / "again"
     shutil.copytree(ppo_whole, out)
     code, output = run(
@@ -202,8 +202,9 @@ def test_ppo_resuming_a_finished_run_trains_no_more_steps(
 def test_ppo_sigterm_in_process_saves_the_step_exits_143_and_gives_the_handler_back(
     tiny_model, tiny_reward, tmp_path
 ):
-    """The exit path on its own, in this process: SIGTERM during step 1 -> checkpoint-1, SystemExit(143), and
-    SIGTERM's handler from before the loop is back; an uninterrupted loop gives it back too."""
+    """The exit path on its own, in this process: SIGTERM during step 1 -> checkpoint-1,
+    SystemExit(143), and SIGTERM's handler from before the loop is back; an uninterrupted loop gives
+    it back too."""
     from stages import ppo as stage
 
     before = signal.getsignal(signal.SIGTERM)
@@ -249,8 +250,9 @@ def worker_pid(out: Path, rank: int, timeout: float = 240) -> int:
 
 @pytest.mark.slow
 def test_ppo_ranks_agree_to_stop_when_one_of_them_gets_sigterm(tiny_model, tiny_reward, tmp_path):
-    """Two ranks under run_ppo.sh; SIGTERM reaches rank 1 only (signals reach ranks at different moments): both
-    finish the same step, checkpoint-N is saved once, whole, the stage exits 143 and no process is left."""
+    """Two ranks under run_ppo.sh; SIGTERM reaches rank 1 only (signals reach ranks at different
+    moments): both finish the same step, checkpoint-N is saved once, whole, the stage exits 143 and
+    no process is left."""
     out = tmp_path / "ddp"
     proc = start(
         [

@@ -1,6 +1,7 @@
-"""The PPO loop reads log-probabilities, entropies and the held-out KL from hidden states in chunks, never the
-[batch, answer, vocabulary] logits, and runs the rollout rows end to end without their padding: at every
-answer token the numbers and gradients equal those computed from the padded batch's logits."""
+"""The PPO loop reads log-probabilities, entropies and the held-out KL from hidden states in chunks,
+never the [batch, answer, vocabulary] logits, and runs the rollout rows end to end without their
+padding: at every answer token the numbers and gradients equal those computed from the padded
+batch's logits."""
 
 from contextlib import nullcontext
 
@@ -84,7 +85,8 @@ def test_the_model_is_asked_for_one_position_of_logits_only(tiny_model):
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     with torch.no_grad():
         token_logprobs_and_entropy(model, traj, 1.0)
-    # the model's own call: one flattened row (no padding), 1 position; then the answer positions (3 x 8) through the head
+    # the model's own call: one flattened row (no padding), 1 position; then the answer positions
+    # (3 x 8) through the head
     assert seen[0] == (1, 1, model.config.vocab_size) and seen[1] == (24, model.config.vocab_size)
 
 
@@ -111,8 +113,9 @@ def test_values_are_scored_at_the_answer_states_only(tiny_model):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_padding_free_update_equals_the_padded_one(tiny_model, lora):
-    """The PPO update's policy and value passes without padding: the same log-probs, values and gradients at
-    every answer token as the padded batch, with prompts of different lengths and answers that stopped early."""
+    """The PPO update's policy and value passes without padding: the same log-probs, values and
+    gradients at every answer token as the padded batch, with prompts of different lengths and
+    answers that stopped early."""
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.rl.models import ValueModel
@@ -161,9 +164,9 @@ def test_padding_free_update_equals_the_padded_one(tiny_model, lora):
 
 
 def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
-    """--rollout_cache static pads the prompts to the prompt budget and a short batch to the batch size (one
-    compiled shape on a GPU) and decodes with a fixed-size cache: greedy answers equal the dynamic cache's, and the
-    filler rows are dropped. auto is dynamic on the CPU."""
+    """--rollout_cache static pads the prompts to the prompt budget and a short batch to the batch
+    size (one compiled shape on a GPU) and decodes with a fixed-size cache: greedy answers equal the
+    dynamic cache's, and the filler rows are dropped. auto is dynamic on the CPU."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -204,10 +207,11 @@ def test_static_rollout_cache_generates_what_the_dynamic_one_does(tiny_model):
 def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(
     tiny_model, monkeypatch
 ):
-    """On a GPU the padding-free passes use the varlen attention kernel (here its CPU stand-in). With gradient
-    checkpointing the backward pass recomputes the forward, so the kernel must stay selected over the whole
-    update: inside packed_attention the gradients equal the padded batch's; a backward after leaving it
-    recomputes with another attention and is refused by torch (the H200 failure this guards against)."""
+    """On a GPU the padding-free passes use the varlen attention kernel (here its CPU stand-in).
+    With gradient checkpointing the backward pass recomputes the forward, so the kernel must stay
+    selected over the whole update: inside packed_attention the gradients equal the padded batch's;
+    a backward after leaving it recomputes with another attention and is refused by torch (the H200
+    failure this guards against)."""
     from torch.utils.checkpoint import CheckpointError
 
     from pipeline.model import attention
@@ -253,9 +257,9 @@ def test_the_varlen_kernel_serves_the_update_through_forward_and_recomputation(
 
 
 def test_auto_picks_the_static_cache_on_a_gpu(tiny_model):
-    """--rollout_cache auto on a CUDA device (only its type is read here): static for a bf16 policy (LoRA's frozen
-    base) and for float32 weights under bf16 autocast (full training's masters, decoded from a bf16 copy);
-    dynamic on the CPU."""
+    """--rollout_cache auto on a CUDA device (only its type is read here): static for a bf16 policy
+    (LoRA's frozen base) and for float32 weights under bf16 autocast (full training's masters,
+    decoded from a bf16 copy); dynamic on the CPU."""
     import warnings
     from types import SimpleNamespace
 
@@ -293,9 +297,10 @@ def test_auto_picks_the_static_cache_on_a_gpu(tiny_model):
 
 
 def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(tiny_model):
-    """Full training (float32 weights under bf16 autocast) with the static cache decodes from a bf16 copy of the
-    weights: its greedy answers are those of the policy cast to bf16, the copy is made once, and a change of the
-    masters (an update) reaches the next rollout, in place (a compiled decode reads fixed addresses)."""
+    """Full training (float32 weights under bf16 autocast) with the static cache decodes from a bf16
+    copy of the weights: its greedy answers are those of the policy cast to bf16, the copy is made
+    once, and a change of the masters (an update) reaches the next rollout, in place (a compiled
+    decode reads fixed addresses)."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -357,8 +362,8 @@ def test_float32_masters_decode_from_a_half_copy_refreshed_before_each_rollout(t
 
 
 def test_the_held_out_evaluation_batches_by_per_device_eval_batch_size(tiny_model):
-    """--per_device_eval_batch_size sets the evaluation's batches (5 prompts at 2 a batch: 3 rollouts), not the
-    training batch size."""
+    """--per_device_eval_batch_size sets the evaluation's batches (5 prompts at 2 a batch: 3
+    rollouts), not the training batch size."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -401,8 +406,8 @@ def test_the_held_out_evaluation_batches_by_per_device_eval_batch_size(tiny_mode
 
 
 def test_quantized_weights_decode_as_they_are_not_through_a_half_copy(tiny_model):
-    """A policy whose parameters are not plain floating tensors (bitsandbytes' packed 4/8-bit weights) keeps decoding
-    from itself: casting packed bytes to bf16 would make numbers of them."""
+    """A policy whose parameters are not plain floating tensors (bitsandbytes' packed 4/8-bit
+    weights) keeps decoding from itself: casting packed bytes to bf16 would make numbers of them."""
     from types import SimpleNamespace
 
     from pipeline.rl.rollout import Rollouts

@@ -1,7 +1,7 @@
-"""Generation-based evaluation as the ChatGLM3 / GLM-4 demos do it: ROUGE-1/2/L and BLEU-4 of jieba words
-(pipeline/eval/text_metrics.py) equal the libraries' own figures, `python -m pipeline.predict` writes the
-predictions and their metrics, and SFT with --predict_with_generate logs them at every evaluation and predicts
-the eval and test conversations after training."""
+"""Generation-based evaluation as the ChatGLM3 / GLM-4 demos do it: ROUGE-1/2/L and BLEU-4 of jieba
+words (pipeline/eval/text_metrics.py) equal the libraries' own figures, `python -m pipeline.predict`
+writes the predictions and their metrics, and SFT with --predict_with_generate logs them at every
+evaluation and predicts the eval and test conversations after training."""
 
 import json
 import logging
@@ -36,7 +36,8 @@ KEYS = {
 
 
 def library_scores(prediction: str, reference: str) -> dict[str, float]:
-    """One pair scored by calling jieba, rouge_chinese and nltk directly, as the demos' compute_metrics does."""
+    """One pair scored by calling jieba, rouge_chinese and nltk directly, as the demos'
+    compute_metrics does."""
     import jieba
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from rouge_chinese import Rouge
@@ -71,7 +72,8 @@ def test_identical_texts_score_100_and_empty_sides_score_0_and_are_counted():
     assert all(
         same[k] == pytest.approx(100, abs=1e-5) for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
     ), same
-    # rouge_chinese raises ValueError on an empty hypothesis or reference: such a pair scores 0 and is counted
+    # rouge_chinese raises ValueError on an empty hypothesis or reference: such a pair scores 0 and
+    # is counted
     with pytest.raises(ValueError):
         library_scores(" \n", text)
     got = score_texts([text, "", " \n", text], [text, text, text, ""])
@@ -333,15 +335,17 @@ def test_sft_scores_rise_as_it_learns_and_match_the_saved_model(tiny_model, tmp_
 
 @pytest.mark.slow
 def test_sft_under_zero3_generates_from_the_gathered_weights(tiny_model, tmp_path):
-    """Two processes, DeepSpeed ZeRO-3 on CPU: each rank holds a slice of every weight and gathers them whole to
-    answer its share of the held-out chats. The shares take 2 and 1 batches: answering from slices, each forward
-    would wait for the other rank's, which has none to match, and the run would hang."""
+    """Two processes, DeepSpeed ZeRO-3 on CPU: each rank holds a slice of every weight and gathers
+    them whole to answer its share of the held-out chats. The shares take 2 and 1 batches: answering
+    from slices, each forward would wait for the other rank's, which has none to match, and the run
+    would hang."""
     heldout = [
         json.loads(line) for line in (DATA / "sft_eval" / "color_qa.jsonl").read_text().splitlines()
     ]
     write_jsonl(tmp_path / "eval" / "eval.jsonl", heldout[:5])
     config = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
-    # the tiny model would fit DeepSpeed's caches of fetched weights whole; a real model's weights are let go
+    # the tiny model would fit DeepSpeed's caches of fetched weights whole; a real model's weights
+    # are let go
     config["zero_optimization"].update(
         stage3_max_live_parameters=0,
         stage3_max_reuse_distance=0,

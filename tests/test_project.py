@@ -1,5 +1,6 @@
-"""Project furniture: launchers parse, DeepSpeed configs parse, shipped synthetic data is reproducible,
-the tiny model is deterministic and loads like a hub checkpoint, and torchrun really runs DDP."""
+"""Project furniture: launchers parse, DeepSpeed configs parse, shipped synthetic data is
+reproducible, the tiny model is deterministic and loads like a hub checkpoint, and torchrun really
+runs DDP."""
 
 import json
 import math
@@ -112,7 +113,8 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.fixture(scope="module")
 def padded_vocab_model(tiny_model, tmp_path_factory):
-    """The tiny model with 64 spare embedding rows, as real checkpoints often have (Qwen2.5: 151936 > 151665)."""
+    """The tiny model with 64 spare embedding rows, as real checkpoints often have
+    (Qwen2.5: 151936 > 151665)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     model.resize_token_embeddings(model.config.vocab_size + 64)
     out = tmp_path_factory.mktemp("padded") / "model"
@@ -198,9 +200,10 @@ def _python_files(*folders: str) -> list:
 
 
 def test_layout_limits_and_package_docstrings():
-    """The architecture rules newcomers rely on, as ruff formats the code at line length 100: modules <= 600
-    lines, stage scripts <= 400, functions < 100 (guides against god-modules, not a reason to pack code), and
-    every package says in its __init__ what lives there, naming each module."""
+    """The architecture rules newcomers rely on, as ruff formats the code at line length 100:
+    modules <= 600 lines, stage scripts <= 400, functions < 100 (guides against god-modules, not a
+    reason to pack code), and every package says in its __init__ what lives there, naming each
+    module."""
     import ast
 
     too_long = [
@@ -214,7 +217,8 @@ def test_layout_limits_and_package_docstrings():
         if (n := len(p.read_text().splitlines())) > 400
     ]
     long_functions = [
-        f"{p.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+        f"{p.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} "
+        "lines"
         for p in _python_files("pipeline", "stages", "scripts")
         for node in ast.walk(ast.parse(p.read_text()))
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -250,7 +254,8 @@ def test_layout_limits_and_package_docstrings():
             and f"{m.stem}/" not in words
         ]
         assert not unnamed, (
-            f"{package.name}/__init__.py does not name {unnamed}: a newcomer finds a module by its paragraph"
+            f"{package.name}/__init__.py does not name {unnamed}: a newcomer finds a module by its "
+            "paragraph"
         )
 
 
@@ -262,8 +267,9 @@ def test_ruff_is_clean():
 
 
 def test_every_module_imports_first():
-    """No import cycle hides behind an import order: each module of pipeline/ and stages/ imports in a process where
-    no project module is loaded yet (the libraries stay loaded; only the project's modules are dropped in between)."""
+    """No import cycle hides behind an import order: each module of pipeline/ and stages/ imports in
+    a process where no project module is loaded yet (the libraries stay loaded; only the project's
+    modules are dropped in between)."""
     names = [
         ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
         for p in _python_files("pipeline", "stages")

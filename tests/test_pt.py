@@ -1,4 +1,5 @@
-"""PT stage: learning, tensorboard output, LoRA + merge equivalence, vocab expansion, QLoRA, resume."""
+"""PT stage: learning, tensorboard output, LoRA + merge equivalence, vocab expansion, QLoRA,
+resume."""
 
 import json
 import subprocess
@@ -245,8 +246,9 @@ def test_resume_from_checkpoint_continues(tiny_model, tmp_path):
 def test_sigterm_saves_a_checkpoint_stops_and_the_resumed_run_reaches_the_same_weights(
     tiny_model, tmp_path
 ):
-    """Preemption: SIGTERM mid-training saves a complete checkpoint of the current step and exits 143 with no
-    final model; resuming with auto ends with exactly the weights of an uninterrupted run."""
+    """Preemption: SIGTERM mid-training saves a complete checkpoint of the current step and exits
+    143 with no final model; resuming with auto ends with exactly the weights of an uninterrupted
+    run."""
     import signal
     import time
 

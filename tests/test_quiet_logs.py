@@ -1,5 +1,6 @@
-"""Every command answers --help, and the libraries' known harmless warnings (pipeline/library_noise.py) do not
-reach the user on any entry point, while other warnings still do."""
+"""Every command answers --help, and the libraries' known harmless warnings
+(pipeline/library_noise.py) do not reach the user on any entry point, while other warnings still
+do."""
 
 import logging
 import subprocess
@@ -15,7 +16,8 @@ NOISE = (library_noise.BNB_CPU_KERNEL, "is deprecated and will be removed in v6"
 
 
 def entry_points() -> list[list[str]]:
-    """Every runnable file of the project, as its docs run it: packages' modules with -m, stages and scripts by path."""
+    """Every runnable file of the project, as its docs run it: packages' modules with -m, stages and
+    scripts by path."""
     files = [
         *REPO.glob("*.py"),
         *(f for d in ("pipeline", "stages", "bench", "scripts") for f in (REPO / d).rglob("*.py")),

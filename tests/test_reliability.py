@@ -1,6 +1,7 @@
-"""Nothing silently wrong off the happy path: a diverged run is never saved as a model, the start model and
-the data are never written to, every numeric flag has a range, DeepSpeed files and damaged model folders are
-named, a full or read-only disk is one sentence. Each test drives the real stage (or the real Trainer)."""
+"""Nothing silently wrong off the happy path: a diverged run is never saved as a model, the start
+model and the data are never written to, every numeric flag has a range, DeepSpeed files and damaged
+model folders are named, a full or read-only disk is one sentence. Each test drives the real stage
+(or the real Trainer)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def run_stage(stage: str, argv: list[str], capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def untrained_rm(tiny_model, tmp_path_factory) -> Path:
-    """A reward model of the tiny shape after one RM step (a score head from the RM stage itself)."""
+    """A reward model of the tiny shape after one RM step (a score head from the RM stage
+    itself)."""
     from stages import rm
 
     out = tmp_path_factory.mktemp("rm") / "rm"
@@ -81,7 +83,7 @@ def untrained_rm(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------- 1. diverged training is never saved
+# ---------------------------------------------- 1. diverged training is never saved
 
 
 def finite_weights(folder: Path) -> bool:
@@ -121,7 +123,8 @@ def test_diverged_sft_logs_nan_stops_and_keeps_the_checkpoint_before(tiny_model,
     )
     assert "--learning_rate" in sentence[0]
     assert not list(out.glob("*.safetensors")) and not (out / "train_results.json").exists()
-    # the step before the divergence was checkpointed whole and finite; no checkpoint of a non-finite step exists
+    # the step before the divergence was checkpointed whole and finite; no checkpoint of a
+    # non-finite step exists
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-1"], checkpoints
     assert is_complete(checkpoints[0]) and finite_weights(checkpoints[0])
@@ -167,7 +170,8 @@ def test_every_stage_stops_a_diverged_run_without_a_model(
 
 
 class NaNOnce:
-    """A fault: the embedding output of the `at`-th training forward pass is NaN (a bad batch), once."""
+    """A fault: the embedding output of the `at`-th training forward pass is NaN (a bad batch),
+    once."""
 
     def __init__(self, at: int):
         self.at, self.calls = at, 0
@@ -181,8 +185,8 @@ class NaNOnce:
 
 
 def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path):
-    """A single NaN batch: logged as NaN, its optimizer step skipped (weights unchanged and finite), counted,
-    and the steps after it train and log finite losses again."""
+    """A single NaN batch: logged as NaN, its optimizer step skipped (weights unchanged and finite),
+    counted, and the steps after it train and log finite losses again."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -225,8 +229,9 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path
 
 
 class Constant:
-    """A fault: the final norm's output is zero from the first training pass on, so the logits no longer depend on
-    any weight (what a run that collapsed to finite garbage looks like: loss ln(vocab), gradient exactly 0)."""
+    """A fault: the final norm's output is zero from the first training pass on, so the logits no
+    longer depend on any weight (what a run that collapsed to finite garbage looks like: loss
+    ln(vocab), gradient exactly 0)."""
 
     def __call__(self, module, inputs, output):
         return output * 0 if module.training else output
@@ -276,8 +281,8 @@ def _agree_on_two_ranks(rank: int, port: int, losses: list[float], out: str) -> 
 
 @pytest.mark.parametrize("losses,expected", [((0.0, 0.5), 0.5), ((0.7, float("nan")), "nan")])
 def test_ranks_judge_a_step_alike(losses, expected, tmp_path):
-    """Rank 0's own loss is 0 (or finite) while rank 1's is not: both must see the same step, or one rank stops
-    (collapsed / diverged) while the other waits for it in the next collective."""
+    """Rank 0's own loss is 0 (or finite) while rank 1's is not: both must see the same step, or one
+    rank stops (collapsed / diverged) while the other waits for it in the next collective."""
     import socket
 
     import torch.multiprocessing as mp
@@ -308,7 +313,7 @@ def test_generation_from_nan_weights_is_an_error_not_a_crash(tiny_model):
     assert out.nonfinite and out.responses.shape == (1, 4)
 
 
-# ---------------------------------------------------------------- 2. the start model and the data are never written
+# ---------------------------------------------- 2. the start model and the data are never written
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:
@@ -360,7 +365,7 @@ def test_a_start_model_inside_the_runs_checkpoints_is_refused(tiny_model, tmp_pa
         sft.main(stage_argv("sft", out / "checkpoint-3", out, "--resume_from_checkpoint", "auto"))
 
 
-# ---------------------------------------------------------------- 6. numbers, DeepSpeed files, damaged folders, disks
+# ---------------------------------------------- 6. numbers, DeepSpeed files, damaged folders, disks
 
 
 def numeric_fields() -> dict[str, str]:
@@ -384,7 +389,8 @@ def numeric_fields() -> dict[str, str]:
 def test_every_numeric_flag_has_a_stated_range():
     unstated = sorted(set(numeric_fields()) - set(NUMBER_BOUNDS) - UNBOUNDED)
     assert not unstated, (
-        f"give these flags a range in pipeline/args/checks.py NUMBER_BOUNDS (or list them UNBOUNDED): {unstated}"
+        "give these flags a range in pipeline/args/checks.py NUMBER_BOUNDS "
+        f"(or list them UNBOUNDED): {unstated}"
     )
 
 
@@ -472,7 +478,8 @@ def test_deepspeed_config_mistakes_name_the_file(tiny_model, tmp_path):
         UserError, match="gradient_accumulation_steps 2 but --gradient_accumulation_steps is 1"
     ):
         sft.parse(stage_argv("sft", tiny_model, tmp_path / "o", "--deepspeed", str(bad)))
-    # values the Trainer would only compare when training starts (a traceback then): one sentence now
+    # values the Trainer would only compare when training starts (a traceback then): one sentence
+    # now
     bad.write_text(
         json.dumps(
             {
@@ -607,7 +614,8 @@ def unshare_available() -> bool:
 def in_small_disk(
     folder: Path, mount_options: str, command: list[str]
 ) -> subprocess.CompletedProcess:
-    """Run `command` with a tmpfs (mount_options) on `folder`, in a private mount namespace (no root needed)."""
+    """Run `command` with a tmpfs (mount_options) on `folder`, in a private mount namespace (no root
+    needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     script = f'mount -t tmpfs -o {mount_options} tmpfs {folder} && exec "$@"'
     return subprocess.run(
@@ -627,7 +635,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_sentence_and_keeps_the_last_chec
     tiny_model, tmp_path
 ):
     out = tmp_path / "full"
-    # one checkpoint of the tiny model (weights + Adam state) takes ~6 MB: the second one does not fit
+    # one checkpoint of the tiny model (weights + Adam state) takes ~6 MB: the second one does not
+    # fit
     argv = stage_argv(
         "sft", tiny_model, out, "--use_peft", "False", "--max_steps", "3", "--save_steps", "1"
     )

@@ -1,6 +1,7 @@
-"""The own RL loops (stages/ppo.py; stages/grpo.py --rl_engine own) take the Trainer's flags they implement and
-refuse the others instead of ignoring them; --do_eval, --lr_scheduler_kwargs and --per_device_eval_batch_size act;
-a reward model folder without a score head is refused on every path that loads one."""
+"""The own RL loops (stages/ppo.py; stages/grpo.py --rl_engine own) take the Trainer's flags they
+implement and refuse the others instead of ignoring them; --do_eval, --lr_scheduler_kwargs and
+--per_device_eval_batch_size act; a reward model folder without a score head is refused on every
+path that loads one."""
 
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ def test_a_language_model_folder_as_the_reward_model_is_refused(tiny_model, tmp_
 
 
 def test_the_pipeline_configs_flag_check_runs_the_stage_checks(tmp_path):
-    """run_pipeline.sh checks every stage's flags before the first trains: the loop's refusals included."""
+    """run_pipeline.sh checks every stage's flags before the first trains: the loop's refusals
+    included."""
     from pipeline.tools import pipeline_config
 
     config = tmp_path / "run.yaml"

@@ -1,5 +1,6 @@
-"""RM stage: learns the synthetic preference task (scored through plain transformers and the saved chat
-template), LoRA RM merges to a folder giving the same rewards, preference formats and their errors."""
+"""RM stage: learns the synthetic preference task (scored through plain transformers and the saved
+chat template), LoRA RM merges to a folder giving the same rewards, preference formats and their
+errors."""
 
 import json
 import math
@@ -45,7 +46,8 @@ def heldout_pairs():
 
 
 def test_rm_reaches_95_percent_heldout_accuracy(sft_model, reward_model, heldout_pairs):
-    out = reward_model  # conftest: full RM training from the SFT model on data/reward, eval on data/reward_eval
+    # conftest: full RM training from the SFT model on data/reward, eval on data/reward_eval
+    out = reward_model
     untrained = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1)
     untrained.config.pad_token_id = AutoTokenizer.from_pretrained(out).pad_token_id
     base_scores = rewards(untrained.eval(), AutoTokenizer.from_pretrained(out), heldout_pairs)
@@ -123,12 +125,14 @@ def test_identical_pairs_are_reported_and_bad_records_named(tmp_path):
     path = tmp_path / "d" / "pairs.jsonl"
     path.parent.mkdir()
     path.write_text(
-        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "same", "rejected": "same"}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "same", "rejected": "same"}\n'
     )
     pairs, report = read_preferences(str(path.parent), "--train_file_dir")
     assert len(pairs) == 1 and report.dropped == {"chosen equals rejected": 1}
     path.write_text(
-        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "", "rejected": "b"}\n'
     )
     with pytest.raises(UserError, match=r"pairs.jsonl:2: \"chosen\" must be a non-empty answer"):
         read_preferences(str(path.parent), "--train_file_dir")
@@ -156,7 +160,8 @@ def test_pairwise_loss_by_hand():
     assert pairwise_loss(chosen, rejected, torch.zeros(2), 0.0).item() == pytest.approx(
         plain, rel=1e-6
     )
-    # margins 0.5 and 1: -log sigmoid(0.5) and -log sigmoid(-2); centering 0.1 * mean((1)^2, (0)^2) = 0.05
+    # margins 0.5 and 1: -log sigmoid(0.5) and -log sigmoid(-2); centering
+    # 0.1 * mean((1)^2, (0)^2) = 0.05
     with_margin = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(2)))) / 2
     got = pairwise_loss(chosen, rejected, torch.tensor([0.5, 1.0]), 0.1).item()
     assert got == pytest.approx(with_margin + 0.05, rel=1e-6)

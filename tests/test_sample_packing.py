@@ -1,5 +1,6 @@
-"""Padding-free packing of whole samples and the loss without full-vocabulary logits: packing changes how
-many samples a step holds, never what a sample computes (logits, per-token loss, gradients)."""
+"""Padding-free packing of whole samples and the loss without full-vocabulary logits: packing
+changes how many samples a step holds, never what a sample computes (logits, per-token loss,
+gradients)."""
 
 import pytest
 import torch
@@ -175,8 +176,9 @@ def test_packing_the_shipped_chats_wastes_nothing(tiny_model):
 
 
 def test_varlen_attention_glue_keeps_samples_apart(tiny_model, chats, monkeypatch):
-    """The registered packed_varlen attention (cumulative lengths from the position ids, GQA, layout) gives
-    the unpacked logits. On the CPU its kernel is the per-sample SDPA stand-in; GPU runs use torch's varlen."""
+    """The registered packed_varlen attention (cumulative lengths from the position ids, GQA,
+    layout) gives the unpacked logits. On the CPU its kernel is the per-sample SDPA stand-in; GPU
+    runs use torch's varlen."""
     from pipeline.model import attention
 
     monkeypatch.setitem(attention.KERNEL, "fn", attention.reference_varlen)

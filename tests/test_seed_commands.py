@@ -1,7 +1,7 @@
 """Every flag of the seed documents' command lines, extracted mechanically from their text
-(tests/seed_commands/, copied from the seeds; SOURCES.md there) and parsed by the program that takes it here:
-each one works, or is refused in one sentence that names what to use. A flag the table below does not know
-fails the test, so a seed flag cannot go unchecked."""
+(tests/seed_commands/, copied from the seeds; SOURCES.md there) and parsed by the program that takes
+it here: each one works, or is refused in one sentence that names what to use. A flag the table
+below does not know fails the test, so a seed flag cannot go unchecked."""
 
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ EXPECTED = {
     "predict_with_generate": "ok",
     "max_source_length": "ok",
     "max_target_length": "ok",
-    # refused on this CPU-only machine, naming what to do (on a GPU they are "ok" and tested in the device runs)
+    # refused on this CPU-only machine, naming what to do (on a GPU they are "ok" and tested in the
+    # device runs)
     "fp16": r"needs a CUDA GPU; drop it",
     "tf32": r"needs an NVIDIA GPU .*; drop it",
     "flash_attn": r"needs the flash-attn package.*or drop the flag",

@@ -1,5 +1,5 @@
-"""The GLM demos' nested config files and positional command line (pipeline/seed_configs.py), and data given
-as files (--train_file / --validation_file / --test_file) rather than folders."""
+"""The GLM demos' nested config files and positional command line (pipeline/seed_configs.py), and
+data given as files (--train_file / --validation_file / --test_file) rather than folders."""
 
 import logging
 from pathlib import Path

@@ -1,7 +1,8 @@
-"""Every example record in data/examples/sft (the seed documents' formats), and seed 000's tool chat, under the training/inference
-contract, with every project template and with a slow SentencePiece tokenizer as ChatGLM3's is: each
-conversation either trains with each answer after exactly its prompt's ids, ending with the token that stops
-it, or is refused in one sentence (a template that writes no tools). Nothing renders differently."""
+"""Every example record in data/examples/sft (the seed documents' formats), and seed 000's tool
+chat, under the training/inference contract, with every project template and with a slow
+SentencePiece tokenizer as ChatGLM3's is: each conversation either trains with each answer after
+exactly its prompt's ids, ending with the token that stops it, or is refused in one sentence (a
+template that writes no tools). Nothing renders differently."""
 
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from pipeline.errors import UserError
 from tests.helpers import DATA, slow_tokenizer
 
 EXAMPLES = DATA / "examples" / "sft"
-# seed 000's own tool chat shape (kept out of data/, whose text trains the tiny tokenizer every test uses)
+# seed 000's own tool chat shape (kept out of data/, whose text trains the tiny tokenizer every test
+# uses)
 SEED_CHAT = "chatglm3_seed_tool_chat.json"
 NO_TOOLS = (
     "does not write tool definitions",
@@ -29,8 +31,8 @@ NO_TOOLS = (
 
 
 def check_every_answer(template, tokenizer, conv, stop_ids) -> int:
-    """Each trained answer follows the ids apply_chat_template gives for its prompt; its trained run ends with a
-    stop token. Returns the number of answers checked."""
+    """Each trained answer follows the ids apply_chat_template gives for its prompt; its trained run
+    ends with a stop token. Returns the number of answers checked."""
     check_conversation(template, tokenizer, conv["messages"], conv.get("tools"))
     samples = [s for s in encode_samples(template, tokenizer, conv) if isinstance(s, Encoded)]
     messages, checked = conv["messages"], 0
@@ -86,10 +88,10 @@ def test_every_example_record_trains_as_inference_renders_it(tiny_model, name, t
 
 
 def test_chatglm3_seed_tool_chat_with_a_slow_tokenizer(tmp_path):
-    """Seed 000's shape (system, a thought then a tool call with parameters and observation, later turns with
-    loss false) under the chatglm3 template, with a Python SentencePiece tokenizer that has no offsets: each
-    answer after its prompt's own ids, the trained turn closed by a role tag or by EOS itself (its id, never
-    '</s>' written as text)."""
+    """Seed 000's shape (system, a thought then a tool call with parameters and observation, later
+    turns with loss false) under the chatglm3 template, with a Python SentencePiece tokenizer that
+    has no offsets: each answer after its prompt's own ids, the trained turn closed by a role tag or
+    by EOS itself (its id, never '</s>' written as text)."""
     tokenizer = slow_tokenizer(tmp_path / "sp")
     template = resolve_template("chatglm3", tokenizer)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)

@@ -1,6 +1,6 @@
-"""The flags the seed documents' readers type, read as this project's (pipeline/seed_flags.py): each alias
-changes what its canonical flag changes and is logged once; a flag that cannot apply is refused in one sentence
-naming what to use."""
+"""The flags the seed documents' readers type, read as this project's (pipeline/seed_flags.py): each
+alias changes what its canonical flag changes and is logged once; a flag that cannot apply is
+refused in one sentence naming what to use."""
 
 import logging
 

@@ -1,12 +1,14 @@
-"""The seed documents' tool-calling data, trained and then asked for at inference in the seed's own form.
+"""The seed documents' tool-calling data, trained and then asked for at inference in the seed's own
+form.
 
-GLM-4's demo (seed 003: tools on the system message, the call as JSON text in the assistant's content, an
-"observation" role), ChatGLM3's demo (seed 000: "tools" beside "conversations", a "tool" message holding a
-call's name and parameters and its observation, per-message loss) and the same chats in OpenAI's form
-(tool_calls, role "tool"): the ids SFT trains (read_conversations -> encode_samples) equal the ids that the
-saved tokenizer's `apply_chat_template(messages, tools=tools)` gives for the messages as the seed writes
-them, for the whole conversation and for each answer's prompt (add_generation_prompt=True). The tokenizer is
-the one the training stage saves: apply_template_to_tokenizer, save_pretrained, AutoTokenizer."""
+GLM-4's demo (seed 003: tools on the system message, the call as JSON text in the assistant's
+content, an "observation" role), ChatGLM3's demo (seed 000: "tools" beside "conversations", a "tool"
+message holding a call's name and parameters and its observation, per-message loss) and the same
+chats in OpenAI's form (tool_calls, role "tool"): the ids SFT trains
+(read_conversations -> encode_samples) equal the ids that the saved tokenizer's
+`apply_chat_template(messages, tools=tools)` gives for the messages as the seed writes them, for the
+whole conversation and for each answer's prompt (add_generation_prompt=True). The tokenizer is the
+one the training stage saves: apply_template_to_tokenizer, save_pretrained, AutoTokenizer."""
 
 import copy
 import json
@@ -35,8 +37,8 @@ CHATGLM3_SEED = json.loads((SEEDS / "chatglm3_seed_tool_chat.json").read_text(en
 
 
 def glm4_openai() -> dict:
-    """Seed 003's chat in OpenAI's form: tools beside the messages, the call as tool_calls (arguments as JSON
-    text, as OpenAI's API sends them), the result as role "tool"."""
+    """Seed 003's chat in OpenAI's form: tools beside the messages, the call as tool_calls
+    (arguments as JSON text, as OpenAI's API sends them), the result as role "tool"."""
     messages = copy.deepcopy(GLM4_SEED["messages"])
     tools = messages[0].pop("tools")
     call = json.loads(messages[2]["content"])
@@ -55,9 +57,10 @@ def glm4_openai() -> dict:
 
 
 def chatglm3_openai(mixed: bool = False) -> dict:
-    """Seed 000's chat in OpenAI's form (tools wrapped, calls as tool_calls with arguments as a mapping, results
-    as role "tool"); `mixed`: still ChatGLM3's conversations form, only its first call written OpenAI's way (an
-    assistant message with tool_calls, then a "tool" message with only content)."""
+    """Seed 000's chat in OpenAI's form (tools wrapped, calls as tool_calls with arguments as a
+    mapping, results as role "tool"); `mixed`: still ChatGLM3's conversations form, only its first
+    call written OpenAI's way (an assistant message with tool_calls, then a "tool" message with only
+    content)."""
     turns = CHATGLM3_SEED["conversations"]
     first_call = next(k for k, t in enumerate(turns) if t["role"] == "tool")
     out = []
@@ -92,12 +95,14 @@ def chatglm3_openai(mixed: bool = False) -> dict:
 
 
 def inference_form(record: dict) -> tuple[list[dict], list[dict] | None]:
-    """The messages and tools a user passes to apply_chat_template for a record, exactly as the record writes them."""
+    """The messages and tools a user passes to apply_chat_template for a record, exactly as the
+    record writes them."""
     return record.get("messages") or record["conversations"], record.get("tools")
 
 
 def answers(messages: list[dict]) -> list[int]:
-    """Where an answer starts, in the seed form: each assistant message and each ChatGLM3 "tool" message (its call)."""
+    """Where an answer starts, in the seed form: each assistant message and each ChatGLM3 "tool"
+    message (its call)."""
     return [
         k
         for k, m in enumerate(messages)
@@ -107,7 +112,8 @@ def answers(messages: list[dict]) -> list[int]:
 
 @pytest.fixture()
 def saved(tiny_model, tmp_path):
-    """(training tokenizer, template, the tokenizer as the training stage saves and inference loads it)."""
+    """(training tokenizer, template, the tokenizer as the training stage saves and inference loads
+    it)."""
 
     def make(name: str):
         tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -159,7 +165,8 @@ def assert_trains_as_inference_asks(record: dict, name: str, saved, folder: Path
             not trained and len(samples) > 1
         ):  # a template that rewrites history trains each answer alone
             continue
-        # the sample that trains answer k (or, untrained, holds it) starts with exactly its prompt's ids
+        # the sample that trains answer k (or, untrained, holds it) starts with exactly its prompt's
+        # ids
         assert any(
             s.input_ids[: len(prompt)] == prompt
             and len(s.labels) > len(prompt)
@@ -204,15 +211,17 @@ TOOL_TEMPLATES = [
 @pytest.mark.parametrize("name", TOOL_TEMPLATES)
 @pytest.mark.parametrize("seed", ["seed003", "seed000"])
 def test_every_tool_template_reads_the_seed_forms(saved, tmp_path, name, seed):
-    """The saved template of every project template that writes tools reads the seeds' own forms as training does."""
+    """The saved template of every project template that writes tools reads the seeds' own forms as
+    training does."""
     assert_trains_as_inference_asks(
         GLM4_SEED if seed == "seed003" else CHATGLM3_SEED, name, saved, tmp_path / "data"
     )
 
 
 def test_chatglm3_writes_the_tool_list_as_given_and_unwraps_openai_tools(saved):
-    """ChatGLM3 dumps its tool list as the data gives it ({name, description, parameters}); OpenAI-wrapped tools
-    are written as their function dicts, in training and in the saved template alike."""
+    """ChatGLM3 dumps its tool list as the data gives it ({name, description, parameters});
+    OpenAI-wrapped tools are written as their function dicts, in training and in the saved template
+    alike."""
     _, _, loaded = saved("chatglm3")
     messages, tools = inference_form(CHATGLM3_SEED)
     want = (
@@ -229,8 +238,9 @@ def test_chatglm3_writes_the_tool_list_as_given_and_unwraps_openai_tools(saved):
 
 
 def test_chatglm3_refuses_arguments_it_cannot_write_as_keywords(saved):
-    """Jinja cannot parse JSON: ChatGLM3's saved template refuses a call whose arguments are JSON text (OpenAI's
-    wire form, or GLM-4's call written as content) in one sentence instead of writing tool_call() empty."""
+    """Jinja cannot parse JSON: ChatGLM3's saved template refuses a call whose arguments are JSON
+    text (OpenAI's wire form, or GLM-4's call written as content) in one sentence instead of writing
+    tool_call() empty."""
     _, _, loaded = saved("chatglm3")
     for record in (glm4_openai(), GLM4_SEED):
         messages, tools = inference_form(record)
@@ -241,7 +251,8 @@ def test_chatglm3_refuses_arguments_it_cannot_write_as_keywords(saved):
     assert "tool_call()" in loaded.apply_chat_template(messages, tools=tools, tokenize=False)
 
 
-GLM4_CALLS = {  # content of the assistant message before the observation -> read as a call, or refused
+# content of the assistant message before the observation -> read as a call, or refused
+GLM4_CALLS = {
     '{"name": "f", "arguments": {"a": [1, 2]}}': "call",
     '{"name":"f","arguments":{"a":"x, y"}}': "call",
     '  {\n  "name" : "f" ,\n  "parameters" : {"a": {"b": "}"}}\n}\n': "call",
@@ -259,8 +270,9 @@ GLM4_CALLS = {  # content of the assistant message before the observation -> rea
 
 @pytest.mark.parametrize("content", sorted(GLM4_CALLS))
 def test_glm4_call_text_reads_the_same_in_training_and_in_the_saved_template(saved, content):
-    """A call written as JSON text is read by the same string steps in both (conversations.text_call and the
-    Jinja): a layout the saved template cannot cut apart is refused in training, never trained differently."""
+    """A call written as JSON text is read by the same string steps in both (conversations.text_call
+    and the Jinja): a layout the saved template cannot cut apart is refused in training, never
+    trained differently."""
     _, _, loaded = saved("glm4")
     messages = [
         {"role": "user", "content": "q"},
@@ -288,5 +300,6 @@ def test_glm4_call_text_reads_the_same_in_training_and_in_the_saved_template(sav
 
 
 def test_the_saved_template_cuts_calls_by_the_readers_steps():
-    """The Jinja's step list is conversations.CALL_STEPS, written out (Python's list repr is Jinja's literal)."""
+    """The Jinja's step list is conversations.CALL_STEPS, written out (Python's list repr is Jinja's
+    literal)."""
     assert str(list(CALL_STEPS)) in chat_template_jinja("glm4")

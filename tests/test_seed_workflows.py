@@ -1,9 +1,10 @@
-"""Each seed document's workflow as its reader types it (tests/seed_commands/ holds their command lines), run
-end to end on the tiny model through the real entry points: the ChatGLM3 and GLM-4 demos' positional
-`DATA_DIR MODEL CONFIG [yes|STEP]` form with their nested configs, resume and one-shot inference; the
-ChatGLM-6B article's P-Tuning command on AdvertiseGen records with generation metrics; FastChat's Yuan2.0
-LoRA command with its loss switches, then merge and chat. (The staged README's chain is run_pipeline.sh,
-tested in test_pipeline.py.) Only what a CPU cannot do is changed: few steps, no bf16/tf32."""
+"""Each seed document's workflow as its reader types it (tests/seed_commands/ holds their command
+lines), run end to end on the tiny model through the real entry points: the ChatGLM3 and GLM-4
+demos' positional `DATA_DIR MODEL CONFIG [yes|STEP]` form with their nested configs, resume and
+one-shot inference; the ChatGLM-6B article's P-Tuning command on AdvertiseGen records with
+generation metrics; FastChat's Yuan2.0 LoRA command with its loss switches, then merge and chat.
+(The staged README's chain is run_pipeline.sh, tested in test_pipeline.py.) Only what a CPU cannot
+do is changed: few steps, no bf16/tf32."""
 
 import json
 import shutil
@@ -52,7 +53,8 @@ def run(*argv, check=True) -> str:
 
 
 def demo_folder(tmp_path: Path, source: Path) -> Path:
-    """A demo data folder: train.json and dev.json side by side, as the demos' format_*.py scripts write them."""
+    """A demo data folder: train.json and dev.json side by side, as the demos' format_*.py scripts
+    write them."""
     folder = tmp_path / "data"
     folder.mkdir()
     records = (
@@ -298,8 +300,8 @@ def test_fastchat_yuan2_lora_with_split_loss_then_merge_and_chat(tiny_model, tmp
         "none",
     )
     assert (
-        "--split_example_loss (as the seed documents spell it) True is read as --multi_turn_mode split"
-        in trained
+        "--split_example_loss (as the seed documents spell it) True is read as "
+        "--multi_turn_mode split" in trained
     )
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     run(

@@ -1,9 +1,10 @@
-"""pipeline.serve: the official openai client against the server on localhost gets the trained model's greedy
-answers (plain and streamed), the model list, and clear 400/404 errors; requests at once are served in turn.
-The server's limits, on the untrained tiny model (whose greedy answers run to max_tokens): a 413 from the
-headers alone, 400s naming the prompt's tokens and the context, the max_tokens cap, a 503 with Retry-After
-when the queue is full, a 504 (or a stream's error event) past the time limit, and a client that goes away
-stops its generation, as GET /health's token counter shows."""
+"""pipeline.serve: the official openai client against the server on localhost gets the trained
+model's greedy answers (plain and streamed), the model list, and clear 400/404 errors; requests at
+once are served in turn. The server's limits, on the untrained tiny model (whose greedy answers run
+to max_tokens): a 413 from the headers alone, 400s naming the prompt's tokens and the context, the
+max_tokens cap, a 503 with Retry-After when the queue is full, a 504 (or a stream's error event)
+past the time limit, and a client that goes away stops its generation, as GET /health's token
+counter shows."""
 
 import contextlib
 import functools
@@ -32,7 +33,8 @@ HELDOUT = synthetic.split_items()[1]
 
 @contextlib.contextmanager
 def serve(model, log_dir, *flags: str):
-    """`python -m pipeline.serve` on a free loopback port; yields its base URL (http://127.0.0.1:PORT/v1)."""
+    """`python -m pipeline.serve` on a free loopback port; yields its base URL
+    (http://127.0.0.1:PORT/v1)."""
     log = (log_dir / "server.log").open("w")
     proc = subprocess.Popen(
         [
@@ -147,8 +149,8 @@ def test_sampling_and_requests_at_once(client):
             )
         )
     assert answers == [synthetic.answer(i) for i in items]
-    # sampling honours the token budget: the trained model's answer starts with a colour word, never with its
-    # end of turn, so one token is always cut off by the length limit
+    # sampling honours the token budget: the trained model's answer starts with a colour word, never
+    # with its end of turn, so one token is always cut off by the length limit
     sampled = client.chat.completions.create(
         model=NAME, messages=ask(items[0]), temperature=1.0, top_p=0.9, max_tokens=1
     )
@@ -176,7 +178,7 @@ def test_bad_requests_get_clear_errors(client, base_url):
     )
 
 
-# ---------------------------------------------------------------- limits, on the untrained tiny model
+# -------------------------------------------------------------- limits, on the untrained tiny model
 
 CONTEXT, CAP = (
     4096,
@@ -270,7 +272,8 @@ def test_oversize_body_gets_413_before_it_is_read(tiny_url, tiny_client):
         tiny_url
     ) as sock:  # only the headers are sent: a server waiting for the gigabyte would never answer
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000000\r\n\r\n{"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Length: 1000000000\r\n\r\n{"
         )
         status, body = read_response(sock)
     assert (
@@ -295,8 +298,8 @@ def test_prompt_that_does_not_fit_gets_400_naming_its_tokens(tiny_url, tiny_clie
             model=NAME, messages=[{"role": "user", "content": text}], max_tokens=16
         )
     assert e.value.code == "context_length_exceeded" and e.value.body["message"] == (
-        f"the prompt is {n} tokens and max_tokens is 16, {n + 16} in all, more than this model's context of {CONTEXT} "
-        "tokens; shorten the messages or lower max_tokens."
+        f"the prompt is {n} tokens and max_tokens is 16, {n + 16} in all, more than this model's "
+        f"context of {CONTEXT} tokens; shorten the messages or lower max_tokens."
     )
     with pytest.raises(
         openai.BadRequestError,
@@ -314,7 +317,8 @@ def test_prompt_that_does_not_fit_gets_400_naming_its_tokens(tiny_url, tiny_clie
         tiny_client.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": "x" * 300_000}]
         )
-    # a prompt that fits, with max_tokens left to the server: the answer gets what the context has left
+    # a prompt that fits, with max_tokens left to the server: the answer gets what the context has
+    # left
     fits = next(
         t
         for t in ("word " * k for k in range(2010, 2040))
@@ -347,7 +351,8 @@ def test_refusals_are_openai_error_objects(tiny_url):
             501,
             {
                 "error": {
-                    "message": "this server does not answer PUT requests; it has GET /v1/models and POST /v1/chat/completions.",
+                    "message": "this server does not answer PUT requests; it has GET /v1/models "
+                    "and POST /v1/chat/completions.",
                     "type": "server_error",
                     "param": None,
                     "code": None,
@@ -356,7 +361,8 @@ def test_refusals_are_openai_error_objects(tiny_url):
         )
     with connect(tiny_url) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         )
         status, body = read_response(sock)
         assert status == 411 and body["error"]["message"].startswith(

@@ -1,8 +1,9 @@
-"""pipeline.serve answers bad bytes: a lone UTF-16 surrogate (escaped, or as bytes), a body nested 100,000 deep,
-a 5,000-digit integer (anywhere), a number past float's range, a Content-Length that is not a plain byte count:
-each gets an HTTP status with OpenAI's error object, sent as raw bytes over http.client to the real server on
-loopback (the tiny model), never a connection closed without an answer; the server keeps serving and logs no
-traceback. Any other failure while handling a request is a 500 with the same error object."""
+"""pipeline.serve answers bad bytes: a lone UTF-16 surrogate (escaped, or as bytes), a body nested
+100,000 deep, a 5,000-digit integer (anywhere), a number past float's range, a Content-Length that
+is not a plain byte count: each gets an HTTP status with OpenAI's error object, sent as raw bytes
+over http.client to the real server on loopback (the tiny model), never a connection closed without
+an answer; the server keeps serving and logs no traceback. Any other failure while handling a
+request is a 500 with the same error object."""
 
 import http.client
 import json
@@ -29,7 +30,8 @@ def server(tiny_model, tmp_path_factory):
 
 
 def post(server, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    """POST raw bytes; the status and the JSON body (http.client raises RemoteDisconnected when there is none)."""
+    """POST raw bytes; the status and the JSON body (http.client raises RemoteDisconnected when
+    there is none)."""
     host, port, _ = server
     connection = http.client.HTTPConnection(host, port, timeout=60)
     try:
@@ -64,7 +66,8 @@ def refusal(status: int, payload: dict) -> str:
     [
         (
             b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
-            "the request body holds a lone UTF-16 surrogate escape (half of a character) in a string (line 1 column 44)",
+            "the request body holds a lone UTF-16 surrogate escape (half of a character) "
+            "in a string (line 1 column 44)",
         ),
         (
             b'{"model": "tiny-sft\\udfff", "messages": ' + HI.encode() + b"}",
@@ -72,7 +75,8 @@ def refusal(status: int, payload: dict) -> str:
         ),
         (
             b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-            "the request body holds objects and lists nested more than 100 deep (line 1 column 113); flatten",
+            "the request body holds objects and lists nested more than 100 deep "
+            "(line 1 column 113); flatten",
         ),
         (
             b'{"messages": ' + HI.encode() + b', "max_tokens": ' + b"9" * 5000 + b"}",
@@ -91,8 +95,10 @@ def refusal(status: int, payload: dict) -> str:
             "top_p must be a number in its range",
         ),
         (
-            b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',  # a surrogate encoded as if UTF-8 could
-            "the request body is not valid JSON ('utf-8' codec can't decode byte 0xed in position 43",
+            # a surrogate encoded as if UTF-8 could
+            b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
+            "the request body is not valid JSON "
+            "('utf-8' codec can't decode byte 0xed in position 43",
         ),
     ],
     ids=[

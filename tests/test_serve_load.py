@@ -1,7 +1,8 @@
-"""pipeline.serve under load, on loopback: a few clients ask for short answers in a loop while a multi-megabyte
-prompt is sent now and then. The huge prompt must get its 400 within a fraction of a second (it is refused by
-its length, before tokenizing and before the generation queue), and the other clients must neither fail nor
-slow down much while it is refused. Bounded: 8 to 25 s of traffic after the server starts, 10 s on a quiet machine."""
+"""pipeline.serve under load, on loopback: a few clients ask for short answers in a loop while a
+multi-megabyte prompt is sent now and then. The huge prompt must get its 400 within a fraction of a
+second (it is refused by its length, before tokenizing and before the generation queue), and the
+other clients must neither fail nor slow down much while it is refused. Bounded: 8 to 25 s of
+traffic after the server starts, 10 s on a quiet machine."""
 
 import http.client
 import json
@@ -95,9 +96,10 @@ def test_huge_prompt_gets_its_400_at_once_and_other_clients_keep_their_pace(tiny
     during = [s for start, s, _ in served if start < abuse_end and start + s > abuse_start]
     base_median, abuse_median = statistics.median(baseline), statistics.median(during)
     print(
-        f"\n{len(served)} normal requests by {CLIENTS} clients; baseline median {base_median * 1000:.0f} ms "
-        f"(p90 {statistics.quantiles(baseline, n=10)[-1] * 1000:.0f}, n={len(baseline)}), during the huge prompts "
-        f"median {abuse_median * 1000:.0f} ms (max {max(during) * 1000:.0f}, n={len(during)}); huge prompts refused in "
+        f"\n{len(served)} normal requests by {CLIENTS} clients; baseline median "
+        f"{base_median * 1000:.0f} ms (p90 {statistics.quantiles(baseline, n=10)[-1] * 1000:.0f}, "
+        f"n={len(baseline)}), during the huge prompts median {abuse_median * 1000:.0f} ms (max "
+        f"{max(during) * 1000:.0f}, n={len(during)}); huge prompts refused in "
         f"{', '.join(f'{s * 1000:.0f}' for s, _, _ in refused)} ms"
     )
     failed = [r for r in served if r[2] != 200]
@@ -106,7 +108,8 @@ def test_huge_prompt_gets_its_400_at_once_and_other_clients_keep_their_pace(tiny
     for seconds, status, message in refused:
         assert status == 400 and "characters, too long for the 1023 tokens it may have" in message
         assert seconds < 0.5, f"the huge prompt took {seconds:.2f} s to be refused"
-    # a loaded 2-core machine is noisy: the median during the abuse within 3x the baseline's, plus 0.25 s
+    # a loaded 2-core machine is noisy: the median during the abuse within 3x the baseline's, plus
+    # 0.25 s
     assert abuse_median <= 3 * base_median + 0.25, (
         f"normal requests slowed from {base_median:.3f} s to {abuse_median:.3f} s"
     )

@@ -1,10 +1,11 @@
-"""Tools through pipeline.serve: the prompt of a tools request is the tokenizer's own apply_chat_template with
-tools; for every template family (official templates and the project's saved ones) whose call format can be
-read off its template, the text the template writes for an assistant's tool calls, tokenized and decoded as the
-server decodes answers, comes back from the server's response builder as the same calls; and the real server
-with the official openai client: a tools request is a 200 with a valid response, a tool-role history is
-accepted, tool_choice it cannot honour is a 400, and a tiny model trained to call a tool answers with
-tool_calls (finish_reason "tool_calls"), whole and streamed as delta.tool_calls."""
+"""Tools through pipeline.serve: the prompt of a tools request is the tokenizer's own
+apply_chat_template with tools; for every template family (official templates and the project's
+saved ones) whose call format can be read off its template, the text the template writes for an
+assistant's tool calls, tokenized and decoded as the server decodes answers, comes back from the
+server's response builder as the same calls; and the real server with the official openai client: a
+tools request is a 200 with a valid response, a tool-role history is accepted, tool_choice it cannot
+honour is a 400, and a tiny model trained to call a tool answers with tool_calls (finish_reason
+"tool_calls"), whole and streamed as delta.tool_calls."""
 
 import json
 from types import SimpleNamespace
@@ -38,8 +39,9 @@ CALLS = [
     ("get_weather", {"city": "Paris", "days": 3}, "x1y2z3w4v"),
     ("get_time", {"city": "Oslo"}, "k9l8m7n6p"),
 ]
-# families whose calls come back as tool_calls; the rest answer with text (they write no calls, write
-# arguments as XML or keys, or never show the tools: DeepSeek-R1 and V3.1 write calls but no tool list)
+# families whose calls come back as tool_calls; the rest answer with text (they write no calls,
+# write arguments as XML or keys, or never show the tools: DeepSeek-R1 and V3.1 write calls but no
+# tool list)
 PARSED = {
     "command-r7b",
     "falcon3",
@@ -89,7 +91,8 @@ SINGLE = {
 
 
 def tools_for(tokenizer) -> ChatTools:
-    """The server's ChatTools for a tokenizer, stopping where training saves the stops (generation_config)."""
+    """The server's ChatTools for a tokenizer, stopping where training saves the stops
+    (generation_config)."""
     stops = [tokenizer.convert_tokens_to_ids(s) for s in own_template(tokenizer).stop]
     return ChatTools(
         SimpleNamespace(
@@ -182,15 +185,15 @@ def test_a_stream_holds_back_only_what_may_be_a_call(tiny_model):
     assert plain.ready("a < b") == "a < b" and plain.ready("a < b, so") == ", so"
 
 
-# ---------------------------------------------------------------- the real server, the openai client
+# --------------------------------------------------------------- the real server, the openai client
 
 WEATHER = {"city": "Paris"}
 
 
 @pytest.fixture(scope="module")
 def caller(tiny_model, tmp_path_factory):
-    """The tiny model trained (qwen template) to answer a weather question with a get_weather call, and a
-    tool result with a sentence."""
+    """The tiny model trained (qwen template) to answer a weather question with a get_weather call,
+    and a tool result with a sentence."""
     from stages import sft
 
     data = tmp_path_factory.mktemp("tool-data")

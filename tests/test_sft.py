@@ -1,5 +1,6 @@
-"""SFT stage: learns the synthetic task (held-out exact match through the saved chat template), trains
-every seed format with its family's template, and saves a tokenizer that carries the template."""
+"""SFT stage: learns the synthetic task (held-out exact match through the saved chat template),
+trains every seed format with its family's template, and saves a tokenizer that carries the
+template."""
 
 import importlib.util
 import json
@@ -181,8 +182,8 @@ def test_split_mode_and_dropped_samples_are_counted(tiny_model, tmp_path, caplog
     )
     log = caplog.text
     assert (
-        "14 conversations read, 23 samples made from the 14 conversations kept, 9 samples kept, 14 samples "
-        "dropped (prompt + first trained answer longer than --model_max_length 40)"
+        "14 conversations read, 23 samples made from the 14 conversations kept, 9 samples kept, 14 "
+        "samples dropped (prompt + first trained answer longer than --model_max_length 40)"
     ) in log
 
 
@@ -295,8 +296,9 @@ def test_quantized_sft_trains(tiny_model, tmp_path, flag):
 
 
 def test_packing_flags(tiny_model, tmp_path, caplog):
-    """--packing is on by default and --packing_length sets the row size; combinations that would change
-    what a sample computes are refused, and the automatic default turns packing off for them."""
+    """--packing is on by default and --packing_length sets the row size; combinations that would
+    change what a sample computes are refused, and the automatic default turns packing off for
+    them."""
     quick(tiny_model, tmp_path / "packed", "--packing_length", "300", "--loss_chunk_size", "7")
     assert "packed whole into" in caplog.text and "rows of <= 300 tokens" in caplog.text
     caplog.clear()
@@ -383,9 +385,10 @@ def test_use_liger_kernel_is_refused_without_a_gpu_or_the_package(tiny_model, tm
 def test_a_reasoning_template_trains_under_auto_and_the_saved_model_renders_the_training_prompt(
     tiny_model, tmp_path
 ):
-    """Qwen3.5's official template (tests/official_templates) with thinking off: the variables reach every
-    render in training and are saved as the template's defaults, so the saved model's plain
-    apply_chat_template builds the prompt training used, and its generation config stops on <|im_end|>."""
+    """Qwen3.5's official template (tests/official_templates) with thinking off: the variables reach
+    every render in training and are saved as the template's defaults, so the saved model's plain
+    apply_chat_template builds the prompt training used, and its generation config stops on
+    <|im_end|>."""
     import shutil
 
     from tests.official_families import family_tokenizer

@@ -1,11 +1,12 @@
-"""Every official template the tests hold (tests/official_templates/, sources in SOURCES.md) on every kind of
-conversation a user brings: each either trains exactly what inference sees, or is refused in one sentence
-naming the fix. Nothing differs silently.
+"""Every official template the tests hold (tests/official_templates/, sources in SOURCES.md) on
+every kind of conversation a user brings: each either trains exactly what inference sees, or is
+refused in one sentence naming the fix. Nothing differs silently.
 
 Exactly means, for every answer: the sample holds the ids `apply_chat_template(messages[:i], tools,
-add_generation_prompt=True, tokenize=True)` gives, nothing of them trained; then the answer, trained, its
-text and tool calls present, ending with a token the saved generation config stops on. The messages reach
-the template as the reader gives them (normalize), with call arguments in the form the template reads."""
+add_generation_prompt=True, tokenize=True)` gives, nothing of them trained; then the answer,
+trained, its text and tool calls present, ending with a token the saved generation config stops on.
+The messages reach the template as the reader gives them (normalize), with call arguments in the
+form the template reads."""
 
 import json
 
@@ -172,8 +173,8 @@ def refused(family: str, kind: str) -> str | None:
 
 
 def reference_prompt(tokenizer, template, messages, tools) -> list[int]:
-    """What inference tokenizes for the answer after messages: the template's own render, tokenized by
-    transformers (the messages in the form the template reads)."""
+    """What inference tokenizes for the answer after messages: the template's own render, tokenized
+    by transformers (the messages in the form the template reads)."""
     form = standard_messages(messages, template)
     lifted = template.message_tools and any(m.get("tools") for m in form)
     return list(
@@ -242,7 +243,8 @@ def test_every_official_template_trains_exactly_or_refuses_in_one_sentence(tiny_
 
 
 def outcome_table(tiny_model) -> dict:
-    """The outcomes as they are now (scripts use it to review a change): family -> kind -> refusal or 'exact'."""
+    """The outcomes as they are now (scripts use it to review a change): family -> kind -> refusal
+    or 'exact'."""
     table = {}
     for family in all_families():
         tokenizer = family_tokenizer(tiny_model, family)
@@ -261,7 +263,8 @@ def outcome_table(tiny_model) -> dict:
 
 
 def test_saved_template_reproduces_the_training_prompt(tiny_model, tmp_path):
-    """With --chat_template_kwargs, the saved tokenizer renders the prompt training used, with no argument."""
+    """With --chat_template_kwargs, the saved tokenizer renders the prompt training used, with no
+    argument."""
     tokenizer = family_tokenizer(tiny_model, "qwen3.5")
     template = resolve_template("auto", tokenizer, '{"enable_thinking": false}')
     apply_template_to_tokenizer(tokenizer, template)
@@ -286,9 +289,9 @@ def test_saved_template_reproduces_the_training_prompt(tiny_model, tmp_path):
 def test_tools_on_the_system_message_reach_templates_that_read_them_there(
     tiny_model, family, written
 ):
-    """Phi-4-mini's template writes tools only from the system message's "tools" text (its card's format),
-    GLM-4's from a list there (the GLM-4 demo's format); Phi-4-mini writes calls only as the assistant's own
-    text, so structured tool_calls, which it would lose, are refused."""
+    """Phi-4-mini's template writes tools only from the system message's "tools" text (its card's
+    format), GLM-4's from a list there (the GLM-4 demo's format); Phi-4-mini writes calls only as
+    the assistant's own text, so structured tool_calls, which it would lose, are refused."""
     tokenizer = family_tokenizer(tiny_model, family)
     template = resolve_template("auto", tokenizer)
     assert template.message_tools
@@ -318,9 +321,9 @@ def test_tools_on_the_system_message_reach_templates_that_read_them_there(
 
 
 def test_deepseek_v31_gets_call_arguments_as_text_and_trains_reasoning_with_thinking_on(tiny_model):
-    """Its template concatenates arguments as text (a mapping fails), so calls written either way train; it
-    writes no tools= (described in the system message instead); with thinking on, the generation prompt
-    pre-fills <think> and the reasoning written in content is trained after it."""
+    """Its template concatenates arguments as text (a mapping fails), so calls written either way
+    train; it writes no tools= (described in the system message instead); with thinking on, the
+    generation prompt pre-fills <think> and the reasoning written in content is trained after it."""
     tokenizer = family_tokenizer(tiny_model, "deepseek-v3.1")
     template = resolve_template("auto", tokenizer)
     assert template.args_as_text
@@ -349,8 +352,8 @@ def test_deepseek_v31_gets_call_arguments_as_text_and_trains_reasoning_with_thin
 
 
 def test_a_token_straddling_prompt_and_answer_is_trained_as_inference_sees_it(tiny_model):
-    """ERNIE-4.5's prompt ends 'Assistant: ' and the answer follows: tokenized together, the space joins the
-    answer's first word. The sample holds the prompt's own ids, then the answer's."""
+    """ERNIE-4.5's prompt ends 'Assistant: ' and the answer follows: tokenized together, the space
+    joins the answer's first word. The sample holds the prompt's own ids, then the answer's."""
     tokenizer = family_tokenizer(tiny_model, "ernie-4.5")
     template = resolve_template("auto", tokenizer)
     conv = normalize(conversation("multi_system"))
@@ -363,8 +366,8 @@ def test_a_token_straddling_prompt_and_answer_is_trained_as_inference_sees_it(ti
 
 
 def test_every_end_of_turn_token_is_a_stop(tiny_model):
-    """gpt-oss ends an answer with <|return|> and a tool call with <|call|>; GLM-4.7 has no end token: the next
-    role tag (<|user|> or <|observation|>) ends a turn."""
+    """gpt-oss ends an answer with <|return|> and a tool call with <|call|>; GLM-4.7 has no end
+    token: the next role tag (<|user|> or <|observation|>) ends a turn."""
     gpt = family_tokenizer(tiny_model, "gpt-oss")
     assert {"<|return|>", "<|call|>"} <= set(resolve_template("auto", gpt).stop)
     glm = family_tokenizer(tiny_model, "glm-4.7-flash")
@@ -374,7 +377,8 @@ def test_every_end_of_turn_token_is_a_stop(tiny_model):
 
 
 def test_a_tool_message_keeps_its_name_for_the_template(tiny_model):
-    """Kimi-K2 writes a tool result under the tool's name: the reader keeps the field the template reads."""
+    """Kimi-K2 writes a tool result under the tool's name: the reader keeps the field the template
+    reads."""
     tokenizer = family_tokenizer(tiny_model, "kimi-k2")
     template = resolve_template("auto", tokenizer)
     [sample] = encode_samples(
@@ -397,8 +401,9 @@ def test_granite_33_tool_calls_are_refused_not_trained_as_empty_turns(tiny_model
 def test_a_record_the_template_cannot_train_stops_the_run_or_is_dropped_and_counted(
     tiny_model, tmp_path
 ):
-    """Every conversation is checked while it is encoded: without --skip_invalid_samples the first one that
-    cannot train exactly stops the run naming it; with it, it is dropped and the summary counts it."""
+    """Every conversation is checked while it is encoded: without --skip_invalid_samples the first
+    one that cannot train exactly stops the run naming it; with it, it is dropped and the summary
+    counts it."""
     from pipeline.args import DataArguments, SFTArguments
     from pipeline.data.chat_dataset import build_chat_dataset
 

@@ -1,4 +1,5 @@
-"""Templates: byte-exact published formats, the saved Jinja equals the Python renderer, golden tables."""
+"""Templates: byte-exact published formats, the saved Jinja equals the Python renderer, golden
+tables."""
 
 import json
 
@@ -141,8 +142,9 @@ def test_saved_jinja_template_equals_renderer(tokenizer, name):
 
 @pytest.mark.parametrize("name", field_template_names())
 def test_render_is_prefix_preserving(name):
-    """Each answer's prompt starts its conversation, except where the format joins history differently
-    (Yuan2): there only the conversation through that answer starts with it (trained one answer a sample)."""
+    """Each answer's prompt starts its conversation, except where the format joins history
+    differently (Yuan2): there only the conversation through that answer starts with it (trained one
+    answer a sample)."""
     messages = [SYSTEM] + TURNS
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
@@ -153,8 +155,8 @@ def test_render_is_prefix_preserving(name):
 
 
 def test_yuan2_trains_fastchats_texts(tiny_model):
-    """FastChat's Yuan2 prompt joins history with <n> and ends the question with <sep>; its split and
-    last-response loss modes train each answer after exactly that prompt."""
+    """FastChat's Yuan2 prompt joins history with <n> and ends the question with <sep>; its split
+    and last-response loss modes train each answer after exactly that prompt."""
     from pipeline.data.masking import IGNORE_INDEX, encode_samples
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -199,7 +201,8 @@ def test_template_json_literal_survives_unicode():
     "text, message",
     [
         (
-            "name: x\nsource: y\nuser: '{content}'\nassistant: 'A: {content}'\nobservation: '{content}'\nsytem: S\n",
+            "name: x\nsource: y\nuser: '{content}'\nassistant: 'A: {content}'\n"
+            "observation: '{content}'\nsytem: S\n",
             "unknown field\\(s\\) sytem",
         ),
         (
@@ -207,7 +210,8 @@ def test_template_json_literal_survives_unicode():
             "required field\\(s\\) assistant",
         ),
         (
-            "name: x\nsource: y\nuser: '{content}'\nassistant: 'no slot'\nobservation: '{content}'\nsystem: S\n",
+            "name: x\nsource: y\nuser: '{content}'\nassistant: 'no slot'\n"
+            "observation: '{content}'\nsystem: S\n",
             "field assistant must contain \\{content\\}",
         ),
         ("name: [unclosed\n", "is not valid YAML"),
@@ -221,11 +225,11 @@ def test_a_broken_template_file_names_the_file_and_field(tmp_path, text, message
 
 
 def test_chatglm3_tools_are_native_and_parse_back_with_chatglm3s_response_parser(tokenizer):
-    """ChatGLM3's own format: tools in a first system turn as indented JSON (each tool as its function dict, the
-    shape ChatGLM3's tool demos give), a call as an assistant turn whose
-    metadata is the tool name and whose content is a python fence around tool_call(...); the model's response
-    parser (split the metadata line, drop the fence lines, eval with tool_call returning its keywords) gives
-    back the name and arguments. The saved Jinja writes the same text."""
+    """ChatGLM3's own format: tools in a first system turn as indented JSON (each tool as its
+    function dict, the shape ChatGLM3's tool demos give), a call as an assistant turn whose
+    metadata is the tool name and whose content is a python fence around tool_call(...); the model's
+    response parser (split the metadata line, drop the fence lines, eval with tool_call returning
+    its keywords) gives back the name and arguments. The saved Jinja writes the same text."""
     args = {"city": "Paris", "note": 'it\'s "mild"\nok', "days": 3, "metric": True, "extra": None}
     chat = [
         {"role": "system", "content": "Be brief."},

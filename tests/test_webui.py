@@ -1,7 +1,8 @@
-"""pipeline.webui: the page's handlers stream the ChatModel's answers with the system prompt and the history (run on
-the tiny model, no gradio needed), and the real page in headless Chromium streams an answer, keeps the history and
-forgets it on Clear history. The browser test needs the webui extra (gradio, playwright) and a system Chromium
-(`apt-get install chromium`); without them it is skipped, saying which is missing."""
+"""pipeline.webui: the page's handlers stream the ChatModel's answers with the system prompt and the
+history (run on the tiny model, no gradio needed), and the real page in headless Chromium streams an
+answer, keeps the history and forgets it on Clear history. The browser test needs the webui extra
+(gradio, playwright) and a system Chromium (`apt-get install chromium`); without them it is skipped,
+saying which is missing."""
 
 import re
 import shutil
@@ -116,8 +117,8 @@ def test_blank_message_and_bad_settings(chat):
 
 
 def test_closing_the_stream_stops_the_generation(chat):
-    """A reset or a closed tab closes the handler: the generation must end at once, not run its 1000 tokens
-    (tens of seconds for the tiny model on a CPU)."""
+    """A reset or a closed tab closes the handler: the generation must end at once, not run its 1000
+    tokens (tens of seconds for the tiny model on a CPU)."""
     before = threading.active_count()
     stream = webui.stream_answer(
         chat, webui.conversation([], SYSTEM, "Hello there"), Sampling(1000)
@@ -137,7 +138,8 @@ def test_without_gradio_it_says_how_to_install(monkeypatch, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert re.fullmatch(
-        r'error: the web chat needs gradio \(.*\); install it with pip install -e "\.\[webui\]"\.\n',
+        r"error: the web chat needs gradio \(.*\); "
+        r'install it with pip install -e "\.\[webui\]"\.\n',
         err,
     )
 
@@ -170,7 +172,8 @@ def chromium() -> str:
 
 
 def bot_texts(page) -> list[str]:
-    """The assistant messages shown, as their raw text (the aria-label; the bubble itself is rendered markdown)."""
+    """The assistant messages shown, as their raw text (the aria-label; the bubble itself is
+    rendered markdown)."""
     labels = page.locator('#chat [data-testid="bot"]').evaluate_all(
         "els => els.map(e => e.getAttribute('aria-label'))"
     )
@@ -178,7 +181,8 @@ def bot_texts(page) -> list[str]:
 
 
 def send(page, text: str, expected: str) -> None:
-    """Type `text`, click Send, and wait until the last answer shown is `expected` (whitespace aside)."""
+    """Type `text`, click Send, and wait until the last answer shown is `expected` (whitespace
+    aside)."""
     want, answers = " ".join(expected.split()), len(bot_texts(page))
     page.locator("#message textarea").fill(text)
     page.locator("#send").click()
@@ -190,7 +194,8 @@ def send(page, text: str, expected: str) -> None:
         )
         page.wait_for_function(
             """want => { const bots = document.querySelectorAll('#chat [data-testid="bot"]');
-            const label = bots[bots.length - 1].getAttribute('aria-label').replace("bot's message: ", "");
+            const label = bots[bots.length - 1].getAttribute('aria-label')"""
+            """.replace("bot's message: ", "");
             return label.split(/\\s+/).filter(Boolean).join(" ") === want; }""",
             arg=want,
             timeout=60_000,
@@ -248,11 +253,15 @@ def test_chat_page_in_headless_chromium(tiny_model, chat, tmp_path):
             page.goto(url)
             assert page.locator("#system textarea").input_value() == SYSTEM
             # record every text the answer shows while it streams in
-            page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+            page.evaluate(
+                """() => { window.seen = []; new MutationObserver(() => {
                 const bots = document.querySelectorAll('#chat [data-testid="bot"]');
-                if (bots.length) window.seen.push(bots[bots.length - 1].getAttribute('aria-label')); })
-                .observe(document.querySelector('#chat'), {subtree: true, childList: true, attributes: true,
-                                                           characterData: true}); }""")
+                if (bots.length) window.seen.push("""
+                """bots[bots.length - 1].getAttribute('aria-label')); })
+                .observe(document.querySelector('#chat'), {subtree: true, childList: true, """
+                """attributes: true,
+                                                           characterData: true}); }"""
+            )
             send(page, "Hello there", first)
             seen = list(dict.fromkeys(page.evaluate("window.seen")))
             assert len(seen) > 1, f"the answer appeared in one piece, not streamed: {seen}"

@@ -1,8 +1,9 @@
-"""LoRA under DeepSpeed ZeRO-3 for PT and SFT (real torchrun, DeepSpeed and peft; two gloo processes on CPU, through
-the run_*.sh launchers): training runs with and without gradient checkpointing, takes the same steps as plain
-data-parallel training, saves an adapter that merge_peft_adapter.py merges, and the merged model's logits are the
-base+adapter model's. Before the fix every run stopped at the first backward pass with a CheckpointError: the chunked
-loss's recomputation met the frozen output head already re-partitioned by ZeRO-3 (pipeline/train/losses.py)."""
+"""LoRA under DeepSpeed ZeRO-3 for PT and SFT (real torchrun, DeepSpeed and peft; two gloo processes
+on CPU, through the run_*.sh launchers): training runs with and without gradient checkpointing,
+takes the same steps as plain data-parallel training, saves an adapter that merge_peft_adapter.py
+merges, and the merged model's logits are the base+adapter model's. Before the fix every run stopped
+at the first backward pass with a CheckpointError: the chunked loss's recomputation met the frozen
+output head already re-partitioned by ZeRO-3 (pipeline/train/losses.py)."""
 
 import json
 import os
@@ -51,7 +52,8 @@ def assert_same_adapter(out_a, out_b, tolerance=1e-5):
 
 
 def assert_merge_keeps_logits(base, adapter, merged):
-    """merge_peft_adapter.py's model computes the logits of peft's base+adapter model, which differ from the base's."""
+    """merge_peft_adapter.py's model computes the logits of peft's base+adapter model, which differ
+    from the base's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +138,8 @@ def test_sft_lora_under_zero3_trains_with_and_without_checkpointing_and_merges(
     tiny_model, tmp_path
 ):
     def sft(out, *extra):
-        # --loss_chunk_size 16: several output-head chunks a step, each recomputed in the backward pass
+        # --loss_chunk_size 16: several output-head chunks a step, each recomputed in the backward
+        # pass
         launch(
             "run_sft.sh",
             [

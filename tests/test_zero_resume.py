@@ -1,6 +1,7 @@
-"""A DeepSpeed ZeRO checkpoint saved by 2 processes resumes on 1 (real DeepSpeed on CPU, gloo, through the
-run_*.sh launchers): DeepSpeed alone refuses ("DP world size of 2 but current world size is 1"); the stages
-convert the checkpoint to DeepSpeed's universal form once and continue on the uninterrupted run's weights."""
+"""A DeepSpeed ZeRO checkpoint saved by 2 processes resumes on 1 (real DeepSpeed on CPU, gloo,
+through the run_*.sh launchers): DeepSpeed alone refuses ("DP world size of 2 but current world size
+is 1"); the stages convert the checkpoint to DeepSpeed's universal form once and continue on the
+uninterrupted run's weights."""
 
 import json
 import os
@@ -64,10 +65,11 @@ def biggest_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-# measured (lr 1e-3, 3 steps move weights ~3e-3): ZeRO-3 1.2e-7, and 1.7e-4 before zero_resume separated the Adam
-# step counts that DeepSpeed's universal ZeRO-3 load shares between parameter groups
-# ZeRO-2 within 5e-7: one float32 step at |w| ~ 2-4 is 2.4-4.8e-7, and the measured 1.28e-7 on this machine's CPU
-# crossed the earlier 1e-7 (a real resume error is 1e-4 and more: see above)
+# measured (lr 1e-3, 3 steps move weights ~3e-3): ZeRO-3 1.2e-7, and 1.7e-4 before zero_resume
+# separated the Adam step counts that DeepSpeed's universal ZeRO-3 load shares between parameter
+# groups
+# ZeRO-2 within 5e-7: one float32 step at |w| ~ 2-4 is 2.4-4.8e-7, and the measured 1.28e-7 on
+# this machine's CPU crossed the earlier 1e-7 (a real resume error is 1e-4 and more: see above)
 @pytest.mark.parametrize("config, tolerance", [("zero2.json", 5e-7), ("zero3.json", 1e-6)])
 def test_zero_checkpoint_of_two_processes_resumes_on_one(tiny_model, tmp_path, config, tolerance):
     whole = tmp_path / "two"

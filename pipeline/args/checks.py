@@ -1,13 +1,14 @@
-"""Checks that span flags, run right after parsing, before any data or model is loaded (a check of one flag
-lives in the `__post_init__` of the class that declares it).
+"""Checks that span flags, run right after parsing, before any data or model is loaded (a check of
+one flag lives in the `__post_init__` of the class that declares it).
 
-Run by parse_args for every stage: every number within its range, --output_dir apart from what the run
-reads, the --deepspeed file readable and consistent with the batch flags, float16 only as a loss-scaled
-GPU run. Run by each stage's parse(): model + adapter + length (check_common), packing and checkpointing
-against the method, held-out data for evaluation. The RL loops' own checks are in rl_checks.py.
+Run by parse_args for every stage: every number within its range, --output_dir apart from what the
+run reads, the --deepspeed file readable and consistent with the batch flags, float16 only as a
+loss-scaled GPU run. Run by each stage's parse(): model + adapter + length (check_common), packing
+and checkpointing against the method, held-out data for evaluation. The RL loops' own checks are in
+rl_checks.py.
 
-The bounds live in one table (NUMBER_BOUNDS) so that every numeric flag of every stage has a stated range;
-tests/test_reliability.py fails when a stage gains a numeric flag that is in neither table.
+The bounds live in one table (NUMBER_BOUNDS) so that every numeric flag of every stage has a stated
+range; tests/test_reliability.py fails when a stage gains a numeric flag that is in neither table.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pipeline.errors import UserError, first_line
 
 logger = logging.getLogger("pipeline")
 
-# name: (lowest, lowest allowed?, highest, highest allowed?); None = no bound on that side. None values pass.
+# name: (lowest, lowest allowed?, highest, highest allowed?); None = no bound on that side. None
+# values pass.
 NUMBER_BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "learning_rate": (0, False, None, False),
     "weight_decay": (0, True, None, False),
@@ -93,7 +95,8 @@ NUMBER_BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "label_smoothing": (0, True, 0.5, False),
     "center_rewards_coefficient": (0, True, None, False),
 }
-# Numeric flags with no range to check: ids and counts the libraries interpret themselves (-1 = "all"/"unset").
+# Numeric flags with no range to check: ids and counts the libraries interpret themselves
+# (-1 = "all"/"unset").
 UNBOUNDED = {"local_rank", "max_train_samples", "max_eval_samples"}
 
 
@@ -106,7 +109,8 @@ def _range(low, low_ok, high, high_ok) -> str:
 
 
 def check_numbers(parsed: tuple[Any, ...]) -> None:
-    """Every numeric flag finite and within its range (NUMBER_BOUNDS), in one sentence naming the flag."""
+    """Every numeric flag finite and within its range (NUMBER_BOUNDS), in one sentence naming the
+    flag."""
     for args in parsed:
         for f in fields(args):
             value = getattr(args, f.name, None)
@@ -131,31 +135,35 @@ def check_numbers(parsed: tuple[Any, ...]) -> None:
 
 
 def check_writable_folder(folder: str, flag: str) -> None:
-    """The folder, or the nearest part of its path that exists, must be a folder this process can write in."""
+    """The folder, or the nearest part of its path that exists, must be a folder this process can
+    write in."""
     path = Path(folder).absolute()
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder; give a folder path.")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(
-            f"{flag} {folder} lies under {existing}, which is a file, not a folder; give a folder path."
+            f"{flag} {folder} lies under {existing}, which is a file, not a folder; give a folder "
+            "path."
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(
-            f"{flag} {folder} cannot be written: {existing} is read-only for this user (or on a read-only "
-            "filesystem); give a folder you can write to."
+            f"{flag} {folder} cannot be written: {existing} is read-only for this user (or on a "
+            "read-only filesystem); give a folder you can write to."
         )
 
 
-# Flags that name what a run reads. --output_dir may not be one of them or lie inside one (its saves, checkpoint
-# rotation and --overwrite_output_dir would destroy the start model or mix outputs into the data), and none of
-# them may lie inside what the run itself writes or removes in --output_dir (checkpoints, logs).
+# Flags that name what a run reads. --output_dir may not be one of them or lie inside one (its
+# saves, checkpoint rotation and --overwrite_output_dir would destroy the start model or mix outputs
+# into the data), and none of them may lie inside what the run itself writes or removes in
+# --output_dir (checkpoints, logs).
 INPUT_SUFFIXES = ("_name_or_path", "_file_dir", "_file", "peft_path", "ref_model")
 RUN_WRITTEN = ("checkpoint-*", "tmp-checkpoint-*", "logs")
 
 
 def check_output_apart(parsed: tuple[Any, ...]) -> None:
-    """Refuse an --output_dir that is, or lies inside, an input folder (or holds one where the run writes)."""
+    """Refuse an --output_dir that is, or lies inside, an input folder (or holds one where the run
+    writes)."""
     training = next(
         (a for a in parsed if hasattr(a, "output_dir") and hasattr(a, "learning_rate")), None
     )
@@ -175,22 +183,24 @@ def check_output_apart(parsed: tuple[Any, ...]) -> None:
             source = Path(value).resolve()
             if out == source or source in out.parents:
                 raise UserError(
-                    f"--output_dir {training.output_dir} is {'the folder' if out == source else 'inside'} "
-                    f"of --{f.name} {value}: saving there would overwrite or mix with what the run reads; "
-                    "choose another --output_dir (for example a sibling folder)."
+                    f"--output_dir {training.output_dir} is "
+                    f"{'the folder' if out == source else 'inside'} of --{f.name} {value}: saving "
+                    "there would overwrite or mix with what the run reads; choose another "
+                    "--output_dir (for example a sibling folder)."
                 )
             if out in source.parents and any(
                 fnmatch(source.relative_to(out).parts[0], p) for p in RUN_WRITTEN
             ):
                 raise UserError(
-                    f"--{f.name} {value} lies inside --output_dir {training.output_dir}, where this run "
-                    "writes and rotates its checkpoints (and --overwrite_output_dir removes them); copy it "
-                    "elsewhere or choose another --output_dir."
+                    f"--{f.name} {value} lies inside --output_dir {training.output_dir}, where "
+                    "this run writes and rotates its checkpoints (and --overwrite_output_dir "
+                    "removes them); copy it elsewhere or choose another --output_dir."
                 )
 
 
 def check_template_name(parsed: tuple[Any, ...]) -> None:
-    """An unknown --template_name is refused with the parsing, before any data or weights are read."""
+    """An unknown --template_name is refused with the parsing, before any data or weights are
+    read."""
     from pipeline.data.templates import get_template
 
     for args in parsed:
@@ -200,27 +210,30 @@ def check_template_name(parsed: tuple[Any, ...]) -> None:
 
 
 def check_test_file(parsed: tuple[Any, ...]) -> None:
-    """--test_file is read only where answers are generated and scored (SFT with --predict_with_generate True)."""
+    """--test_file is read only where answers are generated and scored (SFT with
+    --predict_with_generate True)."""
     data = next((a for a in parsed if hasattr(a, "test_file")), None)
     if data is None or not data.test_file:
         return
     if not any(hasattr(a, "predict_with_generate") for a in parsed):
         raise UserError(
-            "--test_file is read by the SFT stage (predicted and scored after training); drop it here."
+            "--test_file is read by the SFT stage (predicted and scored after training); drop it "
+            "here."
         )
     if not any(getattr(a, "predict_with_generate", False) for a in parsed):
         raise UserError(
-            "--test_file is predicted and scored after training only with --predict_with_generate True; "
-            "add that flag or drop --test_file."
+            "--test_file is predicted and scored after training only with --predict_with_generate "
+            "True; add that flag or drop --test_file."
         )
 
 
 def check_precision(parsed: tuple[Any, ...]) -> None:
-    """float16 trains one way: float32 trained weights (full model, or adapters over a frozen float16 base) under
-    --fp16 True, i.e. float16 autocast with a loss scaler, on a CUDA GPU. Any other float16 set-up is refused in one
-    sentence: on CPU (autocast and GradScaler there are no supported training mode), float16 weights without --fp16
-    (no loss scaling; a float32 head met float16 hidden states: "Half != float"), and float16 weights updated by the
-    optimizer itself (full training; DeepSpeed's fp16 engine keeps float32 masters, so it may). Under --fp16 True the
+    """float16 trains one way: float32 trained weights (full model, or adapters over a frozen
+    float16 base) under --fp16 True, i.e. float16 autocast with a loss scaler, on a CUDA GPU. Any
+    other float16 set-up is refused in one sentence: on CPU (autocast and GradScaler there are no
+    supported training mode), float16 weights without --fp16 (no loss scaling; a float32 head met
+    float16 hidden states: "Half != float"), and float16 weights updated by the optimizer itself
+    (full training; DeepSpeed's fp16 engine keeps float32 masters, so it may). Under --fp16 True the
     `auto` dtype of adapter training resolves to float16, the precision the run computes in."""
     model = next((a for a in parsed if hasattr(a, "torch_dtype")), None)
     peft = next((a for a in parsed if hasattr(a, "use_peft")), None)
@@ -231,30 +244,34 @@ def check_precision(parsed: tuple[Any, ...]) -> None:
         model.torch_dtype = "float16"
     if model.torch_dtype == "bfloat16" and training.fp16:
         raise UserError(
-            "--torch_dtype bfloat16 with --fp16 True mixes two half types; use --torch_dtype float16 with "
-            "--fp16 True, or bfloat16 weights with --bf16 True."
+            "--torch_dtype bfloat16 with --fp16 True mixes two half types; use --torch_dtype "
+            "float16 with --fp16 True, or bfloat16 weights with --bf16 True."
         )
     if model.torch_dtype != "float16":
         return
     if not torch.cuda.is_available():
         raise UserError(
-            "--torch_dtype float16 trains only on a CUDA GPU with --fp16 True (float16 autocast with a loss "
-            "scaler is no CPU training mode); on CPU use --torch_dtype float32 (the default) or bfloat16."
+            "--torch_dtype float16 trains only on a CUDA GPU with --fp16 True (float16 autocast "
+            "with a loss scaler is no CPU training mode); on CPU use --torch_dtype float32 (the "
+            "default) or bfloat16."
         )
     if not training.fp16:
         raise UserError(
-            "--torch_dtype float16 computes in float16, which needs a loss scaler: add --fp16 True (float16 "
-            "autocast with loss scaling; the trained weights stay float32), or load bfloat16 or float32 weights."
+            "--torch_dtype float16 computes in float16, which needs a loss scaler: add --fp16 True "
+            "(float16 autocast with loss scaling; the trained weights stay float32), or load "
+            "bfloat16 or float32 weights."
         )
     if not peft.use_peft and not training.deepspeed:
         raise UserError(
-            "--torch_dtype float16 with full training (--use_peft False) would have the optimizer update "
-            "float16 weights; drop --torch_dtype (float32 masters under --fp16 True), train an adapter "
-            "(--use_peft True), or use --deepspeed (its fp16 engine keeps float32 masters)."
+            "--torch_dtype float16 with full training (--use_peft False) would have the optimizer "
+            "update float16 weights; drop --torch_dtype (float32 masters under --fp16 True), train "
+            "an adapter (--use_peft True), or use --deepspeed (its fp16 engine keeps float32 "
+            "masters)."
         )
 
 
-# DeepSpeed keys that must agree with the batch flags (or be "auto", which the Trainer fills from them)
+# DeepSpeed keys that must agree with the batch flags (or be "auto", which the Trainer fills from
+# them)
 _DS_BATCH = {
     "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
     "gradient_accumulation_steps": "gradient_accumulation_steps",
@@ -262,8 +279,9 @@ _DS_BATCH = {
 
 
 def check_deepspeed_matches(training_args) -> None:
-    """The Trainer compares the DeepSpeed file's other set values (learning rate, clipping, betas, bf16/fp16...)
-    with the flags only when training starts, and then raises a traceback; here they are one sentence up front."""
+    """The Trainer compares the DeepSpeed file's other set values (learning rate, clipping, betas,
+    bf16/fp16...) with the flags only when training starts, and then raises a traceback; here they
+    are one sentence up front."""
     config = getattr(
         training_args, "hf_deepspeed_config", None
     )  # set by TrainingArguments only under --deepspeed
@@ -273,14 +291,16 @@ def check_deepspeed_matches(training_args) -> None:
     ]
     if found:
         raise UserError(
-            f"--deepspeed {training_args.deepspeed} disagrees with the flags: {'; '.join(found)}; set those "
-            'values to "auto" in the file (they then follow the flags) or make them equal.'
+            f"--deepspeed {training_args.deepspeed} disagrees with the flags: {'; '.join(found)}; "
+            'set those values to "auto" in the file (they then follow the flags) or make them '
+            "equal."
         )
 
 
 def deepspeed_without_launcher(training_args) -> None:
-    """`python stages/x.py --deepspeed ...` with no torchrun: DeepSpeed would look for MPI and fail with an import
-    traceback; one process is what the user meant, so its environment is set as torchrun would for one process."""
+    """`python stages/x.py --deepspeed ...` with no torchrun: DeepSpeed would look for MPI and fail
+    with an import traceback; one process is what the user meant, so its environment is set as
+    torchrun would for one process."""
     if not training_args.deepspeed or any(
         k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     ):
@@ -299,12 +319,14 @@ def deepspeed_without_launcher(training_args) -> None:
         MASTER_PORT=os.environ.get("MASTER_PORT", str(port)),
     )
     logger.warning(
-        "--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun for more)"
+        "--deepspeed without a launcher: running as one process (use run_<stage>.sh or torchrun "
+        "for more)"
     )
 
 
 def check_deepspeed_file(training_args) -> None:
-    """--deepspeed: an existing JSON file (a mistake in it named by line) whose batch sizes match the flags."""
+    """--deepspeed: an existing JSON file (a mistake in it named by line) whose batch sizes match
+    the flags."""
     source = training_args.deepspeed
     if not isinstance(source, str) or not source:
         return
@@ -328,8 +350,9 @@ def check_deepspeed_file(training_args) -> None:
         value = config.get(key, "auto")
         if value != "auto" and value != getattr(training_args, flag):
             raise UserError(
-                f"--deepspeed {source} sets {key} {value} but --{flag} is {getattr(training_args, flag)}; "
-                f'set it to "auto" in the file (it then follows the flag) or make the two equal.'
+                f"--deepspeed {source} sets {key} {value} but --{flag} is "
+                f'{getattr(training_args, flag)}; set it to "auto" in the file (it then follows '
+                "the flag) or make the two equal."
             )
     total = config.get("train_batch_size", "auto")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -341,14 +364,15 @@ def check_deepspeed_file(training_args) -> None:
     if total != "auto" and total != expected:
         raise UserError(
             f"--deepspeed {source} sets train_batch_size {total} but the flags give {expected} "
-            f"(--per_device_train_batch_size x --gradient_accumulation_steps x {world} processes); set it "
-            'to "auto" in the file or make them agree.'
+            f"(--per_device_train_batch_size x --gradient_accumulation_steps x {world} processes); "
+            'set it to "auto" in the file or make them agree.'
         )
 
 
 def check_common(model_args, peft_args, max_length: int | None = None) -> None:
-    """Checks every stage shares: quantized weights need an adapter; the model config exists, has the
-    --model_type given and stretches to max_length under --rope_scaling; --flash_attn is installed."""
+    """Checks every stage shares: quantized weights need an adapter; the model config exists, has
+    the --model_type given and stretches to max_length under --rope_scaling; --flash_attn is
+    installed."""
     from pipeline.model.attention import (
         choose_attention,
     )  # the model package reads these classes: imported late
@@ -356,7 +380,8 @@ def check_common(model_args, peft_args, max_length: int | None = None) -> None:
 
     if model_args.quantized and not peft_args.use_peft:
         raise UserError(
-            "4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop quantization."
+            "4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop "
+            "quantization."
         )
     load_config(model_args, max_length)
     choose_attention(
@@ -365,9 +390,9 @@ def check_common(model_args, peft_args, max_length: int | None = None) -> None:
 
 
 def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) -> bool:
-    """--packing: on unless something would change what a packed sample computes. Prefix tuning prepends
-    virtual tokens to every sequence and NEFTune scales its noise by the sequence length, so both train
-    unpacked; asking for packing with either stops here."""
+    """--packing: on unless something would change what a packed sample computes. Prefix tuning
+    prepends virtual tokens to every sequence and NEFTune scales its noise by the sequence length,
+    so both train unpacked; asking for packing with either stops here."""
     unpackable = (
         "--peft_type prefix_tuning"
         if peft_args.use_peft and peft_args.peft_type == "prefix_tuning"
@@ -381,8 +406,9 @@ def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) ->
 
 
 def resolve_checkpointing(training_args, peft_args) -> None:
-    """Gradient checkpointing (on by default) cannot run prefix tuning: its virtual key/value tokens do not
-    survive the recomputed forward. Off by default there; asked for explicitly, it stops here."""
+    """Gradient checkpointing (on by default) cannot run prefix tuning: its virtual key/value tokens
+    do not survive the recomputed forward. Off by default there; asked for explicitly, it stops
+    here."""
     if not (
         peft_args.use_peft
         and peft_args.peft_type == "prefix_tuning"
@@ -391,7 +417,8 @@ def resolve_checkpointing(training_args, peft_args) -> None:
         return
     if not getattr(training_args, "checkpointing_by_default", False):
         raise UserError(
-            "--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop one of them."
+            "--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop "
+            "one of them."
         )
     training_args.gradient_checkpointing = False
     if hasattr(training_args, "activation_checkpointing"):  # transformers >= 5.2x reads this name
@@ -399,8 +426,8 @@ def resolve_checkpointing(training_args, peft_args) -> None:
 
 
 def check_eval_data(data_args, training_args) -> None:
-    """Evaluation during training (--eval_strategy steps/epoch, --eval_on_start) needs held-out data: a
-    --validation_file_dir / --validation_file or a --validation_split_percentage above 0."""
+    """Evaluation during training (--eval_strategy steps/epoch, --eval_on_start) needs held-out
+    data: a --validation_file_dir / --validation_file or a --validation_split_percentage above 0."""
     wants = (
         str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO")
         or training_args.eval_on_start
@@ -412,6 +439,7 @@ def check_eval_data(data_args, training_args) -> None:
             else f"--eval_strategy {training_args.eval_strategy.value}"
         )
         raise UserError(
-            f"{flag} evaluates during training but there is no held-out data; give --validation_file_dir "
-            "(or --validation_file), a --validation_split_percentage above 0, or --eval_strategy no."
+            f"{flag} evaluates during training but there is no held-out data; give "
+            "--validation_file_dir (or --validation_file), a --validation_split_percentage above "
+            "0, or --eval_strategy no."
         )

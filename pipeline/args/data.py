@@ -1,7 +1,8 @@
-"""What the stages read: DataArguments (files, folders, held-out share, sample caps: every stage) and the
-classes the chat stages share, each flag declared once and taken by inheritance where a stage needs it:
-ChatArguments (template, length, invalid records: SFT, RM, DPO, PPO, GRPO), RecordArguments (record
-format and columns: SFT, PPO, GRPO), PackingArguments (padding-free rows: SFT, RM, DPO)."""
+"""What the stages read: DataArguments (files, folders, held-out share, sample caps: every stage)
+and the classes the chat stages share, each flag declared once and taken by inheritance where a
+stage needs it: ChatArguments (template, length, invalid records: SFT, RM, DPO, PPO, GRPO),
+RecordArguments (record format and columns: SFT, PPO, GRPO), PackingArguments (padding-free rows:
+SFT, RM, DPO)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class DataArguments:
     train_file: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Training data file(s), instead of --train_file_dir; several allowed (space or comma separated)."
+            "help": "Training data file(s), instead of --train_file_dir; several allowed (space or "
+            "comma separated)."
         },
     )
     validation_file: list[str] | None = field(
@@ -32,7 +34,8 @@ class DataArguments:
     test_file: list[str] | None = field(
         default=None,
         metadata={
-            "help": "SFT with --predict_with_generate True: file(s) whose answers are generated and scored after training."
+            "help": "SFT with --predict_with_generate True: file(s) whose answers are generated "
+            "and scored after training."
         },
     )
     validation_split_percentage: float = field(
@@ -51,7 +54,8 @@ class DataArguments:
     overwrite_cache: bool = field(
         default=False,
         metadata={
-            "help": "PT: recompute its cached tokenization. The other stages never cache it (always recomputed)."
+            "help": "PT: recompute its cached tokenization. The other stages never cache it "
+            "(always recomputed)."
         },
     )
 
@@ -70,12 +74,13 @@ class DataArguments:
                 )
         if not self.train_file_dir and not self.train_file:
             raise UserError(
-                "--train_file_dir is required: give the folder holding your training files (or the files "
-                "themselves with --train_file)."
+                "--train_file_dir is required: give the folder holding your training files (or the "
+                "files themselves with --train_file)."
             )
         if not 0 <= self.validation_split_percentage < 100:
             raise UserError(
-                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}."
+                "--validation_split_percentage must be in [0, 100), got "
+                f"{self.validation_split_percentage}."
             )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -111,22 +116,23 @@ class ChatArguments:
     template_name: str = field(
         default="auto",
         metadata={
-            "help": "Chat template by name, or auto = the tokenizer's own (after SFT: the one SFT trained with, which it "
-            "saves with the model)."
+            "help": "Chat template by name, or auto = the tokenizer's own (after SFT: the one SFT "
+            "trained with, which it saves with the model)."
         },
     )
     chat_template_kwargs: str | None = field(
         default=None,
         metadata={
-            "help": "JSON object given to every render of the chat template (training, checks, the saved model), "
-            "e.g. '{\"enable_thinking\": false}'."
+            "help": "JSON object given to every render of the chat template (training, checks, the "
+            "saved model), e.g. '{\"enable_thinking\": false}'."
         },
     )
     model_max_length: int = field(
         default=2048,
         metadata={
-            "help": "Longest sample in tokens. SFT: whole turns kept where possible; RM/DPO: longer pairs are dropped and "
-            "counted; PPO/GRPO: prompt + answer budget, longer prompts are dropped and counted."
+            "help": "Longest sample in tokens. SFT: whole turns kept where possible; RM/DPO: "
+            "longer pairs are dropped and counted; PPO/GRPO: prompt + answer budget, longer "
+            "prompts are dropped and counted."
         },
     )
     skip_invalid_samples: bool = field(
@@ -146,8 +152,8 @@ class RecordArguments:
     prompt_column: str | None = field(
         default=None,
         metadata={
-            "help": "Records of two text fields: the question's field (with --response_column); {content, summary} "
-            "records are read without it."
+            "help": "Records of two text fields: the question's field (with --response_column); "
+            "{content, summary} records are read without it."
         },
     )
     response_column: str | None = field(
@@ -163,7 +169,8 @@ class PackingArguments:
     packing: bool | None = field(
         default=None,
         metadata={
-            "help": "Padding-free training (default: on; off for prefix tuning and NEFTune). SFT packs whole samples into "
-            "rows of --packing_length; RM and DPO run each step's sequences end to end."
+            "help": "Padding-free training (default: on; off for prefix tuning and NEFTune). SFT "
+            "packs whole samples into rows of --packing_length; RM and DPO run each step's "
+            "sequences end to end."
         },
     )

@@ -1,5 +1,6 @@
-"""The model and the training method: ModelArguments (which checkpoint, how it loads) and PeftArguments
-(full training, LoRA/QLoRA/DoRA or a P-Tuning v2 prefix), with the checks each owns."""
+"""The model and the training method: ModelArguments (which checkpoint, how it loads) and
+PeftArguments (full training, LoRA/QLoRA/DoRA or a P-Tuning v2 prefix), with the checks each
+owns."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ class ModelArguments:
     torch_dtype: str = field(
         default="auto",
         metadata={
-            "help": "auto = bfloat16 for adapters on a bf16 GPU (float16 under --fp16 True), float32 otherwise; "
-            "float16 trains only with --fp16 True on a GPU",
+            "help": "auto = bfloat16 for adapters on a bf16 GPU (float16 under --fp16 True), "
+            "float32 otherwise; float16 trains only with --fp16 True on a GPU",
             "choices": DTYPES,
         },
     )
@@ -64,8 +65,9 @@ class ModelArguments:
     def __post_init__(self):
         if self.shift_attn:
             raise UserError(
-                "--shift_attn (LongLoRA S^2-Attn) is not supported: it needs a patched attention forward, "
-                "which this project does not do; use --rope_scaling linear for long-context training."
+                "--shift_attn (LongLoRA S^2-Attn) is not supported: it needs a patched attention "
+                "forward, which this project does not do; use --rope_scaling linear for "
+                "long-context training."
             )
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required: give a model folder or hub id.")
@@ -122,7 +124,8 @@ class PeftArguments:
             raise UserError("--peft_path resumes a LoRA adapter; it needs --use_peft True.")
         if self.peft_path and not Path(self.peft_path, "adapter_config.json").is_file():
             raise UserError(
-                f"--peft_path {self.peft_path} has no adapter_config.json; point it at an adapter folder."
+                f"--peft_path {self.peft_path} has no adapter_config.json; "
+                "point it at an adapter folder."
             )
         check_mode_flags(
             self
@@ -141,11 +144,13 @@ LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_d
 
 
 def check_mode_flags(peft: PeftArguments) -> None:
-    """Adapter flags set away from their defaults where the chosen method would not read them are refused."""
+    """Adapter flags set away from their defaults where the chosen method would not read them are
+    refused."""
     defaults = {f.name: f.default for f in fields(PeftArguments)}
     changed = {n for n in defaults if n != "use_peft" and getattr(peft, n) != defaults[n]}
     if not peft.use_peft:
-        # --peft_path has its own sentence below; --modules_to_save asks for what full training does anyway
+        # --peft_path has its own sentence below; --modules_to_save asks for what full training does
+        # anyway
         unused, method = (
             sorted(changed - {"peft_path", "modules_to_save"}),
             "--use_peft False trains the full model",

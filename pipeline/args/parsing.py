@@ -1,6 +1,6 @@
-"""Reading a command line into the argument classes: a YAML/JSON config file first (or via --config), the
-seeds' spellings translated (pipeline/seed_flags.py), negative numbers kept as values, then the checks
-that span classes (pipeline/args/checks.py). Unknown flags are an error."""
+"""Reading a command line into the argument classes: a YAML/JSON config file first (or via
+--config), the seeds' spellings translated (pipeline/seed_flags.py), negative numbers kept as
+values, then the checks that span classes (pipeline/args/checks.py). Unknown flags are an error."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ _NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECA
 
 
 def _attach_negative_numbers(argv: list[str]) -> list[str]:
-    """`--flag -1e-3` as `--flag=-1e-3`: argparse takes a value such as -1e-3 for an unknown option otherwise."""
+    """`--flag -1e-3` as `--flag=-1e-3`: argparse takes a value such as -1e-3 for an unknown option
+    otherwise."""
     out: list[str] = []
     for token in argv:
         if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER.fullmatch(token):
@@ -41,8 +42,8 @@ def _attach_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Parse `[config.yaml] [--config FILE] --flag value ...`, or the GLM demos' `DATA_DIR MODEL CONFIG
-    [yes|STEP]` (pipeline/seed_configs.py), into the given dataclasses."""
+    """Parse `[config.yaml] [--config FILE] --flag value ...`, or the GLM demos' `DATA_DIR MODEL
+    CONFIG [yes|STEP]` (pipeline/seed_configs.py), into the given dataclasses."""
     argv = config_file_argv(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser(
         dataclass_types, allow_abbrev=False
@@ -61,7 +62,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
 
 
 def given_flags(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> set[str]:
-    """Names of the flags a command line gives (config files and the seeds' spellings read as parse_args reads them)."""
+    """Names of the flags a command line gives (config files and the seeds' spellings read as
+    parse_args reads them)."""
     argv = translate(
         config_file_argv(list(sys.argv[1:] if argv is None else argv)), dataclass_types
     )

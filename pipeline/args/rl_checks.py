@@ -1,6 +1,6 @@
-"""The own RL loops' checks (stages/ppo.py, stages/grpo.py), run by their parse() right after parsing: the
-algorithm and engine each script runs, the Trainer flags the loops implement (any other given is refused,
-not ignored), the PPO-only flags the group algorithms refuse, the batch shapes."""
+"""The own RL loops' checks (stages/ppo.py, stages/grpo.py), run by their parse() right after
+parsing: the algorithm and engine each script runs, the Trainer flags the loops implement (any other
+given is refused, not ignored), the PPO-only flags the group algorithms refuse, the batch shapes."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from pipeline.rl.group_math import VARIANTS
 def _check_rl_common(model_args, peft_args, ppo_args) -> None:
     if peft_args.use_peft and peft_args.peft_type != "lora":
         raise UserError(
-            f"--peft_type {peft_args.peft_type} is for SFT; the RL stages train LoRA/QLoRA adapters "
-            "or the full model."
+            f"--peft_type {peft_args.peft_type} is for SFT; the RL stages train LoRA/QLoRA "
+            "adapters or the full model."
         )
     check_common(model_args, peft_args, max_length=ppo_args.model_max_length)
 
 
 def redirect_group_algorithm(argv: list[str] | None) -> None:
-    """stages/ppo.py given --algorithm grpo|dapo|...: the one sentence that sends it to stages/grpo.py, before the
-    group flags (--num_generations, ...) are refused as unknown to PPO."""
+    """stages/ppo.py given --algorithm grpo|dapo|...: the one sentence that sends it to
+    stages/grpo.py, before the group flags (--num_generations, ...) are refused as unknown to
+    PPO."""
     import argparse
     import sys
 
@@ -43,7 +44,8 @@ def redirect_group_algorithm(argv: list[str] | None) -> None:
 
 
 def validate_ppo(model_args, peft_args, ppo_args, training_args) -> None:
-    """Every check of stages/ppo.py that does not need the data: algorithm, adapter, loop flags, batch shape."""
+    """Every check of stages/ppo.py that does not need the data: algorithm, adapter, loop flags,
+    batch shape."""
     if ppo_args.algorithm != "ppo":
         raise UserError(
             f"--algorithm {ppo_args.algorithm} runs in its own script with the same flags: "
@@ -78,20 +80,20 @@ def check_loop_flags(training_args) -> None:
         training_args.fp16 and training_args.deepspeed
     ):  # the plain loop scales the loss itself (engine.py)
         raise UserError(
-            "--fp16 with --deepspeed is not supported by the PPO loop (DeepSpeed's fp16 engine would cast "
-            "the frozen reference and reward copies as well): use --bf16 True there, or drop --deepspeed to "
-            "train fp16 with the loop's loss scaler."
+            "--fp16 with --deepspeed is not supported by the PPO loop (DeepSpeed's fp16 engine "
+            "would cast the frozen reference and reward copies as well): use --bf16 True there, or "
+            "drop --deepspeed to train fp16 with the loop's loss scaler."
         )
     if training_args.use_liger_kernel:
         raise UserError(
-            "--use_liger_kernel is applied by the Trainer-based stages; the PPO loop does not use it "
-            "(--algorithm grpo/rloo do): drop the flag."
+            "--use_liger_kernel is applied by the Trainer-based stages; the PPO loop does not use "
+            "it (--algorithm grpo/rloo do): drop the flag."
         )
 
 
-# The Trainer flags the own RL loops (PPO; GRPO and relatives with --rl_engine own) implement or act on when the
-# arguments are built (devices, process group, tf32); any other TrainingArguments flag given with a value other
-# than its default would be ignored, and is refused (check_trainer_flags).
+# The Trainer flags the own RL loops (PPO; GRPO and relatives with --rl_engine own) implement or act
+# on when the arguments are built (devices, process group, tf32); any other TrainingArguments flag
+# given with a value other than its default would be ignored, and is refused (check_trainer_flags).
 LOOP_TRAINER_FLAGS = frozenset(
     {
         "learning_rate",
@@ -146,13 +148,13 @@ WHY_NOT = {
 
 
 def check_rl_data_flags(data_args) -> None:
-    """Data flags the RL stages would not read: they hold out only --validation_file_dir/--validation_file prompts
-    (never a share of the training data: --validation_split_percentage 0 says just that) and tokenize prompts in
-    this process."""
+    """Data flags the RL stages would not read: they hold out only
+    --validation_file_dir/--validation_file prompts (never a share of the training data:
+    --validation_split_percentage 0 says just that) and tokenize prompts in this process."""
     unused = (
         [
-            f"--validation_split_percentage {data_args.validation_split_percentage} (held-out prompts come only "
-            "from --validation_file_dir or --validation_file)"
+            f"--validation_split_percentage {data_args.validation_split_percentage} (held-out "
+            "prompts come only from --validation_file_dir or --validation_file)"
         ]
         if data_args.validation_split_percentage
         not in (0, type(data_args).validation_split_percentage)
@@ -162,12 +164,14 @@ def check_rl_data_flags(data_args) -> None:
         unused.append("--preprocessing_num_workers (prompts are tokenized in this process)")
     if unused:
         raise UserError(
-            f"{'; '.join(unused)}: not read by the RL stages; drop {'it' if len(unused) == 1 else 'them'}."
+            f"{'; '.join(unused)}: not read by the RL stages; drop "
+            f"{'it' if len(unused) == 1 else 'them'}."
         )
 
 
 def check_trainer_flags(training_args, given: set[str], loop: str) -> None:
-    """Refuse the Trainer flags the own loop would ignore (given on the command line, and not at their default)."""
+    """Refuse the Trainer flags the own loop would ignore (given on the command line, and not at
+    their default)."""
     from transformers import TrainingArguments
 
     defaults = {f.name: f.default for f in fields(type(training_args)) if f.name in given}
@@ -184,12 +188,14 @@ def check_trainer_flags(training_args, given: set[str], loop: str) -> None:
     if ignored:
         why = "; ".join(f"--{n}: {WHY_NOT[n]}" for n in ignored if n in WHY_NOT)
         raise UserError(
-            f"{', '.join('--' + n for n in ignored)}: Trainer flag(s) the {loop} loop does not implement "
-            f"(it would ignore them){'; ' + why if why else ''}. Drop them; see --help for the loop's flags."
+            f"{', '.join('--' + n for n in ignored)}: Trainer flag(s) the {loop} loop does not "
+            f"implement (it would ignore them){'; ' + why if why else ''}. Drop them; see --help "
+            "for the loop's flags."
         )
 
 
-# PPO flags trl's GRPO/RLOO take under their own names; the other PPO-only flags have no counterpart there.
+# PPO flags trl's GRPO/RLOO take under their own names; the other PPO-only flags have no counterpart
+# there.
 GROUP_RELATIVE_FLAGS = {"ppo_epochs": "num_iterations", "cliprange": "epsilon"}
 PPO_ONLY_FLAGS = (
     "mini_batch_size",
@@ -206,18 +212,18 @@ PPO_ONLY_FLAGS = (
 
 
 def validate_group_relative(model_args, peft_args, ppo_args, training_args=None) -> None:
-    """Every check of stages/grpo.py: the algorithm and engine, the adapter, no PPO-only flag (it would be ignored),
-    and for the own loop its batch shape and loop flags."""
+    """Every check of stages/grpo.py: the algorithm and engine, the adapter, no PPO-only flag (it
+    would be ignored), and for the own loop its batch shape and loop flags."""
     if ppo_args.algorithm == "ppo":
         raise UserError(
-            "stages/grpo.py runs --algorithm grpo, dapo, dr_grpo, gspo or rloo; PPO runs in stages/ppo.py "
-            "(bash run_ppo.sh)."
+            "stages/grpo.py runs --algorithm grpo, dapo, dr_grpo, gspo or rloo; PPO runs in "
+            "stages/ppo.py (bash run_ppo.sh)."
         )
     engine = getattr(ppo_args, "rl_engine", "own")
     if engine == "trl" and ppo_args.algorithm not in ("grpo", "rloo"):
         raise UserError(
-            f"--algorithm {ppo_args.algorithm} runs in the project's own loop only (--rl_engine own); "
-            "--rl_engine trl takes grpo or rloo."
+            f"--algorithm {ppo_args.algorithm} runs in the project's own loop only (--rl_engine "
+            "own); --rl_engine trl takes grpo or rloo."
         )
     _check_rl_common(model_args, peft_args, ppo_args)
     defaults = {f.name: f.default for f in fields(PPOArguments)}
@@ -234,9 +240,9 @@ def validate_group_relative(model_args, peft_args, ppo_args, training_args=None)
         batch, group = training_args.per_device_train_batch_size, ppo_args.num_generations
         if group < 2 or batch % group or batch % training_args.gradient_accumulation_steps:
             raise UserError(
-                f"--per_device_train_batch_size ({batch}, answers a step on each process) must be a multiple "
-                f"of --num_generations ({group}, at least 2: an answer is judged against its group's) and of "
-                "--gradient_accumulation_steps."
+                f"--per_device_train_batch_size ({batch}, answers a step on each process) must be "
+                f"a multiple of --num_generations ({group}, at least 2: an answer is judged "
+                "against its group's) and of --gradient_accumulation_steps."
             )
         if training_args.max_steps <= 0:
             raise UserError(

@@ -1,7 +1,7 @@
-"""Each stage's own flags, and STAGE_ARGUMENTS: the classes each stage parses, in the order its parse() unpacks
-them (stages/*.py and run_pipeline.sh's up-front check read this table). A flag two stages share is declared
-once, in a class both take (pipeline/args/data.py) or inherit from; tests/test_args.py checks that no flag is
-declared twice."""
+"""Each stage's own flags, and STAGE_ARGUMENTS: the classes each stage parses, in the order its
+parse() unpacks them (stages/*.py and run_pipeline.sh's up-front check read this table). A flag two
+stages share is declared once, in a class both take (pipeline/args/data.py) or inherit from;
+tests/test_args.py checks that no flag is declared twice."""
 
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ class PTArguments:
 
 @dataclass
 class GenerationArguments:
-    """The answer length of what a stage generates: SFT's held-out answers, the RL stages' rollouts."""
+    """The answer length of what a stage generates: SFT's held-out answers, the RL stages'
+    rollouts."""
 
     max_new_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Longest generated answer in tokens (default: SFT 512, with --predict_with_generate True only; "
-            "PPO/GRPO rollouts 64)."
+            "help": "Longest generated answer in tokens (default: SFT 512, with "
+            "--predict_with_generate True only; PPO/GRPO rollouts 64)."
         },
     )
     default_max_new_tokens: ClassVar[int] = 64
@@ -73,7 +74,8 @@ class SFTArguments(ChatArguments, RecordArguments, PackingArguments, GenerationA
     packing_length: int | None = field(
         default=None,
         metadata={
-            "help": "Tokens per packed row (default --model_max_length); a step holds --per_device_train_batch_size rows."
+            "help": "Tokens per packed row (default --model_max_length); a step holds "
+            "--per_device_train_batch_size rows."
         },
     )
     loss_chunk_size: int = field(
@@ -82,8 +84,8 @@ class SFTArguments(ChatArguments, RecordArguments, PackingArguments, GenerationA
     predict_with_generate: bool = field(
         default=False,
         metadata={
-            "help": "At each evaluation and after training, generate the held-out answers and score ROUGE/BLEU "
-            "(needs the eval extra)."
+            "help": "At each evaluation and after training, generate the held-out answers and "
+            "score ROUGE/BLEU (needs the eval extra)."
         },
     )
     default_max_new_tokens: ClassVar[int] = 512
@@ -93,8 +95,8 @@ class SFTArguments(ChatArguments, RecordArguments, PackingArguments, GenerationA
         RecordArguments.__post_init__(self)
         if self.max_new_tokens is not None and not self.predict_with_generate:
             raise UserError(
-                "--max_new_tokens sets the held-out answers of --predict_with_generate True; without it "
-                "SFT generates nothing: add that flag or drop --max_new_tokens."
+                "--max_new_tokens sets the held-out answers of --predict_with_generate True; "
+                "without it SFT generates nothing: add that flag or drop --max_new_tokens."
             )
         GenerationArguments.__post_init__(self)
         if self.neft_alpha < 0:
@@ -113,7 +115,8 @@ class SFTArguments(ChatArguments, RecordArguments, PackingArguments, GenerationA
 
 @dataclass
 class PreferenceArguments(ChatArguments, PackingArguments):
-    """RM and DPO: pairs rendered with the SFT template; the seeds' two length budgets add up to --model_max_length."""
+    """RM and DPO: pairs rendered with the SFT template; the seeds' two length budgets add up to
+    --model_max_length."""
 
     max_source_length: int | None = field(
         default=None, metadata={"help": "Seed spelling: prompt budget (adds to the answer's)."}
@@ -125,7 +128,8 @@ class PreferenceArguments(ChatArguments, PackingArguments):
     def __post_init__(self):
         if (self.max_source_length is None) != (self.max_target_length is None):
             raise UserError(
-                "give both --max_source_length and --max_target_length, or neither (or --model_max_length)."
+                "give both --max_source_length and --max_target_length, or neither (or "
+                "--model_max_length)."
             )
         if self.max_source_length is not None:
             self.model_max_length = self.max_source_length + self.max_target_length
@@ -177,31 +181,35 @@ class DPOArguments:
         ]
         if unused:
             raise UserError(
-                f"{', '.join(unused)}: not read by --loss_type {self.loss_type}; drop them or choose the loss "
-                "they belong to (--help names it)."
+                f"{', '.join(unused)}: not read by --loss_type {self.loss_type}; drop them or "
+                "choose the loss they belong to (--help names it)."
             )
         if self.precompute_ref_log_probs and self.loss_type in REFERENCE_FREE:
             raise UserError(
-                f"--loss_type {self.loss_type} uses no reference model; drop --precompute_ref_log_probs."
+                f"--loss_type {self.loss_type} uses no reference model; drop "
+                "--precompute_ref_log_probs."
             )
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
-        # trl's sigmoid loss never reads label_smoothing (no cDPO): refuse rather than train plain DPO silently
+        # trl's sigmoid loss never reads label_smoothing (no cDPO): refuse rather than train plain
+        # DPO silently
         if self.label_smoothing and self.loss_type != "robust":
             raise UserError(
-                f"--label_smoothing applies to --loss_type robust (noise-robust DPO), not {self.loss_type}."
+                "--label_smoothing applies to --loss_type robust (noise-robust DPO), not "
+                f"{self.loss_type}."
             )
 
 
 @dataclass
 class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
-    """PPO's flags; the group algorithms (GroupRelativeArguments) take them too and refuse the PPO-only ones."""
+    """PPO's flags; the group algorithms (GroupRelativeArguments) take them too and refuse the
+    PPO-only ones."""
 
     algorithm: str | None = field(
         default=None,
         metadata={
-            "help": "ppo (stages/ppo.py, its default); grpo (stages/grpo.py's default), dapo, dr_grpo, gspo or rloo "
-            "(stages/grpo.py).",
+            "help": "ppo (stages/ppo.py, its default); grpo (stages/grpo.py's default), dapo, "
+            "dr_grpo, gspo or rloo (stages/grpo.py).",
             "choices": ("ppo", *VARIANTS),
         },
     )
@@ -211,8 +219,8 @@ class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
     reward_funcs: str | None = field(
         default=None,
         metadata={
-            "help": "Comma list of rewards, summed: model (the reward model), exact_match (answer equals the data's). "
-            "Default: model."
+            "help": "Comma list of rewards, summed: model (the reward model), exact_match (answer "
+            "equals the data's). Default: model."
         },
     )
     temperature: float = field(
@@ -222,13 +230,15 @@ class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
     ppo_epochs: int | None = field(
         default=None,
         metadata={
-            "help": "Passes over each rollout batch (default 4; GRPO/RLOO: their num_iterations, default 1)."
+            "help": "Passes over each rollout batch (default 4; GRPO/RLOO: their num_iterations, "
+            "default 1)."
         },
     )
     mini_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Rollouts per optimizer step (default: --per_device_train_batch_size, one update per epoch)."
+            "help": "Rollouts per optimizer step (default: --per_device_train_batch_size, one "
+            "update per epoch)."
         },
     )
     kl_coef: float = field(
@@ -248,8 +258,8 @@ class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
     cliprange: float = field(
         default=0.2,
         metadata={
-            "help": "Policy ratio clip. DAPO and GSPO have their own (0.2/0.28, 3e-4/4e-4); given, it replaces them "
-            "(the same on both sides)."
+            "help": "Policy ratio clip. DAPO and GSPO have their own (0.2/0.28, 3e-4/4e-4); given, "
+            "it replaces them (the same on both sides)."
         },
     )
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
@@ -264,11 +274,12 @@ class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
     rollout_cache: str = field(
         default="auto",
         metadata={
-            "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled decode step; prompts "
-            "padded to --model_max_length - --max_new_tokens and short batches filled, so it compiles once a run; "
-            "falls back to dynamic with a log line where it cannot compile; float32 weights decode from a bf16 "
-            "copy), dynamic, or auto (static on a CUDA GPU except under ZeRO-3; dynamic elsewhere). With "
-            "stages/grpo.py --rl_engine trl: the held-out evaluation's only (trl generates its own rollouts).",
+            "help": "KV cache of rollouts: static (a fixed-size cache with transformers' compiled "
+            "decode step; prompts padded to --model_max_length - --max_new_tokens and short "
+            "batches filled, so it compiles once a run; falls back to dynamic with a log line "
+            "where it cannot compile; float32 weights decode from a bf16 copy), dynamic, or auto "
+            "(static on a CUDA GPU except under ZeRO-3; dynamic elsewhere). With stages/grpo.py "
+            "--rl_engine trl: the held-out evaluation's only (trl generates its own rollouts).",
             "choices": ("auto", "static", "dynamic"),
         },
     )
@@ -289,7 +300,8 @@ class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
             )
         if self.model_max_length <= self.max_new_tokens:
             raise UserError(
-                f"--model_max_length ({self.model_max_length}) must exceed --max_new_tokens ({self.max_new_tokens})."
+                f"--model_max_length ({self.model_max_length}) must exceed --max_new_tokens "
+                f"({self.max_new_tokens})."
             )
         funcs = split_list(self.reward_funcs or "model")
         unknown = [f for f in funcs if f != "model" and f not in RULE_REWARDS]
@@ -327,7 +339,8 @@ class GroupRelativeArguments(PPOArguments):
     rl_engine: str = field(
         default="own",
         metadata={
-            "help": "own (the project's loop, every algorithm) or trl (trl's GRPOTrainer/RLOOTrainer: grpo, rloo).",
+            "help": "own (the project's loop, every algorithm) or trl (trl's "
+            "GRPOTrainer/RLOOTrainer: grpo, rloo).",
             "choices": ("own", "trl"),
         },
     )

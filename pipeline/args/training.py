@@ -1,6 +1,7 @@
-"""TrainingArguments subclasses, one per kind of loop: the Trainer stages (PipelineTrainingArguments; PT/SFT
-with liger-kernel and --master_weights; RM with its centering term) and the project's own RL loops (PPO,
-GRPO and relatives). Their defaults fit the hardware present; the Trainer's own flags keep their names."""
+"""TrainingArguments subclasses, one per kind of loop: the Trainer stages
+(PipelineTrainingArguments; PT/SFT with liger-kernel and --master_weights; RM with its centering
+term) and the project's own RL loops (PPO, GRPO and relatives). Their defaults fit the hardware
+present; the Trainer's own flags keep their names."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pipeline.errors import UserError, first_line
 
 @dataclass
 class PipelineTrainingArguments(TrainingArguments):
-    """TrainingArguments with defaults that fit the hardware present and the seed's output layout."""
+    """TrainingArguments with defaults that fit the hardware present and the seed's output
+    layout."""
 
     bf16: bool | None = field(
         default=None, metadata={"help": "Mixed bf16; default: on when the GPU supports it."}
@@ -30,13 +32,15 @@ class PipelineTrainingArguments(TrainingArguments):
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={
-            "help": "Recompute activations in the backward pass instead of keeping them (default: on, except PPO)."
+            "help": "Recompute activations in the backward pass instead of keeping them "
+            "(default: on, except PPO)."
         },
     )
     use_liger_kernel: bool | None = field(
         default=None,
         metadata={
-            "help": "liger-kernel's fused RMSNorm, RoPE and SwiGLU (default: on for PT and SFT on a CUDA GPU where "
+            "help": "liger-kernel's fused RMSNorm, RoPE and SwiGLU "
+            "(default: on for PT and SFT on a CUDA GPU where "
             "liger-kernel is installed)."
         },
     )
@@ -55,7 +59,8 @@ class PipelineTrainingArguments(TrainingArguments):
     max_nonfinite_steps: int = field(
         default=3,
         metadata={
-            "help": "Stop (no final model) after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
+            "help": "Stop (no final model) after this many optimizer steps in a row "
+            "with a NaN/inf loss or gradient norm "
             "(or a gradient norm of exactly 0 under a non-zero loss: a collapsed run)."
         },
     )
@@ -66,11 +71,13 @@ class PipelineTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Start afresh in an --output_dir holding another run: its checkpoints and results are removed first."
+            "help": "Start afresh in an --output_dir holding another run: "
+            "its checkpoints and results are removed first."
         },
     )
 
-    # defaults chosen from measurements (README "Speed and memory"); the stages' subclasses may differ
+    # defaults chosen from measurements (README "Speed and memory"); the stages' subclasses may
+    # differ
     default_checkpointing: ClassVar[bool] = True
     default_liger: ClassVar[bool] = False
 
@@ -87,11 +94,13 @@ class PipelineTrainingArguments(TrainingArguments):
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_nonfinite_steps < 1:
             raise UserError(
-                f"--max_nonfinite_steps must be at least 1 (1 = stop at the first), got {self.max_nonfinite_steps}."
+                "--max_nonfinite_steps must be at least 1 (1 = stop at the first), "
+                f"got {self.max_nonfinite_steps}."
             )
         if self.logging_nan_inf_filter:
             raise UserError(
-                "--logging_nan_inf_filter True would log a NaN/inf loss as a number; this project logs it as "
+                "--logging_nan_inf_filter True would log a NaN/inf loss as a number; "
+                "this project logs it as "
                 "it is and stops a diverged run (--max_nonfinite_steps); drop the flag."
             )
         self.checkpointing_by_default = (
@@ -103,7 +112,8 @@ class PipelineTrainingArguments(TrainingArguments):
         if getattr(self, "activation_checkpointing", None) is None and hasattr(
             self, "activation_checkpointing"
         ):
-            # transformers 5 renamed the flag; the seeds' --gradient_checkpointing sets the new name (no warning)
+            # transformers 5 renamed the flag; the seeds' --gradient_checkpointing sets the new name
+            # (no warning)
             self.activation_checkpointing = self.gradient_checkpointing
         if self.use_liger_kernel is None:
             self.use_liger_kernel = bool(
@@ -120,7 +130,8 @@ class PipelineTrainingArguments(TrainingArguments):
                 torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
             )
         if not torch.cuda.is_available():
-            # Without this, torchrun on a CPU-only machine runs N unsynchronised copies instead of DDP.
+            # Without this, torchrun on a CPU-only machine runs N unsynchronised copies instead of
+            # DDP.
             self.use_cpu = True
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.fp16 and not torch.cuda.is_available():
@@ -132,10 +143,12 @@ class PipelineTrainingArguments(TrainingArguments):
         if self.use_liger_kernel:
             if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
                 raise UserError(
-                    "--use_liger_kernel needs a CUDA GPU and the liger-kernel package (pip install -e '.[gpu]')."
+                    "--use_liger_kernel needs a CUDA GPU and the liger-kernel package "
+                    "(pip install -e '.[gpu]')."
                 )
-            # the stages compute the loss from hidden states themselves (pipeline/train/causal_lm.py, trl's fused
-            # head); liger replaces RMSNorm, RoPE and SwiGLU
+            # the stages compute the loss from hidden states themselves
+            # (pipeline/train/causal_lm.py, trl's fused head); liger replaces RMSNorm, RoPE and
+            # SwiGLU
             self.liger_kernel_config = self.liger_kernel_config or {
                 "fused_linear_cross_entropy": False,
                 "cross_entropy": False,
@@ -151,13 +164,15 @@ class PipelineTrainingArguments(TrainingArguments):
 
 @dataclass
 class CausalLMTrainingArguments(PipelineTrainingArguments):
-    """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and leaner)."""
+    """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and
+    leaner)."""
 
     default_liger: ClassVar[bool] = True
     master_weights: str = field(
         default="model",
         metadata={
-            "help": "Full training under --bf16: model (float32 weights, autocast casts them to bf16 at every forward) or "
+            "help": "Full training under --bf16: model "
+            "(float32 weights, autocast casts them to bf16 at every forward) or "
             "optimizer (bf16 weights in the model, float32 masters in the optimizer: no casts; "
             "pipeline/train/master_weights.py).",
             "choices": ("model", "optimizer"),
@@ -177,23 +192,25 @@ class RMTrainingArguments(PipelineTrainingArguments):
 
 @dataclass
 class RLTrainingArguments(PipelineTrainingArguments):
-    """PPO, GRPO, RLOO: gradient checkpointing off by default (rollouts generate with the policy's cache)."""
+    """PPO, GRPO, RLOO: gradient checkpointing off by default (rollouts generate with the policy's
+    cache)."""
 
     default_checkpointing: ClassVar[bool] = False
 
 
 @dataclass
 class PPOTrainingArguments(RLTrainingArguments):
-    """The own PPO loop: checkpointing on by default. It acts only in the update (training mode), so rollouts
-    still generate with the cache, and it keeps the policy's and value model's activations from holding
-    tens of GiB (1B shape, 16 rollouts of ~1k tokens: 67 -> see bench/results)."""
+    """The own PPO loop: checkpointing on by default. It acts only in the update (training mode), so
+    rollouts still generate with the cache, and it keeps the policy's and value model's activations
+    from holding tens of GiB (1B shape, 16 rollouts of ~1k tokens: 67 -> see bench/results)."""
 
     default_checkpointing: ClassVar[bool] = True
 
 
 def trainable_dtype(training_args: TrainingArguments) -> torch.dtype:
-    """dtype for trainable weights. Without DeepSpeed: float32 masters under autocast. DeepSpeed runs the
-    model in its own precision and keeps float32 masters in the optimizer, so trainables take that dtype."""
+    """dtype for trainable weights. Without DeepSpeed: float32 masters under autocast. DeepSpeed
+    runs the model in its own precision and keeps float32 masters in the optimizer, so trainables
+    take that dtype."""
     if training_args.deepspeed and training_args.bf16:
         return torch.bfloat16
     if training_args.deepspeed and training_args.fp16:

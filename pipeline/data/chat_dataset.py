@@ -1,6 +1,6 @@
 """The SFT dataset: read conversations, check the training/inference contract on every one
-(contract.py), encode each with its template and labels (masking.py), count what is dropped or cut and why
-(summary.py), and print the seed's token/label "Sanity Check" table."""
+(contract.py), encode each with its template and labels (masking.py), count what is dropped or cut
+and why (summary.py), and print the seed's token/label "Sanity Check" table."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def _samples(conv, number, template, tokenizer, mode, train_on_inputs, max_length, skip_invalid):
-    """A conversation's samples, its contract checked (contract.py); a record the template rejects or renders
-    differently stops the run, or is dropped and counted with --skip_invalid_samples."""
+    """A conversation's samples, its contract checked (contract.py); a record the template rejects
+    or renders differently stops the run, or is dropped and counted with --skip_invalid_samples."""
     try:
         check_conversation(template, tokenizer, conv["messages"], conv.get("tools"))
         return encode_samples(template, tokenizer, conv, mode, train_on_inputs, max_length)
@@ -85,9 +85,9 @@ def build_chat_dataset(
     )
     refused = sum(1 for r in encoded["dropped"] if r.startswith("the template cannot train it"))
     logger.info(
-        "%s: all %d conversations checked against the saved chat template: each trained answer follows the "
-        "ids of its prompt as apply_chat_template(..., add_generation_prompt=True) gives them and ends with "
-        "its end-of-turn token%s",
+        "%s: all %d conversations checked against the saved chat template: each trained answer "
+        "follows the ids of its prompt as apply_chat_template(..., add_generation_prompt=True) "
+        "gives them and ends with its end-of-turn token%s",
         flag,
         len(conversations),
         f" ({refused} refused and dropped, --skip_invalid_samples)" if refused else "",
@@ -104,7 +104,8 @@ def build_chat_dataset(
         extra and sft_args.multi_turn_mode != "split"
     ):  # the template rewrites history (masking.encode_samples)
         logger.info(
-            "%s: conversations split one answer per sample added %d samples (%d conversations -> %d samples)",
+            "%s: conversations split one answer per sample "
+            "added %d samples (%d conversations -> %d samples)",
             flag,
             extra,
             len(conversations),
@@ -112,8 +113,8 @@ def build_chat_dataset(
         )
     if len(kept) == 0:
         raise UserError(
-            f"{flag} {shown(directory)}: {report.read} conversations read, no sample kept ({report.reasons()}); "
-            "raise --model_max_length or shorten the data."
+            f"{flag} {shown(directory)}: {report.read} conversations read, no sample kept "
+            f"({report.reasons()}); raise --model_max_length or shorten the data."
         )
     return kept, report
 

@@ -78,7 +78,8 @@ class PairCollator:
 
 @dataclass
 class FlatteningCollator:
-    """Packed rows (pipeline/data/packing.py) of a step flattened into one sequence: no padding at all.
+    """Packed rows (pipeline/data/packing.py) of a step flattened into one sequence: no padding at
+    all.
 
     `position_ids` restart at every sample and no attention mask is sent, so a varlen kernel (or
     transformers' block-diagonal mask built from the position ids) keeps the samples apart.

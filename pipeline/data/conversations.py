@@ -1,20 +1,26 @@
 """Conversation data: every seed format normalized to OpenAI-style messages, validated per record.
 
-Internal form: {"messages": [{"role": system|user|assistant|tool, "content": str, "tool_calls"?: [...],
-"loss"?: bool}], "tools"?: [...]}. Formats, detected per record (or forced with --data_format):
+Internal form: {"messages": [{"role": system|user|assistant|tool, "content": str,
+"tool_calls"?: [...], "loss"?: bool}], "tools"?: [...]}. Formats, detected per record (or forced
+with --data_format):
 
-  sharegpt   {"conversations": [{"from": human|gpt|system|function_call|observation, "value"}], "system"?, "tools"?}
-  messages   {"messages": [{"role", "content", "tool_calls"?}]}: OpenAI, and GLM-4 (tools on the system
-             message, an "observation" role, a JSON {"name", "arguments"} assistant turn before it)
-  chatglm3   {"tools"?, "conversations": [{"role", "content"}]}: the same messages, where a "tool" message
-             with name/parameters/observation becomes an assistant tool call plus its observation
-             (in either form; a "tool" message with only content is an OpenAI tool result)
+  sharegpt   {"conversations": [{"from": human|gpt|system|function_call|observation, "value"}],
+             "system"?, "tools"?}
+  messages   {"messages": [{"role", "content", "tool_calls"?}]}: OpenAI, and GLM-4 (tools on the
+             system message, an "observation" role, a JSON {"name", "arguments"} assistant turn
+             before it)
+  chatglm3   {"tools"?, "conversations": [{"role", "content"}]}: the same messages, where a "tool"
+             message with name/parameters/observation becomes an assistant tool call plus its
+             observation (in either form; a "tool" message with only content is an OpenAI tool
+             result)
   alpaca     {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
-  columns    one question and its answer in two text fields: {"content", "summary"} (AdvertiseGen, the ChatGLM
-             demos' data) by default, any other two with --prompt_column/--response_column
+  columns    one question and its answer in two text fields: {"content", "summary"} (AdvertiseGen,
+             the ChatGLM demos' data) by default, any other two with
+             --prompt_column/--response_column
 
-The project templates' saved chat template (jinja_template.py) reads these seed forms the same way at
-inference, so the rules it mirrors are written as plain string steps here: `text_call` and `is_chatglm3_tool`.
+The project templates' saved chat template (jinja_template.py) reads these seed forms the same way
+at inference, so the rules it mirrors are written as plain string steps here: `text_call` and
+`is_chatglm3_tool`.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def detect_format(record: Any) -> str:
 
 
 def column_format(data_format: str, prompt_column: str | None, response_column: str | None) -> str:
-    """--prompt_column/--response_column as the data format "columns:PROMPT:RESPONSE" (both or neither)."""
+    """--prompt_column/--response_column as the data format "columns:PROMPT:RESPONSE" (both or
+    neither)."""
     if prompt_column is None and response_column is None:
         return data_format
     if not (prompt_column and response_column):
@@ -84,7 +91,8 @@ def column_format(data_format: str, prompt_column: str | None, response_column: 
             else ("--response_column", "--prompt_column")
         )
         raise UserError(
-            f"{given} needs {missing} too: together they name each record's question and answer fields."
+            f"{given} needs {missing} too: together they name each record's question and answer "
+            "fields."
         )
     if data_format not in ("auto", "columns"):
         raise UserError(
@@ -134,7 +142,8 @@ def _call(name: str, arguments: Any, call_id: str | None = None) -> dict:
 
 
 def _written_call(call: Any) -> dict:
-    """An OpenAI tool call as written (id, type and any other field kept); its name and arguments checked."""
+    """An OpenAI tool call as written (id, type and any other field kept); its name and arguments
+    checked."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise InvalidSample(
             'a tool call must be {"type": "function", "function": {"name": ..., "arguments": ...}}'
@@ -145,19 +154,21 @@ def _written_call(call: Any) -> dict:
     return {"type": "function", **call}
 
 
-# GLM-4's call written as JSON text, {"name": "...", "arguments": {...}}, read by string steps that the saved
-# chat template repeats in Jinja (which cannot parse JSON): each step skips whitespace, then expects its text;
-# "" is the name (up to its closing quote). "parameters" may stand for "arguments".
+# GLM-4's call written as JSON text, {"name": "...", "arguments": {...}}, read by string steps that
+# the saved chat template repeats in Jinja (which cannot parse JSON): each step skips whitespace,
+# then expects its text; "" is the name (up to its closing quote). "parameters" may stand for
+# "arguments".
 CALL_STEPS = ("{", '"name"', ":", '"', "", ",", '"arguments"', ":")
 UNREADABLE_CALL = (
-    "an assistant message before a tool result holds a call as JSON that the saved chat template cannot "
-    'read back at inference; write it as {"name": "...", "arguments": {...}} (name first, arguments an '
-    "object) or as tool_calls"
+    "an assistant message before a tool result holds a call as JSON that the saved chat template "
+    'cannot read back at inference; write it as {"name": "...", "arguments": {...}} (name first, '
+    "arguments an object) or as tool_calls"
 )
 
 
 def _call_text_parts(text: str) -> tuple[str, str, str] | None:
-    """(name, arguments text, arguments key) by CALL_STEPS, or None: the shape only, not yet checked as JSON."""
+    """(name, arguments text, arguments key) by CALL_STEPS, or None: the shape only, not yet checked
+    as JSON."""
     s = text.strip()
     rest, ok, name, key = s, s.endswith("}"), "", "arguments"
     for step in CALL_STEPS:
@@ -175,9 +186,9 @@ def _call_text_parts(text: str) -> tuple[str, str, str] | None:
 
 
 def text_call(text: str) -> dict | None:
-    """GLM-4's call written as assistant text: a tool call whose arguments are the JSON text as written (what the
-    saved chat template cuts out of the same text; a mapping where the renderers write it back the same), or None
-    when the text is not a call."""
+    """GLM-4's call written as assistant text: a tool call whose arguments are the JSON text as
+    written (what the saved chat template cuts out of the same text; a mapping where the renderers
+    write it back the same), or None when the text is not a call."""
     parts = _call_text_parts(text)
     if parts is None:
         if (
@@ -201,7 +212,8 @@ def text_call(text: str) -> dict | None:
 
 
 def is_chatglm3_tool(message: dict) -> bool:
-    """ChatGLM3's "tool" message: a call (name, parameters) and its result (observation) in one message."""
+    """ChatGLM3's "tool" message: a call (name, parameters) and its result (observation) in one
+    message."""
     return message.get("role") == "tool" and ("observation" in message or "parameters" in message)
 
 
@@ -293,7 +305,8 @@ def from_chatglm3(record: dict) -> dict:
 
 
 def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
-    """Role/content messages (OpenAI, GLM-4, ChatGLM3) as internal messages, and the tools a message carries."""
+    """Role/content messages (OpenAI, GLM-4, ChatGLM3) as internal messages, and the tools a message
+    carries."""
     if not isinstance(raw, list):
         raise InvalidSample(f'"{where}" must be a list')
     tools, messages = None, []
@@ -309,8 +322,8 @@ def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
             messages += _chatglm3_tool(m)
             continue
         msg = make_message(role, m.get("content"), m.get("loss"))
-        # every other field as written: templates read a tool message's name (Kimi-K2), call ids (Mistral),
-        # reasoning_content / thinking, tools on the system message (Phi-4-mini)
+        # every other field as written: templates read a tool message's name (Kimi-K2), call ids
+        # (Mistral), reasoning_content / thinking, tools on the system message (Phi-4-mini)
         msg.update(
             {
                 k: v
@@ -422,7 +435,8 @@ def field_problem(error: Exception) -> str:
 def read_conversations(
     directory: str | list[str], flag: str, data_format: str = "auto", skip_invalid: bool = False
 ) -> tuple[list[dict], ReadReport]:
-    """All conversations under a folder; an invalid record is an error (file:line) or, if asked, skipped and counted."""
+    """All conversations under a folder; an invalid record is an error (file:line) or, if asked,
+    skipped and counted."""
     files = find_files(directory, flag, (".json", ".jsonl"))
     report = ReadReport(files=len(files))
     out = []

@@ -1,10 +1,11 @@
 """Reading user data files: discovery, decoding, validation, and the pretraining text dataset.
 
-Every problem a user can cause (missing folder, empty file, unsupported extension, a folder or file that
-cannot be listed or read, a dangling or looping symbolic link, bytes that are not UTF-8, a line that is not
-JSON or is JSON past what Python parses, a record without its field) is raised as one `UserError` sentence
-that names the file and line, before any model is loaded. Folders are read through symbolic links, each
-once. JSON is parsed by json_text.py's `loads`, as is any other JSON text a user wrote.
+Every problem a user can cause (missing folder, empty file, unsupported extension, a folder or file
+that cannot be listed or read, a dangling or looping symbolic link, bytes that are not UTF-8, a line
+that is not JSON or is JSON past what Python parses, a record without its field) is raised as one
+`UserError` sentence that names the file and line, before any model is loaded. Folders are read
+through symbolic links, each once. JSON is parsed by json_text.py's `loads`, as is any other JSON
+text a user wrote.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def shown(source: str | list[str]) -> str:
 def find_files(
     source: str | list[str], flag: str, extensions: tuple[str, ...] = TEXT_EXTENSIONS
 ) -> list[Path]:
-    """All data files of a source: every file under a folder (recursive, through symbolic links, sorted; anything
-    else there is an error), or the listed files themselves (--train_file), each checked readable now."""
+    """All data files of a source: every file under a folder (recursive, through symbolic links,
+    sorted; anything else there is an error), or the listed files themselves (--train_file), each
+    checked readable now."""
     if isinstance(source, list):
         files = [_named_file(Path(path), flag, extensions) for path in source]
     else:
@@ -78,7 +80,8 @@ def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Pa
         (files if path.suffix.lower() in extensions else foreign).append(path)
     if foreign:
         raise UserError(
-            f"{foreign[0]} has an unsupported extension; {flag} takes {', '.join(extensions)} files: "
+            f"{foreign[0]} has an unsupported extension; "
+            f"{flag} takes {', '.join(extensions)} files: "
             "convert it or move it out of the folder."
         )
     if not files:
@@ -87,19 +90,21 @@ def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Pa
     if flag == "--train_file_dir" and held_out and len(held_out) < len(files):
         train = [str(p) for p in files if p not in held_out]
         raise UserError(
-            f"{flag} {root} holds held-out data ({held_out[0].name}) beside training data, and all of it "
-            f"would be trained; give the files apart: --train_file {' '.join(train)} --validation_file "
+            f"{flag} {root} holds held-out data ({held_out[0].name}) beside training data, "
+            "and all of it would be trained; give the files apart: "
+            f"--train_file {' '.join(train)} --validation_file "
             f"{held_out[0]}."
         )
     return files
 
 
 def walk_files(root: Path, flag: str) -> list[Path]:
-    """Every file under `root` in path order, following symbolic links; names starting with "." are skipped.
+    """Every file under `root` in path order, following symbolic links; names starting with "." are
+    skipped.
 
-    A folder or file reached twice (through a second link) is read once, and the log says so; a link back
-    into a folder that holds it (a loop), a dangling link, a folder that cannot be listed and anything that
-    is neither file nor folder are refused, naming the path."""
+    A folder or file reached twice (through a second link) is read once, and the log says so; a link
+    back into a folder that holds it (a loop), a dangling link, a folder that cannot be listed and
+    anything that is neither file nor folder are refused, naming the path."""
     top = root.resolve()
     seen: dict[Path, Path] = {top: root}  # real path -> the path it was first reached by
     files: list[Path] = []
@@ -118,7 +123,8 @@ def walk_files(root: Path, flag: str) -> list[Path]:
         if is_dir and real in chain:
             ancestor = chain[real]
             raise UserError(
-                f"{path} links back to {ancestor}, a folder that holds it, so reading {flag} would never end; "
+                f"{path} links back to {ancestor}, a folder that holds it, "
+                f"so reading {flag} would never end; "
                 "remove the link or point it elsewhere."
             )
         if real in seen:
@@ -144,7 +150,8 @@ def _list_folder(folder: Path, flag: str) -> list[Path]:
         names = sorted(entry.name for entry in os.scandir(folder))
     except OSError as e:
         raise UserError(
-            f"{flag}: the folder {folder} cannot be listed ({e.strerror}); give the user running this "
+            f"{flag}: the folder {folder} cannot be listed ({e.strerror}); "
+            "give the user running this "
             f"read and execute permission on it (chmod a+rx) or move it out of {flag}."
         ) from e
     hidden = [name for name in names if name.startswith(".")]
@@ -161,7 +168,8 @@ def _follow(path: Path, flag: str) -> tuple[Path, bool]:
     except FileNotFoundError as e:
         if path.is_symlink():
             raise UserError(
-                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix the link "
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                "fix the link "
                 f"or remove it from {flag}."
             ) from e
         raise UserError(
@@ -177,7 +185,8 @@ def _follow(path: Path, flag: str) -> tuple[Path, bool]:
         ) from e
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise UserError(
-            f"{path} is neither a file nor a folder (a device, pipe or socket); move it out of {flag}."
+            f"{path} is neither a file nor a folder (a device, pipe or socket); "
+            f"move it out of {flag}."
         )
     return real, stat.S_ISDIR(mode)
 
@@ -190,11 +199,15 @@ def _open(path: Path) -> BinaryIO:
 
 
 def _unreadable(path: Path, error: OSError) -> str:
-    return f"{path} cannot be read ({error.strerror or error}); make it readable (chmod a+r) or move it away."
+    return (
+        f"{path} cannot be read ({error.strerror or error}); "
+        "make it readable (chmod a+r) or move it away."
+    )
 
 
 def read_text(path: Path) -> str:
-    """A whole UTF-8 file, newlines made "\\n" (as open() in text mode does); the first bad byte names its line."""
+    """A whole UTF-8 file, newlines made "\\n" (as open() in text mode does); the first bad byte
+    names its line."""
     with _open(path) as f:
         try:
             raw = f.read()
@@ -205,7 +218,8 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(
-            f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8; re-encode the file as UTF-8 "
+            f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8; "
+            "re-encode the file as UTF-8 "
             f"(for example: iconv -f GBK -t UTF-8 {path.name})."
         ) from e
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -219,7 +233,8 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                     yield line_no, raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
                     raise UserError(
-                        f"{path}:{line_no}: byte {e.start} is not valid UTF-8; re-encode the file as UTF-8 "
+                        f"{path}:{line_no}: byte {e.start} is not valid UTF-8; "
+                        "re-encode the file as UTF-8 "
                         f"(for example: iconv -f GBK -t UTF-8 {path.name})."
                     ) from e
         except OSError as e:  # a read that fails part way (an I/O error, a file that is a folder)
@@ -227,7 +242,8 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, object) for a JSON-lines file, or (item number, object) for a JSON array file."""
+    """(line number, object) for a JSON-lines file, or (item number, object) for a JSON array
+    file."""
     if path.suffix.lower() == ".json":
         with _open(path) as f:
             head = f.read(4096).lstrip()
@@ -258,7 +274,8 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
-    """Pretraining documents: one per non-blank line of .txt, or the "text" field of each JSON record."""
+    """Pretraining documents: one per non-blank line of .txt, or the "text" field of each JSON
+    record."""
     if path.suffix.lower() == ".txt":
         for line_no, line in _decoded_lines(path):
             if line.strip():
@@ -268,7 +285,8 @@ def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(
-                f'{path}:{line_no}: expected an object with a string "text" field, e.g. {{"text": "..."}}.'
+                f'{path}:{line_no}: expected an object with a string "text" field, '
+                f'e.g. {{"text": "..."}}.'
             )
         if text.strip():
             yield line_no, text
@@ -305,7 +323,8 @@ def _text_generator(files: list[str], stamps: list[tuple[int, int]]):
 def load_text_dataset(
     source: str | list[str], flag: str, cache_dir: str | None = None
 ) -> tuple[Dataset, ReadReport]:
-    """Validate every file (fails fast with file:line), then build a datasets.Dataset of {"text"}."""
+    """Validate every file (fails fast with file:line), then build a datasets.Dataset of
+    {"text"}."""
     files = find_files(source, flag)
     report = ReadReport(files=len(files))
     for path in files:

@@ -1,11 +1,13 @@
-"""Parsing JSON that a user wrote (data files, strings inside records, request bodies), so that whatever
-json.loads cannot turn into usable data is a json.JSONDecodeError with a line and column, not a crash.
+"""Parsing JSON that a user wrote (data files, strings inside records, request bodies), so that
+whatever json.loads cannot turn into usable data is a json.JSONDecodeError with a line and column,
+not a crash.
 
-json.loads itself raises RecursionError for deep nesting, ValueError for an integer longer than Python
-converts (4300 digits by default), and accepts lone UTF-16 surrogates ("\\ud800") that no tokenizer, Arrow
-table or UTF-8 encoder takes. `loads` turns all three into a `JSONLimitError` (a JSONDecodeError: every
-caller that handles bad JSON handles these) and caps nesting at MAX_JSON_DEPTH, well under the recursion
-limit, so a value it returns can be dumped and parsed again anywhere in the pipeline.
+json.loads itself raises RecursionError for deep nesting, ValueError for an integer longer than
+Python converts (4300 digits by default), and accepts lone UTF-16 surrogates ("\\ud800") that no
+tokenizer, Arrow table or UTF-8 encoder takes. `loads` turns all three into a `JSONLimitError` (a
+JSONDecodeError: every caller that handles bad JSON handles these) and caps nesting at
+MAX_JSON_DEPTH, well under the recursion limit, so a value it returns can be dumped and parsed again
+anywhere in the pipeline.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class JSONLimitError(json.JSONDecodeError):
 
 
 def loads(text: str) -> Any:
-    """json.loads, where deep nesting, a too-long integer and a lone surrogate are JSONLimitErrors too."""
+    """json.loads, where deep nesting, a too-long integer and a lone surrogate are JSONLimitErrors
+    too."""
     try:
         value = json.loads(text)
     except RecursionError as e:
@@ -56,7 +59,8 @@ def loads(text: str) -> Any:
 
 
 def parse_json(text: str, where: str) -> Any:
-    """`loads` for a caller with no handler of its own: any problem is a UserError starting with `where`."""
+    """`loads` for a caller with no handler of its own: any problem is a UserError starting with
+    `where`."""
     try:
         return loads(text)
     except json.JSONDecodeError as e:
@@ -64,7 +68,8 @@ def parse_json(text: str, where: str) -> Any:
 
 
 def describe(e: json.JSONDecodeError) -> str:
-    """The problem and its fix, after a caller's "file:line: " (line and column inside the text included)."""
+    """The problem and its fix, after a caller's "file:line: " (line and column inside the text
+    included)."""
     if isinstance(e, JSONLimitError):
         return f"{e.msg} (line {e.lineno} column {e.colno}); {e.fix}."
     return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix the JSON syntax."
@@ -136,7 +141,8 @@ def _long_integer(text: str, error: ValueError) -> JSONLimitError:
             and len(token.lstrip("-")) > limit
         ):
             return JSONLimitError(
-                f"an integer of {len(token.lstrip('-'))} digits, more than the {limit} Python reads",
+                f"an integer of {len(token.lstrip('-'))} digits, "
+                f"more than the {limit} Python reads",
                 text,
                 m.start(),
                 "write such a number as a string",

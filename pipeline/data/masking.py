@@ -1,16 +1,16 @@
-"""The one place SFT labels are made: render a conversation with its template, tokenize the whole text
-once, and keep labels only on trained characters.
+"""The one place SFT labels are made: render a conversation with its template, tokenize the whole
+text once, and keep labels only on trained characters.
 
-Trained by default: each assistant turn's text after the generation prompt plus the text that ends the
-turn (e.g. "<|im_end|>"); for templates whose turns are ended by the next role tag (GLM, Baichuan2) the
-first token of the next turn, or the template's final_turn_end after the last turn. A message's own
-"loss" flag overrides its role's default; train_on_inputs trains every token.
+Trained by default: each assistant turn's text after the generation prompt plus the text that ends
+the turn (e.g. "<|im_end|>"); for templates whose turns are ended by the next role tag (GLM,
+Baichuan2) the first token of the next turn, or the template's final_turn_end after the last turn. A
+message's own "loss" flag overrides its role's default; train_on_inputs trains every token.
 
-Because the full text is tokenized in one pass, training ids equal what tokenizing the chat template's
-output gives at inference: no double BOS, no different splits at turn boundaries.
+Because the full text is tokenized in one pass, training ids equal what tokenizing the chat
+template's output gives at inference: no double BOS, no different splits at turn boundaries.
 
-Over max_length, a sample is cut after its last whole assistant turn that fits, or dropped when not even its
-first trained answer fits; the caller counts both by reason (chat_dataset.py).
+Over max_length, a sample is cut after its last whole assistant turn that fits, or dropped when not
+even its first trained answer fits; the caller counts both by reason (chat_dataset.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Dropped:
-    """A conversation (or one answer's sample of it) that gives no sample; the data summary counts the reason."""
+    """A conversation (or one answer's sample of it) that gives no sample; the data summary counts
+    the reason."""
 
     reason: str
 
@@ -72,7 +73,8 @@ class _Layout:
     text: str
     spans: list  # trained (start, end) char ranges
     answers: list  # (start, end) of each trained answer: where inference generates
-    next_token: list  # char offsets of answer ends whose next token is trained (turns ended by the next role tag)
+    # char offsets of answer ends whose next token is trained (turns ended by the next role tag)
+    next_token: list
     ends: list  # char offsets where a whole assistant message ends: a sample may be cut there
     closing: set = field(
         default_factory=set
@@ -81,7 +83,8 @@ class _Layout:
 
 
 def _lay_out(template, segments, messages, targets, train_on_inputs) -> _Layout:
-    """The text, its trained char ranges, its trained answers, and where whole assistant messages end."""
+    """The text, its trained char ranges, its trained answers, and where whole assistant messages
+    end."""
     out = _Layout("", [], [], [], [])
     last_answer = {seg.message: k for k, seg in enumerate(segments) if seg.kind == "answer"}
     for k, seg in enumerate(segments):
@@ -121,16 +124,19 @@ def encode(
     train_on_inputs: bool = False,
     max_length: int | None = None,
 ) -> Encoded | Dropped:
-    """ids + labels for one conversation; `targets` = indices of assistant messages to train (None = all).
+    """ids + labels for one conversation; `targets` = indices of assistant messages to train
+    (None = all).
 
-    The ids are what inference gives: before each trained answer, exactly the ids of its prompt tokenized
-    alone (the text `apply_chat_template(..., add_generation_prompt=True)` writes); then the answer's own
-    tokens, ending with the token that ends its turn (exact_ids). Raises NotPrefixConsistent when one sample
-    cannot hold every answer that way (the caller trains one answer per sample).
+    The ids are what inference gives: before each trained answer, exactly the ids of its prompt
+    tokenized alone (the text `apply_chat_template(..., add_generation_prompt=True)` writes); then
+    the answer's own tokens, ending with the token that ends its turn (exact_ids). Raises
+    NotPrefixConsistent when one sample cannot hold every answer that way (the caller trains one
+    answer per sample).
 
-    Longer than `max_length`: cut after the last whole assistant turn (its closing token included) that fits
-    and trains something; when not even the first trained answer fits, Dropped (an answer is never trained
-    cut short, nor without the token that ends it). Dropped too when nothing is trained at all.
+    Longer than `max_length`: cut after the last whole assistant turn (its closing token included)
+    that fits and trains something; when not even the first trained answer fits, Dropped (an answer
+    is never trained cut short, nor without the token that ends it). Dropped too when nothing is
+    trained at all.
     """
     answers = assistant_indices(messages)
     last_only = targets is not None and answers and targets == {answers[-1]}
@@ -170,8 +176,8 @@ class _Exact:
 
 
 def _labels(exact: _Exact, spans: list[tuple[int, int]]) -> list[int]:
-    """Each token's id where it overlaps a trained char range or closes a turn, else IGNORE_INDEX (token
-    offsets ascend, so each range's tokens are found by bisection)."""
+    """Each token's id where it overlaps a trained char range or closes a turn, else IGNORE_INDEX
+    (token offsets ascend, so each range's tokens are found by bisection)."""
     trained = [False] * len(exact.ids)
     starts, ends = [s for s, _ in exact.offsets], [e for _, e in exact.offsets]
     for a, b in spans:
@@ -196,8 +202,9 @@ _FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _facts(tokenizer) -> dict:
-    """What encoding asks of a tokenizer on every sample, worked out once per tokenizer and vocabulary size
-    (adding tokens changes them): its special token strings, longest first, and `_splitters`."""
+    """What encoding asks of a tokenizer on every sample, worked out once per tokenizer and
+    vocabulary size (adding tokens changes them): its special token strings, longest first, and
+    `_splitters`."""
     facts = _FACTS.get(tokenizer)
     if facts is None or facts["size"] != len(tokenizer):
         special = set(tokenizer.all_special_tokens) | {
@@ -216,17 +223,17 @@ def _facts(tokenizer) -> dict:
 
 
 def _splitters(tokenizer) -> frozenset | None:
-    """The ids of added tokens a fast tokenizer splits the text at before anything else, when each piece
-    between them is then tokenized on its own (no added token strips whitespace or is normalized); None when
-    that does not hold (prefixes are then tokenized whole)."""
+    """The ids of added tokens a fast tokenizer splits the text at before anything else, when each
+    piece between them is then tokenized on its own (no added token strips whitespace or is
+    normalized); None when that does not hold (prefixes are then tokenized whole)."""
     return _facts(tokenizer)["splitters"]
 
 
 def _prefix_tokens(tokenizer, text: str, points: list[int]):
-    """The tokenization of each `text[:p]`, as tokenizing it alone gives. A fast tokenizer splits at its added
-    tokens first and tokenizes each piece on its own, so a prefix's tokens are the whole text's tokens up to
-    the last added token that ends within it, then its last piece tokenized alone: linear in the text, not
-    quadratic as tokenizing every prefix whole would be."""
+    """The tokenization of each `text[:p]`, as tokenizing it alone gives. A fast tokenizer splits at
+    its added tokens first and tokenizes each piece on its own, so a prefix's tokens are the whole
+    text's tokens up to the last added token that ends within it, then its last piece tokenized
+    alone: linear in the text, not quadratic as tokenizing every prefix whole would be."""
     splitters = _splitters(tokenizer)
     if splitters is None or len(points) < 3:
         return _tokenize(tokenizer, [text[:p] for p in points])
@@ -244,12 +251,13 @@ def _prefix_tokens(tokenizer, text: str, points: list[int]):
 
 
 def exact_ids(tokenizer, lay: _Layout) -> _Exact:
-    """The ids inference gives, built answer by answer: at each answer's start the ids of the prompt tokenized
-    alone (a sample whose earlier ids are not a prefix of them cannot hold this answer: NotPrefixConsistent);
-    then the answer tokenized after its prompt, or alone where a token would straddle the two (the prompt
-    ending 'Assistant: ', the answer 'I am': inference generates after the prompt's own last token); then the
-    token that ends it, by its id (a tokenizer whose EOS is not in its splitting table, as ChatGLM3's, would
-    otherwise write '</s>' as text pieces merged with the answer's last character)."""
+    """The ids inference gives, built answer by answer: at each answer's start the ids of the prompt
+    tokenized alone (a sample whose earlier ids are not a prefix of them cannot hold this answer:
+    NotPrefixConsistent); then the answer tokenized after its prompt, or alone where a token would
+    straddle the two (the prompt ending 'Assistant: ', the answer 'I am': inference generates after
+    the prompt's own last token); then the token that ends it, by its id (a tokenizer whose EOS is
+    not in its splitting table, as ChatGLM3's, would otherwise write '</s>' as text pieces merged
+    with the answer's last character)."""
     text = lay.text
     marks = []  # (where a piece of text ends, the end token written by id after it)
     for a, b in lay.answers:
@@ -288,8 +296,8 @@ def exact_ids(tokenizer, lay: _Layout) -> _Exact:
 def _piece_offsets(
     tokenizer, text: str, start: int, end: int, count: int, lay: _Layout
 ) -> list[tuple[int, int]]:
-    """Char ranges of `count` new tokens of a slow tokenizer (no offsets): split where labels change, by the
-    token counts of the text's prefixes there."""
+    """Char ranges of `count` new tokens of a slow tokenizer (no offsets): split where labels
+    change, by the token counts of the text's prefixes there."""
     cuts = sorted(
         {
             start,
@@ -322,10 +330,10 @@ def _say_split_once(template) -> None:
     if template.name not in _SAID:
         _SAID.add(template.name)
         logger.warning(
-            "the %s chat template renders earlier turns differently once later turns follow (it drops "
-            "earlier thinking, moves the system prompt, or joins history as FastChat's Yuan2 does): such "
-            "conversations are trained one answer per sample, each in the text inference builds for it "
-            "(the data summary counts the samples made)",
+            "the %s chat template renders earlier turns differently once later turns follow (it "
+            "drops earlier thinking, moves the system prompt, or joins history as FastChat's Yuan2 "
+            "does): such conversations are trained one answer per sample, each in the text "
+            "inference builds for it (the data summary counts the samples made)",
             template.name,
         )
 
@@ -342,7 +350,8 @@ def encode_samples(
     train_on_inputs: bool = False,
     max_length: int | None = None,
 ) -> list[Encoded | Dropped]:
-    """One conversation -> samples for the multi-turn mode: all turns, the last turn, or one per turn."""
+    """One conversation -> samples for the multi-turn mode: all turns, the last turn, or one per
+    turn."""
     messages, tools = conv["messages"], conv.get("tools")
     turns = assistant_indices(messages)
     if mode == "all" and getattr(template, "history_join", None) is not None and len(turns) > 1:
@@ -371,8 +380,9 @@ def encode_samples(
         NotPrefixConsistent
     ) as e:  # even alone, the answer's text does not follow its generation prompt
         raise UserError(
-            f"the {template.name} chat template writes answer {e.args[0]} after a prompt other than the one it builds "
-            "for generating it, so no sample can be trained in the text inference sees; train such conversations "
-            "with a project template for the family (--template_name; mistral_v0_3 and deepseek_r1 follow the "
-            "official prompts of Mistral v0.3 and DeepSeek-R1) or drop them (--skip_invalid_samples True)."
+            f"the {template.name} chat template writes answer {e.args[0]} after a prompt other "
+            "than the one it builds for generating it, so no sample can be trained in the text "
+            "inference sees; train such conversations with a project template for the family "
+            "(--template_name; mistral_v0_3 and deepseek_r1 follow the official prompts of Mistral "
+            "v0.3 and DeepSeek-R1) or drop them (--skip_invalid_samples True)."
         ) from e

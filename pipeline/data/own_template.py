@@ -1,28 +1,30 @@
 """The tokenizer's own chat template as the training template (`--template_name auto`).
 
 Nothing is copied: every conversation is rendered by the tokenizer's Jinja template through
-`apply_chat_template`, and the trained text of each assistant message is what the template adds between
-the prompt with the generation prompt (`messages[:i]`, add_generation_prompt=True) and the conversation
-through that message (`messages[:i + 1]`), up to and including its last end-of-turn token. So training
-sees exactly the text inference will build, whatever the family.
+`apply_chat_template`, and the trained text of each assistant message is what the template adds
+between the prompt with the generation prompt (`messages[:i]`, add_generation_prompt=True) and the
+conversation through that message (`messages[:i + 1]`), up to and including its last end-of-turn
+token. So training sees exactly the text inference will build, whatever the family.
 
 Messages reach the template as written: every field but the project's own `loss` (a tool message's
-`name`, `reasoning_content`, `thinking`, call ids, a system message's `tools`), with two forms chosen by
-asking the template itself once (`_forms`): tool-call arguments as a mapping or as JSON text (DeepSeek-V3.1
-concatenates them as text), and tools on the system message where the template reads them there
-(Phi-4-mini). `--chat_template_kwargs` reach every render. A named template set (Command-R7B) renders
-conversations with tools through its `tool_use` template, as transformers does at inference.
+`name`, `reasoning_content`, `thinking`, call ids, a system message's `tools`), with two forms
+chosen by asking the template itself once (`_forms`): tool-call arguments as a mapping or as JSON
+text (DeepSeek-V3.1 concatenates them as text), and tools on the system message where the template
+reads them there (Phi-4-mini). `--chat_template_kwargs` reach every render. A named template set
+(Command-R7B) renders conversations with tools through its `tool_use` template, as transformers does
+at inference.
 
-Pre-filled generation prompts (QwQ and MiniMax-M2 open `<think>\n`, GLM-4.7 `<think>`, Gemma 4 an empty
-thought channel): the pre-fill is prompt, and the trained answer is what the model writes after it.
+Pre-filled generation prompts (QwQ and MiniMax-M2 open `<think>\n`, GLM-4.7 `<think>`, Gemma 4 an
+empty thought channel): the pre-fill is prompt, and the trained answer is what the model writes
+after it.
 
-Refused in one sentence, never trained silently: a turn whose rendering lost its tool calls (Granite 3.3),
-its text, or its reasoning; tools the template never writes.
+Refused in one sentence, never trained silently: a turn whose rendering lost its tool calls
+(Granite 3.3), its text, or its reasoning; tools the template never writes.
 
-A conversation is *prefix-consistent* when each of those prompts is a prefix of the full render. Templates
-that rewrite history (Qwen3 drops earlier thinking, some move the system prompt into the last user turn)
-are not; such a conversation is split into one sample per answer, each in the text inference sees for it
-(masking.encode_samples does the split and counts it).
+A conversation is *prefix-consistent* when each of those prompts is a prefix of the full render.
+Templates that rewrite history (Qwen3 drops earlier thinking, some move the system prompt into the
+last user turn) are not; such a conversation is split into one sample per answer, each in the text
+inference sees for it (masking.encode_samples does the split and counts it).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class NotPrefixConsistent(Exception):
 
 @dataclass
 class TokenizerTemplate:
-    """Stands where a project Template stands (masking, datasets, stop tokens), rendering with the tokenizer."""
+    """Stands where a project Template stands (masking, datasets, stop tokens), rendering with the
+    tokenizer."""
 
     tokenizer: Any = field(repr=False)
     name: str = "tokenizer's own"
@@ -66,9 +69,9 @@ class TokenizerTemplate:
 
 
 def standard_messages(messages: list[dict], form: TokenizerTemplate | None = None) -> list[dict]:
-    """The messages as the user wrote them, in the form the template reads: no project-only keys, null
-    content as empty text (as servers pass it), call arguments as a mapping or as JSON text (`form`), and a
-    system message's `tools` kept only where the template reads them there."""
+    """The messages as the user wrote them, in the form the template reads: no project-only keys,
+    null content as empty text (as servers pass it), call arguments as a mapping or as JSON text
+    (`form`), and a system message's `tools` kept only where the template reads them there."""
     out = []
     for m in messages:
         msg = {k: v for k, v in m.items() if k not in PROJECT_KEYS}
@@ -96,8 +99,9 @@ def _call_form(call: dict, as_text: bool) -> dict:
 
 
 def _template_choice(tokenizer, tools) -> str | None:
-    """A named template set (Command-R7B: default / tool_use / rag): the tool_use template for a conversation
-    with tools, whatever one render passes as tools, as transformers picks it at inference."""
+    """A named template set (Command-R7B: default / tool_use / rag): the tool_use template for a
+    conversation with tools, whatever one render passes as tools, as transformers picks it at
+    inference."""
     named = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
     return "tool_use" if tools and "tool_use" in named else None
 
@@ -133,24 +137,25 @@ def render(
         if check_tools and (tools or lifted) and out == text([] if choice else None, bare()):
             where = (
                 (
-                    'this template writes tools only from the system message\'s "tools" field, so give them '
-                    "there"
+                    'this template writes tools only from the system message\'s "tools" field, so '
+                    "give them there"
                 )
                 if form and form.message_tools
-                else "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1), or drop the samples' "
-                "tools field and describe the tools in the system message where the model card says so (DeepSeek-V3.1)"
+                else "use a template that writes tools (--template_name, e.g. qwen3 or llama3_1), "
+                "or drop the samples' tools field and describe the tools in the system message "
+                "where the model card says so (DeepSeek-V3.1)"
             )
             raise UserError(
-                "the chat template ignores tool definitions (the text is the same without them), so the "
-                f"model would learn calls to tools it is never shown; {where}."
+                "the chat template ignores tool definitions (the text is the same without them), "
+                f"so the model would learn calls to tools it is never shown; {where}."
             )
         return out
     except UserError:
         raise
     except Exception as e:  # jinja's TemplateError, or the template's own raise_exception(...)
         raise UserError(
-            f"the tokenizer's chat template rejects a conversation: {e} (change such records, pick another "
-            "template with --template_name, or skip them with --skip_invalid_samples True)"
+            f"the tokenizer's chat template rejects a conversation: {e} (change such records, pick "
+            "another template with --template_name, or skip them with --skip_invalid_samples True)"
         ) from e
 
 
@@ -161,11 +166,11 @@ def _common_prefix(a: str, b: str) -> int:
 def _answer(
     t: TokenizerTemplate, messages: list[dict], i: int, tools, prompt: str, through: str
 ) -> tuple[str, bool]:
-    """The text the model writes for message i after `prompt`, and whether `through` holds it right after the
-    prompt. When not: the generation prompt pre-fills text the rendered turn does not repeat (QwQ's
-    `<think>\n`), or the template renders an earlier turn differently once message i follows (Qwen3's empty
-    thought on a last answer); the answer is then what the template writes after the last turn's header, and
-    its sample is this prompt and answer alone."""
+    """The text the model writes for message i after `prompt`, and whether `through` holds it right
+    after the prompt. When not: the generation prompt pre-fills text the rendered turn does not
+    repeat (QwQ's `<think>\n`), or the template renders an earlier turn differently once message i
+    follows (Qwen3's empty thought on a last answer); the answer is then what the template writes
+    after the last turn's header, and its sample is this prompt and answer alone."""
     if through.startswith(prompt):
         return through[len(prompt) :], True
     base = render(t.tokenizer, messages[:i], tools, form=t)
@@ -186,8 +191,9 @@ def _answer(
 
 
 def _after_prefill(t: TokenizerTemplate, m: dict, prefill: str, body: str) -> str:
-    """What follows a pre-filled `<think>\\n`: the reasoning as written (in content before `</think>`, or a
-    reasoning field for a `<think>` pre-fill), then the answer the template renders, then its turn end."""
+    """What follows a pre-filled `<think>\\n`: the reasoning as written (in content before
+    `</think>`, or a reasoning field for a `<think>` pre-fill), then the answer the template
+    renders, then its turn end."""
     content, reasoning = (
         m.get("content") or "",
         next((m[k] for k in REASONING_KEYS if m.get(k)), None),
@@ -209,14 +215,16 @@ def _turn_end_of(t: TokenizerTemplate, body: str) -> str:
 
 
 def _trim_to_turn_end(t: TokenizerTemplate, answer: str) -> str:
-    """The answer up to and including its last end-of-turn token (a template that always appends the next
-    generation prompt, as Command-R7B's tool_use does, leaves it untrained); trailing whitespace otherwise."""
+    """The answer up to and including its last end-of-turn token (a template that always appends the
+    next generation prompt, as Command-R7B's tool_use does, leaves it untrained); trailing
+    whitespace otherwise."""
     ends = [answer.rfind(s) + len(s) for s in t.stop if s and s in answer]
     return answer[: max(ends)] if ends else answer.rstrip()
 
 
 def _check_answer(t: TokenizerTemplate, m: dict, i: int, answer: str) -> None:
-    """A turn whose rendering lost its tool calls, its text or its reasoning is refused, never trained."""
+    """A turn whose rendering lost its tool calls, its text or its reasoning is refused, never
+    trained."""
     lost = [
         c["function"]["name"]
         for c in m.get("tool_calls") or []
@@ -224,10 +232,10 @@ def _check_answer(t: TokenizerTemplate, m: dict, i: int, answer: str) -> None:
     ]
     if lost:
         raise UserError(
-            f"the {t.name} chat template does not write the tool call(s) {', '.join(lost)} of answer "
-            f"{i} (it renders {answer[:80]!r}), so the model would learn to stop instead of calling; use a "
-            "template that writes calls (--template_name, e.g. qwen3 or llama3_1), or give call ids in "
-            "the form the template writes (Kimi-K2: functions.NAME:0)."
+            f"the {t.name} chat template does not write the tool call(s) {', '.join(lost)} of "
+            f"answer {i} (it renders {answer[:80]!r}), so the model would learn to stop instead of "
+            "calling; use a template that writes calls (--template_name, e.g. qwen3 or llama3_1), "
+            "or give call ids in the form the template writes (Kimi-K2: functions.NAME:0)."
         )
     text = (m.get("content") or "").split("</think>")[-1].strip()
     reasoning = next(
@@ -253,9 +261,10 @@ def render_segments(
     add_generation_prompt: bool = False,
     last_answer_only: bool = False,
 ) -> list[Segment]:
-    """Segments of the full render: prompts (untrained), each assistant message's answer, and what follows
-    it before the next prompt. `last_answer_only`: earlier assistant messages are history, part of the
-    prompt. Raises NotPrefixConsistent when an answer's prompt is not a prefix of the full render."""
+    """Segments of the full render: prompts (untrained), each assistant message's answer, and what
+    follows it before the next prompt. `last_answer_only`: earlier assistant messages are history,
+    part of the prompt. Raises NotPrefixConsistent when an answer's prompt is not a prefix of the
+    full render."""
     full = render(t.tokenizer, messages, tools, add_generation_prompt, check_tools=True, form=t)
     if add_generation_prompt:
         return [Segment(full, -1, "prompt")]
@@ -328,7 +337,8 @@ _CALL = [
 
 
 def _forms(t: TokenizerTemplate) -> None:
-    """Ask the template once how it reads tool-call arguments and tools (see the module docstring)."""
+    """Ask the template once how it reads tool-call arguments and tools (see the module
+    docstring)."""
 
     def quiet(messages, tools=None):
         try:
@@ -378,9 +388,9 @@ def _next_tag(
 
 
 def _stops(t: TokenizerTemplate, special: list[str]) -> list[str]:
-    """Every token that ends an assistant turn in the probe conversations (plain and tool calls: gpt-oss ends
-    a call with <|call|>, an answer with <|return|>); where no token ends a plain answer (GLM), the role tags
-    that open the turn after an answer end it."""
+    """Every token that ends an assistant turn in the probe conversations (plain and tool calls:
+    gpt-oss ends a call with <|call|>, an answer with <|return|>); where no token ends a plain
+    answer (GLM), the role tags that open the turn after an answer end it."""
     t.stop = stops = [t.tokenizer.eos_token] if t.tokenizer.eos_token else []
     probes = {0: _probe_samples(t, _PROBE, None), 1: _probe_samples(t, _CALL, _TOOLS)}
     ending_mode = any(
@@ -424,7 +434,8 @@ def own_template(tokenizer, kwargs: dict | None = None) -> TokenizerTemplate:
     ending = next((tok for tok in special if probe.endswith(tok)), None)
     if ending:
         t.turn_end = ending
-    else:  # turns end where the next role tag begins (GLM): that token is trained, EOS after the last answer
+    else:  # turns end where the next role tag begins (GLM): that token is trained, EOS after the
+        # last answer
         t.turn_end, t.final_turn_end = "", tokenizer.eos_token or ""
     return t
 
@@ -441,7 +452,8 @@ def _probe_answer(t: TokenizerTemplate) -> str:
 
 
 def template_kwargs(text: str | dict | None) -> dict:
-    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template variables."""
+    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template
+    variables."""
     if text is None or text == "":
         return {}
     value = text
@@ -457,7 +469,8 @@ def template_kwargs(text: str | dict | None) -> dict:
         isinstance(k, str) and k.isidentifier() for k in value
     ):
         raise UserError(
-            f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template variable names."
+            f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template "
+            "variable names."
         )
     return value
 
@@ -466,8 +479,8 @@ DEFAULTS_MARK = "defaults set by --chat_template_kwargs"
 
 
 def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
-    """The chat template with `kwargs` as defaults of its variables (a render may still pass others), so a
-    saved model renders as training did wherever it is loaded."""
+    """The chat template with `kwargs` as defaults of its variables (a render may still pass
+    others), so a saved model renders as training did wherever it is loaded."""
     if not kwargs or DEFAULTS_MARK in str(chat_template):
         return chat_template
     if isinstance(chat_template, dict):

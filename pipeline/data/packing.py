@@ -1,10 +1,10 @@
 """Packing: pretraining text into fixed-size blocks, and whole chat samples into rows.
 
-Pretraining: documents are joined (each followed by EOS) and cut into `block_size` blocks. SFT samples:
-placed whole into rows by best-fit decreasing, never cut (RM and DPO pairs are not packed yet). Either
-way `position_ids` restart at every document or sample start, and no attention mask is sent, so
-attention (varlen kernels, or transformers' block-diagonal mask from the position ids) never crosses
-from one into another.
+Pretraining: documents are joined (each followed by EOS) and cut into `block_size` blocks. SFT
+samples: placed whole into rows by best-fit decreasing, never cut (RM and DPO pairs are not packed
+yet). Either way `position_ids` restart at every document or sample start, and no attention mask is
+sent, so attention (varlen kernels, or transformers' block-diagonal mask from the position ids)
+never crosses from one into another.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ def tokenize_and_pack(
     return pack_documents(ids, block_size, tokenizer.eos_token_id)
 
 
-# ---------------------------------------------------------------- padding-free packing of whole samples
+# ------------------------------------------------------------ padding-free packing of whole samples
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Group sample indices into rows of at most `capacity` tokens: longest first, each into the open row it
-    fills best (least room left), else a new row. Every sample is placed whole; order within a row is
-    longest first. Samples longer than `capacity` must have been cut or dropped before."""
+    """Group sample indices into rows of at most `capacity` tokens: longest first, each into the
+    open row it fills best (least room left), else a new row. Every sample is placed whole; order
+    within a row is longest first. Samples longer than `capacity` must have been cut or dropped
+    before."""
     too_long = [n for n in lengths if n > capacity]
     if too_long:
         raise ValueError(f"a sample of {too_long[0]} tokens cannot fit a row of {capacity}")
@@ -75,8 +76,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack_rows(samples: list[dict], capacity: int) -> list[dict]:
     """Packed rows of tokenized samples ({"input_ids", "labels"}): ids and labels concatenated,
-    `position_ids` restarting at 0 for each sample, and the first label of each sample ignored so that no
-    token is ever predicted from the sample before it."""
+    `position_ids` restarting at 0 for each sample, and the first label of each sample ignored so
+    that no token is ever predicted from the sample before it."""
     rows = []
     for members in best_fit_decreasing([len(s["input_ids"]) for s in samples], capacity):
         ids, labels, positions = [], [], []
@@ -101,8 +102,9 @@ def pack_dataset(dataset, capacity: int, name: str):
     fill = tokens / max(len(rows) * capacity, 1)
     longest = max(len(s["input_ids"]) for s in samples)
     summary = (
-        f"{name}: {len(samples)} samples ({tokens} tokens) packed whole into {len(rows)} rows of <= {capacity} "
-        f"tokens ({fill:.1%} full); a step's rows are flattened, so 0 padding tokens "
-        f"(padding every sample to the longest, {longest}, would be {1 - tokens / (len(samples) * longest):.1%})"
+        f"{name}: {len(samples)} samples ({tokens} tokens) packed whole into {len(rows)} rows of "
+        f"<= {capacity} tokens ({fill:.1%} full); a step's rows are flattened, so 0 padding tokens "
+        f"(padding every sample to the longest, {longest}, would be "
+        f"{1 - tokens / (len(samples) * longest):.1%})"
     )
     return Dataset.from_list(rows), summary

@@ -1,9 +1,10 @@
 """Tokenized preference datasets for RM and DPO, rendered with the same template as SFT.
 
 DPO/KTO: a prompt is rendered up to the generation prompt; an answer is the assistant text plus the
-token that ends the turn (what SFT trains and the policy generates). The full text is tokenized in one
-pass and split at the prompt. RM: each side is the whole conversation exactly as the tokenizer's chat
-template renders it, so scoring `apply_chat_template(...)` output later reads the trained position.
+token that ends the turn (what SFT trains and the policy generates). The full text is tokenized in
+one pass and split at the prompt. RM: each side is the whole conversation exactly as the tokenizer's
+chat template renders it, so scoring `apply_chat_template(...)` output later reads the trained
+position.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def build_preference_dataset(
     num_proc: int | None = None,
     whole_conversations: bool = False,
 ) -> tuple[Dataset, DataSummary]:
-    """whole_conversations=True (RM): chosen_ids/rejected_ids are full rendered conversations, prompt_ids empty.
-    A pair (KTO: an answer) longer than max_length is dropped whole and counted: no answer is ever cut."""
+    """whole_conversations=True (RM): chosen_ids/rejected_ids are full rendered conversations,
+    prompt_ids empty. A pair (KTO: an answer) longer than max_length is dropped whole and counted:
+    no answer is ever cut."""
     pairs, read = read_preferences(directory, flag, unpaired, skip_invalid)
     if not pairs:
         raise UserError(
@@ -125,7 +127,8 @@ def build_preference_dataset(
     report.drop_sample(f"longer than --model_max_length {max_length}", len(encoded) - len(kept))
     if len(kept) == 0:
         raise UserError(
-            f"{flag} {shown(directory)}: {report.read} records read, none fits ({report.reasons()}); raise "
+            f"{flag} {shown(directory)}: {report.read} records read, none fits "
+            f"({report.reasons()}); raise "
             "--model_max_length or shorten the data."
         )
     return kept, report
@@ -140,7 +143,8 @@ def preference_datasets(
     unpaired: bool = False,
     whole_conversations: bool = False,
 ) -> tuple[Dataset, Dataset | None]:
-    """Train and eval preference datasets for a stage, with the read/kept/dropped summary and sample caps."""
+    """Train and eval preference datasets for a stage, with the read/kept/dropped summary and sample
+    caps."""
     unit = "answers" if unpaired else "pairs"
 
     def load(directory: str, flag: str) -> Dataset:

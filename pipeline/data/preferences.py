@@ -1,12 +1,16 @@
-"""Preference data for RM and DPO: every accepted format normalized to one pair form, validated per record.
+"""Preference data for RM and DPO: every accepted format normalized to one pair form, validated per
+record.
 
 Pair form: {"prompt": [messages ending with a user/tool turn], "chosen": str, "rejected": str,
 "tools"?: [...], "margin"?: float}. Unpaired (KTO) form: {"prompt", "completion", "label": bool}.
 
-  seed       {"system"?, "history"?: [[q, a], ...], "question", "response_chosen", "response_rejected"}
-  prompt     {"prompt", "chosen", "rejected"}: strings, or message lists (explicit prompt, or an implicit
-             one: chosen and rejected are whole conversations that share everything but the last answer)
-  ranking    ShareGPT {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}
+  seed       {"system"?, "history"?: [[q, a], ...], "question", "response_chosen",
+             "response_rejected"}
+  prompt     {"prompt", "chosen", "rejected"}: strings, or message lists (explicit prompt, or an
+             implicit one: chosen and rejected are whole conversations that share everything but the
+             last answer)
+  ranking    ShareGPT {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected":
+             {...}}
   unpaired   {"messages" | "prompt", "completion", "label": true|false}   (KTO)
 """
 
@@ -123,7 +127,8 @@ def _from_unpaired(r: dict) -> dict:
 
 
 def normalize_preference(record: Any, unpaired: bool = False) -> dict:
-    """One pair; or, with unpaired=True, one unpaired record (a pair is split by read_preferences)."""
+    """One pair; or, with unpaired=True, one unpaired record (a pair is split by
+    read_preferences)."""
     if not isinstance(record, dict):
         raise InvalidSample("a record must be a JSON object")
     try:
@@ -141,8 +146,8 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
             out = _from_prompt({"prompt": record.get("prompt", []), **record})
         else:
             raise InvalidSample(
-                'unknown record shape: expected "question"+"response_chosen", "prompt"/"chosen"/"rejected" '
-                'or "conversations"+"chosen"'
+                'unknown record shape: expected "question"+"response_chosen", '
+                '"prompt"/"chosen"/"rejected" or "conversations"+"chosen"'
             )
     except (KeyError, TypeError, AttributeError) as e:
         raise InvalidSample(f"not a valid preference record: {field_problem(e)}") from e
@@ -162,7 +167,8 @@ def normalize_preference(record: Any, unpaired: bool = False) -> dict:
 def read_preferences(
     directory: str, flag: str, unpaired: bool = False, skip_invalid: bool = False
 ) -> tuple[list[dict], ReadReport]:
-    """All pairs (or unpaired KTO records) under a folder; identical chosen/rejected pairs are dropped and counted."""
+    """All pairs (or unpaired KTO records) under a folder; identical chosen/rejected pairs are
+    dropped and counted."""
     files = find_files(directory, flag, (".json", ".jsonl"))
     report, out = ReadReport(files=len(files)), []
     for path in files:

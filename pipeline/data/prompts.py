@@ -1,4 +1,5 @@
-"""Prompts for the RL stages (PPO, GRPO, RLOO), taken from SFT-format data (rule rewards: pipeline/rl/rewards.py).
+"""Prompts for the RL stages (PPO, GRPO, RLOO), taken from SFT-format data (rule rewards:
+pipeline/rl/rewards.py).
 
 Each conversation gives one prompt: every message up to its last user turn (history kept), plus the
 reference answer that followed it (used by the exact-match rule reward and the held-out report).
@@ -37,7 +38,8 @@ def render_text(
 
 
 def to_prompt(conversation: dict) -> tuple[list[dict], str] | None:
-    """(messages up to the last user/tool turn, reference answer after it), or None without a user turn."""
+    """(messages up to the last user/tool turn, reference answer after it), or None without a user
+    turn."""
     messages = conversation["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] in ("user", "tool")), default=None)
     if last is None:
@@ -70,15 +72,17 @@ def load_prompts(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
             report.drop(
-                f"prompt longer than {max_prompt_length} tokens (--model_max_length - --max_new_tokens)"
+                f"prompt longer than {max_prompt_length} tokens "
+                "(--model_max_length - --max_new_tokens)"
             )
             continue
         prompts.append(Prompt(messages, reference, conv.get("tools"), ids))
     logger.info(report.summary(f"{flag} prompts"))
     if not prompts:  # before any model is loaded
         raise UserError(
-            f"{flag} {shown(directory)}: no usable prompt ({report.summary('records')}); shorten the prompts or "
-            "raise --model_max_length (a prompt may take --model_max_length - --max_new_tokens tokens)."
+            f"{flag} {shown(directory)}: no usable prompt ({report.summary('records')}); shorten "
+            "the prompts or raise --model_max_length (a prompt may take --model_max_length - "
+            "--max_new_tokens tokens)."
         )
     return prompts, report
 
@@ -86,8 +90,8 @@ def load_prompts(
 def load_rl_prompts(
     data_args, ppo_args, template: Template, tokenizer
 ) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir or --validation_file), capped by
-    --max_train_samples / --max_eval_samples."""
+    """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir or
+    --validation_file), capped by --max_train_samples / --max_eval_samples."""
 
     def load(directory: str, flag: str) -> list[Prompt]:
         prompts, _ = load_prompts(

@@ -1,10 +1,10 @@
 """The data summary a stage prints before training, when encoding turns records into samples.
 
-Reading counts records and the records it drops (files.ReadReport). Encoding may make more samples than
-records (KTO splits a pair into a desirable and an undesirable answer; SFT trains each answer of some
-conversations in its own sample), drops samples (too long, nothing to train) and keeps some changed (cut
-after the last whole turn that fits). Each count keeps its own unit, so no number of samples is reported as
-records read.
+Reading counts records and the records it drops (files.ReadReport). Encoding may make more samples
+than records (KTO splits a pair into a desirable and an undesirable answer; SFT trains each answer
+of some conversations in its own sample), drops samples (too long, nothing to train) and keeps some
+changed (cut after the last whole turn that fits). Each count keeps its own unit, so no number of
+samples is reported as records read.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pipeline.data.files import ReadReport
 
 @dataclass
 class DataSummary(ReadReport):
-    """`read`/`dropped` count records; `samples` (None: one per kept record), `sample_dropped` and `changed`
-    count samples."""
+    """`read`/`dropped` count records; `samples` (None: one per kept record), `sample_dropped` and
+    `changed` count samples."""
 
     record_unit: str = "records"
     sample_unit: str = "samples"
@@ -66,7 +66,8 @@ class DataSummary(ReadReport):
         ]
         if self.samples is not None and self.samples != self.records_kept:
             parts.append(
-                f"{self.samples} {self.sample_unit} made from the {self.records_kept} {self.record_unit} kept"
+                f"{self.samples} {self.sample_unit} made from the "
+                f"{self.records_kept} {self.record_unit} kept"
             )
         parts.append(f"{self.kept} {self.sample_unit} kept")
         parts += [

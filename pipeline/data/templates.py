@@ -1,4 +1,5 @@
-"""Chat templates: load the data files in templates/, render conversations, build a Jinja chat_template.
+"""Chat templates: load the data files in templates/, render conversations, build a Jinja
+chat_template.
 
 A template file declares strings; `{content}` marks where a message's text goes:
 
@@ -7,35 +8,38 @@ A template file declares strings; `{content}` marks where a message's text goes:
   system              format of the system turn; null = no system turn (see system_in_user)
   system_in_user      with system: null, the first user message becomes this ({system}, {content})
   user, assistant     formats of the user and assistant turns
-  generation_prompt   what add_generation_prompt appends; every rendered assistant turn starts with it
+  generation_prompt   what add_generation_prompt appends; every rendered assistant turn starts with
+                      it
   turn_end            the text right after assistant content that ends the turn (trained). "" means
                       the next turn's first token ends it, or final_turn_end after the last turn
   final_turn_end      training-only end of the last assistant turn for templates with turn_end ""
   complete_suffix     appended after the last message when no generation prompt is asked for
   strip               trim message contents (as the official template does)
-  observation         format of a tool result (role "tool"); observation_open / observation_close wrap
-                      a run of consecutive results (Qwen2.5: one user turn holds them all)
+  observation         format of a tool result (role "tool"); observation_open / observation_close
+                      wrap a run of consecutive results (Qwen2.5: one user turn holds them all)
   history_join        if set, turns before the last user turn are written as their content + this
                       (Yuan2/FastChat: q1<n>a1<n>q2<sep>); earlier answers are then trained in
                       their own samples (masking.encode_samples)
   tools_system        system text when tools are given ({system}, {tools}); tool_json says how each
-                      tool is written: compact (one JSON line each) or glm4 (a titled, indented block)
-                      or chatglm3 (the list of function dicts as indented JSON); system_after_tools: the turn the
-                      conversation's own system prompt takes after the tools' one ({content})
+                      tool is written: compact (one JSON line each) or glm4 (a titled, indented
+                      block) or chatglm3 (the list of function dicts as indented JSON);
+                      system_after_tools: the turn the conversation's own system prompt takes after
+                      the tools' one ({content})
   tool_call           how one tool call is written inside an assistant turn ({name}, {arguments})
-  tool_call_turn      or: a whole assistant turn per tool call ({name}, {arguments}, or {kwargs}: the
-                      arguments as Python keywords, city='Paris')
+  tool_call_turn      or: a whole assistant turn per tool call ({name}, {arguments}, or {kwargs}:
+                      the arguments as Python keywords, city='Paris')
   stop                end-of-turn strings inference stops on (generation_config.eos_token_id)
   special_tokens      strings that must be single tokens; missing ones are added to the tokenizer
 
-`render` is the Python renderer; `jinja_template.chat_template_jinja` writes the same logic as Jinja so
-the saved tokenizer's apply_chat_template gives the same text (a test checks both on every template).
+`render` is the Python renderer; `jinja_template.chat_template_jinja` writes the same logic as Jinja
+so the saved tokenizer's apply_chat_template gives the same text (a test checks both on every
+template).
 
-Formats whose turns depend on what follows them (Mistral v0.3 writes the system prompt and the tools into
-the last user turn; Qwen3 writes thinking only after the last question) are written directly as Jinja: such
-a file holds `chat_template` (the project's Jinja), `stop` and `special_tokens` instead of the fields above,
-and trains exactly like a tokenizer's own template (own_template.py: rendered by transformers, each answer
-split into its own sample where history is rewritten).
+Formats whose turns depend on what follows them (Mistral v0.3 writes the system prompt and the tools
+into the last user turn; Qwen3 writes thinking only after the last question) are written directly as
+Jinja: such a file holds `chat_template` (the project's Jinja), `stop` and `special_tokens` instead
+of the fields above, and trains exactly like a tokenizer's own template (own_template.py: rendered
+by transformers, each answer split into its own sample where history is rewritten).
 `resolve_template` picks the template for a run (--template_name, or auto: the tokenizer's own) and
 `apply_template_to_tokenizer` gives the tokenizer its special tokens, chat_template and stop tokens.
 """
@@ -96,7 +100,8 @@ class Template:
 
 @dataclass(frozen=True)
 class JinjaTemplate:
-    """A project template written as Jinja (see the module docstring); trained through own_template.py."""
+    """A project template written as Jinja (see the module docstring); trained through
+    own_template.py."""
 
     name: str
     source: str
@@ -119,13 +124,15 @@ def get_template(name: str) -> Template | JinjaTemplate:
     path = TEMPLATE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise UserError(
-            f"--template_name {name} is unknown; choose one of: auto, {', '.join(template_names())}."
+            f"--template_name {name} is unknown; "
+            f"choose one of: auto, {', '.join(template_names())}."
         )
     return load_template_file(path)
 
 
 def load_template_file(path: Path) -> Template | JinjaTemplate:
-    """A template from its YAML file; any mistake in the file is a UserError naming the file and field."""
+    """A template from its YAML file; any mistake in the file is a UserError naming the file and
+    field."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -137,7 +144,8 @@ def load_template_file(path: Path) -> Template | JinjaTemplate:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(
-            f"template file {path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}."
+            f"template file {path}: unknown field(s) {', '.join(unknown)}; "
+            f"known fields: {', '.join(sorted(known))}."
         )
     required = (
         ("name", "source", "chat_template", "stop")
@@ -163,7 +171,8 @@ def _check(t: Template, path: Path) -> None:
     before, found, after = t.assistant.partition("{content}")
     if not found or not before.startswith(t.generation_prompt):
         raise UserError(
-            f"template file {path}: field assistant must contain {{content}} and start with generation_prompt."
+            f"template file {path}: field assistant must contain {{content}} "
+            "and start with generation_prompt."
         )
     if not after.startswith(t.turn_end):
         raise UserError(
@@ -206,7 +215,8 @@ def _render_jinja(
 
 
 def _function(tool: dict) -> dict:
-    """An OpenAI tool's function dict ({"type": "function", "function": f} -> f); other tools as they are."""
+    """An OpenAI tool's function dict ({"type": "function", "function": f} -> f); other tools as
+    they are."""
     return tool["function"] if isinstance(tool.get("function"), dict) else tool
 
 
@@ -228,7 +238,8 @@ def _arguments(call: dict) -> str:
 
 
 def _kwargs(call: dict) -> str:
-    """Arguments as Python keyword arguments (ChatGLM3's tool_call(...)): scalars by repr, others as JSON."""
+    """Arguments as Python keyword arguments (ChatGLM3's tool_call(...)): scalars by repr, others as
+    JSON."""
     args = parsed = call["function"]["arguments"]
     if isinstance(args, str):
         try:
@@ -239,8 +250,8 @@ def _kwargs(call: dict) -> str:
         text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         raise UserError(
             f"the tool call {call['function']['name']!r} has arguments {text[:60]!r}"
-            f"{'...' if len(text) > 60 else ''}, not a JSON object, which this template writes as keyword "
-            "arguments; give the call an arguments object."
+            f"{'...' if len(text) > 60 else ''}, not a JSON object, which this template writes as "
+            "keyword arguments; give the call an arguments object."
         )
     return ", ".join(
         f"{k}={v!r}"
@@ -272,12 +283,13 @@ def render_segments(
     add_generation_prompt: bool = False,
     last_answer_only: bool = False,
 ) -> list[Segment]:
-    """The rendered text as segments. `last_answer_only`: only the last assistant message is an answer (the
-    rest is history); it matters for the tokenizer's own templates (own_template.py), whose earlier answers
-    may render differently once later turns follow."""
+    """The rendered text as segments. `last_answer_only`: only the last assistant message is an
+    answer (the rest is history); it matters for the tokenizer's own templates (own_template.py),
+    whose earlier answers may render differently once later turns follow."""
     if isinstance(t, JinjaTemplate):
         raise TypeError(
-            f"template '{t.name}' renders through a tokenizer: resolve_template(name, tokenizer) first"
+            f"template '{t.name}' renders through a tokenizer: "
+            "resolve_template(name, tokenizer) first"
         )
     if not isinstance(t, Template):
         from pipeline.data.own_template import render_segments as own
@@ -292,8 +304,8 @@ def render_segments(
     if tools:
         if t.tools_system is None:
             raise UserError(
-                f"template '{t.name}' does not write tool definitions; train with the model's own chat "
-                "template (--template_name auto) or pick a template with tools."
+                f"template '{t.name}' does not write tool definitions; train with the model's own "
+                "chat template (--template_name auto) or pick a template with tools."
             )
         own_system = system
         system = _fill(t.tools_system, system=system or "", tools=_tools_text(t, tools))
@@ -351,9 +363,9 @@ def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segm
     else:
         if calls and t.tool_call is None:
             raise UserError(
-                f"template '{t.name}' does not write tool calls, so the model would learn to stop instead "
-                "of calling; train with the model's own chat template (--template_name auto) or a template "
-                "with tools (e.g. qwen3 or llama3_1), or drop the calls."
+                f"template '{t.name}' does not write tool calls, so the model would learn to stop "
+                "instead of calling; train with the model's own chat template (--template_name "
+                "auto) or a template with tools (e.g. qwen3 or llama3_1), or drop the calls."
             )
         parts = [content] if content else []
         parts += [
@@ -377,7 +389,8 @@ def render(
     add_generation_prompt: bool = False,
     tools: list[dict] | None = None,
 ) -> str:
-    """The exact text the model sees for OpenAI-style messages (BOS included where the template writes it)."""
+    """The exact text the model sees for OpenAI-style messages (BOS included where the template
+    writes it)."""
     template = get_template(template_name)
     if isinstance(template, JinjaTemplate):
         return _render_jinja(template, messages, tools, add_generation_prompt)
@@ -387,7 +400,8 @@ def render(
 
 
 def chat_template_jinja(template_name: str) -> str:
-    """The Jinja chat_template equivalent to `render` for this template (what the saved tokenizer holds)."""
+    """The Jinja chat_template equivalent to `render` for this template (what the saved tokenizer
+    holds)."""
     template = get_template(template_name)
     return template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
 
@@ -396,10 +410,11 @@ def chat_template_jinja(template_name: str) -> str:
 
 
 def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | None = None):
-    """--template_name NAME: that project template. auto: the tokenizer's own chat template, rendered by
-    transformers for every conversation (own_template.py), so training sees exactly what inference sees. A
-    project template written as Jinja is given to the tokenizer and then trained the same way.
-    `chat_template_kwargs` reach every render of a template that transformers renders."""
+    """--template_name NAME: that project template. auto: the tokenizer's own chat template,
+    rendered by transformers for every conversation (own_template.py), so training sees exactly what
+    inference sees. A project template written as Jinja is given to the tokenizer and then trained
+    the same way. `chat_template_kwargs` reach every render of a template that transformers
+    renders."""
     from pipeline.data.own_template import own_template, template_kwargs
 
     kwargs = template_kwargs(chat_template_kwargs)
@@ -408,8 +423,8 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
         template = get_template(name)
         if kwargs and isinstance(template, Template):
             raise UserError(
-                f"--chat_template_kwargs needs a Jinja chat template; template '{name}' has no variables "
-                "to set (use --template_name auto or a Jinja template such as qwen3)."
+                f"--chat_template_kwargs needs a Jinja chat template; template '{name}' has no "
+                "variables to set (use --template_name auto or a Jinja template such as qwen3)."
             )
         if isinstance(template, JinjaTemplate):
             apply_template_to_tokenizer(tokenizer, template)
@@ -420,12 +435,13 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
         return template
     if not tokenizer.chat_template:
         raise UserError(
-            "--template_name auto needs a tokenizer with a chat template; this one has none, so pass "
-            f"--template_name (one of {', '.join(template_names())})."
+            "--template_name auto needs a tokenizer with a chat template; this one has none, so "
+            f"pass --template_name (one of {', '.join(template_names())})."
         )
     template = own_template(tokenizer, kwargs)
     logger.info(
-        "--template_name auto: training with the tokenizer's own chat template (answers end with %s; stops %s%s)",
+        "--template_name auto: training with the tokenizer's own chat template "
+        "(answers end with %s; stops %s%s)",
         template.turn_end
         or f"the next turn's first token, {template.final_turn_end!r} after the last",
         template.stop,

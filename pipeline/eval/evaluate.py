@@ -1,7 +1,8 @@
-"""Generation-based evaluation of saved folders: greedy answers through the saved chat template (the same
-path as chat and serving), held-out exact match, and reward-model scores of preference pairs.
+"""Generation-based evaluation of saved folders: greedy answers through the saved chat template (the
+same path as chat and serving), held-out exact match, and reward-model scores of preference pairs.
 
-    python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]    # prints the exact match of the last answers
+    python -m pipeline.evaluate MODEL_DIR DATA_DIR [TEMPLATE]
+        # prints the exact match of the last answers
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pipeline.rl.rewards import RewardScorer
 
 
 def _device() -> str:
-    """The GPU when there is one: a CPU evaluation on a many-core GPU host is the slow part of a pipeline run."""
+    """The GPU when there is one: a CPU evaluation on a many-core GPU host is the slow part of a
+    pipeline run."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -30,8 +32,8 @@ def greedy_answers(
     batch_size: int = 16,
     template_name: str | None = None,
 ) -> list[str]:
-    """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop tokens
-    (or with `template_name`, for a model whose tokenizer has no chat template yet)."""
+    """Answer each prompt (OpenAI-style messages) with the folder's own chat template and stop
+    tokens (or with `template_name`, for a model whose tokenizer has no chat template yet)."""
     chat = load_chat_model(model_dir, template_name)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     answers = []
@@ -51,7 +53,8 @@ def exact_match(
 
 
 def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
-    """(n, 2) rewards of chosen and rejected, each scored on the chat template's rendering of the conversation."""
+    """(n, 2) rewards of chosen and rejected, each scored on the chat template's rendering of the
+    conversation."""
     scorer = RewardScorer(model, tokenizer)
     out = []
     for pair in pairs:
@@ -66,15 +69,16 @@ def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
 
 
 def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
-    """Share of pairs a saved reward model (plain AutoModelForSequenceClassification) ranks correctly."""
+    """Share of pairs a saved reward model (plain AutoModelForSequenceClassification) ranks
+    correctly."""
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).to(_device()).eval()
     scores = rewards(model, AutoTokenizer.from_pretrained(rm_dir), pairs)
     return (scores[:, 0] > scores[:, 1]).float().mean().item()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Held-out exact match of the last answer of every chat (earlier turns are the prompt, as the PPO
-    stage's evaluation reads them)."""
+    """Held-out exact match of the last answer of every chat (earlier turns are the prompt, as the
+    PPO stage's evaluation reads them)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=main.__doc__)
     parser.add_argument(
         "model_dir", metavar="MODEL_DIR", help="a trained folder: full model or adapter"
@@ -92,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     answered = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
     if len(answered) < len(convs):  # said on stderr: stdout carries the figure alone
         print(
-            f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an assistant answer "
-            "and are not scored",
+            f"{len(convs) - len(answered)} of {len(convs)} chats in {data_dir} end without an "
+            "assistant answer and are not scored",
             file=sys.stderr,
         )
     if not answered:

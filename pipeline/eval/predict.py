@@ -1,16 +1,18 @@
-"""Generated answers to held-out conversations, scored with ROUGE-1/2/L and BLEU-4 (text_metrics.py), as the
-ChatGLM3 / GLM-4 fine-tuning demos' `predict_with_generate` does.
+"""Generated answers to held-out conversations, scored with ROUGE-1/2/L and BLEU-4
+(text_metrics.py), as the ChatGLM3 / GLM-4 fine-tuning demos' `predict_with_generate` does.
 
-The last assistant answer of each conversation is the label; the messages before it (and its tools) are the
-prompt, rendered with the model's own chat template and answered greedily through the one generation path
-(pipeline/infer). A conversation that does not end with an assistant answer in text is not scored; how many
-is said in the log.
+The last assistant answer of each conversation is the label; the messages before it (and its tools)
+are the prompt, rendered with the model's own chat template and answered greedily through the one
+generation path (pipeline/infer). A conversation that does not end with an assistant answer in text
+is not scored; how many is said in the log.
 
-    python -m pipeline.predict --model outputs/sft --data data/sft_eval --output_dir outputs/sft-predict
+    python -m pipeline.predict --model outputs/sft --data data/sft_eval \
+        --output_dir outputs/sft-predict
 
 writes generated_predictions.jsonl ({"prompt": messages, "label": ..., "predict": ...} per line) and
-predict_results.json (predict_rouge-1, ..., predict_bleu-4, all x100). The SFT stage's --predict_with_generate
-does the same with the model being trained (GenerationEval below): eval_rouge-1 ... at every evaluation.
+predict_results.json (predict_rouge-1, ..., predict_bleu-4, all x100). The SFT stage's
+--predict_with_generate does the same with the model being trained (GenerationEval below):
+eval_rouge-1 ... at every evaluation.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ class HeldOut:
 
 
 def held_out(conversations: list[dict], where: str, limit: int | None = None) -> HeldOut:
-    """The conversations that end with an assistant answer in text (the first `limit` of them); the others are
-    counted by reason and said in the log. None left is an error."""
+    """The conversations that end with an assistant answer in text (the first `limit` of them); the
+    others are counted by reason and said in the log. None left is an error."""
     held = HeldOut([])
     for conversation in conversations:
         last = conversation["messages"][-1]
@@ -73,7 +75,8 @@ def held_out(conversations: list[dict], where: str, limit: int | None = None) ->
         )
     if not held.conversations:
         raise UserError(
-            f"no chat in {where} ends with an assistant answer to compare generated answers against."
+            f"no chat in {where} ends with an assistant answer to compare generated answers "
+            "against."
         )
     if limit is not None and limit < len(held.conversations):
         logger.info(
@@ -87,7 +90,8 @@ def held_out(conversations: list[dict], where: str, limit: int | None = None) ->
 
 
 def prompt_text(chat: ChatModel, conversation: dict) -> str:
-    """The conversation up to its last answer, rendered as the model's prompt for that answer (tools included)."""
+    """The conversation up to its last answer, rendered as the model's prompt for that answer (tools
+    included)."""
     messages, tools = conversation["messages"][:-1], conversation.get("tools") or None
     if chat.template_name:
         return render(chat.template_name, messages, add_generation_prompt=True, tools=tools)
@@ -106,8 +110,8 @@ def generate_answers(
     batch_size: int,
     **generate_kwargs,
 ) -> list[str]:
-    """Greedy answers (stripped) of the conversations' last turns, `batch_size` prompts at a time; `generate_kwargs`
-    go to `model.generate`."""
+    """Greedy answers (stripped) of the conversations' last turns, `batch_size` prompts at a time;
+    `generate_kwargs` go to `model.generate`."""
     sampling, texts = (
         Sampling(max_new_tokens=max_new_tokens),
         [prompt_text(chat, c) for c in conversations],
@@ -140,18 +144,20 @@ def write_predictions(path: Path, held: HeldOut, predictions: list[str]) -> None
         ) from e
 
 
-# ---------------------------------------------------------------- during SFT: the model being trained
+# -------------------------------------------------------------- during SFT: the model being trained
 
 
 def check_predict_with_generate(data_args, training_args) -> None:
-    """--predict_with_generate needs held-out conversations (a validation folder or files, or --test_file): the
-    eval set of a --validation_split_percentage split is tokenized training data, no longer conversations."""
+    """--predict_with_generate needs held-out conversations (a validation folder or files, or
+    --test_file): the eval set of a --validation_split_percentage split is tokenized training data,
+    no longer conversations."""
     check_installed()
     if not data_args.has_validation and data_args.validation_split_percentage > 0:
         raise UserError(
             "--predict_with_generate True generates the answers of held-out conversations, which a "
             "--validation_split_percentage split of the training data does not keep; give "
-            "--validation_file_dir (or --validation_file), or --validation_split_percentage 0 with --test_file."
+            "--validation_file_dir (or --validation_file), or --validation_split_percentage 0 with "
+            "--test_file."
         )
     if not (data_args.has_validation and training_args.do_eval) and not data_args.test_file:
         raise UserError(
@@ -160,16 +166,17 @@ def check_predict_with_generate(data_args, training_args) -> None:
         )
     if training_args.fsdp:
         raise UserError(
-            "--predict_with_generate True cannot generate from FSDP-sharded weights; use --deepspeed "
-            "(ZeRO-2 or ZeRO-3) or drop one of the two flags."
+            "--predict_with_generate True cannot generate from FSDP-sharded weights; use "
+            "--deepspeed (ZeRO-2 or ZeRO-3) or drop one of the two flags."
         )
 
 
 @contextmanager
 def generating(trainer):
-    """The model being trained, unwrapped and in eval mode (so no dropout and no gradient checkpointing), with
-    an attention that takes padded batches. Under ZeRO-3 every rank gathers the whole weights for the time of
-    the generation and DeepSpeed's partitioning hooks are lifted, as trl's online trainers do."""
+    """The model being trained, unwrapped and in eval mode (so no dropout and no gradient
+    checkpointing), with an attention that takes padded batches. Under ZeRO-3 every rank gathers the
+    whole weights for the time of the generation and DeepSpeed's partitioning hooks are lifted, as
+    trl's online trainers do."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     engine = trainer.model_wrapped
@@ -196,9 +203,10 @@ def generating(trainer):
 
 
 class GenerationEval(TrainerCallback):
-    """--predict_with_generate for a Trainer: at every evaluation the held-out answers are generated with the
-    model being trained (each rank answers a share), scored on every rank alike, added to the evaluation's
-    metrics (eval_results.json) and logged as eval_rouge-1 ... (trainer_state.json, tensorboard)."""
+    """--predict_with_generate for a Trainer: at every evaluation the held-out answers are generated
+    with the model being trained (each rank answers a share), scored on every rank alike, added to
+    the evaluation's metrics (eval_results.json) and logged as eval_rouge-1 ... (trainer_state.json,
+    tensorboard)."""
 
     def __init__(self, trainer, held: HeldOut | None, max_new_tokens: int):
         self.trainer, self.held, self.max_new_tokens = trainer, held, max_new_tokens
@@ -224,7 +232,8 @@ class GenerationEval(TrainerCallback):
         self.trainer.log(dict(logs))
 
     def predict(self, held: HeldOut) -> list[str]:
-        """Every rank answers its share of the conversations; all ranks get all the answers, in order."""
+        """Every rank answers its share of the conversations; all ranks get all the answers, in
+        order."""
         from accelerate.utils import gather_object
 
         rank, world = self.trainer.args.process_index, self.trainer.args.world_size
@@ -235,8 +244,9 @@ class GenerationEval(TrainerCallback):
             )  # the template's stops
             config.pad_token_id = self.tokenizer.pad_token_id
             chat = ChatModel(model, self.tokenizer, config)
-            # the weights are whole on every rank, so no rank waits for the others' forward passes (generate would
-            # under ZeRO-3, and the ranks' shares may take different numbers of batches and tokens)
+            # the weights are whole on every rank, so no rank waits for the others' forward passes
+            # (generate would under ZeRO-3, and the ranks' shares may take different numbers of
+            # batches and tokens)
             mine = generate_answers(
                 chat,
                 held.conversations[rank::world],
@@ -251,8 +261,9 @@ class GenerationEval(TrainerCallback):
         return [answers[i] for i in range(len(held.conversations))]
 
     def finish(self, test: HeldOut | None) -> dict[str, float]:
-        """After training: the final evaluation's answers (when it ran) and the --test_file answers of the final
-        model, written into output_dir with their metrics (predict_results.json: eval_* and test_* keys)."""
+        """After training: the final evaluation's answers (when it ran) and the --test_file answers
+        of the final model, written into output_dir with their metrics (predict_results.json: eval_*
+        and test_* keys)."""
         trainer, out = self.trainer, Path(self.trainer.args.output_dir)
         results: dict[str, float] = {}
         if self.latest is not None and self.latest[0] == trainer.state.global_step:
@@ -272,7 +283,8 @@ class GenerationEval(TrainerCallback):
 
 
 def held_out_sources(data_args, sft_args) -> tuple[HeldOut | None, HeldOut | None]:
-    """(the eval conversations, the --test_file conversations), read as the SFT stage read its data."""
+    """(the eval conversations, the --test_file conversations), read as the SFT stage read its
+    data."""
 
     def read(source, flag: str, limit: int | None = None) -> HeldOut:
         conversations, _ = read_conversations(
@@ -295,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
         description=(
-            "Generate the last assistant answer of every held-out conversation with a trained folder and score them "
-            "with ROUGE-1/2/L and BLEU-4 (jieba words, x100), as the ChatGLM3 / GLM-4 demos' predict_with_generate."
+            "Generate the last assistant answer of every held-out conversation with a trained "
+            "folder and score them with ROUGE-1/2/L and BLEU-4 (jieba words, x100), as the "
+            "ChatGLM3 / GLM-4 demos' predict_with_generate."
         ),
     )
     parser.add_argument("--model", required=True, help="a trained folder: full model or adapter")
@@ -352,8 +365,8 @@ def _log_to_stderr() -> None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (the command run twice in one process, e.g. by tests that capture
-    output, must not log into the closed stream of the first run)."""
+    """Writes to whatever sys.stderr is now (the command run twice in one process, e.g. by tests
+    that capture output, must not log into the closed stream of the first run)."""
 
     @property
     def stream(self):

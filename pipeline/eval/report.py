@@ -1,8 +1,9 @@
-"""Before -> after report of a pipeline run: each stage's key metric on held-out data, and every stage's
-training-loss curve. Reads only the stage folders under OUTPUT_ROOT (pt sft rm ppo dpo), so it also
-works on stage folders made by hand.
+"""Before -> after report of a pipeline run: each stage's key metric on held-out data, and every
+stage's training-loss curve. Reads only the stage folders under OUTPUT_ROOT (pt sft rm ppo dpo), so
+it also works on stage folders made by hand.
 
-    python -m pipeline.report OUTPUT_ROOT     # prints the table; writes report.md, report.json, losses.png
+    python -m pipeline.report OUTPUT_ROOT \
+        # prints the table; writes report.md, report.json, losses.png
 
 "After" is the stage's final evaluation (eval_results.json, plus sft/exact_match_results.json that
 run_pipeline.sh writes). "Before" is the same key with `_before` in those files, else the step-0
@@ -34,7 +35,8 @@ METRICS = {
         ("exact match (greedy)", "eval_exact_match", "higher"),
         ("KL to the SFT model", "eval_kl", None),
     ],
-    # at step 0 the policy is its reference: every reward is 0, so accuracy (chosen strictly above) starts at 0
+    # at step 0 the policy is its reference: every reward is 0, so accuracy (chosen strictly above)
+    # starts at 0
     "dpo": [
         ("reward accuracy", "eval_rewards/accuracies", "higher"),
         ("reward margin", "eval_rewards/margins", "higher"),
@@ -57,7 +59,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e}); re-run the stage that writes it.") from e
     if not isinstance(value, dict):
         raise UserError(
-            f"{path} holds a JSON {type(value).__name__}, not an object; re-run the stage that writes it."
+            f"{path} holds a JSON {type(value).__name__}, not an object; re-run the stage that "
+            "writes it."
         )
     return value
 
@@ -78,7 +81,8 @@ def _start_eval(state: dict[str, Any]) -> dict[str, float]:
 
 
 def stage_report(folder: Path, stage: str) -> dict[str, Any]:
-    """{"status": finished | unfinished | not run, "metrics": [{label, key, before, after, better, improved}]}"""
+    """{"status": finished | unfinished | not run, "metrics": [{label, key, before, after, better,
+    improved}]}"""
     if not folder.is_dir():
         return {"status": "not run", "metrics": []}
     if not (folder / "train_results.json").is_file():
@@ -140,13 +144,15 @@ def markdown_table(report: dict[str, Any]) -> str:
             improved = {True: "yes", False: "no", None: "—"}[m["improved"]]
             better = f", {m['better']} is better" if m["better"] else ""
             lines.append(
-                f"| {title} | {m['label']}{better} | {_number(m['before'])} | {_number(m['after'])} | {improved} |"
+                f"| {title} | {m['label']}{better} | {_number(m['before'])} | "
+                f"{_number(m['after'])} | {improved} |"
             )
     return "\n".join(lines)
 
 
 def plot_losses(root: Path, out: Path) -> list[str]:
-    """One panel per stage with a logged training loss; returns the stages drawn (nothing written if none)."""
+    """One panel per stage with a logged training loss; returns the stages drawn (nothing written if
+    none)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -169,7 +175,8 @@ def plot_losses(root: Path, out: Path) -> list[str]:
 
 
 def write_report(root: Path) -> str:
-    """Build the report of `root`, write report.md, report.json and losses.png there; return the table."""
+    """Build the report of `root`, write report.md, report.json and losses.png there; return the
+    table."""
     if not root.is_dir():
         raise UserError(f"{root} does not exist; give the OUTPUT_ROOT of a pipeline run.")
     report = build_report(root)

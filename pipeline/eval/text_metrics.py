@@ -1,8 +1,10 @@
-"""ROUGE-1/2/L and BLEU-4 of generated answers against references, scored as the ChatGLM3 / GLM-4 fine-tuning
-demos score them: both texts segmented into words with jieba, ROUGE F1 from the rouge_chinese package on the
-space-joined words, sentence BLEU-4 from nltk with smoothing method 3, each averaged over the samples.
+"""ROUGE-1/2/L and BLEU-4 of generated answers against references, scored as the ChatGLM3 / GLM-4
+fine-tuning demos score them: both texts segmented into words with jieba, ROUGE F1 from the
+rouge_chinese package on the space-joined words, sentence BLEU-4 from nltk with smoothing method 3,
+each averaged over the samples.
 
-The libraries are the `eval` extra (pip install -e ".[eval]"); they are imported when scoring starts.
+The libraries are the `eval` extra (pip install -e ".[eval]"); they are imported when scoring
+starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 
 
 def _libraries():
-    """(jieba, rouge_chinese.Rouge, nltk's sentence_bleu, SmoothingFunction), or one sentence naming the install."""
+    """(jieba, rouge_chinese.Rouge, nltk's sentence_bleu, SmoothingFunction), or one sentence naming
+    the install."""
     try:
         with (
             warnings.catch_warnings()
@@ -36,18 +39,20 @@ def _libraries():
 
 
 def check_installed() -> None:
-    """Stop now, in one sentence, when the scoring libraries are missing (not after hours of training)."""
+    """Stop now, in one sentence, when the scoring libraries are missing (not after hours of
+    training)."""
     _libraries()
 
 
 def score_texts(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2, ROUGE-L (F1) and BLEU-4 over the pairs, each x100 (0-100), plus "samples" (pairs
-    scored), "empty_predictions" and "empty_references" (pairs where one side has no words: rouge_chinese refuses
-    those, so they score 0 on every metric and still count in the means).
+    """Mean ROUGE-1, ROUGE-2, ROUGE-L (F1) and BLEU-4 over the pairs, each x100 (0-100), plus
+    "samples" (pairs scored), "empty_predictions" and "empty_references" (pairs where one side has
+    no words: rouge_chinese refuses those, so they score 0 on every metric and still count in the
+    means).
 
-    Identical texts of 4 words or more score 100 (ROUGE as 99.9999995: rouge_chinese adds 1e-8 to its F1
-    denominator); shorter ones score what the metrics define: a one-word answer has no word pairs, so its
-    ROUGE-2 is 0 and its smoothed BLEU-4 35.36."""
+    Identical texts of 4 words or more score 100 (ROUGE as 99.9999995: rouge_chinese adds 1e-8 to
+    its F1 denominator); shorter ones score what the metrics define: a one-word answer has no word
+    pairs, so its ROUGE-2 is 0 and its smoothed BLEU-4 35.36."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:

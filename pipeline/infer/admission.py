@@ -1,8 +1,9 @@
-"""What pipeline/infer/server.py admits and for how long: Limits (the flags bounding a request and the load),
-fit_prompt (a prompt and its max_tokens checked against the context, refusing one far too long by its
-length in characters before it is tokenized), Slots (the bounded queue in front of the generation slots,
-which refuses beyond --max_queue so the server can answer 503) and Watch (the stopping criterion that ends
-a generation whose client has disconnected or whose --request_timeout has passed).
+"""What pipeline/infer/server.py admits and for how long: Limits (the flags bounding a request and
+the load), fit_prompt (a prompt and its max_tokens checked against the context, refusing one far too
+long by its length in characters before it is tokenized), Slots (the bounded queue in front of the
+generation slots, which refuses beyond --max_queue so the server can answer 503) and Watch (the
+stopping criterion that ends a generation whose client has disconnected or whose --request_timeout
+has passed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server and how many it holds at once (the flags of the same names)."""
+    """What one request may ask of the server and how many it holds at once (the flags of the same
+    names)."""
 
     max_context: int | None = (
         None  # prompt tokens + max_tokens may not exceed it; None: the model config's
@@ -52,24 +54,26 @@ class Limits:
                 raise UserError(f"--{name} must be at least {low}, got {getattr(self, name)}.")
         if not self.request_timeout > 0:
             raise UserError(
-                f"--request_timeout must be a positive number of seconds, got {self.request_timeout}."
+                "--request_timeout must be a positive number of seconds, "
+                f"got {self.request_timeout}."
             )
 
 
 def longest_token(tokenizer) -> int:
-    """Characters of the vocabulary's longest token string. A token covers at most that many characters of
-    text (byte-level tokens spell one character per byte, SentencePiece ones one per character), so a text
-    longer than n times this is sure to be over n tokens without tokenizing it. (A tokenizer whose normalizer
-    drops text, e.g. collapses whitespace, would break this; chat models' tokenizers do not.)"""
+    """Characters of the vocabulary's longest token string. A token covers at most that many
+    characters of text (byte-level tokens spell one character per byte, SentencePiece ones one per
+    character), so a text longer than n times this is sure to be over n tokens without tokenizing
+    it. (A tokenizer whose normalizer drops text, e.g. collapses whitespace, would break this; chat
+    models' tokenizers do not.)"""
     return max(len(token) for token in tokenizer.get_vocab())
 
 
 def fit_prompt(
     chat: ChatModel, request: ChatRequest, context: int, token_chars: int, text: str | None = None
 ) -> tuple[BatchEncoding, Sampling]:
-    """The encoded prompt (`text`, already rendered, or the messages rendered here) and the sampling to answer it
-    with, or a 400 when prompt and answer cannot share the context. A request that left max_tokens to the server
-    gets at most what the context has left."""
+    """The encoded prompt (`text`, already rendered, or the messages rendered here) and the sampling
+    to answer it with, or a 400 when prompt and answer cannot share the context. A request that left
+    max_tokens to the server gets at most what the context has left."""
     answer = request.sampling.max_new_tokens if request.max_tokens_asked else 1
     room = context - answer
     if room < 1:
@@ -85,8 +89,8 @@ def fit_prompt(
         less = f", less max_tokens {answer}" if request.max_tokens_asked else ""
         raise ApiError(
             400,
-            f"the prompt is {len(text)} characters, too long for the {room} tokens it may have (this "
-            f"model's context is {context} tokens{less}); shorten the messages.",
+            f"the prompt is {len(text)} characters, too long for the {room} tokens it may have "
+            f"(this model's context is {context} tokens{less}); shorten the messages.",
             "messages",
             "context_length_exceeded",
         )
@@ -96,15 +100,16 @@ def fit_prompt(
         if request.max_tokens_asked:
             raise ApiError(
                 400,
-                f"the prompt is {n} tokens and max_tokens is {answer}, {n + answer} in all, more than this "
-                f"model's context of {context} tokens; shorten the messages or lower max_tokens.",
+                f"the prompt is {n} tokens and max_tokens is {answer}, {n + answer} in all, more "
+                f"than this model's context of {context} tokens; shorten the messages or lower "
+                "max_tokens.",
                 "messages",
                 "context_length_exceeded",
             )
         raise ApiError(
             400,
-            f"the prompt is {n} tokens, which leaves no room for an answer in this model's context of "
-            f"{context} tokens; shorten the messages.",
+            f"the prompt is {n} tokens, which leaves no room for an answer in this model's context "
+            f"of {context} tokens; shorten the messages.",
             "messages",
             "context_length_exceeded",
         )
@@ -118,14 +123,16 @@ def model_context(chat: ChatModel) -> int:
     context = getattr(chat.model.config, "max_position_embeddings", None)
     if not isinstance(context, int):
         raise UserError(
-            "the model's config has no max_position_embeddings; pass --max_context (its context in tokens)."
+            "the model's config has no max_position_embeddings; "
+            "pass --max_context (its context in tokens)."
         )
     return context
 
 
 def client_gone(connection: socket.socket) -> bool:
-    """Whether the client has closed its connection. Its request is read whole by then, so the socket turning
-    readable means end of file (or a reset): nothing else is expected from an HTTP/1.0 client that waits."""
+    """Whether the client has closed its connection. Its request is read whole by then, so the
+    socket turning readable means end of file (or a reset): nothing else is expected from an
+    HTTP/1.0 client that waits."""
     poller = select.poll()  # poll, not select: no limit on the descriptor's number
     poller.register(connection, select.POLLIN)
     try:
@@ -137,8 +144,9 @@ def client_gone(connection: socket.socket) -> bool:
 
 
 class Slots:
-    """Queueing, not batching: `parallel` generations run at once and up to `max_queue` requests wait for
-    a slot in arrival order; `enter` refuses beyond that, so the wait (and the memory) stays bounded."""
+    """Queueing, not batching: `parallel` generations run at once and up to `max_queue` requests
+    wait for a slot in arrival order; `enter` refuses beyond that, so the wait (and the memory)
+    stays bounded."""
 
     def __init__(self, parallel: int, max_queue: int):
         self.parallel, self.max_queue = parallel, max_queue
@@ -177,8 +185,8 @@ class Slots:
 
 
 class Watch(StoppingCriteria):
-    """Ends a generation whose client has gone or whose time is up (checked after every token); `reason`
-    says which. It also counts the tokens generated, which GET /health reports."""
+    """Ends a generation whose client has gone or whose time is up (checked after every token);
+    `reason` says which. It also counts the tokens generated, which GET /health reports."""
 
     def __init__(self, server: ChatServer, connection: socket.socket, deadline: float):
         self.server, self.connection, self.deadline = server, connection, deadline

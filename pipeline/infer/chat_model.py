@@ -1,11 +1,13 @@
 """A trained folder ready to answer: loading (full model or adapter), prompt rendering with its chat
-template, and answers through the one generation path (pipeline/infer/generation.py), whole or streamed.
+template, and answers through the one generation path (pipeline/infer/generation.py), whole or
+streamed.
 
-The folder is a full model or an adapter (a folder with adapter_config.json, applied with peft to the
-base it names, found from any working directory, or --base_model), in full precision or 4/8-bit, with RoPE
-optionally stretched (--rope_scaling). Prompts are rendered with the folder's saved chat template (or --template_name, for a
-base model that has none) and generation stops on the end-of-turn tokens of its generation config.
-cli.py (terminal chat, batch files) and server.py (OpenAI-compatible HTTP) use it.
+The folder is a full model or an adapter (a folder with adapter_config.json, applied with peft to
+the base it names, found from any working directory, or --base_model), in full precision or 4/8-bit,
+with RoPE optionally stretched (--rope_scaling). Prompts are rendered with the folder's saved chat
+template (or --template_name, for a base model that has none) and generation stops on the
+end-of-turn tokens of its generation config. cli.py (terminal chat, batch files) and server.py
+(OpenAI-compatible HTTP) use it.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class Completion:
 
 
 class _Cancelled(StoppingCriteria):
-    """Ends a streamed generation early when its reader has gone (e.g. the HTTP client disconnected)."""
+    """Ends a streamed generation early when its reader has gone (e.g. the HTTP client
+    disconnected)."""
 
     def __init__(self, event: threading.Event):
         self.event = event
@@ -101,13 +104,14 @@ class ChatModel:
         return self.tokenize([self.render(messages) for messages in conversations])
 
     def tokenize(self, texts: list[str]) -> BatchEncoding:
-        """Rendered prompts as a left-padded batch; the text already holds BOS where the template writes one,
-        so none is added here."""
+        """Rendered prompts as a left-padded batch; the text already holds BOS where the template
+        writes one, so none is added here."""
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return batch.to(self.model.device)
 
     def answer(self, batch: BatchEncoding, sampling: Sampling, **kwargs) -> list[Completion]:
-        """Answer an encoded batch (from `encode`); `kwargs` go to `model.generate` (a streamer, stopping criteria)."""
+        """Answer an encoded batch (from `encode`); `kwargs` go to `model.generate` (a streamer,
+        stopping criteria)."""
         config = sampling_config(
             self.generation_config, sampling.max_new_tokens, sampling.temperature, sampling.top_p
         )
@@ -136,8 +140,9 @@ class ChatModel:
         on_text: Callable[[str], None],
         stopping_criteria: list[StoppingCriteria] | None = None,
     ) -> Completion:
-        """Answer one conversation (its messages, or already encoded), handing each new piece of text to on_text
-        as soon as it is decoded; `stopping_criteria` can end it early (the server's timeout and disconnect check)."""
+        """Answer one conversation (its messages, or already encoded), handing each new piece of
+        text to on_text as soon as it is decoded; `stopping_criteria` can end it early (the server's
+        timeout and disconnect check)."""
         batch = prompt if isinstance(prompt, BatchEncoding) else self.encode([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel, result = threading.Event(), {}
@@ -175,8 +180,9 @@ ROPE_KINDS = ("linear", "dynamic", "yarn")
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How the weights load: an adapter's base (--base_model, default: the one it records), 4/8-bit with
-    bitsandbytes, RoPE stretched to --model_max_length positions (default: twice the model's) by --rope_scaling."""
+    """How the weights load: an adapter's base (--base_model, default: the one it records), 4/8-bit
+    with bitsandbytes, RoPE stretched to --model_max_length positions (default: twice the model's)
+    by --rope_scaling."""
 
     base_model: str | None = None
     load_in_4bit: bool = False
@@ -216,8 +222,8 @@ def _load(what: str, loader: Callable, source: str, **kwargs):
 
 
 def _adapter_base(folder: Path, base_model: str | None):
-    """The base of an adapter folder (see pipeline/model/merge.py: resolve_base), checked whole and, by its weights'
-    fingerprint, the one the adapter was trained on."""
+    """The base of an adapter folder (see pipeline/model/merge.py: resolve_base), checked whole and,
+    by its weights' fingerprint, the one the adapter was trained on."""
     from peft import (
         PeftConfig,
     )  # peft (and bitsandbytes under it) take seconds to import; only adapters need it
@@ -226,7 +232,8 @@ def _adapter_base(folder: Path, base_model: str | None):
 
     if PeftConfig.from_pretrained(str(folder)).task_type == "SEQ_CLS":
         raise UserError(
-            f"{folder} is a reward-model adapter; chat needs a causal LM (an SFT, DPO or PPO output)."
+            f"{folder} is a reward-model adapter; "
+            "chat needs a causal LM (an SFT, DPO or PPO output)."
         )
     base = resolve_base(folder, base_model)
     check_folder_whole(base.path, f"the base model of {folder}")
@@ -254,8 +261,9 @@ def _chat_tokenizer(source: str, template_name: str | None, trust_remote_code: b
 
 
 def _stretch_rope(config, options: LoadOptions) -> None:
-    """--rope_scaling at inference means what it means in training (pipeline/model/loading.py: apply_rope_scaling):
-    positions up to --model_max_length, by default twice the model's; it replaces any scaling the folder saved."""
+    """--rope_scaling at inference means what it means in training (pipeline/model/loading.py:
+    apply_rope_scaling): positions up to --model_max_length, by default twice the model's; it
+    replaces any scaling the folder saved."""
     from pipeline.model.loading import apply_rope_scaling
 
     apply_rope_scaling(
@@ -264,8 +272,9 @@ def _stretch_rope(config, options: LoadOptions) -> None:
 
 
 def _quantized(options: LoadOptions, placement: dict) -> dict:
-    """from_pretrained arguments for 4/8-bit weights, after transformers' own check that bitsandbytes can quantize
-    here (it places quantized weights at load time, so never without a device map)."""
+    """from_pretrained arguments for 4/8-bit weights, after transformers' own check that
+    bitsandbytes can quantize here (it places quantized weights at load time, so never without a
+    device map)."""
     from transformers import BitsAndBytesConfig
     from transformers.quantizers import AutoHfQuantizer
 
@@ -287,8 +296,8 @@ def _quantized(options: LoadOptions, placement: dict) -> dict:
         AutoHfQuantizer.from_config(quant).validate_environment(device_map=device_map)
     except (ImportError, RuntimeError, ValueError) as e:
         raise UserError(
-            f"{options.quantization_flag}: bitsandbytes cannot quantize on this machine ({first_line(e)}); "
-            "drop the flag, or install bitsandbytes for this device."
+            f"{options.quantization_flag}: bitsandbytes cannot quantize on this machine "
+            f"({first_line(e)}); drop the flag, or install bitsandbytes for this device."
         ) from e
     return {**placement, "device_map": device_map, "quantization_config": quant, "dtype": dtype}
 
@@ -300,13 +309,14 @@ def load_chat_model(
     num_gpus: int = 1,
     options: LoadOptions | None = None,
 ) -> ChatModel:
-    """A full model folder, or an adapter folder applied to its base (the one its adapter_config.json records, found
-    from anywhere, or options.base_model); on one GPU (or the CPU), or its layers spread over the first `num_gpus`."""
+    """A full model folder, or an adapter folder applied to its base (the one its
+    adapter_config.json records, found from anywhere, or options.base_model); on one GPU (or the
+    CPU), or its layers spread over the first `num_gpus`."""
     options = options or LoadOptions()
     if num_gpus < 1 or num_gpus > max(torch.cuda.device_count(), 1):
         raise UserError(
-            f"--num_gpus {num_gpus}: this machine has {torch.cuda.device_count()} GPUs; give a number from "
-            f"1 to {max(torch.cuda.device_count(), 1)}."
+            f"--num_gpus {num_gpus}: this machine has {torch.cuda.device_count()} GPUs; give a "
+            f"number from 1 to {max(torch.cuda.device_count(), 1)}."
         )
     folder = Path(path)
     if not folder.exists() and (folder.is_absolute() or path.startswith(".")):
@@ -369,7 +379,8 @@ def load_chat_model(
     if "device_map" not in weights:
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
-    # An adapter folder carries the stop tokens its training set; without one, the base model's apply.
+    # An adapter folder carries the stop tokens its training set; without one, the base model's
+    # apply.
     generation = (
         GenerationConfig.from_pretrained(path)
         if (folder / "generation_config.json").is_file()
@@ -432,16 +443,16 @@ def check_messages(messages: Any) -> list[dict]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
-    """Flags shared with pipeline.serve (where the sampling ones are defaults for requests that omit them); load the
-    model they describe with `load_chat_model_from_args`."""
+    """Flags shared with pipeline.serve (where the sampling ones are defaults for requests that omit
+    them); load the model they describe with `load_chat_model_from_args`."""
     parser.add_argument(
         "--model", required=model_required, help="a trained folder: full model or adapter"
     )
     parser.add_argument(
         "--base_model",
         default=None,
-        help="an adapter's base model folder (default: the one its adapter_config.json records, also "
-        "looked for relative to the adapter and beside it)",
+        help="an adapter's base model folder (default: the one its adapter_config.json records, "
+        "also looked for relative to the adapter and beside it)",
     )
     parser.add_argument(
         "--template_name", default=None, help="render with this template instead of the saved one"
@@ -452,7 +463,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
         "--num-gpus",
         type=int,
         default=1,
-        help="places the model on this many GPUs, its layers spread over them (1: one GPU, or the CPU)",
+        help="places the model on this many GPUs, "
+        "its layers spread over them (1: one GPU, or the CPU)",
     )
     for bits in (4, 8):
         parser.add_argument(
@@ -468,8 +480,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
         "--rope_scaling",
         default=None,
         choices=ROPE_KINDS,
-        help="stretch RoPE to --model_max_length positions, as in training (e.g. dynamic for a model "
-        "trained with linear)",
+        help="stretch RoPE to --model_max_length positions, as in training (e.g. dynamic for a "
+        "model trained with linear)",
     )
     parser.add_argument(
         "--model_max_length",

@@ -1,9 +1,13 @@
 """Use a trained folder from the terminal: multi-turn chat, or answers for a whole file of prompts.
 
-    python -m pipeline.chat --model outputs/sft-merged                 # interactive: clear / exit (quit, stop)
-    python -m pipeline.chat outputs/sft --prompt "Hello"               # one answer, printed (the GLM demos' form)
-    python -m pipeline.chat --model outputs/sft --input_file prompts.jsonl --output_file answers.jsonl
-    python -m pipeline.chat --model outputs/sft --base_model /data/base --load_in_4bit --rope_scaling dynamic
+    python -m pipeline.chat \
+        --model outputs/sft-merged                  # interactive: clear / exit (quit, stop)
+    python -m pipeline.chat outputs/sft \
+        --prompt "Hello"                            # one answer, printed (the GLM demos' form)
+    python -m pipeline.chat --model outputs/sft --input_file prompts.jsonl \
+        --output_file answers.jsonl
+    python -m pipeline.chat --model outputs/sft --base_model /data/base --load_in_4bit \
+        --rope_scaling dynamic
 
 An input line is {"prompt": "...", "system"?: "..."} or {"messages": [OpenAI-style messages]}; each
 output line is the input record plus "answer". Greedy by default (--temperature 0). server.py serves
@@ -30,7 +34,8 @@ from pipeline.infer.chat_model import (
 
 
 def record_messages(record: Any, system: str | None) -> list[dict]:
-    """The conversation of one input record; --system applies where the record has no system message."""
+    """The conversation of one input record; --system applies where the record has no system
+    message."""
     if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
         raise ValueError('a record needs exactly one of "prompt" (a string) or "messages" (a list)')
     if "prompt" in record:
@@ -46,7 +51,8 @@ def record_messages(record: Any, system: str | None) -> list[dict]:
 
 
 def read_prompts(input_file: str, system: str | None) -> list[tuple[dict, list[dict]]]:
-    """(record, messages) for every record of a JSON-lines file; a broken one stops with file:line."""
+    """(record, messages) for every record of a JSON-lines file; a broken one stops with
+    file:line."""
     path = Path(input_file)
     if not path.is_file():
         raise UserError(f"--input_file {input_file} does not exist.")
@@ -92,8 +98,8 @@ def _print_piece(text: str) -> None:
 
 
 def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
-    """Read user lines from stdin and stream the answers to stdout; `clear` resets, `exit`/`quit`/`stop` (or EOF)
-    leaves."""
+    """Read user lines from stdin and stream the answers to stdout; `clear` resets,
+    `exit`/`quit`/`stop` (or EOF) leaves."""
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     prompt = "user> " if sys.stdin.isatty() else ""
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     if (args.input_file is None) != (args.output_file is None):
         raise UserError(
-            "--input_file and --output_file go together; give both for batch mode, or neither to chat."
+            "--input_file and --output_file go together; "
+            "give both for batch mode, or neither to chat."
         )
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}.")

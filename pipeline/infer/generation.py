@@ -18,7 +18,8 @@ from pipeline.model.stops import response_mask, stop_ids_of
 
 @dataclass
 class Generated:
-    """Generated tokens of a batch: (batch, new tokens) tensors, padded after each answer's stop token."""
+    """Generated tokens of a batch: (batch, new tokens) tensors, padded after each answer's stop
+    token."""
 
     responses: torch.Tensor
     mask: torch.Tensor  # 1 up to and including the first stop token, 0 after it
@@ -29,14 +30,15 @@ class Generated:
 
 
 class NonFiniteLogits(UserError):
-    """The model produced NaN/inf logits: its weights or activations are broken (a diverged run, fp16 overflow).
-    One sentence for the chat command; the server answers it with a 500."""
+    """The model produced NaN/inf logits: its weights or activations are broken (a diverged run,
+    fp16 overflow). One sentence for the chat command; the server answers it with a 500."""
 
 
 class FiniteLogits(LogitsProcessor):
-    """Sampling from NaN/inf logits ends in a CUDA device-side assert that kills the process. This processor
-    notes such rows on the device (no sync per token) and gives them a flat distribution instead, so the
-    generation finishes and the caller decides: `generate` raises NonFiniteLogits, the RL loop counts the step."""
+    """Sampling from NaN/inf logits ends in a CUDA device-side assert that kills the process. This
+    processor notes such rows on the device (no sync per token) and gives them a flat distribution
+    instead, so the generation finishes and the caller decides: `generate` raises NonFiniteLogits,
+    the RL loop counts the step."""
 
     def __init__(self):
         self.seen = None
@@ -82,9 +84,11 @@ def generate(
     allow_nonfinite: bool = False,
     **kwargs,
 ) -> Generated:
-    """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping criteria).
+    """Continue left-padded prompts; `kwargs` go to `model.generate` (a streamer, stopping
+    criteria).
 
-    NaN/inf logits raise NonFiniteLogits, unless `allow_nonfinite` (then `Generated.nonfinite` says so)."""
+    NaN/inf logits raise NonFiniteLogits, unless `allow_nonfinite` (then `Generated.nonfinite` says
+    so)."""
     guard = FiniteLogits()
     processors = LogitsProcessorList([guard, *kwargs.pop("logits_processor", [])])
     out = model.generate(
@@ -97,7 +101,8 @@ def generate(
     nonfinite = bool(guard.seen is not None and guard.seen.item())
     if nonfinite and not allow_nonfinite:
         raise NonFiniteLogits(
-            "the model produced NaN/inf logits while generating: its weights or activations are not "
+            "the model produced NaN/inf logits while generating: "
+            "its weights or activations are not "
             "finite (a diverged training run, or fp16 overflow: try bfloat16 or float32)"
         )
     responses = out[:, input_ids.shape[1] :]

@@ -1,7 +1,7 @@
-"""The OpenAI chat-completions wire format, for pipeline/infer/server.py: ApiError (a refusal, sent back as
-OpenAI's error object by error_body), parse_request, which validates a /v1/chat/completions body into a
-ChatRequest naming the offending field when it cannot (tools, tool_choice, and tool calls and tool results in
-the history included), and usage, a completion's token counts as OpenAI
+"""The OpenAI chat-completions wire format, for pipeline/infer/server.py: ApiError (a refusal, sent
+back as OpenAI's error object by error_body), parse_request, which validates a /v1/chat/completions
+body into a ChatRequest naming the offending field when it cannot (tools, tool_choice, and tool
+calls and tool results in the history included), and usage, a completion's token counts as OpenAI
 reports them. Nothing here touches sockets or the model.
 """
 
@@ -74,7 +74,8 @@ def _float(body: dict, name: str, default: float) -> float:
     except OverflowError as e:  # a JSON integer past float's range
         raise ApiError(
             400,
-            f"{name} must be a number in its range, got an integer of {len(str(abs(value)))} digits.",
+            f"{name} must be a number in its range, got an integer of {len(str(abs(value)))} "
+            "digits.",
             name,
         ) from e
 
@@ -83,7 +84,8 @@ def parse_request(
     raw: bytes, served_name: str, defaults: Sampling, max_tokens_cap: int | None = None
 ) -> ChatRequest:
     """Validate a /v1/chat/completions body; anything wrong is an ApiError naming the field."""
-    try:  # JSON in UTF-8, -16 or -32, as json.loads takes bytes, but strict: no surrogate smuggled in as bytes
+    try:  # JSON in UTF-8, -16 or -32, as json.loads takes bytes, but strict: no surrogate smuggled
+        # in as bytes
         body = loads(raw.decode(json.detect_encoding(raw)))
     except (
         JSONLimitError
@@ -112,7 +114,8 @@ def parse_request(
     calls = isinstance(raw, list) and any(
         isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in raw
     )
-    try:  # an assistant message with tool_calls may have null content, which check_messages would refuse
+    try:  # an assistant message with tool_calls may have null content, which check_messages would
+        # refuse
         messages = check_messages(
             [
                 {**m, "content": m.get("content") or ""}
@@ -131,7 +134,8 @@ def parse_request(
     if asked is not None and max_tokens_cap is not None and asked > max_tokens_cap:
         raise ApiError(
             400,
-            f"max_tokens is {asked}, more than this server's limit of {max_tokens_cap} tokens per answer.",
+            f"max_tokens is {asked}, more than this server's limit of {max_tokens_cap} tokens per "
+            "answer.",
             "max_tokens",
         )
     try:
@@ -167,7 +171,8 @@ def _name(value: Any, where: str) -> str:
 
 
 def _tools(value: Any) -> list[dict] | None:
-    """OpenAI's tools: a list of {"type": "function", "function": {"name", "description"?, "parameters"?}}."""
+    """OpenAI's tools: a list of
+    {"type": "function", "function": {"name", "description"?, "parameters"?}}."""
     if value is None or value == []:
         return None
     if not isinstance(value, list):
@@ -186,34 +191,38 @@ def _tools(value: Any) -> list[dict] | None:
         ):
             raise ApiError(
                 400,
-                f"tools[{i}].function needs parameters as a JSON schema object and description as text.",
+                f"tools[{i}].function needs parameters as a JSON schema object and description as "
+                "text.",
                 "tools",
             )
     return value
 
 
 def _tool_choice(value: Any) -> str:
-    """ "auto" (the default) and "none" are served; forcing a call needs constrained decoding, which this server
-    does not do, so "required" and a named function are refused rather than answered with a call not forced."""
+    """ "auto" (the default) and "none" are served; forcing a call needs constrained decoding, which
+    this server does not do, so "required" and a named function are refused rather than answered
+    with a call not forced."""
     if value in (None, "auto", "none"):
         return value or "auto"
     if value == "required" or isinstance(value, dict):
         raise ApiError(
             400,
-            f"tool_choice {json.dumps(value)[:80]} is not supported: this server does not constrain "
-            f'decoding, so it cannot force a call; send "auto" or "none".',
+            f"tool_choice {json.dumps(value)[:80]} is not supported: this server does not "
+            f'constrain decoding, so it cannot force a call; send "auto" or "none".',
             "tool_choice",
         )
     raise ApiError(
         400,
-        f'tool_choice must be "auto", "none", "required" or a function, got {json.dumps(value)[:80]}.',
+        'tool_choice must be "auto", "none", "required" or a function, got '
+        f"{json.dumps(value)[:80]}.",
         "tool_choice",
     )
 
 
 def _tool_fields(i: int, raw: dict, kept: dict) -> dict:
-    """A message as check_messages kept it, plus its tool fields: an assistant's tool_calls (arguments as OpenAI
-    sends them, JSON text, or a mapping), a tool result's tool_call_id and name."""
+    """A message as check_messages kept it, plus its tool fields: an assistant's tool_calls
+    (arguments as OpenAI sends them, JSON text, or a mapping), a tool result's tool_call_id and
+    name."""
     out = dict(kept)
     for key in ("tool_call_id", "name"):
         if kept["role"] == "tool" and raw.get(key) is not None:
@@ -242,7 +251,8 @@ def _tool_fields(i: int, raw: dict, kept: dict) -> dict:
         if not isinstance(parsed, dict):
             raise ApiError(
                 400,
-                f"{where}.function.arguments must be a JSON object (as text), got {json.dumps(args)[:80]}.",
+                f"{where}.function.arguments must be a JSON object (as text), got "
+                f"{json.dumps(args)[:80]}.",
                 "messages",
             )
         if call.get("id") is not None and not isinstance(call["id"], str):

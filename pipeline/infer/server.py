@@ -1,32 +1,37 @@
-"""OpenAI-compatible HTTP server for a trained folder (full model or adapter), on the standard library only.
+"""OpenAI-compatible HTTP server for a trained folder (full model or adapter), on the standard
+library only.
 
-    python -m pipeline.serve --model outputs/sft-merged [--host 127.0.0.1 --port 8000 --served_model_name NAME]
+    python -m pipeline.serve --model outputs/sft-merged \
+        [--host 127.0.0.1 --port 8000 --served_model_name NAME]
 
 GET /v1/models lists the one model; POST /v1/chat/completions takes messages, max_tokens (or
 max_completion_tokens), temperature, top_p, stream and stream_options.include_usage, and tools with
-tool_choice "auto" or "none" (tool calls and results in the history too), and answers like OpenAI's API
-(server-sent events when streaming; an answer that is calls as the template writes them comes back as
-tool_calls, streamed as delta.tool_calls once the answer ends); GET /health reports the load. Rendering tools
-and reading calls back is pipeline/infer/tool_calls.py's. This module is the HTTP
-handler and the entry point; parsing a request body and OpenAI's error and usage objects are
+tool_choice "auto" or "none" (tool calls and results in the history too), and answers like OpenAI's
+API (server-sent events when streaming; an answer that is calls as the template writes them comes
+back as tool_calls, streamed as delta.tool_calls once the answer ends); GET /health reports the
+load. Rendering tools and reading calls back is pipeline/infer/tool_calls.py's. This module is the
+HTTP handler and the entry point; parsing a request body and OpenAI's error and usage objects are
 pipeline/infer/protocol.py's, the limits, the queue, timeouts and disconnect detection
-pipeline/infer/admission.py's, loading, prompt rendering and generation pipeline/infer/chat_model.py's.
-Any OpenAI client works:
+pipeline/infer/admission.py's, loading, prompt rendering and generation
+pipeline/infer/chat_model.py's. Any OpenAI client works:
 
-    OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(model=NAME, messages=...)
+    OpenAI(base_url="http://127.0.0.1:8000/v1",
+           api_key="unused").chat.completions.create(model=NAME, messages=...)
 
 The server protects itself and its other clients (each limit is a flag, see --help):
-- a body over --max_request_bytes gets a 413 from its Content-Length alone, before any of it is read;
+- a body over --max_request_bytes gets a 413 from its Content-Length alone, before any of it is
+  read;
 - max_tokens over --max_tokens_cap, or a prompt that does not fit the context (--max_context) beside
-  max_tokens, gets a 400 naming the counts; a prompt far too long is refused by its length in characters,
-  before it is tokenized, so it costs milliseconds;
-- requests are queued, not batched: --parallel generations run at once, up to --max_queue more wait in
-  arrival order, and any beyond that get a 503 with Retry-After;
-- a request gets --request_timeout seconds from its arrival (waiting included): past them the generation
-  stops and the answer is a 504 or, once a stream has begun, an error event;
-- a client that goes away (closes its connection) stops its generation, streamed or not, and its place.
-All the work before a request takes its place (reading, parsing, tokenizing) runs on its own thread, so a
-huge or bad request never holds up the generation in progress.
+  max_tokens, gets a 400 naming the counts; a prompt far too long is refused by its length in
+  characters, before it is tokenized, so it costs milliseconds;
+- requests are queued, not batched: --parallel generations run at once, up to --max_queue more wait
+  in arrival order, and any beyond that get a 503 with Retry-After;
+- a request gets --request_timeout seconds from its arrival (waiting included): past them the
+  generation stops and the answer is a 504 or, once a stream has begun, an error event;
+- a client that goes away (closes its connection) stops its generation, streamed or not, and its
+  place.
+All the work before a request takes its place (reading, parsing, tokenizing) runs on its own thread,
+so a huge or bad request never holds up the generation in progress.
 """
 
 from __future__ import annotations
@@ -109,7 +114,9 @@ class Handler(BaseHTTPRequestHandler):
     server: ChatServer
     responded = False  # a status line has been sent for the request in hand
     streaming = False  # and it began a stream of server-sent events
-    timeout = 60  # seconds a socket read or write may stall: idle or stalled clients do not hold a thread for ever
+    # seconds a socket read or write may stall:
+    # idle or stalled clients do not hold a thread for ever
+    timeout = 60
 
     def log_message(self, format: str, *args) -> None:
         logger.info("%s %s", self.address_string(), format % args)
@@ -130,10 +137,14 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(e.status, error_body(e), headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The standard library's own refusals (a malformed request line, an unknown method) as OpenAI's error."""
+        """The standard library's own refusals (a malformed request line, an unknown method) as
+        OpenAI's error."""
         self.close_connection = True
         if code == 501:
-            message = f"this server does not answer {self.command} requests; it has GET /v1/models and POST /v1/chat/completions"
+            message = (
+                f"this server does not answer {self.command} requests; "
+                "it has GET /v1/models and POST /v1/chat/completions"
+            )
         self._send_error(ApiError(code, f"{message or self.responses.get(code, ('error',))[0]}."))
 
     def _event(self, payload: dict | str) -> None:
@@ -169,8 +180,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(408, f"the request body stopped arriving for {self.timeout} s.") from e
 
     def _discard_body(self, seconds: float = 2.0) -> None:
-        """After a 413, read and drop what the client still sends, for a moment: a client that writes its whole
-        body before it reads then gets the 413 instead of a reset connection."""
+        """After a 413, read and drop what the client still sends, for a moment: a client that
+        writes its whole body before it reads then gets the 413 instead of a reset connection."""
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
@@ -188,8 +199,9 @@ class Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def _answer(self, handle: Callable[[], None]) -> None:
-        """Handle one request; whatever goes wrong is answered (a 500 with OpenAI's error object, or an error event
-        once a stream has begun) and logged, never a connection dropped without a word."""
+        """Handle one request; whatever goes wrong is answered (a 500 with OpenAI's error object, or
+        an error event once a stream has begun) and logged, never a connection dropped without a
+        word."""
         self.responded = self.streaming = False
         try:
             handle()
@@ -242,7 +254,8 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(lambda: self._post(time.monotonic() + self.server.limits.request_timeout))
 
     def _post(self, deadline: float) -> None:
-        """Refusals first, on this request's own thread and before it queues; then its turn, and the answer."""
+        """Refusals first, on this request's own thread and before it queues; then its turn, and the
+        answer."""
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._send_error(
                 ApiError(
@@ -291,7 +304,8 @@ class Handler(BaseHTTPRequestHandler):
                 server.held_slot(time.monotonic() - started)
         except GONE:
             watch.reason = "gone"
-        except Exception as e:  # logged in full; the client gets a 500, or an error event once its stream has begun
+        except Exception as e:
+            # logged in full; the client gets a 500, or an error event once its stream has begun
             logger.exception("generation failed")
             error = ApiError(500, f"generation failed ({type(e).__name__}: {first_line(e)}).")
             if self.streaming:
@@ -304,8 +318,8 @@ class Handler(BaseHTTPRequestHandler):
             logger.info("%s went away; its generation stopped", self.address_string())
 
     def _prompt(self, request: ChatRequest) -> str | None:
-        """The prompt of a request with tools or tool history, rendered as training renders them (None: the plain
-        messages, rendered by the chat model)."""
+        """The prompt of a request with tools or tool history, rendered as training renders them
+        (None: the plain messages, rendered by the chat model)."""
         if not (request.tools or request.tool_history):
             return None
         tools = self.server.tools
@@ -313,14 +327,15 @@ class Handler(BaseHTTPRequestHandler):
         if offered and not tools.writes_tools(request.messages, offered):
             raise ApiError(
                 400,
-                "this model's chat template does not write tool definitions, so the model cannot be "
-                'offered tools; send the request without tools (or tool_choice "none").',
+                "this model's chat template does not write tool definitions, so the model cannot "
+                'be offered tools; send the request without tools (or tool_choice "none").',
                 "tools",
             )
         return tools.render(request.messages, offered)
 
     def _wait_for_slot(self, ticket: threading.Event, watch: Watch) -> bool:
-        """Wait in the queue while the client is there and its time lasts; False when it is not to be answered."""
+        """Wait in the queue while the client is there and its time lasts; False when it is not to
+        be answered."""
         while not ticket.wait(0.05):
             if watch.check() == "gone":
                 return False
@@ -332,8 +347,8 @@ class Handler(BaseHTTPRequestHandler):
     def _timeout_error(self, doing: str) -> ApiError:
         return ApiError(
             504,
-            f"the request ran out of this server's {self.server.limits.request_timeout:g} s time limit "
-            f"while {doing}; ask for fewer max_tokens or retry later.",
+            f"the request ran out of this server's {self.server.limits.request_timeout:g} s "
+            f"time limit while {doing}; ask for fewer max_tokens or retry later.",
             code="timeout",
         )
 
@@ -410,9 +425,9 @@ class Handler(BaseHTTPRequestHandler):
         watch: Watch,
         chunk: Callable[..., dict],
     ):
-        """Stream an answer that may be tool calls: text that may be the start of a call is held until the answer
-        ends, then sent as delta.tool_calls (or, when it is no call, as content). Returns the completion and its
-        finish_reason."""
+        """Stream an answer that may be tool calls: text that may be the start of a call is held
+        until the answer ends, then sent as delta.tool_calls (or, when it is no call, as content).
+        Returns the completion and its finish_reason."""
         tools = self.server.tools
         held = CallStream(tools.format, request.tool_names)
 
@@ -442,11 +457,12 @@ def _call_id() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Serve a trained folder over an OpenAI-compatible HTTP API.",
-        epilog="Requests are queued, not batched: --parallel generations run at once, up to --max_queue more wait in "
-        "arrival order, and the next gets a 503 with a Retry-After header. A request past --request_timeout "
-        "(counted from its arrival, waiting included) stops generating and gets a 504, or an error event if its "
-        "stream has begun. A client that disconnects stops its generation. A request without max_tokens gets "
-        "--max_new_tokens, or what the context leaves if less. Every error is OpenAI's JSON error object.",
+        epilog="Requests are queued, not batched: --parallel generations run at once, up to "
+        "--max_queue more wait in arrival order, and the next gets a 503 with a Retry-After "
+        "header. A request past --request_timeout (counted from its arrival, waiting included) "
+        "stops generating and gets a 504, or an error event if its stream has begun. A client that "
+        "disconnects stops its generation. A request without max_tokens gets --max_new_tokens, or "
+        "what the context leaves if less. Every error is OpenAI's JSON error object.",
     )
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
@@ -461,8 +477,8 @@ def main(argv: list[str] | None = None) -> None:
         "--max_request_bytes",
         type=int,
         default=Limits.max_request_bytes,
-        help="larger request bodies get a 413, refused from their Content-Length before they are read "
-        "(default: %(default)s, 8 MiB)",
+        help="larger request bodies get a 413, refused from their Content-Length before they are "
+        "read (default: %(default)s, 8 MiB)",
     )
     limits.add_argument(
         "--max_context",
@@ -481,13 +497,15 @@ def main(argv: list[str] | None = None) -> None:
         "--parallel",
         type=int,
         default=Limits.parallel,
-        help="generations at once, each on its own thread over the one model (default: %(default)s)",
+        help="generations at once, each on its own thread over the one model "
+        "(default: %(default)s)",
     )
     limits.add_argument(
         "--max_queue",
         type=int,
         default=Limits.max_queue,
-        help="requests that may wait for a generation slot; one more gets a 503 (default: %(default)s)",
+        help="requests that may wait for a generation slot; one more gets a 503 "
+        "(default: %(default)s)",
     )
     limits.add_argument(
         "--request_timeout",
@@ -511,8 +529,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if defaults.max_new_tokens > limits.max_tokens_cap:
         raise UserError(
-            f"--max_new_tokens {defaults.max_new_tokens} is above --max_tokens_cap {limits.max_tokens_cap}; "
-            f"lower it or raise the cap."
+            f"--max_new_tokens {defaults.max_new_tokens} is above "
+            f"--max_tokens_cap {limits.max_tokens_cap}; lower it or raise the cap."
         )
     name = args.served_model_name or args.model
     chat = load_chat_model_from_args(args)

@@ -1,15 +1,18 @@
-"""Tool calls through the chat template, for pipeline/infer/server.py: ChatTools renders a request's tools and
-tool history with the model's saved template (as training renders them: own_template.render for the tokenizer's
-template, templates.render for --template_name), and knows how that template writes a call (CallFormat).
+"""Tool calls through the chat template, for pipeline/infer/server.py: ChatTools renders a request's
+tools and tool history with the model's saved template (as training renders them:
+own_template.render for the tokenizer's template, templates.render for --template_name), and knows
+how that template writes a call (CallFormat).
 
 The call format is not a table of families: it is read off the template itself once, by rendering an
-assistant turn holding one probe call and one holding two (`derive`). Whatever the template writes around the
-call's name and its arguments (Qwen's <tool_call> tags, Llama-3.1's {"name", "parameters"} JSON, Mistral's
-[TOOL_CALLS] list with 9-character ids, GLM-4's name line, ChatGLM3's tool_call(...) keywords, the project
-templates' JSON fallback) becomes the literal text `parse_calls` expects around them in the model's answer.
-A template whose probe render does not show name and arguments (it writes no calls, or writes arguments as
-XML) has no CallFormat, and its answers come back as text. CallStream holds back streamed text that may be
-the start of a call until it is known.
+assistant turn holding one probe call and one holding two (`derive`). Whatever the template writes
+around the call's name and its arguments (Qwen's <tool_call> tags, Llama-3.1's
+{"name", "parameters"} JSON, Mistral's [TOOL_CALLS] list with 9-character ids, GLM-4's name line,
+ChatGLM3's
+tool_call(...) keywords, the project templates' JSON fallback) becomes the literal text
+`parse_calls` expects around them in the model's answer. A template whose probe render does not show
+name and arguments (it writes no calls, or writes arguments as XML) has no CallFormat, and its
+answers come back as text. CallStream holds back streamed text that may be the start of a call until
+it is known.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ _NAME = re.compile(r"[\w\-.]+")
 
 @dataclass(frozen=True)
 class CallFormat:
-    """An answer holding calls is head + (prefix NAME mid ARGUMENTS suffix), joined by sep, + tail."""
+    """An answer holding calls is head + (prefix NAME mid ARGUMENTS suffix), joined by sep, +
+    tail."""
 
     head: str
     prefix: str
@@ -61,12 +65,14 @@ class CallFormat:
 
     @property
     def name_first(self) -> bool:
-        """The answer opens with the call's name (GLM-4, ChatGLM3): a call is known only from its first line."""
+        """The answer opens with the call's name (GLM-4, ChatGLM3): a call is known only from its
+        first line."""
         return not (self.head + self.prefix).strip()
 
 
 def _pattern(literal: str) -> str:
-    """A literal of the format as a regex: whitespace runs match any whitespace, a call id any id."""
+    """A literal of the format as a regex: whitespace runs match any whitespace, a call id any
+    id."""
     out = []
     for piece in re.split(r"(\s+|\x00id\x00)", literal):
         out.append(
@@ -84,8 +90,9 @@ def _match(literal: str, text: str, pos: int) -> re.Match | None:
 
 
 def kwargs_arguments(code: str) -> dict:
-    """ChatGLM3's keyword arguments (`city='Paris', days=3`) as a mapping: Python literals, or JSON where the
-    template wrote a value as JSON (lists and objects); ValueError when the text is not such arguments."""
+    """ChatGLM3's keyword arguments (`city='Paris', days=3`) as a mapping: Python literals, or JSON
+    where the template wrote a value as JSON (lists and objects); ValueError when the text is not
+    such arguments."""
     try:
         call = ast.parse(f"f({code})", mode="eval").body
     except SyntaxError as e:
@@ -103,7 +110,8 @@ def kwargs_arguments(code: str) -> dict:
 
 
 def _arguments(text: str, pos: int, fmt: CallFormat) -> tuple[dict, int] | None:
-    """The arguments at pos and where they end: a JSON object, or keywords up to the format's suffix."""
+    """The arguments at pos and where they end: a JSON object, or keywords up to the format's
+    suffix."""
     if fmt.kwargs:
         end = re.compile(_pattern(fmt.suffix)).search(text, pos)
         try:
@@ -121,7 +129,8 @@ def _arguments(text: str, pos: int, fmt: CallFormat) -> tuple[dict, int] | None:
 def _call_at(
     text: str, pos: int, fmt: CallFormat, names: set[str], lead: str
 ) -> tuple[dict, int] | None:
-    """One call (lead + name mid arguments suffix) at pos, of a tool the request offers, and where it ends."""
+    """One call (lead + name mid arguments suffix) at pos, of a tool the request offers, and where
+    it ends."""
     m = _match(lead, text, pos)
     name = m and _NAME.match(text, m.end())
     if not name or name.group() not in names:
@@ -136,14 +145,15 @@ def _call_at(
 
 
 def _openers(fmt: CallFormat) -> list[str]:
-    """The literal that opens the calls: head and prefix as rendered, or the prefix alone (a model that writes
-    text first: Qwen3's thinking, where the probe rendered an empty thought)."""
+    """The literal that opens the calls: head and prefix as rendered, or the prefix alone (a model
+    that writes text first: Qwen3's thinking, where the probe rendered an empty thought)."""
     return [x for x in dict.fromkeys((fmt.head + fmt.prefix, fmt.prefix)) if x.strip()]
 
 
 def parse_calls(text: str, fmt: CallFormat, names: set[str]) -> tuple[str, list[dict]] | None:
-    """(the text before the calls, the calls) when the answer is calls as the template writes them, of tools the
-    request offers; None when it is an ordinary answer. Each call is {"name", "arguments" (a mapping), "id"}."""
+    """(the text before the calls, the calls) when the answer is calls as the template writes them,
+    of tools the request offers; None when it is an ordinary answer. Each call is
+    {"name", "arguments" (a mapping), "id"}."""
     starts = (
         [(0, len(text) - len(text.lstrip()), "")]
         if fmt.name_first
@@ -171,15 +181,16 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _cut(text: str, k: int, whole: int) -> int:
-    """k moved back to a place where a tag, bracket or line ends (never inside a tag such as <｜tool▁call▁end｜>),
-    unless it is `whole` (all of the shorter text agreed)."""
+    """k moved back to a place where a tag, bracket or line ends (never inside a tag such as
+    <｜tool▁call▁end｜>), unless it is `whole` (all of the shorter text agreed)."""
     while 0 < k < min(whole, len(text)) and text[k - 1] not in ">}]\n" and not text[k].isspace():
         k -= 1
     return k
 
 
 def _locate(text: str, name: str, args: dict, kwargs: bool) -> tuple[int, int, int, int] | None:
-    """Where the probe's name and its arguments (as JSON, or as keywords) are in a rendered answer."""
+    """Where the probe's name and its arguments (as JSON, or as keywords) are in a rendered
+    answer."""
     start = text.find(name)
     if start < 0:
         return None
@@ -201,8 +212,9 @@ def _locate(text: str, name: str, args: dict, kwargs: bool) -> tuple[int, int, i
 def derive(
     render: Callable[[list[dict], list[dict] | None, bool], str], stops: list[str]
 ) -> CallFormat | None:
-    """How the template writes calls, read off its render of one probe call and of two (see the module docstring);
-    None when it does not show a call's name and arguments, or never shows the tools."""
+    """How the template writes calls, read off its render of one probe call and of two (see the
+    module docstring); None when it does not show a call's name and arguments, or never shows the
+    tools."""
     ask = [{"role": "user", "content": "Hi"}]
 
     def answer(n: int) -> str | None:
@@ -298,8 +310,8 @@ def openai_calls(calls: list[dict], make_id: Callable[[], str]) -> list[dict]:
 
 @dataclass
 class CallStream:
-    """The streamed text split into what can be sent as content now and what must wait: text from where a call
-    may begin is held until the answer ends (or it turns out to be no call)."""
+    """The streamed text split into what can be sent as content now and what must wait: text from
+    where a call may begin is held until the answer ends (or it turns out to be no call)."""
 
     fmt: CallFormat | None
     names: set[str]
@@ -343,9 +355,9 @@ class CallStream:
 
 @dataclass
 class TokenTap(BaseStreamer):
-    """The ids model.generate writes (it hands the prompt first, then each new token), decoded with special
-    tokens kept, so the call markers that are special tokens ([TOOL_CALLS]) can be parsed; `on_text` gets the
-    answer so far after each token."""
+    """The ids model.generate writes (it hands the prompt first, then each new token), decoded with
+    special tokens kept, so the call markers that are special tokens ([TOOL_CALLS]) can be parsed;
+    `on_text` gets the answer so far after each token."""
 
     tokenizer: object
     stop_ids: list[int]
@@ -370,8 +382,8 @@ class TokenTap(BaseStreamer):
 
 
 class ChatTools:
-    """A served model's tool support: rendering requests with tools or tool history as training renders them,
-    and its CallFormat (None when the template's calls cannot be read back)."""
+    """A served model's tool support: rendering requests with tools or tool history as training
+    renders them, and its CallFormat (None when the template's calls cannot be read back)."""
 
     def __init__(self, chat):
         self.tokenizer, self.template_name = chat.tokenizer, chat.template_name
@@ -397,11 +409,13 @@ class ChatTools:
             ) from e
 
     def writes_tools(self, messages: list[dict], tools: list[dict]) -> bool:
-        """Whether the template shows the tools to the model at all (some ignore the tools argument)."""
+        """Whether the template shows the tools to the model at all (some ignore the tools
+        argument)."""
         return self.render(messages, tools) != self.render(messages, None)
 
     def visible(self, text: str) -> str:
-        """Text as the client sees it: without special tokens (as decoding with skip_special_tokens gives it)."""
+        """Text as the client sees it: without special tokens (as decoding with skip_special_tokens
+        gives it)."""
         for token in self.special:
             text = text.replace(token, "")
         return text
@@ -409,7 +423,8 @@ class ChatTools:
     def calls(
         self, text: str, names: set[str], finish_reason: str
     ) -> tuple[str, list[dict]] | None:
-        """The answer's calls of the offered tools (see parse_calls); None for text, or an answer cut short."""
+        """The answer's calls of the offered tools (see parse_calls); None for text, or an answer
+        cut short."""
         if self.format is None or not names or finish_reason != "stop":
             return None
         return parse_calls(text, self.format, names)
@@ -417,7 +432,8 @@ class ChatTools:
     def message(
         self, text: str, names: set[str], finish_reason: str, make_id: Callable[[], str]
     ) -> tuple[dict, str]:
-        """OpenAI's assistant message for the answer text (special tokens kept) and its finish_reason."""
+        """OpenAI's assistant message for the answer text (special tokens kept) and its
+        finish_reason."""
         found = self.calls(text, names, finish_reason)
         if found is None:
             return {"role": "assistant", "content": self.visible(text)}, finish_reason

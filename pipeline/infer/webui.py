@@ -1,13 +1,16 @@
-"""A chat page in the browser for a trained folder, built on gradio (an optional extra: pip install -e ".[webui]").
+"""A chat page in the browser for a trained folder, built on gradio (an optional extra:
+pip install -e ".[webui]").
 
-    python -m pipeline.webui --model outputs/sft-merged                  # open the printed http://127.0.0.1:PORT/
+    python -m pipeline.webui \
+        --model outputs/sft-merged                  # open the printed http://127.0.0.1:PORT/
     python -m pipeline.webui --model outputs/sft --port 7860 --system "You are a helpful assistant."
 
-Answers stream in as they are generated, through the same ChatModel as `python -m pipeline.chat`. The page has a
-system prompt box, the sampling settings (temperature, top_p, max new tokens; their flags set the starting values)
-and a button that clears the history. Each browser tab keeps its own conversation; the one model answers one
-message at a time, in arrival order (gradio's queue). The handlers below take and return plain messages, so they
-run without gradio; only `build_page` and `main` need it.
+Answers stream in as they are generated, through the same ChatModel as `python -m pipeline.chat`.
+The page has a system prompt box, the sampling settings (temperature, top_p, max new tokens; their
+flags set the starting values) and a button that clears the history. Each browser tab keeps its own
+conversation; the one model answers one message at a time, in arrival order (gradio's queue). The
+handlers below take and return plain messages, so they run without gradio; only `build_page` and
+`main` need it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ MAX_NEW_TOKENS_SLIDER = 4096  # the slider's top, unless --max_new_tokens starts
 
 
 def conversation(history: list[dict], system: str | None, message: str) -> list[dict]:
-    """The model's messages for one turn: the system prompt (when not blank), the turns so far, the new message."""
+    """The model's messages for one turn: the system prompt (when not blank), the turns so far, the
+    new message."""
     start = [{"role": "system", "content": system}] if system and system.strip() else []
     return [
         *start,
@@ -43,14 +47,17 @@ def conversation(history: list[dict], system: str | None, message: str) -> list[
 
 
 class _Stopped(Exception):
-    """Raised from the streaming callback when the page's reader has gone; ChatModel.stream then ends the generation."""
+    """Raised from the streaming callback when the page's reader has gone; ChatModel.stream then
+    ends the generation."""
 
 
 def stream_answer(chat: ChatModel, messages: list[dict], sampling: Sampling) -> Iterator[str]:
-    """The answer to `messages` as it grows: each item is the text so far, the last one the finished answer.
+    """The answer to `messages` as it grows: each item is the text so far, the last one the finished
+    answer.
 
-    ChatModel.stream reports pieces through a callback, so it runs on a worker thread and the pieces come back
-    through a queue. Closing this iterator early (the page was reset or left) stops the generation at its next piece.
+    ChatModel.stream reports pieces through a callback, so it runs on a worker thread and the pieces
+    come back through a queue. Closing this iterator early (the page was reset or left) stops the
+    generation at its next piece.
     """
     pieces: queue.Queue = queue.Queue()
     leave = threading.Event()
@@ -93,10 +100,11 @@ def respond(
     top_p: float,
     max_new_tokens: float,
 ) -> Iterator[tuple[list[dict], list[dict], str]]:
-    """The send handler: yields (what the chat shows, the history to keep, the message box) while the answer grows.
+    """The send handler: yields (what the chat shows, the history to keep, the message box) while
+    the answer grows.
 
-    The history holds plain {"role", "content"} messages, user and assistant turns only (the system prompt is
-    read from its box each turn). A blank message changes nothing.
+    The history holds plain {"role", "content"} messages, user and assistant turns only (the system
+    prompt is read from its box each turn). A blank message changes nothing.
     """
     if not message.strip():
         yield history, history, message
@@ -133,7 +141,8 @@ def import_gradio():
 
 
 def build_page(chat: ChatModel, title: str, defaults: Sampling, system: str | None):
-    """The gradio Blocks page over `chat`: chat, message box and Send, Clear history, then system prompt and sampling."""
+    """The gradio Blocks page over `chat`: chat, message box and Send, Clear history, then system
+    prompt and sampling."""
     gr = import_gradio()
 
     def send(message, history, system_text, temperature, top_p, max_new_tokens):
@@ -141,7 +150,8 @@ def build_page(chat: ChatModel, title: str, defaults: Sampling, system: str | No
             yield from respond(
                 chat, message, history, system_text, temperature, top_p, max_new_tokens
             )
-        except UserError as e:  # a bad setting or messages the template rejects: shown on the page, the server goes on
+        except UserError as e:
+            # a bad setting or messages the template rejects: shown on the page, the server goes on
             raise gr.Error(str(e)) from e
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
@@ -233,7 +243,8 @@ def check_port(host: str, port: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import_gradio()  # before the flags, so that even a bare `python -m pipeline.webui` says how to install it
+    # before the flags, so that even a bare `python -m pipeline.webui` says how to install it
+    import_gradio()
     args = build_parser().parse_args(argv)
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p)
     check_port(args.host, args.port)

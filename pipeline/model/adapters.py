@@ -1,5 +1,5 @@
-"""Adapters on a loaded model: LoRA / DoRA / QLoRA, P-Tuning v2 (prefix tuning), resuming an adapter,
-what `--target_modules all` means, and reaching the base model under a PEFT wrapper.
+"""Adapters on a loaded model: LoRA / DoRA / QLoRA, P-Tuning v2 (prefix tuning), resuming an
+adapter, what `--target_modules all` means, and reaching the base model under a PEFT wrapper.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def unwrap(model):
 
 
 def linear_module_names(model: PreTrainedModel) -> list[str]:
-    """Leaf names of every linear layer except the output head(s): what --target_modules all means."""
+    """Leaf names of every linear layer except the output head(s): what --target_modules all
+    means."""
     heads = {id(model.get_output_embeddings())}
     heads |= {
         id(m) for n, m in model.named_modules() if n.split(".")[-1] in ("score", "classifier")
@@ -41,7 +42,8 @@ def linear_module_names(model: PreTrainedModel) -> list[str]:
 
 
 def embedding_module_names(model: PreTrainedModel) -> list[str]:
-    """Leaf names of the input and output embeddings (embed_tokens / lm_head for Llama-style models)."""
+    """Leaf names of the input and output embeddings (embed_tokens / lm_head for Llama-style
+    models)."""
     wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     return sorted({name.split(".")[-1] for name, m in model.named_modules() if id(m) in wanted})
 
@@ -90,8 +92,9 @@ def attach_lora(
             raise UserError(
                 f"LoRA setup failed: {first_line(e)}; check --target_modules / --modules_to_save."
             ) from e
-    # One dtype for everything trained (ZeRO-3 refuses mixed dtypes in a parameter group): float32 masters
-    # under autocast, also for modules_to_save copies of bf16 embeddings; under DeepSpeed its compute dtype.
+    # One dtype for everything trained (ZeRO-3 refuses mixed dtypes in a parameter group): float32
+    # masters under autocast, also for modules_to_save copies of bf16 embeddings; under DeepSpeed
+    # its compute dtype.
     for param in model.parameters():
         if param.requires_grad and param.dtype != trainable_dtype:
             param.data = param.data.to(trainable_dtype)

@@ -1,17 +1,21 @@
 """Attention over packed rows without a dense mask.
 
-A packed step is one sequence of several samples whose `position_ids` restart at 0 at each sample (see
-pipeline/data/packing.py). Kernels that take cumulative sequence lengths ("varlen") attend within each
-sample only and never build a [tokens x tokens] mask. Choice, in order:
+A packed step is one sequence of several samples whose `position_ids` restart at 0 at each sample
+(see pipeline/data/packing.py). Kernels that take cumulative sequence lengths ("varlen") attend
+within each sample only and never build a [tokens x tokens] mask. Choice, in order:
 
-  --flash_attn True       transformers' flash_attention_2 (the flash-attn package; it reads the position ids)
-  packing on a CUDA GPU   "packed_varlen" below: PyTorch's own varlen kernel (torch.nn.attention.varlen),
-                          registered through transformers' AttentionInterface
+  --flash_attn True       transformers' flash_attention_2 (the flash-attn package; it reads the
+                          position ids)
+  packing on a CUDA GPU   "packed_varlen" below: PyTorch's own varlen kernel
+                          (torch.nn.attention.varlen), registered through transformers'
+                          AttentionInterface
   otherwise               SDPA, with transformers' block-diagonal mask built from the position ids:
-                          the same numbers, slower and memory-hungry on long rows (said once in the log)
+                          the same numbers, slower and memory-hungry on long rows (said once in the
+                          log)
 
-"packed_varlen" needs flattened packed batches (no padding, no attention mask); the stages use it only
-with the flattening collator, and it never reaches a saved config (transformers does not save the choice).
+"packed_varlen" needs flattened packed batches (no padding, no attention mask); the stages use it
+only with the flattening collator, and it never reaches a saved config (transformers does not save
+the choice).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def sample_bounds(position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    """cu_seqlens of a packed row, computed once per forward: every layer receives the same position_ids tensor,
-    which keeps the result, so the two host synchronizations (nonzero, max) happen at the first layer only instead
-    of at each of them (16 layers on the 1B shape, and again in checkpointing's recomputation)."""
+    """cu_seqlens of a packed row, computed once per forward: every layer receives the same
+    position_ids tensor, which keeps the result, so the two host synchronizations (nonzero, max)
+    happen at the first layer only instead of at each of them (16 layers on the 1B shape, and again
+    in checkpointing's recomputation)."""
     kept = getattr(position_ids, "_packed_bounds", None)
     if kept is None or kept[0].device != device:
         cu, max_len = cu_seqlens(position_ids)
@@ -57,7 +62,8 @@ def _torch_varlen(q, k, v, cu, max_len, scale):
 
 
 def reference_varlen(q, k, v, cu, max_len, scale):
-    """The same computation one sample at a time with SDPA: the CPU stand-in the tests compare against."""
+    """The same computation one sample at a time with SDPA: the CPU stand-in the tests compare
+    against."""
     out = torch.empty_like(q)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
@@ -73,13 +79,15 @@ KERNEL = {"fn": _torch_varlen}
 def packed_varlen_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
 ):
-    """transformers attention function: (batch 1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
+    """transformers attention function: (batch 1, heads, tokens, dim) in, (1, tokens, heads, dim)
+    out."""
     if query.shape[0] != 1 or kwargs.get("position_ids") is None:
         raise ValueError(
             "packed_varlen attention takes one flattened packed row with its position_ids"
         )
     cu, max_len = sample_bounds(kwargs["position_ids"], query.device)
-    # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the autocast dtype
+    # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the
+    # autocast dtype
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     q, k, v = (
@@ -100,8 +108,8 @@ def torch_varlen_available() -> bool:
 
 
 def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = True) -> str | None:
-    """The attn_implementation for a run (None: transformers' default, SDPA). The varlen kernel computes
-    in bf16/fp16 only, so a float32 run keeps SDPA."""
+    """The attn_implementation for a run (None: transformers' default, SDPA). The varlen kernel
+    computes in bf16/fp16 only, so a float32 run keeps SDPA."""
     if flash_attn:
         if importlib.util.find_spec("flash_attn") is None:
             from pipeline.errors import UserError
@@ -115,7 +123,7 @@ def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = Tru
         return PACKED_VARLEN
     if packing:
         logger.info(
-            "packed rows attend through SDPA with a block-diagonal mask from the position ids (no varlen "
-            "kernel on this device): correct, slower on long rows"
+            "packed rows attend through SDPA with a block-diagonal mask from the position ids "
+            "(no varlen kernel on this device): correct, slower on long rows"
         )
     return None

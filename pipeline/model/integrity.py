@@ -1,10 +1,11 @@
-"""A model folder is whole before anything loads it: its JSON files parse and its safetensors files are complete.
+"""A model folder is whole before anything loads it: its JSON files parse and its safetensors files
+are complete.
 
-A copy cut short (a full disk, an interrupted download or rsync) otherwise ends deep inside a library in a
-traceback ("Error while deserializing header", "Expecting value: line 1 column 1"). The check reads only the
-JSON files and each safetensors header (8 bytes of length, then the header's JSON with every tensor's byte
-range), so it costs milliseconds however large the weights are. Every command that loads a local model or
-adapter folder calls `check_folder_whole` first.
+A copy cut short (a full disk, an interrupted download or rsync) otherwise ends deep inside a
+library in a traceback ("Error while deserializing header", "Expecting value: line 1 column 1"). The
+check reads only the JSON files and each safetensors header (8 bytes of length, then the header's
+JSON with every tensor's byte range), so it costs milliseconds however large the weights are. Every
+command that loads a local model or adapter folder calls `check_folder_whole` first.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def read_json_file(path: Path, what: str) -> object:
         ) from e
     except json.JSONDecodeError as e:
         raise UserError(
-            f"{what} {path}:{e.lineno}: not valid JSON ({e.msg}); the file is damaged or was cut short: "
-            "copy it again (or re-save the model)."
+            f"{what} {path}:{e.lineno}: not valid JSON ({e.msg}); the file is damaged or was cut "
+            "short: copy it again (or re-save the model)."
         ) from e
     except (RecursionError, ValueError) as e:
         raise UserError(
@@ -54,13 +55,14 @@ def check_safetensors(path: Path, what: str) -> None:
         head = f.read(8)
         if len(head) < 8:
             raise UserError(
-                f"{what} {path} is truncated ({size} bytes, not even a safetensors header); copy it again."
+                f"{what} {path} is truncated ({size} bytes, not even a safetensors header); copy "
+                "it again."
             )
         (length,) = struct.unpack("<Q", head)
         if length > min(_HEADER_LIMIT, size - 8):
             raise UserError(
-                f"{what} {path} is damaged or truncated (its header claims {length} bytes, the file has "
-                f"{size}); copy it again or re-save the model."
+                f"{what} {path} is damaged or truncated (its header claims {length} bytes, the "
+                f"file has {size}); copy it again or re-save the model."
             )
         raw = f.read(length)
     try:
@@ -74,8 +76,8 @@ def check_safetensors(path: Path, what: str) -> None:
         ) from e
     if size < 8 + length + end:
         raise UserError(
-            f"{what} {path} is truncated: {size} of {8 + length + end} bytes; copy it again (a full disk or "
-            "an interrupted copy cuts files short)."
+            f"{what} {path} is truncated: {size} of {8 + length + end} bytes; copy it again (a "
+            "full disk or an interrupted copy cuts files short)."
         )
 
 
@@ -85,9 +87,9 @@ _whole: set[tuple] = (
 
 
 def check_folder_whole(folder: str | Path, what: str) -> None:
-    """Check a local model, adapter or checkpoint folder (a hub id, which is not a local folder, passes).
-    A stage loads one folder several times (tokenizer, config, policy, reference...): each unchanged folder is
-    read once per process."""
+    """Check a local model, adapter or checkpoint folder (a hub id, which is not a local folder,
+    passes). A stage loads one folder several times (tokenizer, config, policy, reference...): each
+    unchanged folder is read once per process."""
     root = Path(folder)
     if not root.is_dir():
         return
@@ -122,7 +124,8 @@ def _check(root: Path, what: str) -> None:
                 )
                 if missing:
                     raise UserError(
-                        f"{what} {root} misses {missing[0]} (named in {name}); copy the whole folder again."
+                        f"{what} {root} misses {missing[0]} (named in {name}); copy the whole "
+                        "folder again."
                     )
     for weights in sorted(root.glob("*.safetensors")):
         check_safetensors(weights, what)

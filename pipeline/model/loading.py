@@ -1,5 +1,5 @@
-"""Loading tokenizers and models: dtype, 4/8-bit quantization, vocab resize, RoPE scaling, attention,
-heads; adapters are attached by adapters.py.
+"""Loading tokenizers and models: dtype, 4/8-bit quantization, vocab resize, RoPE scaling,
+attention, heads; adapters are attached by adapters.py.
 
 `load_model(head="lm")` gives a causal LM, `head="reward"` a one-logit sequence classifier (reward
 model). The same function serves every stage, so a flag means the same thing everywhere.
@@ -41,7 +41,8 @@ HEADS = {
 
 
 def looks_local(name: str) -> bool:
-    """A path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or more than one slash."""
+    """A path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or more than one
+    slash."""
     return (
         name.startswith(("/", "./", "../", "~"))
         or name.count("/") > 1
@@ -51,13 +52,14 @@ def looks_local(name: str) -> bool:
 
 
 def check_model_folder(name: str, flag: str) -> None:
-    """A local model path that does not exist is named as such (the hub client calls it a malformed repo id); a
-    local folder must be whole (pipeline/model/integrity.py)."""
+    """A local model path that does not exist is named as such (the hub client calls it a malformed
+    repo id); a local folder must be whole (pipeline/model/integrity.py)."""
     path = os.path.expanduser(name)
     if looks_local(name) and not os.path.isdir(path):
         what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
         raise UserError(
-            f"{flag} {name} {what}; give the folder holding config.json (or a hub id like org/name)."
+            f"{flag} {name} {what}; give the folder holding config.json "
+            "(or a hub id like org/name)."
         )
     check_folder_whole(
         path, flag
@@ -126,7 +128,8 @@ def _device_map() -> dict[str, int | str] | None:
 
 
 def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Grow the embeddings when the tokenizer knows more tokens than the model; return whether it did."""
+    """Grow the embeddings when the tokenizer knows more tokens than the model; return whether it
+    did."""
     weight = model.get_input_embeddings().weight
     current = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shape is 0
     if len(tokenizer) <= current:
@@ -142,7 +145,8 @@ def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def apply_rope_scaling(config, kind: str, max_length: int | None) -> None:
-    """Scale RoPE so positions up to max_length fit: factor = max_length / max_position_embeddings."""
+    """Scale RoPE so positions up to max_length fit: factor = max_length /
+    max_position_embeddings."""
     limit = config.max_position_embeddings
     if not max_length or max_length <= limit:
         raise UserError(
@@ -165,7 +169,8 @@ def apply_rope_scaling(config, kind: str, max_length: int | None) -> None:
 
 
 def load_config(model_args: ModelArguments, max_length: int | None = None):
-    """The checkpoint's config, checked against --model_type and stretched by --rope_scaling (cheap: no weights)."""
+    """The checkpoint's config, checked against --model_type and stretched by --rope_scaling (cheap:
+    no weights)."""
     check_model_folder(model_args.model_name_or_path, "--model_name_or_path")
     try:
         config = AutoConfig.from_pretrained(
@@ -179,7 +184,8 @@ def load_config(model_args: ModelArguments, max_length: int | None = None):
         ) from e
     if model_args.model_type and model_args.model_type != config.model_type:
         raise UserError(
-            f"--model_type {model_args.model_type} but {model_args.model_name_or_path} is a '{config.model_type}' model; "
+            f"--model_type {model_args.model_type} but {model_args.model_name_or_path} "
+            f"is a '{config.model_type}' model; "
             "drop --model_type (it is detected) or fix it."
         )
     if model_args.rope_scaling:
@@ -199,9 +205,10 @@ def load_model(
     half_precision: bool = False,
     new_head: bool = False,
 ) -> PreTrainedModel:
-    """`packing`: batches are flattened packed rows, so a varlen attention kernel may be used (model/attention.py);
-    `half_precision`: the run computes in bf16/fp16 (what that kernel needs); `new_head`: the head may start
-    untrained (the RM stage puts a score head on a language model); otherwise every weight must come from the folder."""
+    """`packing`: batches are flattened packed rows, so a varlen attention kernel may be used
+    (model/attention.py); `half_precision`: the run computes in bf16/fp16 (what that kernel needs);
+    `new_head`: the head may start untrained (the RM stage puts a score head on a language model);
+    otherwise every weight must come from the folder."""
     auto_class, task_type = HEADS[head]
     config = load_config(model_args, max_length)
     if head == "reward":
@@ -240,22 +247,27 @@ HEAD_NAMES = {"lm": "language-model output head", "reward": "reward (score) head
 
 
 def check_loaded_weights(path: str, config, head: str, missing: set[str], new_head: bool) -> None:
-    """Refuse weights that would start random: a folder of the wrong kind (a reward model where a language
-    model is needed, or the reverse) or of another shape. transformers only prints a load report for them."""
+    """Refuse weights that would start random: a folder of the wrong kind (a reward model where a
+    language model is needed, or the reverse) or of another shape. transformers only prints a load
+    report for them."""
     head_prefix = "score." if head == "reward" else "lm_head."
     head_missing = sorted(k for k in missing if k.startswith(head_prefix))
     other = sorted(k for k in missing if not k.startswith(head_prefix))
     kind = ", ".join(config.architectures or [config.model_type])
     if other:
         raise UserError(
-            f"{path} ({kind}) lacks {len(other)} weights this model needs (e.g. {other[0]}), which would "
+            f"{path} ({kind}) lacks {len(other)} weights this model needs "
+            f"(e.g. {other[0]}), which would "
             "start random: it is incomplete or not a checkpoint of this model; check the folder."
         )
     if head_missing and not new_head:
         fix = (
             "the RM stage's output folder (or its merged model)"
             if head == "reward"
-            else "a language-model folder: the base, PT or SFT output (or a merged one), not a reward model"
+            else (
+                "a language-model folder: the base, PT or SFT output (or a merged one), "
+                "not a reward model"
+            )
         )
         raise UserError(
             f"{path} is a {kind} checkpoint without the {HEAD_NAMES[head]} this stage needs "

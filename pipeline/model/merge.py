@@ -3,12 +3,14 @@
 The merged folder is the next stage's --model_name_or_path: it loads with AutoModelForCausalLM (or
 AutoModelForSequenceClassification for a reward-model adapter, whose trained score head is kept),
 and carries the tokenizer, chat template and generation config that training used. It is written
-beside the output folder and renamed into place, so an interrupted merge never looks like a finished one.
+beside the output folder and renamed into place, so an interrupted merge never looks like a finished
+one.
 
-Also here: where an adapter's base is. Training records it (`record_base`) as an absolute path when it is a local
-folder, so peft, chat, serve and merge load the adapter from any working directory; `resolve_base` also finds it
-relative to the adapter and beside it (both folders copied elsewhere together), and `check_same_base` refuses a
-base other than the one trained on, by a fingerprint of its weights.
+Also here: where an adapter's base is. Training records it (`record_base`) as an absolute path when
+it is a local folder, so peft, chat, serve and merge load the adapter from any working directory;
+`resolve_base` also finds it relative to the adapter and beside it (both folders copied elsewhere
+together), and `check_same_base` refuses a base other than the one trained on, by a fingerprint of
+its weights.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 
 def _tokenizer_source(lora_model: Path, tokenizer_path: str | None, base_model: str) -> str:
-    # The adapter folder's tokenizer is the one training used (it may carry added tokens and the chat
-    # template), so it wins over --tokenizer_path; the choice is logged.
+    # The adapter folder's tokenizer is the one training used (it may carry added tokens and the
+    # chat template), so it wins over --tokenizer_path; the choice is logged.
     if (lora_model / "tokenizer_config.json").is_file():
         if tokenizer_path and Path(tokenizer_path).resolve() != lora_model.resolve():
             logger.warning(
@@ -64,7 +66,8 @@ def merge_adapter(
     lora_dir, out = Path(lora_model), Path(output_dir)
     if not (lora_dir / "adapter_config.json").is_file():
         raise UserError(
-            f"--lora_model {lora_model} has no adapter_config.json; point it at a LoRA output folder."
+            f"--lora_model {lora_model} has no adapter_config.json; "
+            "point it at a LoRA output folder."
         )
     check_folder_whole(lora_dir, "--lora_model")
     base = resolve_base(lora_dir, base_model)
@@ -77,15 +80,16 @@ def merge_adapter(
         raise base.load_error(e) from e
     if getattr(base_config, "quantization_config", None):
         raise UserError(
-            f"--base_model {base_model} is quantized; merging LoRA into 4/8-bit weights loses precision. "
-            "Merge into the original full-precision model instead (the one QLoRA training quantized)."
+            f"--base_model {base_model} is quantized; merging LoRA into 4/8-bit weights loses "
+            "precision. Merge into the original full-precision model instead (the one QLoRA "
+            "training quantized)."
         )
     peft_config = PeftConfig.from_pretrained(lora_model)
     check_same_base(lora_dir, base_model, base.given_as, "merge into")
     if peft_config.peft_type != "LORA":
         raise UserError(
-            f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be merged into "
-            "weights; load it with peft's AutoPeftModelForCausalLM instead."
+            f"--lora_model {lora_model} is a {peft_config.peft_type} adapter, which cannot be "
+            "merged into weights; load it with peft's AutoPeftModelForCausalLM instead."
         )
     tokenizer = AutoTokenizer.from_pretrained(
         _tokenizer_source(lora_dir, tokenizer_path, base_model), trust_remote_code=trust_remote_code
@@ -103,7 +107,8 @@ def merge_adapter(
         trust_remote_code=trust_remote_code,
         output_loading_info=True,
     )
-    # a reward adapter brings its trained score head (modules_to_save); a language-model base must have its own
+    # a reward adapter brings its trained score head (modules_to_save); a language-model base must
+    # have its own
     check_loaded_weights(
         base_model,
         base_config,
@@ -135,8 +140,9 @@ FINGERPRINT_TENSORS = (
 def base_fingerprint(
     model_dir: str | Path, names: list[str] | None = None
 ) -> dict[str, list[float]] | None:
-    """Up to 8 leading values (float32) of a spread of the folder's tensors, or of `names`; None without
-    safetensors files. Values rather than a hash of bytes, so the same base saved in another dtype matches."""
+    """Up to 8 leading values (float32) of a spread of the folder's tensors, or of `names`; None
+    without safetensors files. Values rather than a hash of bytes, so the same base saved in another
+    dtype matches."""
     files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
     if not files:
         return None
@@ -160,9 +166,10 @@ def base_fingerprint(
 
 
 def record_base(adapter_dir: str | Path, base_model: str) -> None:
-    """Record where the adapter's base is, so the adapter loads from anywhere, and the base's fingerprint (merge, chat
-    and serve check it). A local base folder goes into adapter_config.json as an absolute path (peft reads that one)
-    and into the fingerprint file also relative to the adapter; a hub id stays as it is."""
+    """Record where the adapter's base is, so the adapter loads from anywhere, and the base's
+    fingerprint (merge, chat and serve check it). A local base folder goes into adapter_config.json
+    as an absolute path (peft reads that one) and into the fingerprint file also relative to the
+    adapter; a hub id stays as it is."""
     adapter_dir, recorded = Path(adapter_dir), str(base_model)
     if Path(base_model).is_dir():
         recorded = str(Path(base_model).resolve())
@@ -194,16 +201,17 @@ class AdapterBase:
         if self.given_as == "--base_model":
             return UserError(f"cannot load --base_model {self.path} ({first_line(error)}).")
         return UserError(
-            f"cannot load the base model {self.recorded} recorded in {self.adapter_config}: it is no folder "
-            f"here, relative to or beside the adapter, and as a hub id it fails ({first_line(error)}); "
-            "pass --base_model with the base model's folder."
+            f"cannot load the base model {self.recorded} recorded in {self.adapter_config}: it is "
+            "no folder here, relative to or beside the adapter, and as a hub id it fails "
+            f"({first_line(error)}); pass --base_model with the base model's folder."
         )
 
 
 def resolve_base(adapter_dir: str | Path, base_model: str | None = None) -> AdapterBase:
-    """`base_model` (--base_model) when given; else the base adapter_config.json records, as recorded (absolute, or
-    from the working directory), relative to the adapter folder, then a folder of the same name beside the adapter
-    (both copied elsewhere together). A name found nowhere that could be a hub id is kept; anything else is refused."""
+    """`base_model` (--base_model) when given; else the base adapter_config.json records, as
+    recorded (absolute, or from the working directory), relative to the adapter folder, then a
+    folder of the same name beside the adapter (both copied elsewhere together). A name found
+    nowhere that could be a hub id is kept; anything else is refused."""
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
     recorded = (
@@ -212,13 +220,14 @@ def resolve_base(adapter_dir: str | Path, base_model: str | None = None) -> Adap
     if base_model:
         if not Path(base_model).is_dir() and not _could_be_hub_id(str(base_model)):
             raise UserError(
-                f"--base_model {base_model} does not exist; give the folder of the base model the adapter "
-                f"was trained on ({recorded or 'not recorded'})."
+                f"--base_model {base_model} does not exist; give the folder of the base model the "
+                f"adapter was trained on ({recorded or 'not recorded'})."
             )
         return AdapterBase(str(base_model), recorded, config_file, "--base_model")
     if not recorded:
         raise UserError(
-            f"{config_file} names no base model; pass --base_model with the folder it was trained on."
+            f"{config_file} names no base model; "
+            "pass --base_model with the folder it was trained on."
         )
     fingerprint = adapter_dir / FINGERPRINT
     relative = (
@@ -239,8 +248,9 @@ def resolve_base(adapter_dir: str | Path, base_model: str | None = None) -> Adap
     if not Path(recorded).is_absolute() and _could_be_hub_id(recorded):
         return AdapterBase(recorded, recorded, config_file, "the hub id")
     raise UserError(
-        f"the base model {recorded} recorded in {config_file} is not there, nor relative to the adapter, "
-        f"nor beside it as {candidates[-1][0]}; pass --base_model with the base model's folder."
+        f"the base model {recorded} recorded in {config_file} is not there, nor relative to the "
+        f"adapter, nor beside it as {candidates[-1][0]}; "
+        "pass --base_model with the base model's folder."
     )
 
 
@@ -261,8 +271,9 @@ def check_same_base(
     fix: str = "merge into",
     adapter_as: str = "--lora_model",
 ) -> None:
-    """Merging into (or loading on) another base than the one trained on gives a silently wrong model: refuse it.
-    `given_as` says how the base came (--base_model, or where it was found), `fix` what to do with the right one."""
+    """Merging into (or loading on) another base than the one trained on gives a silently wrong
+    model: refuse it. `given_as` says how the base came (--base_model, or where it was found), `fix`
+    what to do with the right one."""
     recorded = Path(lora_dir) / FINGERPRINT
     if not recorded.is_file():
         return  # an adapter from elsewhere: nothing to compare with
@@ -283,9 +294,9 @@ def check_same_base(
             else f"pass --base_model with the folder of {trained['base_model']}"
         )
         raise UserError(
-            f"{adapter_as} {lora_dir} was trained on {trained['base_model']}, but {given_as} {base_model} "
-            f"holds other weights ({len(differs)} of {len(trained['tensors'])} sampled tensors differ, e.g. "
-            f"{differs[0]}); {advice}."
+            f"{adapter_as} {lora_dir} was trained on {trained['base_model']}, but {given_as} "
+            f"{base_model} holds other weights ({len(differs)} of {len(trained['tensors'])} "
+            f"sampled tensors differ, e.g. {differs[0]}); {advice}."
         )
 
 
@@ -308,7 +319,8 @@ def _sibling(out: Path, what: str) -> Path:
 
 def _publish(partial: Path, out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
-        # a previous merge: swap it out whole, so none of its files (e.g. shards of another size) remain
+        # a previous merge: swap it out whole, so none of its files (e.g. shards of another size)
+        # remain
         old = _sibling(out, "replaced")
         os.replace(out, old)
         os.replace(partial, out)
@@ -324,7 +336,8 @@ def _publish(partial: Path, out: Path) -> None:
 
 
 def _save_generation_config(model, lora_dir: Path, base_model: str, out: Path) -> None:
-    """Prefer the adapter folder's generation config (stop tokens set by training), else the base's."""
+    """Prefer the adapter folder's generation config (stop tokens set by training), else the
+    base's."""
     for source in (lora_dir, Path(base_model)):
         if (source / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(source).save_pretrained(out)

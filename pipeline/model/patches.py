@@ -1,15 +1,19 @@
-"""Every place the project changes a library's behaviour at run time, each named, logged once per process
-(`announce`) and tested. Where a library offers an extension point the project uses that instead (attention:
-transformers' AttentionInterface, pipeline/model/attention.py; training steps: Trainer subclasses).
+"""Every place the project changes a library's behaviour at run time, each named, logged once per
+process (`announce`) and tested. Where a library offers an extension point the project uses that
+instead (attention: transformers' AttentionInterface, pipeline/model/attention.py; training steps:
+Trainer subclasses).
 
-    unpadded_log_probs          RM/DPO --packing: the policy's `forward` (under trl's fused LM head) reads a
-                                padded batch as one padding-free sequence and answers in the padded layout
+    unpadded_log_probs          RM/DPO --packing: the policy's `forward` (under trl's fused LM head)
+                                reads a padded batch as one padding-free sequence and answers in the
+                                padded layout
     unpadded_scores             the same for the reward model's score head
-    separate_zero3_step_counts  DeepSpeed 0.19's ZeRO-3 universal-checkpoint load: one Adam step count per
-                                parameter group, not one shared tensor (tests/test_zero_resume.py)
+    separate_zero3_step_counts  DeepSpeed 0.19's ZeRO-3 universal-checkpoint load: one Adam step
+                                count per parameter group, not one shared tensor
+                                (tests/test_zero_resume.py)
 
-The forward swaps replace `forward` on one model instance (as trl's fused LM head does), so DDP, DeepSpeed and
-PEFT wrappers still reach it; the DeepSpeed one replaces a method of DeepSpeed's ZeRO-3 optimizer class, once.
+The forward swaps replace `forward` on one model instance (as trl's fused LM head does), so DDP,
+DeepSpeed and PEFT wrappers still reach it; the DeepSpeed one replaces a method of DeepSpeed's
+ZeRO-3 optimizer class, once.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ LM_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1
 
 
 def unpadded_log_probs(model: torch.nn.Module) -> None:
-    """Make `model(input_ids, attention_mask, labels=..., fused_lm_head=True)` (trl's fused LM head, already
-    installed) run padding-free. Its per-token fields are shifted by one (position t scores token t+1), so
-    each row's last position, which in the flat sequence would score the next row's first token, is
-    cleared, and the padded layout is rebuilt with the same shift."""
+    """Make `model(input_ids, attention_mask, labels=..., fused_lm_head=True)` (trl's fused LM head,
+    already installed) run padding-free. Its per-token fields are shifted by one (position t scores
+    token t+1), so each row's last position, which in the flat sequence would score the next row's
+    first token, is cleared, and the padded layout is rebuilt with the same shift."""
     inner = model.forward
 
     @functools.wraps(inner)
@@ -84,14 +88,15 @@ def unpadded_log_probs(model: torch.nn.Module) -> None:
 
 
 def unpadded_scores(model: torch.nn.Module) -> None:
-    """Make a sequence classifier's `model(input_ids, attention_mask, unpad=True)` (the reward model) run
-    padding-free: the backbone reads the flattened rows and the score head only the token transformers'
-    own classifier pools, each row's last one that is not the pad id."""
+    """Make a sequence classifier's `model(input_ids, attention_mask, unpad=True)` (the reward
+    model) run padding-free: the backbone reads the flattened rows and the score head only the token
+    transformers' own classifier pools, each row's last one that is not the pad id."""
     if not isinstance(getattr(model, "score", None), torch.nn.Module):
         from pipeline.errors import UserError
 
         raise UserError(
-            f"{type(model).__name__} has no `score` head to read packed rows through; add --packing False."
+            f"{type(model).__name__} has no `score` head to read packed rows through; "
+            "add --packing False."
         )
     inner = model.forward
 
@@ -109,7 +114,8 @@ def unpadded_scores(model: torch.nn.Module) -> None:
             if pad_id is not None
             else keep.sum(1) - 1
         )
-        # flat index of row r's pooled token: the tokens of the rows before it, plus its place in its row
+        # flat index of row r's pooled token: the tokens of the rows before it, plus its place in
+        # its row
         before = torch.cat([keep.sum(1).new_zeros(1), keep.sum(1).cumsum(0)[:-1]])
         first = keep.int().argmax(1)  # left padding: a row's tokens start after its pads
         scores = self.score(hidden[0, before + pooled - first])
@@ -122,10 +128,10 @@ def unpadded_scores(model: torch.nn.Module) -> None:
 
 
 def separate_zero3_step_counts() -> None:
-    """DeepSpeed 0.19's ZeRO-3 universal load hands every parameter group one shared Adam `step` tensor, which
-    each group's optimizer step then advances in place: the bias correction runs ahead and the resumed run
-    drifts (tests/test_zero_resume.py: 1.7e-4 off the uninterrupted weights, 1.2e-7 with this). After that
-    load each group gets its own copy."""
+    """DeepSpeed 0.19's ZeRO-3 universal load hands every parameter group one shared Adam `step`
+    tensor, which each group's optimizer step then advances in place: the bias correction runs ahead
+    and the resumed run drifts (tests/test_zero_resume.py: 1.7e-4 off the uninterrupted weights,
+    1.2e-7 with this). After that load each group gets its own copy."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
     load = Stage3._load_universal_checkpoint

@@ -46,7 +46,8 @@ CHAT_SPECIAL_TOKENS = [
 
 
 def corpus(data_dir: Path) -> list[str]:
-    """Every shipped text (pretraining docs, chats, preferences) plus the synthetic task's strings."""
+    """Every shipped text (pretraining docs, chats, preferences) plus the synthetic task's
+    strings."""
     texts: list[str] = []
     for path in walk_files(
         data_dir, "--data_dir"
@@ -100,7 +101,8 @@ def build(
     out = Path(output_dir)
     if not Path(data_dir).is_dir():
         raise UserError(
-            f"--data_dir {data_dir} is not a folder; point it at a folder of .txt/.json/.jsonl files."
+            f"--data_dir {data_dir} is not a folder; "
+            "point it at a folder of .txt/.json/.jsonl files."
         )
     tokenizer = train_tokenizer(corpus(Path(data_dir)), vocab_size)
     config = LlamaConfig(

@@ -1,5 +1,6 @@
-"""Data parallelism of the PPO loop (plain torch.distributed; a single process skips all of it): which
-prompts each rank rolls out, gradient and statistics averaging, and the end-of-run weight check."""
+"""Data parallelism of the PPO loop (plain torch.distributed; a single process skips all of it):
+which prompts each rank rolls out, gradient and statistics averaging, and the end-of-run weight
+check."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 def step_prompts(prompts: list, step: int, per_rank: int, rank: int, world: int, seed: int) -> list:
-    """This rank's prompts for a step: a fixed shuffled order per data epoch, so a resumed run sees the same."""
+    """This rank's prompts for a step: a fixed shuffled order per data epoch, so a resumed run sees
+    the same."""
     size = per_rank * world
     start, order_out = step * size, []
     while len(order_out) < size:
@@ -43,7 +45,8 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
 
 
 def check_in_sync(params: list[torch.Tensor], world: int) -> None:
-    """Every process must end with the same weights; compare a checksum of the trained parameters."""
+    """Every process must end with the same weights; compare a checksum of the trained
+    parameters."""
     if world == 1:
         return
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)

@@ -1,16 +1,18 @@
-"""How the PPO loop updates its trainable pair (policy + value model): plain torch, or DeepSpeed ZeRO-2/3.
+"""How the PPO loop updates its trainable pair (policy + value model): plain torch, or DeepSpeed
+ZeRO-2/3.
 
 `TorchUpdater`: one AdamW over both models' trainable weights, gradients averaged over the ranks
-(distributed.py), clipped together, then the optimizer and scheduler step. Under --fp16 the trained weights
-stay float32 and the loss is scaled by a GradScaler (float16 gradients underflow without it); an overflowing
-step is the scaler's skipped step, as under the Trainer.
+(distributed.py), clipped together, then the optimizer and scheduler step. Under --fp16 the trained
+weights stay float32 and the loss is scaled by a GradScaler (float16 gradients underflow without
+it); an overflowing step is the scaler's skipped step, as under the Trainer.
 
-`DeepSpeedUpdater` (--deepspeed deepspeed_configs/zero2.json or zero3.json, the files every stage uses): the
-pair is one DeepSpeed engine with the same AdamW as a client optimizer and the same scheduler, so the
-update is the plain one, with ZeRO's sharding and bucketed reduction. The config's optimizer/scheduler
-sections are not used (the loop's flags set them); its "auto" values are filled from the loop's batch
-shape. Under ZeRO-3, generation gathers the policy's weights once per rollout (not once per token),
-reference and reward copies are sharded inference engines, and saves gather the full 16-bit weights.
+`DeepSpeedUpdater` (--deepspeed deepspeed_configs/zero2.json or zero3.json, the files every stage
+uses): the pair is one DeepSpeed engine with the same AdamW as a client optimizer and the same
+scheduler, so the update is the plain one, with ZeRO's sharding and bucketed reduction. The config's
+optimizer/scheduler sections are not used (the loop's flags set them); its "auto" values are filled
+from the loop's batch shape. Under ZeRO-3, generation gathers the policy's weights once per rollout
+(not once per token), reference and reward copies are sharded inference engines, and saves gather
+the full 16-bit weights.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 def check_master_weights(pair: torch.nn.Module) -> None:
-    """The plain loop's AdamW updates the trained weights themselves: they must be float32 (bfloat16 under --bf16),
-    never float16, which only a loss-scaled optimizer with float32 masters may update (arg_checks.check_precision
-    refuses such flags; this guards the models as built)."""
+    """The plain loop's AdamW updates the trained weights themselves: they must be float32 (bfloat16
+    under --bf16), never float16, which only a loss-scaled optimizer with float32 masters may update
+    (arg_checks.check_precision refuses such flags; this guards the models as built)."""
     half = sorted(
         {
             name.split(".")[0].replace("_", " ")
@@ -43,13 +45,15 @@ def check_master_weights(pair: torch.nn.Module) -> None:
     )
     if half:
         raise UserError(
-            f"the {' and '.join(half)} would train float16 weights without float32 masters; load them "
-            "with --torch_dtype float32 (full training) or train adapters (--use_peft True) under --fp16 True."
+            f"the {' and '.join(half)} would train float16 weights without float32 masters; "
+            "load them with --torch_dtype float32 (full training) or train adapters "
+            "(--use_peft True) under --fp16 True."
         )
 
 
 class PPOPair(torch.nn.Module):
-    """Policy and value model under one module, so one optimizer (or one DeepSpeed engine) holds both."""
+    """Policy and value model under one module, so one optimizer (or one DeepSpeed engine) holds
+    both."""
 
     def __init__(self, policy, value_model):
         super().__init__()
@@ -57,8 +61,8 @@ class PPOPair(torch.nn.Module):
 
 
 def _adamw(params, t, fused: bool = False) -> torch.optim.AdamW:
-    """fused: one kernel for the whole update of every weight on a CUDA device (the plain loop; DeepSpeed steps
-    its own flat partitions with the default form)."""
+    """fused: one kernel for the whole update of every weight on a CUDA device (the plain loop;
+    DeepSpeed steps its own flat partitions with the default form)."""
     return torch.optim.AdamW(
         params,
         lr=t.learning_rate,
@@ -104,10 +108,12 @@ class TorchUpdater:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float | None:
-        """After `accumulation` backward passes: average over ranks, unscale (fp16), clip, step, clear; return the
-        gradient norm. A non-finite gradient is not applied (the weights stay finite; the loop counts the step);
-        under fp16 that is the scaler's overflow skip, which lowers the scale and returns None (not a divergence)."""
-        # averaged while still scaled (every rank has the same scale): all ranks then see the same overflow
+        """After `accumulation` backward passes: average over ranks, unscale (fp16), clip, step,
+        clear; return the gradient norm. A non-finite gradient is not applied (the weights stay
+        finite; the loop counts the step); under fp16 that is the scaler's overflow skip, which
+        lowers the scale and returns None (not a divergence)."""
+        # averaged while still scaled (every rank has the same scale): all ranks then see the same
+        # overflow
         distributed.average_gradients(self.params, self.world)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -154,8 +160,8 @@ class TorchUpdater:
     def load(self, folder: Path, state: dict) -> None:
         if "optimizer" not in state:
             raise UserError(
-                f"{folder} was saved under --deepspeed (its optimizer state is in {folder}/deepspeed); "
-                "resume it with the same --deepspeed config."
+                f"{folder} was saved under --deepspeed (its optimizer state is in "
+                f"{folder}/deepspeed); resume it with the same --deepspeed config."
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -174,8 +180,9 @@ class TorchUpdater:
 def deepspeed_config(
     source, training_args, micro: int, accumulation: int, hidden_size: int
 ) -> dict:
-    """The JSON config with its "auto" values set for the PPO loop (micro-batch, accumulation, clipping,
-    bf16, bucket sizes); optimizer and scheduler sections dropped (the loop's AdamW and scheduler run)."""
+    """The JSON config with its "auto" values set for the PPO loop (micro-batch, accumulation,
+    clipping, bf16, bucket sizes); optimizer and scheduler sections dropped (the loop's AdamW and
+    scheduler run)."""
     config = (
         json.loads(Path(source).read_text()) if isinstance(source, (str, Path)) else dict(source)
     )
@@ -202,8 +209,8 @@ def deepspeed_config(
     left = [k for k, v in {**config, **config["zero_optimization"]}.items() if v == "auto"]
     if left:
         raise UserError(
-            f"--deepspeed {source}: the PPO loop cannot fill the value(s) 'auto' of {', '.join(left)}; "
-            "give numbers there."
+            f"--deepspeed {source}: the PPO loop cannot fill the value(s) 'auto' of "
+            f"{', '.join(left)}; give numbers there."
         )
     return config
 
@@ -239,7 +246,8 @@ class DeepSpeedUpdater:
         self.engine.step()
 
     def step(self) -> float | None:
-        """The step itself was taken by the engine at the boundary; its gradient norm (None when not known)."""
+        """The step itself was taken by the engine at the boundary; its gradient norm (None when not
+        known)."""
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -250,7 +258,8 @@ class DeepSpeedUpdater:
 
     @contextmanager
     def generation(self):
-        """ZeRO-3: the policy's full weights gathered once for the whole rollout, the per-layer fetch hooks off."""
+        """ZeRO-3: the policy's full weights gathered once for the whole rollout, the per-layer
+        fetch hooks off."""
         if not self.sharded:
             yield
             return
@@ -265,7 +274,8 @@ class DeepSpeedUpdater:
                 add_hooks(self.engine)
 
     def state(self, folder: Path) -> dict:
-        """DeepSpeed's own checkpoint (weights, optimizer and scheduler, each rank its shard) in folder/deepspeed."""
+        """DeepSpeed's own checkpoint (weights, optimizer and scheduler, each rank its shard) in
+        folder/deepspeed."""
         self.engine.save_checkpoint(str(folder), tag="deepspeed")
         return {}
 
@@ -295,13 +305,15 @@ class DeepSpeedUpdater:
             )
 
     def full_weights(self) -> dict | None:
-        """ZeRO-3: the full 16-bit state dict of the pair, gathered (every rank takes part; rank 0 gets it)."""
+        """ZeRO-3: the full 16-bit state dict of the pair, gathered (every rank takes part; rank 0
+        gets it)."""
         if not self.sharded:
             return None
         return self.engine._zero3_consolidated_16bit_state_dict()
 
     def check_in_sync(self) -> None:
-        pass  # DeepSpeed keeps one copy of the optimizer state per shard: the ranks cannot drift apart
+        # DeepSpeed keeps one copy of the optimizer state per shard: the ranks cannot drift apart
+        pass
 
 
 def sharded_inference(model, config: dict):

@@ -2,13 +2,16 @@
 
 One iteration = one step: roll out answers, score them, shape rewards with the KL to the reference,
 GAE advantages, then PPO epochs of clipped policy + value updates. The models (policy, reference,
-value model from the RM, reward model) are built in models.py; the recipe holds the parts a step uses: the
-rollouts (rollout.py: generation, reference log-probs, reward scores, held-out evaluation), the updater
-(engine.py: plain torch or a DeepSpeed ZeRO-2/3 engine, --deepspeed) and the KL controller; the arithmetic is
-in ppo_math.py (group_math.py for GRPO), checkpoints in saving.py, phase timing in timing.py.
+value model from the RM, reward model) are built in models.py; the recipe holds the parts a step
+uses: the rollouts (rollout.py: generation, reference log-probs, reward scores, held-out
+evaluation), the updater (engine.py: plain torch or a DeepSpeed ZeRO-2/3 engine, --deepspeed) and
+the KL controller; the arithmetic is in ppo_math.py (group_math.py for GRPO), checkpoints in
+saving.py, phase timing in timing.py.
 
-SIGTERM: the ranks finish the step, save checkpoint-N, exit 143 (no final model); `auto` resume continues.
-NaN/inf logits, loss or gradient norm: the step is logged and not saved; too many in a row stop the run.
+SIGTERM: the ranks finish the step, save checkpoint-N, exit 143 (no final model); `auto` resume
+continues.
+NaN/inf logits, loss or gradient norm: the step is logged and not saved; too many in a row stop the
+run.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ STEP_LOG_KEYS = (
 
 
 class PPORecipe:
-    """setup (__init__) -> train: for each step, rollout -> score -> advantages -> PPO epochs -> save."""
+    """setup (__init__) -> train: for each step, rollout -> score -> advantages -> PPO epochs ->
+    save."""
 
     def __init__(
         self, models: PPOModels, tokenizer, template, prompts, eval_prompts, ppo_args, training_args
@@ -78,13 +82,15 @@ class PPORecipe:
         self.mini_batch_size = ppo_args.mini_batch_size or self.batch_size
         if len(prompts) < self.prompts_per_rank() * self.world:
             raise UserError(
-                f"{len(prompts)} usable training prompts cannot fill one step of {self.prompts_per_rank()} per "
-                f"process x {self.world} processes; add prompts or lower --per_device_train_batch_size."
+                f"{len(prompts)} usable training prompts cannot fill one step of "
+                f"{self.prompts_per_rank()} per process x {self.world} processes; add prompts or "
+                "lower --per_device_train_batch_size."
             )
         for model in (self.policy, self.value_model):
             if model is not None:
                 prepare_for_rl(model, training_args.gradient_checkpointing)
-        # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model (pipeline/rl/engine.py)
+        # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model
+        # (pipeline/rl/engine.py)
         pair, accumulation = (
             PPOPair(self.policy, self.value_model),
             training_args.gradient_accumulation_steps,
@@ -154,12 +160,14 @@ class PPORecipe:
         with timer.phase("generate"):
             traj = self.rollouts.generate(prompts, sample=True)
         with torch.no_grad(), self.autocast:
-            # 2. Score the answers with the reward model (and rule rewards); penalize answers without a stop token.
+            # 2. Score the answers with the reward model (and rule rewards); penalize answers
+            # without a stop token.
             with timer.phase("score"):
                 scores = self.rollouts.scores(traj)
                 if args.missing_eos_penalty is not None:
                     scores = scores - args.missing_eos_penalty * (~traj.ended).float()
-            # 3. Log-probs of the sampled tokens under the policy (old) and the reference; values of each state.
+            # 3. Log-probs of the sampled tokens under the policy (old) and the reference; values of
+            # each state.
             with (
                 timer.phase("logprobs"),
                 packed_attention(
@@ -170,7 +178,8 @@ class PPORecipe:
                 ref_logp = self.rollouts.reference_logprobs(traj, args.temperature)
                 old_values = values(self.value, traj)
         rmask = traj.response_mask.float()
-        # 4. Per-token rewards: -kl_coef * KL(policy || reference) on every token, the score on the last one.
+        # 4. Per-token rewards: -kl_coef * KL(policy || reference) on every token, the score on the
+        # last one.
         kl = ppo_math.kl_estimate(old_logp, ref_logp, args.kl_estimator) * rmask
         rewards = ppo_math.shaped_rewards(scores, kl, rmask, self.kl.value)
         if args.whiten_rewards:
@@ -178,7 +187,8 @@ class PPORecipe:
         # 5. Advantages and returns by GAE; advantages whitened over the batch.
         advantages, returns = ppo_math.gae(rewards, old_values, rmask, args.gamma, args.lam)
         advantages = ppo_math.whiten(advantages, rmask)
-        # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss.
+        # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value
+        # loss.
         with timer.phase("update"), packed_attention(self.policy, self.value_model):
             stats, norms = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
         # 7. Report this iteration and adapt the KL coefficient (if a target is set).
@@ -252,19 +262,21 @@ class PPORecipe:
             self.writer.flush()
 
     def due(self, every: int | float | None) -> bool:
-        """Whether a periodic action (evaluate, save) is due after this step; never on the last step."""
+        """Whether a periodic action (evaluate, save) is due after this step; never on the last
+        step."""
         return (
             bool(every) and self.step % int(every) == 0 and self.step < self.training_args.max_steps
         )
 
     def save_due(self) -> bool:
-        """checkpoint-N every --save_steps and after the last step (so a rerun of a finished run trains nothing)."""
+        """checkpoint-N every --save_steps and after the last step (so a rerun of a finished run
+        trains nothing)."""
         every, last = self.training_args.save_steps, self.step == self.training_args.max_steps
         return self.training_args.save_strategy == "steps" and (self.due(every) or last)
 
     def save_checkpoint(self) -> None:
-        """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed every rank
-        writes its shard of the engine's state first."""
+        """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed
+        every rank writes its shard of the engine's state first."""
         folder = Path(self.training_args.output_dir) / f"checkpoint-{self.step}"
         partial = saving.prepare_partial(folder) if self.training_args.should_save else None
         distributed.barrier()
@@ -301,7 +313,8 @@ class PPORecipe:
         return next((h for h in self.log_history if "eval_score" in h and h["step"] == 0), None)
 
     def train(self, resume_from: str | None) -> dict[str, float]:
-        # SIGTERM (preemption) from here to the end of the loop: finish the step, save it, stop with exit code 143
+        # SIGTERM (preemption) from here to the end of the loop: finish the step, save it, stop with
+        # exit code 143
         with Preemption() as sigterm, storage_errors(self.training_args.output_dir):
             before = self.start(resume_from)
             preempted = self.loop(sigterm)
@@ -316,7 +329,8 @@ class PPORecipe:
             return self.finish(before)
 
     def start(self, resume_from: str | None) -> dict | None:
-        """Resume, or evaluate the untrained policy; return the held-out figures before training (if any)."""
+        """Resume, or evaluate the untrained policy; return the held-out figures before training (if
+        any)."""
         if resume_from:
             before = self.resume(resume_from)
         else:
@@ -338,7 +352,8 @@ class PPORecipe:
         return before
 
     def loop(self, sigterm: Preemption) -> bool:
-        """The steps from the start (or the resumed step) to --max_steps; True when stopped by SIGTERM."""
+        """The steps from the start (or the resumed step) to --max_steps; True when stopped by
+        SIGTERM."""
         training_args = self.training_args
         eval_every = (
             (training_args.eval_steps or training_args.logging_steps)
@@ -360,7 +375,8 @@ class PPORecipe:
                 bar.set_postfix(
                     score=f"{metrics['objective/scores']:.3g}", kl=f"{metrics['objective/kl']:.3g}"
                 )
-                # NaN logits, loss or gradient norm (ranks' means, so all agree): logged, counted, stop after too many
+                # NaN logits, loss or gradient norm (ranks' means, so all agree): logged, counted,
+                # stop after too many
                 loss, norm = (
                     math.nan if metrics["nonfinite_logits"] else metrics["loss"],
                     metrics.get("grad_norm"),
@@ -382,7 +398,8 @@ class PPORecipe:
                 )  # a non-finite step's weights are not checkpointed
                 if saved:
                     self.save_checkpoint()
-                # asked after the save, so that a SIGTERM that came during it stops here, not a step later
+                # asked after the save, so that a SIGTERM that came during it stops here, not a step
+                # later
                 if sigterm.agreed(self.device):
                     if not saved and finite:
                         self.save_checkpoint()
@@ -392,7 +409,8 @@ class PPORecipe:
             bar.close()
 
     def finish(self, before: dict | None) -> dict[str, float]:
-        """The final policy, held-out results (after, with the before figures), state and train results."""
+        """The final policy, held-out results (after, with the before figures), state and train
+        results."""
         out = Path(self.training_args.output_dir)
         divergence.check_finite_weights(self.policy, self.device)  # never write a NaN model
         weights = self.updater.full_weights()  # ZeRO-3: gathered from every rank
@@ -424,8 +442,8 @@ class PPORecipe:
 
 
 def run(recipe_class, build, stage: str, model_args, data_args, peft_args, ppo_args, training_args):
-    """Load the tokenizer, template, prompts and models (`build`), then train a `recipe_class` loop; also the
-    own-loop GRPO and its relatives (stages/grpo.py)."""
+    """Load the tokenizer, template, prompts and models (`build`), then train a `recipe_class` loop;
+    also the own-loop GRPO and its relatives (stages/grpo.py)."""
     setup_run(training_args)
     claim_output_dir(training_args, stage, model_args.model_name_or_path, data_args.train_source[0])
     tokenizer = load_tokenizer(model_args)

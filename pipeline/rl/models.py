@@ -1,9 +1,10 @@
-"""The four models of PPO: policy, reference, value model and reward model, with as few copies as possible.
+"""The four models of PPO: policy, reference, value model and reward model, with as few copies as
+possible.
 
-Policy: --model_name_or_path, full / LoRA / QLoRA. Reference: with LoRA the policy with its adapter off
-(AdapterOff, pipeline/rl/frozen.py), otherwise a frozen copy (Separate). Value model: initialized from the
-reward model (LoRA on it when --use_peft, whose adapter-off form is then also the reward model: one copy of
-its weights; otherwise the reward model is a Separate frozen copy).
+Policy: --model_name_or_path, full / LoRA / QLoRA. Reference: with LoRA the policy with its adapter
+off (AdapterOff, pipeline/rl/frozen.py), otherwise a frozen copy (Separate). Value model:
+initialized from the reward model (LoRA on it when --use_peft, whose adapter-off form is then also
+the reward model: one copy of its weights; otherwise the reward model is a Separate frozen copy).
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ from pipeline.rl.rewards import check_same_vocab, reward_model_folder
 
 
 def head_dtype(head: torch.nn.Module) -> torch.dtype:
-    """The dtype a head computes in: that of its trained weights (under LoRA peft's float32 copy of the score head,
-    which sits beside the frozen original), else its own."""
+    """The dtype a head computes in: that of its trained weights (under LoRA peft's float32 copy of
+    the score head, which sits beside the frozen original), else its own."""
     params = list(head.parameters())
     return next((p.dtype for p in params if p.requires_grad), params[0].dtype)
 
 
 class ValueModel(torch.nn.Module):
-    """Per-token values from a sequence classifier: its backbone's hidden states through its score head.
+    """Per-token values from a sequence classifier: its backbone's hidden states through its score
+    head.
 
-    The head is trained (float32 masters) while a LoRA backbone may be frozen float16: the head reads the states
-    cast to its own dtype, outside autocast, so the values never depend on an autocast scope (without one a
-    float16 backbone met the float32 head: "Half != float"); one [hidden x 1] product, so float32 costs nothing."""
+    The head is trained (float32 masters) while a LoRA backbone may be frozen float16: the head
+    reads the states cast to its own dtype, outside autocast, so the values never depend on an
+    autocast scope (without one a float16 backbone met the float32 head: "Half != float"); one
+    [hidden x 1] product, so float32 costs nothing."""
 
     def __init__(self, classifier):
         super().__init__()
@@ -44,7 +47,8 @@ class ValueModel(torch.nn.Module):
         self.head_dtype = head_dtype(self.score)
 
     def states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        # no cache: without one, rows laid end to end (no attention mask) attend within their own row
+        # no cache: without one, rows laid end to end (no attention mask) attend within their own
+        # row
         return self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -57,7 +61,8 @@ class ValueModel(torch.nn.Module):
             return self.score(hidden.to(self.head_dtype)).squeeze(-1).float()
 
     def forward(self, input_ids, attention_mask, position_ids, keep_from: int = 0):
-        """Values of the positions from `keep_from` on (the answer's states); the others are not scored."""
+        """Values of the positions from `keep_from` on (the answer's states); the others are not
+        scored."""
         return self.head(self.states(input_ids, attention_mask, position_ids)[:, keep_from:])
 
 
@@ -77,8 +82,8 @@ class PPOModels:
 def _policy_and_reference(
     model_args, peft_args, ppo_args, training_args, tokenizer, with_reference: bool
 ):
-    """The trained policy and its reference: with LoRA the policy with its adapter off (no extra weights, so
-    always there), for full training when asked a frozen copy."""
+    """The trained policy and its reference: with LoRA the policy with its adapter off (no extra
+    weights, so always there), for full training when asked a frozen copy."""
     policy = load_model(
         model_args,
         peft_args,
@@ -100,19 +105,23 @@ def _policy_and_reference(
 def reward_folder(
     ppo_args, training_args, tokenizer, same_vocab: bool = True
 ) -> tuple[str, object]:
-    """(the reward model's folder, adapters merged once; its tokenizer, checked to share the policy's vocabulary)."""
+    """(the reward model's folder, adapters merged once; its tokenizer, checked to share the
+    policy's vocabulary)."""
     rm_path = reward_model_folder(
         ppo_args.reward_model_name_or_path, training_args.output_dir, training_args.should_save
     )
     check_folder_whole(rm_path, "--reward_model_name_or_path")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
-    if same_vocab:  # PPO's value model starts from the RM; scoring alone re-tokenizes the text with the RM's tokenizer
+    if same_vocab:
+        # PPO's value model starts from the RM; scoring alone re-tokenizes the text with the RM's
+        # tokenizer
         check_same_vocab(tokenizer, rm_tokenizer)
     return rm_path, rm_tokenizer
 
 
 def frozen_reward_model(rm_path: str, dtype: torch.dtype):
-    """The reward model, frozen; refused when its score head would start random (a language model's folder)."""
+    """The reward model, frozen; refused when its score head would start random (a language model's
+    folder)."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
         rm_path, dtype=dtype, output_loading_info=True
     )
@@ -127,7 +136,8 @@ def _placed(models: PPOModels, device) -> PPOModels:
         models.value_model,
         own_weights(models.reward),
     ):
-        # quantized weights were placed at load time; ZeRO-3 weights are built sharded (and placed) by DeepSpeed
+        # quantized weights were placed at load time; ZeRO-3 weights are built sharded (and placed)
+        # by DeepSpeed
         if model is not None and not is_quantized(model) and not is_deepspeed_zero3_enabled():
             model.to(device)
     return models
@@ -156,8 +166,9 @@ def build_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> P
 
 
 def build_group_models(model_args, peft_args, ppo_args, training_args, tokenizer) -> PPOModels:
-    """GRPO and its relatives: the policy, a reference (with LoRA the policy with its adapter off; for full training
-    a copy only for a KL penalty), the reward model only when --reward_funcs names it; no value model."""
+    """GRPO and its relatives: the policy, a reference (with LoRA the policy with its adapter off;
+    for full training a copy only for a KL penalty), the reward model only when --reward_funcs names
+    it; no value model."""
     policy, reference = _policy_and_reference(
         model_args, peft_args, ppo_args, training_args, tokenizer, ppo_args.kl_coef > 0
     )
@@ -175,12 +186,14 @@ def is_quantized(model) -> bool:
 
 
 def prepare_for_rl(model, gradient_checkpointing: bool) -> None:
-    """Dropout off (the sampled and the trained distributions must agree); checkpointing as the Trainer would."""
+    """Dropout off (the sampled and the trained distributions must agree); checkpointing as the
+    Trainer would."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if gradient_checkpointing:
-        # newer transformers name it activation_checkpointing_enable; 5.17 (the floor) has only the old name
+        # newer transformers name it activation_checkpointing_enable; 5.17 (the floor) has only the
+        # old name
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -1,5 +1,5 @@
-"""The arithmetic of PPO for language models (KL, GAE, whitening, the clipped losses), kept apart from the
-loop in stages/ppo.py so each piece is unit-tested against hand-computed values.
+"""The arithmetic of PPO for language models (KL, GAE, whitening, the clipped losses), kept apart
+from the loop in stages/ppo.py so each piece is unit-tested against hand-computed values.
 
 Shapes: (batch, response_length) tensors over the generated tokens, with a 0/1 `mask` marking real
 response tokens (1 up to and including the stop token, 0 on padding after it).
@@ -28,7 +28,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Scale the masked entries to unit variance (and zero mean unless shift_mean=False); padding stays 0."""
+    """Scale the masked entries to unit variance (and zero mean unless shift_mean=False); padding
+    stays 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -50,8 +51,9 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Exact per-position KL(policy || reference) = sum_v p(v) (log p(v) - log q(v)), over the whole vocabulary:
-    never negative, and it needs no sampled tokens (held-out evaluation scores greedy answers)."""
+    """Exact per-position KL(policy || reference) = sum_v p(v) (log p(v) - log q(v)), over the whole
+    vocabulary: never negative, and it needs no sampled tokens (held-out evaluation scores greedy
+    answers)."""
     logp, ref_logp = (
         torch.log_softmax(logits.float(), -1),
         torch.log_softmax(ref_logits.float(), -1),
@@ -61,7 +63,8 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) on tokens sampled from the policy.
-    k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, never negative)."""
+    k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, never
+    negative)."""
     log_ratio = logp - ref_logp
     if kind == "k1":
         return log_ratio
@@ -73,7 +76,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") ->
 def shaped_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> torch.Tensor:
-    """Per-token rewards: -kl_coef * KL on every response token, plus the sequence score on the last one."""
+    """Per-token rewards: -kl_coef * KL on every response token, plus the sequence score on the last
+    one."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores)), last] += scores
@@ -103,8 +107,8 @@ def policy_loss(
     mask: torch.Tensor,
     cliprange: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1-e, 1+e)). Returns (loss, clip fraction,
-    approximate KL between the old and new policy)."""
+    """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1-e, 1+e)). Returns (loss, clip
+    fraction, approximate KL between the old and new policy)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -122,7 +126,8 @@ def value_loss(
     mask: torch.Tensor,
     cliprange_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: 0.5 * mean of max((v - R)^2, (clip(v, v_old +- e) - R)^2). Returns (loss, clip fraction)."""
+    """Clipped value loss: 0.5 * mean of max((v - R)^2, (clip(v, v_old +- e) - R)^2). Returns (loss,
+    clip fraction)."""
     clipped_values = old_values + torch.clamp(
         values - old_values, -cliprange_value, cliprange_value
     )
@@ -133,7 +138,8 @@ def value_loss(
 
 class AdaptiveKLController:
     """Ziegler et al. (2019): move the KL coefficient so the measured KL tracks a target,
-    coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. With target None it stays fixed."""
+    coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. With target None it stays
+    fixed."""
 
     def __init__(self, init_coef: float, target: float | None = None, horizon: int = 10000):
         self.value, self.target, self.horizon = init_coef, target, horizon
@@ -176,7 +182,8 @@ class PPOStats:
 def rollout_metrics(
     scores, kl, entropy, rmask, ended, old_values, kl_coef: float
 ) -> dict[str, float]:
-    """What an iteration's rollouts looked like, under the names logged to tensorboard (this rank's means)."""
+    """What an iteration's rollouts looked like, under the names logged to tensorboard (this rank's
+    means)."""
     seq_kl = kl.sum(1)
     return {
         "objective/scores": scores.mean().item(),

@@ -1,8 +1,9 @@
-"""Rewards for the RL stages: the one reward-model scorer, rule rewards, and finding the reward model.
+"""Rewards for the RL stages: the one reward-model scorer, rule rewards, and finding the reward
+model.
 
-`RewardScorer` reads a reward model (AutoModelForSequenceClassification, one logit) at the last token
-of each whole conversation, rendered as the RM stage trained it; PPO, GRPO/RLOO and the evaluation
-helpers all score through it.
+`RewardScorer` reads a reward model (AutoModelForSequenceClassification, one logit) at the last
+token of each whole conversation, rendered as the RM stage trained it; PPO, GRPO/RLOO and the
+evaluation helpers all score through it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 class RewardScorer:
-    """Scores of rendered conversations by the reward model (pipeline/rl/frozen.py: its own weights, or the value
-    model with its adapter off): right-padded, no special tokens added (the text holds them)."""
+    """Scores of rendered conversations by the reward model (pipeline/rl/frozen.py: its own weights,
+    or the value model with its adapter off): right-padded, no special tokens added (the text holds
+    them)."""
 
     def __init__(self, reward: Frozen, tokenizer):
         self.reward, self.tokenizer = reward, tokenizer
@@ -55,7 +57,8 @@ def total_rewards(
     scorer: RewardScorer | None,
     device,
 ) -> torch.Tensor:
-    """Summed rewards of each answer: the reward model reads the whole conversation as the template renders it."""
+    """Summed rewards of each answer: the reward model reads the whole conversation as the template
+    renders it."""
     total = torch.zeros(len(answers), device=device)
     if "model" in funcs:
         texts = [
@@ -72,7 +75,8 @@ def total_rewards(
 
 
 def reward_model_folder(path: str, output_dir: str, is_main: bool) -> str:
-    """A merged reward model folder: the path itself, or an RM adapter merged once into output_dir."""
+    """A merged reward model folder: the path itself, or an RM adapter merged once into
+    output_dir."""
     adapter_config = Path(path, "adapter_config.json")
     if not adapter_config.is_file():
         return path
@@ -92,6 +96,7 @@ def reward_model_folder(path: str, output_dir: str, is_main: bool) -> str:
 def check_same_vocab(policy_tokenizer, reward_tokenizer) -> None:
     if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
         raise UserError(
-            "the value model starts from the reward model and reads the policy's tokens, so both need the "
+            "the value model starts from the reward model and reads the policy's tokens, "
+            "so both need the "
             "same tokenizer; train the RM from this SFT model (or its merged output)."
         )

@@ -1,5 +1,6 @@
-"""Rollouts for the RL stages: a batch of prompts becomes a `Trajectory` (prompt + sampled answer tokens,
-masks, decoded answers), which is scored and read by the policy, the reference and the value model.
+"""Rollouts for the RL stages: a batch of prompts becomes a `Trajectory` (prompt + sampled answer
+tokens, masks, decoded answers), which is scored and read by the policy, the reference and the value
+model.
 
 `Rollouts.evaluate` is the held-out evaluation of PPO, GRPO and RLOO: greedy answers, mean reward,
 exact match with the data, and the exact KL to the reference.
@@ -31,7 +32,8 @@ from pipeline.rl.rewards import RULE_REWARDS, RewardScorer, total_rewards
 
 @dataclass
 class Trajectory:
-    """One rollout batch: ids = left-padded prompt + answer (query_len prompt columns), and its masks."""
+    """One rollout batch: ids = left-padded prompt + answer (query_len prompt columns), and its
+    masks."""
 
     prompts: list[Prompt]
     ids: torch.Tensor
@@ -49,7 +51,8 @@ class Trajectory:
         return self.ids[:, self.query_len :]
 
     def select(self, idx: torch.Tensor) -> Trajectory:
-        """The rows `idx` (a minibatch); prompts and answers are left out, the loss does not read them."""
+        """The rows `idx` (a minibatch); prompts and answers are left out, the loss does not read
+        them."""
         return Trajectory(
             [],
             self.ids[idx],
@@ -68,9 +71,10 @@ LOGIT_CHUNK = 1024  # answer positions sent through the output head at a time
 def _flat_answer_index(
     traj: Trajectory,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rollout rows laid end to end without their padding (ids (1, tokens), position ids restarting at 0 in
-    each row), and for every padded answer column that predicts a token (columns query_len-1 .. width-2) the flat
-    index of its state and whether it exists (a column after a row's stop token has none)."""
+    """The rollout rows laid end to end without their padding (ids (1, tokens), position ids
+    restarting at 0 in each row), and for every padded answer column that predicts a token (columns
+    query_len-1 .. width-2) the flat index of its state and whether it exists (a column after a
+    row's stop token has none)."""
     ids, positions, keep = flatten(traj.ids, traj.mask)
     flat_index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[:, traj.query_len - 1 : -1]
     present = keep[:, traj.query_len - 1 : -1]
@@ -80,16 +84,17 @@ def _flat_answer_index(
 def answer_states(
     flat_hidden: torch.Tensor, flat_index: torch.Tensor, present: torch.Tensor
 ) -> torch.Tensor:
-    """(rows, answer columns, hidden) from a flattened forward's (1, tokens, hidden); zeros where no state."""
+    """(rows, answer columns, hidden) from a flattened forward's (1, tokens, hidden); zeros where no
+    state."""
     return flat_hidden[0, flat_index] * present.unsqueeze(-1).to(flat_hidden.dtype)
 
 
 @contextmanager
 def packed_attention(*models):
-    """Rows laid end to end attend within their own row: PyTorch's varlen kernel on a CUDA GPU in half precision
-    (model/attention.py), elsewhere SDPA with transformers' block-diagonal mask built from the position ids.
-    Held over a whole update (forward and backward): gradient checkpointing recomputes the forward in the backward
-    pass, which must attend the same way."""
+    """Rows laid end to end attend within their own row: PyTorch's varlen kernel on a CUDA GPU in
+    half precision (model/attention.py), elsewhere SDPA with transformers' block-diagonal mask built
+    from the position ids. Held over a whole update (forward and backward): gradient checkpointing
+    recomputes the forward in the backward pass, which must attend the same way."""
     with ExitStack() as stack:
         for model in models:
             if model is not None:
@@ -100,8 +105,9 @@ def packed_attention(*models):
 @contextmanager
 def _packed_attention(model):
     base = unwrap(model)
-    # half-precision weights only: full training's float32 masters under autocast failed gradient checkpointing's
-    # recomputation check with this kernel on an H200 (41 tensors saved, 40 recomputed); they keep SDPA
+    # half-precision weights only: full training's float32 masters under autocast failed gradient
+    # checkpointing's recomputation check with this kernel on an H200 (41 tensors saved, 40
+    # recomputed); they keep SDPA
     half = base.dtype in (torch.bfloat16, torch.float16)
     current = base.config._attn_implementation
     if current != "sdpa" or not (half and torch_varlen_available()):
@@ -117,10 +123,11 @@ def _packed_attention(model):
 def response_hidden(
     model, traj: Trajectory, packed: bool = True
 ) -> tuple[torch.Tensor, torch.nn.Module]:
-    """(final hidden states at the positions that predict the answer tokens, the output head). The model
-    computes one position's logits only (logits_to_keep=1); the head is applied by the caller, in chunks.
-    packed (the default): the rows go through the model end to end without their padding (prompts are
-    left-padded to the longest, answers right-padded after the stop token); False: the padded batch."""
+    """(final hidden states at the positions that predict the answer tokens, the output head). The
+    model computes one position's logits only (logits_to_keep=1); the head is applied by the caller,
+    in chunks. packed (the default): the rows go through the model end to end without their padding
+    (prompts are left-padded to the longest, answers right-padded after the stop token); False: the
+    padded batch."""
     head = unwrap(model).get_output_embeddings()
     if packed:
         ids, positions, flat_index, present = _flat_answer_index(traj)
@@ -163,10 +170,10 @@ def chunked_logprobs(
     with_entropy: bool = False,
     chunk: int = LOGIT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(token) (and, without gradient, the entropy) at every answer position, LOGIT_CHUNK positions
-    through the head at a time; under autograd each chunk's logits are recomputed in the backward pass, so
-    no [batch, answer, vocabulary] tensor is ever held. Equal to ppo_math.token_logprobs / entropy on the
-    model's logits."""
+    """log p(token) (and, without gradient, the entropy) at every answer position, LOGIT_CHUNK
+    positions through the head at a time; under autograd each chunk's logits are recomputed in the
+    backward pass, so no [batch, answer, vocabulary] tensor is ever held. Equal to
+    ppo_math.token_logprobs / entropy on the model's logits."""
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     logps, entropies = [], []
     check = (
@@ -217,7 +224,8 @@ def token_logprobs_and_entropy(
 
 
 def values(value_model, traj: Trajectory, packed: bool = True) -> torch.Tensor:
-    """The value of every state that predicts an answer token (as response_hidden: padding-free by default)."""
+    """The value of every state that predicts an answer token (as response_hidden: padding-free by
+    default)."""
     if packed:
         ids, positions, flat_index, present = _flat_answer_index(traj)
         with packed_attention(value_model.classifier):
@@ -235,8 +243,9 @@ def autocast_for(training_args):
 
 
 class Rollouts:
-    """Generation from the policy, reference log-probs, reward scores, and the held-out evaluation: the part of an
-    RL step that reads the models without training them (the recipes in loop.py and stages/grpo.py hold one)."""
+    """Generation from the policy, reference log-probs, reward scores, and the held-out evaluation:
+    the part of an RL step that reads the models without training them (the recipes in loop.py and
+    stages/grpo.py hold one)."""
 
     def __init__(
         self,
@@ -268,12 +277,14 @@ class Rollouts:
         )
 
     def cache_kind(self) -> str:
-        """static (a fixed-size KV cache: transformers compiles the decode step once) on a CUDA GPU under auto;
-        dynamic elsewhere (no compiler gain on the CPU), under DeepSpeed ZeRO-3, and after the static path failed
-        once. Full training's float32 masters decode static from their half-precision copy (decode_copy.py)."""
+        """static (a fixed-size KV cache: transformers compiles the decode step once) on a CUDA GPU
+        under auto; dynamic elsewhere (no compiler gain on the CPU), under DeepSpeed ZeRO-3, and
+        after the static path failed once. Full training's float32 masters decode static from their
+        half-precision copy (decode_copy.py)."""
         kind = getattr(self.ppo_args, "rollout_cache", "dynamic")
         if kind == "auto":
-            # ZeRO-3 gathers the weights into new memory for every rollout, under a graph captured at fixed addresses
+            # ZeRO-3 gathers the weights into new memory for every rollout, under a graph captured
+            # at fixed addresses
             why = (
                 "DeepSpeed ZeRO-3 gathers the policy's weights anew for each rollout"
                 if is_deepspeed_zero3_enabled()
@@ -286,8 +297,9 @@ class Rollouts:
         return "dynamic" if self.static_failed else kind
 
     def decoder(self, static: bool) -> torch.nn.Module:
-        """The model a rollout decodes with: the policy, or for float32 weights under a half-precision autocast
-        with the static cache (full training on a GPU) their half-precision copy, refreshed from the masters."""
+        """The model a rollout decodes with: the policy, or for float32 weights under a
+        half-precision autocast with the static cache (full training on a GPU) their half-precision
+        copy, refreshed from the masters."""
         master = unwrap(self.policy)
         if not static or master.dtype != torch.float32 or isinstance(self.autocast, nullcontext):
             return self.policy
@@ -301,7 +313,8 @@ class Rollouts:
         if self.half_copy is None:
             self.half_copy = HalfCopy(master, self.autocast.fast_dtype)
             logger.info(
-                "rollouts decode from a %s copy of the policy's float32 weights, refreshed before each "
+                "rollouts decode from a %s copy of the policy's float32 weights, "
+                "refreshed before each "
                 "rollout (%.1f GiB)",
                 str(self.autocast.fast_dtype).removeprefix("torch."),
                 sum(p.numel() for p in master.parameters()) * 2 / 2**30,
@@ -309,9 +322,10 @@ class Rollouts:
         return self.half_copy.refresh()
 
     def static_shape(self, rows: int, longest: int) -> tuple[int, int]:
-        """(rows, prompt width) of a static rollout: the rows filled up to the batch size and the prompts padded to
-        the prompt budget, so the decode step compiles once in a run (a compile costs ~40 s on the 1B shape, more
-        than the longer cache costs in the decode steps of a run; measured on an H200, bench/results)."""
+        """(rows, prompt width) of a static rollout: the rows filled up to the batch size and the
+        prompts padded to the prompt budget, so the decode step compiles once in a run (a compile
+        costs ~40 s on the 1B shape, more than the longer cache costs in the decode steps of a run;
+        measured on an H200, bench/results)."""
         return max(rows, self.batch_size), max(
             self.ppo_args.model_max_length - self.ppo_args.max_new_tokens, longest
         )
@@ -323,7 +337,8 @@ class Rollouts:
         rows, width = (
             self.static_shape(len(prompts), longest) if static else (len(prompts), longest)
         )
-        # the extra rows (a short last batch) repeat the first prompt and are dropped after generation
+        # the extra rows (a short last batch) repeat the first prompt and are dropped after
+        # generation
         filled = [p.ids for p in prompts] + [prompts[0].ids] * (rows - len(prompts))
         query, qmask = pad(filled, self.tokenizer.pad_token_id, side="left")
         if width > longest:
@@ -353,7 +368,8 @@ class Rollouts:
                 ):
                     raise
                 logger.warning(
-                    "--rollout_cache static: the decode step could not be compiled here (%s); rollouts "
+                    "--rollout_cache static: the decode step could not be compiled here (%s); "
+                    "rollouts "
                     "use the dynamic cache from now on",
                     first_line(e),
                 )
@@ -407,7 +423,8 @@ class Rollouts:
             traj = self.generate(mine[start : start + self.eval_batch_size], sample=False)
             with self.autocast:
                 scores = self.scores(traj)
-                # exact KL over the vocabulary at each answer position (greedy answers are not samples of the policy)
+                # exact KL over the vocabulary at each answer position (greedy answers are not
+                # samples of the policy)
                 kl = (
                     self.held_out_kl(traj)
                     if self.reference is not None

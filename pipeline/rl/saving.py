@@ -1,9 +1,9 @@
 """Saving and resuming the PPO loop.
 
-A checkpoint holds the policy (adapter or full), the value model, and the optimizer, scheduler and KL
-state; it is written beside its final name and renamed when whole, so an interrupted save never looks
-resumable, and a checkpoint being removed loses its COMPLETE mark first. Rollout sampling is seeded by step,
-so no RNG state is needed for an exact resume.
+A checkpoint holds the policy (adapter or full), the value model, and the optimizer, scheduler and
+KL state; it is written beside its final name and renamed when whole, so an interrupted save never
+looks resumable, and a checkpoint being removed loses its COMPLETE mark first. Rollout sampling is
+seeded by step, so no RNG state is needed for an exact resume.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def write_state(folder: Path, step: int, max_steps: int, log_history: list[dict]
 def write_results(
     out: Path, results: dict, step: int, max_steps: int, log_history: list[dict]
 ) -> None:
-    """The final folder's eval_results.json (if evaluated), trainer_state.json and train_results.json."""
+    """The final folder's eval_results.json (if evaluated), trainer_state.json and
+    train_results.json."""
     if results:
         (out / "eval_results.json").write_text(json.dumps(results, indent=2))
     write_state(out, step, max_steps, log_history)
@@ -83,8 +84,9 @@ def save_checkpoint(
     save_total_limit: int | None,
     weights: dict | None = None,
 ) -> None:
-    """checkpoint-N: written into tmp-checkpoint-N (prepare_partial; DeepSpeed's shards may already be there),
-    then renamed; older ones beyond save_total_limit removed. `weights`: gathered ZeRO-3 weights."""
+    """checkpoint-N: written into tmp-checkpoint-N (prepare_partial; DeepSpeed's shards may already
+    be there), then renamed; older ones beyond save_total_limit removed. `weights`: gathered ZeRO-3
+    weights."""
     partial = partial_of(folder)
     save_policy(policy, tokenizer, partial, part(weights, "policy"))
     write_state(partial, loop_state["step"], max_steps, log_history)
@@ -106,7 +108,8 @@ def save_checkpoint(
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Unmark, then delete: a kill during the deletion leaves an incomplete checkpoint, never one that looks whole."""
+    """Unmark, then delete: a kill during the deletion leaves an incomplete checkpoint, never one
+    that looks whole."""
     (folder / COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -114,21 +117,21 @@ def remove_checkpoint(folder: Path) -> None:
 def load_checkpoint(
     folder: Path, policy, value_model, weights: bool = True
 ) -> tuple[dict, list[dict]]:
-    """Put the trained weights back (unless DeepSpeed's checkpoint does); return (loop state: optimizer,
-    scheduler, kl_coef, step; log history)."""
+    """Put the trained weights back (unless DeepSpeed's checkpoint does); return (loop state:
+    optimizer, scheduler, kl_coef, step; log history)."""
     if weights:
         load_trainable(policy, folder)
         if value_model is not None:
             load_trainable(value_model, folder / "value_model")
-    # read onto the CPU: the optimizer's load_state_dict moves its state to each parameter's device (a rank's
-    # device under torchrun on CPU is "cpu:0", which torch.load cannot map to)
+    # read onto the CPU: the optimizer's load_state_dict moves its state to each parameter's device
+    # (a rank's device under torchrun on CPU is "cpu:0", which torch.load cannot map to)
     state = torch.load(folder / "ppo_state.pt", map_location="cpu", weights_only=False)
     return state, json.loads((folder / "trainer_state.json").read_text())["log_history"]
 
 
 def load_trainable(model, folder: Path) -> None:
-    """Put a checkpoint's trained weights (adapter or full model) back into a live model; every weight of a full
-    model must come back (tied weights, saved once, count as loaded)."""
+    """Put a checkpoint's trained weights (adapter or full model) back into a live model; every
+    weight of a full model must come back (tied weights, saved once, count as loaded)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"checkpoint {folder} holds no safetensors weights; it cannot be resumed.")
@@ -148,11 +151,11 @@ def load_trainable(model, folder: Path) -> None:
         ]
         if missing:
             raise UserError(
-                f"checkpoint {folder} lacks {len(missing)} weights of this model (e.g. {missing[0]}); "
-                "it was saved from another model."
+                f"checkpoint {folder} lacks {len(missing)} weights of this model (e.g. "
+                f"{missing[0]}); it was saved from another model."
             )
     if unexpected:
         raise UserError(
-            f"checkpoint {folder} holds {len(unexpected)} weights this model has not (e.g. {unexpected[0]}); "
-            "it was saved from another model."
+            f"checkpoint {folder} holds {len(unexpected)} weights this model has not (e.g. "
+            f"{unexpected[0]}); it was saved from another model."
         )

@@ -1,5 +1,6 @@
-"""Wall time of the phases of an RL step (generate, score, old/reference log-probs, update), synchronized with
-the GPU so each phase is charged its own kernels; logged as time/<phase> with the step's metrics."""
+"""Wall time of the phases of an RL step (generate, score, old/reference log-probs, update),
+synchronized with the GPU so each phase is charged its own kernels; logged as time/<phase> with the
+step's metrics."""
 
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
 """Checkpoints that are whole, and preemption that loses nothing.
 
-A checkpoint counts as resumable only once it is complete: the Trainer stages mark `checkpoint-N` with
-COMPLETE after the Trainer has written all of it (its on_save event comes after the save), the PPO loop
-writes the mark before renaming its tmp folder. `--resume_from_checkpoint auto` takes the newest complete
-checkpoint and says which incomplete ones it skipped (a save interrupted by a kill).
+A checkpoint counts as resumable only once it is complete: the Trainer stages mark `checkpoint-N`
+with COMPLETE after the Trainer has written all of it (its on_save event comes after the save), the
+PPO loop writes the mark before renaming its tmp folder. `--resume_from_checkpoint auto` takes the
+newest complete checkpoint and says which incomplete ones it skipped (a save interrupted by a kill).
 
-SIGTERM (how schedulers preempt jobs; torchrun forwards it to every rank) is turned into "save a checkpoint
-at the end of this step, then stop": the ranks agree on it at each step end, the stage then exits with code
-143 without writing a final model, so a pipeline does not mark the stage done, and a rerun with
-`--resume_from_checkpoint auto` continues from that step. `Preemption` is that signal handling and agreement,
-used by the Trainer stages through `CheckpointGuard` and by the PPO loop (stages/ppo.py) directly.
+SIGTERM (how schedulers preempt jobs; torchrun forwards it to every rank) is turned into "save a
+checkpoint at the end of this step, then stop": the ranks agree on it at each step end, the stage
+then exits with code 143 without writing a final model, so a pipeline does not mark the stage done,
+and a rerun with `--resume_from_checkpoint auto` continues from that step. `Preemption` is that
+signal handling and agreement, used by the Trainer stages through `CheckpointGuard` and by the PPO
+loop (stages/ppo.py) directly.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint-N; incomplete ones, and the PPO loop's unrenamed tmp-checkpoint-N
-    folders (a save that was killed), are named in a warning."""
+    """The newest complete checkpoint-N; incomplete ones, and the PPO loop's unrenamed
+    tmp-checkpoint-N folders (a save that was killed), are named in a warning."""
     for partial in sorted(output_dir.glob("tmp-checkpoint-*")):
         logger.warning(
-            "ignoring %s: a checkpoint save that did not finish (the next save of that step clears it)",
+            "ignoring %s: a checkpoint save that did not finish (the next save of that step clears "
+            "it)",
             partial,
         )
     for folder in checkpoints(output_dir):
@@ -87,15 +89,16 @@ _STORAGE_TEXT = {
 }
 
 
-# torch.save's zip writer reports a full disk only as a failed stream ("unexpected pos", "iostream error")
+# torch.save's zip writer reports a full disk only as a failed stream
+# ("unexpected pos", "iostream error")
 _WRITER_TEXT = ("inline_container", "iostream error", "pytorchstreamwriter", "unexpected pos")
 _LOW_SPACE = 256 * 2**20
 
 
 def storage_problem(error: BaseException, folder: str | None = None) -> str | None:
-    """What ran out while writing, if `error` (or an error it was raised from) is a full or read-only disk. The
-    libraries report it differently: OSError errno, safetensors' "os error 28", torch.save's failed stream (then
-    the free space of `folder` decides)."""
+    """What ran out while writing, if `error` (or an error it was raised from) is a full or
+    read-only disk. The libraries report it differently: OSError errno, safetensors' "os error 28",
+    torch.save's failed stream (then the free space of `folder` decides)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -119,8 +122,9 @@ def _free_bytes(folder: str) -> int:
 
 @contextmanager
 def storage_errors(output_dir: str):
-    """A full (or read-only) disk while saving ends in one sentence naming the folder; the checkpoint being written
-    is not marked complete, so the last complete one stays the resume point."""
+    """A full (or read-only) disk while saving ends in one sentence naming the folder; the
+    checkpoint being written is not marked complete, so the last complete one stays the resume
+    point."""
     try:
         yield
     except Exception as e:
@@ -142,10 +146,11 @@ def storage_errors(output_dir: str):
 class Preemption:
     """SIGTERM as a request to stop at the end of the current step, which every rank must agree on.
 
-    While it is installed (from construction to `restore`, or as a `with` block) SIGTERM only sets a flag;
-    the loop asks `agreed()` at each step end, one all-reduce, so all ranks stop after the same step even
-    when the signal reaches them at different moments. Off the main thread (where Python cannot install
-    handlers) SIGTERM keeps its handler and `agreed()` answers for the other ranks only.
+    While it is installed (from construction to `restore`, or as a `with` block) SIGTERM only sets a
+    flag; the loop asks `agreed()` at each step end, one all-reduce, so all ranks stop after the
+    same step even when the signal reaches them at different moments. Off the main thread (where
+    Python cannot install handlers) SIGTERM keeps its handler and `agreed()` answers for the other
+    ranks only.
     """
 
     def __init__(self):
@@ -155,7 +160,8 @@ class Preemption:
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def restore(self) -> None:
-        """Give SIGTERM back its handler from before training (a later SIGTERM must end the process again)."""
+        """Give SIGTERM back its handler from before training (a later SIGTERM must end the process
+        again)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
@@ -181,8 +187,8 @@ class Preemption:
 
 
 def exit_preempted(step: int, main_process: bool = True) -> NoReturn:
-    """End a stage stopped by SIGTERM whose checkpoint-{step} is saved, without a final model (so a pipeline
-    does not mark the stage done); the main process says how to continue."""
+    """End a stage stopped by SIGTERM whose checkpoint-{step} is saved, without a final model (so a
+    pipeline does not mark the stage done); the main process says how to continue."""
     if main_process:
         logger.warning(
             "stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with "
@@ -194,7 +200,8 @@ def exit_preempted(step: int, main_process: bool = True) -> NoReturn:
 
 
 class CheckpointGuard(TrainerCallback):
-    """Marks complete checkpoints; on SIGTERM saves at the end of the current step and stops training."""
+    """Marks complete checkpoints; on SIGTERM saves at the end of the current step and stops
+    training."""
 
     def __init__(self):
         self.preempted = False

@@ -1,13 +1,15 @@
-"""torchrun, as the run_*.sh launchers start it: `python -m pipeline.run.launch [torchrun flags] script [args]`.
+"""torchrun, as the run_*.sh launchers start it:
+`python -m pipeline.run.launch [torchrun flags] script [args]`.
 
 Same flags and the same elastic agent as torchrun (torch.distributed.run), with three differences:
-- it gets SIGTERM when its parent (the run_<stage>.sh shell) dies, even by SIGKILL, and the agent then
-  stops the workers with SIGTERM (each saves a checkpoint and exits); the workers in turn watch this
-  process (pipeline/run/process.py), so nothing of a stage outlives its launcher;
-- a failed worker ends it with that worker's exit code (2: a user error, which the worker has said in one
-  sentence; 143: stopped by SIGTERM) and at most one line of its own, not torchrun's ChildFailedError
-  traceback and code 1. PIPELINE_DEBUG=1 shows torch's own log again;
-- a signal ignored when it starts stays ignored (nohup's SIGHUP: a logout does not stop the workers).
+- it gets SIGTERM when its parent (the run_<stage>.sh shell) dies, even by SIGKILL, and the agent
+  then stops the workers with SIGTERM (each saves a checkpoint and exits); the workers in turn watch
+  this process (pipeline/run/process.py), so nothing of a stage outlives its launcher;
+- a failed worker ends it with that worker's exit code (2: a user error, which the worker has said
+  in one sentence; 143: stopped by SIGTERM) and at most one line of its own, not torchrun's
+  ChildFailedError traceback and code 1. PIPELINE_DEBUG=1 shows torch's own log again;
+- a signal ignored when it starts stays ignored (nohup's SIGHUP: a logout does not stop the
+  workers).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def exit_code(failure_code: int) -> int:
 
 
 def _signals_to_handle(given: str) -> str:
-    """The signals torch's agent turns into "stop the workers", less those ignored on entry: they stay ignored.
-    nohup ignores SIGHUP; a shell's background job ignores SIGINT and SIGQUIT, and scripts/torchrun.sh,
-    which starts this in the background, turns its own SIGINT into a SIGTERM (a checkpoint first) instead."""
+    """The signals torch's agent turns into "stop the workers", less those ignored on entry: they
+    stay ignored. nohup ignores SIGHUP; a shell's background job ignores SIGINT and SIGQUIT, and
+    scripts/torchrun.sh, which starts this in the background, turns its own SIGINT into a SIGTERM (a
+    checkpoint first) instead."""
 
     def ignored(name: str) -> bool:
         sig = getattr(signal, name.strip(), None)
@@ -47,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     if not debug_enabled():
-        # torch's agent logs a worker's failure and the shutdown after it: the stage has said why already.
-        # Only the agent runs in this process, and torch's handlers sit on many loggers: mute them all here.
+        # torch's agent logs a worker's failure and the shutdown after it: the stage has said why
+        # already. Only the agent runs in this process, and torch's handlers sit on many loggers:
+        # mute them all here.
         logging.disable(logging.ERROR)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.signals_to_handle = _signals_to_handle(args.signals_to_handle)

@@ -1,9 +1,11 @@
-"""One run per output folder: a folder holding another run's results is not silently mixed with a new one.
+"""One run per output folder: a folder holding another run's results is not silently mixed with a
+new one.
 
-A stage records which run owns its --output_dir (RUN_FILE: the stage, its start model and its training data).
-Starting afresh in a folder that holds checkpoints or a trained model is refused unless --overwrite_output_dir,
-which removes what an earlier run wrote there once training starts; resuming (--resume_from_checkpoint) is refused when the
-recorded run is another one (other stage, start model or data), since its checkpoints are not this run's.
+A stage records which run owns its --output_dir (RUN_FILE: the stage, its start model and its
+training data). Starting afresh in a folder that holds checkpoints or a trained model is refused
+unless --overwrite_output_dir, which removes what an earlier run wrote there once training starts;
+resuming (--resume_from_checkpoint) is refused when the recorded run is another one (other stage,
+start model or data), since its checkpoints are not this run's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pipeline.run.checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 RUN_FILE = "pipeline_run.json"
-# What the stages write into an output folder: removed by --overwrite_output_dir (nothing else is touched).
+# What the stages write into an output folder: removed by --overwrite_output_dir (nothing else is
+# touched).
 RUN_OUTPUTS = (
     "checkpoint-*",
     "logs",
@@ -46,7 +49,8 @@ RUN_OUTPUTS = (
 
 
 def previous_run(out: Path) -> str | None:
-    """What of an earlier run the folder holds (checkpoints, a trained model or its results), or None."""
+    """What of an earlier run the folder holds (checkpoints, a trained model or its results), or
+    None."""
     if not out.is_dir():
         return None
     found = []
@@ -61,10 +65,11 @@ def previous_run(out: Path) -> str | None:
 
 
 def claim_output_dir(training_args, stage: str, model: str, data: str | list[str] | None) -> None:
-    """Check, before any work, that --output_dir is free for this run (or is this run's, when resuming).
+    """Check, before any work, that --output_dir is free for this run (or is this run's, when
+    resuming).
 
-    Reads only: a run that then fails on its data leaves the folder as it was. `take_output_dir`, called when
-    training starts, removes an overwritten run's outputs and records this run."""
+    Reads only: a run that then fails on its data leaves the folder as it was. `take_output_dir`,
+    called when training starts, removes an overwritten run's outputs and records this run."""
     out = Path(training_args.output_dir)
     identity = {
         "stage": stage,
@@ -83,28 +88,31 @@ def claim_output_dir(training_args, stage: str, model: str, data: str | list[str
         recorded = _recorded(out)
         if not resuming:
             raise UserError(
-                f"--output_dir {out} holds another run ({held}); resume it with --resume_from_checkpoint "
-                "auto, choose a new folder, or pass --overwrite_output_dir to start afresh there (its "
-                "checkpoints and results are removed)."
+                f"--output_dir {out} holds another run ({held}); resume it with "
+                "--resume_from_checkpoint auto, choose a new folder, or pass "
+                "--overwrite_output_dir to start afresh there "
+                "(its checkpoints and results are removed)."
             )
         if (out / "train_results.json").is_file() and last_complete_checkpoint(out) is None:
             raise UserError(
-                f"--output_dir {out} holds a finished run and no checkpoint to resume from; its model is "
-                "there already. To train again, pass --overwrite_output_dir or choose a new folder."
+                f"--output_dir {out} holds a finished run and no checkpoint to resume from; "
+                "its model is there already. To train again, pass --overwrite_output_dir or "
+                "choose a new folder."
             )
         if recorded is not None and recorded != identity:
             diff = next(k for k in identity if recorded.get(k) != identity[k])
             raise UserError(
                 f"--output_dir {out} holds a run of another {diff.replace('_', ' ')} "
-                f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this run's; "
-                "choose a new folder, or pass --overwrite_output_dir to start afresh there."
+                f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this "
+                "run's; choose a new folder, or pass --overwrite_output_dir to start afresh there."
             )
     training_args.pipeline_run = {"identity": identity, "overwrite": bool(held and overwrite)}
 
 
 def take_output_dir(training_args) -> None:
-    """At the start of training: remove the overwritten run's outputs (main process, after every rank has
-    checked) and record this run in the folder. A no-op for a stage that did not claim its folder."""
+    """At the start of training: remove the overwritten run's outputs (main process, after every
+    rank has checked) and record this run in the folder. A no-op for a stage that did not claim its
+    folder."""
     claim = getattr(training_args, "pipeline_run", None)
     if claim is None:
         return
@@ -132,8 +140,8 @@ def remove_run_outputs(out: Path) -> int:
 
 
 def _normal(path: str | list[str] | None) -> str:
-    """A local path as an absolute one (the same folder spelled two ways is the same run); hub ids unchanged;
-    a list of files (--train_file) as their paths joined by spaces."""
+    """A local path as an absolute one (the same folder spelled two ways is the same run); hub ids
+    unchanged; a list of files (--train_file) as their paths joined by spaces."""
     if isinstance(path, list):
         return " ".join(_normal(p) for p in path)
     return str(Path(path).resolve()) if path and Path(path).exists() else str(path)

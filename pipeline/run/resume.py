@@ -1,15 +1,17 @@
-"""Resuming: --resume_from_checkpoint resolved to a whole checkpoint folder (resolve_resume_checkpoint), and a
-DeepSpeed ZeRO checkpoint resumed on another number of processes (e.g. saved on 2 GPUs, resumed on 1).
+"""Resuming: --resume_from_checkpoint resolved to a whole checkpoint folder
+(resolve_resume_checkpoint), and a DeepSpeed ZeRO checkpoint resumed on another number of processes
+(e.g. saved on 2 GPUs, resumed on 1).
 
-ZeRO-2/3 split the optimizer state (and ZeRO-3 the weights) into one shard per data-parallel rank, and
-DeepSpeed refuses to load such a checkpoint on a different rank count. DeepSpeed's own answer is its
-"universal" checkpoint format, which any rank count can load. When a resumed checkpoint was saved by another
-number of processes, the main process converts it once (deepspeed.checkpoint.ds_to_universal, written beside
-the original as <tag>_universal, marked when whole) and the engine is told to load that form. The data order
-continues exactly when an optimizer step takes as many samples (per-device batch x accumulation x processes) as
-when the checkpoint was saved; otherwise a warning names both counts. Measured on CPU (tests/test_zero_resume.py):
-ZeRO-2 and ZeRO-3 runs saved by 2 processes and resumed on 1 end on the uninterrupted run's weights to float
-rounding.
+ZeRO-2/3 split the optimizer state (and ZeRO-3 the weights) into one shard per data-parallel rank,
+and DeepSpeed refuses to load such a checkpoint on a different rank count. DeepSpeed's own answer is
+its "universal" checkpoint format, which any rank count can load. When a resumed checkpoint was
+saved by another number of processes, the main process converts it once
+(deepspeed.checkpoint.ds_to_universal, written beside the original as <tag>_universal, marked when
+whole) and the engine is told to load that form. The data order continues exactly when an optimizer
+step takes as many samples (per-device batch x accumulation x processes) as when the checkpoint was
+saved; otherwise a warning names both counts. Measured on CPU (tests/test_zero_resume.py): ZeRO-2
+and ZeRO-3 runs saved by 2 processes and resumed on 1 end on the uninterrupted run's weights to
+float rounding.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ CONVERTED = "universal_complete"
 
 
 def resolve_resume_checkpoint(training_args) -> str | None:
-    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None; the folder's files
-    are checked whole (a checkpoint cut short by a full disk is named, not loaded)."""
+    """Turn --resume_from_checkpoint (path, step number, yes/last, auto) into a folder or None; the
+    folder's files are checked whole (a checkpoint cut short by a full disk is named, not
+    loaded)."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "no", "false", "none"):
         return None
@@ -52,8 +55,9 @@ def resolve_resume_checkpoint(training_args) -> str | None:
             raise UserError(f"--resume_from_checkpoint {value}: {path} does not exist.")
         if not is_complete(path):
             raise UserError(
-                f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save was "
-                "interrupted, or an older version wrote it); pick an earlier checkpoint or delete this one."
+                f"--resume_from_checkpoint {value}: {path} is incomplete (no {COMPLETE}: its save "
+                "was interrupted, or an older version wrote it); pick an earlier checkpoint or "
+                "delete this one."
             )
     if path is not None:
         check_folder_whole(path, "--resume_from_checkpoint")
@@ -61,8 +65,8 @@ def resolve_resume_checkpoint(training_args) -> str | None:
 
 
 def saved_layout(ds_folder: Path) -> tuple[int, int] | None:
-    """(data-parallel ranks, global batch) a DeepSpeed checkpoint folder (global_stepN, PPO's deepspeed) was
-    saved with; None when it holds no DeepSpeed model states."""
+    """(data-parallel ranks, global batch) a DeepSpeed checkpoint folder (global_stepN, PPO's
+    deepspeed) was saved with; None when it holds no DeepSpeed model states."""
     files = sorted(ds_folder.glob("*model_states.pt"))
     if not files:
         return None
@@ -75,8 +79,9 @@ def saved_layout(ds_folder: Path) -> tuple[int, int] | None:
 def universal_folder(
     ds_folder: Path, world_size: int, global_batch: int, main_process: bool
 ) -> Path | None:
-    """None when `ds_folder` was saved by `world_size` processes (DeepSpeed loads it as it is); otherwise its
-    universal form, converted by the main process unless already there (every rank waits for it)."""
+    """None when `ds_folder` was saved by `world_size` processes (DeepSpeed loads it as it is);
+    otherwise its universal form, converted by the main process unless already there (every rank
+    waits for it)."""
     layout = saved_layout(ds_folder)
     if layout is None or layout[0] == world_size:
         return None
@@ -84,8 +89,8 @@ def universal_folder(
     universal = ds_folder.with_name(ds_folder.name + "_universal")
     if main_process:
         logger.warning(
-            "%s was saved by %d processes and this run has %d: resuming through DeepSpeed's universal "
-            "checkpoint %s",
+            "%s was saved by %d processes and this run has %d: resuming through DeepSpeed's "
+            "universal checkpoint %s",
             ds_folder.parent,
             saved_world,
             world_size,
@@ -93,9 +98,9 @@ def universal_folder(
         )
         if saved_batch and global_batch != saved_batch:
             logger.warning(
-                "one optimizer step took %d samples and now takes %d: the run continues with another "
-                "step size and data order; keep per-device batch x gradient accumulation x processes at "
-                "%d to continue the same run",
+                "one optimizer step took %d samples and now takes %d: the run continues with "
+                "another step size and data order; keep per-device batch x gradient accumulation x "
+                "processes at %d to continue the same run",
                 saved_batch,
                 global_batch,
                 saved_batch,
@@ -109,7 +114,8 @@ def universal_folder(
 
 
 def convert(ds_folder: Path, universal: Path) -> None:
-    """ds_to_universal into `universal` (cleared first: an earlier conversion may have been cut short)."""
+    """ds_to_universal into `universal` (cleared first: an earlier conversion may have been cut
+    short)."""
     shutil.rmtree(universal, ignore_errors=True)
     logger.info(
         "converting %s to a universal checkpoint (once; about the size of the original)", ds_folder
@@ -151,8 +157,9 @@ def ds_folder_of(checkpoint: Path) -> Path | None:
 
 
 def prepare_trainer_resume(trainer, checkpoint: str | None) -> None:
-    """Before trainer.train(resume_from_checkpoint=...): a DeepSpeed checkpoint of another process count is
-    loaded in universal form (ds_to_universal also points checkpoint-N/latest_universal at it)."""
+    """Before trainer.train(resume_from_checkpoint=...): a DeepSpeed checkpoint of another process
+    count is loaded in universal form (ds_to_universal also points checkpoint-N/latest_universal at
+    it)."""
     args = trainer.args
     ds_folder = ds_folder_of(Path(checkpoint)) if checkpoint and args.deepspeed else None
     if ds_folder is None:
@@ -161,5 +168,6 @@ def prepare_trainer_resume(trainer, checkpoint: str | None) -> None:
         args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     )
     if universal_folder(ds_folder, args.world_size, global_batch, args.should_log) is not None:
-        # the dict the engine is built from at train(); HF's config object and accelerate's plugin share it
+        # the dict the engine is built from at train(); HF's config object and accelerate's plugin
+        # share it
         args.hf_deepspeed_config.config["checkpoint"] = {"load_universal": True}

@@ -1,6 +1,6 @@
-"""The one place a stage touches its process, right after its flags are parsed and checked: it dies with its
-launcher, takes the output-folder lock (rank 0), logs on the main process, seeds, points tensorboard at
-output_dir/logs and, for DeepSpeed on a CPU, adopts the process group."""
+"""The one place a stage touches its process, right after its flags are parsed and checked: it dies
+with its launcher, takes the output-folder lock (rank 0), logs on the main process, seeds, points
+tensorboard at output_dir/logs and, for DeepSpeed on a CPU, adopts the process group."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from transformers import set_seed
 from pipeline.args.checks import deepspeed_without_launcher
 from pipeline.seed_flags import say_notes
 
-# A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to output_dir/logs.
+# A TENSORBOARD_LOGGING_DIR set by the user before start wins; otherwise each run logs to
+# output_dir/logs.
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
 
@@ -38,12 +39,14 @@ def setup_run(training_args) -> None:
     ):  # global rank 0 speaks for the run: no second trainer in output_dir
         lock_output_dir(training_args.output_dir)
     set_seed(training_args.seed)
-    # Tensorboard events go to output_dir/logs (the seed README's layout); transformers reads this variable.
+    # Tensorboard events go to output_dir/logs (the seed README's layout); transformers reads this
+    # variable.
     os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(
         Path(training_args.output_dir) / "logs"
     )
     if training_args.deepspeed and not torch.cuda.is_available():
-        # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one process.
+        # On CPU accelerate sets up a plain gloo group; DeepSpeed must adopt it, or it counts one
+        # process.
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
@@ -67,8 +70,8 @@ def setup_logging(training_args) -> None:
 
 
 class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is now (a stage run twice in one process, e.g. a notebook or a test
-    that captures output, must not log into the stream of the first run)."""
+    """Writes to whatever sys.stdout is now (a stage run twice in one process, e.g. a notebook or a
+    test that captures output, must not log into the stream of the first run)."""
 
     def __init__(self):
         super().__init__(sys.stdout)
@@ -83,8 +86,8 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def tensorboard_writer(training_args):
-    """A SummaryWriter on output_dir/logs for loops without a Trainer (PPO), on the main process, when
-    --report_to includes tensorboard; else None."""
+    """A SummaryWriter on output_dir/logs for loops without a Trainer (PPO), on the main process,
+    when --report_to includes tensorboard; else None."""
     if not (training_args.should_log and "tensorboard" in (training_args.report_to or [])):
         return None
     from torch.utils.tensorboard import SummaryWriter

@@ -1,6 +1,7 @@
 """Convert instruction data to ShareGPT JSONL (the SFT stage also reads alpaca directly; this is for
-users who want one format on disk). Inputs: alpaca records, plain question/answer records (AdvertiseGen's
-{content, summary} among them, or any two fields named with --prompt_column/--response_column), or CSV.
+users who want one format on disk). Inputs: alpaca records, plain question/answer records
+(AdvertiseGen's {content, summary} among them, or any two fields named with
+--prompt_column/--response_column), or CSV.
 
     python -m pipeline.convert --input data.json --output data.jsonl [--from auto|alpaca|qa|csv]
         [--prompt_column content --response_column summary]
@@ -54,7 +55,8 @@ def _from_qa(record: dict) -> dict:
 
 
 def _csv_records(path: Path):
-    """Rows as dicts with their line numbers; bytes that are not UTF-8 are an error naming the line."""
+    """Rows as dicts with their line numbers; bytes that are not UTF-8 are an error naming the
+    line."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -66,8 +68,8 @@ def _csv_records(path: Path):
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, e.g. "
-            f"iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv"
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, "
+            f"e.g. iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv"
         ) from e
     reader = csv.DictReader(text.splitlines(keepends=True))
     try:
@@ -75,8 +77,8 @@ def _csv_records(path: Path):
             yield reader.line_num, row
     except csv.Error as e:  # e.g. a field over the csv module's 131072 characters
         raise UserError(
-            f"{path}:{reader.line_num + 1}: not readable as CSV ({e}); fix the row or write the data as "
-            "JSON lines."
+            f"{path}:{reader.line_num + 1}: not readable as CSV ({e}); fix the row or write the "
+            "data as JSON lines."
         ) from e
 
 
@@ -85,7 +87,8 @@ def _records(path: Path, kind: str):
 
 
 def convert(input_path: str, output_path: str, kind: str, columns: str | None = None) -> int:
-    """`columns` ("columns:PROMPT:RESPONSE", column_format) reads every record's question and answer from those fields."""
+    """`columns` ("columns:PROMPT:RESPONSE", column_format) reads every record's question and answer
+    from those fields."""
     path = Path(input_path)
     if not path.is_file():
         raise UserError(f"--input {input_path} does not exist.")

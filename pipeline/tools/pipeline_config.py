@@ -4,14 +4,15 @@ per-stage flags, check it, and print it as shell assignments for run_pipeline.sh
     python -m pipeline.tools.pipeline_config configs/pipeline_default.yaml
     python -m pipeline.tools.pipeline_config --check-flags configs/pipeline_default.yaml
 
-The second form parses every stage's flags with that stage's own argument parser (check_flags), so a typo
-or bad value in a late stage stops the pipeline before the first stage trains.
+The second form parses every stage's flags with that stage's own argument parser (check_flags), so a
+typo or bad value in a late stage stops the pipeline before the first stage trains.
 
 Keys (all optional): output_root, base_model (null: build the embedded tiny model), template, method
-(full | lora | qlora), stages (a subset of pt sft rm ppo dpo; run in that order, a stage left out hands
-its input on), exact_match (held-out exact match of the SFT start and result on data.sft_eval), data
-(train / eval folders per stage), flags (per stage: a mapping of extra stage flags, which win over the
-pipeline's own; the key `method` there sets that stage's method instead of the top-level one).
+(full | lora | qlora), stages (a subset of pt sft rm ppo dpo; run in that order, a stage left out
+hands its input on), exact_match (held-out exact match of the SFT start and result on
+data.sft_eval), data (train / eval folders per stage), flags (per stage: a mapping of extra stage
+flags, which win over the pipeline's own; the key `method` there sets that stage's method instead of
+the top-level one).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ PIPELINE_FLAGS = (
 
 
 def load(path: str) -> dict[str, Any]:
-    """The config with defaults filled in; every mistake is one UserError naming the key and the fix."""
+    """The config with defaults filled in; every mistake is one UserError naming the key and the
+    fix."""
     # Plain YAML, not pipeline.args' reader: that module imports torch, which costs seconds per run.
     if not Path(path).is_file():
         raise UserError(f"pipeline config {path} does not exist.")
@@ -88,8 +90,8 @@ def load(path: str) -> dict[str, Any]:
         ValueError,
     ) as e:  # nesting past the recursion limit, an integer past 4300 digits
         raise UserError(
-            f"pipeline config {path} does not parse ({first_line(e)}); write a flat mapping of keys "
-            "to plain values."
+            f"pipeline config {path} does not parse ({first_line(e)}); write a flat mapping of "
+            "keys to plain values."
         ) from e
     if not isinstance(given, dict):
         raise UserError(f"pipeline config {path} must hold a mapping of keys to values.")
@@ -120,7 +122,8 @@ def load(path: str) -> dict[str, Any]:
 
 
 def _stage_methods(flags: Any, method: str, path: str) -> dict[str, str]:
-    """Each stage's method: flags.<stage>.method where given (e.g. full PPO after a QLoRA SFT), else `method`."""
+    """Each stage's method: flags.<stage>.method where given (e.g. full PPO after a QLoRA SFT), else
+    `method`."""
     methods = {}
     for stage in STAGES:
         own = (flags.get(stage) or {}).get("method")
@@ -139,7 +142,8 @@ def _data_folders(data: Any, path: str) -> dict[str, str | None]:
     for key, folder in folders.items():
         if folder is not None and not Path(folder).is_dir():
             raise UserError(
-                f"{path}: data.{key} folder {folder} does not exist; fix the path or set it to null."
+                f"{path}: data.{key} folder {folder} does not exist; fix the path or set it to "
+                "null."
             )
     for stage in STAGES:
         if folders[stage] is None:
@@ -175,7 +179,8 @@ def _stage_flags(flags: Any, path: str) -> dict[str, list[str]]:
 
 
 def _flag(name: str, value: Any, where: str) -> list[str]:
-    """`--name value` (a list gives several values; null leaves the flag out), as the stage parser reads it."""
+    """`--name value` (a list gives several values; null leaves the flag out), as the stage parser
+    reads it."""
     if value is None:
         return []
     if isinstance(value, dict):
@@ -187,8 +192,9 @@ def _flag(name: str, value: Any, where: str) -> list[str]:
 
 def stage_args(config: dict[str, Any], stage: str) -> list[str]:
     """What run_pipeline.sh passes a stage's launcher after the flags that follow from the chain
-    (--model_name_or_path, --output_dir, --resume_from_checkpoint and PPO's --reward_model_name_or_path):
-    template, data, method, --eval_on_start (the report's "before" column), then the stage's own flags."""
+    (--model_name_or_path, --output_dir, --resume_from_checkpoint and PPO's
+    --reward_model_name_or_path): template, data, method, --eval_on_start (the report's "before"
+    column), then the stage's own flags."""
     data = config["data"]
     words = [] if stage == "pt" else ["--template_name", str(config["template"])]
     words += ["--train_file_dir", data[stage]]
@@ -201,9 +207,10 @@ def stage_args(config: dict[str, Any], stage: str) -> list[str]:
 
 
 def _parse_names_and_values(stage: str, argv: list[str]) -> None:
-    """Parse with stage `stage`'s own argument classes (STAGE_ARGUMENTS, the ones its parse() uses): names, types,
-    choices and each class's __post_init__ checks. The checks parse() adds after that (check_common,
-    validate_ppo) read the start model's config, which for a later stage an earlier stage has yet to make."""
+    """Parse with stage `stage`'s own argument classes (STAGE_ARGUMENTS, the ones its parse() uses):
+    names, types, choices and each class's __post_init__ checks. The checks parse() adds after that
+    (check_common, validate_ppo) read the start model's config, which for a later stage an earlier
+    stage has yet to make."""
     from pipeline.args import (
         STAGE_ARGUMENTS,
         parse_args,
@@ -215,7 +222,8 @@ def _parse_names_and_values(stage: str, argv: list[str]) -> None:
 
 
 def stage_checks(stage: str, arguments: tuple, parsed: tuple, argv: list[str]) -> None:
-    """The checks a stage's parse() adds that need no model: flags its method or loop would not read."""
+    """The checks a stage's parse() adds that need no model: flags its method or loop would not
+    read."""
     from pipeline.args import given_flags
     from pipeline.args.rl_checks import check_rl_data_flags, check_trainer_flags
     from pipeline.train.master_weights import check_master_weights
@@ -229,8 +237,8 @@ def stage_checks(stage: str, arguments: tuple, parsed: tuple, argv: list[str]) -
 
 
 def check_flags(config: dict[str, Any], path: str, output_root: str) -> None:
-    """Parse each stage's arguments as run_pipeline.sh will pass them (placeholders for the models that earlier
-    stages make); the first mistake is one UserError naming the stage and the flag."""
+    """Parse each stage's arguments as run_pipeline.sh will pass them (placeholders for the models
+    that earlier stages make); the first mistake is one UserError naming the stage and the flag."""
     for stage in config["stages"]:
         chain = [
             "--model_name_or_path",

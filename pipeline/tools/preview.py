@@ -1,4 +1,5 @@
-"""Preview how a data file will be trained, without training: the rendered text and the token/label table.
+"""Preview how a data file will be trained, without training: the rendered text and the token/label
+table.
 
     python -m pipeline.preview --file data/sft/color_qa.jsonl --template_name qwen \
         --tokenizer_name_or_path outputs/tiny-llama [--index 0] [--multi_turn_mode all|last|split]
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidSample as e:
         raise UserError(f"{path}:{line}: {e}") from e
     print(
-        f"== {path}:{line} with template '{template.name}'\n{_whole_text(template, tokenizer, conv)}"
+        f"== {path}:{line} with template '{template.name}'\n"
+        f"{_whole_text(template, tokenizer, conv)}"
     )
     for k, sample in enumerate(
         encode_samples(
@@ -71,14 +73,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _whole_text(template, tokenizer, conv: dict) -> str:
-    """The conversation as the template writes it; one that rewrites history is shown as the saved chat
-    template renders it (its samples, below, are one answer each)."""
+    """The conversation as the template writes it; one that rewrites history is shown as the saved
+    chat template renders it (its samples, below, are one answer each)."""
     try:
         return "".join(
             s.text for s in render_segments(template, conv["messages"], conv.get("tools"))
         )
     except NotPrefixConsistent:
-        note = "(the template rewrites earlier turns once later ones follow: each answer is trained in its own sample)"
+        note = (
+            "(the template rewrites earlier turns once later ones follow: "
+            "each answer is trained in its own sample)"
+        )
         return render(tokenizer, conv["messages"], conv.get("tools"), form=template) + "\n" + note
 
 

@@ -1,9 +1,9 @@
 """A learnable synthetic task that every stage's tests use to prove the stage learns.
 
-The task: an item is named by two syllables joined with a hyphen ("ka-bo"), and its colour is decided
-by the first syllable alone (every "ka-*" item is red). A model that learns the rule answers for item
-names it never saw, so held-out exact match measures learning, not memorisation. The same facts give
-pretraining text, SFT chats, preference pairs (right vs wrong colour) and a rule reward.
+The task: an item is named by two syllables joined with a hyphen ("ka-bo"), and its colour is
+decided by the first syllable alone (every "ka-*" item is red). A model that learns the rule answers
+for item names it never saw, so held-out exact match measures learning, not memorisation. The same
+facts give pretraining text, SFT chats, preference pairs (right vs wrong colour) and a rule reward.
 
     python -m pipeline.synthetic --output_dir data      # regenerates the copies shipped in data/
 """
@@ -106,7 +106,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def generate(output_dir: str | Path, seed: int = 0, repeats: int = 4) -> dict[str, int]:
-    """Write color_* files into pt/, pt_eval/, sft/, sft_eval/, reward/, reward_eval/; return counts."""
+    """Write color_* files into pt/, pt_eval/, sft/, sft_eval/, reward/, reward_eval/; return
+    counts."""
     root = Path(output_dir)
     rng = random.Random(seed)
     train, heldout = split_items(seed)

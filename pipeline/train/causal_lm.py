@@ -1,10 +1,10 @@
 """The Trainer of the causal-LM stages (PT, SFT): its loss never holds full-vocabulary logits.
 
-The model runs with `logits_to_keep=1` (one position's logits, not the sequence's) and hands back its
-final hidden states; `losses.causal_lm_loss_sum` sends only the supervised positions through the output
-head, in chunks (or liger-kernel's fused linear cross-entropy on a CUDA GPU). The loss is the mean over
-the supervised tokens of the whole global batch, gradient accumulation and data-parallel ranks included,
-as transformers computes it with `num_items_in_batch`.
+The model runs with `logits_to_keep=1` (one position's logits, not the sequence's) and hands back
+its final hidden states; `losses.causal_lm_loss_sum` sends only the supervised positions through the
+output head, in chunks (or liger-kernel's fused linear cross-entropy on a CUDA GPU). The loss is the
+mean over the supervised tokens of the whole global batch, gradient accumulation and data-parallel
+ranks included, as transformers computes it with `num_items_in_batch`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def fused_loss_available(head: torch.nn.Module) -> bool:
-    """liger-kernel's fused kernel reads the head's weight directly: a plain Linear on a CUDA device, not
-    sharded by ZeRO-3 (wrapped heads, e.g. LoRA or modules_to_save copies, take the chunked path)."""
+    """liger-kernel's fused kernel reads the head's weight directly: a plain Linear on a CUDA
+    device, not sharded by ZeRO-3 (wrapped heads, e.g. LoRA or modules_to_save copies, take the
+    chunked path)."""
     return (
         type(head) is torch.nn.Linear
         and head.weight.is_cuda
@@ -47,7 +48,8 @@ class CausalLMTrainer(Trainer):
             and importlib.util.find_spec("liger_kernel") is not None
         ):
             logger.info(
-                "ZeRO-3 shards the output head: the loss runs in chunks, not liger-kernel's fused cross-entropy"
+                "ZeRO-3 shards the output head: the loss runs in chunks, "
+                "not liger-kernel's fused cross-entropy"
             )
         self.model_accepts_loss_kwargs = (
             True  # the loss below divides by the global token count itself
@@ -80,8 +82,9 @@ class CausalLMTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        """--master_weights optimizer: the Trainer's AdamW with float32 masters of the weights (made from the weights as
-        loaded), then the model's weights cast to bf16 (pipeline/train/master_weights.py)."""
+        """--master_weights optimizer: the Trainer's AdamW with float32 masters of the weights (made
+        from the weights as loaded), then the model's weights cast to bf16
+        (pipeline/train/master_weights.py)."""
         optimizer = super().create_optimizer(model)
         if getattr(self.args, "master_weights", "model") != "optimizer" or isinstance(
             optimizer, MasterWeightsAdamW
@@ -91,14 +94,15 @@ class CausalLMTrainer(Trainer):
         for weight in (p for g in self.optimizer.param_groups for p in g["params"]):
             weight.data = weight.data.to(torch.bfloat16)
         logger.info(
-            "--master_weights optimizer: bf16 weights in the model, float32 masters in the optimizer"
+            "--master_weights optimizer: bf16 weights in the model, "
+            "float32 masters in the optimizer"
         )
         return self.optimizer
 
     @contextmanager
     def _masters_in_model(self):
-        """The float32 masters stand in the model's weights while it is saved (the saved model is the trained one,
-        not its bf16 rounding)."""
+        """The float32 masters stand in the model's weights while it is saved (the saved model is
+        the trained one, not its bf16 rounding)."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         if not isinstance(optimizer, MasterWeightsAdamW):
             yield
@@ -118,21 +122,24 @@ class CausalLMTrainer(Trainer):
                 weight.data = data
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """A checkpoint saved under --master_weights optimizer holds its moments beside float32 masters; a plain AdamW
-        would load it as empty state (Adam restarted from scratch): refused in one sentence."""
+        """A checkpoint saved under --master_weights optimizer holds its moments beside float32
+        masters; a plain AdamW would load it as empty state (Adam restarted from scratch): refused
+        in one sentence."""
         saved = Path(checkpoint, "optimizer.pt") if checkpoint else None
         if (
             saved is not None
             and saved.is_file()
             and getattr(self.args, "master_weights", "model") != "optimizer"
         ):
-            try:  # read lazily (mmap); a state of other types than tensors and numbers is not ours to judge
+            try:  # read lazily (mmap); a state of other types than tensors and numbers is not
+                # ours to judge
                 keys = torch.load(saved, map_location="cpu", mmap=True, weights_only=True).keys()
             except Exception:  # noqa: BLE001
                 keys = ()
             if "masters" in keys:
                 raise UserError(
-                    f"{checkpoint} was saved under --master_weights optimizer (its optimizer state keeps "
+                    f"{checkpoint} was saved under --master_weights optimizer "
+                    "(its optimizer state keeps "
                     "float32 masters); resume it with that flag."
                 )
         super()._load_optimizer_and_scheduler(checkpoint)

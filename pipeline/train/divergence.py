@@ -1,16 +1,18 @@
 """A diverged run is never saved as a model: one guard for every stage.
 
-Each optimizer step's loss and gradient norm are checked. A non-finite one is logged as what it is (never
-as 0: the Trainer's `logging_nan_inf_filter` is off), counted, and, where the optimizer allows it, the step
-is skipped so the weights stay as they were. While non-finite steps follow each other no checkpoint is
-written (those weights may hold NaN); after `--max_nonfinite_steps` of them in a row the run stops with one
-sentence naming the step, the last finite loss and what to try, exits non-zero and writes no final model;
-the checkpoints saved before stay resumable. Under fp16 loss scaling an overflowing gradient is the scaler's
-normal skipped step and is not counted (a non-finite loss still is). A run that collapses to finite garbage
-(a gradient norm of exactly 0 under a non-zero loss, step after step) is stopped the same way.
+Each optimizer step's loss and gradient norm are checked. A non-finite one is logged as what it is
+(never as 0: the Trainer's `logging_nan_inf_filter` is off), counted, and, where the optimizer
+allows it, the step is skipped so the weights stay as they were. While non-finite steps follow each
+other no checkpoint is written (those weights may hold NaN); after `--max_nonfinite_steps` of them
+in a row the run stops with one sentence naming the step, the last finite loss and what to try,
+exits non-zero and writes no final model; the checkpoints saved before stay resumable. Under fp16
+loss scaling an overflowing gradient is the scaler's normal skipped step and is not counted (a
+non-finite loss still is). A run that collapses to finite garbage (a gradient norm of exactly 0
+under a non-zero loss, step after step) is stopped the same way.
 
-`NonFiniteSteps` is the bookkeeping, shared by the Trainer stages (`DivergenceGuard`, a callback) and the
-PPO loop (stages/ppo.py); `check_finite_weights` is the last check before any final model is written.
+`NonFiniteSteps` is the bookkeeping, shared by the Trainer stages (`DivergenceGuard`, a callback)
+and the PPO loop (stages/ppo.py); `check_finite_weights` is the last check before any final model is
+written.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from transformers import TrainerCallback
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
-ADVICE = "try a lower --learning_rate, bf16 instead of fp16 (or float32), or gradient clipping (--max_grad_norm 1.0)"
+ADVICE = (
+    "try a lower --learning_rate, bf16 instead of fp16 (or float32), "
+    "or gradient clipping (--max_grad_norm 1.0)"
+)
 
 
 def _show(value: float | None) -> str:
@@ -37,7 +42,8 @@ def finite(value: float | None) -> bool:
 
 
 class NonFiniteSteps:
-    """Counts non-finite steps in a row; `record` raises the stopping UserError when there are too many."""
+    """Counts non-finite steps in a row; `record` raises the stopping UserError when there are too
+    many."""
 
     def __init__(self, limit: int, what: str = "training", exact_norms: bool = True):
         self.limit, self.what, self.exact_norms = limit, what, exact_norms
@@ -48,7 +54,8 @@ class NonFiniteSteps:
     def record(
         self, step: int, loss: float | None, grad_norm: float | None = None, note: str = ""
     ) -> bool:
-        """Whether step `step` was finite (and could train). Raises UserError at the `limit`-th bad step in a row."""
+        """Whether step `step` was finite (and could train). Raises UserError at the `limit`-th bad
+        step in a row."""
         if finite(loss) and finite(grad_norm):
             self.in_a_row, self.first_bad = 0, None
             if loss is not None:
@@ -58,7 +65,8 @@ class NonFiniteSteps:
         self.total += 1
         self.first_bad = self.first_bad or step
         logger.warning(
-            "step %d: %s loss %s, gradient norm %s: not finite (%d in a row; the run stops at %d)%s",
+            "step %d: %s loss %s, gradient norm %s: not finite "
+            "(%d in a row; the run stops at %d)%s",
             step,
             self.what,
             _show(loss),
@@ -72,16 +80,17 @@ class NonFiniteSteps:
         return False
 
     def _stall(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
-        """A gradient of exactly zero under a loss that is not: the outputs no longer depend on the weights (a run
-        that collapsed to finite garbage, or nothing trainable reaches the loss). Too many in a row stop the run.
-        Only norms computed here count (exact_norms); DeepSpeed's may be a placeholder. False for such a step (its
-        weights are not checkpointed either)."""
+        """A gradient of exactly zero under a loss that is not: the outputs no longer depend on the
+        weights (a run that collapsed to finite garbage, or nothing trainable reaches the loss). Too
+        many in a row stop the run. Only norms computed here count (exact_norms); DeepSpeed's may be
+        a placeholder. False for such a step (its weights are not checkpointed either)."""
         if not (self.exact_norms and grad_norm == 0.0 and loss):
             self.stalled = 0
             return True
         self.stalled += 1
         logger.warning(
-            "step %d: %s loss %.4g with a gradient norm of exactly 0 (%d in a row; the run stops at %d)",
+            "step %d: %s loss %.4g with a gradient norm of exactly 0 "
+            "(%d in a row; the run stops at %d)",
             step,
             self.what,
             loss,
@@ -90,10 +99,10 @@ class NonFiniteSteps:
         )
         if self.stalled >= self.limit:
             raise UserError(
-                f"{self.what} cannot learn any more: the last {self.stalled} steps (to step {step}) had a "
-                f"gradient norm of exactly 0 under a loss of {loss:.4g}, so the outputs no longer depend "
-                "on the weights (a run that collapsed, or no trainable weight reaches the loss); no model "
-                f"was saved; {ADVICE}."
+                f"{self.what} cannot learn any more: the last {self.stalled} steps (to step "
+                f"{step}) had a gradient norm of exactly 0 under a loss of {loss:.4g}, so the "
+                "outputs no longer depend on the weights (a run that collapsed, or no trainable "
+                f"weight reaches the loss); no model was saved; {ADVICE}."
             )
         return False
 
@@ -109,9 +118,9 @@ class NonFiniteSteps:
             else "no step had a finite loss"
         )
         return (
-            f"{self.what} diverged: {since} not finite (loss or gradient norm NaN/inf; {last}), so no model was "
-            f"saved and the checkpoints written before stay resumable; {ADVICE}, then rerun (with "
-            "--resume_from_checkpoint auto to continue from the last checkpoint)."
+            f"{self.what} diverged: {since} not finite (loss or gradient norm NaN/inf; {last}), so "
+            f"no model was saved and the checkpoints written before stay resumable; {ADVICE}, then "
+            "rerun (with --resume_from_checkpoint auto to continue from the last checkpoint)."
         )
 
 
@@ -133,14 +142,16 @@ def rank_max(values: list[float], device) -> list[float]:
 
 
 def any_rank(flags: list[bool], device) -> list[bool]:
-    """Each flag true on every rank when it is true on any rank (so all ranks stop, or skip a save, together)."""
+    """Each flag true on every rank when it is true on any rank (so all ranks stop, or skip a save,
+    together)."""
     return [v > 0 for v in rank_max([float(f) for f in flags], device)]
 
 
 def agreed_step(loss: float, grad: float | None, device) -> tuple[float, float | None]:
-    """A step's loss and gradient norm as every rank must judge them: NaN where any rank's is not finite, and a
-    rank whose own loss is exactly 0 takes the largest of the others' (the norm is global after the gradients'
-    all-reduce, so "norm 0 under a non-zero loss" must not depend on which rank looks)."""
+    """A step's loss and gradient norm as every rank must judge them: NaN where any rank's is not
+    finite, and a rank whose own loss is exactly 0 takes the largest of the others' (the norm is
+    global after the gradients' all-reduce, so "norm 0 under a non-zero loss" must not depend on
+    which rank looks)."""
     bad_loss, bad_grad, size = rank_max(
         [
             float(not math.isfinite(loss)),
@@ -163,7 +174,8 @@ def gradient_norm(parameters) -> float | None:
 
 
 class DivergenceGuard(TrainerCallback):
-    """The guard for a Trainer stage: per-step loss (from the Trainer's running sum) and gradient norm."""
+    """The guard for a Trainer stage: per-step loss (from the Trainer's running sum) and gradient
+    norm."""
 
     def __init__(self, trainer, limit: int):
         self.trainer, self.steps = (
@@ -175,7 +187,8 @@ class DivergenceGuard(TrainerCallback):
         self._total_before = 0.0
 
     def _scaled(self) -> bool:
-        """fp16 with a loss scaler: an overflowing gradient is its skipped step, not a divergence."""
+        """fp16 with a loss scaler: an overflowing gradient is its skipped step, not a
+        divergence."""
         return bool(self.trainer.args.fp16)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -216,8 +229,9 @@ class DivergenceGuard(TrainerCallback):
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # the Trainer resets its running loss by subtracting it from itself, which leaves a NaN in place: the
-        # window that held the non-finite step was logged as NaN, the next windows start from 0 again
+        # the Trainer resets its running loss by subtracting it from itself, which leaves a NaN in
+        # place: the window that held the non-finite step was logged as NaN, the next windows start
+        # from 0 again
         if not torch.isfinite(self.trainer._tr_loss).all():
             self.trainer._tr_loss.zero_()
             self.trainer._total_loss_scalar = self._total_before
@@ -226,8 +240,8 @@ class DivergenceGuard(TrainerCallback):
 
 
 def nonfinite_weight(model, device=None) -> str | None:
-    """The name of a trainable weight holding NaN/inf ("on another rank" when only another rank has one), or
-    None; every rank takes part (ZeRO-3: each checks its shard)."""
+    """The name of a trainable weight holding NaN/inf ("on another rank" when only another rank has
+    one), or None; every rank takes part (ZeRO-3: each checks its shard)."""
     bad = None
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -246,6 +260,6 @@ def check_finite_weights(model, device=None) -> None:
     bad = nonfinite_weight(model, device)
     if bad:
         raise UserError(
-            f"the trained weights hold NaN/inf values ({bad}), so no model was saved; the run diverged "
-            f"without a non-finite loss being seen; {ADVICE}."
+            f"the trained weights hold NaN/inf values ({bad}), so no model was saved; the run "
+            f"diverged without a non-finite loss being seen; {ADVICE}."
         )

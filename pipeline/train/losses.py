@@ -1,6 +1,6 @@
-"""The losses the project computes itself (the rest come from trl's trainers): the causal-LM loss from
-hidden states without full-vocabulary logits (PT, SFT), the reward model's pairwise loss, and the
-reference-free preference losses SimPO and ORPO with the log-probabilities they read."""
+"""The losses the project computes itself (the rest come from trl's trainers): the causal-LM loss
+from hidden states without full-vocabulary logits (PT, SFT), the reward model's pairwise loss, and
+the reference-free preference losses SimPO and ORPO with the log-probabilities they read."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pipeline.data.masking import IGNORE_INDEX
 def pairwise_loss(
     chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float
 ) -> torch.Tensor:
-    """-log sigmoid(r_c - r_r - margin), plus center_coef * mean((r_c + r_r)^2) to keep rewards near zero."""
+    """-log sigmoid(r_c - r_r - margin), plus center_coef * mean((r_c + r_r)^2) to keep rewards near
+    zero."""
     loss = -F.logsigmoid(chosen - rejected - margin).mean()
     if center_coef:
         loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
@@ -22,8 +23,9 @@ def pairwise_loss(
 
 
 def average_logps(model, batch) -> torch.Tensor:
-    """Mean log-probability of the completion tokens of each row, through trl's fused LM head (installed on
-    the model: per-token log-probabilities in chunks, never the full-vocabulary logits)."""
+    """Mean log-probability of the completion tokens of each row, through trl's fused LM head
+    (installed on the model: per-token log-probabilities in chunks, never the full-vocabulary
+    logits)."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
     token_logps = model(
         input_ids=batch["input_ids"],
@@ -48,7 +50,8 @@ def _log1m(logp: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """ORPO: NLL of the chosen answer + beta * -log sigmoid(log odds(chosen) - log odds(rejected))."""
+    """ORPO: NLL of the chosen answer + beta * -log sigmoid(log odds(chosen) - log
+    odds(rejected))."""
     log_odds = (chosen - rejected) - (_log1m(chosen) - _log1m(rejected))
     return (-chosen).mean() - beta * F.logsigmoid(log_odds).mean()
 
@@ -68,13 +71,14 @@ def causal_lm_loss_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token cross-entropy, number of supervised tokens) from the final hidden states.
 
-    Only positions whose next label is supervised go through the output head, `chunk_size` at a time, and
-    each chunk's logits are recomputed in the backward pass instead of kept: the full [tokens, vocabulary]
-    logits never exist. Equal in value and gradient to cross-entropy on the model's logits. `fused`:
-    liger-kernel's fused linear cross-entropy instead (CUDA, a plain Linear head). `compute_dtype`: the
-    mixed-precision dtype the head multiplies in (the hidden states reach the loss outside the model's
-    autocast, converted to float32 by accelerate); None: as the head's weight and the hidden states are.
-    `sharded_head`: DeepSpeed ZeRO-3 partitions the head's weights between its module calls (see below).
+    Only positions whose next label is supervised go through the output head, `chunk_size` at a
+    time, and each chunk's logits are recomputed in the backward pass instead of kept: the full
+    [tokens, vocabulary] logits never exist. Equal in value and gradient to cross-entropy on the
+    model's logits. `fused`: liger-kernel's fused linear cross-entropy instead (CUDA, a plain Linear
+    head). `compute_dtype`: the mixed-precision dtype the head multiplies in (the hidden states
+    reach the loss outside the model's autocast, converted to float32 by accelerate); None: as the
+    head's weight and the hidden states are. `sharded_head`: DeepSpeed ZeRO-3 partitions the head's
+    weights between its module calls (see below).
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -93,10 +97,11 @@ def causal_lm_loss_sum(
             return LigerFusedLinearCrossEntropyLoss(reduction="sum")(
                 weight, hidden, targets, bias
             ), keep.sum()
-    # ZeRO-3: a chunk's recomputation runs in the backward pass before any module's backward hook (the loss is
-    # outside the model), so DeepSpeed re-partitions the head right after it, and checkpoint holds a frozen
-    # weight (LoRA's head) by reference: its shape check sees the empty shard. The weight is gathered again by
-    # the head's own pre-backward hook before its gradient is computed, so only the shape check is skipped.
+    # ZeRO-3: a chunk's recomputation runs in the backward pass before any module's backward hook
+    # (the loss is outside the model), so DeepSpeed re-partitions the head right after it, and
+    # checkpoint holds a frozen weight (LoRA's head) by reference: its shape check sees the empty
+    # shard. The weight is gathered again by the head's own pre-backward hook before its gradient is
+    # computed, so only the shape check is skipped.
     check = "none" if sharded_head else "default"
     total = hidden.new_zeros((), dtype=torch.float32)
     with torch.autocast(

@@ -1,13 +1,16 @@
-"""--master_weights optimizer: full training with bf16 weights in the model and their float32 masters in the optimizer.
+"""--master_weights optimizer: full training with bf16 weights in the model and their float32
+masters in the optimizer.
 
-The default (`model`) keeps float32 weights in the model and computes under bf16 autocast: every forward (and every
-recomputation under gradient checkpointing) casts each weight to bf16, and each backward adds bf16 weight gradients
-into float32 ones (on an H200, 1B full SFT: ~11% of a step, bench/results). With `optimizer` the model holds bf16
-weights, so the matmuls read them directly and the gradients stay bf16; `MasterWeightsAdamW` keeps a float32 copy
-of each weight, steps AdamW on it (the gradient cast to float32) and writes it back to the bf16 weight. The update
-itself is the float32 one; what differs from the default is that the forward sees the bf16-rounded weights, which
-autocast also computes with (norm weights excepted), and that gradients are accumulated over micro-batches in bf16.
-The masters are part of the optimizer's state, so checkpoints resume them exactly.
+The default (`model`) keeps float32 weights in the model and computes under bf16 autocast: every
+forward (and every recomputation under gradient checkpointing) casts each weight to bf16, and each
+backward adds bf16 weight gradients into float32 ones (on an H200, 1B full SFT: ~11% of a step,
+bench/results). With `optimizer` the model holds bf16 weights, so the matmuls read them directly and
+the gradients stay bf16; `MasterWeightsAdamW` keeps a float32 copy of each weight, steps AdamW on it
+(the gradient cast to float32) and writes it back to the bf16 weight. The update itself is the
+float32 one; what differs from the default is that the forward sees the bf16-rounded weights, which
+autocast also computes with (norm weights excepted), and that gradients are accumulated over
+micro-batches in bf16. The masters are part of the optimizer's state, so checkpoints resume them
+exactly.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ HYPER = ("lr", "weight_decay", "betas", "eps", "amsgrad", "maximize")
 
 
 class MasterWeightsAdamW(torch.optim.Optimizer):
-    """AdamW over float32 masters of half-precision weights. Its param_groups hold the model's weights (what the
-    Trainer clips, zeroes and schedules); the masters and the moments live in an inner torch AdamW."""
+    """AdamW over float32 masters of half-precision weights. Its param_groups hold the model's
+    weights (what the Trainer clips, zeroes and schedules); the masters and the moments live in an
+    inner torch AdamW."""
 
     def __init__(self, param_groups: list[dict], defaults: dict):
         super().__init__(param_groups, defaults)
@@ -34,7 +38,8 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
 
     @classmethod
     def replacing(cls, optimizer: torch.optim.Optimizer) -> MasterWeightsAdamW:
-        """The same groups and hyperparameters as `optimizer` (a torch AdamW the Trainer built), with masters."""
+        """The same groups and hyperparameters as `optimizer` (a torch AdamW the Trainer built),
+        with masters."""
         if not isinstance(optimizer, torch.optim.AdamW):
             raise UserError(
                 f"--master_weights optimizer steps AdamW on float32 masters; --optim chose "
@@ -88,7 +93,8 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
 
 
 def check_master_weights(model_args, peft_args, training_args) -> None:
-    """--master_weights optimizer: full training under --bf16 without DeepSpeed, the weights loaded as bf16."""
+    """--master_weights optimizer: full training under --bf16 without DeepSpeed, the weights loaded
+    as bf16."""
     if getattr(training_args, "master_weights", "model") != "optimizer":
         return
     problem = (

@@ -5,9 +5,9 @@
 - SimPO and ORPO (reference-free): trl has them only in its experimental package with its own text
   tokenization, so their losses (a few lines each) run here on the plain Trainer.
 
-Every one reads log-probabilities through trl's fused LM head (chunked, no full-vocabulary logits) and, with
-packing on (the default), runs each step's chosen and rejected sequences end to end without padding
-(pipeline/model/unpadding.py), policy and reference alike.
+Every one reads log-probabilities through trl's fused LM head (chunked, no full-vocabulary logits)
+and, with packing on (the default), runs each step's chosen and rejected sequences end to end
+without padding (pipeline/model/unpadding.py), policy and reference alike.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
 
 
 def unpad_models(trainer, packing: bool) -> None:
-    """With packing, the policy (under its PEFT wrapper) and any separate reference run padding-free."""
+    """With packing, the policy (under its PEFT wrapper) and any separate reference run
+    padding-free."""
     if packing:
         for model in (unwrap(trainer.model), getattr(trainer, "ref_model", None)):
             if model is not None:
@@ -34,7 +35,8 @@ def unpad_models(trainer, packing: bool) -> None:
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer that takes prompt_ids/chosen_ids/rejected_ids as they are (no re-tokenization, no EOS added)."""
+    """DPOTrainer that takes prompt_ids/chosen_ids/rejected_ids as they are (no re-tokenization, no
+    EOS added)."""
 
     def __init__(self, *args, packing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,7 +47,8 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 
 class PretokenizedKTOTrainer(KTOTrainer):
-    """KTOTrainer on prompt_ids/completion_ids/label; only adds the mismatched pairs its KL estimate needs."""
+    """KTOTrainer on prompt_ids/completion_ids/label; only adds the mismatched pairs its KL estimate
+    needs."""
 
     def __init__(self, *args, packing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""The steps every Trainer-based stage shares after pipeline/run/setup.py: train (with resume), save, evaluate.
+"""The steps every Trainer-based stage shares after pipeline/run/setup.py: train (with resume),
+save, evaluate.
 
 Output layout (seed README): model or adapter (safetensors), tokenizer, trainer_state.json,
 train_results.json, eval_results.json, checkpoint-*/, and tensorboard events under logs/.
@@ -25,11 +26,13 @@ logger = logging.getLogger("pipeline")
 
 
 class _AlreadyFinished(Exception):
-    """Raised at the start of training when the resumed checkpoint already reached the run's last step."""
+    """Raised at the start of training when the resumed checkpoint already reached the run's last
+    step."""
 
 
 class StopIfFinished(TrainerCallback):
-    """Resuming at the last step must train nothing; the Trainer would run one more step before it checks."""
+    """Resuming at the last step must train nothing; the Trainer would run one more step before it
+    checks."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
@@ -37,7 +40,8 @@ class StopIfFinished(TrainerCallback):
 
 
 def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -> dict[str, float]:
-    """Train (resuming when asked), save model + tokenizer + state + metrics; return train metrics."""
+    """Train (resuming when asked), save model + tokenizer + state + metrics; return train
+    metrics."""
     take_output_dir(training_args)  # an overwritten run's checkpoints go first, so none is resumed
     checkpoint = resolve_resume_checkpoint(training_args)
     if checkpoint:
@@ -54,8 +58,9 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
         with storage_errors(training_args.output_dir):
             result = trainer.train(resume_from_checkpoint=checkpoint)
     except _AlreadyFinished as finished:
-        # the checkpoint is the end of the run (a rerun of a finished or requeued job): its weights, restored
-        # by train(), become the final model again; no step is trained and the earlier metrics stay
+        # the checkpoint is the end of the run (a rerun of a finished or requeued job): its weights,
+        # restored by train(), become the final model again; no step is trained and the earlier
+        # metrics stay
         logger.info(
             "%s is already at step %d of %d: nothing more to train", checkpoint, *finished.args
         )
@@ -91,7 +96,8 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
 
 
 def record_adapter_base(model, training_args: PipelineTrainingArguments) -> None:
-    """An adapter's folder records which base it was trained on, so merging it into another is refused."""
+    """An adapter's folder records which base it was trained on, so merging it into another is
+    refused."""
     config = getattr(model, "peft_config", {}).get("default")
     if training_args.should_save and config is not None and config.base_model_name_or_path:
         record_base(training_args.output_dir, config.base_model_name_or_path)
