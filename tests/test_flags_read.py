@@ -21,7 +21,7 @@ READ_ONLY_WHEN = {
     "shift_attn": "refused at parse when set",
     "overwrite_cache": "PT only; the other stages never cache tokenization (its help says so)",
     "test_file": "SFT with --predict_with_generate True; "
-    "refused at parse elsewhere (arg_checks.check_test_file)",
+    "refused at parse elsewhere (args/checks.py check_test_file)",
     "validation_split_percentage": "read when no validation folder or files are given; "
     "the RL stages refuse it",
     "num_virtual_tokens": "prefix tuning only; refused at parse under LoRA or full training",

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 def check_master_weights(pair: torch.nn.Module) -> None:
     """The plain loop's AdamW updates the trained weights themselves: they must be float32 (bfloat16
     under --bf16), never float16, which only a loss-scaled optimizer with float32 masters may update
-    (arg_checks.check_precision refuses such flags; this guards the models as built)."""
+    (args/checks.py check_precision refuses such flags; this guards the models as built)."""
     half = sorted(
         {
             name.split(".")[0].replace("_", " ")

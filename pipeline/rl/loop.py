@@ -275,7 +275,7 @@ class PPORecipe:
         return self.training_args.save_strategy == "steps" and (self.due(every) or last)
 
     def save_checkpoint(self) -> None:
-        """checkpoint-N, written whole beside its name then renamed (checkpoint.py); under DeepSpeed
+        """checkpoint-N, written whole beside its name then renamed (saving.py); under DeepSpeed
         every rank writes its shard of the engine's state first."""
         folder = Path(self.training_args.output_dir) / f"checkpoint-{self.step}"
         partial = saving.prepare_partial(folder) if self.training_args.should_save else None
