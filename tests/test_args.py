@@ -255,3 +255,28 @@ def test_shared_flags_keep_each_stages_default():
     assert PPOArguments(**rm).ppo_epochs == 4
     with pytest.raises(UserError, match="--model_max_length must be at least 8"):
         PPOArguments(model_max_length=4, max_new_tokens=2, **rm)
+
+
+def test_each_rl_script_names_the_other_for_its_algorithms():
+    """stages/grpo.py given --algorithm ppo (and PPO given a group algorithm) says which script runs
+    it, before the checks of flags that script would need; SFT takes its default --max_new_tokens as
+    given (the GLM demos' configs write it), and the seeds' two length budgets are named when they
+    add up to too little."""
+    from pipeline.args import (
+        GroupRelativeArguments,
+        PPOArguments,
+        PreferenceArguments,
+        SFTArguments,
+    )
+
+    with pytest.raises(UserError, match="PPO runs in stages/ppo.py"):
+        GroupRelativeArguments(algorithm="ppo", reward_funcs="exact_match")
+    with pytest.raises(UserError, match="bash run_grpo.sh --algorithm dapo"):
+        PPOArguments(algorithm="dapo", reward_model_name_or_path="rm")
+    assert SFTArguments(max_new_tokens=512).max_new_tokens == 512
+    with pytest.raises(UserError, match="--max_new_tokens sets the held-out answers"):
+        SFTArguments(max_new_tokens=64)
+    with pytest.raises(
+        UserError, match="--max_source_length \\+ --max_target_length must be at least 8"
+    ):
+        PreferenceArguments(max_source_length=3, max_target_length=4)

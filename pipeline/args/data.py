@@ -169,8 +169,8 @@ class PackingArguments:
     packing: bool | None = field(
         default=None,
         metadata={
-            "help": "Padding-free training (default: on; off for prefix tuning and NEFTune). SFT "
-            "packs whole samples into rows of --packing_length; RM and DPO run each step's "
-            "sequences end to end."
+            "help": "Padding-free training (default: on; off for prefix tuning, and in SFT for "
+            "NEFTune). SFT packs whole samples into rows of --packing_length; RM and DPO run each "
+            "step's sequences end to end."
         },
     )

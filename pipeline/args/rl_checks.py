@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import fields
 
 from pipeline.args.checks import check_common
-from pipeline.args.stages import PPOArguments
+from pipeline.args.stages import PPOArguments, algorithm_elsewhere
 from pipeline.errors import UserError
 from pipeline.rl.group_math import VARIANTS
 
@@ -37,20 +37,14 @@ def redirect_group_algorithm(argv: list[str] | None) -> None:
         config_file_argv(list(sys.argv[1:] if argv is None else argv))
     )[0].algorithm
     if algorithm in VARIANTS:
-        raise UserError(
-            f"--algorithm {algorithm} runs in its own script with the same flags: "
-            f"bash run_grpo.sh --algorithm {algorithm} ... (stages/grpo.py)."
-        )
+        raise UserError(algorithm_elsewhere(algorithm))
 
 
 def validate_ppo(model_args, peft_args, ppo_args, training_args) -> None:
     """Every check of stages/ppo.py that does not need the data: algorithm, adapter, loop flags,
     batch shape."""
     if ppo_args.algorithm != "ppo":
-        raise UserError(
-            f"--algorithm {ppo_args.algorithm} runs in its own script with the same flags: "
-            f"bash run_grpo.sh --algorithm {ppo_args.algorithm} ... (stages/grpo.py)."
-        )
+        raise UserError(algorithm_elsewhere(ppo_args.algorithm))
     _check_rl_common(model_args, peft_args, ppo_args)
     if training_args.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed.")
@@ -215,10 +209,7 @@ def validate_group_relative(model_args, peft_args, ppo_args, training_args=None)
     """Every check of stages/grpo.py: the algorithm and engine, the adapter, no PPO-only flag (it
     would be ignored), and for the own loop its batch shape and loop flags."""
     if ppo_args.algorithm == "ppo":
-        raise UserError(
-            "stages/grpo.py runs --algorithm grpo, dapo, dr_grpo, gspo or rloo; PPO runs in "
-            "stages/ppo.py (bash run_ppo.sh)."
-        )
+        raise UserError(algorithm_elsewhere("ppo"))
     engine = getattr(ppo_args, "rl_engine", "own")
     if engine == "trl" and ppo_args.algorithm not in ("grpo", "rloo"):
         raise UserError(

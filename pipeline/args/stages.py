@@ -93,7 +93,8 @@ class SFTArguments(ChatArguments, RecordArguments, PackingArguments, GenerationA
     def __post_init__(self):
         ChatArguments.__post_init__(self)
         RecordArguments.__post_init__(self)
-        if self.max_new_tokens is not None and not self.predict_with_generate:
+        given = self.max_new_tokens not in (None, self.default_max_new_tokens)
+        if given and not self.predict_with_generate:
             raise UserError(
                 "--max_new_tokens sets the held-out answers of --predict_with_generate True; "
                 "without it SFT generates nothing: add that flag or drop --max_new_tokens."
@@ -133,6 +134,11 @@ class PreferenceArguments(ChatArguments, PackingArguments):
             )
         if self.max_source_length is not None:
             self.model_max_length = self.max_source_length + self.max_target_length
+            if self.model_max_length < 8:
+                raise UserError(
+                    "--max_source_length + --max_target_length must be at least 8, got "
+                    f"{self.model_max_length}."
+                )
         ChatArguments.__post_init__(self)
 
 
@@ -198,6 +204,19 @@ class DPOArguments:
                 "--label_smoothing applies to --loss_type robust (noise-robust DPO), not "
                 f"{self.loss_type}."
             )
+
+
+def algorithm_elsewhere(algorithm: str) -> str:
+    """The sentence that sends an algorithm to the script that runs it."""
+    if algorithm == "ppo":
+        return (
+            "stages/grpo.py runs --algorithm grpo, dapo, dr_grpo, gspo or rloo; PPO runs in "
+            "stages/ppo.py (bash run_ppo.sh)."
+        )
+    return (
+        f"--algorithm {algorithm} runs in its own script with the same flags: "
+        f"bash run_grpo.sh --algorithm {algorithm} ... (stages/grpo.py)."
+    )
 
 
 @dataclass
@@ -284,13 +303,15 @@ class PPOArguments(ChatArguments, RecordArguments, GenerationArguments):
         },
     )
     default_algorithm: ClassVar[str] = "ppo"
+    algorithms: ClassVar[tuple[str, ...]] = ("ppo",)  # what this stage's script runs
 
     def __post_init__(self):
-        from pipeline.rl.rewards import (
-            RULE_REWARDS,
-        )  # the reward module loads models: only when an RL stage parses
+        # the reward module loads models: imported only when an RL stage parses
+        from pipeline.rl.rewards import RULE_REWARDS
 
         self.algorithm = self.algorithm or self.default_algorithm
+        if self.algorithm not in self.algorithms:  # before the checks of the other script's flags
+            raise UserError(algorithm_elsewhere(self.algorithm))
         ChatArguments.__post_init__(self)
         RecordArguments.__post_init__(self)
         GenerationArguments.__post_init__(self)
@@ -345,6 +366,7 @@ class GroupRelativeArguments(PPOArguments):
         },
     )
     default_algorithm: ClassVar[str] = "grpo"
+    algorithms: ClassVar[tuple[str, ...]] = tuple(VARIANTS)
 
 
 # The classes each stage parses, in the order its parse() unpacks them.

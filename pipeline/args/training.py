@@ -33,7 +33,8 @@ class PipelineTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Recompute activations in the backward pass instead of keeping them "
-            "(default: on, except PPO)."
+            "(default: on; off for GRPO and its relatives, whose rollouts generate with the "
+            "cache; PPO: on, acting in its update only)."
         },
     )
     use_liger_kernel: bool | None = field(
