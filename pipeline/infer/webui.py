@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import queue
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,8 +244,10 @@ def check_port(host: str, port: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # before the flags, so that even a bare `python -m pipeline.webui` says how to install it
-    import_gradio()
+    given = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(given):  # --help answers without gradio installed
+        # before the flags, so that even a bare `python -m pipeline.webui` says how to install it
+        import_gradio()
     args = build_parser().parse_args(argv)
     defaults = Sampling(args.max_new_tokens, args.temperature, args.top_p)
     check_port(args.host, args.port)

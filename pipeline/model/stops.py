@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from pipeline.model.adapters import unwrap
-
 
 def template_stop_ids(tokenizer, stops: list[str]) -> list[int]:
     """The ids of a template's stop strings that the tokenizer has, or its EOS when it has none of
@@ -26,6 +24,10 @@ def template_stop_ids(tokenizer, stops: list[str]) -> list[int]:
 def set_generation_stops(model, stop_ids: list[int], pad_token_id: int) -> None:
     """Make generation stop on the template's end-of-turn tokens (saved in
     generation_config.json)."""
+    from pipeline.model.adapters import (
+        unwrap,  # peft: imported by training, not by chat and serving
+    )
+
     config = unwrap(model).generation_config
     config.eos_token_id = stop_ids
     config.pad_token_id = pad_token_id
