@@ -506,3 +506,23 @@ def test_sft_stage_trains_with_a_jinja_project_template_and_saves_it(tiny_model,
     assert saved.convert_tokens_to_ids(get_template(name).stop[0]) in (
         stops if isinstance(stops, list) else [stops]
     )
+
+
+def test_a_prompt_message_asked_to_train_is_refused_where_the_tokenizer_renders(tiny_model):
+    """`"loss": true` on a user message trains that turn under a template written as fields; where
+    the tokenizer renders the conversation only answers can be cut out, so such a record is refused
+    in one sentence instead of trained without its asked-for turn."""
+    from pipeline.data.masking import IGNORE_INDEX, encode
+    from pipeline.errors import UserError
+
+    conv = [dict(m) for m in CHAT]
+    first_user = next(i for i, m in enumerate(conv) if m["role"] == "user")
+    conv[first_user]["loss"] = True
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    fields = get_template("qwen")
+    apply_template_to_tokenizer(tokenizer, fields)
+    enc = encode(fields, tokenizer, conv)
+    trained = tokenizer.decode([i for i, k in zip(enc.input_ids, enc.labels) if k != IGNORE_INDEX])
+    assert conv[first_user]["content"] in trained
+    with pytest.raises(UserError, match=rf"message {first_user + 1} \(user\) asks to be trained"):
+        encode(resolve_template("auto", tokenizer), tokenizer, conv)

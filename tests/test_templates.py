@@ -265,3 +265,32 @@ def test_chatglm3_sop_is_one_token(tokenizer):
     apply(tokenizer, get_template("chatglm3"))
     ids = tokenizer("[gMASK]sop<|user|>", add_special_tokens=False)["input_ids"]
     assert len(ids) == 3
+
+
+def test_the_saved_template_of_one_without_calls_refuses_a_call_instead_of_writing_none(tiny_model):
+    """A template of fields that writes no tool calls: training refuses a call, and so does its
+    saved chat template at inference (a server given tool-call history), instead of rendering the
+    missing call as the text None."""
+    from jinja2.exceptions import TemplateError
+
+    conv = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+        },
+        {"role": "tool", "content": "1"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    names = [
+        n
+        for n in field_template_names()
+        if get_template(n).tool_call is None and get_template(n).tool_call_turn is None
+    ]
+    assert {"gemma", "phi4"} <= set(names)
+    for name in names:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        apply_template_to_tokenizer(tokenizer, get_template(name))
+        with pytest.raises(TemplateError, match="does not write tool calls"):
+            tokenizer.apply_chat_template(conv, tokenize=False)

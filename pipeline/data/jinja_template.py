@@ -112,6 +112,7 @@ _JINJA_BODY = """
 {%- endif -%}
 {{- t.tool_call_turn | replace('{name}', c.function.name) | replace('{arguments}', args) | replace('{kwargs}', nk.text) -}}{%- endfor -%}
 {%- else -%}
+{%- if calls and t.tool_call is none -%}{{- raise_exception('this chat template does not write tool calls, so the model would learn to stop instead of calling; train with --template_name auto or a template with tools (e.g. qwen3 or llama3_1), or drop the calls') -}}{%- endif -%}
 {%- set ns3 = namespace(text=content) -%}
 {%- for c in calls -%}{%- set args = c.function.arguments if c.function.arguments is string else (c.function.arguments | tojson) -%}
 {%- set ns3.text = ns3.text ~ ('\\n' if ns3.text else '') ~ (t.tool_call | replace('{name}', c.function.name) | replace('{arguments}', args)) -%}{%- endfor -%}

@@ -268,6 +268,15 @@ def render_segments(
     full = render(t.tokenizer, messages, tools, add_generation_prompt, check_tools=True, form=t)
     if add_generation_prompt:
         return [Segment(full, -1, "prompt")]
+    asked = [i + 1 for i, m in enumerate(messages) if m.get("loss") and m["role"] != "assistant"]
+    if asked:  # its span is the template's, which only a template written as fields names
+        raise UserError(
+            f"message {asked[0]} ({messages[asked[0] - 1]['role']}) asks to be trained "
+            '("loss": true), which this template cannot do: only answers are trained when the '
+            "tokenizer renders the conversation; use a project template written as fields (e.g. "
+            "--template_name qwen) or --train_on_inputs True to train every token, or drop the "
+            "flag."
+        )
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, pos = [], 0
     for i in answers[-1:] if last_answer_only else answers:
