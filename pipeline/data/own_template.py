@@ -36,7 +36,6 @@ from typing import Any
 
 from pipeline.data.jinja_template import jinja_literal
 from pipeline.data.json_text import loads
-from pipeline.data.templates import Segment
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +45,15 @@ REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 class NotPrefixConsistent(Exception):
     """The template renders an earlier turn differently once later turns follow."""
+
+
+@dataclass
+class Segment:
+    """A piece of rendered text: which message it belongs to (-1 = template text) and its kind."""
+
+    text: str
+    message: int
+    kind: str  # "prompt" (never trained by default), "answer" (assistant text + turn end), "tail"
 
 
 @dataclass

@@ -56,6 +56,14 @@ import yaml
 
 from pipeline.data.jinja_template import jinja_for
 from pipeline.data.json_text import loads
+from pipeline.data.own_template import (
+    Segment,
+    own_template,
+    standard_messages,
+    template_kwargs,
+    with_defaults,
+)
+from pipeline.data.own_template import render_segments as own_segments
 from pipeline.errors import UserError
 from pipeline.model.stops import template_stop_ids
 
@@ -197,8 +205,6 @@ def _render_jinja(
 ) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from pipeline.data.own_template import standard_messages
-
     try:
         rendered, _ = render_jinja_template(
             [standard_messages(messages)],
@@ -267,15 +273,6 @@ def _fill(fmt: str, **values: str) -> str:
     return fmt
 
 
-@dataclass
-class Segment:
-    """A piece of rendered text: which message it belongs to (-1 = template text) and its kind."""
-
-    text: str
-    message: int
-    kind: str  # "prompt" (never trained by default), "answer" (assistant text + turn end), "tail"
-
-
 def render_segments(
     t: Template,
     messages: list[dict],
@@ -292,9 +289,7 @@ def render_segments(
             "resolve_template(name, tokenizer) first"
         )
     if not isinstance(t, Template):
-        from pipeline.data.own_template import render_segments as own
-
-        return own(t, messages, tools, add_generation_prompt, last_answer_only)
+        return own_segments(t, messages, tools, add_generation_prompt, last_answer_only)
     segments = [Segment(t.bos, -1, "prompt")] if t.bos else []
     system, start = t.default_system, 0
     if messages and messages[0]["role"] == "system":
@@ -415,8 +410,6 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
     inference sees. A project template written as Jinja is given to the tokenizer and then trained
     the same way. `chat_template_kwargs` reach every render of a template that transformers
     renders."""
-    from pipeline.data.own_template import own_template, template_kwargs
-
     kwargs = template_kwargs(chat_template_kwargs)
 
     if name != "auto":
@@ -455,8 +448,6 @@ def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -
     tokenizer's own template (auto) stays as it is."""
     if not isinstance(template, (Template, JinjaTemplate)):
         if template.kwargs:
-            from pipeline.data.own_template import with_defaults
-
             tokenizer.chat_template = with_defaults(tokenizer.chat_template, template.kwargs)
         return template_stop_ids(tokenizer, template.stop)
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
