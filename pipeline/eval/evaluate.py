@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline.data.conversations import read_conversations
 from pipeline.errors import UserError, run_cli
 from pipeline.infer.chat_model import Sampling, load_chat_model
+from pipeline.rl.frozen import Separate
 from pipeline.rl.rewards import RewardScorer
 
 
@@ -55,7 +56,7 @@ def exact_match(
 def rewards(model, tokenizer, pairs: list[dict]) -> torch.Tensor:
     """(n, 2) rewards of chosen and rejected, each scored on the chat template's rendering of the
     conversation."""
-    scorer = RewardScorer(model, tokenizer)
+    scorer = RewardScorer(Separate(model), tokenizer)
     out = []
     for pair in pairs:
         texts = [

@@ -18,7 +18,7 @@ from pipeline.data.prompts import Prompt, render_text
 from pipeline.errors import UserError
 from pipeline.model.integrity import check_folder_whole, read_json_file
 from pipeline.model.merge import merge_adapter
-from pipeline.rl.frozen import Frozen
+from pipeline.rl.frozen import AdapterOff, Frozen, Separate
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class RewardScorer:
     them)."""
 
     def __init__(self, reward: Frozen, tokenizer):
+        if not isinstance(reward, (Separate, AdapterOff)):  # a bare model: say which form it takes
+            raise TypeError(
+                f"RewardScorer reads a Separate or AdapterOff reward model, got {reward!r:.60}"
+            )
         self.reward, self.tokenizer = reward, tokenizer
 
     @torch.no_grad()
