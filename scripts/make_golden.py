@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -29,7 +31,34 @@ CONVERSATION = [
 ]
 
 
+# Templates that write today's date (gpt-oss, SmolLM3) write this one, whatever day it is.
+GOLDEN_DAY = datetime(2026, 12, 4)
+
+
+@contextmanager
+def golden_day():
+    """transformers' `strftime_now` in chat templates reads the golden day, not the clock."""
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    class Day(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return GOLDEN_DAY
+
+    clock = chat_template_utils.datetime
+    chat_template_utils.datetime = Day
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = clock
+
+
 def table(name: str, base_tokenizer_dir: str) -> str:
+    with golden_day():
+        return _table(name, base_tokenizer_dir)
+
+
+def _table(name: str, base_tokenizer_dir: str) -> str:
     """NAME: a project template; auto-FAMILY: --template_name auto with that official template."""
     if name.startswith("auto-"):
         from tests.official_families import family_tokenizer
