@@ -98,12 +98,11 @@ def test_when_nothing_fits_the_error_counts_what_was_read_and_dropped(tiny_model
     from transformers import AutoTokenizer
 
     from pipeline.data.chat_dataset import build_chat_dataset
-    from pipeline.data.templates import apply_template_to_tokenizer, get_template
+    from pipeline.data.templates import resolve_template
     from tests.helpers import DATA
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, template)
+    template = resolve_template("qwen", tokenizer)
     sft_args = SimpleNamespace(
         data_format="auto",
         skip_invalid_samples=False,

@@ -287,7 +287,7 @@ def test_tool_call_arguments_that_are_not_an_object_are_one_sentence():
             {"role": "assistant", "content": "Sunny."},
         ]
         with pytest.raises(
-            UserError, match="^the tool call 'weather' has arguments .* not a JSON object"
+            UserError, match=r"as a mapping, not as JSON text \(the call weather\)$"
         ):
             render("chatglm3", messages)
 

@@ -15,7 +15,7 @@ from pipeline.args import DPOArguments
 from pipeline.data.conversations import read_conversations
 from pipeline.data.preference_dataset import split_texts, tokenize_answer
 from pipeline.data.preferences import read_preferences
-from pipeline.data.templates import apply_template_to_tokenizer, get_template
+from pipeline.data.templates import resolve_template
 from pipeline.errors import UserError
 from pipeline.eval.evaluate import exact_match
 from pipeline.train.losses import orpo_loss, simpo_loss
@@ -46,8 +46,7 @@ COMMON = [
 def answer_logps(model_dir, pairs) -> torch.Tensor:
     """(n, 2) summed log-probs of the chosen and rejected answers given their prompts."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, template)
+    template = resolve_template("qwen", tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     out = []
     for pair in pairs:

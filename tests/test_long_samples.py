@@ -20,7 +20,12 @@ from pipeline.data.masking import (
 )
 from pipeline.data.preference_dataset import build_preference_dataset
 from pipeline.data.prompts import load_prompts
-from pipeline.data.templates import apply_template_to_tokenizer, resolve_template, template_names
+from pipeline.data.templates import (
+    apply_template_to_tokenizer,
+    get_template,
+    resolve_template,
+    template_names,
+)
 from tests.official_families import FAMILIES, family_tokenizer
 
 LONG = " ".join(["red and blue"] * 12)
@@ -50,11 +55,8 @@ def tokenizer_and_template(tiny_model, name: str):
     if (
         not template.turn_end
     ):  # GLM, Baichuan2: an answer before another turn is ended by that turn's first token
-        heads = (
-            template.user,
-            template.observation_open or template.observation,
-            template.generation_prompt,
-        )
+        spec = get_template(name)
+        heads = (spec.user, spec.observation_open or spec.observation, spec.generation_prompt)
         stops |= {tokenizer(h, add_special_tokens=False).input_ids[0] for h in heads if h}
     return tokenizer, template, stops
 

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.data.masking import IGNORE_INDEX, Dropped, encode, encode_samples, too_long
-from pipeline.data.templates import apply_template_to_tokenizer, field_template_names, get_template
+from pipeline.data.templates import field_template_names, get_template, resolve_template
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -21,8 +21,7 @@ def tokenizers(tiny_model):
     out = {}
     for name in field_template_names():
         tok = AutoTokenizer.from_pretrained(tiny_model)
-        apply_template_to_tokenizer(tok, get_template(name))
-        out[name] = tok
+        out[name] = tok, resolve_template(name, tok)  # the template, given to its tokenizer
     return out
 
 
@@ -59,28 +58,28 @@ def expected_trained(template, answers) -> str:
 
 @pytest.mark.parametrize("name", field_template_names())
 def test_trained_tokens_are_answers_plus_turn_end(tokenizers, name):
-    tok, template = tokenizers[name], get_template(name)
-    enc = encode(template, tok, CONV)
-    # a history-joining format (Yuan2) writes earlier answers as history: one sample trains its last
-    # answer
-    answers = ["red", "蓝色"] if template.history_join is None else ["蓝色"]
-    assert trained_text(tok, enc) == expected_trained(template, answers)
+    (tok, template), spec = tokenizers[name], get_template(name)
+    enc = encode(template, tok, CONV, targets=None if spec.history_join is None else {4})
+    # a history-joining format (Yuan2) writes earlier answers as history: its sample of the whole
+    # conversation trains its last answer
+    answers = ["red", "蓝色"] if spec.history_join is None else ["蓝色"]
+    assert trained_text(tok, enc) == expected_trained(spec, answers)
     # training ids are exactly what tokenizing the saved chat template's text gives (no double BOS)
     text = tok.apply_chat_template(CONV, tokenize=False)
-    closing = template.final_turn_end if not template.turn_end else ""
+    closing = spec.final_turn_end if not spec.turn_end else ""
     assert enc.input_ids == tok(text + closing, add_special_tokens=False).input_ids
 
 
 def test_no_double_bos(tokenizers):
     for name in ("llama3", "llama2", "mistral", "internlm2", "gemma", "deepseek"):
-        tok, template = tokenizers[name], get_template(name)
+        tok, template = tokenizers[name]
         ids = encode(template, tok, CONV[1:3]).input_ids
-        bos_id = tok.convert_tokens_to_ids("<s>" if name == "llama2" else template.bos)
+        bos_id = tok.convert_tokens_to_ids("<s>" if name == "llama2" else get_template(name).bos)
         assert ids[0] == bos_id and ids.count(bos_id) == 1, name
 
 
 def test_multi_turn_modes(tokenizers):
-    tok, template = tokenizers["qwen"], get_template("qwen")
+    tok, template = tokenizers["qwen"]
     conv = {"messages": CONV}
     [everything] = encode_samples(template, tok, conv, "all")
     [last] = encode_samples(template, tok, conv, "last")
@@ -96,7 +95,7 @@ def test_multi_turn_modes(tokenizers):
 
 
 def test_per_message_loss_and_train_on_inputs(tokenizers):
-    tok, template = tokenizers["chatml"], get_template("chatml")
+    tok, template = tokenizers["chatml"]
     conv = [dict(m) for m in CONV]
     conv[2]["loss"] = False  # first answer not trained
     conv[1]["loss"] = True  # the user question is
@@ -107,7 +106,7 @@ def test_per_message_loss_and_train_on_inputs(tokenizers):
 
 
 def test_truncation_keeps_whole_turns_and_drops_unsupervised(tokenizers):
-    tok, template = tokenizers["qwen"], get_template("qwen")
+    tok, template = tokenizers["qwen"]
     full = encode(template, tok, CONV)
     first_turn = encode(template, tok, CONV[:3])
     cut = encode(

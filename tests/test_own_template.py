@@ -157,32 +157,11 @@ def test_preference_pairs_use_the_own_template_prompt(tiny_model):
 
 def test_auto_with_a_saved_project_template_trains_what_the_project_template_does(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    project = get_template("llama3")
-    apply_template_to_tokenizer(tokenizer, project)
+    project = resolve_template("llama3", tokenizer)  # saves the project's Jinja on the tokenizer
     own = resolve_template("auto", tokenizer)
     conv = {"messages": CHAT}
     [a], [b] = encode_samples(project, tokenizer, conv), encode_samples(own, tokenizer, conv)
     assert a.input_ids == b.input_ids and a.labels == b.labels
-
-
-def test_a_template_that_differs_from_the_saved_one_stops_the_run(tiny_model):
-    from pipeline.data.contract import check_conversation
-    from pipeline.errors import UserError
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, template)
-    for conv in ({"messages": CHAT}, {"messages": TOOL_CHAT, "tools": TOOLS}):
-        check_conversation(template, tokenizer, conv["messages"], conv.get("tools"))
-    tokenizer.chat_template = tokenizer.chat_template.replace(
-        "<|im_start|>assistant", "<|im_start|>bot"
-    )
-    with pytest.raises(
-        UserError,
-        match="renders differently from the saved chat template in the conversation at "
-        "character 99",
-    ):
-        check_conversation(template, tokenizer, CHAT, None)
 
 
 def test_project_qwen_tool_prompt_equals_the_official_qwen_template(tiny_model):
@@ -508,21 +487,31 @@ def test_sft_stage_trains_with_a_jinja_project_template_and_saves_it(tiny_model,
     )
 
 
-def test_a_prompt_message_asked_to_train_is_refused_where_the_tokenizer_renders(tiny_model):
-    """`"loss": true` on a user message trains that turn under a template written as fields; where
-    the tokenizer renders the conversation only answers can be cut out, so such a record is refused
-    in one sentence instead of trained without its asked-for turn."""
-    from pipeline.data.masking import IGNORE_INDEX, encode
+def test_a_prompt_message_asked_to_train_trains_its_turn_or_is_refused(tiny_model):
+    """`"loss": true` on a user message trains that turn's text (what the template adds for it),
+    under a template of fields and under the tokenizer's own template alike; a template that writes
+    the message differently once later turns follow (Yuan2 joins history) has no such text, and the
+    record is refused in one sentence instead of trained without its asked-for turn."""
+    from pipeline.data.masking import IGNORE_INDEX, encode, encode_samples
     from pipeline.errors import UserError
 
     conv = [dict(m) for m in CHAT]
     first_user = next(i for i, m in enumerate(conv) if m["role"] == "user")
     conv[first_user]["loss"] = True
+    official = family_tokenizer(tiny_model, "llama-3.3-instruct")
+    for name, tokenizer in (
+        ("qwen", AutoTokenizer.from_pretrained(tiny_model)),
+        ("auto", official),
+    ):
+        template = resolve_template(name, tokenizer)
+        enc = encode(template, tokenizer, conv)
+        ids = [i for i, k in zip(enc.input_ids, enc.labels) if k != IGNORE_INDEX]
+        trained, plain = tokenizer.decode(ids), encode(template, tokenizer, CHAT)
+        assert conv[first_user]["content"] in trained, name
+        assert sum(k != IGNORE_INDEX for k in enc.labels) > sum(
+            k != IGNORE_INDEX for k in plain.labels
+        )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    fields = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, fields)
-    enc = encode(fields, tokenizer, conv)
-    trained = tokenizer.decode([i for i, k in zip(enc.input_ids, enc.labels) if k != IGNORE_INDEX])
-    assert conv[first_user]["content"] in trained
+    yuan2 = resolve_template("yuan2", tokenizer)
     with pytest.raises(UserError, match=rf"message {first_user + 1} \(user\) asks to be trained"):
-        encode(resolve_template("auto", tokenizer), tokenizer, conv)
+        encode_samples(yuan2, tokenizer, {"messages": conv})

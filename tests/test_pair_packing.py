@@ -12,7 +12,7 @@ from trl.trainer.utils import add_fused_lm_head
 from pipeline.data.collators import PairCollator
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.preference_dataset import build_preference_dataset
-from pipeline.data.templates import apply_template_to_tokenizer, get_template
+from pipeline.data.templates import resolve_template
 from pipeline.model.patches import unpadded_log_probs, unpadded_scores
 from pipeline.model.unpadding import flatten, restore
 from pipeline.train.losses import pairwise_loss
@@ -21,8 +21,7 @@ from tests.helpers import DATA
 
 def _pairs(tiny_model, whole: bool):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, template)
+    template = resolve_template("qwen", tokenizer)
     dataset, _ = build_preference_dataset(
         str(DATA / "reward"),
         "--train_file_dir",

@@ -10,7 +10,7 @@ from pipeline.data.collators import FlatteningCollator, PaddingCollator
 from pipeline.data.conversations import read_conversations
 from pipeline.data.masking import IGNORE_INDEX, encode
 from pipeline.data.packing import best_fit_decreasing, pack_dataset, pack_rows
-from pipeline.data.templates import apply_template_to_tokenizer, get_template
+from pipeline.data.templates import resolve_template
 from pipeline.train.losses import causal_lm_loss_sum
 from tests.helpers import DATA
 
@@ -18,8 +18,7 @@ from tests.helpers import DATA
 @pytest.fixture(scope="module")
 def chats(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, template)
+    template = resolve_template("qwen", tokenizer)
     convs, _ = read_conversations(str(DATA / "sft"), "--train_file_dir")
     samples = [encode(template, tokenizer, c["messages"], c.get("tools")) for c in convs[:12]]
     return [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
@@ -154,8 +153,7 @@ def test_chunked_loss_equals_cross_entropy_in_value_and_gradient():
 
 def test_packing_the_shipped_chats_wastes_nothing(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template("qwen")
-    apply_template_to_tokenizer(tokenizer, template)
+    template = resolve_template("qwen", tokenizer)
     convs, _ = read_conversations(str(DATA / "sft"), "--train_file_dir")
     from datasets import Dataset
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from pipeline.data.conversations import read_conversations
 from pipeline.data.masking import encode
-from pipeline.data.templates import get_template
+from pipeline.data.templates import get_template, resolve_template
 from pipeline.eval.evaluate import exact_match
 from stages import sft
 from tests.helpers import DATA, REPO, lora_b_norms
@@ -76,9 +76,10 @@ def test_sft_learns_the_task_and_saves_the_template(tiny_model, tmp_path, heldou
     tokenizer = AutoTokenizer.from_pretrained(out)
     conv = heldout[0]["messages"]
     text = tokenizer.apply_chat_template(conv, tokenize=False)
+    assert tokenizer.chat_template == get_template("qwen").chat_template
     assert (
         tokenizer(text, add_special_tokens=False).input_ids
-        == encode(get_template("qwen"), tokenizer, conv).input_ids
+        == encode(resolve_template("auto", tokenizer), tokenizer, conv).input_ids
     )
     assert (
         tokenizer.convert_tokens_to_ids("<|im_end|>")

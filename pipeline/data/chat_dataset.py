@@ -1,6 +1,6 @@
-"""The SFT dataset: read conversations, check the training/inference contract on every one
-(contract.py), encode each with its template and labels (masking.py), count what is dropped or cut
-and why (summary.py), and print the seed's token/label "Sanity Check" table."""
+"""The SFT dataset: read conversations, encode each with its template and labels (masking.py),
+count what is dropped or cut and why (summary.py), and print the seed's token/label "Sanity Check"
+table."""
 
 from __future__ import annotations
 
@@ -11,23 +11,21 @@ from collections import Counter
 
 from datasets import Dataset
 
-from pipeline.data.contract import check_conversation
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import shown
 from pipeline.data.json_text import parse_json
 from pipeline.data.masking import IGNORE_INDEX, Dropped, Encoded, cut_to_whole_turns, encode_samples
+from pipeline.data.own_template import TokenizerTemplate
 from pipeline.data.summary import DataSummary
-from pipeline.data.templates import Template
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
 def _samples(conv, number, template, tokenizer, mode, train_on_inputs, max_length, skip_invalid):
-    """A conversation's samples, its contract checked (contract.py); a record the template rejects
-    or renders differently stops the run, or is dropped and counted with --skip_invalid_samples."""
+    """A conversation's samples; a record the template rejects stops the run, or is dropped and
+    counted with --skip_invalid_samples."""
     try:
-        check_conversation(template, tokenizer, conv["messages"], conv.get("tools"))
         return encode_samples(template, tokenizer, conv, mode, train_on_inputs, max_length)
     except UserError as e:
         if not skip_invalid:
@@ -57,7 +55,7 @@ def _encode_batch(
 
 
 def build_chat_dataset(
-    directory: str, flag: str, template: Template, tokenizer, sft_args, data_args
+    directory: str, flag: str, template: TokenizerTemplate, tokenizer, sft_args, data_args
 ) -> tuple[Dataset, DataSummary]:
     conversations, read = read_conversations(
         directory, flag, sft_args.data_format, sft_args.skip_invalid_samples

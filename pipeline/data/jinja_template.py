@@ -1,7 +1,8 @@
 """The Jinja form of a project template: what the saved tokenizer's `chat_template` holds.
 
-The Jinja body mirrors `templates.render_segments` step for step (a test renders every template both
-ways), so `apply_chat_template` at inference gives exactly the text training used. It also reads the seed
+It is the only form a template of fields is rendered in: training renders through it as inference
+does (own_template.py), so `apply_chat_template` at inference gives exactly the text training used
+(tests/golden holds each template's token/label table). It also reads the seed
 documents' own message forms as conversations.py normalizes them for training: tools on a message (GLM-4's
 system message), the "observation" and "function" roles as tool results, GLM-4's call written as JSON text
 before a result (by the string steps of conversations.text_call), and ChatGLM3's "tool" message (a call with
@@ -108,7 +109,7 @@ _JINJA_BODY = """
 {%- else -%}{%- set r = v | tojson -%}{%- endif -%}
 {%- set nk.text = nk.text ~ (', ' if not loop.first else '') ~ k ~ '=' ~ r -%}{%- endfor -%}
 {%- elif '{kwargs}' in t.tool_call_turn and not (a is string and (a.split() | join) in ['', '{}']) -%}
-{{- raise_exception('this chat template writes tool-call arguments as keywords: give each call its arguments as a mapping, not as JSON text') -}}
+{{- raise_exception('this chat template writes tool-call arguments as keywords: give each call its arguments as a mapping, not as JSON text (the call ' ~ c.function.name ~ ')') -}}
 {%- endif -%}
 {{- t.tool_call_turn | replace('{name}', c.function.name) | replace('{arguments}', args) | replace('{kwargs}', nk.text) -}}{%- endfor -%}
 {%- else -%}
@@ -133,7 +134,7 @@ _JINJA_BODY = """
 
 
 def jinja_for(t) -> str:
-    """A self-contained Jinja chat_template equivalent to `render` for the Template `t`."""
+    """The self-contained Jinja chat_template of the Template `t` (its fields as a literal `t`)."""
     values = ", ".join(f'"{name}": {jinja_literal(getattr(t, name))}' for name in FIELDS)
     return (
         f"{{#- chat template '{t.name}' written by llm-pipeline; format: {t.source} -#}}\n{{%- set t = {{{values}}} -%}}"

@@ -20,8 +20,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 
-from pipeline.data.own_template import NotPrefixConsistent
-from pipeline.data.templates import Template, render_segments
+from pipeline.data.own_template import NotPrefixConsistent, TokenizerTemplate, render_segments
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def _lay_out(template, segments, messages, targets, train_on_inputs) -> _Layout:
 
 
 def encode(
-    template: Template,
+    template: TokenizerTemplate,
     tokenizer,
     messages: list[dict],
     tools: list[dict] | None = None,
@@ -343,7 +342,7 @@ def assistant_indices(messages: list[dict]) -> list[int]:
 
 
 def encode_samples(
-    template: Template,
+    template: TokenizerTemplate,
     tokenizer,
     conv: dict,
     mode: str = "all",
@@ -354,9 +353,6 @@ def encode_samples(
     turn."""
     messages, tools = conv["messages"], conv.get("tools")
     turns = assistant_indices(messages)
-    if mode == "all" and getattr(template, "history_join", None) is not None and len(turns) > 1:
-        _say_split_once(template)  # earlier answers are written as history, not as answers
-        mode = "split"
     if mode == "all":
         try:
             return [encode(template, tokenizer, messages, tools, None, train_on_inputs, max_length)]

@@ -8,8 +8,9 @@ token. So training sees exactly the text inference will build, whatever the fami
 
 Messages reach the template as written: every field but the project's own `loss` (a tool message's
 `name`, `reasoning_content`, `thinking`, call ids, a system message's `tools`), with two forms
-chosen by asking the template itself once (`_forms`): tool-call arguments as a mapping or as JSON
-text (DeepSeek-V3.1 concatenates them as text), and tools on the system message where the template
+chosen by asking the template itself once (`_forms`): tool-call arguments as a mapping, as JSON
+text (DeepSeek-V3.1 concatenates them as text), or as given where text is written verbatim (the
+project's templates of fields), and tools on the system message where the template
 reads them there (Phi-4-mini). `--chat_template_kwargs` reach every render. A named template set
 (Command-R7B) renders conversations with tools through its `tool_use` template, as transformers does
 at inference.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +75,11 @@ class TokenizerTemplate:
     args_as_text: bool = (
         False  # tool-call arguments reach the template as JSON text, not as a mapping
     )
+    args_kept: bool = False  # the template writes text arguments verbatim: they reach it as given
     message_tools: bool = False  # the template reads tools from the system message's "tools" field
+    # what the template writes after the last message when no generation prompt is asked for
+    # (Phi-3's <|endoftext|>): a render that ends there is read without it (`_closed`)
+    complete_suffix: str = ""
 
 
 def standard_messages(messages: list[dict], form: TokenizerTemplate | None = None) -> list[dict]:
@@ -88,17 +94,20 @@ def standard_messages(messages: list[dict], form: TokenizerTemplate | None = Non
             msg.pop("tools", None)
         if m.get("tool_calls"):
             msg["tool_calls"] = [
-                _call_form(call, form.args_as_text if form else False) for call in m["tool_calls"]
+                _call_form(
+                    call, form.args_as_text if form else False, bool(form and form.args_kept)
+                )
+                for call in m["tool_calls"]
             ]
         out.append(msg)
     return out
 
 
-def _call_form(call: dict, as_text: bool) -> dict:
+def _call_form(call: dict, as_text: bool, kept: bool = False) -> dict:
     args = call["function"]["arguments"]
     if as_text and not isinstance(args, str):
         args = json.dumps(args, ensure_ascii=False)
-    elif not as_text and isinstance(args, str):
+    elif not as_text and not kept and isinstance(args, str):
         try:
             args = loads(args)  # arguments that are not JSON (or past its limits) stay text
         except json.JSONDecodeError:
@@ -262,6 +271,13 @@ def _check_answer(t: TokenizerTemplate, m: dict, i: int, answer: str) -> None:
             )
 
 
+def _closed(t: TokenizerTemplate, text: str) -> str:
+    """A render without generation prompt as it stands inside a longer conversation: without the
+    text the template writes only after the last message (`complete_suffix`)."""
+    suffix = t.complete_suffix
+    return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+
+
 def render_segments(
     t: TokenizerTemplate,
     messages: list[dict],
@@ -272,41 +288,31 @@ def render_segments(
     """Segments of the full render: prompts (untrained), each assistant message's answer, and what
     follows it before the next prompt. `last_answer_only`: earlier assistant messages are history,
     part of the prompt. Raises NotPrefixConsistent when an answer's prompt is not a prefix of the
-    full render."""
+    full render. A user, system or tool message that asks to be trained (`"loss": true`) is its
+    own segment (`_asked_spans`)."""
     full = render(t.tokenizer, messages, tools, add_generation_prompt, check_tools=True, form=t)
     if add_generation_prompt:
         return [Segment(full, -1, "prompt")]
-    asked = [i + 1 for i, m in enumerate(messages) if m.get("loss") and m["role"] != "assistant"]
-    if asked:  # its span is the template's, which only a template written as fields names
-        raise UserError(
-            f"message {asked[0]} ({messages[asked[0] - 1]['role']}) asks to be trained "
-            '("loss": true), which this template cannot do: only answers are trained when the '
-            "tokenizer renders the conversation; use a project template written as fields (e.g. "
-            "--template_name qwen) or --train_on_inputs True to train every token, or drop the "
-            "flag."
-        )
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     segments, pos = [], 0
     for i in answers[-1:] if last_answer_only else answers:
         prompt = render(t.tokenizer, messages[:i], tools, add_generation_prompt=True, form=t)
-        through = render(t.tokenizer, messages[: i + 1], tools, form=t)
+        whole = i + 1 == len(messages)  # the render through the last message is the full one
+        through = _closed(
+            t, full if whole else render(t.tokenizer, messages[: i + 1], tools, form=t)
+        )
         answer, in_place = _answer(t, messages, i, tools, prompt, through)
         body = _trim_to_turn_end(t, answer)
         _check_answer(t, messages[i], i, body)
-        if (
-            not in_place
-        ):  # a pre-fill: the sample is this prompt and answer, never one holding later turns
+        if not in_place:  # a pre-fill: the sample is this prompt and answer alone
             if i != answers[-1] or pos:
                 raise NotPrefixConsistent(i)
-            return [
-                s
-                for s in (
-                    Segment(prompt, -1, "prompt"),
-                    Segment(body, i, "answer"),
-                    Segment(answer[len(body) :], i, "tail"),
-                )
-                if s.text
+            segments = [
+                Segment(prompt, -1, "prompt"),
+                Segment(body, i, "answer"),
+                Segment(answer[len(body) :], i, "tail"),
             ]
+            return _with_asked(t, messages, tools, prompt, segments)
         if len(prompt) < pos or not (full.startswith(prompt) and full.startswith(through)):
             raise NotPrefixConsistent(i)
         segments += [
@@ -316,7 +322,54 @@ def render_segments(
         ]
         pos = len(through)
     segments.append(Segment(full[pos:], -1, "tail"))
-    return [s for s in segments if s.text]
+    return _with_asked(t, messages, tools, full, segments)
+
+
+def _with_asked(
+    t: TokenizerTemplate, messages: list[dict], tools, text: str, segments: list[Segment]
+) -> list[Segment]:
+    """The segments, with the template text of each message asked to be trained given to it."""
+    spans = _asked_spans(t, messages, tools, text)
+    out, pos = [], 0
+    for seg in segments:
+        start, pos = pos, pos + len(seg.text)
+        if seg.message != -1:
+            out.append(seg)
+            continue
+        cuts = sorted(
+            {start, pos, *(x for a, b in spans.values() for x in (a, b) if start < x < pos)}
+        )
+        for a, b in zip(cuts, cuts[1:]):
+            owner = next((j for j, (c, d) in spans.items() if c <= a and b <= d), -1)
+            out.append(Segment(text[a:b], owner, "prompt" if owner >= 0 else seg.kind))
+    return [s for s in out if s.text]
+
+
+def _asked_spans(
+    t: TokenizerTemplate, messages: list[dict], tools, text: str
+) -> dict[int, tuple[int, int]]:
+    """The characters of `text` that each user, system or tool message asking to be trained
+    (`"loss": true`) adds: the render through it less the render before it. A message the template
+    writes differently once later turns follow has no such span and is refused."""
+    asked = [j for j, m in enumerate(messages) if m.get("loss") and m["role"] != "assistant"]
+    spans = {}
+    for j in asked:
+        try:  # for the first message, what the template writes before any (a BOS)
+            before = _closed(t, render(t.tokenizer, messages[:j], tools, form=t))
+        except UserError:  # a template that refuses an empty conversation
+            before = ""
+        through = _closed(t, render(t.tokenizer, messages[: j + 1], tools, form=t))
+        if not text.startswith(before):
+            before = ""
+        if not (text.startswith(through) and len(before) < len(through)):
+            raise UserError(
+                f'message {j + 1} ({messages[j]["role"]}) asks to be trained ("loss": true), but '
+                f"the {t.name} chat template writes it differently once later turns follow, so its "
+                "text cannot be cut out; drop the flag, or use --train_on_inputs True to train "
+                "every token."
+            )
+        spans[j] = (len(before), len(through))
+    return spans
 
 
 _PROBE = [
@@ -365,6 +418,11 @@ def _forms(t: TokenizerTemplate) -> None:
 
     as_mapping = quiet(_CALL[:2], _TOOLS)
     t.args_as_text = as_mapping is None or "{'q': 'x'}" in as_mapping
+    text = '{"q":"x"}'  # as text, in a layout no serializer writes: kept only where it is verbatim
+    t.args_kept = True
+    call = {**_CALL[1]["tool_calls"][0], "function": {"name": "probe_tool", "arguments": text}}
+    as_text = quiet([_CALL[0], {**_CALL[1], "tool_calls": [call]}], _TOOLS)
+    t.args_kept = not t.args_as_text and as_text is not None and text in as_text
     system = {"role": "system", "content": "S"}
     plain = quiet([system, *_PROBE[:2]])
     for value in (json.dumps(_TOOLS), _TOOLS):
@@ -446,6 +504,7 @@ def own_template(tokenizer, kwargs: dict | None = None) -> TokenizerTemplate:
         key=len,
         reverse=True,
     )
+    t.complete_suffix = _complete_suffix(t, special)
     t.stop = _stops(t, special)
     probe = _probe_answer(t)
     ending = next((tok for tok in special if probe.endswith(tok)), None)
@@ -455,6 +514,38 @@ def own_template(tokenizer, kwargs: dict | None = None) -> TokenizerTemplate:
         # last answer
         t.turn_end, t.final_turn_end = "", tokenizer.eos_token or ""
     return t
+
+
+def _complete_suffix(t: TokenizerTemplate, special: list[str]) -> str:
+    """What the template writes after the last message only when no generation prompt is asked for
+    (Phi-3 closes a finished conversation with <|endoftext|>): the text a closed render of one
+    question has where the render asking for an answer has the generation prompt, cut at a whole
+    token. It counts only where the probe chat is prefix-consistent once it is taken off."""
+
+    def quiet(messages, generation=False):
+        try:
+            return render(t.tokenizer, messages, add_generation_prompt=generation, form=t)
+        except UserError:
+            return None
+
+    closed, asking = quiet(_PROBE[:1]), quiet(_PROBE[:1], True)
+    one, two = quiet(_PROBE[:2]), quiet(_PROBE)
+    if None in (closed, asking, one, two):
+        return ""
+    cut = _common_prefix(closed, asking)
+    cut = min(
+        (
+            m.start()
+            for x in special
+            for m in re.finditer(re.escape(x), closed)
+            if m.start() < cut < m.end()
+        ),
+        default=cut,
+    )
+    suffix = closed[cut:]
+    if not (suffix and one.endswith(suffix) and two.endswith(suffix)):
+        return ""
+    return suffix if two.startswith(one[: -len(suffix)]) and not two.startswith(one) else ""
 
 
 def _probe_answer(t: TokenizerTemplate) -> str:

@@ -17,15 +17,17 @@ from datasets import Dataset
 
 from pipeline.data.files import cap, load_train_eval, shown
 from pipeline.data.json_text import parse_json
+from pipeline.data.own_template import TokenizerTemplate, render_segments
 from pipeline.data.preferences import read_preferences
 from pipeline.data.summary import DataSummary
-from pipeline.data.templates import Template, render_segments
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-def split_texts(template: Template, prompt: list[dict], answer: str, tools=None) -> tuple[str, str]:
+def split_texts(
+    template: TokenizerTemplate, prompt: list[dict], answer: str, tools=None
+) -> tuple[str, str]:
     """(prompt text ending with the generation prompt, answer text ending with the turn end)."""
     segments = render_segments(
         template, prompt + [{"role": "assistant", "content": answer}], tools, last_answer_only=True
@@ -90,7 +92,7 @@ def _encode(batch, template, tokenizer, max_length, unpaired, whole):
 def build_preference_dataset(
     directory: str,
     flag: str,
-    template: Template,
+    template: TokenizerTemplate,
     tokenizer,
     max_length: int,
     unpaired: bool = False,
@@ -135,7 +137,7 @@ def build_preference_dataset(
 
 
 def preference_datasets(
-    template: Template,
+    template: TokenizerTemplate,
     tokenizer,
     pref_args,
     data_args,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import ReadReport, shown
-from pipeline.data.templates import Template, render_segments
+from pipeline.data.own_template import TokenizerTemplate, render_segments
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,10 @@ class Prompt:
 
 
 def render_text(
-    template: Template, messages: list[dict], tools=None, add_generation_prompt: bool = False
+    template: TokenizerTemplate,
+    messages: list[dict],
+    tools=None,
+    add_generation_prompt: bool = False,
 ) -> str:
     return "".join(
         s.text for s in render_segments(template, messages, tools, add_generation_prompt)
@@ -54,7 +57,7 @@ def to_prompt(conversation: dict) -> tuple[list[dict], str] | None:
 def load_prompts(
     directory: str,
     flag: str,
-    template: Template,
+    template: TokenizerTemplate,
     tokenizer,
     max_prompt_length: int,
     data_format: str = "auto",
@@ -88,7 +91,7 @@ def load_prompts(
 
 
 def load_rl_prompts(
-    data_args, ppo_args, template: Template, tokenizer
+    data_args, ppo_args, template: TokenizerTemplate, tokenizer
 ) -> tuple[list[Prompt], list[Prompt]]:
     """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir or
     --validation_file), capped by --max_train_samples / --max_eval_samples."""

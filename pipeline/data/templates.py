@@ -19,7 +19,8 @@ A template file declares strings; `{content}` marks where a message's text goes:
                       wrap a run of consecutive results (Qwen2.5: one user turn holds them all)
   history_join        if set, turns before the last user turn are written as their content + this
                       (Yuan2/FastChat: q1<n>a1<n>q2<sep>); earlier answers are then trained in
-                      their own samples (masking.encode_samples)
+                      their own samples (the history is not a prefix of the
+                      next turn's text)
   tools_system        system text when tools are given ({system}, {tools}); tool_json says how each
                       tool is written: compact (one JSON line each) or glm4 (a titled, indented
                       block) or chatglm3 (the list of function dicts as indented JSON);
@@ -31,22 +32,20 @@ A template file declares strings; `{content}` marks where a message's text goes:
   stop                end-of-turn strings inference stops on (generation_config.eos_token_id)
   special_tokens      strings that must be single tokens; missing ones are added to the tokenizer
 
-`render` is the Python renderer; `jinja_template.chat_template_jinja` writes the same logic as Jinja
-so the saved tokenizer's apply_chat_template gives the same text (a test checks both on every
-template).
-
-Formats whose turns depend on what follows them (Mistral v0.3 writes the system prompt and the tools
-into the last user turn; Qwen3 writes thinking only after the last question) are written directly as
-Jinja: such a file holds `chat_template` (the project's Jinja), `stop` and `special_tokens` instead
-of the fields above, and trains exactly like a tokenizer's own template (own_template.py: rendered
-by transformers, each answer split into its own sample where history is rewritten).
-`resolve_template` picks the template for a run (--template_name, or auto: the tokenizer's own) and
+There is one renderer: the tokenizer. A template of fields compiles to one Jinja chat_template
+(jinja_template.py); formats whose turns depend on what follows them (Mistral v0.3 writes the system
+prompt and the tools into the last user turn; Qwen3 writes thinking only after the last question)
+are written directly as Jinja: such a file holds `chat_template` (the project's Jinja), `stop` and
+`special_tokens` instead of the fields above. Either way `resolve_template` gives the Jinja to the
+tokenizer and training renders every conversation through it, exactly as the tokenizer's own
+template (`auto`) is trained (own_template.py: each answer cut out between its prompt and the
+render through it, split into its own sample where history is rewritten). The saved tokenizer
+therefore renders at inference the text training saw, by construction.
 `apply_template_to_tokenizer` gives the tokenizer its special tokens, chat_template and stop tokens.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -55,15 +54,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.jinja_template import jinja_for
-from pipeline.data.json_text import loads
 from pipeline.data.own_template import (
-    Segment,
+    TokenizerTemplate,
     own_template,
     standard_messages,
     template_kwargs,
     with_defaults,
 )
-from pipeline.data.own_template import render_segments as own_segments
 from pipeline.errors import UserError
 from pipeline.model.stops import template_stop_ids
 
@@ -100,10 +97,9 @@ class Template:
     special_tokens: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def assistant_tail(self) -> str:
-        """Untrained text after the turn end, e.g. the newline after <|im_end|>."""
-        after = self.assistant.split("{content}", 1)[1]
-        return after[len(self.turn_end) :]
+    def chat_template(self) -> str:
+        """The one Jinja chat_template these fields compile to (jinja_template.py)."""
+        return jinja_for(self)
 
 
 @dataclass(frozen=True)
@@ -123,7 +119,7 @@ def template_names() -> list[str]:
 
 
 def field_template_names() -> list[str]:
-    """The templates written as fields (rendered by `render_segments` here), not as Jinja."""
+    """The templates written as fields (compiled to Jinja by jinja_template.py), not as Jinja."""
     return [name for name in template_names() if isinstance(get_template(name), Template)]
 
 
@@ -200,14 +196,27 @@ def _checked_jinja(t: JinjaTemplate, path: Path) -> JinjaTemplate:
     return t
 
 
+def _writes_text_args(t: Template | JinjaTemplate) -> bool:
+    """A template of fields writes text arguments as they are given, unless it writes them as
+    keywords (ChatGLM3), which needs a mapping: as the training render reads them (own_template)."""
+    return isinstance(t, Template) and "{kwargs}" not in (t.tool_call_turn or "")
+
+
 def _render_jinja(
-    t: JinjaTemplate, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool
+    t: Template | JinjaTemplate,
+    messages: list[dict],
+    tools: list[dict] | None,
+    add_generation_prompt: bool,
 ) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
         rendered, _ = render_jinja_template(
-            [standard_messages(messages)],
+            [
+                standard_messages(
+                    messages, TokenizerTemplate(None, args_kept=isinstance(t, Template))
+                )
+            ],
             tools=tools or None,
             chat_template=t.chat_template,
             add_generation_prompt=add_generation_prompt,
@@ -217,165 +226,7 @@ def _render_jinja(
     return rendered[0]
 
 
-# ---------------------------------------------------------------- rendering (Python)
-
-
-def _function(tool: dict) -> dict:
-    """An OpenAI tool's function dict ({"type": "function", "function": f} -> f); other tools as
-    they are."""
-    return tool["function"] if isinstance(tool.get("function"), dict) else tool
-
-
-def _tools_text(t: Template, tools: list[dict]) -> str:
-    if t.tool_json == "chatglm3":
-        return json.dumps([_function(tool) for tool in tools], ensure_ascii=False, indent=4)
-    if t.tool_json == "glm4":
-        return "".join(
-            f"\n## {f['name']}\n\n{json.dumps(f, ensure_ascii=False, indent=4)}\n"
-            "在调用上述函数时，请使用 Json 格式表示调用的参数。"
-            for f in map(_function, tools)
-        )
-    return "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-
-
-def _arguments(call: dict) -> str:
-    args = call["function"]["arguments"]
-    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-
-
-def _kwargs(call: dict) -> str:
-    """Arguments as Python keyword arguments (ChatGLM3's tool_call(...)): scalars by repr, others as
-    JSON."""
-    args = parsed = call["function"]["arguments"]
-    if isinstance(args, str):
-        try:
-            parsed = loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            parsed = None
-    if not isinstance(parsed, dict):  # a crash deep in tokenization otherwise
-        text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-        raise UserError(
-            f"the tool call {call['function']['name']!r} has arguments {text[:60]!r}"
-            f"{'...' if len(text) > 60 else ''}, not a JSON object, which this template writes as "
-            "keyword arguments; give the call an arguments object."
-        )
-    return ", ".join(
-        f"{k}={v!r}"
-        if isinstance(v, (str, int, float, bool)) or v is None
-        else f"{k}={json.dumps(v, ensure_ascii=False)}"
-        for k, v in parsed.items()
-    )
-
-
-def _fill(fmt: str, **values: str) -> str:
-    for key, value in values.items():
-        fmt = fmt.replace("{" + key + "}", value)
-    return fmt
-
-
-def render_segments(
-    t: Template,
-    messages: list[dict],
-    tools: list[dict] | None = None,
-    add_generation_prompt: bool = False,
-    last_answer_only: bool = False,
-) -> list[Segment]:
-    """The rendered text as segments. `last_answer_only`: only the last assistant message is an
-    answer (the rest is history); it matters for the tokenizer's own templates (own_template.py),
-    whose earlier answers may render differently once later turns follow."""
-    if isinstance(t, JinjaTemplate):
-        raise TypeError(
-            f"template '{t.name}' renders through a tokenizer: "
-            "resolve_template(name, tokenizer) first"
-        )
-    if not isinstance(t, Template):
-        return own_segments(t, messages, tools, add_generation_prompt, last_answer_only)
-    segments = [Segment(t.bos, -1, "prompt")] if t.bos else []
-    system, start = t.default_system, 0
-    if messages and messages[0]["role"] == "system":
-        system, start = messages[0].get("content") or "", 1
-    if system is not None and t.strip:
-        system = system.strip()
-    if tools:
-        if t.tools_system is None:
-            raise UserError(
-                f"template '{t.name}' does not write tool definitions; train with the model's own "
-                "chat template (--template_name auto) or pick a template with tools."
-            )
-        own_system = system
-        system = _fill(t.tools_system, system=system or "", tools=_tools_text(t, tools))
-    first_user = True
-    if system is not None and t.system is not None:
-        segments.append(Segment(_fill(t.system, content=system), 0 if start else -1, "prompt"))
-        if tools and t.system_after_tools is not None and own_system:
-            segments.append(Segment(_fill(t.system_after_tools, content=own_system), 0, "prompt"))
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    for i in range(start, len(messages)):
-        m = messages[i]
-        content = m.get("content") or ""
-        content = content.strip() if t.strip else content
-        if t.history_join is not None and i < last_user and m["role"] in ("user", "assistant"):
-            first_user = False
-            segments.append(
-                Segment(content + t.history_join, i, "prompt" if m["role"] == "user" else "history")
-            )
-        elif m["role"] == "user":
-            if first_user and system is not None and t.system is None:
-                content = _fill(t.system_in_user, system=system, content=content)
-            first_user = False
-            segments.append(Segment(_fill(t.user, content=content), i, "prompt"))
-        elif m["role"] == "tool":
-            opens = not (i > start and messages[i - 1]["role"] == "tool")
-            closes = not (i + 1 < len(messages) and messages[i + 1]["role"] == "tool")
-            text = (
-                (t.observation_open if opens else "")
-                + _fill(t.observation, content=content)
-                + (t.observation_close if closes else "")
-            )
-            segments.append(Segment(text, i, "prompt"))
-        elif m["role"] == "assistant":
-            segments += _assistant_segments(t, m, content, i)
-    if add_generation_prompt:
-        segments.append(Segment(t.generation_prompt, -1, "prompt"))
-    elif t.complete_suffix:
-        segments.append(Segment(t.complete_suffix, -1, "tail"))
-    return [s for s in segments if s.text]
-
-
-def _assistant_segments(t: Template, m: dict, content: str, i: int) -> list[Segment]:
-    calls = m.get("tool_calls") or []
-    if calls and t.tool_call_turn:
-        turns = [
-            _fill(
-                t.tool_call_turn,
-                name=c["function"]["name"],
-                arguments=_arguments(c),
-                **({"kwargs": _kwargs(c)} if "{kwargs}" in t.tool_call_turn else {}),
-            )
-            for c in calls
-        ]
-        tail = ""
-    else:
-        if calls and t.tool_call is None:
-            raise UserError(
-                f"template '{t.name}' does not write tool calls, so the model would learn to stop "
-                "instead of calling; train with the model's own chat template (--template_name "
-                "auto) or a template with tools (e.g. qwen3 or llama3_1), or drop the calls."
-            )
-        parts = [content] if content else []
-        parts += [
-            _fill(t.tool_call, name=c["function"]["name"], arguments=_arguments(c)) for c in calls
-        ]
-        turns, tail = [_fill(t.assistant, content="\n".join(parts))], t.assistant_tail
-    out = []
-    for text in turns:
-        gp = t.generation_prompt
-        out += [
-            Segment(gp, i, "prompt"),
-            Segment(text[len(gp) : len(text) - len(tail)], i, "answer"),
-            Segment(tail, i, "tail"),
-        ]
-    return out
+# ---------------------------------------------------------------- rendering
 
 
 def render(
@@ -386,19 +237,13 @@ def render(
 ) -> str:
     """The exact text the model sees for OpenAI-style messages (BOS included where the template
     writes it)."""
-    template = get_template(template_name)
-    if isinstance(template, JinjaTemplate):
-        return _render_jinja(template, messages, tools, add_generation_prompt)
-    return "".join(
-        s.text for s in render_segments(template, messages, tools, add_generation_prompt)
-    )
+    return _render_jinja(get_template(template_name), messages, tools, add_generation_prompt)
 
 
 def chat_template_jinja(template_name: str) -> str:
     """The Jinja chat_template equivalent to `render` for this template (what the saved tokenizer
     holds)."""
-    template = get_template(template_name)
-    return template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
+    return get_template(template_name).chat_template
 
 
 # ---------------------------------------------------------------- choosing a template for a run
@@ -419,13 +264,13 @@ def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | No
                 f"--chat_template_kwargs needs a Jinja chat template; template '{name}' has no "
                 "variables to set (use --template_name auto or a Jinja template such as qwen3)."
             )
-        if isinstance(template, JinjaTemplate):
-            apply_template_to_tokenizer(tokenizer, template)
-            own = own_template(tokenizer, kwargs)
-            own.name = template.name
-            own.stop = list(dict.fromkeys([*template.stop, *own.stop]))
-            return own
-        return template
+        apply_template_to_tokenizer(tokenizer, template)
+        own = own_template(tokenizer, kwargs)
+        own.name = template.name
+        own.stop = list(dict.fromkeys([*template.stop, *own.stop]))
+        if not own.turn_end and getattr(template, "final_turn_end", ""):
+            own.final_turn_end = template.final_turn_end  # the declared close (GLM-4's EOS)
+        return own
     if not tokenizer.chat_template:
         raise UserError(
             "--template_name auto needs a tokenizer with a chat template; this one has none, so "
@@ -460,7 +305,5 @@ def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -
             template.name,
             missing,
         )
-    tokenizer.chat_template = (
-        template.chat_template if isinstance(template, JinjaTemplate) else jinja_for(template)
-    )
+    tokenizer.chat_template = template.chat_template
     return template_stop_ids(tokenizer, template.stop)

@@ -16,8 +16,8 @@ from pipeline.data.chat_dataset import sanity_table
 from pipeline.data.conversations import FORMATS, InvalidSample, normalize
 from pipeline.data.files import iter_json_records
 from pipeline.data.masking import MULTI_TURN_MODES, Dropped, cut_to_whole_turns, encode_samples
-from pipeline.data.own_template import NotPrefixConsistent, render
-from pipeline.data.templates import apply_template_to_tokenizer, render_segments, resolve_template
+from pipeline.data.own_template import NotPrefixConsistent, render, render_segments
+from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
 
 
