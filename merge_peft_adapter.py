@@ -13,12 +13,13 @@ adapter_config.json, or that path relative to the adapter, or a folder of the sa
 import argparse
 import logging
 
+from pipeline.command_line import command_parser
 from pipeline.errors import run_cli
 from pipeline.model.merge import merge_adapter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model.")
+    parser = command_parser(description="Merge a LoRA adapter into its base model.")
     parser.add_argument(
         "--base_model",
         default=None,

@@ -18,7 +18,9 @@ concern.
     eval/    generation-based evaluation, ROUGE/BLEU predictions, the pipeline report
     tools/   preview, convert, synthetic data, the run_pipeline.sh config
 
-errors.py holds UserError and run_cli (one sentence and exit 2 for a user's mistake). config_file.py
+errors.py holds UserError and run_cli (one sentence and exit 2 for a user's mistake);
+command_line.py the parser of every command that is not a stage (flags typed as for the stages,
+both spellings, switches bare or with True/False). config_file.py
 reads a YAML/JSON config given before the flags; seed_flags.py and seed_configs.py translate the
 spellings and config layouts of the documents users come from. The top-level modules chat, serve,
 webui, preview, convert, report, evaluate, predict, tiny_model and synthetic are command aliases

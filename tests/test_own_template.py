@@ -1,5 +1,5 @@
 """--template_name auto trains with the tokenizer's own chat template
-(pipeline/data/own_template.py): ids equal what `apply_chat_template` gives, labels cover exactly
+(pipeline/data/rendering.py): ids equal what `apply_chat_template` gives, labels cover exactly
 each answer and the token ending its turn, and templates that rewrite history (Qwen3's thinking)
 train each answer in the text inference builds for it. The official templates are stored in
 tests/official_templates/ (SOURCES.md names where each comes from)."""
@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.data.masking import IGNORE_INDEX, encode_samples
-from pipeline.data.own_template import TokenizerTemplate
 from pipeline.data.preference_dataset import split_texts
+from pipeline.data.rendering import TokenizerTemplate
 from pipeline.data.templates import apply_template_to_tokenizer, get_template, resolve_template
 from pipeline.errors import UserError
 from tests.official_families import FAMILIES, OFFICIAL, family_tokenizer
@@ -184,7 +184,7 @@ def test_project_qwen_tool_prompt_equals_the_official_qwen_template(tiny_model):
 
 
 def standard(messages):
-    from pipeline.data.own_template import standard_messages
+    from pipeline.data.rendering import standard_messages
 
     return standard_messages(messages)
 

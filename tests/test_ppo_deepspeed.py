@@ -1,9 +1,11 @@
 """The PPO loop under real DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo, two processes through
 run_ppo.sh): the first step's statistics equal the plain data-parallel loop's on the same rollouts,
 training checkpoints and resumes exactly, and the saved policy (gathered from the shards under
-ZeRO-3) loads with from_pretrained and merges."""
+ZeRO-3) loads with from_pretrained and merges; the group loop (GRPO) scores with its reward model
+sharded under ZeRO-3 as the plain loop does."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -114,3 +116,41 @@ def test_ppo_under_deepspeed_matches_trains_resumes_and_saves(
         not torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), base.state_dict().values())
     )
+
+
+def run_grpo(policy, reward, out, *extra):
+    from tests.test_grpo_own import flags, steps_of
+
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        ["bash", "run_grpo.sh", *flags(policy, out, "--max_steps", "1", *extra, reward=reward)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return steps_of(out)
+
+
+def test_grpo_scores_with_its_reward_model_sharded_under_zero3(
+    weak_sft_model, reward_model, tmp_path
+):
+    """Under ZeRO-3 the group loop's separate reward model is an inference engine over its shards,
+    as PPO's is (loaded bare, its partitioned weights would be empty): the first step scores the
+    same rollouts as the plain data-parallel loop does, and trains."""
+    plain = run_grpo(weak_sft_model, reward_model, tmp_path / "plain", "--save_strategy", "no")
+    sharded = run_grpo(
+        weak_sft_model,
+        reward_model,
+        tmp_path / "zero3",
+        "--save_strategy",
+        "no",
+        "--deepspeed",
+        "deepspeed_configs/zero3.json",
+    )
+    for key in ("objective/scores", "objective/scores_std", "response_length"):
+        assert sharded[0][key] == pytest.approx(plain[0][key], rel=1e-4, abs=1e-5), key
+    assert plain[0]["objective/scores_std"] > 0  # the scores depend on the answers
+    assert math.isfinite(sharded[0]["loss"]) and sharded[0]["grad_norm"] > 0

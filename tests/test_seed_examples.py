@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data.conversations import read_conversations
 from pipeline.data.masking import IGNORE_INDEX, Encoded, encode_samples
-from pipeline.data.own_template import standard_messages
+from pipeline.data.rendering import standard_messages
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template, template_names
 from pipeline.errors import UserError
 from tests.helpers import DATA, slow_tokenizer

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from pipeline.data.own_template import own_template, render_segments
+from pipeline.data.rendering import own_template, render_segments
 from pipeline.data.templates import apply_template_to_tokenizer, get_template, template_names
 from pipeline.infer.tool_calls import CallStream, ChatTools, TokenTap
 from tests.official_families import all_families, family_tokenizer

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data.conversations import normalize
 from pipeline.data.masking import IGNORE_INDEX, Encoded, encode_samples
-from pipeline.data.own_template import _template_choice, standard_messages
+from pipeline.data.rendering import _template_choice, standard_messages
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError
 from tests.official_families import all_families, family_tokenizer

@@ -4,7 +4,6 @@ values, then the checks that span classes (pipeline/args/checks.py). Unknown fla
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import Any
 
@@ -17,6 +16,7 @@ from pipeline.args.checks import (
     check_template_name,
     check_test_file,
 )
+from pipeline.command_line import attach_negative_numbers
 from pipeline.config_file import config_file_argv
 from pipeline.errors import UserError
 from pipeline.seed_flags import translate
@@ -26,21 +26,6 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
-
-
-def _attach_negative_numbers(argv: list[str]) -> list[str]:
-    """`--flag -1e-3` as `--flag=-1e-3`: argparse takes a value such as -1e-3 for an unknown option
-    otherwise."""
-    out: list[str] = []
-    for token in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER.fullmatch(token):
-            out[-1] = f"{out[-1]}={token}"
-        else:
-            out.append(token)
-    return out
-
-
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse `[config.yaml] [--config FILE] --flag value ...`, or the GLM demos' `DATA_DIR MODEL
     CONFIG [yes|STEP]` (pipeline/seed_configs.py), into the given dataclasses."""
@@ -48,7 +33,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     parser = HfArgumentParser(
         dataclass_types, allow_abbrev=False
     )  # --train_file is not --train_file_dir
-    argv = _attach_negative_numbers(translate(argv, dataclass_types))
+    argv = attach_negative_numbers(translate(argv, dataclass_types))
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:

@@ -15,7 +15,7 @@ from pipeline.data.conversations import read_conversations
 from pipeline.data.files import shown
 from pipeline.data.json_text import parse_json
 from pipeline.data.masking import IGNORE_INDEX, Dropped, Encoded, cut_to_whole_turns, encode_samples
-from pipeline.data.own_template import TokenizerTemplate
+from pipeline.data.rendering import TokenizerTemplate
 from pipeline.data.summary import DataSummary
 from pipeline.errors import UserError
 

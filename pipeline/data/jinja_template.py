@@ -1,7 +1,7 @@
 """The Jinja form of a project template: what the saved tokenizer's `chat_template` holds.
 
 It is the only form a template of fields is rendered in: training renders through it as inference
-does (own_template.py), so `apply_chat_template` at inference gives exactly the text training used
+does (rendering.py), so `apply_chat_template` at inference gives exactly the text training used
 (tests/golden holds each template's token/label table). It also reads the seed
 documents' own message forms as conversations.py normalizes them for training: tools on a message (GLM-4's
 system message), the "observation" and "function" roles as tool results, GLM-4's call written as JSON text

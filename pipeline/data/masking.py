@@ -20,7 +20,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 
-from pipeline.data.own_template import NotPrefixConsistent, TokenizerTemplate, render_segments
+from pipeline.data.rendering import NotPrefixConsistent, TokenizerTemplate, render_segments
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)

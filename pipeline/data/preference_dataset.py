@@ -17,8 +17,8 @@ from datasets import Dataset
 
 from pipeline.data.files import cap, load_train_eval, shown
 from pipeline.data.json_text import parse_json
-from pipeline.data.own_template import TokenizerTemplate, render_segments
 from pipeline.data.preferences import read_preferences
+from pipeline.data.rendering import TokenizerTemplate, render_segments
 from pipeline.data.summary import DataSummary
 from pipeline.errors import UserError
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import ReadReport, shown
-from pipeline.data.own_template import TokenizerTemplate, render_segments
+from pipeline.data.rendering import TokenizerTemplate, render_segments
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)

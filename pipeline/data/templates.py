@@ -38,7 +38,7 @@ prompt and the tools into the last user turn; Qwen3 writes thinking only after t
 are written directly as Jinja: such a file holds `chat_template` (the project's Jinja), `stop` and
 `special_tokens` instead of the fields above. Either way `resolve_template` gives the Jinja to the
 tokenizer and training renders every conversation through it, exactly as the tokenizer's own
-template (`auto`) is trained (own_template.py: each answer cut out between its prompt and the
+template (`auto`) is trained (rendering.py: each answer cut out between its prompt and the
 render through it, split into its own sample where history is rewritten). The saved tokenizer
 therefore renders at inference the text training saw, by construction.
 `apply_template_to_tokenizer` gives the tokenizer its special tokens, chat_template and stop tokens.
@@ -46,6 +46,7 @@ therefore renders at inference the text training saw, by construction.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -53,13 +54,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.data.jinja_template import jinja_for
-from pipeline.data.own_template import (
+from pipeline.data.jinja_template import jinja_for, jinja_literal
+from pipeline.data.json_text import loads
+from pipeline.data.rendering import (
     TokenizerTemplate,
     own_template,
     standard_messages,
-    template_kwargs,
-    with_defaults,
 )
 from pipeline.errors import UserError
 from pipeline.model.stops import template_stop_ids
@@ -105,7 +105,7 @@ class Template:
 @dataclass(frozen=True)
 class JinjaTemplate:
     """A project template written as Jinja (see the module docstring); trained through
-    own_template.py."""
+    rendering.py."""
 
     name: str
     source: str
@@ -198,7 +198,7 @@ def _checked_jinja(t: JinjaTemplate, path: Path) -> JinjaTemplate:
 
 def _writes_text_args(t: Template | JinjaTemplate) -> bool:
     """A template of fields writes text arguments as they are given, unless it writes them as
-    keywords (ChatGLM3), which needs a mapping: as the training render reads them (own_template)."""
+    keywords (ChatGLM3), which needs a mapping: as the training render reads them (rendering.py)."""
     return isinstance(t, Template) and "{kwargs}" not in (t.tool_call_turn or "")
 
 
@@ -251,7 +251,7 @@ def chat_template_jinja(template_name: str) -> str:
 
 def resolve_template(name: str, tokenizer, chat_template_kwargs: str | dict | None = None):
     """--template_name NAME: that project template. auto: the tokenizer's own chat template,
-    rendered by transformers for every conversation (own_template.py), so training sees exactly what
+    rendered by transformers for every conversation (rendering.py), so training sees exactly what
     inference sees. A project template written as Jinja is given to the tokenizer and then trained
     the same way. `chat_template_kwargs` reach every render of a template that transformers
     renders."""
@@ -307,3 +307,47 @@ def apply_template_to_tokenizer(tokenizer, template: Template | JinjaTemplate) -
         )
     tokenizer.chat_template = template.chat_template
     return template_stop_ids(tokenizer, template.stop)
+
+
+# ---------------------------------------------------------------- --chat_template_kwargs
+
+
+def template_kwargs(text: str | dict | None) -> dict:
+    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template
+    variables."""
+    if text is None or text == "":
+        return {}
+    value = text
+    if isinstance(text, str):
+        try:
+            value = loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
+                "'{\"enable_thinking\": false}'."
+            ) from e
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k.isidentifier() for k in value
+    ):
+        raise UserError(
+            f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template "
+            "variable names."
+        )
+    return value
+
+
+DEFAULTS_MARK = "defaults set by --chat_template_kwargs"
+
+
+def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
+    """The chat template with `kwargs` as defaults of its variables (a render may still pass
+    others), so a saved model renders as training did wherever it is loaded."""
+    if not kwargs or DEFAULTS_MARK in str(chat_template):
+        return chat_template
+    if isinstance(chat_template, dict):
+        return {name: with_defaults(body, kwargs) for name, body in chat_template.items()}
+    head = "".join(
+        f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
+        for k, v in kwargs.items()
+    )
+    return f"{{#- {DEFAULTS_MARK} #}}{head}\n{chat_template}"

@@ -7,12 +7,12 @@ same path as chat and serving), held-out exact match, and reward-model scores of
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from pipeline.command_line import command_parser
 from pipeline.data.conversations import read_conversations
 from pipeline.errors import UserError, run_cli
 from pipeline.infer.chat_model import Sampling, load_chat_model
@@ -80,7 +80,7 @@ def pairwise_accuracy(rm_dir: str, pairs: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Held-out exact match of the last answer of every chat (earlier turns are the prompt, as the
     PPO stage's evaluation reads them)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=main.__doc__)
+    parser = command_parser(prog="python -m pipeline.evaluate", description=main.__doc__)
     parser.add_argument(
         "model_dir", metavar="MODEL_DIR", help="a trained folder: full model or adapter"
     )

@@ -32,6 +32,7 @@ import jinja2
 from transformers import GenerationConfig, TrainerCallback
 
 from pipeline.args.checks import check_writable_folder
+from pipeline.command_line import command_parser
 from pipeline.data.conversations import read_conversations
 from pipeline.data.files import shown
 from pipeline.data.templates import render
@@ -304,7 +305,7 @@ def held_out_sources(data_args, sft_args) -> tuple[HeldOut | None, HeldOut | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="python -m pipeline.predict",
         description=(
             "Generate the last assistant answer of every held-out conversation with a trained "

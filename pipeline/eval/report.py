@@ -12,12 +12,12 @@ evaluation in trainer_state.json's log_history (what --eval_on_start True record
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.command_line import command_parser
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError, run_cli
 
@@ -194,7 +194,7 @@ def write_report(root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="python -m pipeline.report",
         description="Before -> after table of a run_pipeline.sh run's held-out metrics.",
     )

@@ -30,7 +30,6 @@ from transformers import (
     StoppingCriteria,
     TextIteratorStreamer,
 )
-from transformers.hf_argparser import string_to_bool
 
 from pipeline.data.templates import get_template, render, template_names
 from pipeline.errors import UserError, first_line
@@ -469,11 +468,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
     for bits in (4, 8):
         parser.add_argument(
             f"--load_in_{bits}bit",
-            nargs="?",
-            const=True,
-            default=False,
-            type=string_to_bool,
-            metavar="True|False",
+            action="store_true",
             help=f"load the weights in {bits}-bit (bitsandbytes)",
         )
     parser.add_argument(

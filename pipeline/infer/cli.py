@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.command_line import command_parser
 from pipeline.data.files import iter_json_records
 from pipeline.errors import UserError, run_cli
 from pipeline.infer.chat_model import (
@@ -126,9 +127,7 @@ def interact(chat: ChatModel, sampling: Sampling, system: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Chat with a trained folder, or answer a file of prompts."
-    )
+    parser = command_parser(description="Chat with a trained folder, or answer a file of prompts.")
     add_model_arguments(parser, model_required=False)
     parser.add_argument(
         "--system", default=None, help="system prompt (batch: for records that have none)"

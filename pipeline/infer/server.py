@@ -36,7 +36,6 @@ so a huge or bad request never holds up the generation in progress.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -50,6 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers import BatchEncoding
 
+from pipeline.command_line import command_parser
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.infer.admission import Limits, Slots, Watch, fit_prompt, longest_token, model_context
 from pipeline.infer.chat_model import (
@@ -455,7 +455,7 @@ def _call_id() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         description="Serve a trained folder over an OpenAI-compatible HTTP API.",
         epilog="Requests are queued, not batched: --parallel generations run at once, up to "
         "--max_queue more wait in arrival order, and the next gets a 503 with a Retry-After "

@@ -1,6 +1,6 @@
 """Tool calls through the chat template, for pipeline/infer/server.py: ChatTools renders a request's
 tools and tool history with the model's saved template (as training renders them:
-own_template.render for the tokenizer's template, templates.render for --template_name), and knows
+rendering.render for the tokenizer's template, templates.render for --template_name), and knows
 how that template writes a call (CallFormat).
 
 The call format is not a table of families: it is read off the template itself once, by rendering an
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from transformers.generation.streamers import BaseStreamer
 
-from pipeline.data import own_template as own
+from pipeline.data import rendering
 from pipeline.data.templates import render as render_project
 from pipeline.errors import UserError
 from pipeline.model.stops import stop_ids_of
@@ -387,7 +387,7 @@ class ChatTools:
 
     def __init__(self, chat):
         self.tokenizer, self.template_name = chat.tokenizer, chat.template_name
-        self.form = None if chat.template_name else own.own_template(chat.tokenizer)
+        self.form = None if chat.template_name else rendering.own_template(chat.tokenizer)
         self.stop_ids = stop_ids_of(chat.generation_config)
         self.stops = [self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
         self.special = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)
@@ -400,7 +400,7 @@ class ChatTools:
         if self.template_name:
             return render_project(self.template_name, messages, add_generation_prompt, tools)
         try:
-            return own.render(
+            return rendering.render(
                 self.tokenizer, messages, tools, add_generation_prompt, form=self.form
             )
         except UserError as e:

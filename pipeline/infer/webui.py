@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.command_line import command_parser
 from pipeline.errors import UserError, first_line, run_cli
 from pipeline.infer.chat_model import (
     ChatModel,
@@ -214,7 +215,7 @@ def build_page(chat: ChatModel, title: str, defaults: Sampling, system: str | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         description="Chat with a trained folder in the browser (a gradio page)."
     )
     add_model_arguments(parser)

@@ -9,7 +9,6 @@ the same files.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.command_line import command_parser
 from pipeline.data.files import read_text, walk_files
 from pipeline.errors import UserError, run_cli
 from pipeline.tools import synthetic
@@ -132,7 +132,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/tiny-llama")
     parser.add_argument("--data_dir", default=str(REPO_DATA))
     parser.add_argument("--vocab_size", type=int, default=3000)

@@ -9,11 +9,11 @@ users who want one format on disk). Inputs: alpaca records, plain question/answe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 
+from pipeline.command_line import command_parser
 from pipeline.data.conversations import (
     COLUMNS,
     InvalidSample,
@@ -121,7 +121,7 @@ def convert(input_path: str, output_path: str, kind: str, columns: str | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         description="Convert alpaca / question-answer / CSV data to ShareGPT JSONL."
     )
     parser.add_argument("--input", required=True)

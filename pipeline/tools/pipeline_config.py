@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.command_line import command_parser
 from pipeline.errors import UserError, first_line, run_cli
 
 STAGES = ("pt", "sft", "rm", "ppo", "dpo")
@@ -291,7 +292,7 @@ def shell_lines(config: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="python -m pipeline.tools.pipeline_config",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

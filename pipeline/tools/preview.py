@@ -7,22 +7,22 @@ table.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from pipeline.command_line import command_parser
 from pipeline.data.chat_dataset import sanity_table
 from pipeline.data.conversations import FORMATS, InvalidSample, normalize
 from pipeline.data.files import iter_json_records
 from pipeline.data.masking import MULTI_TURN_MODES, Dropped, cut_to_whole_turns, encode_samples
-from pipeline.data.own_template import NotPrefixConsistent, render, render_segments
+from pipeline.data.rendering import NotPrefixConsistent, render, render_segments
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         description="Show the rendered text and token/label table of one record."
     )
     parser.add_argument("--file", required=True)

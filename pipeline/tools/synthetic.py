@@ -10,10 +10,11 @@ facts give pretraining text, SFT chats, preference pairs (right vs wrong colour)
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
+
+from pipeline.command_line import command_parser
 
 COLORS = {
     "ka": ("red", "红色"),
@@ -130,7 +131,7 @@ def generate(output_dir: str | Path, seed: int = 0, repeats: int = 4) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=4, help="copies of each pretraining fact")

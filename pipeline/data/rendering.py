@@ -1,10 +1,15 @@
-"""The tokenizer's own chat template as the training template (`--template_name auto`).
+"""The one renderer: every chat template a run trains with is the tokenizer's Jinja template,
+rendered by transformers (`--template_name auto`: the tokenizer's own; a project template: its
+Jinja, given to the tokenizer first by templates.resolve_template).
 
-Nothing is copied: every conversation is rendered by the tokenizer's Jinja template through
-`apply_chat_template`, and the trained text of each assistant message is what the template adds
-between the prompt with the generation prompt (`messages[:i]`, add_generation_prompt=True) and the
-conversation through that message (`messages[:i + 1]`), up to and including its last end-of-turn
-token. So training sees exactly the text inference will build, whatever the family.
+Nothing is copied: every conversation is rendered through `apply_chat_template`, and the trained
+text of each assistant message is what the template adds between the prompt with the generation
+prompt (`messages[:i]`, add_generation_prompt=True) and the conversation through that message
+(`messages[:i + 1]`), up to and including its last end-of-turn token. So training sees exactly the
+text inference will build, whatever the family. Text the template writes only after the last
+message of a finished conversation (Phi-3's `<|endoftext|>`, read off the template once) is left
+out of a render that continues; a user, system or tool message marked `"loss": true` owns the text
+the template adds for it.
 
 Messages reach the template as written: every field but the project's own `loss` (a tool message's
 `name`, `reasoning_content`, `thinking`, call ids, a system message's `tools`), with two forms
@@ -36,7 +41,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.jinja_template import jinja_literal
 from pipeline.data.json_text import loads
 from pipeline.errors import UserError
 
@@ -557,44 +561,3 @@ def _probe_answer(t: TokenizerTemplate) -> str:
         UserError,
     ):  # a template that refuses the probe: no end token known
         return ""
-
-
-def template_kwargs(text: str | dict | None) -> dict:
-    """--chat_template_kwargs: a JSON object (or a mapping from a config file) of template
-    variables."""
-    if text is None or text == "":
-        return {}
-    value = text
-    if isinstance(text, str):
-        try:
-            value = loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"--chat_template_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
-                "'{\"enable_thinking\": false}'."
-            ) from e
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and k.isidentifier() for k in value
-    ):
-        raise UserError(
-            f"--chat_template_kwargs {text!r} must be a JSON object whose keys are template "
-            "variable names."
-        )
-    return value
-
-
-DEFAULTS_MARK = "defaults set by --chat_template_kwargs"
-
-
-def with_defaults(chat_template: str | dict, kwargs: dict) -> str | dict:
-    """The chat template with `kwargs` as defaults of its variables (a render may still pass
-    others), so a saved model renders as training did wherever it is loaded."""
-    if not kwargs or DEFAULTS_MARK in str(chat_template):
-        return chat_template
-    if isinstance(chat_template, dict):
-        return {name: with_defaults(body, kwargs) for name, body in chat_template.items()}
-    head = "".join(
-        f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}"
-        for k, v in kwargs.items()
-    )
-    return f"{{#- {DEFAULTS_MARK} #}}{head}\n{chat_template}"
