@@ -9,8 +9,9 @@ check (the first 4 conversations checked, one tokenization of the whole text), o
 The chats are multi-turn (1 to 4 answers, a fifth of them with a tool call and its result), with
 words from the repository's text, lengths log-normal around 80 words a message. The tokenizer is
 Llama-3's (bench/cache/llama3_tokenizer.json.gz, see bench/nan_guard.py) with its official template
-for `auto`; the project template `qwen` (rendered in Python, checked against its Jinja form) runs on
-the same tokenizer.
+for `auto`; the project template `qwen` (its Jinja given to the tokenizer and rendered as `auto` is,
+since the one renderer; before, rendered in Python and checked against its Jinja form) runs on the
+same tokenizer.
 """
 
 from __future__ import annotations
