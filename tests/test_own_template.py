@@ -515,3 +515,10 @@ def test_a_prompt_message_asked_to_train_trains_its_turn_or_is_refused(tiny_mode
     yuan2 = resolve_template("yuan2", tokenizer)
     with pytest.raises(UserError, match=rf"message {first_user + 1} \(user\) asks to be trained"):
         encode_samples(yuan2, tokenizer, {"messages": conv})
+    # a later question, which Yuan2 joins into the history of the next: refused as well, never
+    # trained together with the history written before it
+    later = [dict(m) for m in CHAT]
+    second_user = [i for i, m in enumerate(later) if m["role"] == "user"][1]
+    later[second_user]["loss"] = True
+    with pytest.raises(UserError, match=rf"message {second_user + 1} \(user\) asks to be trained"):
+        encode_samples(yuan2, tokenizer, {"messages": later})

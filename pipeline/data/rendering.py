@@ -358,14 +358,18 @@ def _asked_spans(
     asked = [j for j, m in enumerate(messages) if m.get("loss") and m["role"] != "assistant"]
     spans = {}
     for j in asked:
-        try:  # for the first message, what the template writes before any (a BOS)
+        try:
             before = _closed(t, render(t.tokenizer, messages[:j], tools, form=t))
-        except UserError:  # a template that refuses an empty conversation
-            before = ""
+        except UserError:  # a template that refuses the conversation before message j
+            before = None
+        if j == 0 and (before is None or not text.startswith(before)):
+            before = ""  # the first message owns what precedes it, unless a bare render writes it
         through = _closed(t, render(t.tokenizer, messages[: j + 1], tools, form=t))
-        if not text.startswith(before):
-            before = ""
-        if not (text.startswith(through) and len(before) < len(through)):
+        if (
+            before is None
+            or not (text.startswith(before) and text.startswith(through))
+            or len(before) >= len(through)
+        ):
             raise UserError(
                 f'message {j + 1} ({messages[j]["role"]}) asks to be trained ("loss": true), but '
                 f"the {t.name} chat template writes it differently once later turns follow, so its "
