@@ -19,8 +19,16 @@ from tests.test_ppo import common, untimed
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-def run_ppo(policy, reward, out, *extra, steps=3):
+def two_processes(script: str, flags: list[str]) -> None:
+    """Run a launcher script under torchrun with two CPU processes; it must succeed."""
     env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        ["bash", script, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+def run_ppo(policy, reward, out, *extra, steps=3):
     flags = common(
         policy,
         reward,
@@ -43,15 +51,7 @@ def run_ppo(policy, reward, out, *extra, steps=3):
         "constant",
         *extra,
     )
-    run = subprocess.run(
-        ["bash", "run_ppo.sh", *flags],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    two_processes("run_ppo.sh", flags)
     return [untimed(h) for h in json.loads((out / "trainer_state.json").read_text())["log_history"]]
 
 
@@ -121,16 +121,7 @@ def test_ppo_under_deepspeed_matches_trains_resumes_and_saves(
 def run_grpo(policy, reward, out, *extra):
     from tests.test_grpo_own import flags, steps_of
 
-    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        ["bash", "run_grpo.sh", *flags(policy, out, "--max_steps", "1", *extra, reward=reward)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    two_processes("run_grpo.sh", flags(policy, out, "--max_steps", "1", *extra, reward=reward))
     return steps_of(out)
 
 
