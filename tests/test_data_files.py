@@ -270,6 +270,21 @@ def test_a_preference_margin_past_float_range_is_an_invalid_record(tmp_path):
         read_preferences(str(tmp_path / "d"), "--train_file_dir")
 
 
+def test_tool_call_arguments_given_as_json_text_are_written_as_keywords():
+    """ChatGLM3 writes a call's arguments as Python keywords: arguments given as JSON text (as
+    OpenAI clients send them) are read as their object, as training reads them."""
+    from pipeline.data.templates import render
+
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    assert "city='Paris'" in render("chatglm3", messages)
+
+
 def test_tool_call_arguments_that_are_not_an_object_are_one_sentence():
     from pipeline.data.templates import render
 

@@ -212,11 +212,7 @@ def _render_jinja(
 
     try:
         rendered, _ = render_jinja_template(
-            [
-                standard_messages(
-                    messages, TokenizerTemplate(None, args_kept=isinstance(t, Template))
-                )
-            ],
+            [standard_messages(messages, TokenizerTemplate(None, args_kept=_writes_text_args(t)))],
             tools=tools or None,
             chat_template=t.chat_template,
             add_generation_prompt=add_generation_prompt,
