@@ -7,7 +7,8 @@ results.
 TOOL: project-sft | trl-sft | project-dpo | trl-dpo. Extra flags go to the project stage as they
 are; for TRL they are `key=value` fields of its config (values parsed as JSON where they parse).
 BENCH_PROFILE=1 profiles training steps 4-6 and prints where the GPU time goes (by kernel) to
-stderr.
+stderr; BENCH_PROFILE=host profiles the host side of steps 4-13 with cProfile (where the Python time
+of a step goes: the Trainer's bookkeeping, data collation, kernel launches, waits on the GPU).
 """
 
 from __future__ import annotations
@@ -179,6 +180,45 @@ def profile_steps(trainer_class) -> None:
     trainer_class.training_step = step
 
 
+def profile_host(trainer_class, first: int = 3, last: int = 13) -> None:
+    """cProfile the host side of training steps first+1..last of every trainer of
+    `trainer_class` (the GPU drained at both ends): the functions by own time and by cumulative
+    time, to stderr (and to BENCH_PROFILE_OUT as text when set)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    original = trainer_class.training_step
+    seen = {"steps": 0}
+    prof = cProfile.Profile()
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen["steps"] += 1
+        if seen["steps"] in (first, last):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if seen["steps"] == first:
+                seen["start"] = time.perf_counter()
+                prof.enable()
+            else:
+                prof.disable()
+                wall = (time.perf_counter() - seen["start"]) / (last - first)
+                text = io.StringIO()
+                text.write(f"host profile: {last - first} micro-steps, {wall * 1e3:.1f} ms each\n")
+                for order in ("tottime", "cumulative"):
+                    pstats.Stats(prof, stream=text).sort_stats(order).print_stats(45)
+                print(text.getvalue(), file=sys.stderr)
+                if os.environ.get("BENCH_PROFILE_OUT"):
+                    Path(os.environ["BENCH_PROFILE_OUT"]).with_suffix(".txt").write_text(
+                        text.getvalue()
+                    )
+        return out
+
+    trainer_class.training_step = step
+
+
 def results_of(out: str) -> dict:
     results = json.loads((Path(out) / "train_results.json").read_text())
     state = json.loads((Path(out) / "trainer_state.json").read_text())
@@ -198,7 +238,7 @@ def project(
     if os.environ.get("BENCH_PROFILE"):
         from transformers import Trainer
 
-        profile_steps(Trainer)
+        (profile_host if os.environ["BENCH_PROFILE"] == "host" else profile_steps)(Trainer)
     module = importlib.import_module(f"stages.{stage}")
     module.main(
         [

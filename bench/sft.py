@@ -199,9 +199,19 @@ SUITES = {
         ),
         ("TRL SFTTrainer (defaults)", "trl-sft", []),
         (
-            "this project, defaults + bf16 weights, float32 masters in the optimizer",
+            "this project, defaults but float32 weights in the model (--master_weights model)",
             "project-sft",
-            [*FULL, "--master_weights", "optimizer"],
+            [*FULL, "--master_weights", "model"],
+        ),
+        (
+            "this project, defaults + compiled decoder layers (--compile_layers True)",
+            "project-sft",
+            [*FULL, "--compile_layers", "True"],
+        ),
+        (
+            "this project, 1 packed row a step + compiled decoder layers",
+            "project-sft",
+            [*FULL, "--per_device_train_batch_size", "1", "--compile_layers", "True"],
         ),
     ],
     "lora": [
@@ -231,13 +241,16 @@ def run(
     extra: list[str],
     results: Path,
     index: int,
-    profile: bool,
+    profile: str | None,
 ) -> dict:
     start = time.monotonic()
     env = {
         **os.environ,
         **(
-            {"BENCH_PROFILE": "1", "BENCH_PROFILE_OUT": str(results / f"profile-run{index}.json")}
+            {
+                "BENCH_PROFILE": "1" if profile == "gpu" else profile,
+                "BENCH_PROFILE_OUT": str(results / f"profile-run{index}.json"),
+            }
             if profile
             else {}
         ),
@@ -279,8 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_length", type=int, default=4096)
     parser.add_argument(
         "--profile",
-        action="store_true",
-        help="also profile the suite's first row (steps 4-6): GPU time by phase and host gaps",
+        nargs="?",
+        const="gpu",
+        choices=("gpu", "host"),
+        help="also profile the suite's first row: gpu (steps 4-6: GPU time by phase and host "
+        "gaps) or host (steps 4-13: the Python time by function, cProfile)",
     )
     parser.add_argument("--out", default="bench/results")
     parser.add_argument(
@@ -310,14 +326,18 @@ def main(argv: list[str] | None = None) -> None:
     make_chats(args.samples, median, min(3600, args.max_length - 64), data / "sft")
     make_pairs(args.samples, median, args.max_length, data / "dpo")
     suite = SUITES[args.suite]
-    if args.against == "none":
-        suite = [r for r in suite if not r[1].startswith("trl")]
-    # liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16) need a GPU
-    if args.smoke:
-        suite = [
-            r for r in suite if "--use_liger_kernel" not in r[2] and "--master_weights" not in r[2]
-        ]
     chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(suite))
+    # row numbers are the suite's own, whatever is left out: TRL's rows under --against none; on
+    # the CPU liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16)
+    chosen = [
+        i
+        for i in chosen
+        if not (args.against == "none" and suite[i][1].startswith("trl"))
+        and not (
+            args.smoke
+            and ("--use_liger_kernel" in suite[i][2] or "--master_weights" in suite[i][2])
+        )
+    ]
     rows = []
     for i in chosen:
         name, tool, extra = suite[i]
@@ -328,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             str(args.max_length),
             str(work / f"out{i}"),
         ]
-        rows.append(run(name, tool, common, extra, results, i, profile=False))
+        rows.append(run(name, tool, common, extra, results, i, profile=None))
     if args.profile:
         name, tool, extra = suite[chosen[0]]
         common = [
@@ -342,10 +362,10 @@ def main(argv: list[str] | None = None) -> None:
             name + " (profiled)",
             tool,
             common,
-            [*extra, "--max_steps", "8"],
+            [*extra, "--max_steps", "8" if args.profile == "gpu" else "16"],
             results,
             99,
-            profile=True,
+            profile=args.profile,
         )
     table = [
         "| run | tokens/s | peak GPU memory (GiB) | optimizer steps | final loss | train s |",

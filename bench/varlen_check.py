@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in (300, 77, 1000, 5)
     ]
     row = pack_rows(samples, 2048)
-    batch = {k: v.cuda() for k, v in FlatteningCollator()(row).items()}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in FlatteningCollator()(row).items()}
     diffs = []
     with torch.no_grad():
         packed = varlen(

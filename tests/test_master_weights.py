@@ -1,11 +1,13 @@
 """--master_weights optimizer (pipeline/train/master_weights.py): bf16 weights in the model, float32
-masters in the optimizer. The optimizer's arithmetic equals torch's AdamW on float32 weights given
+masters in the optimizer; the default (auto) takes it where it applies with one micro-batch a
+step. The optimizer's arithmetic equals torch's AdamW on float32 weights given
 the same gradients, follows the Trainer's learning-rate schedule and resumes exactly; an SFT run
 with it trains like the default, saves the masters, resumes from its checkpoint to the uninterrupted
 run's weights, and is refused where it would do nothing."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -90,15 +92,13 @@ def test_masters_resume_exactly_from_the_optimizer_state(tmp_path):
     _steps(ref_half, torch.optim.AdamW(ref_half), half2, opt2, 3, start=3)
     for m, m2 in zip(opt.masters(), opt2.masters()):
         assert torch.equal(m, m2)
-    with pytest.raises(UserError, match="saved without"):
-        opt2.load_state_dict(torch.optim.AdamW(half2).state_dict())
 
 
 def test_sft_with_master_weights_trains_like_the_default_saves_the_masters_and_resumes(
     tiny_model, tmp_path
 ):
     common = ("--bf16", "True", "--logging_steps", "1")
-    default = train_sft(tiny_model, tmp_path / "default", 6, *common)
+    default = train_sft(tiny_model, tmp_path / "default", 6, *common, "--master_weights", "model")
     masters = train_sft(
         tiny_model, tmp_path / "masters", 6, *common, "--master_weights", "optimizer"
     )
@@ -196,6 +196,8 @@ def test_a_master_weights_checkpoint_is_not_resumed_as_plain_adamw(tiny_model, t
             6,
             "--bf16",
             "True",
+            "--master_weights",
+            "model",
             "--save_strategy",
             "steps",
             "--save_steps",
@@ -222,3 +224,64 @@ def test_master_weights_refuse_load_best_model_at_end(tiny_model, tmp_path):
             "--save_strategy",
             "steps",
         )
+
+
+@pytest.mark.parametrize(
+    "flags, chosen",
+    [
+        (("--bf16", "True"), "optimizer"),
+        (("--bf16", "True", "--gradient_accumulation_steps", "2"), "model"),
+        (("--bf16", "False"), "model"),
+        (("--bf16", "True", "--use_peft", "True"), "model"),
+        (("--bf16", "True", "--torch_dtype", "float32"), "model"),
+        (("--bf16", "True", "--master_weights", "model"), "model"),
+        (
+            (
+                "--bf16",
+                "True",
+                "--gradient_accumulation_steps",
+                "2",
+                "--master_weights",
+                "optimizer",
+            ),
+            "optimizer",
+        ),
+    ],
+)
+def test_the_default_keeps_float32_masters_in_the_optimizer_where_it_applies(
+    tiny_model, tmp_path, flags, chosen
+):
+    from stages import sft
+
+    argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "o")]
+    argv += ["--train_file_dir", "data/sft", "--use_peft", "False", *flags]
+    training_args = sft.parse(argv)[-1]
+    assert training_args.master_weights == chosen
+
+
+def test_a_plain_adamw_state_resumes_under_masters_exactly():
+    """A checkpoint saved under --master_weights model (float32 weights, a plain AdamW) continues
+    under the default's masters: the weights it saved become the masters, its moments the inner
+    AdamW's, and the steps that follow equal plain AdamW's on float32 weights."""
+    reference, ref_opt, half, opt = _pair()
+    _steps(reference, ref_opt, half, opt, 3)
+    # what a run under --master_weights model checkpoints (a copy, as read back from its file)
+    saved = copy.deepcopy(ref_opt.state_dict())
+
+    # the resumed run: float32 weights loaded from the checkpoint, the optimizer built on them,
+    # then the model's weights cast to bf16 (CausalLMTrainer.create_optimizer)
+    weights = [torch.nn.Parameter(r.detach().clone()) for r in reference]
+    groups = [
+        {"params": [weights[0]], "weight_decay": 0.1},
+        {"params": [weights[1]], "weight_decay": 0.0},
+    ]
+    resumed = MasterWeightsAdamW.replacing(
+        torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    )
+    for w in weights:
+        w.data = w.data.to(torch.bfloat16)
+    resumed.load_state_dict(saved)
+    _steps(reference, ref_opt, weights, resumed, 3, start=3)
+    for r, m, w in zip(reference, resumed.masters(), weights):
+        assert torch.equal(m, r.detach()) and torch.equal(w, r.detach().to(torch.bfloat16))
+    assert not torch.equal(reference[0].detach(), reference[0].detach().to(torch.bfloat16).float())

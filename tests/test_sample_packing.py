@@ -120,7 +120,7 @@ def test_changing_one_sample_leaves_the_others_alone(tiny_model, chats):
     batch = {k: v for k, v in FlatteningCollator()(rows).items() if k != "labels"}
     with torch.no_grad():
         before = _per_sample_logits(model, batch, lengths)
-        changed = {k: v.clone() for k, v in batch.items()}
+        changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
         changed["input_ids"][0, : lengths[0]] = changed["input_ids"][0, : lengths[0]].flip(
             0
         )  # scramble sample 0
@@ -190,13 +190,20 @@ def test_varlen_attention_glue_keeps_samples_apart(tiny_model, chats, monkeypatc
     cu, longest = attention.cu_seqlens(batch["position_ids"])
     assert cu.tolist()[-1] == batch["input_ids"].shape[1] and len(cu) == 5
     assert longest == max(len(chats[i]["input_ids"]) for i in order)
+    # the collator sends the same bounds, computed on the host: the layers never compute them
+    assert torch.equal(batch["cu_seq_lens_q"], cu) and batch["max_length_q"] == longest
     computed = []
     monkeypatch.setattr(attention, "cu_seqlens", lambda p: computed.append(1) or cu_seqlens_of(p))
+    lengths = [len(chats[i]["input_ids"]) for i in order]
     with torch.no_grad():
-        packed = _per_sample_logits(model, batch, [len(chats[i]["input_ids"]) for i in order])
-    assert (
-        len(computed) == 1 < model.config.num_hidden_layers
-    )  # once per forward, not once per layer
+        packed = _per_sample_logits(model, batch, lengths)
+        assert computed == []
+        # without them (a batch from elsewhere) the bounds come from the position ids, once per
+        # forward, not once per layer
+        bare = {k: batch[k] for k in ("input_ids", "position_ids")}
+        again = _per_sample_logits(model, bare, lengths)
+    assert len(computed) == 1 < model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(packed, again))
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
         for logits, i in zip(packed, order):

@@ -170,15 +170,40 @@ class CausalLMTrainingArguments(PipelineTrainingArguments):
 
     default_liger: ClassVar[bool] = True
     master_weights: str = field(
-        default="model",
+        default="auto",
         metadata={
-            "help": "Full training under --bf16: model "
-            "(float32 weights, autocast casts them to bf16 at every forward) or "
-            "optimizer (bf16 weights in the model, float32 masters in the optimizer: no casts; "
-            "pipeline/train/master_weights.py).",
-            "choices": ("model", "optimizer"),
+            "help": "Full training under --bf16: optimizer "
+            "(bf16 weights in the model, float32 masters in the optimizer: no casts; "
+            "pipeline/train/master_weights.py) or model "
+            "(float32 weights, autocast casts them to bf16 at every forward). "
+            "auto: optimizer wherever it applies and each step is one micro-batch "
+            "(--gradient_accumulation_steps 1), model otherwise.",
+            "choices": ("auto", "model", "optimizer"),
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile each decoder layer with torch.compile (dynamic shapes): fewer kernel "
+            "launches and the norm, RoPE and SwiGLU fused by the compiler instead of "
+            "liger-kernel (off unless given; not with --deepspeed; pipeline/model/compiled.py)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.compile_layers:
+            if self.use_liger_kernel:
+                raise UserError(
+                    "--compile_layers fuses the norm, RoPE and SwiGLU itself; "
+                    "drop --use_liger_kernel (the fused loss stays)."
+                )
+            self.use_liger_kernel = False
+            if self.deepspeed:
+                raise UserError(
+                    "--compile_layers is not supported with --deepspeed "
+                    "(its hooks gather the weights inside the layers); drop one."
+                )
+        super().__post_init__()
 
 
 @dataclass

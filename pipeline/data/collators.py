@@ -82,15 +82,29 @@ class FlatteningCollator:
     all.
 
     `position_ids` restart at every sample and no attention mask is sent, so a varlen kernel (or
-    transformers' block-diagonal mask built from the position ids) keeps the samples apart.
+    transformers' block-diagonal mask built from the position ids) keeps the samples apart. The
+    samples' bounds are sent too, computed here on the host (`cu_seq_lens_q/k`: cumulative starts;
+    `max_length_q/k`: the longest sample), under the names transformers passes to every attention
+    layer: the kernel reads them without asking the GPU where the samples start (a host
+    synchronization each forward).
     """
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        def flat(key: str) -> torch.Tensor:
-            return torch.tensor([[x for f in features for x in f[key]]], dtype=torch.long)
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        def flat(key: str) -> list[int]:
+            return [x for f in features for x in f[key]]
 
+        positions = flat("position_ids")
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        if starts[0] != 0:
+            raise ValueError("a packed row must start a sample (position id 0) at its first token")
+        bounds = torch.tensor(starts, dtype=torch.int32)
+        longest = int((bounds[1:] - bounds[:-1]).max())
         return {
-            "input_ids": flat("input_ids"),
-            "labels": flat("labels"),
-            "position_ids": flat("position_ids"),
+            "input_ids": torch.tensor([flat("input_ids")], dtype=torch.long),
+            "labels": torch.tensor([flat("labels")], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }

@@ -85,7 +85,10 @@ def packed_varlen_attention(
         raise ValueError(
             "packed_varlen attention takes one flattened packed row with its position_ids"
         )
-    cu, max_len = sample_bounds(kwargs["position_ids"], query.device)
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
+        cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]  # from the collator
+    else:
+        cu, max_len = sample_bounds(kwargs["position_ids"], query.device)
     # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the
     # autocast dtype
     device = query.device.type

@@ -19,6 +19,7 @@ from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.errors import UserError
+from pipeline.model.compiled import compile_decoder_layers
 from pipeline.train.losses import causal_lm_loss_sum
 from pipeline.train.master_weights import MasterWeightsAdamW
 
@@ -54,6 +55,8 @@ class CausalLMTrainer(Trainer):
         self.model_accepts_loss_kwargs = (
             True  # the loss below divides by the global token count itself
         )
+        if getattr(self.args, "compile_layers", False):
+            compile_decoder_layers(self.model)
         self.can_return_loss = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,0 +1,78 @@
+"""--compile_layers (pipeline/model/compiled.py): every decoder layer compiled by torch.compile with
+dynamic shapes, the rest eager. On the CPU the tiny model compiles as on a GPU: the compiled layers
+give the eager logits and gradients, a packed row of another length does not recompile, an SFT run
+with them trains as the eager run does, and the flag is refused where it cannot act."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.errors import UserError
+from pipeline.model.compiled import compile_decoder_layers
+from tests.helpers import train_sft
+
+
+def _loss(model, ids):
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), grads
+
+
+def test_compiled_layers_compute_what_the_eager_ones_do(tiny_model):
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    compiled = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert compile_decoder_layers(compiled) == compiled.config.num_hidden_layers
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for length in (37, 53, 90):  # three lengths, one compilation (dynamic shapes)
+        ids = torch.randint(0, compiled.config.vocab_size, (1, length))
+        (a, ga), (b, gb) = _loss(eager, ids), _loss(compiled, ids)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        assert len(ga) == len(gb) and all(
+            torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(ga, gb)
+        )
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert counters["stats"]["unique_graphs"] <= 2  # forward graph once (not once per length)
+
+
+def _losses(out):
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_an_sft_run_with_compiled_layers_trains_as_the_eager_one(tiny_model, tmp_path, caplog):
+    common = ("--logging_steps", "1", "--gradient_checkpointing", "True")
+    eager = train_sft(tiny_model, tmp_path / "eager", 4, *common)
+    with caplog.at_level(logging.INFO, logger="pipeline.model.compiled"):
+        compiled = train_sft(
+            tiny_model, tmp_path / "compiled", 4, *common, "--compile_layers", "True"
+        )
+    assert "layers compiled" in caplog.text
+    a, b = _losses(eager), _losses(compiled)
+    assert len(a) == len(b) == 4 and b[-1] < b[0]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(a)
+    assert (compiled / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(compiled)  # a plain model folder
+    assert not any("_orig_mod" in name for name, _ in reloaded.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (("--use_liger_kernel", "True"), "drop --use_liger_kernel"),
+        (("--deepspeed", "deepspeed_configs/zero2.json"), "not supported with --deepspeed"),
+    ],
+)
+def test_compile_layers_refused_where_it_cannot_act(tiny_model, tmp_path, flags, refused):
+    with pytest.raises(UserError, match=refused):
+        train_sft(tiny_model, tmp_path / "out", 1, "--compile_layers", "True", *flags)
