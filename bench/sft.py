@@ -159,7 +159,11 @@ def make_pairs(n: int, median: int, cap: int, out: Path, seed: int = 0) -> None:
             )
 
 
-# (row name, tool, extra flags); rows of a suite run in this order, one process each
+# (row name, tool, extra flags); rows of a suite run in this order, one process each. Rows with a
+# GPU_ONLY flag are left out of the CPU smoke run: liger-kernel's Triton kernels, master weights
+# (they need --bf16) and compiled layers (they run on the CPU, tests/test_compiled_layers.py, but
+# take minutes to compile there)
+GPU_ONLY = ("--use_liger_kernel", "--master_weights", "--compile_layers")
 LIGER = ["--use_liger_kernel", "True"]
 FULL = ["--use_peft", "False"]
 LORA = ["--use_peft", "True", "--lora_rank", "8"]
@@ -327,16 +331,13 @@ def main(argv: list[str] | None = None) -> None:
     make_pairs(args.samples, median, args.max_length, data / "dpo")
     suite = SUITES[args.suite]
     chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(suite))
-    # row numbers are the suite's own, whatever is left out: TRL's rows under --against none; on
-    # the CPU liger-kernel's Triton kernels and bf16 weights with float32 masters (needs --bf16)
+    # row numbers are the suite's own, whatever is left out: TRL's rows under --against none, the
+    # rows of GPU options in the CPU smoke run
     chosen = [
         i
         for i in chosen
         if not (args.against == "none" and suite[i][1].startswith("trl"))
-        and not (
-            args.smoke
-            and ("--use_liger_kernel" in suite[i][2] or "--master_weights" in suite[i][2])
-        )
+        and not (args.smoke and any(flag in suite[i][2] for flag in GPU_ONLY))
     ]
     rows = []
     for i in chosen:
