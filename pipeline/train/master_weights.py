@@ -1,22 +1,21 @@
-"""--master_weights optimizer: full training with bf16 weights in the model and their float32
-masters in the optimizer.
+"""--master_weights: where the float32 copy of the weights lives in full training under bf16.
 
-The default (`model`) keeps float32 weights in the model and computes under bf16 autocast: every
-forward (and every recomputation under gradient checkpointing) casts each weight to bf16, and each
-backward adds bf16 weight gradients into float32 ones (on an H200, 1B full SFT: ~11% of a step,
-bench/results). With `optimizer` the model holds bf16 weights, so the matmuls read them directly and
-the gradients stay bf16; `MasterWeightsAdamW` keeps a float32 copy of each weight, steps AdamW on it
-(the gradient cast to float32) and writes it back to the bf16 weight. The update itself is the
-float32 one; what differs from the default is that the forward sees the bf16-rounded weights, which
-autocast also computes with (norm weights excepted), and that gradients are accumulated over
-micro-batches in bf16. The masters are part of the optimizer's state, so checkpoints resume them
-exactly.
+`model` keeps float32 weights in the model and computes under bf16 autocast: every forward (and
+every recomputation under gradient checkpointing) casts each weight to bf16, and each backward adds
+bf16 weight gradients into float32 ones (on an H200, 1B full SFT: ~11% of a step, bench/results).
+With `optimizer` the model holds bf16 weights, so the matmuls read them directly and the gradients
+stay bf16; `MasterWeightsAdamW` keeps a float32 copy of each weight, steps AdamW on it (the gradient
+cast to float32, a chunk of weights at a time) and writes it back to the bf16 weight. The update
+itself is the float32 one; what differs from `model` is that the forward sees the bf16-rounded
+weights, which autocast also computes with (norm weights excepted), and that gradients summed over
+micro-batches are summed in bf16. The masters are part of the optimizer's state, so checkpoints
+resume them exactly.
 
-The default, auto, takes `optimizer` wherever it applies with one micro-batch a step (measured on
-an H200, 1B full SFT: 1.21x the tokens/s at the same loss, bench/results/h200-2026-12-05-sft) and
-`model` otherwise, where gradients summed over micro-batches would be rounded to bf16 at each add.
-A checkpoint saved under `model` resumes under `optimizer` exactly (its float32 weights become the
-masters, its moments the inner AdamW's); the other way is refused (its masters would be dropped).
+The default, auto, takes `optimizer` wherever it applies with one micro-batch a step (measured side
+by side on an H200, 1B full SFT: 1.21x the tokens/s at the same loss,
+bench/results/h200-2026-12-05-sft) and `model` otherwise. A checkpoint saved under `model` resumes
+under `optimizer` exactly (its float32 weights become the masters, its moments the inner AdamW's);
+the other way is refused (its masters would be dropped).
 """
 
 from __future__ import annotations
@@ -56,22 +55,52 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
         ]
         return cls(groups, {k: optimizer.defaults[k] for k in HYPER if k in optimizer.defaults})
 
+    # float32 gradient elements alive at once during a step (besides one weight larger than that):
+    # casting every gradient first would hold a float32 copy of all of them (4.6 GiB on a 1B model,
+    # measured as +3.5 GiB of peak on an H200) on top of the bf16 ones
+    CHUNK_ELEMENTS = 2**26
+
+    def _chunks(self):
+        """Runs of (weight, master) pairs of at most CHUNK_ELEMENTS elements (one weight may be
+        larger), with their inner group, group by group, in order."""
+        for group, inner in zip(self.param_groups, self.inner.param_groups):
+            run: list[tuple[torch.Tensor, torch.Tensor]] = []
+            size = 0
+            for weight, master in zip(group["params"], inner["params"]):
+                if weight.grad is None:
+                    continue
+                if run and size + weight.numel() > self.CHUNK_ELEMENTS:
+                    yield run, inner
+                    run, size = [], 0
+                run.append((weight, master))
+                size += weight.numel()
+            if run:
+                yield run, inner
+
     @torch.no_grad()
     def step(self, closure=None):
+        """AdamW on the masters, a chunk of weights at a time: each chunk's gradients cast to
+        float32, the inner AdamW stepped on that chunk alone (its groups narrowed to it for the
+        call: AdamW's update of one weight never reads another's), the result rounded into the
+        weights, the float32 gradients freed."""
         if closure is not None:
             raise UserError("--master_weights optimizer: closures are not supported.")
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update(
                 {k: group[k] for k in HYPER if k in group}
             )  # the scheduler sets the outer groups' lr
-            for weight, master in zip(group["params"], inner["params"]):
-                master.grad = None if weight.grad is None else weight.grad.to(torch.float32)
-        self.inner.step()
-        for group, inner in zip(self.param_groups, self.inner.param_groups):
-            for weight, master in zip(group["params"], inner["params"]):
-                if master.grad is not None:
+        groups = self.inner.param_groups
+        try:
+            for run, inner in self._chunks():
+                for weight, master in run:
+                    master.grad = weight.grad.to(torch.float32)
+                self.inner.param_groups = [{**inner, "params": [m for _, m in run]}]
+                self.inner.step()
+                for weight, master in run:
                     weight.copy_(master)  # rounded to the weight's dtype
-                master.grad = None
+                    master.grad = None
+        finally:
+            self.inner.param_groups = groups
 
     def masters(self) -> list[torch.Tensor]:
         return [m for g in self.inner.param_groups for m in g["params"]]
