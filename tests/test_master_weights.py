@@ -298,6 +298,25 @@ def test_the_default_keeps_float32_masters_in_the_optimizer_where_it_applies(
     assert training_args.master_weights == chosen
 
 
+def test_the_default_keeps_float32_weights_when_processes_sum_gradients(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Under torchrun with several processes DDP would all-reduce bf16 gradients: auto keeps
+    float32 weights there (an explicit optimizer is still taken)."""
+    from pipeline.train.master_weights import check_master_weights
+    from stages import sft
+
+    argv = ["--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "o")]
+    argv += ["--train_file_dir", "data/sft", "--use_peft", "False", "--bf16", "True"]
+    model_args, _, peft_args, _, training_args = sft.parse(argv)
+    assert training_args.master_weights == "optimizer"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for asked, chosen in (("auto", "model"), ("optimizer", "optimizer")):
+        training_args.master_weights = asked
+        check_master_weights(model_args, peft_args, training_args)
+        assert training_args.master_weights == chosen
+
+
 def test_a_plain_adamw_state_resumes_under_masters_exactly():
     """A checkpoint saved under --master_weights model (float32 weights, a plain AdamW) continues
     under the default's masters: the weights it saved become the masters, its moments the inner

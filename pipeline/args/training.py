@@ -176,8 +176,9 @@ class CausalLMTrainingArguments(PipelineTrainingArguments):
             "(bf16 weights in the model, float32 masters in the optimizer: no casts; "
             "pipeline/train/master_weights.py) or model "
             "(float32 weights, autocast casts them to bf16 at every forward). "
-            "auto: optimizer wherever it applies and each step is one micro-batch "
-            "(--gradient_accumulation_steps 1), model otherwise.",
+            "auto: optimizer wherever it applies and each step is one micro-batch in one "
+            "process (--gradient_accumulation_steps 1, no DDP: no bf16 gradient sums), "
+            "model otherwise.",
             "choices": ("auto", "model", "optimizer"),
         },
     )

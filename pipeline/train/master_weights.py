@@ -11,7 +11,8 @@ weights, which autocast also computes with (norm weights excepted), and that gra
 micro-batches are summed in bf16. The masters are part of the optimizer's state, so checkpoints
 resume them exactly.
 
-The default, auto, takes `optimizer` wherever it applies with one micro-batch a step (measured side
+The default, auto, takes `optimizer` wherever it applies with one micro-batch a step in one process
+(no bf16 gradient summed over micro-batches or all-reduced between processes; measured side
 by side on an H200, 1B full SFT: 1.21x the tokens/s at the same loss,
 bench/results/h200-2026-12-05-sft) and `model` otherwise. A checkpoint saved under `model` resumes
 under `optimizer` exactly (its float32 weights become the masters, its moments the inner AdamW's);
@@ -19,6 +20,8 @@ the other way is refused (its masters would be dropped).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -132,8 +135,8 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
 def check_master_weights(model_args, peft_args, training_args) -> None:
     """--master_weights optimizer: full training under --bf16 without DeepSpeed, the weights loaded
     as bf16; refused elsewhere. auto (the default) becomes optimizer where it applies and a step is
-    one micro-batch (so no gradient is ever summed in bf16: the update equals the float32 one
-    given the same forward), model otherwise."""
+    one micro-batch in one process (so no gradient is ever summed in bf16: the update equals the
+    float32 one given the same forward), model otherwise."""
     mode = getattr(training_args, "master_weights", "model")
     if mode == "model":
         return
@@ -154,7 +157,12 @@ def check_master_weights(model_args, peft_args, training_args) -> None:
         else None
     )
     if mode == "auto":
-        single = training_args.gradient_accumulation_steps == 1
+        # one micro-batch a step in one process: no bf16 gradient is summed (several micro-batches
+        # would add into the bf16 .grad, several processes would all-reduce bf16 gradients)
+        single = (
+            training_args.gradient_accumulation_steps == 1
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        )
         training_args.master_weights = "optimizer" if problem is None and single else "model"
     elif problem:
         raise UserError(f"--master_weights optimizer {problem}.")
