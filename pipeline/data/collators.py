@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.data.masking import IGNORE_INDEX
+from pipeline.model.attention import cu_seqlens
 
 
 def pad(
@@ -93,16 +94,14 @@ class FlatteningCollator:
         def flat(key: str) -> list[int]:
             return [x for f in features for x in f[key]]
 
-        positions = flat("position_ids")
-        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-        if starts[0] != 0:
+        positions = torch.tensor([flat("position_ids")], dtype=torch.long)
+        if positions[0, 0] != 0:
             raise ValueError("a packed row must start a sample (position id 0) at its first token")
-        bounds = torch.tensor(starts, dtype=torch.int32)
-        longest = int((bounds[1:] - bounds[:-1]).max())
+        bounds, longest = cu_seqlens(positions)  # on the host tensor: no GPU involved
         return {
             "input_ids": torch.tensor([flat("input_ids")], dtype=torch.long),
             "labels": torch.tensor([flat("labels")], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "position_ids": positions,
             "cu_seq_lens_q": bounds,
             "cu_seq_lens_k": bounds,
             "max_length_q": longest,
