@@ -76,3 +76,10 @@ def test_an_sft_run_with_compiled_layers_trains_as_the_eager_one(tiny_model, tmp
 def test_compile_layers_refused_where_it_cannot_act(tiny_model, tmp_path, flags, refused):
     with pytest.raises(UserError, match=refused):
         train_sft(tiny_model, tmp_path / "out", 1, "--compile_layers", "True", *flags)
+
+
+def test_a_model_that_names_no_decoder_layer_is_refused(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model._no_split_modules = None  # as a remote-code model may leave it
+    with pytest.raises(UserError, match="names no decoder layer class"):
+        compile_decoder_layers(model)

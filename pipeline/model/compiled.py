@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.model.adapters import unwrap
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
-        from pipeline.errors import UserError
-
         raise UserError(
             f"--compile_layers: {type(base).__name__} names no decoder layer class "
             "(_no_split_modules); drop the flag for this model."
