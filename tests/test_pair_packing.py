@@ -13,6 +13,7 @@ from pipeline.data.collators import PairCollator
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.data.preference_dataset import build_preference_dataset
 from pipeline.data.templates import resolve_template
+from pipeline.model.attention import cu_seqlens
 from pipeline.model.patches import unpadded_log_probs, unpadded_scores
 from pipeline.model.unpadding import flatten, restore
 from pipeline.train.losses import pairwise_loss
@@ -49,10 +50,70 @@ def _grads(model, loss):
 def test_flatten_and_restore_keep_every_row_in_place():
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [0, 1, 2, 3]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 1, 1]])  # right and left padding
-    flat, positions, keep = flatten(ids, mask)
-    assert flat.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3]]
-    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]  # each row counts from 0
-    assert torch.equal(restore(flat, keep), ids * mask)
+    flat = flatten(ids, mask)
+    assert flat.ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3]]
+    assert flat.positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]  # each row counts from 0
+    assert torch.equal(restore(flat.ids, flat), ids * mask)
+    # the rows' bounds, as the varlen kernel would find them from the position ids
+    cu, longest = cu_seqlens(flat.positions)
+    assert flat.bounds["cu_seq_lens_q"].tolist() == cu.tolist() == [0, 3, 5, 8]
+    assert flat.bounds["cu_seq_lens_q"].dtype == torch.int32 == cu.dtype
+    assert flat.bounds["max_length_q"] == flat.bounds["max_length_k"] == longest == 3
+    # a row without tokens has no bounds (the kernel would see an empty sample)
+    empty = flatten(ids, torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]]))
+    assert empty.ids.tolist() == [[5, 6, 7, 1, 2, 3]]
+    assert empty.bounds["cu_seq_lens_k"].tolist() == [0, 3, 6]
+
+
+def _count_bound_searches(monkeypatch):
+    """Run packed attention through the varlen glue (the CPU stand-in kernel) and record every
+    time a layer has to find the rows' bounds itself."""
+    from pipeline.model import attention
+
+    monkeypatch.setitem(attention.KERNEL, "fn", attention.reference_varlen)
+    found = []
+    search = attention.cu_seqlens
+    monkeypatch.setattr(attention, "cu_seqlens", lambda p: found.append(1) or search(p))
+    return attention.PACKED_VARLEN, found
+
+
+def test_packed_pair_forwards_hand_the_rows_bounds_to_the_varlen_kernel(tiny_model, monkeypatch):
+    """DPO's and the reward model's padding-free forwards send the rows' bounds along: the varlen
+    attention of every layer reads them (no search on the GPU), and the values equal the padded
+    batch's under SDPA."""
+    varlen, found = _count_bound_searches(monkeypatch)
+    tokenizer, pairs = _pairs(tiny_model, whole=False)
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(pairs)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).float().eval()
+    add_fused_lm_head(plain)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=varlen)
+    model = model.float().eval()
+    add_fused_lm_head(model)
+    unpadded_log_probs(model)
+    with torch.no_grad():
+        assert torch.allclose(_dpo_logps(model, batch), _dpo_logps(plain, batch), atol=1e-5)
+    assert found == []
+
+    tokenizer, pairs = _pairs(tiny_model, whole=True)
+    batch = PairCollator(tokenizer.pad_token_id)(pairs)
+    scorers = [
+        AutoModelForSequenceClassification.from_pretrained(
+            tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id, **extra
+        )
+        .float()
+        .eval()
+        for extra in ({}, {"attn_implementation": varlen})
+    ]
+    torch.manual_seed(0)
+    scorers[1].score.load_state_dict(scorers[0].score.state_dict())  # the same random head
+    unpadded_scores(scorers[1])
+    with torch.no_grad():
+        padded = scorers[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        packed = scorers[1](
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], unpad=True
+        )
+    assert torch.allclose(packed.logits, padded.logits, atol=1e-5)
+    assert found == []
 
 
 def test_packed_rewards_loss_and_gradients_equal_padded(tiny_model):

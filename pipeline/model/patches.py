@@ -67,17 +67,23 @@ def unpadded_log_probs(model: torch.nn.Module) -> None:
                 fused_lm_head=fused_lm_head,
                 **kwargs,
             )
-        ids, positions, keep = flatten(input_ids, attention_mask)
-        flat_labels = labels[keep].unsqueeze(0).clone()
-        flat_labels[positions == 0] = IGNORE_INDEX  # never scored from the row before
+        flat = flatten(input_ids, attention_mask)
+        # a row's first token is never scored from the row before it
+        flat_labels = labels.flatten()[flat.index].unsqueeze(0)
+        flat_labels = flat_labels.masked_fill(flat.positions == 0, IGNORE_INDEX)
         out = inner(
-            input_ids=ids, position_ids=positions, labels=flat_labels, fused_lm_head=True, **kwargs
+            input_ids=flat.ids,
+            position_ids=flat.positions,
+            labels=flat_labels,
+            fused_lm_head=True,
+            **flat.bounds,
+            **kwargs,
         )
         for name in LM_FIELDS:
             value = getattr(out, name, None)
             if isinstance(value, torch.Tensor) and value.dim() == 2:  # (1, tokens - 1)
                 padded = torch.cat([value, value.new_zeros((1, 1))], dim=1)
-                setattr(out, name, restore(padded, keep)[:, :-1])
+                setattr(out, name, restore(padded, flat)[:, :-1])
         return out
 
     model.forward = types.MethodType(forward, model)
@@ -104,9 +110,12 @@ def unpadded_scores(model: torch.nn.Module) -> None:
     def forward(self, *args, input_ids=None, attention_mask=None, unpad=False, **kwargs):
         if not unpad or attention_mask is None or args:
             return inner(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        ids, positions, keep = flatten(input_ids, attention_mask)
+        flat = flatten(input_ids, attention_mask)
+        keep = flat.keep
         backbone = getattr(self, self.base_model_prefix)
-        hidden = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=flat.ids, position_ids=flat.positions, use_cache=False, **flat.bounds
+        ).last_hidden_state
         pad_id = self.config.get_text_config().pad_token_id
         width = torch.arange(input_ids.shape[1], device=input_ids.device)
         pooled = (

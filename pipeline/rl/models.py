@@ -46,14 +46,15 @@ class ValueModel(torch.nn.Module):
         self.backbone, self.score = getattr(base, base.base_model_prefix), base.score
         self.head_dtype = head_dtype(self.score)
 
-    def states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def states(self, input_ids, attention_mask, position_ids, **bounds) -> torch.Tensor:
         # no cache: without one, rows laid end to end (no attention mask) attend within their own
-        # row
+        # row; `bounds`: the rows' cumulative starts for the varlen kernel (model/unpadding.py)
         return self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **bounds,
         ).last_hidden_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

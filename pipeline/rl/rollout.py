@@ -23,7 +23,7 @@ from pipeline.errors import first_line
 from pipeline.infer.generation import generate, sampling_config
 from pipeline.model.adapters import unwrap
 from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
-from pipeline.model.unpadding import flatten
+from pipeline.model.unpadding import Flat, flatten
 from pipeline.rl import ppo_math
 from pipeline.rl.decode_copy import HalfCopy
 from pipeline.rl.frozen import Frozen
@@ -68,17 +68,15 @@ logger = logging.getLogger(__name__)
 LOGIT_CHUNK = 1024  # answer positions sent through the output head at a time
 
 
-def _flat_answer_index(
-    traj: Trajectory,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rollout rows laid end to end without their padding (ids (1, tokens), position ids
-    restarting at 0 in each row), and for every padded answer column that predicts a token (columns
-    query_len-1 .. width-2) the flat index of its state and whether it exists (a column after a
-    row's stop token has none)."""
-    ids, positions, keep = flatten(traj.ids, traj.mask)
+def _flat_answer_index(traj: Trajectory) -> tuple[Flat, torch.Tensor, torch.Tensor]:
+    """The rollout rows laid end to end without their padding (pipeline/model/unpadding.py), and
+    for every padded answer column that predicts a token (columns query_len-1 .. width-2) the flat
+    index of its state and whether it exists (a column after a row's stop token has none)."""
+    flat = flatten(traj.ids, traj.mask)
+    keep = flat.keep
     flat_index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[:, traj.query_len - 1 : -1]
     present = keep[:, traj.query_len - 1 : -1]
-    return ids, positions, flat_index.clamp(min=0), present
+    return flat, flat_index.clamp(min=0), present
 
 
 def answer_states(
@@ -130,11 +128,12 @@ def response_hidden(
     padded batch."""
     head = unwrap(model).get_output_embeddings()
     if packed:
-        ids, positions, flat_index, present = _flat_answer_index(traj)
+        flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(model):
             out = model(
-                input_ids=ids,
-                position_ids=positions,
+                input_ids=flat.ids,
+                position_ids=flat.positions,
+                **flat.bounds,
                 use_cache=False,
                 output_hidden_states=True,
                 logits_to_keep=1,
@@ -227,9 +226,9 @@ def values(value_model, traj: Trajectory, packed: bool = True) -> torch.Tensor:
     """The value of every state that predicts an answer token (as response_hidden: padding-free by
     default)."""
     if packed:
-        ids, positions, flat_index, present = _flat_answer_index(traj)
+        flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(value_model.classifier):
-            hidden = value_model.states(ids, None, positions)
+            hidden = value_model.states(flat.ids, None, flat.positions, **flat.bounds)
         return value_model.head(answer_states(hidden, flat_index, present))
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
     return value_model(traj.ids, traj.mask, positions, keep_from=traj.query_len - 1)[:, :-1]
