@@ -38,6 +38,7 @@ from pipeline.args import (
 from pipeline.data.preference_dataset import preference_datasets
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import run_cli
+from pipeline.model.compiled import compile_decoder_layers
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.run.output_dir import claim_output_dir
 from pipeline.run.setup import setup_run
@@ -138,6 +139,10 @@ def main(argv: list[str] | None = None):
     trainer = build_trainer(
         model, tokenizer, training_args, dpo_args, pref_args.packing, train_dataset, eval_dataset
     )
+    if training_args.compile_layers:  # trl's configs do not carry the flag: the stage acts on it
+        for each in (trainer.model, getattr(trainer, "ref_model", None)):
+            if each is not None:
+                compile_decoder_layers(each)
     if training_args.do_train:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:

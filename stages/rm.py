@@ -57,7 +57,7 @@ def parse(argv: list[str] | None = None):
     return model_args, data_args, peft_args, pref_args, training_args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     model_args, data_args, peft_args, pref_args, training_args = parse(argv)
     setup_run(training_args)
     claim_output_dir(training_args, "rm", model_args.model_name_or_path, data_args.train_source[0])
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         train_and_save(trainer, training_args)
     if training_args.do_eval and eval_dataset is not None:
         evaluate_and_save(trainer)
+    return trainer
 
 
 if __name__ == "__main__":

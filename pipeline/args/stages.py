@@ -13,7 +13,7 @@ from pipeline.args.model import ModelArguments, PeftArguments
 from pipeline.args.parsing import split_list
 from pipeline.args.training import (
     CausalLMTrainingArguments,
-    PipelineTrainingArguments,
+    CompiledLayersArguments,
     PPOTrainingArguments,
     RLTrainingArguments,
     RMTrainingArguments,
@@ -380,7 +380,7 @@ STAGE_ARGUMENTS: dict[str, tuple[type, ...]] = {
         PeftArguments,
         PreferenceArguments,
         DPOArguments,
-        PipelineTrainingArguments,
+        CompiledLayersArguments,
     ),
     "ppo": (ModelArguments, DataArguments, PeftArguments, PPOArguments, PPOTrainingArguments),
     "grpo": (

@@ -1,7 +1,7 @@
 """TrainingArguments subclasses, one per kind of loop: the Trainer stages
-(PipelineTrainingArguments; PT/SFT with liger-kernel and --master_weights; RM with its centering
-term) and the project's own RL loops (PPO, GRPO and relatives). Their defaults fit the hardware
-present; the Trainer's own flags keep their names."""
+(PipelineTrainingArguments; --compile_layers for PT, SFT, RM and DPO; PT/SFT with liger-kernel and
+--master_weights; RM with its centering term) and the project's own RL loops (PPO, GRPO and
+relatives). Their defaults fit the hardware present; the Trainer's own flags keep their names."""
 
 from __future__ import annotations
 
@@ -164,24 +164,10 @@ class PipelineTrainingArguments(TrainingArguments):
 
 
 @dataclass
-class CausalLMTrainingArguments(PipelineTrainingArguments):
-    """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and
-    leaner)."""
+class CompiledLayersArguments(PipelineTrainingArguments):
+    """The Trainer stages that run a transformer's layers in one forward and backward (PT, SFT, RM,
+    DPO): --compile_layers."""
 
-    default_liger: ClassVar[bool] = True
-    master_weights: str = field(
-        default="auto",
-        metadata={
-            "help": "Full training under --bf16: optimizer "
-            "(bf16 weights in the model, float32 masters in the optimizer: no casts; "
-            "pipeline/train/master_weights.py) or model "
-            "(float32 weights, autocast casts them to bf16 at every forward). "
-            "auto: optimizer wherever it applies and each step is one micro-batch in one "
-            "process (--gradient_accumulation_steps 1, no DDP: no bf16 gradient sums), "
-            "model otherwise.",
-            "choices": ("auto", "model", "optimizer"),
-        },
-    )
     compile_layers: bool = field(
         default=False,
         metadata={
@@ -208,7 +194,28 @@ class CausalLMTrainingArguments(PipelineTrainingArguments):
 
 
 @dataclass
-class RMTrainingArguments(PipelineTrainingArguments):
+class CausalLMTrainingArguments(CompiledLayersArguments):
+    """PT and SFT: liger-kernel's fused layers on by default on a CUDA GPU (measured faster and
+    leaner)."""
+
+    default_liger: ClassVar[bool] = True
+    master_weights: str = field(
+        default="auto",
+        metadata={
+            "help": "Full training under --bf16: optimizer "
+            "(bf16 weights in the model, float32 masters in the optimizer: no casts; "
+            "pipeline/train/master_weights.py) or model "
+            "(float32 weights, autocast casts them to bf16 at every forward). "
+            "auto: optimizer wherever it applies and each step is one micro-batch in one "
+            "process (--gradient_accumulation_steps 1, no DDP: no bf16 gradient sums), "
+            "model otherwise.",
+            "choices": ("auto", "model", "optimizer"),
+        },
+    )
+
+
+@dataclass
+class RMTrainingArguments(CompiledLayersArguments):
     center_rewards_coefficient: float = field(
         default=0.0, metadata={"help": "Weight of mean((r_c + r_r)^2)."}
     )

@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer
 
 from pipeline.model.adapters import unwrap
+from pipeline.model.compiled import compile_decoder_layers
 from pipeline.model.patches import unpadded_scores
 from pipeline.train.losses import pairwise_loss
 
@@ -26,6 +27,8 @@ class RewardModelTrainer(Trainer):
         self.packing = packing
         if packing:  # the pairs' rows run end to end, padding-free (pipeline/model/unpadding.py)
             unpadded_scores(unwrap(self.model))
+        if self.args.compile_layers:
+            compile_decoder_layers(self.model)
 
     def _rewards(self, model, inputs):
         extra = {"unpad": True} if self.packing else {"use_cache": False}
