@@ -296,6 +296,45 @@ def test_quantized_sft_trains(tiny_model, tmp_path, flag):
     assert norms and min(norms) > 0  # the adapter on the quantized base was trained
 
 
+@pytest.mark.parametrize("flag", ["--load_in_8bit", "--qlora"])
+def test_quantized_base_keeps_its_unquantized_weights_in_bf16(tiny_model, tmp_path, flag):
+    """The weights a quantized load leaves unquantized (embeddings, output head, norms) stay in the
+    bf16 they were loaded in, frozen; only the adapters are float32 (peft's own preparation would
+    cast them all to float32: +2 GiB on Llama-3-8B). Under checkpointing every adapter weight still
+    gets a gradient."""
+    import torch
+
+    from pipeline.model.loading import load_model, load_tokenizer
+
+    model_args, _, peft_args, _, _ = sft.parse(
+        [
+            *("--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "sft")),
+            *("--output_dir", str(tmp_path / "q"), flag, "True", "--torch_dtype", "bfloat16"),
+        ]
+    )
+    model = load_model(
+        model_args, peft_args, load_tokenizer(model_args), gradient_checkpointing=True
+    )
+    model.train()
+    plain = {
+        n: p for n, p in model.named_parameters() if p.dtype in (torch.float32, torch.bfloat16)
+    }
+    frozen = {n: p for n, p in plain.items() if not p.requires_grad}
+    adapters = {n: p for n, p in plain.items() if p.requires_grad}
+    assert any("embed_tokens" in n for n in frozen) and any("norm" in n for n in frozen)
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16}, {
+        n: p.dtype for n, p in frozen.items() if p.dtype != torch.bfloat16
+    }
+    assert adapters and all("lora_" in n for n in adapters)
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
+    ids = torch.randint(0, 100, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in adapters.values())
+    # lora_B starts at zero, so only its gradient is nonzero at the first step
+    assert all(p.grad.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)
+
+
 def test_packing_flags(tiny_model, tmp_path, caplog):
     """--packing is on by default and --packing_length sets the row size; combinations that would
     change what a sample computes are refused, and the automatic default turns packing off for

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
-from peft import TaskType, prepare_model_for_kbit_training
+from peft import TaskType
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -235,12 +235,24 @@ def load_model(
         False  # training: and packed position_ids only separate documents without a cache
     )
     if quant:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
+        prepare_quantized(model, gradient_checkpointing)
     if not peft_args.use_peft:
         return model
     return attach_lora(model, peft_args, task_type, resized, trainable_dtype)
+
+
+def prepare_quantized(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+    """A quantized base before its adapters: every weight frozen and, under checkpointing, the
+    embeddings' output made to require grad, so the checkpointed layers recompute with the
+    adapters' gradients. The weights left unquantized (embeddings, output head, norms) stay in the
+    dtype they were loaded in: peft's prepare_model_for_kbit_training casts them to float32, which
+    on Llama-3-8B turns the 1 GiB embedding and 1 GiB output head into 2 GiB each and has autocast
+    cast the head back to bf16 at every chunk of the loss."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable()
 
 
 HEAD_NAMES = {"lm": "language-model output head", "reward": "reward (score) head"}
