@@ -9,6 +9,8 @@ are; for TRL they are `key=value` fields of its config (values parsed as JSON wh
 BENCH_PROFILE=1 profiles training steps 4-6 and prints where the GPU time goes (by kernel) to
 stderr; BENCH_PROFILE=host profiles the host side of steps 4-13 with cProfile (where the Python time
 of a step goes: the Trainer's bookkeeping, data collation, kernel launches, waits on the GPU).
+Besides the whole run's tokens/s, `steady_tokens_per_s` is the rate after the first WARMUP_STEPS
+micro-steps (compilation and first allocations left out).
 """
 
 from __future__ import annotations
@@ -219,6 +221,46 @@ def profile_host(trainer_class, first: int = 3, last: int = 13) -> None:
     trainer_class.training_step = step
 
 
+WARMUP_STEPS = 5  # micro-steps left out of the steady rate: first allocations, compilation
+STEPS: dict = {"count": 0}
+
+
+def time_steps(trainer_class) -> None:
+    """Mark the end of micro-step WARMUP_STEPS and of training (the GPU drained at both), so a run
+    reports its rate after warm-up beside the whole run's: compiled layers pay their compilation in
+    the first steps."""
+    import time
+
+    step, train = trainer_class.training_step, trainer_class.train
+
+    def timed_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        STEPS["count"] += 1
+        if STEPS["count"] == WARMUP_STEPS:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            STEPS["warm"] = time.perf_counter()
+        return out
+
+    def timed_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        STEPS["end"] = time.perf_counter()
+        return result
+
+    trainer_class.training_step, trainer_class.train = timed_step, timed_train
+
+
+def steady_rate(tokens: int) -> int | None:
+    """Tokens a second after warm-up, taking every micro-step to hold the same share of the tokens
+    (packed rows nearly do); None for a run of too few steps."""
+    if "warm" not in STEPS or STEPS["count"] <= WARMUP_STEPS:
+        return None
+    share = (STEPS["count"] - WARMUP_STEPS) / STEPS["count"]
+    return round(tokens * share / (STEPS["end"] - STEPS["warm"]))
+
+
 def results_of(out: str) -> dict:
     results = json.loads((Path(out) / "train_results.json").read_text())
     state = json.loads((Path(out) / "trainer_state.json").read_text())
@@ -360,9 +402,16 @@ def main(argv: list[str] | None = None) -> None:
     tool, model, data, batch, max_length, out, *extra = argv
     who, stage = tool.split("-")
     run = project if who == "project" else trl_run
+    from transformers import Trainer
+
+    time_steps(Trainer)
     result = run(stage, model, data, int(batch), int(max_length), out, extra)
     tokens = token_count(tool, model, data, int(max_length))
-    result.update(tokens=tokens, tokens_per_s=round(tokens / result["train_s"]))
+    result.update(
+        tokens=tokens,
+        tokens_per_s=round(tokens / result["train_s"]),
+        steady_tokens_per_s=steady_rate(tokens),
+    )
     print(json.dumps(result))
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bench.run_one import WARMUP_STEPS
 from tests.helpers import REPO
 
 
@@ -28,6 +29,11 @@ def test_sft_bench_smoke_runs_both_tools_on_the_same_tokens(tmp_path):
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), rows
     assert len({r["tokens"] for r in rows}) == 1  # every tool trains on the same tokens
     assert "| TRL SFTTrainer (defaults) |" in (tmp_path / "results-full.md").read_text()
+    # the rate after warm-up, for every run with steps beyond it (one packed row a step has)
+    longer = [r for r in rows if r["steps"] > WARMUP_STEPS]
+    assert rows[1] in longer
+    assert all(r["steady_tokens_per_s"] > 0 for r in longer), longer
+    assert all(r["steady_tokens_per_s"] is None for r in rows if r not in longer)
 
 
 @pytest.mark.slow
