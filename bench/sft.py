@@ -161,9 +161,17 @@ def make_pairs(n: int, median: int, cap: int, out: Path, seed: int = 0) -> None:
 
 # (row name, tool, extra flags); rows of a suite run in this order, one process each. Rows with a
 # GPU_ONLY flag are left out of the CPU smoke run: liger-kernel's Triton kernels, master weights
-# (they need --bf16) and compiled layers (they run on the CPU, tests/test_compiled_layers.py, but
-# take minutes to compile there)
-GPU_ONLY = ("--use_liger_kernel", "--master_weights", "--compile_layers")
+# (they need --bf16), compiled layers (they run on the CPU, tests/test_compiled_layers.py, but
+# take minutes to compile there) and the checkpointing options (offload needs a GPU; both are
+# tested in tests/test_checkpointing_options.py)
+HALF_RECOMPUTED = '{"every_n_layers": 2}'
+OFFLOADED = '{"offload": true}'
+GPU_ONLY = (
+    "--use_liger_kernel",
+    "--master_weights",
+    "--compile_layers",
+    "--gradient_checkpointing_kwargs",
+)
 LIGER = ["--use_liger_kernel", "True"]
 FULL = ["--use_peft", "False"]
 LORA = ["--use_peft", "True", "--lora_rank", "8"]
@@ -217,6 +225,15 @@ SUITES = {
             "project-sft",
             [*FULL, "--per_device_train_batch_size", "1", "--compile_layers", "True"],
         ),
+        (
+            "this project, 1 packed row a step, every 2nd layer recomputed",
+            "project-sft",
+            [
+                *FULL,
+                *("--per_device_train_batch_size", "1"),
+                *("--gradient_checkpointing_kwargs", HALF_RECOMPUTED),
+            ],
+        ),
     ],
     "lora": [
         ("this project, LoRA r=8 all linear", "project-sft", [*LORA, *LEAN]),
@@ -226,6 +243,21 @@ SUITES = {
             [*LORA, *LEAN, "--load_in_4bit", "True", "--qlora", "True"],
         ),
         ("TRL SFTTrainer (defaults), LoRA r=8 all linear", "trl-sft", ["lora_r=8"]),
+        (
+            "this project, LoRA r=8 all linear, activations offloaded to host memory",
+            "project-sft",
+            [*LORA, *LEAN, "--gradient_checkpointing_kwargs", OFFLOADED],
+        ),
+        (
+            "this project, QLoRA r=8 all linear, activations offloaded to host memory",
+            "project-sft",
+            [
+                *LORA,
+                *LEAN,
+                *("--load_in_4bit", "True", "--qlora", "True"),
+                *("--gradient_checkpointing_kwargs", OFFLOADED),
+            ],
+        ),
     ],
     "dpo": [
         (
@@ -238,6 +270,11 @@ SUITES = {
             "this project, DPO LoRA r=8 all linear + compiled decoder layers",
             "project-dpo",
             ["--use_peft", "True", "--lora_rank", "8", "--compile_layers", "True"],
+        ),
+        (
+            "this project, DPO LoRA r=8 all linear + liger-kernel's layer kernels",
+            "project-dpo",
+            ["--use_peft", "True", "--lora_rank", "8", *LIGER],
         ),
     ],
 }

@@ -104,7 +104,6 @@ def test_packed_pair_forwards_hand_the_rows_bounds_to_the_varlen_kernel(tiny_mod
         .eval()
         for extra in ({}, {"attn_implementation": varlen})
     ]
-    torch.manual_seed(0)
     scorers[1].score.load_state_dict(scorers[0].score.state_dict())  # the same random head
     unpadded_scores(scorers[1])
     with torch.no_grad():

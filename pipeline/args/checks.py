@@ -405,6 +405,55 @@ def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) ->
     return unpackable is None if packing is None else packing
 
 
+def checkpointing_options(training_args) -> dict[str, Any]:
+    """--gradient_checkpointing_kwargs as a dict (transformers parses the JSON in newer versions
+    only; 5.x renamed it activation_checkpointing_kwargs, which wins where set)."""
+    value = getattr(training_args, "activation_checkpointing_kwargs", None)
+    value = value if value is not None else training_args.gradient_checkpointing_kwargs
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = loads(value)
+        except ValueError as e:
+            raise UserError(f"--gradient_checkpointing_kwargs is not valid JSON: {e}") from e
+    if value is not None and not isinstance(value, dict):
+        raise UserError(
+            "--gradient_checkpointing_kwargs takes a JSON object, e.g. "
+            f"'{{\"every_n_layers\": 2}}'; got {value!r}."
+        )
+    return dict(value or {})
+
+
+def check_checkpointing_options(training_args) -> None:
+    """transformers' own checkpointing options, read by every stage (the RL loops pass them on
+    themselves): `every_n_layers` (recompute every n-th decoder layer only: less recomputation and
+    host work, more memory) and `offload` (the saved activations in pinned host memory: needs a
+    GPU). Options without checkpointing would do nothing, so they are refused."""
+    options = checkpointing_options(training_args)
+    if not options:
+        return
+    if not training_args.gradient_checkpointing:
+        raise UserError(
+            "--gradient_checkpointing_kwargs acts only with gradient checkpointing on; drop it or "
+            "add --gradient_checkpointing True."
+        )
+    every = options.get("every_n_layers", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(
+            "--gradient_checkpointing_kwargs: every_n_layers must be a whole number >= 1 "
+            f"(1 = every layer), got {every!r}."
+        )
+    offload = options.get("offload", False)
+    if not isinstance(offload, bool):
+        raise UserError(
+            f"--gradient_checkpointing_kwargs: offload must be true or false, got {offload!r}."
+        )
+    if offload and not torch.cuda.is_available():
+        raise UserError(
+            "--gradient_checkpointing_kwargs: offload keeps the saved activations in pinned host "
+            "memory, which needs a CUDA GPU; drop it on a CPU-only machine."
+        )
+
+
 def resolve_checkpointing(training_args, peft_args) -> None:
     """Gradient checkpointing (on by default) cannot run prefix tuning: its virtual key/value tokens
     do not survive the recomputed forward. Off by default there; asked for explicitly, it stops
@@ -419,6 +468,11 @@ def resolve_checkpointing(training_args, peft_args) -> None:
         raise UserError(
             "--gradient_checkpointing True cannot be combined with --peft_type prefix_tuning; drop "
             "one of them."
+        )
+    if checkpointing_options(training_args):
+        raise UserError(
+            "--gradient_checkpointing_kwargs acts only with gradient checkpointing, which "
+            "--peft_type prefix_tuning turns off; drop it."
         )
     training_args.gradient_checkpointing = False
     if hasattr(training_args, "activation_checkpointing"):  # transformers >= 5.2x reads this name

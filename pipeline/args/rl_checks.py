@@ -109,6 +109,8 @@ LOOP_TRAINER_FLAGS = frozenset(
         "tf32",
         "gradient_checkpointing",
         "activation_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "activation_checkpointing_kwargs",
         "deepspeed",
         "use_cpu",
         "local_rank",

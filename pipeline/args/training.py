@@ -13,6 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from pipeline.args.checks import (
+    check_checkpointing_options,
     check_deepspeed_file,
     check_deepspeed_matches,
     check_numbers,
@@ -161,6 +162,7 @@ class PipelineTrainingArguments(TrainingArguments):
         except ValueError as e:
             raise UserError(first_line(e)) from e
         check_deepspeed_matches(self)
+        check_checkpointing_options(self)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.args.checks import checkpointing_options
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError
@@ -88,7 +89,11 @@ class PPORecipe:
             )
         for model in (self.policy, self.value_model):
             if model is not None:
-                prepare_for_rl(model, training_args.gradient_checkpointing)
+                prepare_for_rl(
+                    model,
+                    training_args.gradient_checkpointing,
+                    checkpointing_options(training_args),
+                )
         # the update: plain torch, or one DeepSpeed ZeRO-2/3 engine over policy + value model
         # (pipeline/rl/engine.py)
         pair, accumulation = (

@@ -186,19 +186,23 @@ def is_quantized(model) -> bool:
     )
 
 
-def prepare_for_rl(model, gradient_checkpointing: bool) -> None:
+def prepare_for_rl(model, gradient_checkpointing: bool, options: dict | None = None) -> None:
     """Dropout off (the sampled and the trained distributions must agree); checkpointing as the
-    Trainer would."""
+    Trainer would, with the user's --gradient_checkpointing_kwargs (`options`: every_n_layers,
+    offload, and torch's own checkpoint arguments)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if gradient_checkpointing:
+        options = {"use_reentrant": False, **(options or {})}
+        placement = {
+            "every_n_layers": options.pop("every_n_layers", 1),
+            "offload": options.pop("offload", False),
+        }
         # newer transformers name it activation_checkpointing_enable; 5.17 (the floor) has only the
         # old name
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable(activation_checkpointing_kwargs=options, **placement)
         else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **placement)
