@@ -86,6 +86,29 @@ def test_the_rl_loop_passes_the_options_on(tiny_model, tmp_path, monkeypatch):
     assert seen == [[True, False]]
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "kto"])
+def test_dpo_and_kto_keep_the_layers_choice_around_the_reference_forward(
+    tiny_model, tmp_path, monkeypatch, loss_type
+):
+    """trl pauses checkpointing for the reference forward of every step; afterwards each layer
+    has its own setting back (trl's own helper sent every_n_layers to torch's checkpoint, which
+    stopped the run at the second step)."""
+    from stages import dpo
+    from tests.test_compiled_layers import PAIR_FLAGS
+
+    seen = _watch_layers(monkeypatch, Trainer, "training_step")
+    trainer = dpo.main(
+        [
+            *("--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "d")),
+            *PAIR_FLAGS,
+            *("--use_peft", "True", "--loss_type", loss_type),
+            *("--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'),
+        ]
+    )
+    assert trainer.state.global_step == 3
+    assert seen == [[True, False]] * 3
+
+
 @pytest.mark.parametrize(
     "extra, refused",
     [

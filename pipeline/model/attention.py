@@ -86,7 +86,8 @@ def packed_varlen_attention(
             "packed_varlen attention takes one flattened packed row with its position_ids"
         )
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
-        cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]  # from the collator
+        # from the collator or the padding-free pair forward (a no-op move on the same device)
+        cu, max_len = kwargs["cu_seq_lens_q"].to(query.device), kwargs["max_length_q"]
     else:
         cu, max_len = sample_bounds(kwargs["position_ids"], query.device)
     # under autocast the rotary embedding hands back float32 q/k; the kernel computes in the

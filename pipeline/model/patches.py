@@ -10,10 +10,16 @@ Trainer subclasses).
     separate_zero3_step_counts  DeepSpeed 0.19's ZeRO-3 universal-checkpoint load: one Adam step
                                 count per parameter group, not one shared tensor
                                 (tests/test_zero_resume.py)
+    keep_checkpointing_choices  trl's DPO and KTO trainers pause gradient checkpointing for the
+                                reference forward and turn it back on for every layer, with
+                                --gradient_checkpointing_kwargs sent to torch's checkpoint (which
+                                refuses every_n_layers and offload); each layer gets back its own
+                                setting instead (tests/test_checkpointing_options.py)
 
 The forward swaps replace `forward` on one model instance (as trl's fused LM head does), so DDP,
 DeepSpeed and PEFT wrappers still reach it; the DeepSpeed one replaces a method of DeepSpeed's
-ZeRO-3 optimizer class, once.
+ZeRO-3 optimizer class, once; the checkpointing one replaces a helper trl's DPO and KTO modules
+import, once.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
+from contextlib import contextmanager
 
 import torch
 
@@ -28,7 +35,12 @@ from pipeline.data.masking import IGNORE_INDEX
 from pipeline.model.unpadding import flatten, restore
 
 logger = logging.getLogger(__name__)
-PATCHES = ("unpadded_log_probs", "unpadded_scores", "separate_zero3_step_counts")
+PATCHES = (
+    "unpadded_log_probs",
+    "unpadded_scores",
+    "separate_zero3_step_counts",
+    "keep_checkpointing_choices",
+)
 _announced: set[str] = set()
 
 
@@ -159,4 +171,35 @@ def separate_zero3_step_counts() -> None:
         "separate_zero3_step_counts",
         "DeepSpeed's ZeRO-3 universal checkpoint load: each parameter group keeps "
         "its own Adam step count (DeepSpeed 0.19 hands them one shared tensor)",
+    )
+
+
+@contextmanager
+def paused_checkpointing(model, gradient_checkpointing_kwargs=None):
+    """Gradient checkpointing off for the modules that have it on, and back on for those only."""
+    paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in paused:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in paused:
+            module.gradient_checkpointing = True
+
+
+def keep_checkpointing_choices() -> None:
+    """trl's DPO and KTO trainers run the reference forward inside their
+    `disable_gradient_checkpointing(model, kwargs)`, which ends with
+    `model.gradient_checkpointing_enable(kwargs)`: every layer checkpointed again, and transformers'
+    own options (`every_n_layers`, `offload`) handed to torch's checkpoint, which stops the run at
+    the second step. Both modules get `paused_checkpointing` instead."""
+    import trl.trainer.dpo_trainer as dpo
+    import trl.trainer.kto_trainer as kto
+
+    for module in (dpo, kto):
+        module.disable_gradient_checkpointing = paused_checkpointing
+    announce(
+        "keep_checkpointing_choices",
+        "trl's DPO/KTO reference forwards pause gradient checkpointing and give each layer back "
+        "its own setting",
     )

@@ -21,7 +21,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from pipeline.model.adapters import unwrap
-from pipeline.model.patches import unpadded_log_probs
+from pipeline.model.patches import keep_checkpointing_choices, unpadded_log_probs
 from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
 
 
@@ -41,6 +41,7 @@ class PretokenizedDPOTrainer(DPOTrainer):
     def __init__(self, *args, packing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         unpad_models(self, packing)
+        keep_checkpointing_choices()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -53,6 +54,7 @@ class PretokenizedKTOTrainer(KTOTrainer):
     def __init__(self, *args, packing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         unpad_models(self, packing)
+        keep_checkpointing_choices()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.calculate_KL:  # rotate completions by one within each batch, as trl does
