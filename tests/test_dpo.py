@@ -236,6 +236,37 @@ def test_reference_free_losses_by_hand():
     assert orpo_loss(c, r, beta=0.1).item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_reference_free_metrics_are_the_batch_values(tiny_model, tmp_path):
+    """SimPO/ORPO log the batch's mean chosen and rejected log-probabilities, accuracy and margin,
+    read from the device in one go: each under its own name."""
+    from pipeline.train.losses import average_logps
+
+    trainer = dpo.main(
+        [
+            *("--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "s")),
+            *("--loss_type", "simpo", "--max_steps", "1", "--use_peft", "False"),
+            *("--validation_split_percentage", "0"),
+            *COMMON,
+        ]
+    )
+    model = trainer.model.eval()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer._metrics["eval"].clear()
+    with torch.no_grad():
+        trainer.compute_loss(model, inputs)
+        chosen, rejected = average_logps(model, inputs).chunk(2)
+    logged = {k: v[0] for k, v in trainer._metrics["eval"].items()}
+    want = {
+        "logps/chosen": chosen.mean(),
+        "logps/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+    }
+    assert logged.keys() == want.keys()
+    assert all(logged[k] == pytest.approx(v.item(), abs=1e-6) for k, v in want.items())
+    assert len({round(v, 6) for v in logged.values()}) == 4  # four different numbers
+
+
 @pytest.mark.parametrize("launcher", ["run_rm.sh", "run_dpo.sh"])
 def test_rm_and_dpo_train_under_torchrun_with_two_processes(sft_model, tmp_path, launcher):
     out = tmp_path / launcher.removesuffix(".sh")

@@ -69,6 +69,9 @@ class PretokenizedKTOTrainer(KTOTrainer):
         return dataset
 
 
+REFERENCE_FREE_METRICS = ("logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins")
+
+
 class ReferenceFreeTrainer(Trainer):
     def __init__(
         self,
@@ -98,10 +101,10 @@ class ReferenceFreeTrainer(Trainer):
             else orpo_loss(chosen, rejected, self.beta)
         )
         metrics = self._metrics["train" if model.training else "eval"]
-        metrics["logps/chosen"].append(chosen.mean().item())
-        metrics["logps/rejected"].append(rejected.mean().item())
-        metrics["rewards/accuracies"].append((chosen > rejected).float().mean().item())
-        metrics["rewards/margins"].append((chosen - rejected).mean().item())
+        c, r = chosen.detach(), rejected.detach()
+        values = torch.stack([c.mean(), r.mean(), (c > r).float().mean(), (c - r).mean()])
+        for name, value in zip(REFERENCE_FREE_METRICS, values.tolist()):  # one host sync, not four
+            metrics[name].append(value)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
