@@ -40,6 +40,7 @@ from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from pipeline.args import STAGE_ARGUMENTS, PPOArguments, given_flags, parse_args, trainable_dtype
+from pipeline.args.checks import checkpointing_options
 from pipeline.args.rl_checks import (
     GROUP_RELATIVE_FLAGS,
     check_rl_data_flags,
@@ -267,6 +268,13 @@ def parse(argv: list[str] | None = None):
     if ppo_args.rl_engine == "own":  # trl's trainers implement the Trainer's flags themselves
         check_trainer_flags(
             training_args, given_flags(ARGUMENTS, argv), f"--algorithm {ppo_args.algorithm}"
+        )
+    elif {"every_n_layers", "offload"} & checkpointing_options(training_args).keys():
+        # trl's trainers turn checkpointing back on with these handed to torch's checkpoint
+        raise UserError(
+            "--gradient_checkpointing_kwargs every_n_layers/offload: trl's trainers pass them "
+            "to torch's checkpoint, which refuses them; use --rl_engine own (the default) or "
+            "drop them."
         )
     return model_args, data_args, peft_args, ppo_args, training_args
 

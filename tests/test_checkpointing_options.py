@@ -109,6 +109,20 @@ def test_dpo_and_kto_keep_the_layers_choice_around_the_reference_forward(
     assert seen == [[True, False]] * 3
 
 
+def test_trl_group_trainers_refuse_what_they_would_hand_to_torch(tiny_model, tmp_path):
+    """trl's GRPO/RLOO trainers re-enable checkpointing with the options passed to torch's
+    checkpoint, which refuses every_n_layers: said before the run, not at its first step."""
+    with pytest.raises(UserError, match="use --rl_engine own"):
+        grpo.parse(
+            grpo_flags(
+                tiny_model,
+                tmp_path / "g",
+                *("--rl_engine", "trl", "--gradient_checkpointing", "True"),
+                *("--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'),
+            )
+        )
+
+
 @pytest.mark.parametrize(
     "extra, refused",
     [

@@ -32,6 +32,12 @@ def _loss(model, ids):
     return out.logits.detach(), grads
 
 
+@pytest.fixture(autouse=True)
+def _no_silent_eager(monkeypatch):
+    """Past the recompile limit dynamo would run the part eager behind a warning: here it fails."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+
+
 def _fresh_counters():
     """dynamo's caches emptied and its counters zeroed: what it captures next is counted."""
     torch._dynamo.reset()
@@ -101,6 +107,8 @@ def test_an_sft_run_with_compiled_layers_trains_as_the_eager_one(tiny_model, tmp
     [
         (("--use_liger_kernel", "True"), "drop --use_liger_kernel"),
         (("--deepspeed", "deepspeed_configs/zero2.json"), "not supported with --deepspeed"),
+        (("--use_peft", "True", "--qlora", "True"), "does not compile quantized layers"),
+        (("--use_peft", "True", "--use_dora", "True"), "does not compile DoRA adapters"),
     ],
 )
 def test_compile_layers_refused_where_it_cannot_act(tiny_model, tmp_path, flags, refused):
@@ -125,8 +133,12 @@ PAIR_FLAGS = [
 
 @pytest.mark.parametrize(
     "stage, flags",
-    [("dpo", ("--use_peft", "True")), ("rm", ("--use_peft", "False"))],
-    ids=["dpo-lora", "rm-full"],
+    [
+        ("dpo", ("--use_peft", "True")),
+        ("dpo", ("--use_peft", "True", "--loss_type", "kto")),
+        ("rm", ("--use_peft", "False")),
+    ],
+    ids=["dpo-lora", "kto-lora", "rm-full"],
 )
 def test_pair_stages_train_with_compiled_layers_as_without(tiny_model, tmp_path, stage, flags):
     """DPO (a LoRA policy whose reference is the same layers with the adapter off) and the reward

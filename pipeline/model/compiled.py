@@ -29,6 +29,27 @@ from pipeline.model.adapters import unwrap
 logger = logging.getLogger(__name__)
 
 
+RECOMPILE_LIMIT = 32
+
+
+def refuse_uncompilable(parts: list[torch.nn.Module]) -> None:
+    """Layers torch.compile cannot take whole: bitsandbytes' quantized linears (their CPU path
+    repacks the weight inside the forward) and DoRA adapters (peft's weight dequantization breaks
+    the graph in every linear, which then runs eager)."""
+    for part in parts:
+        for module in part.modules():
+            if type(module).__module__.startswith("bitsandbytes"):
+                raise UserError(
+                    "--compile_layers does not compile quantized layers (--load_in_4bit, "
+                    "--load_in_8bit, --qlora); drop one of them."
+                )
+            if len(getattr(module, "lora_magnitude_vector", ()) or ()):
+                raise UserError(
+                    "--compile_layers does not compile DoRA adapters (--use_dora True); "
+                    "drop one of them."
+                )
+
+
 def is_compiled(part: torch.nn.Module) -> bool:
     return getattr(part, "_compiled_call_impl", None) is not None
 
@@ -50,6 +71,14 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
         for child in layer.children()
         if next(child.parameters(), None) is not None and not is_compiled(child)
     ]
+    refuse_uncompilable(parts)
+    # one code object serves every part of a class in every mode a run uses (training, no-grad
+    # reference forwards, adapters on and off, evaluation; KTO with LoRA needs 7): room for all of
+    # them under dynamo's default limit of 8 would be tight (past it, that mode runs eager behind
+    # one warning in the log)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for part in parts:
         part.compile(dynamic=True)
     logger.info(
