@@ -138,6 +138,8 @@ def test_trl_group_trainers_refuse_what_they_would_hand_to_torch(tiny_model, tmp
             ("--gradient_checkpointing_kwargs", '{"offload": "yes"}'),
             "offload must be true or false",
         ),
+        (("--gradient_checkpointing_kwargs", "{every_n_layers: 2}"), "is not valid JSON"),
+        (("--gradient_checkpointing_kwargs", "every_n_layers=2"), "takes a JSON object"),
         (
             ("--gradient_checkpointing", "False", "--gradient_checkpointing_kwargs", "{}"),
             None,

@@ -405,16 +405,24 @@ def resolve_packing(packing: bool | None, peft_args, neft_alpha: float = 0.0) ->
     return unpackable is None if packing is None else packing
 
 
+def bad_json_flag(training_args) -> str | None:
+    """The sentence for a TrainingArguments flag given as a JSON object that does not parse
+    (transformers' own error names no flag), or None."""
+    for name in getattr(training_args, "_VALID_DICT_FIELDS", ()):
+        value = getattr(training_args, name, None)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                json.loads(value)
+            except ValueError as e:
+                return f"--{name} is not valid JSON ({e}): write an object, e.g. '{{\"key\": 2}}'."
+    return None
+
+
 def checkpointing_options(training_args) -> dict[str, Any]:
-    """--gradient_checkpointing_kwargs as a dict (transformers parses the JSON in newer versions
-    only; 5.x renamed it activation_checkpointing_kwargs, which wins where set)."""
+    """--gradient_checkpointing_kwargs as a dict (transformers has parsed the JSON already; newer
+    versions call it activation_checkpointing_kwargs, which wins where set)."""
     value = getattr(training_args, "activation_checkpointing_kwargs", None)
     value = value if value is not None else training_args.gradient_checkpointing_kwargs
-    if isinstance(value, str) and value.strip().startswith("{"):
-        try:
-            value = loads(value)
-        except ValueError as e:
-            raise UserError(f"--gradient_checkpointing_kwargs is not valid JSON: {e}") from e
     if value is not None and not isinstance(value, dict):
         raise UserError(
             "--gradient_checkpointing_kwargs takes a JSON object, e.g. "

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from pipeline.args.checks import (
+    bad_json_flag,
     check_checkpointing_options,
     check_deepspeed_file,
     check_deepspeed_matches,
@@ -160,7 +161,7 @@ class PipelineTrainingArguments(TrainingArguments):
         try:
             super().__post_init__()
         except ValueError as e:
-            raise UserError(first_line(e)) from e
+            raise UserError(bad_json_flag(self) or first_line(e)) from e
         check_deepspeed_matches(self)
         check_checkpointing_options(self)
 
