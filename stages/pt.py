@@ -80,14 +80,17 @@ def build_datasets(
         return dataset
 
     with training_args.main_process_first(desc="reading and packing data"):
-        train_raw, eval_raw = load_train_eval(load, data_args, training_args.seed, "documents")
+        train_raw, eval_raw = load_train_eval(load, data_args, training_args, "documents")
         train = pack(train_raw, tokenizer, block_size, data_args, "train")
         evaluation = (
             pack(eval_raw, tokenizer, block_size, data_args, "eval")
             if eval_raw is not None
             else None
         )
-    return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
+    return (
+        cap(train, data_args.max_train_samples, "--max_train_samples", "blocks"),
+        cap(evaluation, data_args.max_eval_samples, "--max_eval_samples", "blocks"),
+    )
 
 
 ARGUMENTS = STAGE_ARGUMENTS["pt"]

@@ -57,8 +57,11 @@ def build_datasets(data_args, sft_args, template, tokenizer, training_args):
         return dataset
 
     with training_args.main_process_first(desc="encoding chats"):
-        train, evaluation = load_train_eval(load, data_args, training_args.seed, "samples")
-    return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
+        train, evaluation = load_train_eval(load, data_args, training_args, "samples")
+    return (
+        cap(train, data_args.max_train_samples, "--max_train_samples", "samples"),
+        cap(evaluation, data_args.max_eval_samples, "--max_eval_samples", "samples"),
+    )
 
 
 def pack(dataset, length: int, name: str):

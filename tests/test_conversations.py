@@ -116,7 +116,7 @@ BAD = {
     ),
     "starts with assistant": (
         {"messages": [{"role": "assistant", "content": "a"}]},
-        "cannot follow a system",
+        "the conversation starts with an assistant message",
     ),
     "observation without call": (
         {

@@ -121,7 +121,7 @@ def from_columns(
     }
 
 
-def _tools(value: Any) -> list[dict] | None:
+def read_tools(value: Any) -> list[dict] | None:
     if value in (None, "", []):
         return None
     if isinstance(value, str):
@@ -151,6 +151,14 @@ def _written_call(call: Any) -> dict:
     function = call["function"]
     if not isinstance(function.get("name"), str) or "arguments" not in function:
         raise InvalidSample("a tool call's function needs a name and arguments")
+    if isinstance(function["arguments"], str):
+        try:  # the template writes a string as it is: broken JSON would be trained verbatim
+            loads(function["arguments"])
+        except json.JSONDecodeError as e:
+            raise InvalidSample(
+                f"the arguments of the tool call {function['name']!r} are a string that is not "
+                f"JSON ({e.msg} at column {e.colno}); write them as a JSON object or its text"
+            ) from e
     return {"type": "function", **call}
 
 
@@ -252,6 +260,8 @@ def make_message(role: str, content: Any, loss: Any = None) -> dict:
         raise InvalidSample("a user message has no content (null or missing)")
     if content is not None and not isinstance(content, str):
         raise InvalidSample(f"a {role} message's content must be a string")
+    if role == "user" and not content.strip():
+        raise InvalidSample("a user message is empty (nothing but whitespace)")
     m = {"role": role, "content": content or ""}
     if loss is not None:
         if not isinstance(loss, bool):
@@ -285,7 +295,7 @@ def from_sharegpt(record: dict) -> dict:
             )
         else:
             messages.append(make_message(role, turn.get("value"), turn.get("loss")))
-    return {"messages": messages, "tools": _tools(record.get("tools"))}
+    return {"messages": messages, "tools": read_tools(record.get("tools"))}
 
 
 def _loss(turn: dict) -> dict:
@@ -293,18 +303,34 @@ def _loss(turn: dict) -> dict:
 
 
 def from_messages(record: dict) -> dict:
-    tools = _tools(record.get("tools"))
-    messages, own_tools = _messages(record["messages"], "messages")
-    return {"messages": messages, "tools": own_tools or tools}
+    tools = read_tools(record.get("tools"))
+    messages, own_tools = read_messages(record["messages"], "messages")
+    return {"messages": with_system(record, messages), "tools": own_tools or tools}
 
 
 def from_chatglm3(record: dict) -> dict:
-    tools = _tools(record.get("tools"))
-    messages, own_tools = _messages(record["conversations"], "conversations")
-    return {"messages": messages, "tools": own_tools or tools}
+    tools = read_tools(record.get("tools"))
+    messages, own_tools = read_messages(record["conversations"], "conversations")
+    return {"messages": with_system(record, messages), "tools": own_tools or tools}
 
 
-def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
+def with_system(record: dict, messages: list[dict]) -> list[dict]:
+    """The messages with a record's top-level "system" put first (as ShareGPT and alpaca records
+    give it); one that disagrees with a system message of the list is refused, not chosen."""
+    if record.get("system") in (None, ""):
+        return messages
+    system = make_message("system", record["system"])
+    first = messages[0] if messages else {}
+    if first.get("role") == "system":
+        if first["content"] != system["content"]:
+            raise InvalidSample(
+                'a top-level "system" and a different system message in the list; keep one'
+            )
+        return messages
+    return [system, *messages]
+
+
+def read_messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
     """Role/content messages (OpenAI, GLM-4, ChatGLM3) as internal messages, and the tools a message
     carries."""
     if not isinstance(raw, list):
@@ -317,7 +343,7 @@ def _messages(raw: Any, where: str) -> tuple[list[dict], list[dict] | None]:
                 f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in {where}"
             )
         if m.get("tools"):
-            tools = _tools(m["tools"])
+            tools = read_tools(m["tools"])
         if is_chatglm3_tool(m):
             messages += _chatglm3_tool(m)
             continue
@@ -371,27 +397,33 @@ CONVERTERS = {
 }
 
 
-def validate(conv: dict) -> dict:
-    """Check roles and order; raise InvalidSample with the reason."""
+def validate(conv: dict, require_answer: bool = True) -> dict:
+    """Check roles and order; raise InvalidSample with the reason. RL prompts may end without an
+    answer (require_answer=False)."""
     msgs = conv["messages"]
     systems = [i for i, m in enumerate(msgs) if m["role"] == "system"]
     if len(systems) > 1:
         raise InvalidSample("more than one system message")
     if systems and systems[0] != 0:
         raise InvalidSample("the system message must come first")
-    prev, last_calls = "system", False
+    prev, last_calls = ("system" if systems else None), False
     for m in msgs[1 if systems else 0 :]:
         role = m["role"]
         if role == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise InvalidSample("an assistant message is empty")
         allowed = {
-            "user": ("system", "assistant", "tool"),
+            "user": (None, "system", "assistant", "tool"),
             "assistant": ("user", "tool"),
             "tool": ("assistant", "tool"),
         }[role]
         thought_then_call = role == prev == "assistant" and m.get(
             "tool_calls"
         )  # ChatGLM3: text, then the call
+        if prev is None and role not in ("user",):
+            raise InvalidSample(
+                f"the conversation starts with {_article(role)} {role} message; the first turn "
+                "(after any system message) must be the user's"
+            )
         if (prev not in allowed and not thought_then_call) or (
             role == "tool" and prev == "assistant" and not last_calls
         ):
@@ -404,8 +436,10 @@ def validate(conv: dict) -> dict:
             else (last_calls if role == "tool" else False)
         )
         prev = role
-    if not any(m["role"] == "assistant" for m in msgs):
+    if require_answer and not any(m["role"] == "assistant" for m in msgs):
         raise InvalidSample("no assistant message to learn from")
+    if not require_answer and not any(m["role"] == "user" for m in msgs):
+        raise InvalidSample("no user message to answer")
     return conv
 
 
@@ -413,14 +447,14 @@ def _article(word: str) -> str:
     return "an" if word in ("assistant",) else "a"
 
 
-def normalize(record: Any, data_format: str = "auto") -> dict:
+def normalize(record: Any, data_format: str = "auto", require_answer: bool = True) -> dict:
     fmt = detect_format(record) if data_format == "auto" else data_format
     try:
         if fmt.startswith("columns"):
             if not isinstance(record, dict):
                 raise InvalidSample("a record must be a JSON object")
-            return validate(from_columns(record, *fmt.split(":")[1:]))
-        return validate(CONVERTERS[fmt](record))
+            return validate(from_columns(record, *fmt.split(":")[1:]), require_answer)
+        return validate(CONVERTERS[fmt](record), require_answer)
     except (KeyError, TypeError, AttributeError) as e:
         raise InvalidSample(f"not a valid {fmt} record: {field_problem(e)}") from e
 
@@ -433,10 +467,15 @@ def field_problem(error: Exception) -> str:
 
 
 def read_conversations(
-    directory: str | list[str], flag: str, data_format: str = "auto", skip_invalid: bool = False
+    directory: str | list[str],
+    flag: str,
+    data_format: str = "auto",
+    skip_invalid: bool = False,
+    require_answer: bool = True,
 ) -> tuple[list[dict], ReadReport]:
     """All conversations under a folder; an invalid record is an error (file:line) or, if asked,
-    skipped and counted."""
+    skipped and counted. RL prompts pass require_answer=False: a conversation may end with the
+    user."""
     files = find_files(directory, flag, (".json", ".jsonl"))
     report = ReadReport(files=len(files))
     out = []
@@ -445,7 +484,7 @@ def read_conversations(
         for line, record in iter_json_records(path):
             report.read += 1
             try:
-                out.append(normalize(record, data_format))
+                out.append(normalize(record, data_format, require_answer))
             except InvalidSample as e:
                 if not skip_invalid:
                     raise UserError(

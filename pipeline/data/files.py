@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pipeline.errors import UserError
 logger = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS = (".txt", ".json", ".jsonl")
+BOM = "\ufeff"
 
 
 HELD_OUT_NAMES = ("dev", "val", "valid", "validation", "eval", "test")
@@ -86,7 +88,7 @@ def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Pa
         )
     if not files:
         raise UserError(f"{flag} {root} holds no {'/'.join(extensions)} files.")
-    held_out = [p for p in files if p.stem.lower() in HELD_OUT_NAMES]
+    held_out = [p for p in files if is_held_out_name(p, root)]
     if flag == "--train_file_dir" and held_out and len(held_out) < len(files):
         train = [str(p) for p in files if p not in held_out]
         raise UserError(
@@ -96,6 +98,37 @@ def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Pa
             f"{held_out[0]}."
         )
     return files
+
+
+def is_held_out_name(path: Path, root: Path) -> bool:
+    """Whether a file's name or a folder below `root` names held-out data: a word of it (split at
+    "_", "-", "." and spaces) is dev, val, valid, validation, eval or test (sft_eval.jsonl,
+    eval/part0.jsonl, test.json)."""
+    parts = [*path.relative_to(root).parent.parts, path.stem]
+    return any(
+        word in HELD_OUT_NAMES for part in parts for word in re.split(r"[-_.\s]+", part.lower())
+    )
+
+
+def _source_files(source: str | list[str], flag: str) -> list[Path]:
+    return [Path(p) for p in source] if isinstance(source, list) else walk_files(Path(source), flag)
+
+
+def check_apart(data_args) -> None:
+    """Training and held-out data that share a file (the same folder, or a held-out folder inside
+    the training one) would report an evaluation of trained data: refused."""
+    if not data_args.has_validation:
+        return
+    (train, train_flag), (held, held_flag) = data_args.train_source, data_args.validation_source
+    trained = {p.resolve() for p in _source_files(train, train_flag)}
+    shared = [p for p in _source_files(held, held_flag) if p.resolve() in trained]
+    if shared:
+        raise UserError(
+            f"{shared[0]} is both training data ({train_flag} {shown(train)}) and held-out data "
+            f"({held_flag} {shown(held)}), so the evaluation would measure what was trained"
+            f"{f' ({len(shared)} files are shared)' if len(shared) > 1 else ''}; keep the "
+            "held-out files out of the training data."
+        )
 
 
 def walk_files(root: Path, flag: str) -> list[Path]:
@@ -222,15 +255,16 @@ def read_text(path: Path) -> str:
             "re-encode the file as UTF-8 "
             f"(for example: iconv -f GBK -t UTF-8 {path.name})."
         ) from e
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.removeprefix(BOM).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     with _open(path) as f:
         try:
             for line_no, raw in enumerate(f, start=1):
-                try:
-                    yield line_no, raw.decode("utf-8").rstrip("\r\n")
+                try:  # a byte-order mark (some Windows editors write one) is not text
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    yield line_no, line.removeprefix(BOM) if line_no == 1 else line
                 except UnicodeDecodeError as e:
                     raise UserError(
                         f"{path}:{line_no}: byte {e.start} is not valid UTF-8; "
@@ -246,7 +280,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     file."""
     if path.suffix.lower() == ".json":
         with _open(path) as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(BOM.encode()).lstrip()
         if head.startswith(b"["):
             text = "\n".join(line for _, line in _decoded_lines(path))
             try:
@@ -257,7 +291,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
                 raise UserError(
                     f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the array syntax."
                 ) from e
-            yield from enumerate(items, start=1)
+            yield from zip(_item_lines(text, len(items)), items)
             return
     for line_no, line in _decoded_lines(path):
         if not line.strip():
@@ -267,15 +301,42 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
         except JSONLimitError as e:
             raise UserError(f"{path}:{line_no}: {e.msg} (column {e.colno}); {e.fix}.") from e
         except json.JSONDecodeError as e:
+            if path.suffix.lower() == ".json" and _one_object(path):
+                raise UserError(
+                    f"{path} holds one JSON object written over several lines; a .json file "
+                    "holds an array of records ([{...}, {...}]) or one record per line: put it "
+                    "in [ ] or on one line."
+                ) from e
             raise UserError(
                 f"{path}:{line_no}: not a valid JSON line ({e.msg} at column {e.colno}); "
                 "each line must hold one complete JSON object."
             ) from e
 
 
+def _item_lines(text: str, count: int) -> list[int]:
+    """The line on which each item of a JSON array starts (the text has been parsed already)."""
+    decoder, skip = json.JSONDecoder(), re.compile(r"[\s,]*")
+    at = text.index("[") + 1
+    lines, line = [], 1 + text.count("\n", 0, at)
+    for _ in range(count):
+        start = skip.match(text, at).end()
+        line += text.count("\n", at, start)
+        lines.append(line)
+        at = decoder.raw_decode(text, start)[1]
+        line += text.count("\n", start, at)
+    return lines
+
+
+def _one_object(path: Path) -> bool:
+    try:
+        return isinstance(loads("\n".join(line for _, line in _decoded_lines(path))), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
     """Pretraining documents: one per non-blank line of .txt, or the "text" field of each JSON
-    record."""
+    record (blank ones included)."""
     if path.suffix.lower() == ".txt":
         for line_no, line in _decoded_lines(path):
             if line.strip():
@@ -288,8 +349,7 @@ def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
                 f'{path}:{line_no}: expected an object with a string "text" field, '
                 f'e.g. {{"text": "..."}}.'
             )
-        if text.strip():
-            yield line_no, text
+        yield line_no, text  # blank texts too: the reader counts them as dropped
 
 
 @dataclass
@@ -317,7 +377,8 @@ def _text_generator(files: list[str], stamps: list[tuple[int, int]]):
     # `stamps` (size, mtime) is unused here but part of the cache key, so edited files are re-read.
     for path in files:
         for _, text in iter_text_documents(Path(path)):
-            yield {"text": text}
+            if text.strip():
+                yield {"text": text}
 
 
 def load_text_dataset(
@@ -328,10 +389,13 @@ def load_text_dataset(
     files = find_files(source, flag)
     report = ReadReport(files=len(files))
     for path in files:
-        n = sum(1 for _ in iter_text_documents(path))
-        if n == 0:
+        texts = [text for _, text in iter_text_documents(path)]
+        blank = sum(1 for text in texts if not text.strip())
+        if len(texts) == blank:
             raise UserError(f"{path} is empty (no non-blank documents); remove it or fill it.")
-        report.read += n
+        report.read += len(texts)
+        if blank:
+            report.drop('an empty "text"', blank)
     stamps = [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     dataset = Dataset.from_generator(
         _text_generator,
@@ -342,23 +406,51 @@ def load_text_dataset(
 
 
 def load_train_eval(
-    load: Callable[[str, str], Dataset], data_args, seed: int, unit: str
+    load: Callable[[str, str], Dataset], data_args, training_args, unit: str
 ) -> tuple[Dataset, Dataset | None]:
     """Training data, and evaluation data from --validation_file_dir / --validation_file or a
-    --validation_split_percentage split."""
+    --validation_split_percentage split (refused when evaluation during training needs it and one
+    sample cannot be split)."""
+    seed = training_args.seed
     train = load(*data_args.train_source)
     if data_args.has_validation:
-        return train, load(*data_args.validation_source)
+        evaluation = load(*data_args.validation_source)
+        check_apart(data_args)
+        return train, evaluation
     if data_args.validation_split_percentage > 0 and len(train) >= 2:
         n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
         split = train.train_test_split(test_size=n_eval, seed=seed)
         logger.info("held out %d training %s for evaluation", n_eval, unit)
         return split["train"], split["test"]
+    if data_args.validation_split_percentage > 0 and evaluates_during_training(training_args):
+        raise UserError(
+            f"--validation_split_percentage {data_args.validation_split_percentage} cannot hold "
+            f"out data from {len(train)} training {unit}, and --eval_strategy "
+            f"{getattr(training_args.eval_strategy, 'value', training_args.eval_strategy)} "
+            "evaluates during training; give --validation_file_dir or --eval_strategy no."
+        )
+    if data_args.validation_split_percentage > 0:
+        logger.warning(
+            "--validation_split_percentage %s: no evaluation, %d training %s cannot be split "
+            "(give --validation_file_dir for held-out data)",
+            data_args.validation_split_percentage,
+            len(train),
+            unit,
+        )
     return train, None
 
 
-def cap(dataset: Dataset | None, limit: int | None) -> Dataset | None:
-    """--max_train_samples / --max_eval_samples (None = all)."""
+def evaluates_during_training(training_args) -> bool:
+    """--eval_strategy steps/epoch or --eval_on_start."""
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    return str(strategy) != "no" or bool(getattr(training_args, "eval_on_start", False))
+
+
+def cap(dataset: Dataset | None, limit: int | None, flag: str, unit: str) -> Dataset | None:
+    """--max_train_samples / --max_eval_samples (None = all); a cap that leaves some out is
+    logged."""
     if dataset is None or limit is None:
         return dataset
+    if limit < len(dataset):
+        logger.info("%s %d: %d of the %d %s are used", flag, limit, limit, len(dataset), unit)
     return dataset.select(range(min(len(dataset), limit)))

@@ -165,5 +165,8 @@ def preference_datasets(
         return dataset
 
     with training_args.main_process_first(desc=f"encoding {unit}"):
-        train, evaluation = load_train_eval(load, data_args, training_args.seed, unit)
-    return cap(train, data_args.max_train_samples), cap(evaluation, data_args.max_eval_samples)
+        train, evaluation = load_train_eval(load, data_args, training_args, unit)
+    return (
+        cap(train, data_args.max_train_samples, "--max_train_samples", unit),
+        cap(evaluation, data_args.max_eval_samples, "--max_eval_samples", unit),
+    )

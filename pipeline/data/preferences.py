@@ -21,11 +21,15 @@ from typing import Any
 
 from pipeline.data.conversations import (
     MESSAGE_ROLES,
+    SHAREGPT_ROLES,
     InvalidSample,
     field_problem,
     from_sharegpt,
     make_message,
+    read_messages,
+    read_tools,
     validate,
+    with_system,
 )
 from pipeline.data.files import ReadReport, find_files, iter_json_records
 from pipeline.errors import UserError
@@ -40,11 +44,23 @@ def _finite(number: int | float) -> bool:
         return False
 
 
+ANSWER_ROLES = {**SHAREGPT_ROLES, **MESSAGE_ROLES}
+
+
 def _answer(value: Any, what: str) -> str:
-    if isinstance(value, dict):  # {"from": "gpt", "value"} or {"role": "assistant", "content"}
-        value = value.get("value", value.get("content"))
+    if isinstance(value, list) and len(value) > 1:
+        raise InvalidSample(
+            f'"{what}" holds {len(value)} messages; with a "prompt", give only the answer (a '
+            "string or one assistant message), or leave the prompt out and give chosen and "
+            "rejected as whole conversations that share all but their last message"
+        )
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-        value = value[0].get("content")
+        value = value[0]
+    if isinstance(value, dict):  # {"from": "gpt", "value"} or {"role": "assistant", "content"}
+        role = value.get("role", value.get("from"))
+        if role is not None and ANSWER_ROLES.get(str(role).lower()) != "assistant":
+            raise InvalidSample(f'"{what}" is a {role} message; an answer is the assistant\'s')
+        value = value.get("value", value.get("content"))
     if not isinstance(value, str) or not value.strip():
         raise InvalidSample(f'"{what}" must be a non-empty answer string')
     return value
@@ -55,18 +71,16 @@ def _check_prompt(messages: list[dict], tools=None) -> list[dict]:
     return messages
 
 
-def _prompt_messages(prompt: Any) -> list[dict]:
+def _prompt_messages(record: dict, prompt: Any) -> tuple[list[dict], list[dict] | None]:
+    """A prompt's messages, read as SFT reads a conversation (tool calls and every other field of
+    a message kept), with the record's top-level "system", and the tools of the record or of its
+    messages."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list):
         raise InvalidSample('"prompt" must be a string or a list of messages')
-    msgs = []
-    for m in prompt:
-        role = MESSAGE_ROLES.get(m.get("role")) if isinstance(m, dict) else None
-        if role is None:
-            raise InvalidSample(
-                f"unknown role {m.get('role') if isinstance(m, dict) else m!r} in the prompt"
-            )
-        msgs.append(make_message(role, m.get("content")))
-    return msgs
+    msgs, own_tools = read_messages(prompt, "the prompt")
+    return with_system(record, msgs), own_tools or read_tools(record.get("tools"))
 
 
 def _from_seed(r: dict) -> dict:
@@ -85,16 +99,22 @@ def _from_seed(r: dict) -> dict:
 
 def _from_prompt(r: dict) -> dict:
     prompt, chosen, rejected = r["prompt"], r["chosen"], r["rejected"]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
     if not prompt and isinstance(chosen, list) and isinstance(rejected, list):  # implicit prompt
         if chosen[:-1] != rejected[:-1]:
             raise InvalidSample(
                 "implicit prompt: chosen and rejected must share all but the last message"
             )
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    if not prompt:
+        raise InvalidSample(
+            'no "prompt": give the question as "prompt" beside "chosen" and "rejected", or give '
+            "chosen and rejected as whole conversations (message lists) that share all but "
+            "their last message"
+        )
+    messages, tools = _prompt_messages(r, prompt)
     return {
-        "prompt": _check_prompt(_prompt_messages(prompt)),
+        "prompt": _check_prompt(messages, tools),
+        "tools": tools,
         "chosen": _answer(chosen, "chosen"),
         "rejected": _answer(rejected, "rejected"),
     }
@@ -113,14 +133,12 @@ def _from_ranking(r: dict) -> dict:
 
 
 def _from_unpaired(r: dict) -> dict:
-    prompt = r.get("messages", r.get("prompt"))
-    msgs = _prompt_messages(
-        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    )
+    msgs, tools = _prompt_messages(r, r.get("messages", r.get("prompt")))
     if not isinstance(r.get("label"), bool):
         raise InvalidSample('"label" must be true or false')
     return {
-        "prompt": _check_prompt(msgs),
+        "prompt": _check_prompt(msgs, tools),
+        "tools": tools,
         "completion": _answer(r["completion"], "completion"),
         "label": r["label"],
     }

@@ -2,7 +2,9 @@
 pipeline/rl/rewards.py).
 
 Each conversation gives one prompt: every message up to its last user turn (history kept), plus the
-reference answer that followed it (used by the exact-match rule reward and the held-out report).
+reference answer that followed it, if any (used by the exact-match rule reward and the held-out
+report). A conversation may end with the user (a prompt alone) unless the exact-match reward needs
+its answer.
 Prompts are rendered with the same template as SFT and tokenized the way inference tokenizes them.
 """
 
@@ -11,20 +13,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pipeline.args.parsing import split_list
 from pipeline.data.conversations import read_conversations
-from pipeline.data.files import ReadReport, shown
+from pipeline.data.files import ReadReport, check_apart, shown
 from pipeline.data.rendering import TokenizerTemplate, render_segments
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
+NO_REFERENCE = "no reference answer for --reward_funcs exact_match"
 
 
 @dataclass
 class Prompt:
     messages: list[dict]  # OpenAI-style, ending with a user (or tool) message
-    reference: (
-        str  # the answer the data gives after it ("" when the conversation ends with the user)
-    )
+    reference: str | None  # the answer the data gives after it (None: the data gives none)
     tools: list[dict] | None
     ids: list[int]  # rendered with the generation prompt, tokenized without extra special tokens
 
@@ -40,18 +42,13 @@ def render_text(
     )
 
 
-def to_prompt(conversation: dict) -> tuple[list[dict], str] | None:
-    """(messages up to the last user/tool turn, reference answer after it), or None without a user
-    turn."""
+def to_prompt(conversation: dict) -> tuple[list[dict], str | None]:
+    """(messages up to the last user/tool turn, the reference answer after it or None)."""
     messages = conversation["messages"]
-    last = max((i for i, m in enumerate(messages) if m["role"] in ("user", "tool")), default=None)
-    if last is None:
-        return None
+    last = max(i for i, m in enumerate(messages) if m["role"] in ("user", "tool"))
     after = messages[last + 1] if last + 1 < len(messages) else None
-    reference = (
-        after["content"] if after and after["role"] == "assistant" and after.get("content") else ""
-    )
-    return messages[: last + 1], reference
+    answered = after and after["role"] == "assistant" and after.get("content", "").strip()
+    return messages[: last + 1], after["content"] if answered else None
 
 
 def load_prompts(
@@ -62,15 +59,20 @@ def load_prompts(
     max_prompt_length: int,
     data_format: str = "auto",
     skip_invalid: bool = False,
+    need_reference: bool = False,
 ) -> tuple[list[Prompt], ReadReport]:
-    conversations, report = read_conversations(directory, flag, data_format, skip_invalid)
-    prompts = []
+    """The prompts of a source; with need_reference (the exact-match reward), one without a
+    reference answer is an error, or skipped and counted under --skip_invalid_samples."""
+    conversations, report = read_conversations(
+        directory, flag, data_format, skip_invalid, require_answer=False
+    )
+    prompts, unanswered = [], 0
     for conv in conversations:
-        found = to_prompt(conv)
-        if found is None:
-            report.drop("no user turn to answer")
+        messages, reference = to_prompt(conv)
+        if need_reference and reference is None:
+            unanswered += 1
+            report.drop(NO_REFERENCE)
             continue
-        messages, reference = found
         text = render_text(template, messages, conv.get("tools"), add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
@@ -80,12 +82,26 @@ def load_prompts(
             )
             continue
         prompts.append(Prompt(messages, reference, conv.get("tools"), ids))
+    if unanswered and not skip_invalid:
+        raise UserError(
+            f"{flag} {shown(directory)}: {unanswered} of {report.read} conversations end without "
+            "an answer after the last user turn, and --reward_funcs exact_match scores each "
+            "answer against it; give each its answer, or pass --skip_invalid_samples True to "
+            "skip them."
+        )
     logger.info(report.summary(f"{flag} prompts"))
     if not prompts:  # before any model is loaded
+        too_long = any(reason.startswith("prompt longer than") for reason in report.dropped)
+        fix = (
+            "shorten the prompts or raise --model_max_length (a prompt may take "
+            "--model_max_length - --max_new_tokens tokens)"
+            if too_long
+            else "give the conversations their answers"
+            if NO_REFERENCE in report.dropped
+            else "fix the records (each reason is counted above)"
+        )
         raise UserError(
-            f"{flag} {shown(directory)}: no usable prompt ({report.summary('records')}); shorten "
-            "the prompts or raise --model_max_length (a prompt may take --model_max_length - "
-            "--max_new_tokens tokens)."
+            f"{flag} {shown(directory)}: no usable prompt ({report.summary('records')}); {fix}."
         )
     return prompts, report
 
@@ -96,7 +112,7 @@ def load_rl_prompts(
     """Training and held-out prompts of an RL stage (held-out only from --validation_file_dir or
     --validation_file), capped by --max_train_samples / --max_eval_samples."""
 
-    def load(directory: str, flag: str) -> list[Prompt]:
+    def load(directory: str, flag: str, need_reference: bool) -> list[Prompt]:
         prompts, _ = load_prompts(
             directory,
             flag,
@@ -105,9 +121,16 @@ def load_rl_prompts(
             ppo_args.prompt_budget,
             ppo_args.data_format,
             ppo_args.skip_invalid_samples,
+            need_reference,
         )
         return prompts
 
-    prompts = load(*data_args.train_source)
-    eval_prompts = load(*data_args.validation_source) if data_args.has_validation else []
+    scored_by_reference = "exact_match" in split_list(ppo_args.reward_funcs or "model")
+    check_apart(data_args)
+
+    prompts = load(*data_args.train_source, scored_by_reference)
+    # held out: the exact match is reported over the prompts that have a reference answer
+    eval_prompts = (
+        load(*data_args.validation_source, scored_by_reference) if data_args.has_validation else []
+    )
     return prompts[: data_args.max_train_samples], eval_prompts[: data_args.max_eval_samples]

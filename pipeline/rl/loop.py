@@ -344,9 +344,9 @@ class PPORecipe:
             if not resume_from:
                 self.log(before)
             logger.info(
-                "before training: held-out reward %.3f, exact match %.3f",
+                "before training: held-out reward %.3f, exact match %s",
                 before["eval_score"],
-                before["eval_exact_match"],
+                f"{before['eval_exact_match']:.3f}" if "eval_exact_match" in before else "n/a",
             )
         if self.step >= self.training_args.max_steps:
             logger.info(

@@ -416,8 +416,8 @@ class Rollouts:
         self.policy.eval()
         mine = eval_prompts[self.rank :: self.world]
         sums = torch.zeros(
-            5, dtype=torch.float64, device=self.device
-        )  # score, exact match, kl, length, count
+            6, dtype=torch.float64, device=self.device
+        )  # score, exact match, kl, length, count, count with a reference answer
         for start in range(0, len(mine), self.eval_batch_size):
             traj = self.generate(mine[start : start + self.eval_batch_size], sample=False)
             with self.autocast:
@@ -429,7 +429,8 @@ class Rollouts:
                     if self.reference is not None
                     else torch.full_like(traj.response_mask, float("nan"), dtype=torch.float)
                 )
-            matches = RULE_REWARDS["exact_match"](traj.answers, [p.reference for p in traj.prompts])
+            answered = [(a, p.reference) for a, p in zip(traj.answers, traj.prompts) if p.reference]
+            matches = RULE_REWARDS["exact_match"](*zip(*answered)) if answered else []
             sums += torch.tensor(
                 [
                     scores.sum().item(),
@@ -437,6 +438,7 @@ class Rollouts:
                     (kl * traj.response_mask).sum().item(),
                     traj.response_mask.sum().item(),
                     len(traj.prompts),
+                    len(answered),
                 ],
                 dtype=torch.float64,
                 device=self.device,
@@ -444,10 +446,12 @@ class Rollouts:
         if self.world > 1:
             dist.all_reduce(sums)
         n = max(sums[4].item(), 1)
-        return {
+        figures = {
             "eval_score": sums[0].item() / n,
-            "eval_exact_match": sums[1].item() / n,
             "eval_kl": sums[2].item() / n,
             "eval_response_length": sums[3].item() / n,
             "eval_samples": int(sums[4].item()),
         }
+        if sums[5].item():  # over the held-out prompts whose data gives an answer
+            figures["eval_exact_match"] = sums[1].item() / sums[5].item()
+        return figures

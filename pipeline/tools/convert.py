@@ -10,6 +10,7 @@ users who want one format on disk). Inputs: alpaca records, plain question/answe
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -71,9 +72,16 @@ def _csv_records(path: Path):
             f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert the file first, "
             f"e.g. iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8.csv"
         ) from e
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    # io.StringIO, not str.splitlines: that also breaks at U+2028 and other separators in a cell
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for row in reader:
+            if None in row:  # cells past the header's columns (DictReader files them under None)
+                raise UserError(
+                    f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} cells "
+                    f"under a header of {len(reader.fieldnames)} columns; quote a cell that holds "
+                    'a comma ("1,000,000") or fix the row.'
+                )
             yield reader.line_num, row
     except csv.Error as e:  # e.g. a field over the csv module's 131072 characters
         raise UserError(
