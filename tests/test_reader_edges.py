@@ -237,3 +237,14 @@ def test_a_csv_row_with_more_cells_than_the_header_is_refused(tmp_path):
     assert convert(str(source), str(tmp_path / "out.jsonl"), "csv") == 1
     out = json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))
     assert out["conversations"][1]["value"] == "1,000,000"
+
+
+def test_a_data_file_whose_name_holds_a_comma_is_one_file(tmp_path):
+    from pipeline.args.data import DataArguments
+
+    odd = write_jsonl(tmp_path / "my data" / "train,v2.jsonl", [{"messages": [USER, ANSWER]}])
+    for name in ("a", "b"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": [USER, ANSWER]}])
+    assert DataArguments(train_file=[str(odd)]).train_file == [str(odd)]
+    both = DataArguments(train_file=[f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl"])  # a list
+    assert both.train_file == [f"{tmp_path}/a.jsonl", f"{tmp_path}/b.jsonl"]

@@ -7,6 +7,7 @@ SFT, RM, DPO)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.args.parsing import split_list
 from pipeline.data.conversations import FORMATS, column_format
@@ -65,7 +66,11 @@ class DataArguments:
                 setattr(
                     self,
                     name,
-                    [part for value in getattr(self, name) for part in split_list(value)],
+                    [  # a path that holds a comma is one file, not two
+                        part
+                        for value in getattr(self, name)
+                        for part in ([value] if Path(value).is_file() else split_list(value))
+                    ],
                 )
         for name in ("train", "validation"):
             if getattr(self, f"{name}_file_dir") and getattr(self, f"{name}_file"):
