@@ -201,6 +201,9 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "t" / "a.txt").write_text("\ufeffFirst document.\nSecond.\n", encoding="utf-8")
     dataset, _ = load_text_dataset(str(tmp_path / "t"), "--train_file_dir", str(tmp_path / "cache"))
     assert dataset["text"] == ["First document.", "Second."]
+    (tmp_path / "t" / "a.txt").write_bytes(b"One.\rTwo.\r\nThree.\r")  # CR alone ends a line too
+    dataset, _ = load_text_dataset(str(tmp_path / "t"), "--train_file_dir", str(tmp_path / "cache"))
+    assert dataset["text"] == ["One.", "Two.", "Three."]
 
 
 def test_json_files_name_the_line_of_the_bad_record(tmp_path):

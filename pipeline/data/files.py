@@ -339,8 +339,9 @@ def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
     record (blank ones included)."""
     if path.suffix.lower() == ".txt":
         for line_no, line in _decoded_lines(path):
-            if line.strip():
-                yield line_no, line
+            for document in line.split("\r"):  # lines ended by a carriage return alone (old Macs)
+                if document.strip():
+                    yield line_no, document
         return
     for line_no, record in iter_json_records(path):
         text = record.get("text") if isinstance(record, dict) else None
