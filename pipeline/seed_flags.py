@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 
@@ -170,6 +171,13 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
             if _is_bool(known[name]) and not values:
                 values = ["true"]  # a bare --bf16 / --use_peft, store-true style
             out.append((name, values))
+        elif name == "warmup_ratio" and "warmup_steps" in known:
+            if any(other == "warmup_steps" for other, _ in pairs):
+                raise UserError(
+                    "--warmup_ratio and --warmup_steps both set the warmup; give one of them."
+                )
+            _say(name, "is read as --warmup_steps (a value below 1 is a share of the steps)")
+            out.append(("warmup_steps", [_warmup_share(values)]))
         elif name in RENAMED and RENAMED[name] in known:
             target = RENAMED[name]
             if target == "target_modules":
@@ -195,6 +203,21 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
         _say(modes[0], f"True is read as --multi_turn_mode {LOSS_MODES[modes[0]]}")
         out.append(("multi_turn_mode", [LOSS_MODES[modes[0]]]))
     return [tok for name, values in out for tok in ([f"--{name}"] if name else []) + values]
+
+
+def _warmup_share(values: list[str]) -> str:
+    """--warmup_ratio as transformers 5's --warmup_steps: a share in [0, 1), since 1 or more is a
+    number of steps there (1.0, the whole run, becomes the largest share below 1)."""
+    try:
+        (share,) = (float(v) for v in values)
+    except ValueError:
+        share = math.nan
+    if not 0 <= share <= 1:
+        raise UserError(
+            f"--warmup_ratio must be a share of the training steps, >= 0 and <= 1, got "
+            f"{' '.join(values) or 'nothing'}."
+        )
+    return repr(math.nextafter(1.0, 0.0)) if share == 1 else repr(share)
 
 
 def _lengths(pairs: list, known: dict) -> list:

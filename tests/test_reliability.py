@@ -418,6 +418,14 @@ def test_a_number_out_of_its_range_is_refused_naming_the_flag(
         import_module(f"stages.{stage}").parse(argv)
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "pt", "ppo", "grpo"])
+def test_max_steps_zero_is_refused_in_every_stage(stage, tiny_model, untrained_rm, tmp_path):
+    # transformers trains one step at --max_steps 0 (and the run exits 0)
+    argv = stage_argv(stage, tiny_model, tmp_path / "o", "--max_steps", "0", reward=untrained_rm)
+    with pytest.raises(UserError, match="--max_steps 0 would train nothing"):
+        import_module(f"stages.{stage}").parse(argv)
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_numbers_are_refused(value, tiny_model, tmp_path):
     from stages import sft

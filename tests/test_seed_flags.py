@@ -51,6 +51,18 @@ def test_renamed_flags_act_as_their_canonical_flags_and_say_so_once(tiny_model, 
     ]
 
 
+def test_warmup_ratio_is_a_share_of_the_run_up_to_all_of_it(tiny_model):
+    *_, whole = sft_args(tiny_model, "--warmup_ratio", "1.0")
+    assert 0 < whole.warmup_steps < 1  # a share: transformers reads 1 as one step
+    assert whole.get_warmup_steps(1000) == 1000 and whole.get_warmup_steps(7) == 7
+    assert sft_args(tiny_model, "--warmup_ratio", "0")[-1].get_warmup_steps(10) == 0
+    for bad in ("1.5", "-0.5", "nan", "x"):
+        with pytest.raises(UserError, match=f"--warmup_ratio must be a share .* got {bad}"):
+            sft_args(tiny_model, "--warmup_ratio", bad)
+    with pytest.raises(UserError, match="--warmup_ratio and --warmup_steps both"):
+        sft_args(tiny_model, "--warmup_ratio", "0.1", "--warmup_steps", "5")
+
+
 def test_bare_booleans_mean_true(tiny_model):
     _, _, peft, _, train = sft_args(tiny_model, "--use_peft", "--bf16", "--gradient_checkpointing")
     assert peft.use_peft is True and train.bf16 is True and train.gradient_checkpointing is True

@@ -118,6 +118,11 @@ def check_numbers(parsed: tuple[Any, ...]) -> None:
                 continue
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{f.name} must be a finite number, got {value}.")
+            if f.name == "max_steps" and value == 0:  # transformers would train one step
+                raise UserError(
+                    "--max_steps 0 would train nothing; give a number of steps above 0, or -1 "
+                    "(the default) to train --num_train_epochs."
+                )
             if f.name not in NUMBER_BOUNDS:
                 continue
             low, low_ok, high, high_ok = NUMBER_BOUNDS[f.name]
