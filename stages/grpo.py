@@ -134,6 +134,7 @@ class GroupRecipe(PPORecipe):
             else torch.ones_like(scores).bool()
         )
         # 4. Clipped policy epochs over minibatches (+ kl_coef * k3 KL to the reference).
+        lr = self.updater.lr()  # the rate this iteration's updates start at (logged)
         with timer.phase("update"), packed_attention(self.policy, self.value_model):
             stats, norms, kl = self.group_epochs(traj, old_logp, ref_logp, advantages, kept)
         rmask = traj.response_mask.float()
@@ -146,7 +147,7 @@ class GroupRecipe(PPORecipe):
             "groups_kept": kept.float().mean().item(),
             "response_length": rmask.sum(1).mean().item(),
             "eos_fraction": traj.ended.float().mean().item(),
-            "learning_rate": self.updater.lr(),
+            "learning_rate": lr,
             "nonfinite_logits": float(traj.nonfinite),
             **({"loss_scale": self.updater.loss_scale} if self.updater.loss_scale else {}),
             **({} if norm is None else {"grad_norm": norm}),
@@ -264,7 +265,7 @@ def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
     validate_group_relative(model_args, peft_args, ppo_args, training_args)
-    check_rl_data_flags(data_args)
+    check_rl_data_flags(data_args, training_args)
     if ppo_args.rl_engine == "own":  # trl's trainers implement the Trainer's flags themselves
         check_trainer_flags(
             training_args, given_flags(ARGUMENTS, argv), f"--algorithm {ppo_args.algorithm}"

@@ -36,7 +36,7 @@ def parse(argv: list[str] | None = None):
     model_args, data_args, peft_args, ppo_args, training_args = parse_args(ARGUMENTS, argv)
     validate_ppo(model_args, peft_args, ppo_args, training_args)
     check_trainer_flags(training_args, given_flags(ARGUMENTS, argv), "PPO")
-    check_rl_data_flags(data_args)
+    check_rl_data_flags(data_args, training_args)
     return model_args, data_args, peft_args, ppo_args, training_args
 
 

@@ -103,6 +103,8 @@ def test_each_variant_trains_the_adapter_from_reward_model_scores(
             math.isfinite(h[k]) for k in ("loss", "loss/policy", "grad_norm", "objective/scores")
         ), h
         assert h["groups_kept"] == 1.0  # reward-model scores differ within a group
+    # the rate each step trained at: the full rate first (linear decay, no warmup), then lower
+    assert steps[0]["learning_rate"] == 1e-3 and 0 < steps[1]["learning_rate"] < 1e-3
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert (
         max(w.norm().item() for name, w in weights.items() if "lora_B" in name) > 0
@@ -177,6 +179,8 @@ def test_group_flags_are_checked(tiny_model, tmp_path):
         )
     with pytest.raises(UserError, match=r"must be a multiple of --num_generations \(3"):
         grpo.main(flags(tiny_model, tmp_path / "x", "--num_generations", "3", "--max_steps", "1"))
+    with pytest.raises(UserError, match="--num_generations must be at least 2, got 1"):
+        grpo.main(flags(tiny_model, tmp_path / "x", "--num_generations", "1", "--max_steps", "1"))
     with pytest.raises(UserError, match="--max_steps .* must be set"):
         grpo.main(flags(tiny_model, tmp_path / "x"))
 

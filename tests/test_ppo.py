@@ -302,6 +302,21 @@ def test_missing_eos_penalty_and_adaptive_kl_act_in_the_loop(
         0.05 * (1 + error * 32 / 100), abs=1e-5
     )
     assert plain.log_history[1]["kl_coef"] == 0.05  # no target: fixed
+    # the rate each step trained at (linear decay, no warmup): the full rate first, then lower
+    rates = [h["learning_rate"] for h in plain.log_history[:2]]
+    assert rates[0] == 1e-3 and 0 < rates[1] < 1e-3
+
+
+def test_a_small_learning_rate_is_logged_as_it_is(weak_sft_model, reward_model, tmp_path):
+    ppo.main(
+        common(
+            weak_sft_model, reward_model, tmp_path / "o", "--use_peft", "True",
+            "--learning_rate", "5e-7", "--lr_scheduler_type", "constant", "--max_steps", "1",
+            "--max_new_tokens", "2", "--save_strategy", "no",
+        )
+    )  # fmt: skip
+    state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
+    assert state["log_history"][0]["learning_rate"] == 5e-7  # was rounded to 0.0
 
 
 def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_losses(

@@ -76,6 +76,8 @@ def test_ppo_takes_the_trainer_flags_it_implements_and_defaults_given_aloud(tiny
             "steps",
             "--eval_steps",
             "5",
+            "--validation_file_dir",
+            str(DATA / "sft_eval"),
             "--logging_strategy",
             "steps",
             "--num_train_epochs",
@@ -178,3 +180,16 @@ def test_the_pipeline_configs_flag_check_runs_the_stage_checks(tmp_path):
         pipeline_config.check_flags(
             pipeline_config.load(str(config)), str(config), str(tmp_path / "runs")
         )
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_evaluation_during_training_needs_held_out_prompts(stage, tiny_model, tmp_path):
+    module = {"ppo": ppo, "grpo": grpo}[stage]
+    argv = (
+        ppo_flags(tiny_model, tiny_model, tmp_path / "o")
+        if stage == "ppo"
+        else group_flags(tiny_model, tmp_path / "o", "--max_steps", "1")
+    ) + ["--eval_strategy", "steps", "--eval_steps", "1"]
+    with pytest.raises(UserError, match="--eval_strategy steps evaluates during training, but"):
+        module.parse(argv)  # it ran and never evaluated
+    module.parse(argv + ["--validation_file_dir", str(DATA / "sft_eval")])

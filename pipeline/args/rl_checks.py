@@ -9,6 +9,7 @@ from dataclasses import fields
 
 from pipeline.args.checks import check_common
 from pipeline.args.stages import PPOArguments, algorithm_elsewhere
+from pipeline.data.files import evaluates_during_training
 from pipeline.errors import UserError
 from pipeline.rl.group_math import VARIANTS
 
@@ -143,10 +144,20 @@ WHY_NOT = {
 }
 
 
-def check_rl_data_flags(data_args) -> None:
+def check_rl_data_flags(data_args, training_args) -> None:
     """Data flags the RL stages would not read: they hold out only
     --validation_file_dir/--validation_file prompts (never a share of the training data:
-    --validation_split_percentage 0 says just that) and tokenize prompts in this process."""
+    --validation_split_percentage 0 says just that) and tokenize prompts in this process; and
+    evaluation during training, which needs those held-out prompts."""
+    if evaluates_during_training(training_args) and not data_args.has_validation:
+        raise UserError(
+            "--eval_strategy "
+            f"{getattr(training_args.eval_strategy, 'value', training_args.eval_strategy)}"
+            f"{' / --eval_on_start' if getattr(training_args, 'eval_on_start', False) else ''} "
+            "evaluates during training, but the RL stages hold out only prompts given with "
+            "--validation_file_dir or --validation_file, and none is given; give one, or "
+            "--eval_strategy no."
+        )
     unused = (
         [
             f"--validation_split_percentage {data_args.validation_split_percentage} (held-out "
@@ -231,7 +242,12 @@ def validate_group_relative(model_args, peft_args, ppo_args, training_args=None)
             raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed.")
         check_loop_flags(training_args)
         batch, group = training_args.per_device_train_batch_size, ppo_args.num_generations
-        if group < 2 or batch % group or batch % training_args.gradient_accumulation_steps:
+        if group < 2:
+            raise UserError(
+                f"--num_generations must be at least 2, got {group}: each answer is judged "
+                "against the others of its group."
+            )
+        if batch % group or batch % training_args.gradient_accumulation_steps:
             raise UserError(
                 f"--per_device_train_batch_size ({batch}, answers a step on each process) must be "
                 f"a multiple of --num_generations ({group}, at least 2: an answer is judged "

@@ -51,6 +51,14 @@ from pipeline.train import divergence
 from pipeline.train.trainer_steps import record_adapter_base
 
 logger = logging.getLogger("pipeline.ppo")
+
+
+def _kept(value: float) -> float:
+    """A logged figure as trainer_state.json keeps it: 7 significant digits (a learning rate of
+    5e-7 is not 0), whole counts as they are."""
+    return value if isinstance(value, int) else float(f"{value:.7g}")
+
+
 STEP_LOG_KEYS = (
     "objective/scores",
     "objective/kl",
@@ -194,6 +202,7 @@ class PPORecipe:
         advantages = ppo_math.whiten(advantages, rmask)
         # 6. PPO epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value
         # loss.
+        lr = self.updater.lr()  # the rate this iteration's updates start at (logged)
         with timer.phase("update"), packed_attention(self.policy, self.value_model):
             stats, norms = self.ppo_epochs(traj, old_logp, old_values, advantages, returns)
         # 7. Report this iteration and adapt the KL coefficient (if a target is set).
@@ -203,7 +212,7 @@ class PPORecipe:
             **ppo_math.rollout_metrics(
                 scores, kl, entropy, rmask, traj.ended, old_values, self.kl.value
             ),
-            "learning_rate": self.updater.lr(),
+            "learning_rate": lr,
             "nonfinite_logits": float(traj.nonfinite),
             **({"loss_scale": self.updater.loss_scale} if self.updater.loss_scale else {}),  # fp16
             **({} if norm is None else {"grad_norm": norm}),
@@ -252,7 +261,7 @@ class PPORecipe:
         return stats, norms
 
     def log(self, metrics: dict[str, float]) -> None:
-        self.log_history.append({"step": self.step, **{k: round(v, 6) for k, v in metrics.items()}})
+        self.log_history.append({"step": self.step, **{k: _kept(v) for k, v in metrics.items()}})
         if self.training_args.should_log:
             logger.info(
                 "step %d: %s",

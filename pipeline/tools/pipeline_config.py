@@ -232,7 +232,7 @@ def stage_checks(stage: str, arguments: tuple, parsed: tuple, argv: list[str]) -
     model_args, data_args, peft_args, *_, training_args = parsed
     if stage == "ppo":
         check_trainer_flags(training_args, given_flags(arguments, argv), "PPO")
-        check_rl_data_flags(data_args)
+        check_rl_data_flags(data_args, training_args)
     if stage in ("pt", "sft"):
         check_master_weights(model_args, peft_args, training_args)
 
