@@ -112,7 +112,13 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None):
     model_args, data_args, peft_args, pref_args, dpo_args, training_args = parse(argv)
     setup_run(training_args)
-    claim_output_dir(training_args, "dpo", model_args.model_name_or_path, data_args.train_source[0])
+    claim_output_dir(
+        training_args,
+        "dpo",
+        model_args.model_name_or_path,
+        data_args.train_source[0],
+        peft_args.method,
+    )
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(pref_args.template_name, tokenizer, pref_args.chat_template_kwargs)
     apply_template_to_tokenizer(tokenizer, template)

@@ -295,7 +295,11 @@ def main(argv: list[str] | None = None):
         )
     setup_run(training_args)
     claim_output_dir(
-        training_args, "grpo", model_args.model_name_or_path, data_args.train_source[0]
+        training_args,
+        "grpo",
+        model_args.model_name_or_path,
+        data_args.train_source[0],
+        peft_args.method,
     )
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(ppo_args.template_name, tokenizer, ppo_args.chat_template_kwargs)

@@ -109,7 +109,13 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, peft_args, pt_args, training_args = parse(argv)
     setup_run(training_args)
-    claim_output_dir(training_args, "pt", model_args.model_name_or_path, data_args.train_source[0])
+    claim_output_dir(
+        training_args,
+        "pt",
+        model_args.model_name_or_path,
+        data_args.train_source[0],
+        peft_args.method,
+    )
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size
     if 0 < tokenizer.model_max_length < block_size and not model_args.rope_scaling:

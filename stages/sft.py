@@ -92,7 +92,13 @@ def parse(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, peft_args, sft_args, training_args = parse(argv)
     setup_run(training_args)
-    claim_output_dir(training_args, "sft", model_args.model_name_or_path, data_args.train_source[0])
+    claim_output_dir(
+        training_args,
+        "sft",
+        model_args.model_name_or_path,
+        data_args.train_source[0],
+        peft_args.method,
+    )
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(sft_args.template_name, tokenizer, sft_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)

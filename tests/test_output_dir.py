@@ -73,3 +73,38 @@ def test_overwrite_output_dir_starts_afresh(tiny_model, tmp_path):
     assert (
         global_step(out) == 3 and (out / "notes.txt").is_file()
     )  # files the stages do not write stay
+
+
+def test_a_checkpoint_of_another_run_is_refused_not_resumed(tiny_model, tmp_path):
+    import pytest
+
+    from pipeline.errors import UserError
+    from stages import pt
+
+    out = tmp_path / "sft"
+    run_sft(tiny_model, out, "--max_steps", "2", "--save_steps", "1")
+    resume = ("--max_steps", "4", "--save_steps", "1", "--resume_from_checkpoint", "auto")
+    # the checkpoint's schedule would bring back 1e-3 without a word
+    with pytest.raises(UserError, match=r"another learning rate \(0.001, not 0.0005\)"):
+        run_sft(tiny_model, out, *resume, "--learning_rate", "5e-4")
+    with pytest.raises(UserError, match=r"another method \(full, not LoRA rank 8 on all\)"):
+        run_sft(tiny_model, out, *resume, "--use_peft", "True")
+    # an explicit checkpoint of another folder: its run is compared too
+    other = ("--max_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-1"))
+    with pytest.raises(UserError, match="checkpoint-1 is a checkpoint of another method"):
+        run_sft(tiny_model, tmp_path / "lora", *other, "--use_peft", "True")
+    pt.main(
+        [
+            *("--model_name_or_path", str(tiny_model), "--train_file_dir", str(DATA / "pt")),
+            *("--output_dir", str(tmp_path / "pt"), "--use_peft", "False", "--block_size", "64"),
+            *("--learning_rate", "1e-3", "--lr_scheduler_type", "constant"),
+            *("--max_steps", "1", "--save_steps", "1", "--report_to", "none"),
+            *("--validation_split_percentage", "0", "--per_device_train_batch_size", "4"),
+        ]
+    )
+    with pytest.raises(UserError, match=r"is a checkpoint of another stage \(pt, not sft\)"):
+        run_sft(
+            tiny_model, tmp_path / "s2", *other[:2], other[2], str(tmp_path / "pt" / "checkpoint-1")
+        )
+    run_sft(tiny_model, out, *resume)  # the run itself resumes
+    assert global_step(out) == 4

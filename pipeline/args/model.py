@@ -132,6 +132,18 @@ class PeftArguments:
         )  # after the checks of each value, which name the problem more precisely
 
     @property
+    def method(self) -> str:
+        """What a checkpoint of this run holds, in words: the full model, or the adapter's shape
+        (a checkpoint of another shape cannot be resumed)."""
+        if not self.use_peft:
+            return "full"
+        if self.peft_type == "prefix_tuning":
+            return f"prefix tuning, {self.num_virtual_tokens} virtual tokens"
+        extra = f", trained in full: {self.modules_to_save}" if self.modules_to_save else ""
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return f"{kind} rank {self.lora_rank} on {self.target_modules}{extra}"
+
+    @property
     def target_module_list(self) -> list[str] | str:
         return "all" if self.target_modules.strip() == "all" else split_list(self.target_modules)
 

@@ -459,7 +459,13 @@ def run(recipe_class, build, stage: str, model_args, data_args, peft_args, ppo_a
     """Load the tokenizer, template, prompts and models (`build`), then train a `recipe_class` loop;
     also the own-loop GRPO and its relatives (stages/grpo.py)."""
     setup_run(training_args)
-    claim_output_dir(training_args, stage, model_args.model_name_or_path, data_args.train_source[0])
+    claim_output_dir(
+        training_args,
+        stage,
+        model_args.model_name_or_path,
+        data_args.train_source[0],
+        peft_args.method,
+    )
     tokenizer = load_tokenizer(model_args)
     template = resolve_template(ppo_args.template_name, tokenizer, ppo_args.chat_template_kwargs)
     stop_ids = apply_template_to_tokenizer(tokenizer, template)

@@ -64,18 +64,54 @@ def previous_run(out: Path) -> str | None:
     return " and ".join(found) or None
 
 
-def claim_output_dir(training_args, stage: str, model: str, data: str | list[str] | None) -> None:
+# Settings a checkpoint's optimizer and scheduler state carry: a resumed run continues with the
+# checkpoint's, so another value given now would not act (refused, not ignored).
+RESTORED = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim")
+
+
+def run_identity(training_args, stage: str, model: str, data, method: str) -> dict:
+    """What makes a checkpoint this run's: stage, start model, data, training method (full, or the
+    adapter's shape) and the settings its optimizer and schedule restore."""
+    return {
+        "stage": stage,
+        "model_name_or_path": _normal(model),
+        "train_file_dir": _normal(data),
+        "method": method,
+        **{
+            k: getattr(getattr(training_args, k), "value", getattr(training_args, k))
+            for k in RESTORED
+        },
+    }
+
+
+def other_run(recorded: dict | None, identity: dict) -> str | None:
+    """How a recorded run differs from this one, in words (None: the same run). Keys an older
+    record lacks are not compared."""
+    if recorded is None:
+        return None
+    diff = next((k for k in identity if k in recorded and recorded[k] != identity[k]), None)
+    if diff is None:
+        return None
+    said = f"another {diff.replace('_', ' ')} ({recorded[diff]}, not {identity[diff]})"
+    if diff in RESTORED:
+        said += (
+            f"; a resumed run continues with its optimizer and schedule, so --{diff} "
+            f"{identity[diff]} would not act (give {recorded[diff]} to resume it)"
+        )
+    return said
+
+
+def claim_output_dir(
+    training_args, stage: str, model: str, data: str | list[str] | None, method: str = "full"
+) -> None:
     """Check, before any work, that --output_dir is free for this run (or is this run's, when
     resuming).
 
     Reads only: a run that then fails on its data leaves the folder as it was. `take_output_dir`,
     called when training starts, removes an overwritten run's outputs and records this run."""
     out = Path(training_args.output_dir)
-    identity = {
-        "stage": stage,
-        "model_name_or_path": _normal(model),
-        "train_file_dir": _normal(data),
-    }
+    identity = run_identity(training_args, stage, model, data, method)
+    training_args.pipeline_identity = identity
     held = previous_run(out)
     resuming = str(training_args.resume_from_checkpoint or "").lower() not in (
         "",
@@ -85,7 +121,7 @@ def claim_output_dir(training_args, stage: str, model: str, data: str | list[str
     )
     overwrite = getattr(training_args, "overwrite_output_dir", False)
     if held and not overwrite:
-        recorded = _recorded(out)
+        recorded = recorded_run(out)
         if not resuming:
             raise UserError(
                 f"--output_dir {out} holds another run ({held}); resume it with "
@@ -99,11 +135,10 @@ def claim_output_dir(training_args, stage: str, model: str, data: str | list[str
                 "its model is there already. To train again, pass --overwrite_output_dir or "
                 "choose a new folder."
             )
-        if recorded is not None and recorded != identity:
-            diff = next(k for k in identity if recorded.get(k) != identity[k])
+        differs = other_run(recorded, identity)
+        if differs:
             raise UserError(
-                f"--output_dir {out} holds a run of another {diff.replace('_', ' ')} "
-                f"({recorded.get(diff)}, not {identity[diff]}), so its checkpoints are not this "
+                f"--output_dir {out} holds a run of {differs}, so its checkpoints are not this "
                 "run's; choose a new folder, or pass --overwrite_output_dir to start afresh there."
             )
     training_args.pipeline_run = {"identity": identity, "overwrite": bool(held and overwrite)}
@@ -147,7 +182,7 @@ def _normal(path: str | list[str] | None) -> str:
     return str(Path(path).resolve()) if path and Path(path).exists() else str(path)
 
 
-def _recorded(out: Path) -> dict | None:
+def recorded_run(out: Path) -> dict | None:
     try:
         return json.loads((out / RUN_FILE).read_text())
     except (OSError, ValueError):

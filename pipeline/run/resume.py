@@ -29,6 +29,7 @@ from pipeline.errors import UserError
 from pipeline.model.integrity import check_folder_whole
 from pipeline.model.patches import separate_zero3_step_counts
 from pipeline.run.checkpoints import COMPLETE, is_complete, last_complete_checkpoint
+from pipeline.run.output_dir import other_run, recorded_run
 
 logger = logging.getLogger(__name__)
 CONVERTED = "universal_complete"
@@ -61,7 +62,24 @@ def resolve_resume_checkpoint(training_args) -> str | None:
             )
     if path is not None:
         check_folder_whole(path, "--resume_from_checkpoint")
+        _check_same_run(path, training_args)
     return None if path is None else str(path)
+
+
+def _check_same_run(checkpoint: Path, training_args) -> None:
+    """A checkpoint of another folder (an explicit path) is refused when the run recorded there
+    differs from this one: another stage's weights and optimizer would continue silently as this
+    stage's, another method's would fail to load."""
+    identity = getattr(training_args, "pipeline_identity", None)
+    if identity is None or checkpoint.parent.resolve() == Path(training_args.output_dir).resolve():
+        return  # the output folder's own run was compared when the stage claimed the folder
+    differs = other_run(recorded_run(checkpoint.parent), identity)
+    if differs:
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint} is a checkpoint of {differs}, not of this run; "
+            "resume it with its own settings, or start this run from a model instead "
+            "(--model_name_or_path)."
+        )
 
 
 def saved_layout(ds_folder: Path) -> tuple[int, int] | None:
