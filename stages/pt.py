@@ -99,7 +99,7 @@ ARGUMENTS = STAGE_ARGUMENTS["pt"]
 def parse(argv: list[str] | None = None):
     """The stage's flags, parsed and validated (no side effects)."""
     model_args, data_args, peft_args, pt_args, training_args = parse_args(ARGUMENTS, argv)
-    check_common(model_args, peft_args, max_length=pt_args.block_size)
+    check_common(model_args, peft_args, max_length=pt_args.block_size, length_flag="--block_size")
     resolve_checkpointing(training_args, peft_args)
     check_master_weights(model_args, peft_args, training_args)
     check_eval_data(data_args, training_args)

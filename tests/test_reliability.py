@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -424,6 +425,21 @@ def test_max_steps_zero_is_refused_in_every_stage(stage, tiny_model, untrained_r
     argv = stage_argv(stage, tiny_model, tmp_path / "o", "--max_steps", "0", reward=untrained_rm)
     with pytest.raises(UserError, match="--max_steps 0 would train nothing"):
         import_module(f"stages.{stage}").parse(argv)
+
+
+@pytest.mark.parametrize("stage, flag", [("sft", "--model_max_length"), ("pt", "--block_size")])
+def test_a_length_past_the_models_positions_is_said(stage, flag, tiny_model, tmp_path, caplog):
+    module = import_module(f"stages.{stage}")
+    caplog.set_level(logging.WARNING, logger="pipeline")
+    module.parse(stage_argv(stage, tiny_model, tmp_path / "o", flag, "4096"))
+    said = [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{flag} 4096 is above the 1024 positions")
+    caplog.clear()
+    module.parse(stage_argv(stage, tiny_model, tmp_path / "o", flag, "1024"))
+    module.parse(
+        stage_argv(stage, tiny_model, tmp_path / "o", flag, "4096", "--rope_scaling", "linear")
+    )
+    assert not [r for r in caplog.records if "positions the model never saw" in r.getMessage()]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

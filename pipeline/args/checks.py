@@ -374,7 +374,9 @@ def check_deepspeed_file(training_args) -> None:
         )
 
 
-def check_common(model_args, peft_args, max_length: int | None = None) -> None:
+def check_common(
+    model_args, peft_args, max_length: int | None = None, length_flag: str = "--model_max_length"
+) -> None:
     """Checks every stage shares: quantized weights need an adapter; the model config exists, has
     the --model_type given and stretches to max_length under --rope_scaling; --flash_attn is
     installed."""
@@ -388,7 +390,20 @@ def check_common(model_args, peft_args, max_length: int | None = None) -> None:
             "4/8-bit weights cannot be trained in full; add --use_peft True (LoRA/QLoRA) or drop "
             "quantization."
         )
-    load_config(model_args, max_length)
+    config = load_config(model_args, max_length)
+    limit = getattr(config, "max_position_embeddings", None)
+    if max_length and limit and max_length > limit and not model_args.rope_scaling:
+        logger.warning(
+            "%s %d is above the %d positions %s was trained with: a sample longer than %d "
+            "trains at positions the model never saw (an index error for learned positions); "
+            "lower %s, or stretch the positions with --rope_scaling linear|dynamic|yarn",
+            length_flag,
+            max_length,
+            limit,
+            model_args.model_name_or_path,
+            limit,
+            length_flag,
+        )
     choose_attention(
         model_args.flash_attn, packing=False
     )  # --flash_attn without the package stops here
