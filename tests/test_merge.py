@@ -64,13 +64,17 @@ def test_merge_refuses_a_base_other_than_the_adapters_own(tiny_model, tmp_path):
     ):
         merge_adapter(str(other), str(adapter), str(tmp_path / "wrong"))
     assert not (tmp_path / "wrong").exists()
+    # a fine-tuned copy of the base (4 full steps at 2e-5) is another base too
+    tuned = train_sft(tiny_model, tmp_path / "tuned", 4, "--learning_rate", "2e-5")
+    with pytest.raises(UserError, match=f"--base_model {tuned} holds other weights"):
+        merge_adapter(str(tuned), str(adapter), str(tmp_path / "wrong"))
     # the same base saved in another dtype is still its own base
-    same = tmp_path / "tiny-bf16"
-    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(same)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(same)
-    assert (
-        merge_adapter(str(same), str(adapter), str(tmp_path / "merged")) / "config.json"
-    ).is_file()
+    for dtype in (torch.bfloat16, torch.float16):
+        same = tmp_path / f"tiny-{dtype}"
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).save_pretrained(same)
+        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(same)
+        merged = merge_adapter(str(same), str(adapter), str(tmp_path / f"merged-{dtype}"))
+        assert (merged / "config.json").is_file()
     # a reward-model folder as the base of a language-model adapter: no lm_head to merge into
     (adapter / FINGERPRINT).unlink()
     rm_folder = tmp_path / "rm"
