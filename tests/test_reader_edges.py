@@ -251,3 +251,15 @@ def test_a_data_file_whose_name_holds_a_comma_is_one_file(tmp_path):
     assert DataArguments(train_file=[str(odd)]).train_file == [str(odd)]
     both = DataArguments(train_file=[f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl"])  # a list
     assert both.train_file == [f"{tmp_path}/a.jsonl", f"{tmp_path}/b.jsonl"]
+
+
+def test_a_split_share_beside_given_held_out_data_is_refused(tmp_path):
+    from pipeline.args.data import DataArguments
+
+    write_jsonl(tmp_path / "t" / "a.jsonl", [{"messages": [USER, ANSWER]}])
+    write_jsonl(tmp_path / "v" / "a.jsonl", [{"messages": [USER, ANSWER]}])
+    given = {"train_file_dir": str(tmp_path / "t"), "validation_file_dir": str(tmp_path / "v")}
+    with pytest.raises(UserError, match="--validation_split_percentage 50 holds out training"):
+        DataArguments(**given, validation_split_percentage=50)  # it was ignored
+    assert DataArguments(**given).has_validation  # the default share: nothing to say
+    assert DataArguments(**given, validation_split_percentage=0).has_validation

@@ -87,6 +87,16 @@ class DataArguments:
                 "--validation_split_percentage must be in [0, 100), got "
                 f"{self.validation_split_percentage}."
             )
+        if self.has_validation and self.validation_split_percentage not in (
+            0,
+            type(self).validation_split_percentage,
+        ):
+            raise UserError(
+                f"--validation_split_percentage {self.validation_split_percentage:g} holds out "
+                "training data only when no held-out data is given, and "
+                f"--{'validation_file_dir' if self.validation_file_dir else 'validation_file'} "
+                "is given; drop one of them."
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value == 0:
