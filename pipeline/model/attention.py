@@ -6,9 +6,10 @@ within each sample only and never build a [tokens x tokens] mask. Choice, in ord
 
   --flash_attn True       transformers' flash_attention_2 (the flash-attn package; it reads the
                           position ids)
-  packing on a CUDA GPU   "packed_varlen" below: PyTorch's own varlen kernel
-                          (torch.nn.attention.varlen), registered through transformers'
-                          AttentionInterface
+  packing on a CUDA GPU   "packed_varlen" below: PyTorch's flash kernel called directly
+                          (FlashVarlen; PyTorch's public torch.nn.attention.varlen op wraps the
+                          same kernel in more Python and wants the kv heads repeated), registered
+                          through transformers' AttentionInterface
   otherwise               SDPA, with transformers' block-diagonal mask built from the position ids:
                           the same numbers, slower and memory-hungry on long rows (said once in the
                           log)
@@ -52,6 +53,7 @@ def sample_bounds(position_ids: torch.Tensor, device: torch.device) -> tuple[tor
 
 
 def _torch_varlen(q, k, v, cu, max_len, scale):
+    """PyTorch's public op: what FlashVarlen replaced, kept as its comparison (bench, GPU tests)."""
     from torch.nn.attention.varlen import varlen_attn
 
     if (
@@ -59,6 +61,35 @@ def _torch_varlen(q, k, v, cu, max_len, scale):
     ):  # grouped-query attention: torch 2.11's kernel wants one kv head per query head
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
+
+
+class FlashVarlen(torch.autograd.Function):
+    """The flash kernel behind `varlen_attn`, called directly: causal, no dropout, grouped-query
+    heads read in place (the kernel shares each kv head across its query group and sums their
+    gradients itself), and none of the custom op's Python dispatch layers, which ran at each of a
+    step's 48 attention calls (16 layers, forward, recomputation and backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
+            rng, unused, scale=ctx.scale,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None
+
+
+def _flash_varlen(q, k, v, cu, max_len, scale):
+    return FlashVarlen.apply(q, k, v, cu, max_len, scale)
 
 
 def reference_varlen(q, k, v, cu, max_len, scale):
@@ -73,7 +104,7 @@ def reference_varlen(q, k, v, cu, max_len, scale):
     return out
 
 
-KERNEL = {"fn": _torch_varlen}
+KERNEL = {"fn": _flash_varlen}
 
 
 def packed_varlen_attention(
