@@ -28,7 +28,6 @@ READ_ONLY_WHEN = {
     "max_new_tokens": "SFT: with --predict_with_generate True only, refused at parse without it",
     "prompt_column": "acts at parse: chooses the two-text-field record format",
     "response_column": "acts at parse: chooses the two-text-field record format",
-    "reward_funcs": "acts at parse (the list of rewards)",
     "max_source_length": "acts at parse: sets --model_max_length (the seeds' spelling)",
     "max_target_length": "acts at parse: sets --model_max_length (the seeds' spelling)",
     "simpo_gamma": "--loss_type simpo only; refused at parse under another loss",
