@@ -172,10 +172,8 @@ def translate(argv: list[str], dataclass_types) -> list[str]:
                 values = ["true"]  # a bare --bf16 / --use_peft, store-true style
             out.append((name, values))
         elif name == "warmup_ratio" and "warmup_steps" in known:
-            if any(other == "warmup_steps" for other, _ in pairs):
-                raise UserError(
-                    "--warmup_ratio and --warmup_steps both set the warmup; give one of them."
-                )
+            # read in place: with --warmup_steps also given the later one wins, as a command-line
+            # flag wins over a config file's
             _say(name, "is read as --warmup_steps (a value below 1 is a share of the steps)")
             out.append(("warmup_steps", [_warmup_share(values)]))
         elif name in RENAMED and RENAMED[name] in known:

@@ -69,11 +69,13 @@ def test_merge_refuses_a_base_other_than_the_adapters_own(tiny_model, tmp_path):
     with pytest.raises(UserError, match=f"--base_model {tuned} holds other weights"):
         merge_adapter(str(tuned), str(adapter), str(tmp_path / "wrong"))
     # the same base saved in another dtype is still its own base
-    for dtype in (torch.bfloat16, torch.float16):
-        same = tmp_path / f"tiny-{dtype}"
-        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).save_pretrained(same)
+    for dtypes in ([torch.bfloat16], [torch.float16], [torch.float16, torch.bfloat16]):
+        same, source = tmp_path / "-".join(map(str, dtypes)), tiny_model
+        for dtype in dtypes:  # the last: rounded twice, float32 -> float16 -> bf16
+            AutoModelForCausalLM.from_pretrained(source, dtype=dtype).save_pretrained(same)
+            source = same
         AutoTokenizer.from_pretrained(tiny_model).save_pretrained(same)
-        merged = merge_adapter(str(same), str(adapter), str(tmp_path / f"merged-{dtype}"))
+        merged = merge_adapter(str(same), str(adapter), str(tmp_path / f"merged-{same.name}"))
         assert (merged / "config.json").is_file()
     # a reward-model folder as the base of a language-model adapter: no lm_head to merge into
     (adapter / FINGERPRINT).unlink()

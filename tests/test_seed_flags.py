@@ -59,8 +59,13 @@ def test_warmup_ratio_is_a_share_of_the_run_up_to_all_of_it(tiny_model):
     for bad in ("1.5", "-0.5", "nan", "x"):
         with pytest.raises(UserError, match=f"--warmup_ratio must be a share .* got {bad}"):
             sft_args(tiny_model, "--warmup_ratio", bad)
-    with pytest.raises(UserError, match="--warmup_ratio and --warmup_steps both"):
-        sft_args(tiny_model, "--warmup_ratio", "0.1", "--warmup_steps", "5")
+    # with both, the later wins (a config file's flags come first, the command line's after)
+    assert (
+        sft_args(tiny_model, "--warmup_ratio", "0.1", "--warmup_steps", "5")[-1].warmup_steps == 5
+    )
+    assert (
+        sft_args(tiny_model, "--warmup_steps", "5", "--warmup_ratio", "0.1")[-1].warmup_steps == 0.1
+    )
 
 
 def test_bare_booleans_mean_true(tiny_model):

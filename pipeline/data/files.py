@@ -101,13 +101,17 @@ def _folder_files(root: Path, flag: str, extensions: tuple[str, ...]) -> list[Pa
 
 
 def is_held_out_name(path: Path, root: Path) -> bool:
-    """Whether a file's name or a folder below `root` names held-out data: a word of it (split at
-    "_", "-", "." and spaces) is dev, val, valid, validation, eval or test (sft_eval.jsonl,
-    eval/part0.jsonl, test.json)."""
+    """Whether a file's name or a folder below `root` names held-out data: its last word (split at
+    "_", "-", "." and spaces, after any shard number "-00000-of-00004") is dev, val, valid,
+    validation, eval or test: sft_eval.jsonl, eval/part0.jsonl, test-00000-of-00001.jsonl; not
+    code_test_gen.jsonl or eval_harness_prompts/."""
     parts = [*path.relative_to(root).parent.parts, path.stem]
-    return any(
-        word in HELD_OUT_NAMES for part in parts for word in re.split(r"[-_.\s]+", part.lower())
-    )
+    return any(_last_word(part) in HELD_OUT_NAMES for part in parts)
+
+
+def _last_word(name: str) -> str:
+    name = re.sub(r"[-_]\d+[-_]of[-_]\d+$", "", name.lower())
+    return re.split(r"[-_.\s]+", name.strip("-_. "))[-1]
 
 
 def _source_files(source: str | list[str], flag: str) -> list[Path]:

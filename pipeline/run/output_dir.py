@@ -64,9 +64,12 @@ def previous_run(out: Path) -> str | None:
     return " and ".join(found) or None
 
 
-# Settings a checkpoint's optimizer and scheduler state carry: a resumed run continues with the
-# checkpoint's, so another value given now would not act (refused, not ignored).
-RESTORED = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim")
+# Settings a checkpoint's optimizer and scheduler state carry back (the optimizer's kind, its
+# learning rate and weight decay; the scheduler's base rate): a resumed run continues with the
+# checkpoint's, so another value given now would not act (refused, not ignored). The schedule's
+# shape (--lr_scheduler_type, warmup, --max_steps) is rebuilt from the flags and does act.
+RESTORED = ("learning_rate", "weight_decay", "optim")
+SAME_OPTIMIZER = {"adamw_torch_fused": "adamw_torch"}  # one state; the default differs by torch
 
 
 def run_identity(training_args, stage: str, model: str, data, method: str) -> dict:
@@ -77,11 +80,13 @@ def run_identity(training_args, stage: str, model: str, data, method: str) -> di
         "model_name_or_path": _normal(model),
         "train_file_dir": _normal(data),
         "method": method,
-        **{
-            k: getattr(getattr(training_args, k), "value", getattr(training_args, k))
-            for k in RESTORED
-        },
+        **{k: _setting(training_args, k) for k in RESTORED},
     }
+
+
+def _setting(training_args, name: str):
+    value = getattr(getattr(training_args, name), "value", getattr(training_args, name))
+    return SAME_OPTIMIZER.get(value, value) if name == "optim" else value
 
 
 def other_run(recorded: dict | None, identity: dict) -> str | None:

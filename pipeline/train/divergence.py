@@ -28,8 +28,8 @@ from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 ADVICE = (
-    "try a lower --learning_rate, bf16 instead of fp16 (or float32), "
-    "or gradient clipping (--max_grad_norm 1.0)"
+    "start afresh (--overwrite_output_dir: a resumed run keeps its learning rate) with a lower "
+    "--learning_rate, bf16 instead of fp16 (or float32), or gradient clipping (--max_grad_norm 1.0)"
 )
 
 
