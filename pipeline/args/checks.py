@@ -507,13 +507,22 @@ def resolve_checkpointing(training_args, peft_args) -> None:
         training_args.activation_checkpointing = False
 
 
+def eval_strategy_name(training_args) -> str:
+    """--eval_strategy as the user typed it (steps, epoch, no)."""
+    return str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+
+
+def evaluates_during_training(training_args) -> bool:
+    """--eval_strategy steps/epoch or --eval_on_start."""
+    return eval_strategy_name(training_args) != "no" or bool(
+        getattr(training_args, "eval_on_start", False)
+    )
+
+
 def check_eval_data(data_args, training_args) -> None:
     """Evaluation during training (--eval_strategy steps/epoch, --eval_on_start) needs held-out
     data: a --validation_file_dir / --validation_file or a --validation_split_percentage above 0."""
-    wants = (
-        str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO")
-        or training_args.eval_on_start
-    )
+    wants = evaluates_during_training(training_args)
     if wants and not data_args.has_validation and data_args.validation_split_percentage <= 0:
         flag = (
             "--eval_on_start"

@@ -7,9 +7,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import fields
 
-from pipeline.args.checks import check_common
+from pipeline.args.checks import check_common, eval_strategy_name, evaluates_during_training
 from pipeline.args.stages import PPOArguments, algorithm_elsewhere
-from pipeline.data.files import evaluates_during_training
 from pipeline.errors import UserError
 from pipeline.rl.group_math import VARIANTS
 
@@ -151,8 +150,7 @@ def check_rl_data_flags(data_args, training_args) -> None:
     evaluation during training, which needs those held-out prompts."""
     if evaluates_during_training(training_args) and not data_args.has_validation:
         raise UserError(
-            "--eval_strategy "
-            f"{getattr(training_args.eval_strategy, 'value', training_args.eval_strategy)}"
+            f"--eval_strategy {eval_strategy_name(training_args)}"
             f"{' / --eval_on_start' if getattr(training_args, 'eval_on_start', False) else ''} "
             "evaluates during training, but the RL stages hold out only prompts given with "
             "--validation_file_dir or --validation_file, and none is given; give one, or "

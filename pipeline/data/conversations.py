@@ -419,7 +419,7 @@ def validate(conv: dict, require_answer: bool = True) -> dict:
         thought_then_call = role == prev == "assistant" and m.get(
             "tool_calls"
         )  # ChatGLM3: text, then the call
-        if prev is None and role not in ("user",):
+        if prev is None and role != "user":
             raise InvalidSample(
                 f"the conversation starts with {_article(role)} {role} message; the first turn "
                 "(after any system message) must be the user's"

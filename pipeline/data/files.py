@@ -427,12 +427,15 @@ def load_train_eval(
         split = train.train_test_split(test_size=n_eval, seed=seed)
         logger.info("held out %d training %s for evaluation", n_eval, unit)
         return split["train"], split["test"]
+    # imported here: the argument classes read this package (pipeline.args.data)
+    from pipeline.args.checks import eval_strategy_name, evaluates_during_training
+
     if data_args.validation_split_percentage > 0 and evaluates_during_training(training_args):
         raise UserError(
             f"--validation_split_percentage {data_args.validation_split_percentage} cannot hold "
             f"out data from {len(train)} training {unit}, and --eval_strategy "
-            f"{getattr(training_args.eval_strategy, 'value', training_args.eval_strategy)} "
-            "evaluates during training; give --validation_file_dir or --eval_strategy no."
+            f"{eval_strategy_name(training_args)} evaluates during training; give "
+            "--validation_file_dir or --eval_strategy no."
         )
     if data_args.validation_split_percentage > 0:
         logger.warning(
@@ -443,12 +446,6 @@ def load_train_eval(
             unit,
         )
     return train, None
-
-
-def evaluates_during_training(training_args) -> bool:
-    """--eval_strategy steps/epoch or --eval_on_start."""
-    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
-    return str(strategy) != "no" or bool(getattr(training_args, "eval_on_start", False))
 
 
 def cap(dataset: Dataset | None, limit: int | None, flag: str, unit: str) -> Dataset | None:
