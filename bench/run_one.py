@@ -8,7 +8,9 @@ TOOL: project-sft | trl-sft | project-dpo | trl-dpo. Extra flags go to the proje
 are; for TRL they are `key=value` fields of its config (values parsed as JSON where they parse).
 BENCH_PROFILE=1 profiles training steps 4-6 and prints where the GPU time goes (by kernel) to
 stderr; BENCH_PROFILE=host profiles the host side of steps 4-13 with cProfile (where the Python time
-of a step goes: the Trainer's bookkeeping, data collation, kernel launches, waits on the GPU).
+of a step goes: the Trainer's bookkeeping, data collation, kernel launches, waits on the GPU);
+BENCH_PROFILE=memory says what loading holds and which code's allocations make up the peak of the
+first two micro-steps.
 Besides the whole run's tokens/s, `steady_tokens_per_s` is the rate after the first WARMUP_STEPS
 micro-steps (compilation and first allocations left out).
 """
@@ -221,6 +223,77 @@ def profile_host(trainer_class, first: int = 3, last: int = 13) -> None:
     trainer_class.training_step = step
 
 
+def live_at_peak(events: list[dict]) -> tuple[int, dict]:
+    """Replay a CUDA allocator trace: the highest total of live allocations made within it (bytes,
+    above what was live before it began) and those allocations summed by the first frame outside
+    torch's own files (where in the model, the adapter or the loss the memory was asked for)."""
+    cur = top = at = 0
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            cur += e["size"]
+        elif e["action"] == "free_completed":
+            cur -= e["size"]
+        if cur > top:
+            top, at = cur, i
+    live: dict = {}
+    for e in events[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups: dict = {}
+    for e in live.values():
+        frames = e.get("frames") or []
+        where = next(
+            (f for f in frames if "/torch/" not in f["filename"] and f["filename"][:1] == "/"),
+            frames[0] if frames else {"filename": "?", "line": 0, "name": "?"},
+        )
+        key = f"{'/'.join(where['filename'].split('/')[-2:])}:{where['line']} {where['name']}"
+        groups[key] = groups.get(key, 0) + e["size"]
+    return top, groups
+
+
+def profile_memory(trainer_class, steps: int = 2) -> None:
+    """Where the peak GPU memory goes: what the model holds when training starts (and the peak of
+    loading it), then the allocations live at the highest point of the first `steps` micro-steps,
+    by the code that asked for them, to stderr (and to BENCH_PROFILE_OUT as text when set)."""
+    train, original = trainer_class.train, trainer_class.training_step
+    seen = {"steps": 0}
+
+    def started(self, *args, **kwargs):
+        seen["load_peak"] = torch.cuda.max_memory_allocated()
+        seen["resident"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        return train(self, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen["steps"] += 1
+        if seen["steps"] == steps:
+            torch.cuda.synchronize()
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            top, groups = live_at_peak(snap["device_traces"][torch.cuda.current_device()])
+            gib = 2**30
+            lines = [
+                f"memory profile: loading peaked at {seen['load_peak'] / gib:.2f} GiB; "
+                f"{seen['resident'] / gib:.2f} GiB held when training started; the first "
+                f"{steps} micro-steps peaked at {torch.cuda.max_memory_allocated() / gib:.2f} GiB, "
+                f"{top / gib:.2f} GiB of it allocated within them; live at that point:"
+            ]
+            for key, size in sorted(groups.items(), key=lambda kv: -kv[1])[:30]:
+                lines.append(f"{size / gib:8.3f} GiB  {key}")
+            print("\n".join(lines), file=sys.stderr)
+            if os.environ.get("BENCH_PROFILE_OUT"):
+                Path(os.environ["BENCH_PROFILE_OUT"]).with_suffix(".mem.txt").write_text(
+                    "\n".join(lines) + "\n"
+                )
+        return out
+
+    trainer_class.train, trainer_class.training_step = started, step
+
+
 WARMUP_STEPS = 5  # micro-steps left out of the steady rate: first allocations, compilation
 STEPS: dict = {"count": 0}
 
@@ -280,7 +353,8 @@ def project(
     if os.environ.get("BENCH_PROFILE"):
         from transformers import Trainer
 
-        (profile_host if os.environ["BENCH_PROFILE"] == "host" else profile_steps)(Trainer)
+        kind = os.environ["BENCH_PROFILE"]
+        {"host": profile_host, "memory": profile_memory}.get(kind, profile_steps)(Trainer)
     module = importlib.import_module(f"stages.{stage}")
     module.main(
         [

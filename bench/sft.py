@@ -340,9 +340,11 @@ def main(argv: list[str] | None = None) -> None:
         "--profile",
         nargs="?",
         const="gpu",
-        choices=("gpu", "host"),
+        choices=("gpu", "host", "memory"),
         help="also profile the suite's first row: gpu (steps 4-6: GPU time by phase and host "
-        "gaps) or host (steps 4-13: the Python time by function, cProfile)",
+        "gaps), host (steps 4-13: the Python time by function, cProfile) or memory (what loading "
+        "holds, and the allocations live at the peak of the first 2 steps by the code that made "
+        "them)",
     )
     parser.add_argument("--out", default="bench/results")
     parser.add_argument(
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             name + " (profiled)",
             tool,
             common,
-            [*extra, "--max_steps", "8" if args.profile == "gpu" else "16"],
+            [*extra, "--max_steps", {"gpu": "8", "host": "16", "memory": "3"}[args.profile]],
             results,
             99,
             profile=args.profile,

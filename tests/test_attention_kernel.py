@@ -31,3 +31,21 @@ def test_flash_varlen_equals_the_per_sample_reference(kv_heads):
     for mine, ref, public in zip([out, *grads], [ref_out, *ref_grads], [public_out, *public_grads]):
         # no further from the reference than PyTorch's own op (bf16 rounding of the same sums)
         assert (mine - ref).abs().max() <= (public - ref).abs().max() * 1.5 + 1e-3
+
+
+@needs_cuda
+def test_flash_varlen_keeps_a_sliding_window():
+    import functools
+
+    from bench.varlen_kernel import packed_inputs, run_once
+
+    q, k, v, cu, longest = packed_inputs(2048, 32, 8, 64)
+    grad = torch.randn_like(q)
+    windowed = functools.partial(attention._flash_varlen, window=128)
+    out, grads = run_once(windowed, q, k, v, cu, longest, grad)
+    reference = functools.partial(attention.reference_varlen, window=128)
+    ref_out, ref_grads = run_once(reference, q, k, v, cu, longest, grad)
+    full_out, _ = run_once(attention.reference_varlen, q, k, v, cu, longest, grad)
+    assert (full_out - ref_out).abs().max() > 0.05  # the window changes the output here
+    for mine, ref in zip([out, *grads], [ref_out, *ref_grads]):
+        assert (mine - ref).abs().max() <= 0.1, (mine - ref).abs().max()

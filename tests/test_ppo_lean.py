@@ -85,9 +85,15 @@ def test_the_model_is_asked_for_one_position_of_logits_only(tiny_model):
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     with torch.no_grad():
         token_logprobs_and_entropy(model, traj, 1.0)
+        # the first call checks once that the model's logits are its head on its final states:
+        # 16 positions of one row, the model's own logits and the head's
+        vocab = model.config.vocab_size
+        assert seen[:3] == [(1, 1, vocab), (1, 14, vocab), (1, 14, vocab)], seen
+        seen.clear()
+        token_logprobs_and_entropy(model, traj, 1.0)
     # the model's own call: one flattened row (no padding), 1 position; then the answer positions
-    # (3 x 8) through the head
-    assert seen[0] == (1, 1, model.config.vocab_size) and seen[1] == (24, model.config.vocab_size)
+    # (3 x 8) through the head, for the log-probabilities and for the entropies
+    assert seen == [(1, 1, vocab), (24, vocab), (24, vocab)], seen
 
 
 def test_values_are_scored_at_the_answer_states_only(tiny_model):

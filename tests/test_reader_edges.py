@@ -165,6 +165,37 @@ def test_held_out_data_that_is_also_trained_is_refused(tmp_path):
     check_apart(data_args(tmp_path / "d", tmp_path / "apart"))  # apart: nothing said
 
 
+def test_held_out_records_that_repeat_training_records_are_counted_in_the_log(tmp_path, caplog):
+    from datasets import Dataset
+
+    rows = [{"input_ids": [i, i + 1, i + 2], "text": f"doc {i}"} for i in range(40)]
+    sets = {
+        "train": Dataset.from_list(rows),
+        "held": Dataset.from_list([rows[3], rows[7], {"input_ids": [1, 2], "text": "new"}]),
+    }
+    for name in sets:  # the files apart (the shared-file check reads them), the records not
+        write_jsonl(tmp_path / name / "a.jsonl", [{"text": name}])
+    args = data_args(tmp_path / "train", tmp_path / "held")
+    with caplog.at_level("WARNING"):
+        load_train_eval(lambda path, flag: sets[Path(path).name], args, NO_EVAL, "samples")
+    assert "2 of the 3 samples in the held-out data are also in the training data" in caplog.text
+    # a split of data that repeats its records: the copies that land on both sides are counted
+    caplog.clear()
+    repeated = Dataset.from_list(rows + rows[:20])
+    split = SimpleNamespace(
+        **{**vars(data_args(tmp_path, None)), "validation_split_percentage": 25}
+    )
+    with caplog.at_level("WARNING"):
+        train, held = load_train_eval(lambda *source: repeated, split, NO_EVAL, "samples")
+    train_ids = {tuple(r["input_ids"]) for r in train}
+    both = sum(tuple(r["input_ids"]) in train_ids for r in held)
+    assert both > 0 and f"{both} of the {len(held)} samples in the split held out" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # nothing repeated: nothing said
+        load_train_eval(lambda *source: Dataset.from_list(rows), split, NO_EVAL, "samples")
+    assert "also in the training data" not in caplog.text
+
+
 def test_evaluating_during_training_needs_more_than_one_sample_to_split(tmp_path):
     from datasets import Dataset
 

@@ -39,11 +39,39 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     except ValueError as e:
         raise UserError(f"{e}. Run with --help to list the flags.") from e
     check_numbers(parsed)
+    check_step_flags(parsed, {token[2:].split("=", 1)[0] for token in argv if token[:2] == "--"})
     check_output_apart(parsed)
     check_test_file(parsed)
     check_template_name(parsed)
     check_precision(parsed)
     return parsed
+
+
+STEP_FLAGS = {
+    "eval_steps": "eval_strategy",
+    "save_steps": "save_strategy",
+    "logging_steps": "logging_strategy",
+}
+
+
+def check_step_flags(parsed, given: set[str]) -> None:
+    """--eval_steps / --save_steps / --logging_steps are read only under their strategy `steps`:
+    given beside another strategy they would do nothing (transformers ignores them: a run meant
+    to evaluate every 100 steps never evaluates)."""
+    for args in parsed:
+        for steps, strategy in STEP_FLAGS.items():
+            if steps not in given or not hasattr(args, strategy):
+                continue
+            chosen = getattr(args, strategy)
+            chosen = str(getattr(chosen, "value", chosen))
+            if chosen != "steps":
+                value = getattr(args, steps)
+                value = int(value) if float(value).is_integer() else value
+                raise UserError(
+                    f"--{steps} {value} is read only with --{strategy} steps, and "
+                    f"--{strategy} is {chosen} here, so it would do nothing: add --{strategy} "
+                    f"steps, or drop --{steps}."
+                )
 
 
 def given_flags(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> set[str]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pyarrow as pa
 from datasets import Dataset
 
 from pipeline.data.json_text import JSONLimitError, loads
@@ -421,11 +422,15 @@ def load_train_eval(
     if data_args.has_validation:
         evaluation = load(*data_args.validation_source)
         check_apart(data_args)
+        warn_shared_records(train, evaluation, unit, "the held-out data")
         return train, evaluation
     if data_args.validation_split_percentage > 0 and len(train) >= 2:
         n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
         split = train.train_test_split(test_size=n_eval, seed=seed)
         logger.info("held out %d training %s for evaluation", n_eval, unit)
+        warn_shared_records(
+            split["train"], split["test"], unit, "the split held out (the data repeats them)"
+        )
         return split["train"], split["test"]
     # imported here: the argument classes read this package (pipeline.args.data)
     from pipeline.args.checks import eval_strategy_name, evaluates_during_training
@@ -446,6 +451,42 @@ def load_train_eval(
             unit,
         )
     return train, None
+
+
+def warn_shared_records(train: Dataset, held: Dataset, unit: str, what: str) -> int:
+    """Held-out records that are also training records, field for field (files apart can still
+    repeat records: a copy of the data set, an exported split): said in the log with their count,
+    since an evaluation on them measures memory, not generalization. Returns the count."""
+
+    def keys(dataset: Dataset) -> list[tuple]:
+        if not isinstance(dataset, Dataset):
+            return []
+        columns, table = [], dataset.with_format("arrow")[:]  # the rows a split or select keeps
+        for name in sorted(dataset.column_names):
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
+                # token ids: each row's slice of the flat values, as bytes (no Python lists)
+                cuts = column.offsets.to_numpy()
+                flat = column.values.to_numpy(zero_copy_only=False)
+                columns.append([flat[a:b].tobytes() for a, b in zip(cuts[:-1], cuts[1:])])
+            else:
+                columns.append(
+                    [json.dumps(v, sort_keys=True, default=str) for v in column.to_pylist()]
+                )
+        return list(zip(*columns))
+
+    trained = set(keys(train))
+    shared = sum(key in trained for key in keys(held))
+    if shared:
+        logger.warning(
+            "%d of the %d %s in %s are also in the training data, field for field: their "
+            "evaluation measures what was trained; remove them from one side",
+            shared,
+            len(held),
+            unit,
+            what,
+        )
+    return shared
 
 
 def cap(dataset: Dataset | None, limit: int | None, flag: str, unit: str) -> Dataset | None:

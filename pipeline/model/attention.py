@@ -52,7 +52,7 @@ def sample_bounds(position_ids: torch.Tensor, device: torch.device) -> tuple[tor
     return kept
 
 
-def _torch_varlen(q, k, v, cu, max_len, scale):
+def _torch_varlen(q, k, v, cu, max_len, scale, window=None):
     """PyTorch's public op: what FlashVarlen replaced, kept as its comparison (bench, GPU tests)."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -60,7 +60,8 @@ def _torch_varlen(q, k, v, cu, max_len, scale):
         k.shape[1] != q.shape[1]
     ):  # grouped-query attention: torch 2.11's kernel wants one kv head per query head
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
+    left = -1 if window is None else window - 1
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(left, 0))
 
 
 class FlashVarlen(torch.autograd.Function):
@@ -70,12 +71,16 @@ class FlashVarlen(torch.autograd.Function):
     step's 48 attention calls (16 layers, forward, recomputation and backward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, max_len, scale):
+    def forward(ctx, q, k, v, cu, max_len, scale, window=None):
+        # a sliding window of W keys: the query's own and the W - 1 before it (transformers' mask)
+        left = None if window is None else window - 1
+        right = None if window is None else 0
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
-        )
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale,
+            window_size_left=left, window_size_right=right,
+        )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-        ctx.max_len, ctx.scale = max_len, scale
+        ctx.max_len, ctx.scale, ctx.window = max_len, scale, (left, right)
         return out
 
     @staticmethod
@@ -83,28 +88,38 @@ class FlashVarlen(torch.autograd.Function):
         q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
-            rng, unused, scale=ctx.scale,
+            rng, unused, scale=ctx.scale, window_size_left=ctx.window[0],
+            window_size_right=ctx.window[1],
         )  # fmt: skip
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def _flash_varlen(q, k, v, cu, max_len, scale):
-    return FlashVarlen.apply(q, k, v, cu, max_len, scale)
+def _flash_varlen(q, k, v, cu, max_len, scale, window=None):
+    return FlashVarlen.apply(q, k, v, cu, max_len, scale, window)
 
 
-def reference_varlen(q, k, v, cu, max_len, scale):
-    """The same computation one sample at a time with SDPA: the CPU stand-in the tests compare
-    against."""
+def reference_varlen(q, k, v, cu, max_len, scale, window=None):
+    """The same computation one sample at a time with SDPA (and the sliding window's mask): the
+    CPU stand-in the tests compare against."""
     out = torch.empty_like(q)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
+        mask = None
+        if window is not None:
+            i = torch.arange(b - a, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
-        ).transpose(0, 1)
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=qs.shape[0] != ks.shape[0],
+        ).transpose(0, 1)  # fmt: skip
     return out
 
 
 KERNEL = {"fn": _flash_varlen}
+# what transformers' attention layers may hand an attention function that the kernel cannot compute:
+# Gemma 2's soft cap on the attention logits, gpt-oss's attention sinks
+UNSUPPORTED = ("softcap", "s_aux")
+SINK_MODELS = ("gpt_oss",)  # model types whose attention layers hand the kernel sinks (s_aux)
 
 
 def packed_varlen_attention(
@@ -115,6 +130,12 @@ def packed_varlen_attention(
     if query.shape[0] != 1 or kwargs.get("position_ids") is None:
         raise ValueError(
             "packed_varlen attention takes one flattened packed row with its position_ids"
+        )
+    unread = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unread:  # choose_attention keeps such models off this kernel: a model it does not know
+        raise ValueError(
+            f"{type(module).__name__} attends with {', '.join(unread)}, which the packed varlen "
+            "kernel does not compute; train it with --packing False or --flash_attn True"
         )
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
         # from the collator or the padding-free pair forward (a no-op move on the same device)
@@ -128,7 +149,7 @@ def packed_varlen_attention(
     q, k, v = (
         t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value)
     )  # (tokens, heads, dim)
-    out = KERNEL["fn"](q, k, v, cu, max_len, scaling)
+    out = KERNEL["fn"](q, k, v, cu, max_len, scaling, kwargs.get("sliding_window"))
     return out.unsqueeze(0), None
 
 
@@ -142,9 +163,22 @@ def torch_varlen_available() -> bool:
     )
 
 
-def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = True) -> str | None:
-    """The attn_implementation for a run (None: transformers' default, SDPA). The varlen kernel
-    computes in bf16/fp16 only, so a float32 run keeps SDPA."""
+def kernel_cannot(config) -> str | None:
+    """What a model's attention computes that the varlen kernel does not (None: nothing)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None):
+        return "a soft cap on its attention logits"
+    if getattr(text, "model_type", "") in SINK_MODELS:
+        return "attention sinks"
+    return None
+
+
+def choose_attention(
+    flash_attn: bool, packing: bool, half_precision: bool = True, config=None
+) -> str | None:
+    """The attn_implementation for a run (None: transformers' default for the model, SDPA where
+    it supports it). The varlen kernel computes in bf16/fp16 only, so a float32 run keeps SDPA;
+    it computes sliding windows but not a soft cap or sinks, so those models keep their own."""
     if flash_attn:
         if importlib.util.find_spec("flash_attn") is None:
             from pipeline.errors import UserError
@@ -154,8 +188,17 @@ def choose_attention(flash_attn: bool, packing: bool, half_precision: bool = Tru
                 "(pip install flash-attn on a CUDA machine), or drop the flag to use PyTorch SDPA."
             )
         return "flash_attention_2"
-    if packing and half_precision and torch_varlen_available():
+    cannot = None if config is None else kernel_cannot(config)
+    if packing and half_precision and torch_varlen_available() and cannot is None:
         return PACKED_VARLEN
+    if packing and cannot:
+        logger.info(
+            "packed rows attend through transformers' own attention for this model, with a "
+            "block-diagonal mask from the position ids: it uses %s, which the varlen kernel does "
+            "not compute (--flash_attn True does)",
+            cannot,
+        )
+        return None
     if packing:
         logger.info(
             "packed rows attend through SDPA with a block-diagonal mask from the position ids "

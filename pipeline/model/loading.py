@@ -222,7 +222,9 @@ def load_model(
         dtype=dtype,
         quantization_config=quant,
         device_map=_device_map() if quant else None,
-        attn_implementation=choose_attention(model_args.flash_attn, packing, half_precision),
+        attn_implementation=choose_attention(
+            model_args.flash_attn, packing, half_precision, config
+        ),
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
         output_loading_info=True,

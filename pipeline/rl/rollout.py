@@ -23,6 +23,7 @@ from pipeline.errors import first_line
 from pipeline.infer.generation import generate, sampling_config
 from pipeline.model.adapters import unwrap
 from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
+from pipeline.model.head import check_head, final_hidden, output_head
 from pipeline.model.unpadding import Flat, flatten
 from pipeline.rl import ppo_math
 from pipeline.rl.decode_copy import HalfCopy
@@ -126,29 +127,20 @@ def response_hidden(
     in chunks. packed (the default): the rows go through the model end to end without their padding
     (prompts are left-padded to the longest, answers right-padded after the stop token); False: the
     padded batch."""
-    head = unwrap(model).get_output_embeddings()
+    head = output_head(model)
+    check_head(model, traj.ids, head)
     if packed:
         flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(model):
-            out = model(
-                input_ids=flat.ids,
-                position_ids=flat.positions,
-                **flat.bounds,
-                use_cache=False,
-                output_hidden_states=True,
-                logits_to_keep=1,
+            hidden, _ = final_hidden(
+                model, input_ids=flat.ids, position_ids=flat.positions, **flat.bounds
             )
-        return answer_states(out.hidden_states[-1], flat_index, present), head
+        return answer_states(hidden, flat_index, present), head
     positions = (traj.mask.cumsum(1) - 1).clamp(min=0)
-    out = model(
-        input_ids=traj.ids,
-        attention_mask=traj.mask,
-        position_ids=positions,
-        use_cache=False,
-        output_hidden_states=True,
-        logits_to_keep=1,
+    hidden, _ = final_hidden(
+        model, input_ids=traj.ids, attention_mask=traj.mask, position_ids=positions
     )
-    return out.hidden_states[-1][:, traj.query_len - 1 : -1], head
+    return hidden[:, traj.query_len - 1 : -1], head
 
 
 def _chunk_logprobs(hidden, tokens, head, temperature):

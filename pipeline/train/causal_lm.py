@@ -20,6 +20,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.errors import UserError
 from pipeline.model.compiled import compile_decoder_layers
+from pipeline.model.head import check_head, final_hidden, output_head
 from pipeline.train.losses import causal_lm_loss_sum
 from pipeline.train.master_weights import MasterWeightsAdamW
 
@@ -60,14 +61,12 @@ class CausalLMTrainer(Trainer):
         self.can_return_loss = True
 
     def _output_head(self, model):
-        """The output head under any wrapper, found once per wrapper (accelerate's unwrap asks the
-        package metadata whether DeepSpeed is installed at every call: ~2 ms a step)."""
+        """The output head (with the model's logit transform) under any wrapper, found once per
+        wrapper (accelerate's unwrap asks the package metadata whether DeepSpeed is installed at
+        every call: ~2 ms a step), and checked against the model's own logits on its first use."""
         kept = getattr(self, "_head", None)
         if kept is None or kept[0] is not model:
-            kept = self._head = (
-                model,
-                self.accelerator.unwrap_model(model).get_output_embeddings(),
-            )
+            kept = self._head = (model, output_head(self.accelerator.unwrap_model(model)))
         return kept[1]
 
     def floating_point_ops(self, inputs) -> int:
@@ -88,11 +87,12 @@ class CausalLMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         head = self._output_head(model)
+        check_head(model, inputs["input_ids"], head)
+        hidden, outputs = final_hidden(model, **inputs)
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         loss_sum, count = causal_lm_loss_sum(
-            outputs.hidden_states[-1],
+            hidden,
             labels,
             head,
             self.loss_chunk_size,
@@ -108,6 +108,10 @@ class CausalLMTrainer(Trainer):
                 loss = (
                     loss * self.accelerator.num_processes
                 )  # DDP averages the gradients of the ranks
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:  # a mixture of experts' router balance loss, as the model's own forward
+            config = self.accelerator.unwrap_model(model).config
+            loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux.to(loss.device)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
