@@ -242,6 +242,15 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "t" / "a.txt").write_bytes(b"One.\rTwo.\r\nThree.\r")  # CR alone ends a line too
     dataset, _ = load_text_dataset(str(tmp_path / "t"), "--train_file_dir", str(tmp_path / "cache"))
     assert dataset["text"] == ["One.", "Two.", "Three."]
+    # JSON lines ended by a carriage return alone: one record a line too, and errors name that line
+    record = json.dumps({"messages": [USER, ANSWER]}).encode()
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_bytes(record + b"\r" + record + b"\r\n" + record + b"\r")
+    conversations, _ = read_conversations(str(tmp_path / "j"), "--train_file_dir")
+    assert len(conversations) == 3
+    (tmp_path / "j" / "a.jsonl").write_bytes(record + b"\r" + record[:-1] + b"\r")
+    with pytest.raises(UserError, match=r"a\.jsonl:2: not a valid JSON line"):
+        read_conversations(str(tmp_path / "j"), "--train_file_dir")
 
 
 def test_json_files_name_the_line_of_the_bad_record(tmp_path):

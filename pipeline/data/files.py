@@ -264,18 +264,23 @@ def read_text(path: Path) -> str:
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, ended by LF, CRLF or a carriage return alone (old Macs;
+    JSON text never holds a raw CR inside a string)."""
+    line_no = 0
     with _open(path) as f:
         try:
-            for line_no, raw in enumerate(f, start=1):
+            for raw in f:
                 try:  # a byte-order mark (some Windows editors write one) is not text
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                    yield line_no, line.removeprefix(BOM) if line_no == 1 else line
+                    text = raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
                     raise UserError(
-                        f"{path}:{line_no}: byte {e.start} is not valid UTF-8; "
+                        f"{path}:{line_no + 1}: byte {e.start} is not valid UTF-8; "
                         "re-encode the file as UTF-8 "
                         f"(for example: iconv -f GBK -t UTF-8 {path.name})."
                     ) from e
+                for line in text.split("\r"):
+                    line_no += 1
+                    yield line_no, line.removeprefix(BOM) if line_no == 1 else line
         except OSError as e:  # a read that fails part way (an I/O error, a file that is a folder)
             raise UserError(_unreadable(path, e)) from e
 
@@ -344,9 +349,8 @@ def iter_text_documents(path: Path) -> Iterator[tuple[int, str]]:
     record (blank ones included)."""
     if path.suffix.lower() == ".txt":
         for line_no, line in _decoded_lines(path):
-            for document in line.split("\r"):  # lines ended by a carriage return alone (old Macs)
-                if document.strip():
-                    yield line_no, document
+            if line.strip():
+                yield line_no, line
         return
     for line_no, record in iter_json_records(path):
         text = record.get("text") if isinstance(record, dict) else None
