@@ -50,6 +50,7 @@ from pipeline.args.rl_checks import (
 from pipeline.data.prompts import load_rl_prompts
 from pipeline.data.templates import apply_template_to_tokenizer, resolve_template
 from pipeline.errors import UserError, first_line, run_cli
+from pipeline.infer.generation import neutral_sampling_kwargs
 from pipeline.model.adapters import unwrap
 from pipeline.model.loading import load_model, load_tokenizer
 from pipeline.model.stops import set_generation_stops
@@ -238,7 +239,12 @@ def build_trainer(policy, tokenizer, prompts, ppo_args, training_args, reward_mo
         beta=ppo_args.kl_coef,
         # NaN/inf logits of a diverging policy: sampled from, not a device assert; the guard then
         # stops the run
-        generation_kwargs={"remove_invalid_values": True},
+        generation_kwargs={
+            "remove_invalid_values": True,
+            # the rollouts sample softmax(logits / temperature), which the update scores: none of
+            # the model's own reshaping settings (e.g. a repetition penalty)
+            **neutral_sampling_kwargs(unwrap(policy).generation_config, "use --rl_engine own"),
+        },
         **{trl_name: getattr(ppo_args, name) for name, trl_name in GROUP_RELATIVE_FLAGS.items()},
     )
     config_class, trainer_class = (

@@ -437,3 +437,64 @@ def test_quantized_weights_decode_as_they_are_not_through_a_half_copy(tiny_model
     )
     rollouts = Rollouts(model, None, None, None, None, args, targs)
     assert rollouts.decoder(static=True) is model and rollouts.half_copy is None
+
+
+def test_rollouts_sample_the_distribution_the_update_scores(tiny_model):
+    """The update reads log-probabilities of softmax(logits / temperature): sampling must not
+    also apply the model's own generation settings that reshape it (a generation_config.json's
+    repetition penalty, min_p, banned words, a minimum length); greedy evaluation keeps them, and
+    the model's settings are back after a rollout."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.prompts import Prompt
+    from pipeline.rl.rollout import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    # the model's own settings allow one token only: every other id is a banned word
+    allowed = 7
+    banned = [[t] for t in range(model.config.vocab_size) if t != allowed]
+    model.generation_config.bad_words_ids = banned
+    model.generation_config.repetition_penalty = 1.3
+    prompts = [Prompt([], "", None, tokenizer("What color is ka-bo?").input_ids)] * 3
+    targs = SimpleNamespace(
+        device=torch.device("cpu"), bf16=False, fp16=False, process_index=0, world_size=1,
+        per_device_train_batch_size=3, per_device_eval_batch_size=3,
+    )  # fmt: skip
+    args = SimpleNamespace(
+        max_new_tokens=8, model_max_length=70, temperature=1.0, top_p=1.0, rollout_cache="dynamic"
+    )
+    rollouts = Rollouts(model, None, None, tokenizer, None, args, targs)
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])  # transformers never bans a stop
+    torch.manual_seed(0)
+    sampled = rollouts.generate(prompts, sample=True)
+    tokens = set(sampled.responses[sampled.response_mask.bool()].tolist())
+    assert tokens - {allowed} - stops  # the banned words were not applied to the rollout
+    assert model.generation_config.bad_words_ids == banned
+    assert model.generation_config.repetition_penalty == 1.3
+    greedy = rollouts.generate(prompts, sample=False)
+    assert set(greedy.responses[greedy.response_mask.bool()].tolist()) <= {allowed} | stops
+
+
+def test_trls_rollouts_get_explicit_neutral_sampling_settings(tiny_model):
+    """--rl_engine trl: trl builds the rollout config and transformers fills every unset setting
+    from the model's generation_config; the stage hands it explicit neutral values, and refuses a
+    model setting that has none (banned words)."""
+    from transformers import GenerationConfig
+
+    from pipeline.errors import UserError
+    from pipeline.infer.generation import neutral_sampling_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.generation_config.repetition_penalty, model.generation_config.min_p = 1.3, 0.2
+    kwargs = neutral_sampling_kwargs(model.generation_config, "use --rl_engine own")
+    config, _ = model._prepare_generation_config(
+        GenerationConfig(do_sample=True, top_k=0, max_new_tokens=4, **kwargs)
+    )
+    assert config.repetition_penalty == 1.0 and config.min_p == 0.0
+    model.generation_config.bad_words_ids = [[5]]
+    with pytest.raises(UserError, match="sets bad_words_ids.*use --rl_engine own"):
+        neutral_sampling_kwargs(model.generation_config, "use --rl_engine own")

@@ -7,6 +7,8 @@ is kept; everything after it is padding with a zero mask.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,60 @@ def sampling_config(
         top_k=(config.top_k if top_k is None else top_k) if sample else None,
     )
     return config
+
+
+# generation settings that reshape the sampling distribution beyond temperature and top-p: a
+# model's generation_config.json often sets some (Qwen2.5: repetition_penalty 1.05)
+RESHAPING = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "min_p", "top_h", "typical_p", "epsilon_cutoff",
+    "eta_cutoff", "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
+    "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+    "min_length", "min_new_tokens", "guidance_scale", "watermarking_config",
+)  # fmt: skip
+
+
+# explicit values of the RESHAPING settings that leave the distribution as it is, for a
+# generation config handed to another library's trainer (trl's GRPO/RLOO): transformers would fill
+# an unset one from the model's generation_config
+NEUTRAL = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0,
+}  # fmt: skip
+
+
+def neutral_sampling_kwargs(own: GenerationConfig, where: str) -> dict:
+    """NEUTRAL, for a model whose generation_config sets no reshaping setting without a neutral
+    value (banned words, forced tokens, ...): those are refused, naming `where` to turn to."""
+    unset = [n for n in RESHAPING if n not in NEUTRAL and getattr(own, n, None) not in (None, [])]
+    if unset:
+        raise UserError(
+            f"the model's generation_config.json sets {', '.join(unset)}, which would reshape "
+            "the rollouts' sampling away from the distribution the update scores; "
+            f"{where}, or remove them from generation_config.json for the RL run"
+        )
+    return dict(NEUTRAL)
+
+
+@contextmanager
+def plain_sampling(model, config: GenerationConfig) -> Iterator[None]:
+    """RL rollouts: sample from softmax(logits / temperature) (and the top-p the flags give), the
+    distribution whose log-probabilities the update reads. The RESHAPING settings are cleared in
+    `config` and, while generating, in the model's own generation_config, which transformers
+    reads for every setting a config leaves unset; they come back afterwards."""
+    owner = getattr(model, "module", model)  # a DeepSpeed engine's model
+    owner = owner.get_base_model() if hasattr(owner, "get_base_model") else owner  # PEFT's
+    own = owner.generation_config
+    kept = {name: getattr(own, name, None) for name in RESHAPING}
+    for name in RESHAPING:
+        setattr(config, name, None)
+        setattr(own, name, None)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(own, name, value)
 
 
 @torch.no_grad()

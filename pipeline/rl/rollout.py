@@ -20,7 +20,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from pipeline.data.collators import pad
 from pipeline.data.prompts import Prompt
 from pipeline.errors import first_line
-from pipeline.infer.generation import generate, sampling_config
+from pipeline.infer.generation import generate, plain_sampling, sampling_config
 from pipeline.model.adapters import unwrap
 from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
 from pipeline.model.head import check_head, final_hidden, output_head
@@ -348,10 +348,12 @@ class Rollouts:
         )
         if static:
             config.cache_implementation = "static"
-        with self.autocast, self.generation_context():
+        decoder = self.decoder(static)
+        plain = plain_sampling(decoder, config) if sample else nullcontext()
+        with self.autocast, self.generation_context(), plain:
             try:
                 out = generate(
-                    self.decoder(static), query, qmask, config, allow_nonfinite=True
+                    decoder, query, qmask, config, allow_nonfinite=True
                 )  # the loop counts such a step
             except Exception as e:  # noqa: BLE001  the compiler only: a model's own error is raised
                 if not static or not type(e).__module__.startswith(
