@@ -6,9 +6,20 @@ in tests/test_attention_kernel.py)."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, MistralConfig
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    Gemma2Config,
+    GptOssConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+    XGLMConfig,
+)
 
 from pipeline.model import attention
+from pipeline.model.unpadding import keeps_rows_apart
 
 SHAPE = dict(
     vocab_size=200,
@@ -75,3 +86,96 @@ def test_the_kernel_refuses_what_it_would_drop():
         attention.packed_varlen_attention(
             torch.nn.Identity(), q, q, q, None, position_ids=positions, softcap=50.0
         )
+
+
+LEAKING = {  # models whose attention mask does not read the position ids (on the CPU)
+    "opt": lambda: OPTConfig(
+        vocab_size=200, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    ),
+    "bloom": lambda: BloomConfig(vocab_size=200, hidden_size=32, n_layer=2, n_head=4),
+    "xglm": lambda: XGLMConfig(
+        vocab_size=200, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64
+    ),
+}  # fmt: skip
+APART = {
+    "llama": lambda: LlamaConfig(**SHAPE),
+    "mistral (sliding window)": lambda: MistralConfig(**SHAPE, sliding_window=4),
+    "qwen2": lambda: Qwen2Config(**SHAPE),
+}
+
+
+def causal_forward(model):
+    return lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", sorted(LEAKING) + sorted(APART))
+def test_the_packing_check_finds_models_whose_rows_attend_to_each_other(family):
+    torch.manual_seed(0)
+    config = (LEAKING | APART)[family]()
+    model = AutoModelForCausalLM.from_config(config).train()  # its default attention
+    assert keeps_rows_apart(model, causal_forward(model)) is (family in APART)
+    assert model.training  # left as it was
+
+
+def test_sft_loss_refuses_packed_rows_a_model_cannot_keep_apart(tmp_path):
+    from transformers import TrainingArguments
+
+    from pipeline.data.collators import FlatteningCollator
+    from pipeline.errors import UserError
+    from pipeline.train.causal_lm import CausalLMTrainer
+
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8], "position_ids": [0, 1, 2, 3]},
+        {"input_ids": [9, 10, 11], "labels": [-100, 10, 11], "position_ids": [0, 1, 2]},
+    ]
+    batch = FlatteningCollator()(rows)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    for config, refused in ((LEAKING["opt"](), True), (APART["llama"](), False)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        trainer = CausalLMTrainer(model=model, args=args)
+        if refused:
+            with pytest.raises(UserError, match="does not keep packed samples apart.*--packing"):
+                trainer.compute_loss(model, batch, num_items_in_batch=4)
+        else:
+            assert torch.isfinite(trainer.compute_loss(model, batch, num_items_in_batch=4))
+
+
+def test_rollout_rows_of_such_a_model_run_padded(caplog):
+    from pipeline.rl import ppo_math
+    from pipeline.rl.rollout import token_logprobs_and_entropy
+    from tests.test_ppo_lean import full_logits, trajectory
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LEAKING["opt"](), attn_implementation="sdpa")
+    model.eval()
+    traj = trajectory(model.config.vocab_size)
+    want = ppo_math.token_logprobs(full_logits(model, traj), traj.responses, 1.0)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        logp, _ = token_logprobs_and_entropy(model, traj, 1.0, with_entropy=False)
+    real = traj.response_mask.bool()
+    assert torch.allclose(logp[real], want[real], atol=1e-5)
+    assert "its rollout rows run padded" in caplog.text
+
+
+def test_padding_free_pairs_of_such_a_model_are_refused():
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.errors import UserError
+    from pipeline.model.patches import unpadded_scores
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 1, 1]])
+    mask = (ids != 1).long()
+    for config, refused in ((LEAKING["opt"](), True), (APART["llama"](), False)):
+        config.num_labels, config.pad_token_id = 1, 1
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+        want = model(input_ids=ids, attention_mask=mask).logits
+        unpadded_scores(model)
+        if refused:
+            with pytest.raises(UserError, match="does not keep packed samples apart"):
+                model(input_ids=ids, attention_mask=mask, unpad=True)
+        else:
+            got = model(input_ids=ids, attention_mask=mask, unpad=True).logits
+            assert torch.allclose(got, want, atol=1e-5)

@@ -32,7 +32,8 @@ from contextlib import contextmanager
 import torch
 
 from pipeline.data.masking import IGNORE_INDEX
-from pipeline.model.unpadding import flatten, restore
+from pipeline.errors import UserError
+from pipeline.model.unpadding import flatten, keeps_rows_apart, packing_refused, restore
 
 logger = logging.getLogger(__name__)
 PATCHES = (
@@ -79,6 +80,10 @@ def unpadded_log_probs(model: torch.nn.Module) -> None:
                 fused_lm_head=fused_lm_head,
                 **kwargs,
             )
+        if not keeps_rows_apart(
+            self, lambda i, p: inner(input_ids=i, position_ids=p, use_cache=False).logits
+        ):
+            raise UserError(packing_refused(self))
         flat = flatten(input_ids, attention_mask)
         # a row's first token is never scored from the row before it
         flat_labels = labels.flatten()[flat.index].unsqueeze(0)
@@ -110,8 +115,6 @@ def unpadded_scores(model: torch.nn.Module) -> None:
     model) run padding-free: the backbone reads the flattened rows and the score head only the token
     transformers' own classifier pools, each row's last one that is not the pad id."""
     if not isinstance(getattr(model, "score", None), torch.nn.Module):
-        from pipeline.errors import UserError
-
         raise UserError(
             f"{type(model).__name__} has no `score` head to read packed rows through; "
             "add --packing False."
@@ -122,9 +125,14 @@ def unpadded_scores(model: torch.nn.Module) -> None:
     def forward(self, *args, input_ids=None, attention_mask=None, unpad=False, **kwargs):
         if not unpad or attention_mask is None or args:
             return inner(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        backbone = getattr(self, self.base_model_prefix)
+        if not keeps_rows_apart(
+            self,
+            lambda i, p: backbone(input_ids=i, position_ids=p, use_cache=False).last_hidden_state,
+        ):
+            raise UserError(packing_refused(self))
         flat = flatten(input_ids, attention_mask)
         keep = flat.keep
-        backbone = getattr(self, self.base_model_prefix)
         hidden = backbone(
             input_ids=flat.ids, position_ids=flat.positions, use_cache=False, **flat.bounds
         ).last_hidden_state

@@ -15,10 +15,14 @@ way to it; the RL loops call flatten themselves.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, NamedTuple
 
 import torch
+
+_APART: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> keeps_rows_apart
 
 
 class Flat(NamedTuple):
@@ -67,3 +71,50 @@ def restore(values: torch.Tensor, flat: Flat) -> torch.Tensor:
     rows, width = flat.keep.shape
     out = values.new_zeros((rows * width, *values.shape[2:])).index_copy(0, flat.index, values[0])
     return out.view(rows, width, *values.shape[2:])
+
+
+@torch.no_grad()
+def keeps_rows_apart(
+    model: torch.nn.Module,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    half: bool = False,
+) -> bool:
+    """Once per model: whether two rows laid end to end, position ids restarting and no attention
+    mask, compute what the second computes alone. transformers separates them only in models that
+    build their mask from the position ids (not OPT on SDPA, BLOOM, MPT or XGLM, nor remote code
+    that builds its own mask): there, a packed sample would attend to the samples before it.
+    `forward(ids, positions)` gives per-token outputs (1, tokens, ...) the way the caller's step
+    computes them (its wrapper, its autocast); the model is in eval mode for it (no dropout).
+    `half`: the step computes in bf16/fp16 (the tolerance is theirs; also read from the outputs'
+    dtype and an autocast around the call)."""
+    if model in _APART:
+        return _APART[model]
+    embeddings = model.get_input_embeddings()
+    g = torch.Generator().manual_seed(0)
+    first, second = 12, 3  # a long row before a short one: a leak weighs most on the short one
+    ids = torch.randint(0, embeddings.num_embeddings, (1, first + second), generator=g)
+    positions = torch.cat([torch.arange(first), torch.arange(second)])[None]
+    device = embeddings.weight.device
+    ids, positions = ids.to(device), positions.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        together = forward(ids, positions)[0, first:]
+        alone = forward(ids[:, first:], positions[:, first:])[0]
+    finally:
+        model.train(was_training)
+    half = half or alone.dtype != torch.float32 or torch.is_autocast_enabled(device.type)
+    gap = (together.float() - alone.float()).abs().max().item()
+    kept = gap <= (3e-2 if half else 1e-4) * (1 + alone.float().abs().max().item())
+    _APART[model] = kept
+    return kept
+
+
+def packing_refused(model: torch.nn.Module) -> str:
+    """The sentence for a model whose packed rows would attend to each other."""
+    name = type(model).__name__
+    return (
+        f"{name} does not keep packed samples apart: its attention does not read the position "
+        "ids that separate them, so each sample would also attend to the ones packed before it; "
+        "add --packing False"
+    )

@@ -9,6 +9,7 @@ exact match with the data, and the exact KL to the reference.
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from pipeline.infer.generation import generate, plain_sampling, sampling_config
 from pipeline.model.adapters import unwrap
 from pipeline.model.attention import PACKED_VARLEN, torch_varlen_available
 from pipeline.model.head import check_head, final_hidden, output_head
-from pipeline.model.unpadding import Flat, flatten
+from pipeline.model.unpadding import Flat, flatten, keeps_rows_apart
 from pipeline.rl import ppo_math
 from pipeline.rl.decode_copy import HalfCopy
 from pipeline.rl.frozen import Frozen
@@ -66,6 +67,7 @@ class Trajectory:
 
 
 logger = logging.getLogger(__name__)
+_SAID_PADDED: weakref.WeakSet = weakref.WeakSet()  # models whose rows run padded
 LOGIT_CHUNK = 1024  # answer positions sent through the output head at a time
 
 
@@ -129,7 +131,9 @@ def response_hidden(
     padded batch."""
     head = output_head(model)
     check_head(model, traj.ids, head)
-    if packed:
+    if packed and _rows_apart(
+        model, unwrap(model), lambda i, p: final_hidden(model, input_ids=i, position_ids=p)[0]
+    ):
         flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(model):
             hidden, _ = final_hidden(
@@ -206,6 +210,28 @@ def chunked_full_kl(hidden, head, ref_hidden, ref_head, chunk: int = LOGIT_CHUNK
     return torch.cat(parts).view(hidden.shape[:2])
 
 
+def _rows_apart(model, base, forward) -> bool:
+    """Whether the model's rows may run end to end (unpadding.keeps_rows_apart, through the
+    packed attention the rows get); a model that would let them attend to each other runs them
+    padded, said once."""
+    if base in _SAID_PADDED:
+        return False
+
+    def packed(ids, positions):
+        with packed_attention(model):
+            return forward(ids, positions)
+
+    if keeps_rows_apart(base, packed):
+        return True
+    _SAID_PADDED.add(base)
+    logger.warning(
+        "%s does not keep rows laid end to end apart (its attention does not read the position "
+        "ids): its rollout rows run padded",
+        type(base).__name__,
+    )
+    return False
+
+
 def token_logprobs_and_entropy(
     model, traj: Trajectory, temperature: float, with_entropy: bool = True, packed: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,7 +243,11 @@ def token_logprobs_and_entropy(
 def values(value_model, traj: Trajectory, packed: bool = True) -> torch.Tensor:
     """The value of every state that predicts an answer token (as response_hidden: padding-free by
     default)."""
-    if packed:
+    if packed and _rows_apart(
+        value_model.classifier,
+        unwrap(value_model.classifier),
+        lambda i, p: value_model.states(i, None, p),
+    ):
         flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(value_model.classifier):
             hidden = value_model.states(flat.ids, None, flat.positions, **flat.bounds)

@@ -19,8 +19,10 @@ from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from pipeline.errors import UserError
+from pipeline.model.adapters import unwrap
 from pipeline.model.compiled import compile_decoder_layers
 from pipeline.model.head import check_head, final_hidden, output_head
+from pipeline.model.unpadding import keeps_rows_apart, packing_refused
 from pipeline.train.losses import causal_lm_loss_sum
 from pipeline.train.master_weights import MasterWeightsAdamW
 
@@ -89,6 +91,8 @@ class CausalLMTrainer(Trainer):
         labels = inputs.pop("labels")
         head = self._output_head(model)
         check_head(model, inputs["input_ids"], head)
+        if "position_ids" in inputs and "attention_mask" not in inputs:  # packed rows
+            self._check_packing(model)
         hidden, outputs = final_hidden(model, **inputs)
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         loss_sum, count = causal_lm_loss_sum(
@@ -113,6 +117,16 @@ class CausalLMTrainer(Trainer):
             config = self.accelerator.unwrap_model(model).config
             loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_packing(self, model) -> None:
+        base = self.accelerator.unwrap_model(model)
+        base = unwrap(base)
+
+        def forward(ids, positions):
+            return model(input_ids=ids, position_ids=positions, use_cache=False).logits
+
+        if not keeps_rows_apart(base, forward, half=self.args.bf16 or self.args.fp16):
+            raise UserError(packing_refused(base))
 
     def create_optimizer(self, model=None):
         """--master_weights optimizer: the Trainer's AdamW with float32 masters of the weights (made
