@@ -57,7 +57,7 @@ from pipeline.model.stops import set_generation_stops
 from pipeline.rl import distributed, group_math
 from pipeline.rl.frozen import AdapterOff, Separate, own_weights
 from pipeline.rl.group_math import VARIANTS
-from pipeline.rl.loop import PPORecipe, run
+from pipeline.rl.loop import PPORecipe, run, token_share
 from pipeline.rl.models import build_group_models, frozen_reward_model, reward_folder
 from pipeline.rl.rewards import RULE_REWARDS, RewardScorer
 from pipeline.rl.rollout import Rollouts, packed_attention, token_logprobs_and_entropy
@@ -172,12 +172,16 @@ class GroupRecipe(PPORecipe):
         generator = torch.Generator().manual_seed(self.training_args.seed * 1000 + self.step)
         stats, norms, kls = [], [], []
         self.policy.train()
+        counts = rmask.sum(1).cpu()  # answer tokens of each row (dropped groups: none)
+        tokens = variant["aggregation"] == "token_mean"  # the one mean taken over tokens
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(traj.ids), generator=generator)
             for start in range(0, len(traj.ids), self.mini_batch_size):
+                mini = self.mini_tokens(counts[order[start : start + self.mini_batch_size]])
                 for m_start in range(start, start + self.mini_batch_size, micro):
                     idx = order[m_start : m_start + micro].to(self.device)
                     mask = rmask[idx]
+                    share = token_share(counts[idx.cpu()], mini, accumulation) if tokens else 1.0
                     with self.autocast:
                         logp, _ = token_logprobs_and_entropy(
                             self.policy, traj.select(idx), args.temperature, False
@@ -201,7 +205,7 @@ class GroupRecipe(PPORecipe):
                             per_token, mask, variant["aggregation"], args.max_new_tokens
                         )
                         kl = (per_token.detach() * mask).sum(1).mean()
-                    self.updater.backward(loss)
+                    self.updater.backward(loss * share)  # token means of the whole mini-batch
                     stats.append(tuple(v.item() for v in (loss, pg_loss, clipfrac, approx_kl)))
                     kls.append(kl.item())
                 norms.append(self.updater.step())

@@ -287,3 +287,40 @@ def test_variants_table():
             max_tokens=3,
         )
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("loss_of", ["ppo", "dapo token_mean"])
+def test_token_means_do_not_depend_on_the_accumulation_steps(loss_of):
+    """A mini-batch of answers of 40, 5, 12 and 3 tokens: in one micro-batch, or in four with
+    gradient accumulation (each micro-batch's loss divided by the steps, as the updaters do), the
+    gradient is the same once each micro-batch's token mean is weighed by its token share
+    (loop.token_share); without it a 3-token answer weighs like a 40-token one."""
+    from pipeline.rl import ppo_math
+    from pipeline.rl.loop import token_share
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([40, 5, 12, 3])
+    mask = (torch.arange(40)[None] < lengths[:, None]).float()
+    old, adv = -torch.rand(4, 40) * 3, torch.randn(4, 40)
+
+    def loss(logp, i):
+        if loss_of == "ppo":
+            return ppo_math.policy_loss(logp[i], old[i], adv[i], mask[i], 0.2)[0]
+        return clipped_policy_loss(
+            logp[i], old[i], adv[i, 0], mask[i], 0.2, 0.28, "token", "token_mean", 40
+        )[0]
+
+    def gradient(accumulation, weighed):
+        logp = old + 0.05 * torch.randn(4, 40, generator=torch.Generator().manual_seed(1))
+        logp.requires_grad_()
+        micro, mini = 4 // accumulation, float(lengths.sum())
+        for start in range(0, 4, micro):
+            i = slice(start, start + micro)
+            share = token_share(lengths[i], mini, accumulation) if weighed else 1.0
+            (loss(logp, i) * share / accumulation).backward()
+        return logp.grad
+
+    whole = gradient(1, True)
+    assert torch.equal(whole, gradient(1, False))  # one micro-batch: the share is 1
+    assert torch.allclose(gradient(4, True), whole, atol=1e-7)
+    assert (gradient(4, False) - whole).norm() > 0.5 * whole.norm()

@@ -73,6 +73,15 @@ STEP_LOG_KEYS = (
 )
 
 
+def token_share(micro_counts: torch.Tensor, mini_tokens: float, accumulation: int) -> float:
+    """The factor that makes a micro-batch's token mean its share of the token mean over its whole
+    mini-batch (every micro-batch of every rank): the updater divides each micro-batch's loss by
+    the accumulation steps and averages the ranks' gradients, which would weigh a micro-batch of
+    few answer tokens like one of many. `mini_tokens`: the mini-batch's tokens averaged over the
+    ranks (mini_tokens)."""
+    return float(micro_counts.sum()) * accumulation / mini_tokens if mini_tokens else 1.0
+
+
 class PPORecipe:
     """setup (__init__) -> train: for each step, rollout -> score -> advantages -> PPO epochs ->
     save."""
@@ -236,12 +245,15 @@ class PPORecipe:
             self.policy.train(),
             self.value_model.train(),
         )  # training mode: gradient checkpointing acts only there
+        counts = rmask.sum(1).cpu()  # answer tokens of each row
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(traj.ids), generator=generator)
             for start in range(0, len(traj.ids), self.mini_batch_size):
+                mini = self.mini_tokens(counts[order[start : start + self.mini_batch_size]])
                 for m_start in range(start, start + self.mini_batch_size, micro):
                     idx = order[m_start : m_start + micro].to(self.device)
                     part = traj.select(idx)
+                    share = token_share(counts[idx.cpu()], mini, accumulation)
                     with self.autocast:
                         logp, _ = token_logprobs_and_entropy(
                             self.policy, part, args.temperature, with_entropy=False
@@ -254,11 +266,17 @@ class PPORecipe:
                         new_values, old_values[idx], returns[idx], rmask[idx], args.cliprange_value
                     )
                     loss = pg_loss + args.vf_coef * vf_loss
-                    self.updater.backward(loss)
+                    self.updater.backward(loss * share)  # token means of the whole mini-batch
                     parts = (loss, pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac)
                     stats.append(ppo_math.PPOStats(*(v.item() for v in parts)))
                 norms.append(self.updater.step())
         return stats, norms
+
+    def mini_tokens(self, counts: torch.Tensor) -> float:
+        """A mini-batch's answer tokens, averaged over the ranks (each rank has its own)."""
+        return distributed.reduce_mean({"tokens": float(counts.sum())}, self.world, self.device)[
+            "tokens"
+        ]
 
     def log(self, metrics: dict[str, float]) -> None:
         self.log_history.append({"step": self.step, **{k: _kept(v) for k, v in metrics.items()}})
