@@ -107,23 +107,63 @@ def trainer_for(model, tmp_path, **kw):
     return CausalLMTrainer(model=model, args=args)
 
 
-def test_router_loss_is_added_as_the_models_own_forward_adds_it(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_router_loss_is_weighted_as_the_models_own_forward_weighs_it(tmp_path, accumulation):
+    """A mixture of experts' router loss joins the training loss with the config's coefficient,
+    once per optimizer step whatever the accumulation steps; the evaluation loss is the language
+    model's alone (its perplexity)."""
     config = MixtralConfig(
         **SHAPE, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True
     )
     config.router_aux_loss_coef = 0.5
     model = model_of(config)
     ids, labels = batch(config.vocab_size)
-    want = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    mask = torch.ones_like(ids)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert want.aux_loss > 0
-    trainer = trainer_for(model, tmp_path)
+    language = want.loss - 0.5 * want.aux_loss  # the model's own loss holds coefficient x aux
+    trainer = trainer_for(model, tmp_path, gradient_accumulation_steps=accumulation)
     count = (labels[:, 1:] != -100).sum()
-    loss = trainer.compute_loss(
-        model,
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
-        num_items_in_batch=count,
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    loss = trainer.compute_loss(model, inputs, num_items_in_batch=count)
+    assert torch.allclose(loss, language + 0.5 * want.aux_loss / accumulation, atol=1e-5)
+    assert torch.allclose(trainer.compute_loss(model, inputs), language, atol=1e-5)
+
+
+def test_jetmoe_names_its_router_coefficient_otherwise(tmp_path):
+    from transformers import JetMoeConfig
+
+    config = JetMoeConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+        kv_channels=8, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        output_router_logits=True, aux_loss_coef=0.5,
+    )  # fmt: skip
+    model = model_of(config)
+    ids, labels = batch(config.vocab_size)
+    want = model(input_ids=ids, labels=labels)
+    count = (labels[:, 1:] != -100).sum()
+    loss = trainer_for(model, tmp_path).compute_loss(
+        model, {"input_ids": ids, "labels": labels}, num_items_in_batch=count
     )
     assert torch.allclose(loss, want.loss, atol=1e-5), (loss, want.loss)
+
+
+def test_llama4_text_models_read_their_decoder():
+    from transformers import Llama4TextConfig
+
+    model = model_of(Llama4TextConfig(**SHAPE, num_local_experts=2))
+    ids, labels = batch(model.config.vocab_size)
+    hidden, _ = final_hidden(model, input_ids=ids)
+    loss_sum, count = causal_lm_loss_sum(hidden, labels, output_head(model))
+    assert torch.allclose(loss_sum / count, model(input_ids=ids, labels=labels).loss, atol=1e-5)
+
+
+def test_a_diverged_model_is_left_to_the_runs_own_non_finite_handling():
+    model = model_of(LlamaConfig(**SHAPE))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    ids, _ = batch(model.config.vocab_size)
+    check_head(model, ids, output_head(model))  # no "unknown transform" sentence
 
 
 def test_mixed_precision_keeps_no_float32_copy_of_every_layers_states(tmp_path):

@@ -4,6 +4,7 @@ values, then the checks that span classes (pipeline/args/checks.py). Unknown fla
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -20,6 +21,8 @@ from pipeline.command_line import attach_negative_numbers
 from pipeline.config_file import config_file_argv
 from pipeline.errors import UserError
 from pipeline.seed_flags import translate
+
+logger = logging.getLogger(__name__)
 
 
 def split_list(text: str) -> list[str]:
@@ -55,23 +58,28 @@ STEP_FLAGS = {
 
 
 def check_step_flags(parsed, given: set[str]) -> None:
-    """--eval_steps / --save_steps / --logging_steps are read only under their strategy `steps`:
-    given beside another strategy they would do nothing (transformers ignores them: a run meant
-    to evaluate every 100 steps never evaluates)."""
+    """--eval_steps / --save_steps / --logging_steps are read only under their strategy `steps`.
+    Given beside a strategy left at another default (--eval_strategy is "no" unless given) they
+    would do nothing: a run meant to evaluate every 100 steps would never evaluate; refused.
+    Beside a strategy the command also gives, the strategy is the user's choice: said in the log."""
     for args in parsed:
         for steps, strategy in STEP_FLAGS.items():
             if steps not in given or not hasattr(args, strategy):
                 continue
             chosen = getattr(args, strategy)
             chosen = str(getattr(chosen, "value", chosen))
-            if chosen != "steps":
-                value = getattr(args, steps)
-                value = int(value) if float(value).is_integer() else value
-                raise UserError(
-                    f"--{steps} {value} is read only with --{strategy} steps, and "
-                    f"--{strategy} is {chosen} here, so it would do nothing: add --{strategy} "
-                    f"steps, or drop --{steps}."
-                )
+            if chosen == "steps":
+                continue
+            value = getattr(args, steps)
+            value = int(value) if float(value).is_integer() else value
+            if strategy in given:
+                logger.warning("--%s %s is not read: --%s is %s", steps, value, strategy, chosen)
+                continue
+            raise UserError(
+                f"--{steps} {value} is read only with --{strategy} steps, and --{strategy} is "
+                f"{chosen} by default, so it would do nothing: add --{strategy} steps, or drop "
+                f"--{steps}."
+            )
 
 
 def given_flags(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> set[str]:

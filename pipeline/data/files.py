@@ -426,15 +426,17 @@ def load_train_eval(
     if data_args.has_validation:
         evaluation = load(*data_args.validation_source)
         check_apart(data_args)
-        warn_shared_records(train, evaluation, unit, "the held-out data")
+        if getattr(training_args, "process_index", 0) == 0:  # said once, by one process
+            warn_shared_records(train, evaluation, unit, "the held-out data")
         return train, evaluation
     if data_args.validation_split_percentage > 0 and len(train) >= 2:
         n_eval = max(1, int(len(train) * data_args.validation_split_percentage / 100))
         split = train.train_test_split(test_size=n_eval, seed=seed)
         logger.info("held out %d training %s for evaluation", n_eval, unit)
-        warn_shared_records(
-            split["train"], split["test"], unit, "the split held out (the data repeats them)"
-        )
+        if getattr(training_args, "process_index", 0) == 0:
+            warn_shared_records(
+                split["train"], split["test"], unit, "the split held out (the data repeats them)"
+            )
         return split["train"], split["test"]
     # imported here: the argument classes read this package (pipeline.args.data)
     from pipeline.args.checks import eval_strategy_name, evaluates_during_training
@@ -460,27 +462,11 @@ def load_train_eval(
 def warn_shared_records(train: Dataset, held: Dataset, unit: str, what: str) -> int:
     """Held-out records that are also training records, field for field (files apart can still
     repeat records: a copy of the data set, an exported split): said in the log with their count,
-    since an evaluation on them measures memory, not generalization. Returns the count."""
-
-    def keys(dataset: Dataset) -> list[tuple]:
-        if not isinstance(dataset, Dataset):
-            return []
-        columns, table = [], dataset.with_format("arrow")[:]  # the rows a split or select keeps
-        for name in sorted(dataset.column_names):
-            column = table.column(name).combine_chunks()
-            if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
-                # token ids: each row's slice of the flat values, as bytes (no Python lists)
-                cuts = column.offsets.to_numpy()
-                flat = column.values.to_numpy(zero_copy_only=False)
-                columns.append([flat[a:b].tobytes() for a, b in zip(cuts[:-1], cuts[1:])])
-            else:
-                columns.append(
-                    [json.dumps(v, sort_keys=True, default=str) for v in column.to_pylist()]
-                )
-        return list(zip(*columns))
-
-    trained = set(keys(train))
-    shared = sum(key in trained for key in keys(held))
+    since an evaluation on them measures memory, not generalization. Returns the count. Rows are
+    compared by a 64-bit hash of their fields, read 10,000 at a time (a large corpus is never held
+    as Python objects)."""
+    trained = set(_row_hashes(train))
+    shared = sum(h in trained for h in _row_hashes(held))
     if shared:
         logger.warning(
             "%d of the %d %s in %s are also in the training data, field for field: their "
@@ -491,6 +477,28 @@ def warn_shared_records(train: Dataset, held: Dataset, unit: str, what: str) -> 
             what,
         )
     return shared
+
+
+def _row_hashes(dataset: Dataset, chunk: int = 10_000) -> Iterator[int]:
+    if not isinstance(dataset, Dataset):
+        return
+    names = sorted(dataset.column_names)
+    arrow = dataset.with_format("arrow")  # the rows a split, select or shuffle keeps
+    for start in range(0, len(dataset), chunk):
+        table = arrow[start : start + chunk]
+        columns = []
+        for name in names:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
+                # token ids: each row's slice of the flat values, as bytes (no Python lists)
+                cuts = column.offsets.to_numpy()
+                flat = column.values.to_numpy(zero_copy_only=False)
+                columns.append([flat[a:b].tobytes() for a, b in zip(cuts[:-1], cuts[1:])])
+            else:
+                columns.append(
+                    [json.dumps(v, sort_keys=True, default=str) for v in column.to_pylist()]
+                )
+        yield from (hash(row) for row in zip(*columns))
 
 
 def cap(dataset: Dataset | None, limit: int | None, flag: str, unit: str) -> Dataset | None:

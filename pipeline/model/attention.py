@@ -119,7 +119,9 @@ KERNEL = {"fn": _flash_varlen}
 # what transformers' attention layers may hand an attention function that the kernel cannot compute:
 # Gemma 2's soft cap on the attention logits, gpt-oss's attention sinks
 UNSUPPORTED = ("softcap", "s_aux")
-SINK_MODELS = ("gpt_oss",)  # model types whose attention layers hand the kernel sinks (s_aux)
+# model types whose attention layers hand the kernel sinks (s_aux); a type not listed is stopped
+# by packed_varlen_attention itself with a sentence
+SINK_MODELS = ("gpt_oss", "granite_swa", "granitemoe_swa", "deepseek_v4", "hy_v4")
 
 
 def packed_varlen_attention(

@@ -113,9 +113,15 @@ class CausalLMTrainer(Trainer):
                     loss * self.accelerator.num_processes
                 )  # DDP averages the gradients of the ranks
         aux = getattr(outputs, "aux_loss", None)
-        if aux is not None:  # a mixture of experts' router balance loss, as the model's own forward
+        if aux is not None and num_items_in_batch is not None:
+            # a mixture of experts' router balance loss, weighted as the model's own forward weighs
+            # it, once per optimizer step (each micro-step's share; the ranks' gradients are
+            # averaged); evaluation reports the language-model loss alone (its perplexity)
             config = self.accelerator.unwrap_model(model).config
-            loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux.to(loss.device)
+            coef = getattr(config, "router_aux_loss_coef", None)
+            coef = getattr(config, "aux_loss_coef", 0.0) if coef is None else coef  # JetMoE's name
+            steps = self.args.gradient_accumulation_steps
+            loss = loss + coef * aux.to(loss.device) / steps
         return (loss, outputs) if return_outputs else loss
 
     def _check_packing(self, model) -> None:
