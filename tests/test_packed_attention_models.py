@@ -106,7 +106,9 @@ APART = {
 
 
 def causal_forward(model):
-    return lambda ids, pos: model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    return lambda ids, pos, bounds: (
+        model(input_ids=ids, position_ids=pos, use_cache=False, **bounds).logits
+    )
 
 
 @pytest.mark.parametrize("family", sorted(LEAKING) + sorted(APART))

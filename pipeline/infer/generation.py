@@ -84,7 +84,9 @@ RESHAPING = (
     "encoder_no_repeat_ngram_size", "min_p", "top_h", "typical_p", "epsilon_cutoff",
     "eta_cutoff", "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
     "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
-    "min_length", "min_new_tokens", "guidance_scale", "watermarking_config",
+    "min_length", "min_new_tokens", "guidance_scale", "watermarking_config", "num_beams",
+    "num_beam_groups", "diversity_penalty", "penalty_alpha", "dola_layers", "constraints",
+    "force_words_ids",
 )  # fmt: skip
 
 
@@ -95,6 +97,7 @@ NEUTRAL = {
     "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0,
+    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
 }  # fmt: skip
 
 

@@ -81,7 +81,7 @@ def unpadded_log_probs(model: torch.nn.Module) -> None:
                 **kwargs,
             )
         if not keeps_rows_apart(
-            self, lambda i, p: inner(input_ids=i, position_ids=p, use_cache=False).logits
+            self, lambda i, p, b: inner(input_ids=i, position_ids=p, use_cache=False, **b).logits
         ):
             raise UserError(packing_refused(self))
         flat = flatten(input_ids, attention_mask)
@@ -128,7 +128,9 @@ def unpadded_scores(model: torch.nn.Module) -> None:
         backbone = getattr(self, self.base_model_prefix)
         if not keeps_rows_apart(
             self,
-            lambda i, p: backbone(input_ids=i, position_ids=p, use_cache=False).last_hidden_state,
+            lambda i, p, b: (
+                backbone(input_ids=i, position_ids=p, use_cache=False, **b).last_hidden_state
+            ),
         ):
             raise UserError(packing_refused(self))
         flat = flatten(input_ids, attention_mask)

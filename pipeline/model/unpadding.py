@@ -76,15 +76,16 @@ def restore(values: torch.Tensor, flat: Flat) -> torch.Tensor:
 @torch.no_grad()
 def keeps_rows_apart(
     model: torch.nn.Module,
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor],
     half: bool = False,
 ) -> bool:
     """Once per model: whether two rows laid end to end, position ids restarting and no attention
     mask, compute what the second computes alone. transformers separates them only in models that
     build their mask from the position ids (not OPT on SDPA, BLOOM, MPT or XGLM, nor remote code
     that builds its own mask): there, a packed sample would attend to the samples before it.
-    `forward(ids, positions)` gives per-token outputs (1, tokens, ...) the way the caller's step
-    computes them (its wrapper, its autocast); the model is in eval mode for it (no dropout).
+    `forward(ids, positions, bounds)` gives per-token outputs (1, tokens, ...) the way the caller's
+    step computes them (its wrapper, its autocast, the rows' bounds if its step sends them); the
+    model is in eval mode for it (no dropout).
     `half`: the step computes in bf16/fp16 (the tolerance is theirs; also read from the outputs'
     dtype and an autocast around the call)."""
     if model in _APART:
@@ -98,9 +99,19 @@ def keeps_rows_apart(
     ids, positions = ids.to(device), positions.to(device)
     was_training = model.training
     model.eval()
+
+    def bounds(*lengths: int) -> dict:
+        cu = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
+        longest = max(lengths)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+                "max_length_k": longest}  # fmt: skip
+
     try:
-        together = forward(ids, positions)[0, first:]
-        alone = forward(ids[:, first:], positions[:, first:])[0]
+        together = forward(ids, positions, bounds(first, second))[0, first:]
+        alone = forward(ids[:, first:], positions[:, first:], bounds(second))[0]
+    except TypeError:  # a forward that takes no rows' bounds cannot run the packed step either
+        _APART[model] = False
+        return False
     finally:
         model.train(was_training)
     half = half or alone.dtype != torch.float32 or torch.is_autocast_enabled(device.type)

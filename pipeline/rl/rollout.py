@@ -132,7 +132,9 @@ def response_hidden(
     head = output_head(model)
     check_head(model, traj.ids, head)
     if packed and _rows_apart(
-        model, unwrap(model), lambda i, p: final_hidden(model, input_ids=i, position_ids=p)[0]
+        model,
+        unwrap(model),
+        lambda i, p, b: final_hidden(model, input_ids=i, position_ids=p, **b)[0],
     ):
         flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(model):
@@ -217,9 +219,9 @@ def _rows_apart(model, base, forward) -> bool:
     if base in _SAID_PADDED:
         return False
 
-    def packed(ids, positions):
+    def packed(ids, positions, bounds):
         with packed_attention(model):
-            return forward(ids, positions)
+            return forward(ids, positions, bounds)
 
     if keeps_rows_apart(base, packed):
         return True
@@ -246,7 +248,7 @@ def values(value_model, traj: Trajectory, packed: bool = True) -> torch.Tensor:
     if packed and _rows_apart(
         value_model.classifier,
         unwrap(value_model.classifier),
-        lambda i, p: value_model.states(i, None, p),
+        lambda i, p, b: value_model.states(i, None, p, **b),
     ):
         flat, flat_index, present = _flat_answer_index(traj)
         with packed_attention(value_model.classifier):

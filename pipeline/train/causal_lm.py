@@ -92,7 +92,7 @@ class CausalLMTrainer(Trainer):
         head = self._output_head(model)
         check_head(model, inputs["input_ids"], head)
         if "position_ids" in inputs and "attention_mask" not in inputs:  # packed rows
-            self._check_packing(model)
+            self._check_packing(model, inputs)
         hidden, outputs = final_hidden(model, **inputs)
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         loss_sum, count = causal_lm_loss_sum(
@@ -120,16 +120,21 @@ class CausalLMTrainer(Trainer):
             config = self.accelerator.unwrap_model(model).config
             coef = getattr(config, "router_aux_loss_coef", None)
             coef = getattr(config, "aux_loss_coef", 0.0) if coef is None else coef  # JetMoE's name
-            steps = self.args.gradient_accumulation_steps
+            steps = getattr(  # an epoch's last step may hold fewer micro-steps
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
             loss = loss + coef * aux.to(loss.device) / steps
         return (loss, outputs) if return_outputs else loss
 
-    def _check_packing(self, model) -> None:
+    def _check_packing(self, model, inputs) -> None:
         base = self.accelerator.unwrap_model(model)
         base = unwrap(base)
 
-        def forward(ids, positions):
-            return model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        bounded = "cu_seq_lens_q" in inputs  # the rows' bounds go along as in the step's own
+
+        def forward(ids, positions, bounds):
+            extra = bounds if bounded else {}
+            return model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
 
         if not keeps_rows_apart(base, forward, half=self.args.bf16 or self.args.fp16):
             raise UserError(packing_refused(base))
