@@ -2,7 +2,9 @@
 
 Reads .txt (one document per line), .json and .jsonl ({"text": ...}) files found recursively under
 --train_file_dir; each document ends with EOS; documents are packed into --block_size blocks whose
-position_ids restart at every document, so documents do not attend to each other.
+position_ids restart at every document, so documents do not attend to each other (a model whose
+attention cannot keep them apart, e.g. under prefix tuning, trains each block as one sequence: said
+in the log).
 
     python stages/pt.py --model_name_or_path M --train_file_dir data/pt --output_dir outputs/pt
     torchrun --nproc_per_node 8 stages/pt.py --model_name_or_path M ... \
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         model=model,
         args=training_args,
         data_collator=PackedBlockCollator(pad_token_id=tokenizer.pad_token_id),
+        blocks=True,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -144,6 +144,27 @@ def test_sft_loss_refuses_packed_rows_a_model_cannot_keep_apart(tmp_path):
             assert torch.isfinite(trainer.compute_loss(model, batch, num_items_in_batch=4))
 
 
+def test_pt_blocks_of_such_a_model_train_as_one_sequence(tmp_path, caplog):
+    """PT always packs its documents into blocks: a model that cannot keep them apart trains each
+    block as one sequence (the classic concatenation), said once, instead of being refused."""
+    from transformers import TrainingArguments
+
+    from pipeline.data.collators import PackedBlockCollator
+    from pipeline.train.causal_lm import CausalLMTrainer
+
+    block = {"input_ids": [5, 6, 7, 8, 9, 10, 11], "position_ids": [0, 1, 2, 3, 0, 1, 2]}
+    batch = PackedBlockCollator(pad_token_id=1)([block])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LEAKING["opt"]()).eval()  # no dropout
+    trainer = CausalLMTrainer(model=model, args=args, blocks=True)
+    with caplog.at_level("WARNING"):
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=6)
+    plain = {k: v for k, v in batch.items() if k != "position_ids"}
+    assert torch.allclose(loss, trainer.compute_loss(model, plain, num_items_in_batch=6))
+    assert "each block trains as one sequence" in caplog.text
+
+
 def test_rollout_rows_of_such_a_model_run_padded(caplog):
     from pipeline.rl import ppo_math
     from pipeline.rl.rollout import token_logprobs_and_entropy

@@ -42,9 +42,11 @@ def fused_loss_available(head: torch.nn.Module) -> bool:
 
 
 class CausalLMTrainer(Trainer):
-    def __init__(self, *args, loss_chunk_size: int = 2048, **kwargs):
+    def __init__(self, *args, loss_chunk_size: int = 2048, blocks: bool = False, **kwargs):
+        """`blocks`: PT's blocks of documents; a model that cannot keep a block's documents apart
+        trains them as one sequence (the classic concatenation) instead of being refused."""
         super().__init__(*args, **kwargs)
-        self.loss_chunk_size = loss_chunk_size
+        self.loss_chunk_size, self.blocks = loss_chunk_size, blocks
         self.sharded_head = is_deepspeed_zero3_enabled()
         if (
             self.sharded_head
@@ -92,7 +94,8 @@ class CausalLMTrainer(Trainer):
         head = self._output_head(model)
         check_head(model, inputs["input_ids"], head)
         if "position_ids" in inputs and "attention_mask" not in inputs:  # packed rows
-            self._check_packing(model, inputs)
+            if not self._rows_apart(model, inputs):
+                inputs.pop("position_ids")  # PT: one sequence a block (refused otherwise)
         hidden, outputs = final_hidden(model, **inputs)
         mixed = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         loss_sum, count = causal_lm_loss_sum(
@@ -126,9 +129,8 @@ class CausalLMTrainer(Trainer):
             loss = loss + coef * aux.to(loss.device) / steps
         return (loss, outputs) if return_outputs else loss
 
-    def _check_packing(self, model, inputs) -> None:
-        base = self.accelerator.unwrap_model(model)
-        base = unwrap(base)
+    def _rows_apart(self, model, inputs) -> bool:
+        base = unwrap(self.accelerator.unwrap_model(model))
 
         bounded = "cu_seq_lens_q" in inputs  # the rows' bounds go along as in the step's own
 
@@ -136,8 +138,19 @@ class CausalLMTrainer(Trainer):
             extra = bounds if bounded else {}
             return model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
 
-        if not keeps_rows_apart(base, forward, half=self.args.bf16 or self.args.fp16):
+        if keeps_rows_apart(base, forward, half=self.args.bf16 or self.args.fp16):
+            return True
+        if not self.blocks:
             raise UserError(packing_refused(base))
+        if not getattr(self, "_said_blocks", False):
+            self._said_blocks = True
+            logger.warning(
+                "%s does not keep the documents of a block apart (its attention does not read "
+                "the position ids that restart at each document, e.g. under prefix tuning): each "
+                "block trains as one sequence, a document attending to the ones before it",
+                type(base).__name__,
+            )
+        return False
 
     def create_optimizer(self, model=None):
         """--master_weights optimizer: the Trainer's AdamW with float32 masters of the weights (made
