@@ -187,7 +187,8 @@ def profile_steps(trainer_class) -> None:
 def profile_host(trainer_class, first: int = 3, last: int = 13) -> None:
     """cProfile the host side of training steps first+1..last of every trainer of
     `trainer_class` (the GPU drained at both ends): the functions by own time and by cumulative
-    time, to stderr (and to BENCH_PROFILE_OUT as text when set)."""
+    time, to stderr (and to BENCH_PROFILE_OUT as text when set, with the raw stats beside it as
+    .prof for pstats' callers)."""
     import cProfile
     import io
     import pstats
@@ -215,9 +216,9 @@ def profile_host(trainer_class, first: int = 3, last: int = 13) -> None:
                     pstats.Stats(prof, stream=text).sort_stats(order).print_stats(45)
                 print(text.getvalue(), file=sys.stderr)
                 if os.environ.get("BENCH_PROFILE_OUT"):
-                    Path(os.environ["BENCH_PROFILE_OUT"]).with_suffix(".txt").write_text(
-                        text.getvalue()
-                    )
+                    out = Path(os.environ["BENCH_PROFILE_OUT"])
+                    out.with_suffix(".txt").write_text(text.getvalue())
+                    prof.dump_stats(out.with_suffix(".prof"))  # callers: pstats print_callers
         return out
 
     trainer_class.training_step = step

@@ -185,38 +185,48 @@ class NaNOnce:
         return output
 
 
-def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path):
-    """A single NaN batch: logged as NaN, its optimizer step skipped (weights unchanged and finite),
-    counted, and the steps after it train and log finite losses again."""
+def guarded_trainer(model, tmp_path, limit: int = 3, **args):
+    """A plain Trainer on 32 short rows of the tiny model (CPU, every step logged, no
+    `logging_nan_inf_filter`) with the divergence guard: (trainer, guard)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from pipeline.train.divergence import DivergenceGuard
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    model.get_input_embeddings().register_forward_hook(NaNOnce(at=2))
     ids = [list(range(5 + i, 37 + i)) for i in range(32)]
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
-        max_steps=5,
         per_device_train_batch_size=4,
-        learning_rate=1e-3,
         logging_steps=1,
         report_to=[],
-        save_strategy="no",
         logging_nan_inf_filter=False,
+        **{"save_strategy": "no", **args},
     )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+    )
+    guard = DivergenceGuard(trainer, limit=limit)
+    trainer.add_callback(guard)
+    return trainer, guard
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(optim, tiny_model, tmp_path):
+    """A single NaN batch: logged as NaN, its optimizer step skipped (weights unchanged and finite),
+    counted, and the steps after it train and log finite losses again. A fused AdamW skips it
+    itself (found_inf, no host read); another optimizer has the gradients dropped."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.get_input_embeddings().register_forward_hook(NaNOnce(at=2))
+    trainer, guard = guarded_trainer(model, tmp_path, max_steps=5, learning_rate=1e-3, optim=optim)
     weights = {}
 
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             weights[state.global_step] = model.model.layers[0].mlp.up_proj.weight.detach().clone()
 
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    guard = DivergenceGuard(trainer, limit=3)
-    trainer.add_callback(guard)
     trainer.add_callback(Snapshot())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -229,6 +239,50 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, tmp_path
     )
 
 
+def test_a_nonfinite_last_step_of_an_epoch_is_not_checkpointed(tiny_model, tmp_path):
+    """Steps are read one step late, except where a checkpoint is due: a NaN step that ends an epoch
+    (save_strategy epoch) is judged before that save, which is skipped; the next epoch trains on
+    and is saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.get_input_embeddings().register_forward_hook(NaNOnce(at=8))  # epoch 1's last step
+    trainer, guard = guarded_trainer(
+        model, tmp_path, num_train_epochs=2, learning_rate=1e-3, save_strategy="epoch"
+    )
+    trainer.train()
+    assert guard.steps.total == 1 and trainer.state.global_step == 16
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-16"]
+
+
+def test_a_fused_optimizer_skips_a_flagged_step_under_master_weights():
+    """--master_weights optimizer steps its inner AdamW a chunk at a time; `found_inf` set by the
+    guard on that inner (fused) optimizer leaves every master, weight and step count as it was."""
+    from pipeline.train.divergence import skips_on_device
+    from pipeline.train.master_weights import MasterWeightsAdamW
+
+    weights = [torch.nn.Parameter(torch.randn(4, 4).to(torch.bfloat16)) for _ in range(3)]
+    optimizer = MasterWeightsAdamW([{"params": weights, "lr": 0.1}], {"lr": 0.1})
+    assert skips_on_device(optimizer) is None  # unfused on the CPU: the guard drops the gradients
+    masters = optimizer.masters()
+    optimizer.inner = torch.optim.AdamW([{"params": masters, "lr": 0.1}], fused=True)
+    optimizer.CHUNK_ELEMENTS = 16  # one weight a chunk
+    inner = skips_on_device(optimizer)
+    assert inner is optimizer.inner
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    optimizer.step()
+    before = [w.detach().clone() for w in weights]
+    steps = [s["step"].clone() for s in inner.state.values()]
+    inner.found_inf = torch.tensor(1.0)
+    optimizer.step()
+    assert all(torch.equal(a, w) for a, w in zip(before, weights))
+    assert all(torch.equal(a, s["step"]) for a, s in zip(steps, inner.state.values()))
+    inner.found_inf = torch.tensor(0.0)
+    optimizer.step()
+    assert not any(torch.equal(a, w) for a, w in zip(before, weights))
+
+
 class Constant:
     """A fault: the final norm's output is zero from the first training pass on, so the logits no
     longer depend on any weight (what a run that collapsed to finite garbage looks like: loss
@@ -239,33 +293,18 @@ class Constant:
 
 
 def test_a_collapsed_run_with_a_zero_gradient_stops_without_a_model(tiny_model, tmp_path):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    from pipeline.train.divergence import DivergenceGuard
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     model.model.norm.register_forward_hook(Constant())
-    ids = [list(range(5 + i, 37 + i)) for i in range(32)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        max_steps=6,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        logging_nan_inf_filter=False,
-    )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
-    )
-    trainer.add_callback(DivergenceGuard(trainer, limit=3))
+    trainer, _ = guarded_trainer(model, tmp_path, max_steps=6)
     with pytest.raises(
         UserError, match="cannot learn any more: the last 3 steps .* gradient norm of exactly 0"
     ):
         trainer.train()
-    assert trainer.state.global_step == 3
+    # each step is read one step later (no host wait on the GPU at every step): the third stalled
+    # step is judged at the end of the fourth
+    assert trainer.state.global_step == 4
 
 
 def _agree_on_two_ranks(rank: int, port: int, losses: list[float], out: str) -> None:

@@ -15,11 +15,14 @@ Trainer subclasses).
                                 --gradient_checkpointing_kwargs sent to torch's checkpoint (which
                                 refuses every_n_layers and offload); each layer gets back its own
                                 setting instead (tests/test_checkpointing_options.py)
+    adapters_off_for_reference  trl's DPO and KTO reference forwards of a plain LoRA policy switch
+                                its layers off directly, not through peft's walk over the whole
+                                model twice a step (tests/test_reference_adapter.py)
 
 The forward swaps replace `forward` on one model instance (as trl's fused LM head does), so DDP,
 DeepSpeed and PEFT wrappers still reach it; the DeepSpeed one replaces a method of DeepSpeed's
-ZeRO-3 optimizer class, once; the checkpointing one replaces a helper trl's DPO and KTO modules
-import, once.
+ZeRO-3 optimizer class, once; the checkpointing and adapter ones replace helpers trl's DPO and KTO
+modules import, once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -41,6 +45,7 @@ PATCHES = (
     "unpadded_scores",
     "separate_zero3_step_counts",
     "keep_checkpointing_choices",
+    "adapters_off_for_reference",
 )
 _announced: set[str] = set()
 
@@ -184,10 +189,16 @@ def separate_zero3_step_counts() -> None:
     )
 
 
+_CHECKPOINTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def paused_checkpointing(model, gradient_checkpointing_kwargs=None):
-    """Gradient checkpointing off for the modules that have it on, and back on for those only."""
-    paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    """Gradient checkpointing off for the modules that have it on, and back on for those only (the
+    modules that have the switch are listed once per model, not walked at every step)."""
+    if model not in _CHECKPOINTED:
+        _CHECKPOINTED[model] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    paused = [m for m in _CHECKPOINTED[model] if m.gradient_checkpointing is True]
     for module in paused:
         module.gradient_checkpointing = False
     try:
@@ -212,4 +223,102 @@ def keep_checkpointing_choices() -> None:
         "keep_checkpointing_choices",
         "trl's DPO/KTO reference forwards pause gradient checkpointing and give each layer back "
         "its own setting",
+    )
+
+
+_PLAIN_LORA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plain_lora_layers(model) -> list | None:
+    """The adapter layers of a PEFT model whose every adapter is plain LoRA (no DoRA or other
+    variant, no LoRA biases, no modules_to_save or trainable tokens, no prompt learning): those
+    whose `_disable_adapters` flag alone switches the adapters off as peft's `disable_adapter()`
+    does. None for any other model."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    if any(
+        str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"
+        or getattr(c, "modules_to_save", None)
+        for c in configs.values()
+    ):
+        return None
+    layers = []
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return None
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module, LoraLayer) or any(
+                getattr(module, name, None) for name in ("lora_variant", "lora_magnitude_vector")
+            ):
+                return None
+            if any(getattr(module, "lora_bias", {}).values()):
+                return None
+            layers.append(module)
+    return layers or None
+
+
+def reference_adapter_is_base(model, name: str = "ref") -> bool:
+    """Whether adapter `name` (trl's frozen copy of a new adapter, the DPO/KTO reference) changes
+    nothing: plain LoRA whose every B weight is exactly zero (a fresh adapter), whole on this
+    process (not a ZeRO-3 shard)."""
+    layers = plain_lora_layers(model)
+    if layers is None or set(model.peft_config) != {"default", name}:
+        return False
+    for layer in layers:
+        weights = []
+        if name in layer.lora_B:
+            weights.append(layer.lora_B[name].weight)
+        if name in getattr(layer, "lora_embedding_B", {}):
+            weights.append(layer.lora_embedding_B[name])
+        for weight in weights:
+            if hasattr(weight, "ds_id") or weight.numel() == 0 or torch.count_nonzero(weight):
+                return False
+    return True
+
+
+def adapters_off_for_reference() -> None:
+    """trl's DPO and KTO trainers compute the reference log-probs of a LoRA policy inside
+    `use_adapter(model, None)`, peft's `disable_adapter()`: a walk over every module and weight at
+    each call (set and reset the trainable flags, check the model's status), twice a step (~11% of
+    a 1B DPO step's host time on an H200). Under no_grad the flags need not change: for plain LoRA
+    (listed once per model) each layer's disable switch is set for the forward and put back."""
+    import trl.trainer.dpo_trainer as dpo
+    import trl.trainer.kto_trainer as kto
+
+    original = dpo.use_adapter
+
+    @contextmanager
+    def use_adapter(model, adapter_name):
+        if adapter_name is not None or torch.is_grad_enabled():
+            with original(model, adapter_name):
+                yield
+            return
+        if model not in _PLAIN_LORA:
+            _PLAIN_LORA[model] = plain_lora_layers(model)
+        layers = _PLAIN_LORA[model]
+        if layers is None:
+            with original(model, adapter_name):
+                yield
+            return
+        was = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, value in zip(layers, was):
+                layer._disable_adapters = value
+
+    use_adapter.replaces = original
+    for module in (dpo, kto):
+        if not hasattr(module.use_adapter, "replaces"):
+            module.use_adapter = use_adapter
+    announce(
+        "adapters_off_for_reference",
+        "trl's DPO/KTO reference forwards of a plain LoRA policy switch its layers off directly",
     )

@@ -17,6 +17,7 @@ written.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from pipeline.errors import UserError
+from pipeline.train.master_weights import MasterWeightsAdamW
 
 logger = logging.getLogger(__name__)
 ADVICE = (
@@ -147,35 +149,91 @@ def any_rank(flags: list[bool], device) -> list[bool]:
     return [v > 0 for v in rank_max([float(f) for f in flags], device)]
 
 
-def agreed_step(loss: float, grad: float | None, device) -> tuple[float, float | None]:
-    """A step's loss and gradient norm as every rank must judge them: NaN where any rank's is not
-    finite, and a rank whose own loss is exactly 0 takes the largest of the others' (the norm is
+def step_values(loss: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """A step as every rank must judge it, on the loss's device without a host read: [loss,
+    gradient norm (0 when None), loss not finite, norm not finite, |loss| where finite], the last
+    three the largest over the ranks."""
+    loss = loss.detach().reshape(()).to(torch.float64)
+    grad = loss.new_zeros(()) if grad is None else grad.detach().reshape(()).to(loss)
+    finite_loss = torch.isfinite(loss)
+    flags = torch.stack(
+        [
+            (~finite_loss).to(loss),
+            (~torch.isfinite(grad)).to(loss),
+            torch.where(finite_loss, loss.abs(), loss.new_zeros(())),
+        ]
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return torch.cat([loss[None], grad[None], flags])
+
+
+def judge(values: list[float], has_grad: bool) -> tuple[float, float | None]:
+    """`step_values` read on the host: the step's loss and gradient norm, NaN where any rank's is
+    not finite, and a rank whose own loss is exactly 0 takes the largest of the others' (the norm is
     global after the gradients' all-reduce, so "norm 0 under a non-zero loss" must not depend on
     which rank looks)."""
-    bad_loss, bad_grad, size = rank_max(
-        [
-            float(not math.isfinite(loss)),
-            float(not finite(grad)),
-            abs(loss) if math.isfinite(loss) else 0.0,
-        ],
-        device,
-    )
+    loss, grad, bad_loss, bad_grad, size = values[:5]
+    norm = grad if has_grad else None
     if bad_loss:
         loss = math.nan if math.isfinite(loss) else loss
     elif loss == 0.0:
         loss = size
-    return loss, math.nan if bad_grad and finite(grad) else grad
+    return loss, math.nan if bad_grad and finite(norm) else norm
 
 
-def gradient_norm(parameters) -> float | None:
-    """The total L2 norm of the gradients present (None when there is none)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+def agreed_step(loss: float, grad: float | None, device) -> tuple[float, float | None]:
+    """`judge` of one step's values given as numbers (every rank calls it at the same step)."""
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float64, device=device)
+    values = step_values(as_tensor(loss), None if grad is None else as_tensor(grad))
+    return judge(values.tolist(), grad is not None)
+
+
+def skips_on_device(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimizer under `optimizer` (accelerate's wrapper, --master_weights' masters) that
+    skips its whole update when its `found_inf` tensor is 1, on the GPU (fused Adam/AdamW, as
+    under AMP's loss scaler), or None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = getattr(inner, "inner", inner) if isinstance(inner, MasterWeightsAdamW) else inner
+    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(
+        group.get("fused") for group in inner.param_groups
+    ):
+        return inner
+    return None
+
+
+class Reading:
+    """One step's `step_values`, copied to the host without waiting for the GPU to get there."""
+
+    def __init__(self, step: int, values: torch.Tensor, has_grad: bool):
+        self.step, self.has_grad = step, has_grad
+        self.ready = None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = values
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()  # this step's values only, not the steps queued after it
+        return self.host.tolist()
 
 
 class DivergenceGuard(TrainerCallback):
     """The guard for a Trainer stage: per-step loss (from the Trainer's running sum) and gradient
-    norm."""
+    norm.
+
+    Nothing here makes the host wait for the GPU at every step (a step that waits leaves the GPU
+    idle while the host prepares the next one: the fixed cost of a small step): a fused AdamW skips
+    a non-finite step itself on the GPU (its `found_inf`, as under AMP's loss scaler; other
+    optimizers get their gradients dropped after a host read), and each step's loss and norm are
+    read one step later, except where that step is saved, stopped at or ends an epoch, where they
+    are read before (a checkpoint is never of a non-finite step). So a run past
+    --max_nonfinite_steps stops at most one step later than the step that reached it, which
+    trained nothing (skipped) or left the weights finite."""
 
     def __init__(self, trainer, limit: int):
         self.trainer, self.steps = (
@@ -183,13 +241,23 @@ class DivergenceGuard(TrainerCallback):
             NonFiniteSteps(limit, exact_norms=not trainer.is_deepspeed_enabled),
         )
         self._loss_before: torch.Tensor | None = None
-        self._grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | float | None = None
+        self._skipper: torch.optim.Optimizer | None = None
+        self._pending: Reading | None = None
+        self._trainable: tuple | None = None
         self._total_before = 0.0
 
     def _scaled(self) -> bool:
         """fp16 with a loss scaler: an overflowing gradient is its skipped step, not a
         divergence."""
         return bool(self.trainer.args.fp16)
+
+    def _params(self) -> list[torch.Tensor]:
+        """The trainable weights, listed once per model (not walked at every step)."""
+        model = self.trainer.model
+        if self._trainable is None or self._trainable[0] is not model:
+            self._trainable = (model, [p for p in model.parameters() if p.requires_grad])
+        return self._trainable[1]
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._loss_before = self.trainer._tr_loss.detach().clone()
@@ -201,26 +269,67 @@ class DivergenceGuard(TrainerCallback):
             norm = self.trainer.model_wrapped.get_global_grad_norm()
             self._grad_norm = None if norm is None else float(norm)
             return control
-        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
-        self._grad_norm = gradient_norm(params)
+        params = self._params()
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return control
+        norm = torch.nn.utils.get_total_norm(grads)
+        self._skipper = None if self._scaled() else skips_on_device(self.trainer.optimizer)
+        if self._skipper is not None:
+            self._grad_norm = norm  # read with the step's loss, later
+            self._skipper.found_inf = (~torch.isfinite(norm)).to(torch.float32)
+            return control
+        self._grad_norm = float(norm)
         if not finite(self._grad_norm) and not self._scaled():
-            for p in (
-                params
-            ):  # the optimizer skips parameters without a gradient: the weights stay finite
+            for p in params:  # the optimizer skips weights without a gradient: they stay finite
                 p.grad = None
         return control
 
-    def on_step_end(self, args, state, control, **kwargs):
-        loss = float((self.trainer._tr_loss - self._loss_before).sum())
-        loss, grad = agreed_step(loss, None if self._scaled() else self._grad_norm, args.device)
-        if not self.steps.record(state.global_step, loss, grad, self._note()):
-            control.should_save = (
-                False  # these weights may hold NaN (or be collapsed): no checkpoint of them
-            )
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._skipper is not None:
+            self._skipper.__dict__.pop("found_inf", None)
+            self._skipper = None
         return control
 
-    def _note(self) -> str:
-        if self.trainer.is_deepspeed_enabled or finite(self._grad_norm):
+    def on_step_end(self, args, state, control, **kwargs):
+        loss = (self.trainer._tr_loss - self._loss_before).sum()
+        norm = self._grad_norm
+        if norm is not None and not torch.is_tensor(norm):
+            norm = loss.new_full((), norm, dtype=torch.float64)
+        shown = None if self._scaled() else norm
+        values = step_values(loss, shown)
+        own = torch.isfinite(norm).to(values)[None] if norm is not None else values.new_ones(1)
+        reading = Reading(state.global_step, torch.cat([values, own]), shown is not None)
+        previous, self._pending = self._pending, reading
+        if previous is not None:
+            self._check(previous)
+        if control.should_save or control.should_training_stop:
+            # read now: a checkpoint of a non-finite step would hold what it did to the weights
+            if not self._check_pending():
+                control.should_save = False
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if not self._check_pending():
+            control.should_save = False
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._check_pending()
+        return control
+
+    def _check_pending(self) -> bool:
+        """Judge the step not read yet (if any); whether it may be checkpointed."""
+        reading, self._pending = self._pending, None
+        return True if reading is None else self._check(reading)
+
+    def _check(self, reading: Reading) -> bool:
+        values = reading.read()
+        loss, grad = judge(values, reading.has_grad)
+        return self.steps.record(reading.step, loss, grad, self._note(bool(values[5])))
+
+    def _note(self, own_norm_finite: bool) -> str:
+        if self.trainer.is_deepspeed_enabled or own_norm_finite:
             return ""
         return (
             "; the loss scaler skipped this step"

@@ -21,8 +21,25 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from pipeline.model.adapters import unwrap
-from pipeline.model.patches import keep_checkpointing_choices, unpadded_log_probs
+from pipeline.model.patches import (
+    adapters_off_for_reference,
+    keep_checkpointing_choices,
+    reference_adapter_is_base,
+    unpadded_log_probs,
+)
 from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
+
+
+def base_as_reference(trainer) -> None:
+    """trl gives a LoRA policy without a separate reference a frozen copy of its adapter ("ref") to
+    compute the reference with. A new adapter changes nothing yet (its B weights are zero), so its
+    copy is the base model itself: the copy is dropped and the reference runs with the adapter
+    switched off (no LoRA work in the reference forward, no adapter switch at each step). An
+    adapter that was already trained keeps its copy."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(trainer, "ref_model", None) is None and reference_adapter_is_base(model):
+        model.delete_adapter("ref")
+    adapters_off_for_reference()
 
 
 def unpad_models(trainer, packing: bool) -> None:
@@ -42,6 +59,7 @@ class PretokenizedDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         unpad_models(self, packing)
         keep_checkpointing_choices()
+        base_as_reference(self)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -55,6 +73,7 @@ class PretokenizedKTOTrainer(KTOTrainer):
         super().__init__(*args, **kwargs)
         unpad_models(self, packing)
         keep_checkpointing_choices()
+        base_as_reference(self)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.calculate_KL:  # rotate completions by one within each batch, as trl does
