@@ -5,8 +5,9 @@
 simpo and orpo (reference-free) on the project's own small trainer. All take the project's data
 layer: pairs are rendered with the SFT template and tokenized exactly as SFT trains (prompt up to
 the generation prompt; answer + the token ending the turn). With LoRA the reference is the starting
-adapter state (trl keeps a frozen copy of the small adapter; the base weights exist once); full
-training keeps an explicit frozen reference, or none with --precompute_ref_log_probs.
+adapter state (the base with a new adapter switched off, or a frozen copy of a trained one; the base
+weights exist once); full training keeps an explicit frozen reference, or none with
+--precompute_ref_log_probs.
 Chosen/rejected rewards, accuracy and margin are logged to tensorboard.
 
     python stages/dpo.py --model_name_or_path outputs/sft-merged --template_name qwen \
