@@ -203,8 +203,9 @@ def guarded_trainer(model, tmp_path, limit: int = 3, **args):
         logging_nan_inf_filter=False,
         **{"save_strategy": "no", **args},
     )
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     trainer = Trainer(
-        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+        model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8))
     )
     guard = DivergenceGuard(trainer, limit=limit)
     trainer.add_callback(guard)
@@ -253,6 +254,65 @@ def test_a_nonfinite_last_step_of_an_epoch_is_not_checkpointed(tiny_model, tmp_p
     trainer.train()
     assert guard.steps.total == 1 and trainer.state.global_step == 16
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-16"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "last step, epoch saves",
+        "stopped as by SIGTERM",
+        "evaluated, best saved",
+        "stopped by max_steps",
+    ],
+)
+def test_a_nonfinite_step_is_never_checkpointed_however_its_save_comes(case, tiny_model, tmp_path):
+    """The step read late must still be judged before any save of it: at the end of training under
+    epoch saves, a stop with a save asked at the step's end (what a SIGTERM does), an evaluation
+    that saves a new best (no callback runs between), and the end of max_steps."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.get_input_embeddings().register_forward_hook(NaNOnce(at=4))
+    args = {
+        "last step, epoch saves": dict(max_steps=4, save_strategy="epoch"),
+        "stopped as by SIGTERM": dict(max_steps=8, save_strategy="epoch"),
+        "evaluated, best saved": dict(
+            max_steps=8,
+            eval_strategy="steps",
+            eval_steps=4,
+            save_strategy="best",
+            metric_for_best_model="loss",
+        ),
+        "stopped by max_steps": dict(max_steps=4, save_strategy="steps", save_steps=4),
+    }[case]
+    limit = 1 if case.startswith("evaluated") else 3
+    trainer, guard = guarded_trainer(model, tmp_path, limit=limit, learning_rate=1e-3, **args)
+
+    class Stop(TrainerCallback):  # asks what CheckpointGuard asks on SIGTERM, at step 4
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_save = control.should_training_stop = True
+            return control
+
+    if case == "stopped as by SIGTERM":
+        trainer.callback_handler.callbacks.insert(1, Stop())  # before the guard, as in the stages
+    if limit == 1:
+        with pytest.raises(UserError, match="step 4 was not finite"):
+            trainer.train()
+    else:
+        trainer.train()
+    assert trainer.state.global_step == 4 and guard.was_skipped(4)
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_the_sigterm_message_says_when_the_last_step_was_not_checkpointed(caplog):
+    from pipeline.run.checkpoints import PREEMPTED_EXIT, exit_preempted
+
+    for saved, said in ((True, "saved checkpoint-7"), (False, "not checkpointed")):
+        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as stop:
+            exit_preempted(7, saved=saved)
+        assert stop.value.code == PREEMPTED_EXIT and said in caplog.text
+        caplog.clear()
 
 
 def test_a_fused_optimizer_skips_a_flagged_step_under_master_weights():

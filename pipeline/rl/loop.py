@@ -159,6 +159,7 @@ class PPORecipe:
         self.nonfinite = divergence.NonFiniteSteps(
             training_args.max_nonfinite_steps, "PPO", not training_args.deepspeed
         )
+        self.stopped_finite = True  # whether the step a SIGTERM stopped at was finite (saved)
 
     def prompts_per_rank(self) -> int:
         return self.batch_size
@@ -352,10 +353,10 @@ class PPORecipe:
             preempted = self.loop(sigterm)
         if (
             preempted
-        ):  # checkpoint-N of this step is saved; no final model, so the stage is not done
+        ):  # checkpoint-N of this step is saved (unless it was not finite); no final model
             if self.writer:
                 self.writer.close()
-            exit_preempted(self.step, self.training_args.should_log)
+            exit_preempted(self.step, self.training_args.should_log, saved=self.stopped_finite)
         self.updater.check_in_sync()
         with storage_errors(self.training_args.output_dir):
             return self.finish(before)
@@ -435,6 +436,7 @@ class PPORecipe:
                 if sigterm.agreed(self.device):
                     if not saved and finite:
                         self.save_checkpoint()
+                    self.stopped_finite = finite
                     return True
             return False
         finally:

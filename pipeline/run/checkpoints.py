@@ -186,15 +186,22 @@ class Preemption:
         return bool(flag.item())
 
 
-def exit_preempted(step: int, main_process: bool = True) -> NoReturn:
-    """End a stage stopped by SIGTERM whose checkpoint-{step} is saved, without a final model (so a
-    pipeline does not mark the stage done); the main process says how to continue."""
+def exit_preempted(step: int, main_process: bool = True, saved: bool = True) -> NoReturn:
+    """End a stage stopped by SIGTERM whose checkpoint-{step} is saved (or, `saved` False, was not:
+    the step was not finite), without a final model (so a pipeline does not mark the stage done);
+    the main process says how to continue."""
     if main_process:
+        what = (
+            f"saved checkpoint-{step}"
+            if saved
+            else "not checkpointed: that step was not finite; the last checkpoint before it is "
+            "where a rerun continues"
+        )
         logger.warning(
-            "stopped by SIGTERM after step %d (saved checkpoint-%d); rerun with "
+            "stopped by SIGTERM after step %d (%s); rerun with "
             "--resume_from_checkpoint auto to continue",
             step,
-            step,
+            what,
         )
     raise SystemExit(PREEMPTED_EXIT)
 

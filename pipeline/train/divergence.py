@@ -230,8 +230,8 @@ class DivergenceGuard(TrainerCallback):
     idle while the host prepares the next one: the fixed cost of a small step): a fused AdamW skips
     a non-finite step itself on the GPU (its `found_inf`, as under AMP's loss scaler; other
     optimizers get their gradients dropped after a host read), and each step's loss and norm are
-    read one step later, except where that step is saved, stopped at or ends an epoch, where they
-    are read before (a checkpoint is never of a non-finite step). So a run past
+    read one step later, except where that step is saved, evaluated, stopped at or ends an epoch,
+    where they are read before (a checkpoint is never of a non-finite step). So a run past
     --max_nonfinite_steps stops at most one step later than the step that reached it, which
     trained nothing (skipped) or left the weights finite."""
 
@@ -244,6 +244,7 @@ class DivergenceGuard(TrainerCallback):
         self._grad_norm: torch.Tensor | float | None = None
         self._skipper: torch.optim.Optimizer | None = None
         self._pending: Reading | None = None
+        self._last: tuple[int, bool] | None = None  # the step judged last, and whether it was fine
         self._trainable: tuple | None = None
         self._total_before = 0.0
 
@@ -303,30 +304,45 @@ class DivergenceGuard(TrainerCallback):
         previous, self._pending = self._pending, reading
         if previous is not None:
             self._check(previous)
-        if control.should_save or control.should_training_stop:
+        if control.should_save or control.should_training_stop or control.should_evaluate:
             # read now: a checkpoint of a non-finite step would hold what it did to the weights
-            if not self._check_pending():
-                control.should_save = False
+            # (an evaluation may save, under save_strategy best, with no callback in between)
+            self._check_pending()
+            self._veto(state, control)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if not self._check_pending():
-            control.should_save = False
+        self._check_pending()
+        self._veto(state, control)
         return control
+
+    def _veto(self, state, control) -> None:
+        """No checkpoint of a step judged non-finite (or stalled), however its save was asked
+        for (at its end, at the end of the epoch it ends, when training stops)."""
+        if self._last == (state.global_step, False):
+            control.should_save = False
+
+    def was_skipped(self, step: int) -> bool:
+        """Whether step `step` was judged non-finite (or stalled), so not checkpointed."""
+        return self._last == (step, False)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._check_pending()
         return control
 
-    def _check_pending(self) -> bool:
-        """Judge the step not read yet (if any); whether it may be checkpointed."""
+    def _check_pending(self) -> None:
+        """Judge the step not read yet, if any."""
         reading, self._pending = self._pending, None
-        return True if reading is None else self._check(reading)
+        if reading is not None:
+            self._check(reading)
 
     def _check(self, reading: Reading) -> bool:
         values = reading.read()
         loss, grad = judge(values, reading.has_grad)
-        return self.steps.record(reading.step, loss, grad, self._note(bool(values[5])))
+        self._last = (reading.step, False)  # stays so if record() stops the run
+        ok = self.steps.record(reading.step, loss, grad, self._note(bool(values[5])))
+        self._last = (reading.step, ok)
+        return ok
 
     def _note(self, own_norm_finite: bool) -> str:
         if self.trainer.is_deepspeed_enabled or own_norm_finite:

@@ -53,7 +53,8 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
     trainer.add_callback(guard)
     trainer.add_callback(StopIfFinished())
     # added after the checkpoint guard: it may veto that guard's save
-    trainer.add_callback(DivergenceGuard(trainer, training_args.max_nonfinite_steps))
+    divergence = DivergenceGuard(trainer, training_args.max_nonfinite_steps)
+    trainer.add_callback(divergence)
     try:
         with storage_errors(training_args.output_dir):
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -69,8 +70,9 @@ def train_and_save(trainer: Trainer, training_args: PipelineTrainingArguments) -
         guard.restore()
     if (
         guard.preempted
-    ):  # a checkpoint of this step was saved; no final model, so the stage is not done
-        exit_preempted(trainer.state.global_step, training_args.should_log)
+    ):  # a checkpoint of this step was saved (unless it was not finite); no final model
+        step = trainer.state.global_step
+        exit_preempted(step, training_args.should_log, saved=not divergence.was_skipped(step))
     if trainer.state.global_step == 0:
         raise UserError(
             "training ran 0 steps, so the output would be the untrained model; check --max_steps, "
