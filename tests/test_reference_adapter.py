@@ -61,6 +61,24 @@ def test_the_direct_switch_gives_peft_disabled_outputs_and_restores_the_model(ti
     # with gradients on (not a reference forward), peft's own switch runs
     with trl_dpo.use_adapter(model, None):
         assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_a_model_with_a_trained_head_is_switched_off_by_peft(tiny_model):
+    """modules_to_save (the reward model's head under LoRA) is not plain LoRA: the frozen read goes
+    through peft's switch, which also restores the head's original copy."""
+    from pipeline.model.adapters import adapters_off, plain_lora_layers
+
+    model = lora_model(tiny_model, modules_to_save=["lm_head"])
+    assert plain_lora_layers(model) is None
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2)
+        ids = torch.arange(3, 40)[None]
+        with model.disable_adapter():
+            peft_off = model(input_ids=ids).logits
+        with adapters_off(model):
+            ours = model(input_ids=ids).logits
+        assert torch.equal(ours, peft_off) and not torch.equal(ours, model(input_ids=ids).logits)
 
 
 @pytest.mark.slow

@@ -1,14 +1,21 @@
 """Adapters on a loaded model: LoRA / DoRA / QLoRA, P-Tuning v2 (prefix tuning), resuming an
-adapter, what `--target_modules all` means, and reaching the base model under a PEFT wrapper.
+adapter, what `--target_modules all` means, reaching the base model under a PEFT wrapper, and
+switching the adapters off for a frozen read (a reference, a reward model) without peft's walk.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PreTrainedModel
 
 from pipeline.errors import UserError, first_line
@@ -107,3 +114,64 @@ def attach_lora(
         100 * trainable / total,
     )
     return model
+
+
+_PLAIN_LORA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plain_lora_layers(model) -> list | None:
+    """The adapter layers of a PEFT model whose every adapter is plain LoRA (no DoRA or other
+    variant, no LoRA biases, no modules_to_save or trainable tokens, no prompt learning): those
+    whose `_disable_adapters` flag alone switches the adapters off as peft's `disable_adapter()`
+    does. None for any other model."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    if any(
+        str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"
+        or getattr(c, "modules_to_save", None)
+        for c in configs.values()
+    ):
+        return None
+    layers = []
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return None
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module, LoraLayer) or any(
+                getattr(module, name, None) for name in ("lora_variant", "lora_magnitude_vector")
+            ):
+                return None
+            if any(getattr(module, "lora_bias", {}).values()):
+                return None
+            layers.append(module)
+    return layers or None
+
+
+@contextmanager
+def adapters_off(model: PeftModel) -> Iterator[PeftModel]:
+    """`model` with its adapters switched off, as peft's `disable_adapter()` leaves it. Read under
+    no_grad (a reference or reward forward), a plain LoRA model's layers (listed once per model)
+    have their switch set directly: peft's own switch walks every module and weight at each call to
+    set trainable flags that only training reads."""
+    layers = None
+    if not torch.is_grad_enabled() and isinstance(model, PeftModel):
+        kept = _PLAIN_LORA.get(model)
+        if kept is None or kept[0] != tuple(model.peft_config):
+            kept = _PLAIN_LORA[model] = (tuple(model.peft_config), plain_lora_layers(model))
+        layers = kept[1]
+    if layers is None:
+        with model.disable_adapter():
+            yield model
+        return
+    was = [layer._disable_adapters for layer in layers]
+    was_model = model._adapters_disabled
+    for layer in layers:
+        layer._disable_adapters = True
+    model._adapters_disabled = True  # what PeftModel reports (`active_adapters`, generation)
+    try:
+        yield model
+    finally:
+        for layer, value in zip(layers, was):
+            layer._disable_adapters = value
+        model._adapters_disabled = was_model

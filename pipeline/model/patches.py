@@ -37,6 +37,7 @@ import torch
 
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.errors import UserError
+from pipeline.model.adapters import adapters_off, plain_lora_layers
 from pipeline.model.unpadding import flatten, keeps_rows_apart, packing_refused, restore
 
 logger = logging.getLogger(__name__)
@@ -226,42 +227,6 @@ def keep_checkpointing_choices() -> None:
     )
 
 
-_PLAIN_LORA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def plain_lora_layers(model) -> list | None:
-    """The adapter layers of a PEFT model whose every adapter is plain LoRA (no DoRA or other
-    variant, no LoRA biases, no modules_to_save or trainable tokens, no prompt learning): those
-    whose `_disable_adapters` flag alone switches the adapters off as peft's `disable_adapter()`
-    does. None for any other model."""
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict) or not configs:
-        return None
-    if any(
-        str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"
-        or getattr(c, "modules_to_save", None)
-        for c in configs.values()
-    ):
-        return None
-    layers = []
-    for module in model.modules():
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            return None
-        if isinstance(module, BaseTunerLayer):
-            if not isinstance(module, LoraLayer) or any(
-                getattr(module, name, None) for name in ("lora_variant", "lora_magnitude_vector")
-            ):
-                return None
-            if any(getattr(module, "lora_bias", {}).values()):
-                return None
-            layers.append(module)
-    return layers or None
-
-
 def reference_adapter_is_base(model, name: str = "ref") -> bool:
     """Whether adapter `name` (trl's frozen copy of a new adapter, the DPO/KTO reference) changes
     nothing: plain LoRA whose every B weight is exactly zero (a fresh adapter), whole on this
@@ -284,9 +249,8 @@ def reference_adapter_is_base(model, name: str = "ref") -> bool:
 def adapters_off_for_reference() -> None:
     """trl's DPO and KTO trainers compute the reference log-probs of a LoRA policy inside
     `use_adapter(model, None)`, peft's `disable_adapter()`: a walk over every module and weight at
-    each call (set and reset the trainable flags, check the model's status), twice a step (~11% of
-    a 1B DPO step's host time on an H200). Under no_grad the flags need not change: for plain LoRA
-    (listed once per model) each layer's disable switch is set for the forward and put back."""
+    each call, twice a step (~11% of a 1B DPO step's host time on an H200); `adapters_off`
+    (pipeline/model/adapters.py) sets a plain LoRA model's layer switches directly instead."""
     import trl.trainer.dpo_trainer as dpo
     import trl.trainer.kto_trainer as kto
 
@@ -294,25 +258,8 @@ def adapters_off_for_reference() -> None:
 
     @contextmanager
     def use_adapter(model, adapter_name):
-        if adapter_name is not None or torch.is_grad_enabled():
-            with original(model, adapter_name):
-                yield
-            return
-        if model not in _PLAIN_LORA:
-            _PLAIN_LORA[model] = plain_lora_layers(model)
-        layers = _PLAIN_LORA[model]
-        if layers is None:
-            with original(model, adapter_name):
-                yield
-            return
-        was = [layer._disable_adapters for layer in layers]
-        for layer in layers:
-            layer._disable_adapters = True
-        try:
+        with original(model, adapter_name) if adapter_name else adapters_off(model):
             yield
-        finally:
-            for layer, value in zip(layers, was):
-                layer._disable_adapters = value
 
     use_adapter.replaces = original
     for module in (dpo, kto):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.model.adapters import adapters_off
+
 
 @dataclass
 class Separate:
@@ -35,7 +37,9 @@ class AdapterOff:
 
     @contextmanager
     def use(self) -> Iterator[torch.nn.Module]:
-        with self.model.disable_adapter():  # every adapter layer, the head's too (modules_to_save)
+        # every adapter layer, the head's too (modules_to_save); plain LoRA read under no_grad
+        # without peft's walk over the whole model (pipeline/model/adapters.py)
+        with adapters_off(self.model):
             yield self.model
 
 
