@@ -249,9 +249,18 @@ def prepare_quantized(model: PreTrainedModel, gradient_checkpointing: bool) -> N
     adapters' gradients. The weights left unquantized (embeddings, output head, norms) stay in the
     dtype they were loaded in: peft's prepare_model_for_kbit_training casts them to float32, which
     on Llama-3-8B turns the 1 GiB embedding and 1 GiB output head into 2 GiB each and has autocast
-    cast the head back to bf16 at every chunk of the loss."""
+    cast the head back to bf16 at every chunk of the loss.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight into its inference layout the
+    first time the layer runs in eval mode without gradients (an evaluation, a rollout, a reference
+    forward), for good: its kernel for that layout has no backward, so every training step after it
+    would lose the gradient through the base layers and train the adapters below them on a wrong
+    one. The repacking is turned off on every 4-bit layer of a model loaded to train."""
     for param in model.parameters():
         param.requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
     if gradient_checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable()
