@@ -112,3 +112,41 @@ def test_lora_dpo_trains_alike_with_the_base_as_its_reference(sft_model, tmp_pat
 
     assert len(losses(ours)) == 3 and losses(ours)[2] < losses(ours)[0] - 1e-3  # it learns
     assert losses(ours) == pytest.approx(losses(theirs), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method",
+    [
+        ("--use_peft", "True", "--lora_dropout", "0"),
+        ("--use_peft", "True", "--peft_type", "prefix_tuning", "--num_virtual_tokens", "4"),
+    ],
+    ids=["lora", "prefix"],
+)
+def test_a_resumed_dpo_adapter_run_ends_where_the_whole_run_does(method, tiny_model, tmp_path):
+    """The checkpoint holds the trained adapter only (a new LoRA adapter's reference is the base;
+    prefix tuning keeps trl's frozen copy): resumed from half-way, the run ends with the weights of
+    the run that was never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def run(out, *extra):
+        dpo.main(
+            [
+                *("--model_name_or_path", str(tiny_model), "--output_dir", str(out)),
+                *("--validation_split_percentage", "0", "--learning_rate", "1e-2", *method),
+                *COMMON,
+                *("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
+                *("--do_eval", "False", *extra),
+            ]
+        )
+        return load_file(str(out / "adapter_model.safetensors"))
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "auto")
+    start = load_file(str(tmp_path / "whole" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    assert any(not torch.equal(whole[k], start[k]) for k in whole)  # steps 3-4 trained
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

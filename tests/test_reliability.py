@@ -305,6 +305,24 @@ def test_a_nonfinite_step_is_never_checkpointed_however_its_save_comes(case, tin
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the late read copies from a GPU")
+def test_a_step_read_late_from_the_gpu_reads_its_own_values():
+    """A step's values copied to pinned memory behind an event read back as they were when the
+    step queued them: read() waits for the copy (queued behind other GPU work), and later work on
+    the tensor they came from does not reach them."""
+    from pipeline.train.divergence import Reading, judge, step_values
+
+    values = step_values(
+        torch.tensor(2.5, device="cuda"), torch.tensor(float("nan"), device="cuda")
+    )
+    torch.cuda._sleep(100_000_000)  # the copy is queued behind GPU work: read() must wait for it
+    reading = Reading(7, values, True)
+    values.fill_(0.0)  # later work on the same tensor, queued after the copy
+    assert reading.step == 7
+    loss_read, grad = judge(reading.read(), True)
+    assert loss_read == 2.5 and math.isnan(grad)
+
+
 def test_the_sigterm_message_says_when_the_last_step_was_not_checkpointed(caplog):
     from pipeline.run.checkpoints import PREEMPTED_EXIT, exit_preempted
 
