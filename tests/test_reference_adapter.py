@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.model import patches
+from pipeline.model import adapters, patches
 from pipeline.train import preference
 from stages import dpo
 from tests.test_dpo import COMMON
@@ -26,13 +26,13 @@ def lora_model(tiny_model, **config):
 
 def test_only_a_new_plain_lora_copy_counts_as_the_base(tiny_model):
     model = lora_model(tiny_model)
-    assert patches.reference_adapter_is_base(model)
+    assert adapters.reference_adapter_is_base(model)
     layer = next(m for m in model.modules() if hasattr(m, "lora_B") and "ref" in m.lora_B)
     with torch.no_grad():
         layer.lora_B["ref"].weight[0, 0] = 1e-3  # an adapter that was trained
-    assert not patches.reference_adapter_is_base(model)
-    assert not patches.reference_adapter_is_base(lora_model(tiny_model, use_dora=True))
-    assert not patches.reference_adapter_is_base(
+    assert not adapters.reference_adapter_is_base(model)
+    assert not adapters.reference_adapter_is_base(lora_model(tiny_model, use_dora=True))
+    assert not adapters.reference_adapter_is_base(
         lora_model(tiny_model, modules_to_save=["lm_head"])
     )
 

@@ -388,11 +388,12 @@ def test_a_collapsed_run_with_a_zero_gradient_stops_without_a_model(tiny_model, 
 def _agree_on_two_ranks(rank: int, port: int, losses: list[float], out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline.train.divergence import agreed_step
+    from pipeline.train.divergence import judge, step_values
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        Path(out, f"{rank}.json").write_text(json.dumps(agreed_step(losses[rank], 0.0, "cpu")))
+        values = step_values(torch.tensor(losses[rank], dtype=torch.float64), torch.zeros(()))
+        Path(out, f"{rank}.json").write_text(json.dumps(judge(values.tolist(), True)))
     finally:
         dist.destroy_process_group()
 

@@ -148,6 +148,25 @@ def plain_lora_layers(model) -> list | None:
     return layers or None
 
 
+def reference_adapter_is_base(model, name: str = "ref") -> bool:
+    """Whether adapter `name` (trl's frozen copy of a new adapter, the DPO/KTO reference) changes
+    nothing: plain LoRA whose every B weight is exactly zero (a fresh adapter), whole on this
+    process (not a ZeRO-3 shard)."""
+    layers = plain_lora_layers(model)
+    if layers is None or set(model.peft_config) != {"default", name}:
+        return False
+    for layer in layers:
+        weights = []
+        if name in layer.lora_B:
+            weights.append(layer.lora_B[name].weight)
+        if name in getattr(layer, "lora_embedding_B", {}):
+            weights.append(layer.lora_embedding_B[name])
+        for weight in weights:
+            if hasattr(weight, "ds_id") or weight.numel() == 0 or torch.count_nonzero(weight):
+                return False
+    return True
+
+
 @contextmanager
 def adapters_off(model: PeftModel) -> Iterator[PeftModel]:
     """`model` with its adapters switched off, as peft's `disable_adapter()` leaves it. Read under

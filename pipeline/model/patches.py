@@ -37,7 +37,7 @@ import torch
 
 from pipeline.data.masking import IGNORE_INDEX
 from pipeline.errors import UserError
-from pipeline.model.adapters import adapters_off, plain_lora_layers
+from pipeline.model.adapters import adapters_off
 from pipeline.model.unpadding import flatten, keeps_rows_apart, packing_refused, restore
 
 logger = logging.getLogger(__name__)
@@ -227,25 +227,6 @@ def keep_checkpointing_choices() -> None:
     )
 
 
-def reference_adapter_is_base(model, name: str = "ref") -> bool:
-    """Whether adapter `name` (trl's frozen copy of a new adapter, the DPO/KTO reference) changes
-    nothing: plain LoRA whose every B weight is exactly zero (a fresh adapter), whole on this
-    process (not a ZeRO-3 shard)."""
-    layers = plain_lora_layers(model)
-    if layers is None or set(model.peft_config) != {"default", name}:
-        return False
-    for layer in layers:
-        weights = []
-        if name in layer.lora_B:
-            weights.append(layer.lora_B[name].weight)
-        if name in getattr(layer, "lora_embedding_B", {}):
-            weights.append(layer.lora_embedding_B[name])
-        for weight in weights:
-            if hasattr(weight, "ds_id") or weight.numel() == 0 or torch.count_nonzero(weight):
-                return False
-    return True
-
-
 def adapters_off_for_reference() -> None:
     """trl's DPO and KTO trainers compute the reference log-probs of a LoRA policy inside
     `use_adapter(model, None)`, peft's `disable_adapter()`: a walk over every module and weight at
@@ -258,7 +239,7 @@ def adapters_off_for_reference() -> None:
 
     @contextmanager
     def use_adapter(model, adapter_name):
-        with original(model, adapter_name) if adapter_name else adapters_off(model):
+        with original(model, adapter_name) if adapter_name is not None else adapters_off(model):
             yield
 
     use_adapter.replaces = original

@@ -17,7 +17,6 @@ written.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -182,13 +181,6 @@ def judge(values: list[float], has_grad: bool) -> tuple[float, float | None]:
     return loss, math.nan if bad_grad and finite(norm) else norm
 
 
-def agreed_step(loss: float, grad: float | None, device) -> tuple[float, float | None]:
-    """`judge` of one step's values given as numbers (every rank calls it at the same step)."""
-    as_tensor = functools.partial(torch.tensor, dtype=torch.float64, device=device)
-    values = step_values(as_tensor(loss), None if grad is None else as_tensor(grad))
-    return judge(values.tolist(), grad is not None)
-
-
 def skips_on_device(optimizer) -> torch.optim.Optimizer | None:
     """The torch optimizer under `optimizer` (accelerate's wrapper, --master_weights' masters) that
     skips its whole update when its `found_inf` tensor is 1, on the GPU (fused Adam/AdamW, as
@@ -336,13 +328,12 @@ class DivergenceGuard(TrainerCallback):
         if reading is not None:
             self._check(reading)
 
-    def _check(self, reading: Reading) -> bool:
+    def _check(self, reading: Reading) -> None:
         values = reading.read()
         loss, grad = judge(values, reading.has_grad)
         self._last = (reading.step, False)  # stays so if record() stops the run
         ok = self.steps.record(reading.step, loss, grad, self._note(bool(values[5])))
         self._last = (reading.step, ok)
-        return ok
 
     def _note(self, own_norm_finite: bool) -> str:
         if self.trainer.is_deepspeed_enabled or own_norm_finite:

@@ -20,11 +20,10 @@ from trl import DPOTrainer, KTOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from pipeline.model.adapters import unwrap
+from pipeline.model.adapters import reference_adapter_is_base, unwrap
 from pipeline.model.patches import (
     adapters_off_for_reference,
     keep_checkpointing_choices,
-    reference_adapter_is_base,
     unpadded_log_probs,
 )
 from pipeline.train.losses import average_logps, orpo_loss, simpo_loss
